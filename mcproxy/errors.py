@@ -1,0 +1,15 @@
+"""Every reply line the proxy itself writes to clients, defined once.
+
+The strings are those of memcached's proxy (mcp-api.md section 2.3).
+"""
+
+PARSING_REQUEST = b"SERVER_ERROR parsing request\r\n"
+REQUEST_TOO_LONG = b"SERVER_ERROR request too long\r\n"
+KEY_TOO_LONG = b"SERVER_ERROR key too long\r\n"
+LUA_FAILURE = b"SERVER_ERROR lua failure\r\n"
+BAD_RESPONSE = b"SERVER_ERROR bad response\r\n"
+BACKEND_FAILURE = b"SERVER_ERROR backend failure\r\n"
+BAD_DATA_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
+NO_ROUTE = b"SERVER_ERROR no route for command\r\n"
+NOT_SUPPORTED = b"SERVER_ERROR command not supported\r\n"
+END = b"END\r\n"

@@ -1,0 +1,271 @@
+"""The route engine: loads a route config into Lua and runs its routes.
+
+A load follows memcached's two phases, each in its own Lua state: the
+*config* state runs the file and ``mcp_config_pools``; its return value is
+deep-copied (with memcached's copy rules) into the *routes* state, which runs
+the file again and ``mcp_config_routes``. Only a load where every phase
+succeeded becomes the active :class:`Routes`; requests keep the Routes they
+started on, so a reload never disturbs a request in flight.
+
+The engine never touches sockets: a route that calls a pool yields the pool
+and request; the engine asks the pool for a backend and resumes the route's
+coroutine from the backend's reply callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.resources import files
+from time import monotonic
+
+from lupa import lua54
+from twisted.logger import Logger
+
+from mcproxy import errors
+from mcproxy.lua.mcp import Host
+from mcproxy.pool import BackendRegistry
+from mcproxy.protocols.request import COMMAND_CONSTANTS, Request
+from mcproxy.protocols.response import MCMC_CODES, client_bytes
+from mcproxy.stats import ProxyStats
+from mcproxy.tunables import Tunables
+from mcproxy.userstats import UserStats
+
+# What a route step reports (mirrors mcp.lua).
+DONE_RESPONSE = 0
+DONE_STRING = 1
+DONE_BAD = 2
+DONE_ERROR = 3
+YIELD_POOL = 4
+
+#: Deepest table nesting copied from mcp_config_pools to the routes state.
+MAX_COPY_DEPTH = 64
+#: Seconds between two logged route errors (the rest are counted).
+ERROR_LOG_INTERVAL = 1.0
+
+_MCP_LUA = files("mcproxy.lua").joinpath("mcp.lua").read_bytes()
+
+#: Constants every config sees in ``mcp``, beyond the CMD_* ids.
+_CONSTANTS = {
+    "P_OK": 0,
+    "AWAIT_GOOD": 0,
+    "AWAIT_ANY": 1,
+    "AWAIT_OK": 2,
+    "AWAIT_FIRST": 3,
+    "AWAIT_FASTGOOD": 4,
+    "AWAIT_BACKGROUND": 5,
+    **COMMAND_CONSTANTS,
+    **MCMC_CODES,
+}
+
+
+class ConfigError(Exception):
+    """The route config could not be loaded; the text names file and line."""
+
+
+def _message(error: BaseException) -> str:
+    """A Lua error's message, without the stack traceback lupa appends."""
+    text = error.args[0] if error.args else str(error)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return str(text).split("\nstack traceback:", 1)[0].strip()
+
+
+class _State:
+    """One Lua state with ``mcp`` installed for a phase."""
+
+    def __init__(self, host: Host, phase: str) -> None:
+        self.runtime = lua54.LuaRuntime(encoding=None, register_eval=False,
+                                        register_builtins=False,
+                                        unpack_returned_tuples=True)
+        self.globals = self.runtime.globals()
+        build = self.runtime.execute(_MCP_LUA, name=b"=mcp.lua", mode=b"t")
+        self.mcp, self.engine = build(host, phase.encode())
+        for name, value in _CONSTANTS.items():
+            self.mcp[name.encode()] = value
+        self._install_hashing()
+        self.globals.mcp = self.mcp
+        self.globals.python = None
+
+    def _install_hashing(self) -> None:
+        """Distribution and hasher markers the pool options refer to."""
+        table = self.runtime.table_from
+        new = self.runtime.eval("function() error('distributions are built by mcp.pool') end")
+        self.mcp.hash_xxhash = table({b"_hasher": b"xxh3"})
+        self.mcp.dist_jump_hash = table({b"new": new, b"_dist": b"jump"})
+        self.mcp.dist_ring_hash = table({b"new": new, b"_dist": b"ring",
+                                         b"hash": table({b"_hasher": b"md5"})})
+
+    def run_file(self, path: str) -> None:
+        chunk = self.globals.loadfile(path.encode())
+        if isinstance(chunk, tuple):  # nil plus the error message
+            raise ConfigError(f"failed to load {path}: {_message(Exception(chunk[1]))}")
+        try:
+            chunk()
+        except lua54.LuaError as e:
+            raise ConfigError(f"error running {path}: {_message(e)}") from None
+
+    def call(self, name: str, *args):
+        func = self.globals[name.encode()]
+        if lua54.lua_type(func) != "function":
+            raise ConfigError(f"configuration file missing '{name}' function")
+        try:
+            return func(*args)
+        except lua54.LuaError as e:
+            raise ConfigError(f"failed to execute {name}: {_message(e)}") from None
+
+
+class Routes:
+    """A loaded config: the routes state and its command hooks."""
+
+    def __init__(self, path: str, state: _State, host: Host) -> None:
+        self.path = path
+        self.state = state
+        self.host = host
+        self.loaded_at = monotonic()
+        self.start = state.engine.start
+        self.resume = state.engine.resume
+        self.resume_error = state.engine.resume_error
+        self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
+
+    @property
+    def backends(self) -> list:
+        return self.host.backends
+
+
+def load(path: str, registry: BackendRegistry, tunables: Tunables,
+         user_stats: UserStats) -> Routes:
+    """Load ``path`` through both phases; raise ConfigError on any failure."""
+    host = Host(path, registry, tunables, user_stats)
+    config = _State(host, "config")
+    config.run_file(path)
+    pools = config.call("mcp_config_pools", None)
+    routes = _State(host, "routes")
+    routes.run_file(path)
+    copied = _Copier(config, routes).copy(pools, 0)
+    routes.call("mcp_config_routes", copied)
+    user_stats.rename(host.stat_names)
+    return Routes(path, routes, host)
+
+
+class _Copier:
+    """Deep-copies mcp_config_pools' result into the routes state."""
+
+    def __init__(self, source: _State, target: _State) -> None:
+        self.kind = source.engine.kind
+        self.pool_proxy = target.engine.pool_proxy
+        self.table = target.runtime.table
+
+    def copy(self, value, depth: int):
+        if value is None or isinstance(value, bool | int | float | bytes):
+            return value
+        if lua54.lua_type(value) != "table":
+            raise ConfigError("unhandled data type in configuration table")
+        marker = self.kind(value)
+        if marker is not None:
+            kind, pool = marker
+            if kind == b"pool":
+                return self.pool_proxy(pool)
+            raise ConfigError("unhandled userdata type in configuration table")
+        if depth >= MAX_COPY_DEPTH:
+            raise ConfigError("configuration error: table recursion too deep")
+        copy = self.table()
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, int | float | bytes):
+                raise ConfigError("configuration table keys must be strings or numbers")
+            copy[key] = self.copy(item, depth + 1)
+        return copy
+
+
+class RouteEngine:
+    """Runs client requests through the active routes."""
+
+    log = Logger()
+
+    def __init__(self, stats: ProxyStats, registry: BackendRegistry,
+                 tunables: Tunables, user_stats: UserStats) -> None:
+        self.stats = stats
+        self.registry = registry
+        self.tunables = tunables
+        self.user_stats = user_stats
+        self.routes: Routes | None = None
+        self._hooks: dict = {}
+        self._last_error_log = 0.0
+        self._errors_unlogged = 0
+
+    def load(self, path: str) -> Routes:
+        """Load a config and make it the active one."""
+        routes = load(path, self.registry, self.tunables, self.user_stats)
+        self.activate(routes)
+        return routes
+
+    def activate(self, routes: Routes) -> None:
+        self.routes = routes
+        self._hooks = routes.hooks
+
+    def hooked(self, command: int) -> bool:
+        return command in self._hooks
+
+    def route(self, req: Request, done: Callable[[bytes], None]) -> None:
+        """Run the route attached to ``req.command``; ``done(reply)`` once."""
+        routes = self.routes
+        stats = self.stats
+        stats.conn_requests += 1
+        stats.commands[req.command] += 1
+        stats.req_active += 1
+        try:
+            self._advance(routes, req, done,
+                          routes.start(self._hooks[req.command], req, req.key,
+                                       req.command))
+        except Exception:
+            self._internal_error(req, done)
+
+    def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
+        """A bug of ours, not the config's: log it, answer, keep serving."""
+        self.log.failure("internal error routing {line!r}", line=req.line)
+        self.stats.req_active -= 1
+        done(errors.LUA_FAILURE)
+
+    def _advance(self, routes: Routes, req: Request,
+                 done: Callable[[bytes], None], step) -> None:
+        while step[0] == YIELD_POOL:
+            _, co, pool, sent = step
+            try:
+                backend = pool.select(sent.key)
+            except ValueError as e:
+                step = routes.resume_error(co, str(e).encode())
+                continue
+
+            def reply(res, co=co):
+                try:
+                    self._advance(routes, req, done,
+                                  routes.resume(co, res, res.ok, res.hit))
+                except Exception:
+                    self._internal_error(req, done)
+
+            backend.send(sent, reply)
+            return
+        self.stats.req_active -= 1
+        kind = step[0]
+        if kind == DONE_RESPONSE:
+            done(client_bytes(step[1], req))
+        elif kind == DONE_STRING:
+            done(step[1])
+        elif kind == DONE_BAD:
+            done(errors.BAD_RESPONSE)
+        else:
+            self._route_error(req, step[1])
+            done(errors.LUA_FAILURE)
+
+    def _route_error(self, req: Request, message: bytes) -> None:
+        """Log a route's Lua error, at most once per ERROR_LOG_INTERVAL."""
+        now = monotonic()
+        if now - self._last_error_log < ERROR_LOG_INTERVAL:
+            self._errors_unlogged += 1
+            return
+        self.log.error(
+            "route error for {line!r}: {error} ({suppressed} more not logged)",
+            line=req.line, error=message.decode("utf-8", "replace"),
+            suppressed=self._errors_unlogged, type="proxy_error")
+        self._last_error_log = now
+        self._errors_unlogged = 0
+

@@ -1,0 +1,505 @@
+"""Connections to memcached backends: pipelining, validation, timeouts, failures.
+
+A :class:`Backend` owns one address and at most one TCP connection to it
+(:class:`BackendProtocol`). Requests are written as soon as they are sent
+and matched to replies strictly in order, as memcached's proxy does
+(mcp-api.md sections 3.2-3.5, with the 1.6.18+ ``version`` validation).
+
+Every request's callback runs exactly once, never inside ``send``: with the
+parsed reply, or with a failure response when the connection is reset, the
+backend is marked bad, the queue is too deep, or the backend is closed.
+
+Failure accounting: failures of the connect or validation phase and read
+timeouts count; ``failure_limit`` consecutive counted failures without a
+successful validation in between make the backend bad. A bad backend fails
+requests at once and re-probes every ``retry_timeout``. A connected
+connection that is closed by the server or sends garbage is reset and
+reconnected without counting a failure (as in memcached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mcproxy.protocols.request import Request
+from mcproxy.protocols.response import (
+    FAIL_BADVALIDATE,
+    FAIL_CLOSED,
+    FAIL_CONNECTING,
+    FAIL_CONNTIMEOUT,
+    FAIL_DEPTH,
+    FAIL_DISCONNECTED,
+    FAIL_MARKEDBAD,
+    FAIL_READVALIDATE,
+    FAIL_TIMEOUT,
+    FAIL_TRAILINGDATA,
+    MCMC_CODE_VERSION,
+    BackendProtocolError,
+    Response,
+    ResponseReader,
+)
+from mcproxy.stats import ProxyStats
+
+#: Called once per request with its response.
+Callback = Callable[[Response], object]
+
+#: What a new connection sends before any request (memcached 1.6.18+).
+VALIDATE_REQUEST = b"version\r\n"
+
+# Public states (Backend.state).
+IDLE = "idle"
+CONNECTING = "connecting"
+VALIDATING = "validating"
+CONNECTED = "connected"
+FAILED = "failed"
+BAD = "bad"
+CLOSED = "closed"
+# Internal: bad, waiting for the retry timer.
+_WAITING = "waiting"
+
+# Log events.
+LOG_RESET = ("backend {label} ({host}:{port}) error={reason}; "
+             "{requests} queued requests failed")
+LOG_MARKED_BAD = ("backend {label} ({host}:{port}) error={reason}; marked bad "
+                  "after {failures} failures, {requests} queued requests failed, "
+                  "retrying every {retry}s")
+LOG_RECOVERED = "backend {label} ({host}:{port}) is back after {failures} failures"
+LOG_CALLBACK = "backend {label} response callback failed"
+
+#: Slack when comparing the clock with a read deadline.
+_EPSILON = 1e-6
+
+
+@dataclass
+class BackendOptions:
+    """Per-backend settings; times in seconds, ``depth_limit`` 0 = unlimited.
+
+    ``down`` forces the backend bad for good: it never connects and fails
+    every request at once (``mcp.backend{..., down = true}``).
+    """
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 3.0
+    retry_timeout: float = 3.0
+    failure_limit: int = 3
+    keepalive: bool = False
+    depth_limit: int = 0
+    down: bool = False
+
+
+class BackendProtocol(Protocol):
+    """One pipelined connection to a backend.
+
+    ``queue`` holds ``(request, callback, sent time)`` for every request
+    written and not yet answered; it is the owning :class:`Backend`'s queue.
+    The connection first answers the validation ``version`` request; only
+    then are requests written. ``backend`` is None once the connection has
+    been abandoned (its late events are then ignored).
+    """
+
+    def __init__(self, backend: Backend, queue: deque) -> None:
+        self.backend: Backend | None = backend
+        self.queue = queue
+        self.validating = True
+        self.reader = ResponseReader()
+        #: fired when a connection abandoned by Backend.close() is gone
+        self.on_lost: Deferred | None = None
+        self._write: Callable[[bytes], None] | None = None
+        self._write_sequence: Callable[[Any], None] | None = None
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self._write = transport.write
+        self._write_sequence = transport.writeSequence
+        backend = self.backend
+        if backend is None or backend._factory is not self.factory:
+            self.backend = None
+            transport.abortConnection()
+            return
+        transport.setTcpNoDelay(True)
+        if backend.options.keepalive:
+            transport.setTcpKeepAlive(True)
+        backend._connection_made(self)
+
+    def write_request(self, req: Request) -> None:
+        """Write one request: its wire line, then its payload if it has one."""
+        value = req.value
+        if value is None:
+            self._write(req.wire_line())
+        else:
+            self._write_sequence((req.wire_line(), value))
+
+    def dataReceived(self, data: bytes) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        reader = self.reader
+        if not reader.feed(data):
+            return
+        if self.validating:
+            self._validation_reply(backend)
+            return
+        queue = self.queue
+        now = 0.0
+        while queue:
+            try:
+                res = reader.read()
+            except BackendProtocolError as e:
+                backend._reset(e.reason)
+                return
+            if res is None:
+                return
+            _request, callback, sent = queue.popleft()
+            if not now:
+                now = backend._seconds()
+            res.elapsed = int((now - sent) * 1e6)
+            try:
+                callback(res)
+            except Exception:
+                backend.log.failure(LOG_CALLBACK, label=backend.label)
+            if self.backend is None:
+                return
+        if reader.buffered:
+            backend._reset(FAIL_TRAILINGDATA)
+
+    def _validation_reply(self, backend: Backend) -> None:
+        reader = self.reader
+        try:
+            res = reader.read(version=True)
+        except BackendProtocolError:
+            backend._reset(FAIL_BADVALIDATE)
+            return
+        if res is None:
+            return
+        if res.code != MCMC_CODE_VERSION:
+            backend._reset(FAIL_BADVALIDATE)
+        elif reader.buffered:
+            backend._reset(FAIL_TRAILINGDATA)
+        else:
+            self.validating = False
+            backend._validated(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            backend._connection_lost(self)
+        on_lost = self.on_lost
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost.callback(None)
+
+
+class _BackendFactory(ClientFactory):
+    """One connection attempt; a Backend ignores events of stale attempts."""
+
+    noisy = False
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        protocol = BackendProtocol(self.backend, self.backend._queue)
+        protocol.factory = self
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.backend._connect_failed(self, reason)
+
+
+class Backend:
+    """One memcached server: its connection, queue, and failure state.
+
+    ``port`` is kept as given (a string from Lua; it also feeds ring hashing);
+    one that is not a number fails every connect attempt. ``reactor``
+    defaults to the global reactor.
+    """
+
+    log = Logger()
+
+    def __init__(self, label: str, host: str, port: str | int,
+                 options: BackendOptions | None = None,
+                 stats: ProxyStats | None = None, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.label = label
+        self.host = host
+        self.port = port
+        self.options = options if options is not None else BackendOptions()
+        self.stats = stats if stats is not None else ProxyStats()
+        self.reactor = reactor
+        self._seconds: Callable[[], float] = reactor.seconds
+        self._read_timeout = self.options.read_timeout
+        self._depth_limit = self.options.depth_limit
+        self._queue: deque[tuple[Request, Callback, float]] = deque()
+        try:
+            self._port_number: int | None = int(port)
+        except ValueError:
+            self._port_number = None
+        self._state = IDLE
+        self._bad = self.options.down
+        self._failures = 0
+        self._factory: _BackendFactory | None = None
+        self._connector: Any = None
+        self._protocol: BackendProtocol | None = None
+        self._writer: Callable[[Request], None] | None = None
+        self._timer: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.label} {self.host}:{self.port} {self.state}>"
+
+    @property
+    def state(self) -> str:
+        """idle, connecting, validating, connected, failed, bad or closed.
+
+        ``failed``: reconnecting after counted failures, below the limit;
+        ``bad``: failing requests at once, re-probing every retry_timeout.
+        """
+        state = self._state
+        if state is CLOSED:
+            return state
+        if self._bad:
+            return BAD
+        if state is IDLE:
+            return state
+        if state is not CONNECTED and self._failures:
+            return FAILED
+        return state
+
+    @property
+    def failures(self) -> int:
+        """Counted failures since the last successful validation."""
+        return self._failures
+
+    @property
+    def depth(self) -> int:
+        """Requests queued or in flight."""
+        return len(self._queue)
+
+    def connect(self) -> None:
+        """Start connecting (a no-op unless idle, or when ``down``)."""
+        if self._state is IDLE and not self._bad:
+            self._connect()
+
+    def send(self, request: Request, callback: Callback) -> None:
+        """Send ``request``; ``callback(response)`` runs later, exactly once."""
+        queue = self._queue
+        if self._state is CONNECTED:
+            limit = self._depth_limit
+            if limit and len(queue) >= limit:
+                self._fail_soon(callback, FAIL_DEPTH)
+                return
+            self._writer(request)
+            queue.append((request, callback, self._seconds()))
+            if self._timer is None:
+                self._timer = self.reactor.callLater(
+                    self._read_timeout, self._read_timer)
+            return
+        if self._state is CLOSED:
+            self._fail_soon(callback, FAIL_CLOSED)
+        elif self._bad:
+            self._fail_soon(callback, FAIL_MARKEDBAD)
+        elif self._depth_limit and len(queue) >= self._depth_limit:
+            self._fail_soon(callback, FAIL_DEPTH)
+        else:
+            queue.append((request, callback, self._seconds()))
+            if self._state is IDLE:
+                self._connect()
+
+    def close(self) -> Deferred:
+        """Fail what is queued, drop the connection, stop reconnecting.
+
+        The Deferred fires once the connection is gone.
+        """
+        state = self._state
+        if state is CLOSED:
+            return succeed(None)
+        self._state = CLOSED
+        self._cancel_timer()
+        self._factory = None
+        closed: Deferred = Deferred()
+        protocol = self._protocol
+        if protocol is not None:
+            self._detach(protocol)
+            protocol.on_lost = closed
+            protocol.transport.abortConnection()
+        else:
+            if state is CONNECTING:
+                self._stop_connecting()
+            closed.callback(None)
+        self._fail_queue(FAIL_CLOSED)
+        return closed
+
+    # Connection lifecycle.
+
+    def _connect(self) -> None:
+        self._state = CONNECTING
+        factory = _BackendFactory(self)
+        self._factory = factory
+        timeout = self.options.connect_timeout
+        self._arm(timeout, self._connect_timer)
+        if self._port_number is None:
+            self._connector = None
+            self.reactor.callLater(0, factory.clientConnectionFailed, None,
+                                   Failure(error.ServiceNameUnknownError(self.port)))
+            return
+        self._connector = self.reactor.connectTCP(
+            self.host, self._port_number, factory, timeout=timeout)
+
+    def _connect_failed(self, factory: _BackendFactory, reason: Failure) -> None:
+        if factory is not self._factory:
+            return
+        if reason.check(error.TimeoutError):
+            self._reset(FAIL_CONNTIMEOUT)
+        else:
+            self._reset(FAIL_CONNECTING)
+
+    def _connection_made(self, protocol: BackendProtocol) -> None:
+        self._protocol = protocol
+        self._state = VALIDATING
+        self._arm(self._read_timeout, self._validate_timer)
+        protocol.transport.write(VALIDATE_REQUEST)
+
+    def _validated(self, protocol: BackendProtocol) -> None:
+        self._cancel_timer()
+        self._state = CONNECTED
+        recovered = self._bad
+        failures = self._failures
+        self._bad = False
+        self._failures = 0
+        writer = self._writer = protocol.write_request
+        queue = self._queue
+        if queue:
+            for item in queue:
+                writer(item[0])
+            self._arm(self._read_timeout, self._read_timer)
+        if recovered:
+            self.log.info(LOG_RECOVERED, label=self.label, host=self.host,
+                          port=self.port, failures=failures, type="proxy_backend")
+
+    def _connection_lost(self, protocol: BackendProtocol) -> None:
+        if protocol is self._protocol:
+            self._reset(FAIL_DISCONNECTED)
+
+    def _detach(self, protocol: BackendProtocol) -> None:
+        self._protocol = None
+        self._writer = None
+        protocol.backend = None
+
+    def _stop_connecting(self) -> None:
+        connector = self._connector
+        if connector is not None:
+            try:
+                connector.stopConnecting()
+            except error.NotConnectingError:
+                pass
+
+    def _reset(self, reason: str) -> None:
+        """Drop the connection, fail its queue, count, reconnect or go bad.
+
+        Failures before validation and read timeouts count; other resets of
+        a validated connection (EOF, garbage) reconnect without counting.
+        """
+        state = self._state
+        counted = state is not CONNECTED or reason == FAIL_TIMEOUT
+        self._cancel_timer()
+        self._factory = None
+        protocol = self._protocol
+        if protocol is not None:
+            self._detach(protocol)
+            protocol.transport.abortConnection()
+        elif state is CONNECTING:
+            self._stop_connecting()
+        queue = self._queue
+        failed = list(queue)
+        queue.clear()
+        was_bad = self._bad
+        options = self.options
+        if counted:
+            self._failures += 1
+        if counted and self._failures > options.failure_limit:
+            self._bad = True
+            if not was_bad:
+                self.stats.backend_marked_bad += 1
+                self.log.error(LOG_MARKED_BAD, label=self.label, host=self.host,
+                               port=self.port, reason=reason,
+                               failures=self._failures, requests=len(failed),
+                               retry=options.retry_timeout, type="proxy_backend")
+            self._state = _WAITING
+            self._arm(options.retry_timeout, self._retry_timer)
+        else:
+            self.log.warn(LOG_RESET, label=self.label, host=self.host,
+                          port=self.port, reason=reason, requests=len(failed),
+                          failures=self._failures, type="proxy_backend")
+            if counted:
+                self.stats.backend_failed += 1
+            self._connect()
+        self._fail_items(failed, reason)
+
+    def _fail_queue(self, reason: str) -> None:
+        queue = self._queue
+        failed = list(queue)
+        queue.clear()
+        self._fail_items(failed, reason)
+
+    def _fail_items(self, items: list, reason: str) -> None:
+        """Give every item its own failure response, in order."""
+        if not items:
+            return
+        now = self._seconds()
+        for _request, callback, sent in items:
+            res = Response.failure(reason)
+            res.elapsed = int((now - sent) * 1e6)
+            try:
+                callback(res)
+            except Exception:
+                self.log.failure(LOG_CALLBACK, label=self.label)
+
+    def _fail_soon(self, callback: Callback, reason: str) -> None:
+        self.reactor.callLater(0, callback, Response.failure(reason))
+
+    # The single timer: connect, validation, read deadline or retry.
+
+    def _arm(self, delay: float, func: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.reactor.callLater(delay, func)
+
+    def _cancel_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+
+    def _connect_timer(self) -> None:
+        self._timer = None
+        self._reset(FAIL_CONNTIMEOUT)
+
+    def _validate_timer(self) -> None:
+        self._timer = None
+        self._reset(FAIL_READVALIDATE)
+
+    def _read_timer(self) -> None:
+        """The oldest request's deadline, re-armed lazily for the next one."""
+        self._timer = None
+        queue = self._queue
+        if not queue or self._state is not CONNECTED:
+            return
+        due = queue[0][2] + self._read_timeout
+        now = self._seconds()
+        if now >= due - _EPSILON:
+            self._reset(FAIL_TIMEOUT)
+        else:
+            self._timer = self.reactor.callLater(due - now, self._read_timer)
+
+    def _retry_timer(self) -> None:
+        self._timer = None
+        self._connect()

@@ -1,0 +1,258 @@
+"""Tokenise and classify one memcached text-protocol request line.
+
+Pure: no Twisted imports. The rules are those of memcached's proxy request
+parser (mcp-api.md section 2.1): commands are recognised by exact lower-case
+spelling, tokens are separated by spaces, a per-command cap limits how many
+tokens are indexed (the last indexed token then runs to the end of the line),
+and a line must end in ``\\r\\n``.
+"""
+
+from __future__ import annotations
+
+# Command ids, exactly as memcached's proxy numbers them (mcp.CMD_*).
+CMD_MG = 1
+CMD_MS = 2
+CMD_MD = 3
+CMD_MN = 4
+CMD_MA = 5
+CMD_ME = 6
+CMD_GET = 7
+CMD_GAT = 8
+CMD_SET = 9
+CMD_ADD = 10
+CMD_CAS = 11
+CMD_GETS = 12
+CMD_GATS = 13
+CMD_INCR = 14
+CMD_DECR = 15
+CMD_TOUCH = 16
+CMD_APPEND = 17
+CMD_DELETE = 18
+CMD_REPLACE = 19
+CMD_PREPEND = 20
+CMD_END_STORAGE = 21
+CMD_QUIT = 22
+CMD_STATS = 23
+CMD_SLABS = 24
+CMD_WATCH = 25
+CMD_LRU = 26
+CMD_VERSION = 27
+CMD_SHUTDOWN = 28
+CMD_EXTSTORE = 29
+CMD_FLUSH_ALL = 30
+CMD_VERBOSITY = 31
+CMD_LRU_CRAWLER = 32
+CMD_REFRESH_CERTS = 33
+CMD_CACHE_MEMLIMIT = 34
+CMD_ANY = 36
+CMD_ANY_STORAGE = 37
+
+#: Every exported ``mcp.CMD_*`` name and its id.
+COMMAND_CONSTANTS = {
+    name: value for name, value in globals().items() if name.startswith("CMD_")
+}
+
+#: The commands the parser recognises, by their wire spelling.
+COMMANDS = {
+    b"mg": CMD_MG, b"ms": CMD_MS, b"md": CMD_MD, b"mn": CMD_MN, b"ma": CMD_MA,
+    b"me": CMD_ME, b"get": CMD_GET, b"gat": CMD_GAT, b"set": CMD_SET,
+    b"add": CMD_ADD, b"cas": CMD_CAS, b"gets": CMD_GETS, b"gats": CMD_GATS,
+    b"incr": CMD_INCR, b"decr": CMD_DECR, b"touch": CMD_TOUCH,
+    b"append": CMD_APPEND, b"delete": CMD_DELETE, b"replace": CMD_REPLACE,
+    b"prepend": CMD_PREPEND, b"quit": CMD_QUIT, b"stats": CMD_STATS,
+    b"watch": CMD_WATCH, b"version": CMD_VERSION,
+    b"flush_all": CMD_FLUSH_ALL, b"verbosity": CMD_VERBOSITY,
+}
+
+#: Command id -> wire name, for stats (``cmd_get``) and logs.
+COMMAND_NAMES = {value: name.decode() for name, value in COMMANDS.items()}
+
+GET_COMMANDS = frozenset((CMD_GET, CMD_GETS, CMD_GAT, CMD_GATS))
+STORAGE_COMMANDS = frozenset(
+    (CMD_SET, CMD_ADD, CMD_CAS, CMD_APPEND, CMD_PREPEND, CMD_REPLACE))
+META_COMMANDS = frozenset((CMD_MG, CMD_MS, CMD_MD, CMD_MN, CMD_MA, CMD_ME))
+KEYLESS_COMMANDS = frozenset((CMD_QUIT, CMD_STATS, CMD_WATCH, CMD_VERSION, CMD_MN,
+                              CMD_FLUSH_ALL, CMD_VERBOSITY))
+#: Commands always answered by the proxy itself, never handed to a route.
+LOCAL_ONLY_COMMANDS = frozenset((CMD_MN, CMD_QUIT, CMD_FLUSH_ALL, CMD_VERBOSITY))
+
+#: How many tokens the parser indexes per command (memcached's caps).
+_TOKEN_CAPS = {
+    CMD_GET: 2, CMD_GETS: 2, CMD_GAT: 3, CMD_GATS: 3,
+    CMD_INCR: 4, CMD_DECR: 4, CMD_TOUCH: 4, CMD_DELETE: 4,
+    CMD_QUIT: 1, CMD_MN: 1,
+}
+_DEFAULT_CAP = 24
+
+#: Longest request line a route may receive (bytes, including CRLF).
+MAX_REQUEST_LINE = 500
+#: Longest key accepted inside a split multiget.
+MAX_KEY_LENGTH = 250
+#: Bytes a client may send without a newline before we hang up on it,
+#: unless the buffered bytes are a ``get``/``gets`` multiget.
+MAX_UNTERMINATED = 1024
+#: Largest payload length a storage command may declare (INT_MAX - 2).
+MAX_VALUE_LENGTH = 2**31 - 3
+
+
+class ParseError(ValueError):
+    """The line is not a request the proxy understands."""
+
+
+class Request:
+    """One parsed client request.
+
+    ``line`` is the command line exactly as received, including its CRLF;
+    ``value`` is the payload including its CRLF (storage commands only, set
+    once it has been read). ``vlen`` is the payload length to read including
+    the CRLF, 0 for commands without payload.
+    """
+
+    __slots__ = ("command", "line", "tokens", "key", "vlen", "value",
+                 "noreply", "quiet", "multiget")
+
+    def __init__(self, command: int, line: bytes, tokens: list[bytes],
+                 key: bytes, vlen: int = 0, noreply: bool = False,
+                 quiet: bool = False) -> None:
+        self.command = command
+        self.line = line
+        self.tokens = tokens
+        self.key = key
+        self.vlen = vlen
+        self.value: bytes | None = None
+        self.noreply = noreply
+        self.quiet = quiet
+        self.multiget = False
+
+    def __repr__(self) -> str:
+        return f"<Request {self.line!r}>"
+
+    def wire_line(self) -> bytes:
+        """The command line to send to a backend.
+
+        A text ``noreply`` token is removed (with the space before it) so the
+        backend answers and the proxy can tell success from failure; meta
+        ``q`` flags are removed for the same reason. The client still gets
+        nothing for what memcached would suppress.
+        """
+        if self.noreply:
+            return b" ".join(self.tokens[:-1]) + b"\r\n"
+        if self.quiet:
+            first_flag = 3 if self.command == CMD_MS else 2
+            flags = [t for t in self.tokens[first_flag:] if t[:1] != b"q"]
+            return b" ".join(self.tokens[:first_flag] + flags) + b"\r\n"
+        return self.line
+
+    def wire(self) -> bytes:
+        """Line plus payload, as a backend receives it."""
+        if self.value is None:
+            return self.wire_line()
+        return self.wire_line() + self.value
+
+
+def _tokenize(body: bytes, cap: int) -> list[bytes]:
+    """Split on spaces, skipping runs, indexing at most ``cap`` tokens."""
+    if b"  " not in body and body[:1] != b" ":
+        return body.split(b" ", cap - 1)
+    tokens: list[bytes] = []
+    rest = body.lstrip(b" ")
+    while rest:
+        if len(tokens) == cap - 1:
+            tokens.append(rest)
+            break
+        token, _, rest = rest.partition(b" ")
+        tokens.append(token)
+        rest = rest.lstrip(b" ")
+    return tokens
+
+
+def _length(token: bytes) -> int:
+    """A payload length token: leading digits, as strtol reads them."""
+    digits = 0
+    for byte in token:
+        if 48 <= byte <= 57:
+            digits += 1
+        else:
+            break
+    if not digits:
+        raise ParseError("bad data length")
+    length = int(token[:digits])
+    if length > MAX_VALUE_LENGTH:
+        raise ParseError("data length too large")
+    return length
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse a command line (which must end in ``\\r\\n``).
+
+    Raises :class:`ParseError` for anything memcached's proxy answers with
+    ``SERVER_ERROR parsing request``.
+    """
+    if len(line) < 4 or line[-2:] != b"\r\n":
+        raise ParseError("line too short or not CRLF terminated")
+    body = line[:-2]
+    name, _, _ = body.partition(b" ")
+    command = COMMANDS.get(name)
+    if command is None:
+        raise ParseError("unknown command")
+    tokens = _tokenize(body, _TOKEN_CAPS.get(command, _DEFAULT_CAP))
+    ntokens = len(tokens)
+
+    if command in GET_COMMANDS:
+        if command is CMD_GET or command is CMD_GETS:
+            key_token = tokens[1] if ntokens > 1 else b""
+        else:
+            if ntokens < 3:
+                raise ParseError("too few tokens")
+            key_token = tokens[2]
+        return Request(command, line, tokens, key_token.partition(b" ")[0])
+
+    if command in KEYLESS_COMMANDS:
+        return Request(command, line, tokens, b"")
+
+    if ntokens < 2:
+        raise ParseError("too few tokens")
+    key = tokens[1]
+
+    if command in META_COMMANDS:
+        vlen = 0
+        first_flag = 2
+        if command == CMD_MS:
+            if ntokens < 3:
+                raise ParseError("too few tokens")
+            vlen = _length(tokens[2]) + 2
+            first_flag = 3
+        quiet = False
+        for flag in tokens[first_flag:]:
+            first = flag[0]
+            if first < 65 or first > 122:
+                raise ParseError("bad meta flag")
+            if first == 113:  # q
+                quiet = True
+        return Request(command, line, tokens, key, vlen, quiet=quiet)
+
+    noreply = tokens[-1][:7] == b"noreply"
+    if command in STORAGE_COMMANDS:
+        if ntokens < 5:
+            raise ParseError("too few tokens")
+        return Request(command, line, tokens, key, _length(tokens[4]) + 2,
+                       noreply=noreply)
+    return Request(command, line, tokens, key, noreply=noreply)
+
+
+def split_multiget(req: Request) -> list[bytes] | None:
+    """The keys of a multiget, or None if ``req`` is a single-key request.
+
+    A GET-family request is a multiget when its first key is followed by a
+    space (a trailing space alone counts, as in memcached's proxy).
+    """
+    keys_token = req.tokens[-1]
+    if b" " not in keys_token:
+        return None
+    return [k for k in keys_token.split(b" ") if k]
+
+
+def multiget_prefix(req: Request) -> bytes:
+    """The bytes before the first key (``b"get "``, ``b"gat 10 "``)."""
+    keys_token = req.tokens[-1]
+    return req.line[: len(req.line) - 2 - len(keys_token)]

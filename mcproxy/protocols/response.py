@@ -1,0 +1,353 @@
+"""Parse a memcached backend's replies, and decide what a client receives.
+
+Pure: no Twisted imports. This is the role memcached's vendored ``mcmc``
+plays in its proxy (mcp-api.md section 3.4). Response codes use mcmc's later
+numbering (the ``mcp.MCMC_CODE_*`` constants of memcached 1.6.16+).
+
+A backend connection is pipelined and every backend request is single-key,
+so a reply is one line, one line plus a value (``VA``), or ``VALUE`` + data
++ ``END``. Anything else desynchronises the stream and is raised as
+:class:`BackendProtocolError`, whose reason is one of memcached's backend
+failure names.
+
+Misses: mcmc gives both the text ``END`` and the meta ``EN`` the code
+``MCMC_CODE_END``; there is no separate MISS code, so a miss is
+``code == MCMC_CODE_END`` (the two are told apart by ``type``).
+
+``ERROR``, ``CLIENT_ERROR`` and ``SERVER_ERROR`` lines are ordinary replies
+(memcached 1.6.20+ cycles the connection after the first two; we keep it,
+as SEED did: the proxy only forwards well-formed requests). An unknown
+two-letter status passes through as a meta reply, as in mcmc; any other
+unknown first word is garbage (SEED passed it through).
+"""
+
+from __future__ import annotations
+
+from mcproxy.errors import BACKEND_FAILURE, END
+from mcproxy.protocols.request import Request
+
+# Response codes, numbered as in mcmc.h (memcached 1.6.16+).
+MCMC_CODE_STORED = 8
+MCMC_CODE_EXISTS = 9
+MCMC_CODE_DELETED = 10
+MCMC_CODE_TOUCHED = 11
+MCMC_CODE_VERSION = 12
+MCMC_CODE_NOT_FOUND = 13
+MCMC_CODE_NOT_STORED = 14
+MCMC_CODE_OK = 15
+MCMC_CODE_NOP = 16
+MCMC_CODE_END = 17
+MCMC_CODE_ERROR = 21
+MCMC_CODE_CLIENT_ERROR = 22
+MCMC_CODE_SERVER_ERROR = 23
+#: The status mcp exports beside the codes (``mcp.MCMC_ERR``).
+MCMC_ERR = -1
+
+#: Every name memcached exports to Lua as ``mcp.MCMC_*``, and its value.
+MCMC_CODES = {
+    name: value for name, value in globals().items()
+    if name.startswith("MCMC_CODE_") or name == "MCMC_ERR"
+}
+
+# Response types, numbered as in mcmc.h (``type=`` in memcached's logs).
+MCMC_RESP_GET = 100
+MCMC_RESP_META = 101
+MCMC_RESP_STAT = 102
+MCMC_RESP_GENERIC = 104
+MCMC_RESP_END = 105
+MCMC_RESP_VERSION = 106
+MCMC_RESP_NUMERIC = 107
+MCMC_RESP_ERRMSG = 108
+MCMC_RESP_FAIL = 109
+
+# Backend failure reasons (memcached's names, logged as ``error=``).
+FAIL_TIMEOUT = "timeout"
+FAIL_DISCONNECTED = "disconnected"
+FAIL_CONNECTING = "connecting"
+FAIL_CONNTIMEOUT = "conntimeout"
+FAIL_READVALIDATE = "readvalidate"
+FAIL_BADVALIDATE = "badvalidate"
+FAIL_PARSING = "parsing"
+FAIL_CLOSED = "closedsock"
+FAIL_UNHANDLEDRES = "unhandledres"
+FAIL_MISSINGEND = "missingend"
+FAIL_TRAILINGDATA = "trailingdata"
+# mcproxy's own reasons for requests failed without touching the socket.
+FAIL_MARKEDBAD = "markedbad"
+FAIL_DEPTH = "depthlimit"
+
+_EMPTY = b""
+
+#: Longest reply line accepted; a longer one means the stream is garbage.
+MAX_LINE = 16384
+
+# First token -> (code, type) for every reply that is a single line.
+_LINES = {
+    b"END": (MCMC_CODE_END, MCMC_RESP_END),
+    b"EN": (MCMC_CODE_END, MCMC_RESP_META),
+    b"HD": (MCMC_CODE_OK, MCMC_RESP_META),
+    b"NF": (MCMC_CODE_NOT_FOUND, MCMC_RESP_META),
+    b"NS": (MCMC_CODE_NOT_STORED, MCMC_RESP_META),
+    b"EX": (MCMC_CODE_EXISTS, MCMC_RESP_META),
+    b"MN": (MCMC_CODE_NOP, MCMC_RESP_META),
+    b"ME": (MCMC_CODE_OK, MCMC_RESP_META),
+    b"OK": (MCMC_CODE_OK, MCMC_RESP_GENERIC),
+    b"STORED": (MCMC_CODE_STORED, MCMC_RESP_GENERIC),
+    b"EXISTS": (MCMC_CODE_EXISTS, MCMC_RESP_GENERIC),
+    b"DELETED": (MCMC_CODE_DELETED, MCMC_RESP_GENERIC),
+    b"TOUCHED": (MCMC_CODE_TOUCHED, MCMC_RESP_GENERIC),
+    b"NOT_FOUND": (MCMC_CODE_NOT_FOUND, MCMC_RESP_GENERIC),
+    b"NOT_STORED": (MCMC_CODE_NOT_STORED, MCMC_RESP_GENERIC),
+    b"ERROR": (MCMC_CODE_ERROR, MCMC_RESP_ERRMSG),
+    b"CLIENT_ERROR": (MCMC_CODE_CLIENT_ERROR, MCMC_RESP_ERRMSG),
+    b"SERVER_ERROR": (MCMC_CODE_SERVER_ERROR, MCMC_RESP_ERRMSG),
+}
+
+#: The same for replies that are exactly the token: the common fast path.
+_WHOLE_LINES = {token + b"\r\n": known for token, known in _LINES.items()}
+
+
+class BackendProtocolError(Exception):
+    """The backend's byte stream cannot be trusted any more.
+
+    ``reason`` is the failure name the connection is reset with.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Response:
+    """One backend reply, or the failure that stands in for it.
+
+    ``ok`` is False when no reply could be had (backend bad, timed out,
+    disconnected, desynchronised); such a response has ``code`` SERVER_ERROR
+    and ``reason`` says why. ``line`` is the first line including CRLF;
+    ``value`` is the data including its CRLF for ``VALUE``/``VA`` replies,
+    else None (the ``END`` after a ``VALUE`` is consumed, not kept).
+    ``elapsed`` is set by the backend: microseconds from ``send`` to the
+    reply (or failure), including any wait for the connection.
+    """
+
+    __slots__ = ("ok", "code", "type", "line", "value", "elapsed", "reason")
+
+    def __init__(self, ok: bool, code: int, type: int, line: bytes,
+                 value: bytes | None = None) -> None:
+        self.ok = ok
+        self.code = code
+        self.type = type
+        self.line = line
+        self.value = value
+        self.elapsed = 0
+        self.reason: str | None = None
+
+    @classmethod
+    def failure(cls, reason: str) -> Response:
+        """A response for a request the backend could not answer."""
+        res = cls(False, MCMC_CODE_SERVER_ERROR, MCMC_RESP_FAIL, BACKEND_FAILURE)
+        res.reason = reason
+        return res
+
+    @property
+    def hit(self) -> bool:
+        """ok, and not a miss (``END``/``EN``); errors and NOT_FOUND are hits."""
+        return self.ok and self.code != MCMC_CODE_END
+
+    @property
+    def vlen(self) -> int:
+        """Length of the value without its CRLF; 0 without a value."""
+        value = self.value
+        return 0 if value is None else len(value) - 2
+
+    def __repr__(self) -> str:
+        if not self.ok:
+            return f"<Response failed {self.reason}>"
+        return f"<Response {self.code} {self.line!r} vlen={self.vlen}>"
+
+
+def _parse(buf: bytes, pos: int, version: bool) -> tuple[Response, int] | int:
+    """Parse the reply starting at ``buf[pos]``.
+
+    Returns ``(response, end)``, or when the reply is incomplete an int: the
+    buffer length needed before it can be complete, or -1 when the line
+    itself has not arrived yet.
+    """
+    eol = buf.find(b"\n", pos)
+    if eol < 0:
+        if len(buf) - pos > MAX_LINE:
+            raise BackendProtocolError(FAIL_PARSING)
+        return -1
+    end = eol + 1
+    line = buf[pos:end]
+    known = _WHOLE_LINES.get(line)
+    if known is not None:
+        return Response(True, known[0], known[1], line), end
+    if eol - pos < 2 or buf[eol - 1] != 13:
+        raise BackendProtocolError(FAIL_PARSING)
+
+    if line.startswith(b"VALUE "):
+        fields = line[6:-2].split(b" ")
+        nfields = len(fields)
+        if not ((nfields == 3 or (nfields == 4 and fields[3].isdigit()))
+                and fields[0] and fields[1].isdigit() and fields[2].isdigit()):
+            raise BackendProtocolError(FAIL_PARSING)
+        vend = end + int(fields[2]) + 2
+        total = vend + 5
+        have = len(buf)
+        if have < vend:
+            return vend
+        if not buf.startswith(b"\r\n", vend - 2):
+            raise BackendProtocolError(FAIL_PARSING)
+        if have < total:
+            if not END.startswith(buf[vend:]):
+                raise BackendProtocolError(FAIL_MISSINGEND)
+            return have + 1
+        if not buf.startswith(END, vend):
+            raise BackendProtocolError(FAIL_MISSINGEND)
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_GET, line,
+                        buf[end:vend]), total
+
+    if line.startswith(b"VA "):
+        size = line[3:-2].partition(b" ")[0]
+        if not size.isdigit():
+            raise BackendProtocolError(FAIL_PARSING)
+        vend = end + int(size) + 2
+        if len(buf) < vend:
+            return vend
+        if not buf.startswith(b"\r\n", vend - 2):
+            raise BackendProtocolError(FAIL_PARSING)
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_META, line,
+                        buf[end:vend]), vend
+
+    if 48 <= line[0] <= 57:
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_NUMERIC, line), end
+    space = line.find(b" ")
+    token = line[:space] if space >= 0 else line[:-2]
+    known = _LINES.get(token)
+    if known is not None:
+        return Response(True, known[0], known[1], line), end
+    if token == b"VERSION" and version:
+        return Response(True, MCMC_CODE_VERSION, MCMC_RESP_VERSION, line), end
+    if token == b"VERSION" or token == b"STAT":
+        raise BackendProtocolError(FAIL_UNHANDLEDRES)
+    if len(token) == 2 and token != b"VA":
+        # An unknown meta status: self-contained, passed through (mcmc).
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_META, line), end
+    raise BackendProtocolError(FAIL_PARSING)
+
+
+def parse_response(buf: bytes | bytearray, pos: int = 0,
+                   version: bool = False) -> tuple[Response, int] | None:
+    """The next complete reply in ``buf`` from ``pos`` and the offset after it.
+
+    None if the reply is incomplete. ``version=True`` accepts a ``VERSION``
+    line (the reply to the backend's own validation request); otherwise
+    ``VERSION`` and ``STAT`` are unhandled replies. Raises
+    :class:`BackendProtocolError` for anything else a backend must not send.
+    A bytearray is copied from ``pos`` on each call; for streaming use
+    :class:`ResponseReader`, which neither copies nor re-scans.
+    """
+    if buf.__class__ is not bytes:
+        result = _parse(bytes(buf[pos:]), 0, version)
+        if result.__class__ is int:
+            return None
+        return result[0], result[1] + pos
+    result = _parse(buf, pos, version)
+    if result.__class__ is int:
+        return None
+    return result
+
+
+class ResponseReader:
+    """Incremental parser for one backend connection's byte stream.
+
+    ``feed`` received bytes, then call ``read`` until it returns None. While
+    a reply is incomplete the reader only collects chunks: it knows how many
+    bytes it needs (or that it needs a newline) and joins the chunks once,
+    so values of any size cost linear time.
+    """
+
+    __slots__ = ("_buf", "_pos", "_parts", "_have", "_need")
+
+    def __init__(self) -> None:
+        self._buf = _EMPTY
+        self._pos = 0
+        self._parts: list = []
+        self._have = 0
+        self._need = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a reply."""
+        return len(self._buf) - self._pos + self._have
+
+    def feed(self, data: bytes) -> bool:
+        """Add received bytes; False while a pending reply surely is incomplete."""
+        need = self._need
+        if need:
+            parts = self._parts
+            parts.append(data)
+            have = self._have + len(data)
+            self._have = have
+            if need > 0:
+                if have < need:
+                    return False
+            elif b"\n" not in data and have <= MAX_LINE:
+                return False
+            self._buf = _EMPTY.join(parts)
+            self._parts = []
+            self._have = 0
+            self._need = 0
+        elif self._pos < len(self._buf):
+            self._buf = self._buf[self._pos:] + data
+        else:
+            self._buf = data
+        self._pos = 0
+        return True
+
+    def read(self, version: bool = False) -> Response | None:
+        """The next complete reply, or None until more bytes are fed.
+
+        Raises :class:`BackendProtocolError` when the stream is garbage.
+        """
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            return None
+        result = _parse(buf, pos, version)
+        if result.__class__ is int:
+            self._parts = [memoryview(buf)[pos:] if pos else buf]
+            self._have = len(buf) - pos
+            self._need = result - pos if result > 0 else -1
+            self._buf = _EMPTY
+            self._pos = 0
+            return None
+        self._pos = result[1]
+        return result[0]
+
+
+def client_bytes(res: Response, req: Request) -> bytes:
+    """What the client receives for ``res`` answering ``req``.
+
+    A failure is always sent, also for noreply and meta quiet requests. A
+    ``VALUE`` hit gets the proxy's own ``END``, a miss is ``END`` alone; both
+    lose the ``END`` inside a split multiget. noreply suppresses every
+    backend reply; meta quiet suppresses ``EN`` and ``HD``.
+    """
+    if not res.ok:
+        return BACKEND_FAILURE
+    if req.noreply:
+        return _EMPTY
+    rtype = res.type
+    if rtype == MCMC_RESP_GET:
+        if req.multiget:
+            return res.line + res.value
+        return _EMPTY.join((res.line, res.value, END))
+    if rtype == MCMC_RESP_END:
+        return _EMPTY if req.multiget else END
+    if req.quiet and rtype == MCMC_RESP_META and (
+            res.code == MCMC_CODE_END or res.line[:2] == b"HD"):
+        return _EMPTY
+    value = res.value
+    return res.line if value is None else res.line + value

@@ -1,0 +1,331 @@
+"""The client-facing protocol: memcached's text and meta commands.
+
+The protocol frames and parses; it does not decide routes. Each request gets
+a reply slot the moment its line is parsed; the slot is filled by whoever
+answers it (a route through the engine, the embedded cache, or the protocol
+itself for local commands), and completed slots at the head of the queue are
+written out, so replies always leave in request order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from mcproxy import errors
+from mcproxy.protocols.request import (
+    CMD_MN,
+    CMD_QUIT,
+    CMD_STATS,
+    CMD_VERSION,
+    CMD_WATCH,
+    GET_COMMANDS,
+    LOCAL_ONLY_COMMANDS,
+    MAX_KEY_LENGTH,
+    MAX_REQUEST_LINE,
+    MAX_UNTERMINATED,
+    ParseError,
+    Request,
+    multiget_prefix,
+    parse_request,
+    split_multiget,
+)
+
+if TYPE_CHECKING:
+    from mcproxy.service import ProxyService
+
+#: Requests a client may have in flight before we stop reading from it.
+MAX_CLIENT_INFLIGHT = 4096
+#: How far a multiget line may be indented and still count as one.
+MAX_MULTIGET_INDENT = 100
+
+
+class Slot:
+    """One reply position in a connection's output order."""
+
+    __slots__ = ("data", "proto")
+
+    def __init__(self, proto: ProxyServerProtocol, data: bytes | None = None) -> None:
+        self.proto = proto
+        self.data = data
+
+    def fill(self, data: bytes) -> None:
+        self.data = data
+        self.proto.flush()
+
+
+def _is_multiget_prefix(buffered: bytes) -> bool:
+    """Does an unterminated line look like a ``get``/``gets`` multiget?"""
+    stripped = buffered.lstrip(b" ")
+    return (len(buffered) - len(stripped) <= MAX_MULTIGET_INDENT
+            and (stripped.startswith(b"get ") or stripped.startswith(b"gets ")))
+
+
+@implementer(IPushProducer)
+class ProxyServerProtocol(LineReceiver):
+    """One client connection.
+
+    A ``LineReceiver`` with ``\\n`` as delimiter (a line must end in
+    ``\\r\\n``; a bare ``\\n`` is a parse error, as in memcached's proxy).
+    ``dataReceived`` is our own: it scans each chunk once with ``bytes.find``
+    instead of LineReceiver's re-splitting of its whole buffer (quadratic
+    with many lines per chunk, twisted#6357), applies the proxy's 1024-byte
+    no-newline rule instead of ``MAX_LENGTH``, and hands ``rawDataReceived``
+    at most the bytes of the pending payload.
+    """
+
+    delimiter = b"\n"
+    log = Logger()
+
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+        self.engine = service.engine
+        self.stats = service.stats
+        self._slots: deque[Slot] = deque()
+        self._buffer = bytearray()
+        self._payload_for: Request | None = None
+        self._payload_then = None
+        self._payload_chunks: list[bytes] = []
+        self._payload_needed = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closing = False
+        self._gone = False
+
+    # -- connection lifecycle -----------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.stats.curr_connections += 1
+        self.stats.total_connections += 1
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason=None) -> None:
+        if not self._gone:
+            self._gone = True
+            self.stats.curr_connections -= 1
+        self._slots.clear()
+        self._buffer.clear()
+        self._payload_for = None
+        self._payload_chunks = []
+
+    # -- framing -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._reading_paused:
+            self._buffer += data
+            return
+        if self._buffer:
+            if self._payload_for is None and b"\n" not in data:
+                self._buffer += data
+                self._check_unterminated()
+                return
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        self._process(data)
+
+    def _process(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._closing or self._reading_paused:
+                self._buffer += data[pos:]
+                return
+            if self._payload_for is not None:
+                take = data[pos:pos + self._payload_needed]
+                pos += len(take)
+                self.rawDataReceived(take)
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._buffer += data[pos:]
+                self._check_unterminated()
+                return
+            self.lineReceived(data[pos:newline])
+            pos = newline + 1
+
+    def _check_unterminated(self) -> None:
+        """memcached's rule: > 1024 bytes without a newline closes, unless
+        it is a get/gets multiget, which may be arbitrarily long."""
+        if len(self._buffer) > MAX_UNTERMINATED and not _is_multiget_prefix(
+                bytes(self._buffer[: MAX_MULTIGET_INDENT + 5])):
+            self._buffer.clear()
+            self._closing = True
+            self.transport.loseConnection()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Collect payload bytes; ``data`` never runs past the payload."""
+        self._payload_chunks.append(data)
+        self._payload_needed -= len(data)
+        if self._payload_needed:
+            return
+        req, then = self._payload_for, self._payload_then
+        value = b"".join(self._payload_chunks)
+        self._payload_for = self._payload_then = None
+        self._payload_chunks = []
+        if value[-2:] != b"\r\n":
+            self._reply(errors.BAD_DATA_CHUNK)
+            return
+        req.value = value
+        then(req)
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            req = parse_request(line + b"\n")
+        except ParseError:
+            self.stats.conn_errors += 1
+            self._reply(errors.PARSING_REQUEST)
+            return
+        cmd = req.command
+        if cmd in LOCAL_ONLY_COMMANDS or not self.engine.hooked(cmd):
+            then = self._local
+        elif cmd in GET_COMMANDS and (keys := split_multiget(req)) is not None:
+            self._multiget(req, keys)
+            return
+        elif len(req.line) >= MAX_REQUEST_LINE:
+            self.stats.conn_errors += 1
+            self._reply(errors.REQUEST_TOO_LONG)
+            self._close_after_replies()
+            return
+        else:
+            then = self._route
+        if req.vlen:
+            self._payload_for = req
+            self._payload_then = then
+            self._payload_needed = req.vlen
+        else:
+            then(req)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _route(self, req: Request) -> None:
+        slot = Slot(self)
+        self._slots.append(slot)
+        self._check_inflight()
+        self.engine.route(req, slot.fill)
+
+    def _multiget(self, req: Request, keys: list[bytes]) -> None:
+        """Split a hooked multiget into one routed request per key."""
+        prefix = multiget_prefix(req)
+        command = req.command
+        for key in keys:
+            if len(key) > MAX_KEY_LENGTH:
+                self._slots.append(Slot(self, errors.KEY_TOO_LONG))
+                continue
+            line = prefix + key + b"\r\n"
+            if len(line) >= MAX_REQUEST_LINE:
+                self.stats.conn_errors += 1
+                self._reply(errors.REQUEST_TOO_LONG)
+                self._close_after_replies()
+                return
+            sub = Request(command, line, [*req.tokens[:-1], key], key)
+            sub.multiget = True
+            self._route(sub)
+        self._reply(errors.END)
+
+    def _local(self, req: Request) -> None:
+        """Commands the proxy answers itself (no route attached)."""
+        cmd = req.command
+        if cmd == CMD_MN:
+            self._reply(b"MN\r\n")
+        elif cmd == CMD_VERSION:
+            self._reply(self.service.version_line)
+        elif cmd == CMD_QUIT:
+            self._close_after_replies()
+        elif cmd == CMD_STATS:
+            self._reply(self.service.stats_reply(req.tokens[1:]))
+        elif cmd == CMD_WATCH:
+            self._reply(errors.NOT_SUPPORTED)
+        elif self.service.store is not None:
+            reply = self.service.store.execute(req)
+            if reply:
+                self._reply(reply)
+        else:
+            self._reply(errors.NO_ROUTE)
+
+    # -- replies -------------------------------------------------------------
+
+    def _reply(self, data: bytes) -> None:
+        """Answer in order, right away (the slot is born filled)."""
+        self._slots.append(Slot(self, data))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every completed reply at the head of the queue."""
+        slots = self._slots
+        if not slots or slots[0].data is None or self._gone:
+            return
+        out = []
+        while slots and slots[0].data is not None:
+            data = slots.popleft().data
+            if data:
+                out.append(data)
+        if out:
+            self.transport.writeSequence(out)
+        if self._closing and not slots:
+            self.transport.loseConnection()
+        elif self._reading_paused and not self._writing_paused \
+                and len(slots) < MAX_CLIENT_INFLIGHT // 2:
+            self._resume_reading()
+
+    def _close_after_replies(self) -> None:
+        """Stop reading; hang up once every earlier reply is written."""
+        self._closing = True
+        self._buffer.clear()
+        if not self._slots:
+            self.transport.loseConnection()
+
+    # -- backpressure --------------------------------------------------------
+
+    def _check_inflight(self) -> None:
+        if len(self._slots) >= MAX_CLIENT_INFLIGHT and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        self.transport.resumeProducing()
+        if self._buffer and not self._closing:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            self._process(data)
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: the client is not reading
+        its replies, so stop reading its requests."""
+        self._writing_paused = True
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._writing_paused = False
+        if self._reading_paused and len(self._slots) < MAX_CLIENT_INFLIGHT // 2:
+            self._resume_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ProxyServerFactory(Factory):
+    """Builds a ProxyServerProtocol per client connection."""
+
+    noisy = False
+
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+
+    def buildProtocol(self, addr) -> ProxyServerProtocol:
+        proto = ProxyServerProtocol(self.service)
+        proto.factory = self
+        return proto

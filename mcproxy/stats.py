@@ -1,0 +1,78 @@
+"""Proxy-wide counters and the ``stats`` / ``stats proxy`` replies.
+
+Pure: counters are plain attributes bumped on the hot path; formatting
+happens only when a client asks.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+from mcproxy.protocols.request import CMD_END_STORAGE, COMMAND_NAMES
+
+#: The commands counted as ``cmd_*`` in ``stats proxy``, in memcached's
+#: order (mg .. prepend; the ids below CMD_END_STORAGE).
+PROXY_CMD_ORDER = [cmd for cmd in sorted(COMMAND_NAMES) if cmd < CMD_END_STORAGE]
+
+
+class ProxyStats:
+    """Counters of one proxy process."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.curr_connections = 0
+        self.total_connections = 0
+        self.conn_requests = 0
+        self.conn_errors = 0
+        self.conn_oom = 0
+        self.req_active = 0
+        self.config_reloads = 0
+        self.config_reload_fails = 0
+        self.backend_total = 0
+        self.backend_marked_bad = 0
+        self.backend_failed = 0
+        #: per command id, hooked requests routed through Lua (every id, so
+        #: the hot path needs no membership test; only PROXY_CMD_ORDER shows)
+        self.commands = dict.fromkeys(COMMAND_NAMES, 0)
+
+
+def format_stats(pairs) -> bytes:
+    """``STAT name value`` lines plus ``END``, as memcached writes them."""
+    lines = [f"STAT {name} {value}\r\n" for name, value in pairs]
+    lines.append("END\r\n")
+    return "".join(lines).encode()
+
+
+def general_stats(stats: ProxyStats, version: str, store_stats: dict) -> list:
+    """The reply to ``stats``: memcached's general stats and the proxy's."""
+    now = time.time()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return [
+        ("pid", os.getpid()),
+        ("uptime", int(now - stats.started)),
+        ("time", int(now)),
+        ("version", version),
+        ("pointer_size", 64),
+        ("rusage_user", f"{usage.ru_utime:.6f}"),
+        ("rusage_system", f"{usage.ru_stime:.6f}"),
+        ("curr_connections", stats.curr_connections),
+        ("total_connections", stats.total_connections),
+        ("proxy_conn_requests", stats.conn_requests),
+        ("proxy_conn_errors", stats.conn_errors),
+        ("proxy_conn_oom", stats.conn_oom),
+        ("proxy_req_active", stats.req_active),
+        *store_stats.items(),
+        ("proxy_config_reloads", stats.config_reloads),
+        ("proxy_config_reload_fails", stats.config_reload_fails),
+        ("proxy_backend_total", stats.backend_total),
+        ("proxy_backend_marked_bad", stats.backend_marked_bad),
+        ("proxy_backend_failed", stats.backend_failed),
+    ]
+
+
+def proxy_stats(stats: ProxyStats, user_lines) -> list:
+    """The reply to ``stats proxy``: user stats, then per-command counts."""
+    return [*user_lines,
+            *((f"cmd_{COMMAND_NAMES[cmd]}", stats.commands[cmd]) for cmd in PROXY_CMD_ORDER)]

@@ -1,0 +1,28 @@
+"""Fixtures shared by the suite: real memcached servers on free ports."""
+
+from __future__ import annotations
+
+import pytest
+
+from .servers import Memcached
+
+
+@pytest.fixture
+def memcached_factory():
+    """Start any number of memcached servers; all are killed afterwards."""
+    started: list[Memcached] = []
+
+    def start(**kwargs) -> Memcached:
+        server = Memcached(**kwargs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def memcached(memcached_factory) -> Memcached:
+    """One memcached server on a free loopback port."""
+    return memcached_factory()

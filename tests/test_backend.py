@@ -1,0 +1,709 @@
+"""Backend connections: validation, pipelining, resets, timeouts, failure limits.
+
+Most tests drive a Backend over a MemoryReactorClock and a StringTransport:
+exact bytes, no sockets, time moved by hand. The last class talks to a real
+memcached through the real reactor (trial TestCase, which pytest runs).
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer, error, task
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from mcproxy.protocols.backend import (
+    VALIDATE_REQUEST,
+    Backend,
+    BackendOptions,
+    BackendProtocol,
+)
+from mcproxy.protocols.request import parse_request
+from mcproxy.protocols.response import (
+    FAIL_BADVALIDATE,
+    FAIL_CLOSED,
+    FAIL_CONNECTING,
+    FAIL_CONNTIMEOUT,
+    FAIL_DEPTH,
+    FAIL_DISCONNECTED,
+    FAIL_MARKEDBAD,
+    FAIL_MISSINGEND,
+    FAIL_PARSING,
+    FAIL_READVALIDATE,
+    FAIL_TIMEOUT,
+    FAIL_TRAILINGDATA,
+    FAIL_UNHANDLEDRES,
+    MCMC_CODE_CLIENT_ERROR,
+    MCMC_CODE_END,
+    MCMC_CODE_SERVER_ERROR,
+    MCMC_CODE_STORED,
+    Response,
+)
+from mcproxy.stats import ProxyStats
+
+VERSION_REPLY = b"VERSION 1.6.18\r\n"
+
+
+class TCPTransport(StringTransport):
+    """A StringTransport with the TCP option setters a backend calls."""
+
+    nodelay = False
+    keepalive = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keepalive = enabled
+
+
+def req(line: bytes, value: bytes | None = None):
+    r = parse_request(line)
+    r.value = value
+    return r
+
+
+class Results:
+    """Callbacks that record (tag, response) in call order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[object, Response]] = []
+
+    def cb(self, tag: object):
+        return lambda res: self.got.append((tag, res))
+
+    @property
+    def tags(self) -> list:
+        return [tag for tag, _ in self.got]
+
+    def responses(self) -> list[Response]:
+        return [res for _, res in self.got]
+
+
+class Harness:
+    """A Backend on a fake reactor, and helpers to play its server."""
+
+    def __init__(self, **options) -> None:
+        self.clock = MemoryReactorClock()
+        self.stats = ProxyStats()
+        self.events: list[dict] = []
+        self.backend = Backend("b1", "127.0.0.1", "11211", BackendOptions(**options),
+                               self.stats, reactor=self.clock)
+        self.backend.log = Logger(observer=self.events.append)
+        self.results = Results()
+
+    @property
+    def attempts(self) -> int:
+        return len(self.clock.tcpClients)
+
+    def accept(self) -> tuple[BackendProtocol, TCPTransport]:
+        """Complete the latest connect attempt; the server sees version."""
+        _host, _port, factory, _timeout, _bind = self.clock.tcpClients[-1]
+        proto = factory.buildProtocol(None)
+        transport = TCPTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def connect(self) -> tuple[BackendProtocol, TCPTransport]:
+        """Connect and validate; the transport is cleared of ``version``."""
+        if self.backend.state == "idle":
+            self.backend.connect()
+        proto, transport = self.accept()
+        assert transport.value() == VALIDATE_REQUEST
+        transport.clear()
+        proto.dataReceived(VERSION_REPLY)
+        assert self.backend.state == "connected"
+        return proto, transport
+
+    def refuse(self) -> None:
+        """Fail the latest connect attempt."""
+        connector = self.clock.connectors[-1]
+        factory = self.clock.tcpClients[-1][2]
+        refused = Failure(error.ConnectionRefusedError())
+        factory.clientConnectionFailed(connector, refused)
+
+    def send(self, tag: object, line: bytes, value: bytes | None = None) -> None:
+        self.backend.send(req(line, value), self.results.cb(tag))
+
+
+# Connecting and validating
+
+
+def test_connects_validates_then_flushes_in_order():
+    h = Harness()
+    b = h.backend
+    assert b.state == "idle"
+    b.connect()
+    assert b.state == "connecting"
+    host, port, _factory, timeout, _bind = h.clock.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 11211, 5.0)
+    h.send(1, b"get a\r\n")
+    proto, transport = h.accept()
+    assert b.state == "validating"
+    assert transport.nodelay and not transport.keepalive
+    h.send(2, b"set b 0 0 2\r\n", b"hi\r\n")
+    assert transport.value() == VALIDATE_REQUEST
+    assert b.depth == 2
+    proto.dataReceived(VERSION_REPLY)
+    assert b.state == "connected"
+    assert transport.value() == VALIDATE_REQUEST + b"get a\r\nset b 0 0 2\r\nhi\r\n"
+    proto.dataReceived(b"END\r\nSTORED\r\n")
+    assert h.results.tags == [1, 2]
+    assert [r.code for r in h.results.responses()] == [MCMC_CODE_END, MCMC_CODE_STORED]
+    assert b.depth == 0
+
+
+def test_keepalive_option():
+    h = Harness(keepalive=True)
+    h.backend.connect()
+    _proto, transport = h.accept()
+    assert transport.nodelay and transport.keepalive
+
+
+def test_send_while_idle_starts_connecting():
+    h = Harness()
+    h.send(1, b"get a\r\n")
+    assert h.backend.state == "connecting"
+    assert h.attempts == 1
+    proto, transport = h.connect()
+    assert transport.value() == b"get a\r\n"
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (b"ERROR\r\n", FAIL_BADVALIDATE),
+    (b"STAT pid 1\r\n", FAIL_BADVALIDATE),
+    (b"garbage\r\n", FAIL_BADVALIDATE),
+    (VERSION_REPLY + b"END\r\n", FAIL_TRAILINGDATA),
+])
+def test_bad_validation_counts_a_failure(reply, reason):
+    h = Harness()
+    h.send(1, b"get a\r\n")
+    proto, transport = h.accept()
+    proto.dataReceived(reply)
+    assert [r.reason for r in h.results.responses()] == [reason]
+    assert b"get a" not in transport.value()
+    assert transport.disconnected
+    assert h.backend.failures == 1
+    assert h.stats.backend_failed == 1
+    assert h.backend.state == "failed"
+    assert h.attempts == 2
+
+
+def test_validation_times_out():
+    h = Harness(read_timeout=2.0)
+    h.backend.connect()
+    h.accept()
+    h.clock.advance(1.9)
+    assert h.backend.state == "validating"
+    h.clock.advance(0.1)
+    assert h.backend.failures == 1
+    assert h.events[-1]["reason"] == FAIL_READVALIDATE
+
+
+def test_eof_during_validation_counts():
+    h = Harness()
+    h.backend.connect()
+    proto, _ = h.accept()
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    assert h.backend.failures == 1
+    assert h.events[-1]["reason"] == FAIL_DISCONNECTED
+
+
+def test_connect_refused_counts_and_reconnects_at_once():
+    h = Harness()
+    h.send(1, b"get a\r\n")
+    h.refuse()
+    assert [r.reason for r in h.results.responses()] == [FAIL_CONNECTING]
+    assert (h.backend.failures, h.stats.backend_failed, h.attempts) == (1, 1, 2)
+    assert h.backend.state == "failed"
+
+
+def test_connect_timeout_on_the_clock():
+    h = Harness(connect_timeout=1.5)
+    h.send(1, b"get a\r\n")
+    h.clock.advance(1.4)
+    assert h.results.got == []
+    h.clock.advance(0.1)
+    assert [r.reason for r in h.results.responses()] == [FAIL_CONNTIMEOUT]
+    assert h.clock.connectors[0].stoppedConnecting
+    assert h.backend.failures == 1
+    assert h.attempts == 2
+
+
+def test_twisted_connect_timeout_is_conntimeout():
+    h = Harness()
+    h.send(1, b"get a\r\n")
+    factory = h.clock.tcpClients[-1][2]
+    timed_out = Failure(error.TimeoutError())
+    factory.clientConnectionFailed(h.clock.connectors[-1], timed_out)
+    assert [r.reason for r in h.results.responses()] == [FAIL_CONNTIMEOUT]
+
+
+def test_late_events_of_abandoned_connections_are_ignored():
+    h = Harness(connect_timeout=1.0)
+    h.backend.connect()
+    stale_factory = h.clock.tcpClients[0][2]
+    h.clock.advance(1.0)
+    stale_factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+    assert h.backend.failures == 1
+    stale = stale_factory.buildProtocol(None)
+    stale_transport = TCPTransport()
+    stale.makeConnection(stale_transport)
+    assert stale_transport.disconnected
+    assert h.backend.state == "failed"
+    proto, transport = h.connect()
+    h.send(1, b"get a\r\n")
+    stale.dataReceived(b"garbage\r\n")
+    stale.connectionLost(Failure(error.ConnectionDone()))
+    assert h.backend.state == "connected" and h.backend.depth == 1
+
+
+# Pipelining and replies
+
+
+def test_pipelined_writes_and_replies_split_anywhere():
+    h = Harness()
+    proto, transport = h.connect()
+    value = b"x" * 100 + b"\r\n"
+    h.send("get", b"get k\r\n")
+    h.send("set", b"set k 0 0 100\r\n", value)
+    h.send("ms", b"ms k 2 q T0\r\n", b"hi\r\n")
+    h.send("noreply", b"delete k noreply\r\n")
+    h.send("mg", b"mg k v\r\n")
+    h.send("incr", b"incr n 1\r\n")
+    assert transport.value() == (
+        b"get k\r\nset k 0 0 100\r\n" + value
+        + b"ms k 2 T0\r\nhi\r\ndelete k\r\nmg k v\r\nincr n 1\r\n")
+    replies = (b"VALUE k 0 100\r\n" + value + b"END\r\nSTORED\r\nHD\r\nDELETED\r\n"
+               b"VA 2\r\nhi\r\nCLIENT_ERROR cannot increment or decrement "
+               b"non-numeric value\r\n")
+    for i in range(len(replies)):
+        proto.dataReceived(replies[i:i + 1])
+    assert h.results.tags == ["get", "set", "ms", "noreply", "mg", "incr"]
+    res = h.results.responses()
+    assert res[0].value == value and res[0].line == b"VALUE k 0 100\r\n"
+    assert res[4].value == b"hi\r\n"
+    assert res[5].code == MCMC_CODE_CLIENT_ERROR and res[5].ok
+    assert h.backend.state == "connected"
+    assert h.events == []
+
+
+def test_server_error_keeps_the_connection():
+    h = Harness()
+    proto, transport = h.connect()
+    h.send(1, b"set k 0 0 1\r\n", b"a\r\n")
+    h.send(2, b"get k\r\n")
+    proto.dataReceived(b"SERVER_ERROR out of memory storing object\r\nEND\r\n")
+    first, second = h.results.responses()
+    assert first.ok and first.hit and first.code == MCMC_CODE_SERVER_ERROR
+    assert second.ok and not second.hit
+    assert not transport.disconnected
+
+
+def test_elapsed_is_microseconds():
+    h = Harness()
+    proto, _ = h.connect()
+    h.send(1, b"get a\r\n")
+    h.clock.advance(0.25)
+    proto.dataReceived(b"END\r\n")
+    assert h.results.responses()[0].elapsed == 250000
+
+
+def test_callback_errors_do_not_hurt_other_requests():
+    h = Harness()
+    proto, _ = h.connect()
+
+    def boom(res):
+        raise RuntimeError("route bug")
+
+    h.backend.send(req(b"get a\r\n"), boom)
+    h.send(2, b"get b\r\n")
+    proto.dataReceived(b"END\r\nEND\r\n")
+    assert h.results.tags == [2]
+    assert h.backend.state == "connected"
+    assert any(e.get("log_failure") for e in h.events)
+
+
+# Resets
+
+
+def test_reset_fails_every_queued_request_individually_in_order():
+    h = Harness()
+    proto, transport = h.connect()
+    for i in range(5):
+        h.send(i, b"get k%d\r\n" % i)
+    proto.dataReceived(b"END\r\n")
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    assert h.results.tags == [0, 1, 2, 3, 4]
+    failed = h.results.responses()[1:]
+    assert all(not r.ok and not r.hit and r.reason == FAIL_DISCONNECTED for r in failed)
+    assert len({id(r) for r in failed}) == 4
+    # EOF of a healthy connection: reconnect, no failure counted
+    assert (h.backend.failures, h.stats.backend_failed) == (0, 0)
+    assert h.backend.state == "connecting" and h.attempts == 2
+    assert len(h.events) == 1
+    event = h.events[0]
+    assert (event["label"], event["host"], event["port"], event["reason"],
+            event["requests"]) == ("b1", "127.0.0.1", "11211", FAIL_DISCONNECTED, 4)
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (b"bogus\r\n", FAIL_PARSING),
+    (b"\r\n", FAIL_PARSING),
+    (b"VALUE a 0 1\r\nx\r\nVALUE b 0 1\r\ny\r\nEND\r\n", FAIL_MISSINGEND),
+    (b"STAT pid 1\r\n", FAIL_UNHANDLEDRES),
+    (b"VERSION 1.6.18\r\n", FAIL_UNHANDLEDRES),
+    (b"END\r\nEND\r\nEND\r\n", FAIL_TRAILINGDATA),
+])
+def test_desync_resets(reply, reason):
+    h = Harness()
+    proto, transport = h.connect()
+    h.send(1, b"get a\r\n")
+    h.send(2, b"get b\r\n")
+    proto.dataReceived(reply)
+    assert h.results.tags == [1, 2]
+    answered = 2 if reason == FAIL_TRAILINGDATA else 0
+    assert [r.reason for r in h.results.responses()] == (
+        [None] * answered + [reason] * (2 - answered))
+    assert transport.disconnected
+    assert h.backend.state == "connecting" and h.attempts == 2
+    assert [e["reason"] for e in h.events] == [reason]
+
+
+def test_bytes_when_nothing_is_queued():
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(b"STORED\r\n")
+    assert transport.disconnected
+    assert h.events[0]["reason"] == FAIL_TRAILINGDATA
+
+
+def test_send_from_a_failure_callback_waits_for_the_reconnect():
+    h = Harness()
+    proto, _ = h.connect()
+    retried = Results()
+
+    def retry(res):
+        h.backend.send(req(b"get a\r\n"), retried.cb("again"))
+
+    h.backend.send(req(b"get a\r\n"), retry)
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    assert retried.got == [] and h.backend.depth == 1
+    proto2, transport2 = h.connect()
+    assert transport2.value() == b"get a\r\n"
+    proto2.dataReceived(b"END\r\n")
+    assert retried.tags == ["again"]
+
+
+# Read timeouts
+
+
+def test_read_timeout_is_per_request_deadline():
+    h = Harness(read_timeout=3.0)
+    proto, _ = h.connect()
+    h.send("a", b"get a\r\n")         # t=0, due 3
+    h.clock.advance(1.0)
+    h.send("b", b"get b\r\n")         # t=1, due 4
+    h.clock.advance(0.5)
+    proto.dataReceived(b"END\r\n")    # a answered at 1.5
+    h.clock.advance(0.5)
+    h.send("c", b"get c\r\n")         # t=2, due 5
+    h.clock.advance(1.0)              # t=3: b is not late yet
+    assert h.results.tags == ["a"]
+    proto.dataReceived(b"END\r\n")    # b answered at 3
+    h.clock.advance(1.9)              # t=4.9
+    assert h.results.tags == ["a", "b"]
+    h.clock.advance(0.1)              # t=5: c is late
+    assert h.results.tags == ["a", "b", "c"]
+    assert h.results.responses()[2].reason == FAIL_TIMEOUT
+    assert h.results.responses()[2].elapsed == 3000000
+    assert (h.backend.failures, h.stats.backend_failed) == (1, 1)
+    assert h.events[-1]["reason"] == FAIL_TIMEOUT
+
+
+def test_steady_traffic_cannot_postpone_a_stuck_reply():
+    h = Harness(read_timeout=3.0)
+    h.connect()
+    for _ in range(30):
+        h.send("x", b"get x\r\n")
+        h.clock.advance(0.1)
+    assert len(h.results.got) == 30
+    assert all(r.reason == FAIL_TIMEOUT for r in h.results.responses())
+
+
+def test_one_timer_for_many_requests():
+    h = Harness()
+    h.connect()
+    for i in range(100):
+        h.send(i, b"get k\r\n")
+    assert len(h.clock.getDelayedCalls()) == 1
+
+
+def test_idle_connection_has_no_timer_firing():
+    h = Harness(read_timeout=3.0)
+    proto, _ = h.connect()
+    h.send(1, b"get a\r\n")
+    proto.dataReceived(b"END\r\n")
+    h.clock.advance(10)
+    assert h.clock.getDelayedCalls() == []
+    assert h.backend.state == "connected" and h.events == []
+
+
+def test_never_answering_backend_is_never_marked_bad():
+    h = Harness(read_timeout=1.0, failure_limit=1)
+    for _ in range(5):
+        h.connect()
+        h.send(1, b"get a\r\n")
+        h.clock.advance(1.0)
+        assert h.backend.failures == 1
+    assert h.stats.backend_marked_bad == 0
+    assert h.stats.backend_failed == 5
+
+
+# Failure limit, bad backends, retries
+
+
+def test_failure_limit_marks_bad_then_retries():
+    h = Harness(failure_limit=3, retry_timeout=2.0)
+    h.backend.connect()
+    for n in range(1, 4):
+        h.refuse()
+        assert h.backend.state == "failed" and h.backend.failures == n
+    assert h.stats.backend_failed == 3
+    h.refuse()
+    assert h.backend.state == "bad" and h.backend.failures == 4
+    assert h.stats.backend_marked_bad == 1
+    assert h.attempts == 4
+    assert [e["reason"] for e in h.events] == [FAIL_CONNECTING] * 4
+
+    h.send(1, b"get a\r\n")
+    assert h.results.got == []          # never inside send
+    h.clock.advance(0)
+    assert [r.reason for r in h.results.responses()] == [FAIL_MARKEDBAD]
+    assert h.attempts == 4              # socket untouched
+
+    h.clock.advance(2.0)                # retry probe
+    assert h.attempts == 5 and h.backend.state == "bad"
+    h.refuse()
+    assert h.backend.state == "bad"
+    assert h.stats.backend_marked_bad == 1
+    assert len(h.events) == 4           # already known bad: not logged again
+    h.clock.advance(1.9)
+    assert h.attempts == 5
+    h.clock.advance(0.1)
+    assert h.attempts == 6
+    proto, transport = h.connect()
+    assert h.backend.failures == 0
+    assert h.events[-1]["log_format"].endswith("is back after {failures} failures")
+    h.send(2, b"get a\r\n")
+    proto.dataReceived(b"END\r\n")
+    assert h.results.responses()[-1].ok
+
+
+def test_success_resets_the_count():
+    h = Harness(failure_limit=2)
+    h.backend.connect()
+    h.refuse()
+    h.refuse()
+    h.connect()
+    assert h.backend.failures == 0
+    assert h.stats.backend_marked_bad == 0
+
+
+def test_down_backend_never_connects():
+    h = Harness(down=True)
+    assert h.backend.state == "bad"
+    h.backend.connect()
+    h.send(1, b"get a\r\n")
+    assert h.attempts == 0 and h.results.got == []
+    h.clock.advance(0)
+    assert [r.reason for r in h.results.responses()] == [FAIL_MARKEDBAD]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_port_that_is_not_a_number_fails_to_connect():
+    clock = MemoryReactorClock()
+    backend = Backend("b1", "127.0.0.1", "memcache", BackendOptions(failure_limit=0),
+                      ProxyStats(), reactor=clock)
+    backend.log = Logger(observer=lambda event: None)
+    backend.connect()
+    clock.advance(0)
+    assert clock.tcpClients == []
+    assert backend.state == "bad" and backend.failures == 1
+
+
+# Depth limit
+
+
+def test_depth_limit_fails_fast():
+    h = Harness(depth_limit=2)
+    h.send(1, b"get a\r\n")
+    h.send(2, b"get b\r\n")
+    h.send(3, b"get c\r\n")             # while connecting
+    proto, transport = h.connect()
+    h.send(4, b"get d\r\n")             # connected
+    assert h.backend.depth == 2
+    assert h.results.got == []
+    h.clock.advance(0)
+    assert h.results.tags == [3, 4]
+    assert {r.reason for r in h.results.responses()} == {FAIL_DEPTH}
+    proto.dataReceived(b"END\r\n")
+    h.send(5, b"get e\r\n")
+    assert transport.value() == b"get a\r\nget b\r\nget e\r\n"
+
+
+# Closing
+
+
+def test_close_fails_queue_and_fires_when_gone():
+    h = Harness()
+    proto, transport = h.connect()
+    h.send(1, b"get a\r\n")
+    d = h.backend.close()
+    assert [r.reason for r in h.results.responses()] == [FAIL_CLOSED]
+    assert h.backend.state == "closed"
+    assert transport.disconnected
+    fired = []
+    d.addCallback(fired.append)
+    assert fired == []
+    proto.connectionLost(Failure(error.ConnectionAborted()))
+    assert fired == [None]
+    assert h.clock.getDelayedCalls() == []
+    h.send(2, b"get b\r\n")
+    h.clock.advance(0)
+    assert h.results.responses()[-1].reason == FAIL_CLOSED
+    assert h.attempts == 1
+    assert h.events == []
+
+
+def test_close_while_connecting():
+    h = Harness()
+    h.send(1, b"get a\r\n")
+    fired = []
+    h.backend.close().addCallback(fired.append)
+    assert fired == [None]
+    assert h.clock.connectors[0].stoppedConnecting
+    assert h.clock.getDelayedCalls() == []
+    assert h.results.responses()[0].reason == FAIL_CLOSED
+
+
+def test_close_while_bad():
+    h = Harness(failure_limit=0)
+    h.backend.connect()
+    h.refuse()
+    assert h.backend.state == "bad"
+    fired = []
+    h.backend.close().addCallback(fired.append)
+    assert fired == [None] and h.clock.getDelayedCalls() == []
+
+
+# End to end against a real memcached
+
+
+def wait_until(predicate, timeout: float = 5.0, expire: bool = False) -> defer.Deferred:
+    """Fire once predicate() is true, polling on the real reactor.
+
+    Past the timeout this fails, or with ``expire`` simply fires (a sleep).
+    """
+    from twisted.internet import reactor
+
+    @defer.inlineCallbacks
+    def poll():
+        deadline = reactor.seconds() + timeout
+        while not predicate():
+            if reactor.seconds() > deadline:
+                if expire:
+                    return
+                raise AssertionError("timed out waiting")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    return poll()
+
+
+class RealMemcachedTests(unittest.TestCase):
+    """A Backend on the real reactor talking to a real memcached."""
+
+    timeout = 20
+
+    @pytest.fixture(autouse=True)
+    def _server(self, memcached):
+        self.server = memcached
+
+    def backend(self, **options) -> Backend:
+        options.setdefault("connect_timeout", 2.0)
+        options.setdefault("read_timeout", 2.0)
+        backend = Backend("real", "127.0.0.1", str(self.server.port),
+                          BackendOptions(**options), ProxyStats())
+        backend.log = Logger(observer=lambda event: None)
+        self.addCleanup(backend.close)
+        backend.connect()
+        return backend
+
+    @defer.inlineCallbacks
+    def test_pipelined_sets_and_gets(self):
+        backend = self.backend()
+        results = Results()
+        for i in range(100):
+            data = b"%d" % i
+            backend.send(req(b"set k%d 0 0 %d\r\n" % (i, len(data)), data + b"\r\n"),
+                         results.cb(("set", i)))
+            backend.send(req(b"get k%d\r\n" % i), results.cb(("get", i)))
+        yield wait_until(lambda: len(results.got) == 200)
+        expected = [(op, i) for i in range(100) for op in ("set", "get")]
+        self.assertEqual(results.tags, expected)
+        for (op, i), res in results.got:
+            if op == "set":
+                self.assertEqual(res.line, b"STORED\r\n")
+            else:
+                self.assertEqual(res.value, b"%d\r\n" % i)
+                self.assertTrue(res.hit)
+        self.assertEqual(backend.state, "connected")
+        self.assertEqual(backend.depth, 0)
+
+    @defer.inlineCallbacks
+    def test_one_megabyte_value_both_ways(self):
+        backend = self.backend()
+        value = bytes(range(256)) * 3906 + b"\r\n"    # 999,936 bytes of data
+        results = Results()
+        backend.send(req(b"set big 0 0 %d\r\n" % (len(value) - 2), value),
+                     results.cb("set"))
+        backend.send(req(b"get big\r\n"), results.cb("get"))
+        backend.send(req(b"mg big v s\r\n"), results.cb("mg"))
+        yield wait_until(lambda: len(results.got) == 3)
+        set_res, get_res, mg_res = results.responses()
+        self.assertEqual(set_res.line, b"STORED\r\n")
+        self.assertEqual(get_res.value, value)
+        self.assertEqual(mg_res.value, value)
+        self.assertEqual(self.server.get(b"big"), value[:-2])
+
+    @defer.inlineCallbacks
+    def test_killed_server_fails_each_request_then_recovers(self):
+        backend = self.backend(failure_limit=2, retry_timeout=0.2)
+        results = Results()
+        backend.send(req(b"set k 0 0 1\r\n", b"a\r\n"), results.cb("warm"))
+        yield wait_until(lambda: len(results.got) == 1)
+        self.assertTrue(results.responses()[0].ok)
+
+        self.server.pause()
+        for i in range(10):
+            backend.send(req(b"get k\r\n"), results.cb(i))
+        yield wait_until(lambda: False, timeout=0.05, expire=True)
+        self.assertEqual(backend.depth, 10)
+        self.server.stop()
+        yield wait_until(lambda: len(results.got) == 11)
+        failed = results.responses()[1:]
+        self.assertEqual(results.tags[1:], list(range(10)))
+        self.assertTrue(all(not r.ok for r in failed))
+        self.assertEqual(len({id(r) for r in failed}), 10)
+
+        yield wait_until(lambda: backend.state == "bad")
+        self.assertGreaterEqual(backend.stats.backend_marked_bad, 1)
+        self.server.start()
+        yield wait_until(lambda: backend.state == "connected")
+        backend.send(req(b"set k 0 0 1\r\n", b"b\r\n"), results.cb("set"))
+        backend.send(req(b"get k\r\n"), results.cb("get"))
+        yield wait_until(lambda: len(results.got) == 13)
+        self.assertEqual(results.responses()[-1].value, b"b\r\n")
+        self.assertEqual(backend.failures, 0)

@@ -1,0 +1,290 @@
+"""The route engine: config loading, copy rules, and running routes."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from mcproxy import errors
+from mcproxy.lua.engine import ConfigError, RouteEngine
+from mcproxy.pool import BackendRegistry
+from mcproxy.protocols import request as rq
+from mcproxy.protocols.request import parse_request
+from mcproxy.protocols.response import parse_response
+from mcproxy.stats import ProxyStats
+from mcproxy.tunables import Tunables
+from mcproxy.userstats import UserStats
+
+POOLS = """
+function mcp_config_pools()
+    local p = mcp.pool({ mcp.backend("b1", "127.0.0.1", "11211"),
+                         mcp.backend("b2", "127.0.0.1", "11212") })
+    return { main = p, n = 3, flag = true, list = { "x", "y" } }
+end
+"""
+
+
+@pytest.fixture
+def engine():
+    stats = ProxyStats()
+    registry = BackendRegistry(stats, reactor=MemoryReactorClock())
+    return RouteEngine(stats, registry, Tunables(), UserStats())
+
+
+@pytest.fixture
+def load(engine, tmp_path):
+    def load(text: str):
+        path = tmp_path / "route.lua"
+        path.write_text(textwrap.dedent(text))
+        return engine.load(str(path))
+    return load
+
+
+def run(engine, line: bytes, value: bytes | None = None) -> bytes:
+    req = parse_request(line)
+    req.value = value
+    out = []
+    engine.route(req, out.append)
+    [reply] = out
+    return reply
+
+
+class FakeBackends:
+    """Answers every backend request at once from a dict of replies."""
+
+    def __init__(self, engine, replies):
+        self.sent = []
+        for backend in engine.registry.live:
+            backend.send = self.sender(backend.label, replies)
+
+    def sender(self, label, replies):
+        def send(req, callback):
+            self.sent.append((label, req.wire()))
+            res, _ = parse_response(replies.get(label, b"END\r\n"))
+            callback(res)
+        return send
+
+
+def test_attach_any_storage(engine, load):
+    load(POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return "HIT\\r\\n" end)
+    end
+    """)
+    assert all(engine.hooked(cmd) for cmd in range(1, 21))
+    assert not engine.hooked(rq.CMD_VERSION)
+    assert run(engine, b"get foo\r\n") == b"HIT\r\n"
+
+
+def test_attach_any_includes_version_and_stats(engine, load):
+    load(POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_ANY, function(r) return "X\\r\\n" end)
+    end
+    """)
+    assert engine.hooked(rq.CMD_VERSION) and engine.hooked(rq.CMD_STATS)
+
+
+def test_route_results(engine, load):
+    load(POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_GET, function(r)
+            local k = r:key()
+            if k == "nil" then return nil end
+            if k == "num" then return 5 end
+            if k == "tbl" then return {} end
+            if k == "err" then error("boom") end
+            if k == "cmd" then return tostring(r:command()) .. "\\r\\n" end
+            return p.main(r)
+        end)
+    end
+    """)
+    FakeBackends(engine, {"b1": b"VALUE k 0 1\r\nx\r\nEND\r\n",
+                          "b2": b"VALUE k 0 1\r\nx\r\nEND\r\n"})
+    assert run(engine, b"get nil\r\n") == errors.BAD_RESPONSE
+    assert run(engine, b"get num\r\n") == errors.BAD_RESPONSE
+    assert run(engine, b"get tbl\r\n") == errors.BAD_RESPONSE
+    assert run(engine, b"get err\r\n") == errors.LUA_FAILURE
+    assert run(engine, b"get cmd\r\n") == b"7\r\n"
+    assert run(engine, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
+    assert engine.stats.req_active == 0
+    assert engine.stats.commands[rq.CMD_GET] == 6
+
+
+def test_failover_between_pools_in_one_route(engine, load):
+    load("""
+    function mcp_config_pools()
+        return { near = mcp.pool({ mcp.backend("near", "127.0.0.1", "1") }),
+                 far = mcp.pool({ mcp.backend("far", "127.0.0.1", "2") }) }
+    end
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_GET, function(r)
+            local res = p.near(r)
+            if res:hit() then return res end
+            return p.far(r)
+        end)
+    end
+    """)
+    fake = FakeBackends(engine, {"near": b"END\r\n", "far": b"VALUE k 0 1\r\nf\r\nEND\r\n"})
+    assert run(engine, b"get k\r\n") == b"VALUE k 0 1\r\nf\r\nEND\r\n"
+    assert fake.sent == [("near", b"get k\r\n"), ("far", b"get k\r\n")]
+
+
+def test_same_key_same_backend_as_memcached(engine, load):
+    load(POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_GET, function(r) return p.main(r) end)
+    end
+    """)
+    fake = FakeBackends(engine, {})
+    # section 7.5: jump hash over xxh3, 2 buckets
+    for key in (b"a", b"foo", b"/foo/a1", b"hello world"):
+        run(engine, b"get " + key + b"\r\n")
+    from mcproxy.hashing import jump_hash, xxh3_key_hash
+    expected = [f"b{jump_hash(xxh3_key_hash(k, 0), 2) + 1}"
+                for k in (b"a", b"foo", b"/foo/a1", b"hello world")]
+    assert [label for label, _ in fake.sent] == expected
+
+
+def test_config_values_are_copied(engine, load):
+    load(POOLS + """
+    function mcp_config_routes(c)
+        mcp.attach(mcp.CMD_GET, function(r)
+            return string.format("%d %s %s %s\\r\\n", c.n, tostring(c.flag), c.list[1], c.list[2])
+        end)
+    end
+    """)
+    assert run(engine, b"get k\r\n") == b"3 true x y\r\n"
+
+
+def test_phases_have_separate_globals(engine, load):
+    load("""
+    secret = nil
+    function mcp_config_pools()
+        secret = "set in config"
+        return {}
+    end
+    function mcp_config_routes(c)
+        mcp.attach(mcp.CMD_GET, function(r) return tostring(secret) .. "\\r\\n" end)
+    end
+    """)
+    assert run(engine, b"get k\r\n") == b"nil\r\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("function mcp_config_routes() end", "missing 'mcp_config_pools' function"),
+    ("function mcp_config_pools() return {} end", "missing 'mcp_config_routes' function"),
+    ("function mcp_config_pools()\n  return {\nend", "route.lua:3:"),
+    ("local x = nil\nx.y = 1", "route.lua:2: attempt to index a nil value"),
+    ("function mcp_config_pools()\n  error('nope')\nend\nfunction mcp_config_routes() end",
+     "route.lua:2: nope"),
+    ("function mcp_config_pools() return {} end\n"
+     "function mcp_config_routes()\n  error('bad routes')\nend", "route.lua:3: bad routes"),
+    ("function mcp_config_pools() mcp.attach(mcp.CMD_GET, print) end",
+     "mcp.attach can only be called from mcp_config_routes or a route"),
+    ("function mcp_config_pools() return {} end\n"
+     "function mcp_config_routes() mcp.backend('a', 'h', 1) end",
+     "mcp.backend can only be called from mcp_config_pools"),
+    ("function mcp_config_pools() return { f = print } end\nfunction mcp_config_routes() end",
+     "unhandled data type in configuration table"),
+    ("function mcp_config_pools() return { b = mcp.backend('a', '127.0.0.1', 1) } end\n"
+     "function mcp_config_routes() end", "unhandled userdata type in configuration table"),
+    ("function mcp_config_pools() return { [true] = 1 } end\nfunction mcp_config_routes() end",
+     "configuration table keys must be strings or numbers"),
+    ("function mcp_config_pools() local t = {} for i = 1, 100 do t = { t } end return t end\n"
+     "function mcp_config_routes() end", "table recursion too deep"),
+    ("function mcp_config_pools() return {} end\n"
+     "function mcp_config_routes() mcp.attach(mcp.CMD_GET, 'x') end",
+     "Must pass a function to mcp.attach"),
+    ("function mcp_config_pools() return {} end\n"
+     "function mcp_config_routes() mcp.attach(99, print) end",
+     "mcp.attach: unknown command id 99"),
+    ("function mcp_config_pools()\n"
+     "  return mcp.pool({ mcp.backend('a', '127.0.0.1', 1) }, { filter = 'nope' }) end\n"
+     "function mcp_config_routes() end", "unknown hash filter specified: nope"),
+    ("function mcp_config_pools()\n"
+     "  return mcp.pool({ mcp.backend('a', '127.0.0.1', 1) }, { dist = {} }) end\n"
+     "function mcp_config_routes() end", "key distribution object missing 'new' function"),
+    ("function mcp_config_pools()\n"
+     "  return mcp.pool({ mcp.backend('a', '127.0.0.1', 1) },\n"
+     "    { dist = mcp.dist_ring_hash, omode = 'x' }) end\n"
+     "function mcp_config_routes() end", "ring_hash: bad omode argument"),
+    ("function mcp_config_pools() return mcp.pool({ 1 }) end\n"
+     "function mcp_config_routes() end", "mcp.pool: element 1 is not an mcp.backend"),
+    ("function mcp_config_pools() mcp.backend_failure_limit(-1) end\n"
+     "function mcp_config_routes() end", "backend_failure_limit must be >= 0"),
+    ("function mcp_config_pools() mcp.tcp_keepalive(1) end\n"
+     "function mcp_config_routes() end", "tcp_keepalive must be a boolean"),
+    ("function mcp_config_pools() mcp.add_stat(0, 'x') end\nfunction mcp_config_routes() end",
+     "stat index must be 1 or higher"),
+    ("function mcp_config_pools() mcp.add_stat(1, 'a b') end\n"
+     "function mcp_config_routes() end", "stat cannot contain spaces or newlines"),
+])
+def test_config_errors(load, text, message):
+    with pytest.raises(ConfigError) as e:
+        load(text)
+    assert message in str(e.value)
+
+
+def test_missing_file(engine, tmp_path):
+    with pytest.raises(ConfigError, match="cannot open"):
+        engine.load(str(tmp_path / "nope.lua"))
+
+
+def test_failed_load_keeps_the_active_routes(engine, load):
+    load(POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_GET, function(r) return "OLD\\r\\n" end)
+    end
+    """)
+    with pytest.raises(ConfigError):
+        load("function mcp_config_pools() error('x') end")
+    assert run(engine, b"get k\r\n") == b"OLD\r\n"
+
+
+def test_backends_with_the_same_label_are_one_object(engine, load):
+    routes = load("""
+    function mcp_config_pools()
+        local a = mcp.backend("same", "127.0.0.1", "11211")
+        local b = mcp.backend("same", "127.0.0.1", 11211)
+        local c = mcp.backend{ label = "other", host = "127.0.0.1", port = 11212,
+                               readtimeout = 0.5, failurelimit = 7 }
+        return { p = mcp.pool({ a, b, c }) }
+    end
+    function mcp_config_routes() end
+    """)
+    assert routes.backends[0] is routes.backends[1]
+    other = routes.backends[2]
+    assert (other.options.read_timeout, other.options.failure_limit) == (0.5, 7)
+    assert len(engine.registry.live) == 2
+
+
+def test_pool_called_with_keyless_request(engine, load):
+    load(POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_ANY, function(r) return p.main(r) end)
+    end
+    """)
+    FakeBackends(engine, {})
+    assert run(engine, b"get k\r\n") == b"END\r\n"
+
+
+def test_user_stats(engine, load):
+    load("""
+    function mcp_config_pools()
+        mcp.add_stat(1, "hits")
+        mcp.add_stat(3, "other")
+        return {}
+    end
+    function mcp_config_routes()
+        mcp.attach(mcp.CMD_GET, function(r)
+            mcp.stat(1, 2)
+            return "OK\\r\\n"
+        end)
+    end
+    """)
+    run(engine, b"get a\r\n")
+    run(engine, b"get b\r\n")
+    assert engine.user_stats.lines() == [("user_hits", 4), ("user_other", 0)]

@@ -1,0 +1,115 @@
+"""The pure request parser (mcp-api.md section 2.1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcproxy.protocols import request as rq
+from mcproxy.protocols.request import ParseError, parse_request
+
+
+@pytest.mark.parametrize("line, command, key, vlen", [
+    (b"get foo\r\n", rq.CMD_GET, b"foo", 0),
+    (b"gets foo\r\n", rq.CMD_GETS, b"foo", 0),
+    (b"gat 10 foo\r\n", rq.CMD_GAT, b"foo", 0),
+    (b"gats 10 foo\r\n", rq.CMD_GATS, b"foo", 0),
+    (b"set foo 1 2 3\r\n", rq.CMD_SET, b"foo", 5),
+    (b"add foo 1 2 0\r\n", rq.CMD_ADD, b"foo", 2),
+    (b"cas foo 1 2 3 99\r\n", rq.CMD_CAS, b"foo", 5),
+    (b"append foo 0 0 1\r\n", rq.CMD_APPEND, b"foo", 3),
+    (b"prepend foo 0 0 1\r\n", rq.CMD_PREPEND, b"foo", 3),
+    (b"replace foo 0 0 1\r\n", rq.CMD_REPLACE, b"foo", 3),
+    (b"incr foo 1\r\n", rq.CMD_INCR, b"foo", 0),
+    (b"decr foo 1\r\n", rq.CMD_DECR, b"foo", 0),
+    (b"touch foo 10\r\n", rq.CMD_TOUCH, b"foo", 0),
+    (b"delete foo\r\n", rq.CMD_DELETE, b"foo", 0),
+    (b"mg foo v t\r\n", rq.CMD_MG, b"foo", 0),
+    (b"ms foo 2 T10\r\n", rq.CMD_MS, b"foo", 4),
+    (b"md foo q\r\n", rq.CMD_MD, b"foo", 0),
+    (b"ma foo D5\r\n", rq.CMD_MA, b"foo", 0),
+    (b"me foo\r\n", rq.CMD_ME, b"foo", 0),
+    (b"mn\r\n", rq.CMD_MN, b"", 0),
+    (b"version\r\n", rq.CMD_VERSION, b"", 0),
+    (b"stats proxy\r\n", rq.CMD_STATS, b"", 0),
+    (b"quit\r\n", rq.CMD_QUIT, b"", 0),
+    (b"watch proxyevents\r\n", rq.CMD_WATCH, b"", 0),
+    (b"get\r\n", rq.CMD_GET, b"", 0),
+    (b"get a b c\r\n", rq.CMD_GET, b"a", 0),
+    (b"set  spaced   0 0 1\r\n", rq.CMD_SET, b"spaced", 3),
+    (b"get \x80\xff\xfe\r\n", rq.CMD_GET, b"\x80\xff\xfe", 0),
+])
+def test_commands(line, command, key, vlen):
+    req = parse_request(line)
+    assert (req.command, req.key, req.vlen) == (command, key, vlen)
+    assert req.line == line
+
+
+@pytest.mark.parametrize("line", [
+    b"", b"\r\n", b"ge\r\n", b"GET foo\r\n", b"flurb foo\r\n", b"version\n",
+    b"get foo\n", b"get foo", b"set foo 0 0\r\n", b"set foo 0 0 x\r\n",
+    b"set foo 0 0 -1\r\n", b"set foo 0 0 99999999999\r\n", b"gat 10\r\n",
+    b"ms foo\r\n", b"ms foo x\r\n", b"mg foo 1v\r\n", b"mg foo ~\r\n", b"mg\r\n",
+    b"incr\r\n", b"slabs reassign\r\n", b"lru_crawler metadump\r\n",
+])
+def test_parse_errors(line):
+    with pytest.raises(ParseError):
+        parse_request(line)
+
+
+def test_length_takes_leading_digits_like_strtol():
+    assert parse_request(b"set foo 0 0 12abc\r\n").vlen == 14
+
+
+def test_token_caps():
+    assert parse_request(b"get a b c\r\n").tokens == [b"get", b"a b c"]
+    assert parse_request(b"gat 1 a b\r\n").tokens == [b"gat", b"1", b"a b"]
+    assert parse_request(b"delete a 0 noreply x\r\n").tokens == [
+        b"delete", b"a", b"0", b"noreply x"]
+
+
+def test_noreply_is_removed_on_the_wire():
+    req = parse_request(b"set k 0 0 1 noreply\r\n")
+    req.value = b"x\r\n"
+    assert req.noreply
+    assert req.wire() == b"set k 0 0 1\r\nx\r\n"
+    req = parse_request(b"delete k noreply\r\n")
+    assert req.noreply and req.wire_line() == b"delete k\r\n"
+
+
+def test_get_never_noreply():
+    assert not parse_request(b"get noreply\r\n").noreply
+
+
+def test_meta_quiet_flags_are_removed_on_the_wire():
+    req = parse_request(b"mg qkey v q t\r\n")
+    assert req.quiet
+    assert req.wire_line() == b"mg qkey v t\r\n"
+    req = parse_request(b"ms key 2 q T1\r\n")
+    assert req.quiet and req.wire_line() == b"ms key 2 T1\r\n"
+
+
+def test_unmodified_requests_are_forwarded_byte_for_byte():
+    line = b"set  k   0 0 1\r\n"
+    assert parse_request(line).wire_line() is not None
+    assert parse_request(line).wire_line() == line
+
+
+@pytest.mark.parametrize("line, keys, prefix", [
+    (b"get a\r\n", None, b"get "),
+    (b"get a b\r\n", [b"a", b"b"], b"get "),
+    (b"get a \r\n", [b"a"], b"get "),
+    (b"gets  a  b\r\n", [b"a", b"b"], b"gets  "),
+    (b"gat 10 a b\r\n", [b"a", b"b"], b"gat 10 "),
+])
+def test_multiget(line, keys, prefix):
+    req = parse_request(line)
+    assert rq.split_multiget(req) == keys
+    assert rq.multiget_prefix(req) == prefix
+
+
+def test_command_constants_match_memcached():
+    assert rq.COMMAND_CONSTANTS["CMD_MG"] == 1
+    assert rq.COMMAND_CONSTANTS["CMD_PREPEND"] == 20
+    assert rq.COMMAND_CONSTANTS["CMD_VERSION"] == 27
+    assert rq.COMMAND_CONSTANTS["CMD_ANY"] == 36
+    assert rq.COMMAND_CONSTANTS["CMD_ANY_STORAGE"] == 37

@@ -1,0 +1,255 @@
+"""The client protocol on a StringTransport: framing, ordering, limits."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.testing import StringTransport
+
+from mcproxy import errors
+from mcproxy.protocols.request import CMD_GET, CMD_MG, CMD_SET, COMMANDS
+from mcproxy.protocols.server import MAX_CLIENT_INFLIGHT, ProxyServerProtocol
+from mcproxy.stats import ProxyStats
+
+
+class FakeEngine:
+    """Records routed requests; tests answer them by hand, in any order."""
+
+    def __init__(self, hooked=()) -> None:
+        self.hooks = set(hooked)
+        self.routed = []
+
+    def hooked(self, command):
+        return command in self.hooks
+
+    def route(self, req, done):
+        self.routed.append((req, done))
+
+
+class FakeStore:
+    def __init__(self):
+        self.seen = []
+
+    def execute(self, req):
+        self.seen.append(req)
+        return b"STORE " + req.line
+
+
+class FakeService:
+    def __init__(self, hooked=()):
+        self.engine = FakeEngine(hooked)
+        self.stats = ProxyStats()
+        self.store = FakeStore()
+        self.version_line = b"VERSION test\r\n"
+
+    def stats_reply(self, args):
+        return b"STATS " + b" ".join(args) + b"\r\nEND\r\n"
+
+
+ALL = set(COMMANDS.values())
+
+
+def connect(hooked=ALL):
+    service = FakeService(hooked)
+    proto = ProxyServerProtocol(service)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, service
+
+
+def feed(proto, *chunks):
+    for chunk in chunks:
+        proto.dataReceived(chunk)
+
+
+def answer_all(service, reply=lambda req: b"OK " + req.key + b"\r\n"):
+    """Answer what is routed now (answering may let more requests in)."""
+    routed = service.engine.routed[:]
+    del service.engine.routed[:len(routed)]
+    for req, done in routed:
+        done(reply(req))
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"get foo\r\n"],
+    [b"ge", b"t foo\r\n"],
+    [b"get foo\r", b"\n"],
+    [b"get foo", b"\r\n"],
+    [bytes([b]) for b in b"get foo\r\n"],
+])
+def test_line_split_anywhere(chunks):
+    proto, transport, service = connect()
+    feed(proto, *chunks)
+    [(req, done)] = service.engine.routed
+    assert req.line == b"get foo\r\n"
+    assert req.key == b"foo"
+    done(b"END\r\n")
+    assert transport.value() == b"END\r\n"
+
+
+@pytest.mark.parametrize("split", range(1, len(b"set k 0 0 5\r\nhello\r\n")))
+def test_payload_split_at_every_byte(split):
+    data = b"set k 0 0 5\r\nhello\r\nget k\r\n"
+    proto, transport, service = connect()
+    feed(proto, data[:split], data[split:])
+    reqs = [req for req, _ in service.engine.routed]
+    assert [r.command for r in reqs] == [CMD_SET, CMD_GET]
+    assert reqs[0].value == b"hello\r\n"
+    assert reqs[0].line == b"set k 0 0 5\r\n"
+
+
+def test_replies_in_request_order_when_answered_out_of_order():
+    proto, transport, service = connect()
+    feed(proto, b"get a\r\nget b\r\nget c\r\n")
+    routed = service.engine.routed
+    routed[2][1](b"C\r\n")
+    routed[1][1](b"B\r\n")
+    assert transport.value() == b""
+    routed[0][1](b"A\r\n")
+    assert transport.value() == b"A\r\nB\r\nC\r\n"
+
+
+def test_many_commands_in_one_chunk():
+    proto, transport, service = connect()
+    feed(proto, b"".join(b"get k%d\r\n" % i for i in range(100)))
+    answer_all(service)
+    assert transport.value() == b"".join(b"OK k%d\r\n" % i for i in range(100))
+
+
+def test_multiget_is_split_with_one_end():
+    proto, transport, service = connect()
+    feed(proto, b"get a b c\r\n")
+    reqs = [req for req, _ in service.engine.routed]
+    assert [r.line for r in reqs] == [b"get a\r\n", b"get b\r\n", b"get c\r\n"]
+    assert all(r.multiget for r in reqs)
+    answer_all(service, lambda req: b"" if req.key == b"b" else
+               b"VALUE " + req.key + b" 0 1\r\nx\r\n")
+    assert transport.value() == (b"VALUE a 0 1\r\nx\r\nVALUE c 0 1\r\nx\r\nEND\r\n")
+
+
+def test_gat_multiget_keeps_its_prefix():
+    proto, transport, service = connect()
+    feed(proto, b"gat 10 a b\r\n")
+    assert [r.line for r, _ in service.engine.routed] == [b"gat 10 a\r\n", b"gat 10 b\r\n"]
+
+
+def test_trailing_space_makes_a_multiget():
+    proto, transport, service = connect()
+    feed(proto, b"get a \r\n")
+    answer_all(service, lambda req: b"")
+    assert transport.value() == b"END\r\n"
+
+
+def test_key_too_long_in_multiget():
+    proto, transport, service = connect()
+    feed(proto, b"get a " + b"k" * 251 + b" b\r\n")
+    answer_all(service, lambda req: b"")
+    assert transport.value() == errors.KEY_TOO_LONG + b"END\r\n"
+    assert not transport.disconnecting
+
+
+def test_parse_error_keeps_connection():
+    proto, transport, service = connect()
+    feed(proto, b"flurb\r\nversion\n")
+    assert transport.value() == errors.PARSING_REQUEST * 2
+    assert not transport.disconnecting
+    assert service.stats.conn_errors == 2
+
+
+def test_request_too_long_closes():
+    proto, transport, service = connect()
+    feed(proto, b"get " + b"k" * 496 + b"\r\nget b\r\n")
+    assert transport.value() == errors.REQUEST_TOO_LONG
+    assert transport.disconnecting
+    assert service.engine.routed == []
+
+
+def test_request_too_long_waits_for_earlier_replies():
+    proto, transport, service = connect()
+    feed(proto, b"get a\r\nset " + b"k" * 490 + b" 0 0 1\r\nx\r\n")
+    assert not transport.disconnecting
+    answer_all(service)
+    assert transport.value() == b"OK a\r\n" + errors.REQUEST_TOO_LONG
+    assert transport.disconnecting
+
+
+def test_bad_data_chunk():
+    proto, transport, service = connect()
+    feed(proto, b"set k 0 0 2\r\nabcd\r\nget k\r\n")
+    # "ab" + "cd" is not CRLF: rejected, and parsing resumes after the
+    # consumed bytes, so "\r\n" is an (empty, invalid) line of its own.
+    assert transport.value().startswith(errors.BAD_DATA_CHUNK)
+    [(req, done)] = service.engine.routed
+    assert req.line == b"get k\r\n"
+
+
+def test_unterminated_line_over_1024_closes_silently():
+    proto, transport, service = connect()
+    feed(proto, b"set " + b"x" * 1100)
+    assert transport.disconnecting
+    assert transport.value() == b""
+
+
+def test_long_unterminated_multiget_is_allowed():
+    proto, transport, service = connect()
+    keys = [b"key%04d" % i for i in range(500)]
+    line = b"get " + b" ".join(keys) + b"\r\n"
+    for i in range(0, len(line), 100):
+        feed(proto, line[i:i + 100])
+    assert not transport.disconnecting
+    assert [r.key for r, _ in service.engine.routed] == keys
+
+
+def test_unhooked_commands_go_to_the_store():
+    proto, transport, service = connect(hooked={CMD_GET})
+    feed(proto, b"set k 0 0 1\r\nx\r\nget k\r\n")
+    [stored] = service.store.seen
+    assert stored.value == b"x\r\n"
+    [(req, done)] = service.engine.routed
+    done(b"END\r\n")
+    assert transport.value() == b"STORE set k 0 0 1\r\nEND\r\n"
+
+
+def test_local_commands():
+    proto, transport, service = connect(hooked=set())
+    feed(proto, b"version\r\nstats proxy\r\nmn\r\n")
+    assert transport.value() == b"VERSION test\r\nSTATS proxy\r\nEND\r\nMN\r\n"
+
+
+def test_mn_waits_for_earlier_replies():
+    proto, transport, service = connect()
+    feed(proto, b"mg a v\r\nmn\r\n")
+    assert transport.value() == b""
+    answer_all(service)
+    assert transport.value() == b"OK a\r\nMN\r\n"
+    assert [r.command for r, _ in service.engine.routed] == []
+
+
+def test_quit_closes_after_pending_replies():
+    proto, transport, service = connect()
+    feed(proto, b"get a\r\nquit\r\nget b\r\n")
+    assert not transport.disconnecting
+    answer_all(service)
+    assert transport.value() == b"OK a\r\n"
+    assert transport.disconnecting
+
+
+def test_client_gone_with_requests_in_flight():
+    proto, transport, service = connect()
+    feed(proto, b"get a\r\nset k 0 0 10\r\nabc")
+    proto.connectionLost(None)
+    answer_all(service)  # late replies are dropped quietly
+    assert transport.value() == b""
+    assert service.stats.curr_connections == 0
+
+
+def test_stops_reading_when_too_much_in_flight():
+    proto, transport, service = connect()
+    feed(proto, b"mg k v\r\n" * (MAX_CLIENT_INFLIGHT + 10))
+    assert transport.producerState == "paused"
+    assert len(service.engine.routed) == MAX_CLIENT_INFLIGHT
+    answer_all(service)
+    assert transport.producerState == "producing"
+    assert len(service.engine.routed) == 10
+    answer_all(service)
+    assert transport.value().count(b"OK k\r\n") == MAX_CLIENT_INFLIGHT + 10
+    assert all(r.command == CMD_MG for r, _ in service.engine.routed)

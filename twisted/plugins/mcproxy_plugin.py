@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+mcproxy = ServiceMaker(
+    "mcproxy",
+    "mcproxy.tap",
+    "A memcached proxy whose routes are scripted in Lua.",
+    "mcproxy",
+)
