@@ -1,4 +1,4 @@
-"""Global backend tunables set from Lua (``mcp.backend_read_timeout(s)`` ...).
+"""Global tunables set from Lua (``mcp.backend_read_timeout(s)`` ...).
 
 They persist across reloads, as in memcached: a config that stops setting
 one keeps the last value.
@@ -23,6 +23,8 @@ TUNABLE_NAMES = {
     "backend_read_timeout": ("read_timeout", "seconds"),
     "backend_failure_limit": ("failure_limit", "count"),
     "tcp_keepalive": ("keepalive", "boolean"),
+    "backend_depth_limit": ("depth_limit", "count"),
+    "active_req_limit": (None, "count"),
 }
 
 
@@ -31,6 +33,8 @@ class Tunables:
 
     def __init__(self) -> None:
         self.defaults = BackendOptions()
+        #: requests allowed inside routes at once (0: no limit)
+        self.active_req_limit = 0
 
     def set(self, name: str, value: Any) -> None:
         field, kind = TUNABLE_NAMES[name]
@@ -45,7 +49,10 @@ class Tunables:
             value = int(value)
         elif value <= 0:
             raise TunableError(f"{name} must be > 0")
-        self.defaults = replace(self.defaults, **{field: value})
+        if field is None:
+            self.active_req_limit = value
+        else:
+            self.defaults = replace(self.defaults, **{field: value})
 
     def backend_options(self, **overrides: Any) -> BackendOptions:
         """Options for a backend created now, with per-backend overrides."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from .routing import engine, load  # noqa: F401  (fixtures)
 from .servers import Memcached
 
 

@@ -28,14 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 10.0, proc=None) -> None:
-    """Block until something accepts connections on 127.0.0.1:port."""
+def wait_for_port(port: int, timeout: float = 10.0, proc=None,
+                  host: str = "127.0.0.1") -> None:
+    """Block until something accepts connections on host:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.02)
@@ -45,23 +46,25 @@ def wait_for_port(port: int, timeout: float = 10.0, proc=None) -> None:
 class Memcached:
     """A memcached process on a free loopback port."""
 
-    def __init__(self, port: int | None = None, memory_mb: int = 64) -> None:
+    def __init__(self, port: int | None = None, memory_mb: int = 64,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = port or free_port()
         self.memory_mb = memory_mb
         self.proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
 
     def start(self) -> Memcached:
-        args = [MEMCACHED, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0",
+        args = [MEMCACHED, "-l", self.host, "-p", str(self.port), "-U", "0",
                 "-m", str(self.memory_mb), "-t", "1"]
         if os.geteuid() == 0:
             args += ["-u", "root"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, proc=self.proc, host=self.host)
         return self
 
     def stop(self) -> None:
@@ -129,7 +132,7 @@ class Proxy:
     """``twistd -n mcproxy`` as a child process on a free loopback port."""
 
     def __init__(self, config: str | Path | None, *extra: str,
-                 config_text: str | None = None) -> None:
+                 config_text: str | None = None, env: dict | None = None) -> None:
         self.port = free_port()
         self.tmp = Path(tempfile.mkdtemp(prefix="mcproxy-test-"))
         if config_text is not None:
@@ -137,6 +140,7 @@ class Proxy:
             Path(config).write_text(config_text)
         self.config = config
         self.extra = extra
+        self.env = {**os.environ, **(env or {})}
         self.logfile = self.tmp / "twistd.log"
         self.proc: subprocess.Popen | None = None
 
@@ -152,7 +156,7 @@ class Proxy:
     def start(self, wait: bool = True) -> Proxy:
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT,
-                                     cwd=str(self.tmp))
+                                     cwd=str(self.tmp), env=self.env)
         if wait:
             try:
                 wait_for_port(self.port, proc=self.proc)

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 
 from mcproxy import errors
-from mcproxy.lua.engine import ConfigError, RouteEngine
-from mcproxy.pool import BackendRegistry
+from mcproxy.lua.engine import ConfigError
 from mcproxy.protocols import request as rq
-from mcproxy.protocols.request import parse_request
-from mcproxy.protocols.response import parse_response
-from mcproxy.stats import ProxyStats
-from mcproxy.tunables import Tunables
-from mcproxy.userstats import UserStats
+
+from .routing import FakeBackends, run
 
 POOLS = """
 function mcp_config_pools()
@@ -24,47 +17,6 @@ function mcp_config_pools()
     return { main = p, n = 3, flag = true, list = { "x", "y" } }
 end
 """
-
-
-@pytest.fixture
-def engine():
-    stats = ProxyStats()
-    registry = BackendRegistry(stats, reactor=MemoryReactorClock())
-    return RouteEngine(stats, registry, Tunables(), UserStats())
-
-
-@pytest.fixture
-def load(engine, tmp_path):
-    def load(text: str):
-        path = tmp_path / "route.lua"
-        path.write_text(textwrap.dedent(text))
-        return engine.load(str(path))
-    return load
-
-
-def run(engine, line: bytes, value: bytes | None = None) -> bytes:
-    req = parse_request(line)
-    req.value = value
-    out = []
-    engine.route(req, out.append)
-    [reply] = out
-    return reply
-
-
-class FakeBackends:
-    """Answers every backend request at once from a dict of replies."""
-
-    def __init__(self, engine, replies):
-        self.sent = []
-        for backend in engine.registry.live:
-            backend.send = self.sender(backend.label, replies)
-
-    def sender(self, label, replies):
-        def send(req, callback):
-            self.sent.append((label, req.wire()))
-            res, _ = parse_response(replies.get(label, b"END\r\n"))
-            callback(res)
-        return send
 
 
 def test_attach_any_storage(engine, load):

@@ -15,6 +15,7 @@ coroutine from the backend's reply callback.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from importlib.resources import files
 from time import monotonic
 
@@ -24,8 +25,8 @@ from twisted.logger import Logger
 from mcproxy import errors
 from mcproxy.lua.mcp import Host
 from mcproxy.pool import BackendRegistry
-from mcproxy.protocols.request import COMMAND_CONSTANTS, Request
-from mcproxy.protocols.response import MCMC_CODES, client_bytes
+from mcproxy.protocols.request import COMMAND_CONSTANTS, KEYLESS_COMMANDS, Request
+from mcproxy.protocols.response import MCMC_CODES, Response, client_bytes
 from mcproxy.stats import ProxyStats
 from mcproxy.tunables import Tunables
 from mcproxy.userstats import UserStats
@@ -36,6 +37,14 @@ DONE_STRING = 1
 DONE_BAD = 2
 DONE_ERROR = 3
 YIELD_POOL = 4
+YIELD_AWAIT = 5
+
+AWAIT_GOOD = 0
+AWAIT_ANY = 1
+AWAIT_OK = 2
+AWAIT_FIRST = 3
+AWAIT_FASTGOOD = 4
+AWAIT_BACKGROUND = 5
 
 #: Deepest table nesting copied from mcp_config_pools to the routes state.
 MAX_COPY_DEPTH = 64
@@ -47,12 +56,12 @@ _MCP_LUA = files("mcproxy.lua").joinpath("mcp.lua").read_bytes()
 #: Constants every config sees in ``mcp``, beyond the CMD_* ids.
 _CONSTANTS = {
     "P_OK": 0,
-    "AWAIT_GOOD": 0,
-    "AWAIT_ANY": 1,
-    "AWAIT_OK": 2,
-    "AWAIT_FIRST": 3,
-    "AWAIT_FASTGOOD": 4,
-    "AWAIT_BACKGROUND": 5,
+    "AWAIT_GOOD": AWAIT_GOOD,
+    "AWAIT_ANY": AWAIT_ANY,
+    "AWAIT_OK": AWAIT_OK,
+    "AWAIT_FIRST": AWAIT_FIRST,
+    "AWAIT_FASTGOOD": AWAIT_FASTGOOD,
+    "AWAIT_BACKGROUND": AWAIT_BACKGROUND,
     **COMMAND_CONSTANTS,
     **MCMC_CODES,
 }
@@ -125,6 +134,8 @@ class Routes:
         self.start = state.engine.start
         self.resume = state.engine.resume
         self.resume_error = state.engine.resume_error
+        self.resume_await = state.engine.resume_await
+        self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
 
     @property
@@ -133,9 +144,9 @@ class Routes:
 
 
 def load(path: str, registry: BackendRegistry, tunables: Tunables,
-         user_stats: UserStats) -> Routes:
+         user_stats: UserStats, store=None) -> Routes:
     """Load ``path`` through both phases; raise ConfigError on any failure."""
-    host = Host(path, registry, tunables, user_stats)
+    host = Host(path, registry, tunables, user_stats, store)
     config = _State(host, "config")
     config.run_file(path)
     pools = config.call("mcp_config_pools", None)
@@ -182,11 +193,12 @@ class RouteEngine:
     log = Logger()
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
-                 tunables: Tunables, user_stats: UserStats) -> None:
+                 tunables: Tunables, user_stats: UserStats, store=None) -> None:
         self.stats = stats
         self.registry = registry
         self.tunables = tunables
         self.user_stats = user_stats
+        self.store = store
         self.routes: Routes | None = None
         self._hooks: dict = {}
         self._last_error_log = 0.0
@@ -194,7 +206,7 @@ class RouteEngine:
 
     def load(self, path: str) -> Routes:
         """Load a config and make it the active one."""
-        routes = load(path, self.registry, self.tunables, self.user_stats)
+        routes = load(path, self.registry, self.tunables, self.user_stats, self.store)
         self.activate(routes)
         return routes
 
@@ -211,6 +223,10 @@ class RouteEngine:
         stats = self.stats
         stats.conn_requests += 1
         stats.commands[req.command] += 1
+        limit = self.tunables.active_req_limit
+        if limit and stats.req_active >= limit:
+            done(errors.ACTIVE_REQUEST_LIMIT)
+            return
         stats.req_active += 1
         try:
             self._advance(routes, req, done,
@@ -227,10 +243,15 @@ class RouteEngine:
 
     def _advance(self, routes: Routes, req: Request,
                  done: Callable[[bytes], None], step) -> None:
-        while step[0] == YIELD_POOL:
+        while step[0] >= YIELD_POOL:
+            if step[0] == YIELD_AWAIT:
+                step = self._await(routes, req, done, step)
+                if step is None:
+                    return
+                continue
             _, co, pool, sent = step
             try:
-                backend = pool.select(sent.key)
+                backend = _select(pool, sent)
             except ValueError as e:
                 step = routes.resume_error(co, str(e).encode())
                 continue
@@ -256,6 +277,34 @@ class RouteEngine:
             self._route_error(req, step[1])
             done(errors.LUA_FAILURE)
 
+    def _await(self, routes: Routes, req: Request, done: Callable[[bytes], None], step):
+        """Send one request to several pools; resume when enough answered.
+
+        Returns the next step when the await completes at once (background
+        mode, or an error to raise in the route), else None.
+        """
+        _, co, sent, pools, wait_for, mode = step
+        try:
+            backends = [_select(pool, sent) for pool in pools.values()]
+        except ValueError as e:
+            return routes.resume_error(co, str(e).encode())
+        if mode == AWAIT_BACKGROUND:
+            for backend in backends:
+                backend.send(sent, _ignore)
+            return routes.resume_await(co, routes.table([]))
+
+        def finish(responses: list[Response]) -> None:
+            try:
+                self._advance(routes, req, done,
+                              routes.resume_await(co, routes.table(responses)))
+            except Exception:
+                self._internal_error(req, done)
+
+        waiter = _Await(len(backends), wait_for, mode, finish)
+        for index, backend in enumerate(backends):
+            backend.send(sent, partial(waiter.arrived, index))
+        return None
+
     def _route_error(self, req: Request, message: bytes) -> None:
         """Log a route's Lua error, at most once per ERROR_LOG_INTERVAL."""
         now = monotonic()
@@ -269,3 +318,58 @@ class RouteEngine:
         self._last_error_log = now
         self._errors_unlogged = 0
 
+
+def _select(pool, req: Request):
+    """The backend of ``pool`` for ``req``; ValueError (a Lua error) if none."""
+    if req.command in KEYLESS_COMMANDS:
+        raise ValueError("cannot route commands without key")
+    return pool.select(req.key)
+
+
+def _ignore(response: Response) -> None:
+    """Callback for background requests, whose answers nobody waits for."""
+
+
+class _Await:
+    """Collects the responses of one ``mcp.await`` until it is satisfied.
+
+    Responses are kept in arrival order; those arriving after completion
+    are dropped (the backend still consumes them, so nothing leaks).
+    """
+
+    __slots__ = ("remaining", "wait_for", "mode", "finish", "results", "good", "done")
+
+    def __init__(self, total: int, wait_for: int, mode: int, finish) -> None:
+        self.remaining = total
+        if mode == AWAIT_FIRST:
+            wait_for = 1
+        self.wait_for = min(wait_for, total) if wait_for > 0 else 0
+        self.mode = mode
+        self.finish = finish
+        self.results: list[Response] = []
+        self.good = 0
+        self.done = False
+
+    def arrived(self, index: int, res: Response) -> None:
+        self.remaining -= 1
+        if self.done:
+            return
+        mode = self.mode
+        if mode == AWAIT_FIRST:
+            if index == 0:
+                self._complete([res])
+            return
+        self.results.append(res)
+        if mode == AWAIT_ANY:
+            self.good += 1
+        elif mode == AWAIT_OK or mode == AWAIT_FASTGOOD:
+            self.good += res.ok
+        else:
+            self.good += res.hit
+        if (mode == AWAIT_FASTGOOD and res.hit) or (self.wait_for and self.good >= self.wait_for) \
+                or not self.remaining:
+            self._complete(self.results)
+
+    def _complete(self, results: list[Response]) -> None:
+        self.done = True
+        self.finish(results)

@@ -26,6 +26,8 @@ local type = type
 local error = error
 local pairs = pairs
 local tostring = tostring
+local tonumber = tonumber
+local math = math
 
 -- What a step of a route tells the Python driver (mirrors engine.py).
 local DONE_RESPONSE <const> = 0
@@ -33,6 +35,10 @@ local DONE_STRING <const> = 1
 local DONE_BAD <const> = 2
 local DONE_ERROR <const> = 3
 local YIELD_POOL <const> = 4
+local YIELD_AWAIT <const> = 5
+
+local AWAIT_GOOD <const> = 0
+local AWAIT_BACKGROUND <const> = 5
 
 return function(host, phase)
     local mcp = {}
@@ -71,12 +77,94 @@ return function(host, phase)
         end
     end
 
+    -- Run a request edit in Python; refresh the cached key afterwards.
+    local function edit(r, err, key)
+        if err then
+            error(err, 3)
+        end
+        r._k = key
+    end
+
     function REQUEST:key()
         return self._k
     end
 
     function REQUEST:command()
         return self._c
+    end
+
+    function REQUEST:ltrimkey(n)
+        if math.type(n) ~= "integer" then
+            error("ltrimkey: argument must be an integer", 2)
+        end
+        edit(self, host.ltrimkey(self._r, n))
+        return n
+    end
+
+    function REQUEST:rtrimkey(n)
+        if math.type(n) ~= "integer" then
+            error("rtrimkey: argument must be an integer", 2)
+        end
+        edit(self, host.rtrimkey(self._r, n))
+        return n
+    end
+
+    function REQUEST:token(i, replacement)
+        if i == nil then
+            return nil
+        end
+        if math.type(i) ~= "integer" then
+            error("token: index must be an integer", 2)
+        end
+        if replacement == nil then
+            return host.token(self._r, i)
+        end
+        if type(replacement) ~= "string" and type(replacement) ~= "number" then
+            error("token: replacement must be a string", 2)
+        end
+        edit(self, host.set_token(self._r, i, tostring(replacement)))
+    end
+
+    function REQUEST:token_int(i)
+        if i == nil then
+            return nil
+        end
+        if math.type(i) ~= "integer" then
+            error("token_int: index must be an integer", 2)
+        end
+        local token = host.token(self._r, i)
+        return token and math.tointeger(tonumber(token))
+    end
+
+    function REQUEST:ntokens()
+        return host.ntokens(self._r)
+    end
+
+    function REQUEST:has_flag(flag)
+        local found, err = host.has_flag(self._r, flag)
+        if err then
+            error(err, 2)
+        end
+        return found
+    end
+
+    -- (false) | (true) | (true, token without the flag letter); with a
+    -- replacement the whole flag token is replaced (the old one returned).
+    function REQUEST:flag_token(flag, replacement)
+        if replacement ~= nil and type(replacement) ~= "string" then
+            error("flag_token: replacement must be a string", 2)
+        end
+        local found, value, err, key = host.flag_token(self._r, flag, replacement)
+        if err then
+            error(err, 2)
+        end
+        if replacement ~= nil and found then
+            self._k = key
+        end
+        if value == nil then
+            return found
+        end
+        return found, value
     end
 
     -- Responses ---------------------------------------------------------
@@ -87,6 +175,22 @@ return function(host, phase)
 
     function RESPONSE:hit()
         return self._hit
+    end
+
+    function RESPONSE:code()
+        return self._p.code
+    end
+
+    function RESPONSE:vlen()
+        return self._p.vlen
+    end
+
+    function RESPONSE:elapsed()
+        return self._p.elapsed
+    end
+
+    function RESPONSE:line()
+        return host.response_line(self._p)
     end
 
     local function new_response(pres, ok, hit)
@@ -157,6 +261,88 @@ return function(host, phase)
         return res
     end
 
+    function mcp.request(line, value)
+        routes_only("mcp.request")
+        if type(line) ~= "string" then
+            error("mcp.request: request line must be a string", 2)
+        end
+        local vtype = getmetatable(value)
+        if vtype == RESPONSE then
+            value = value._p
+        elseif vtype == REQUEST then
+            value = value._r
+        elseif value ~= nil and type(value) ~= "string" then
+            error("mcp.request: value must be a string, request or response", 2)
+        end
+        local preq, err = host.request(line, value)
+        if err then
+            error(err, 2)
+        end
+        return new_request(preq, preq.key, preq.command)
+    end
+
+    -- mcp.await(r, pools [, wait_for [, mode]]): send r to every pool in
+    -- the table and wait; returns the responses in arrival order.
+    function mcp.await(r, pools, wait_for, mode)
+        routes_only("mcp.await")
+        check_request(r, "mcp.await")
+        if type(pools) ~= "table" then
+            error("mcp.await must be supplied with a table of pools", 2)
+        end
+        if wait_for ~= nil and type(wait_for) ~= "number" then
+            error("mcp.await: wait_for must be a number", 2)
+        end
+        mode = mode or AWAIT_GOOD
+        if math.type(mode) ~= "integer" or mode < AWAIT_GOOD or mode > AWAIT_BACKGROUND then
+            error("invalid type argument tp mcp.await", 2)
+        end
+        local list = {}
+        for _, p in pairs(pools) do
+            if getmetatable(p) ~= POOL_PROXY then
+                error("mcp.await must be supplied with a pool", 2)
+            end
+            list[#list + 1] = p._p
+        end
+        if #list == 0 then
+            error("mcp.await arguments must have at least one pool", 2)
+        end
+        if not coroutine_isyieldable() then
+            error("mcp.await can only be called from inside a route", 2)
+        end
+        local raw, err = coroutine_yield(YIELD_AWAIT, r._r, list,
+                                         math.tointeger(wait_for) or 0, mode)
+        if err then
+            error(err, 2)
+        end
+        local results = {}
+        for i = 1, #raw do
+            local p = raw[i]
+            results[i] = new_response(p, p.ok, p.hit)
+        end
+        return results
+    end
+
+    -- Run the request against the proxy's embedded cache.
+    function mcp.internal(r)
+        routes_only("mcp.internal")
+        check_request(r, "mcp.internal")
+        local p, ok, hit = host.internal(r._r)
+        return new_response(p, ok, hit)
+    end
+
+    function mcp.log_req(r, res, detail)
+        routes_only("mcp.log_req")
+        check_request(r, "mcp.log_req")
+        host.log_req(r._r, res and res._p, detail and tostring(detail) or "")
+    end
+
+    function mcp.log_reqsample(ms, rate, allerr, r, res, detail)
+        routes_only("mcp.log_reqsample")
+        check_request(r, "mcp.log_reqsample")
+        host.log_reqsample(ms, rate, allerr, r._r, res and res._p,
+                           detail and tostring(detail) or "")
+    end
+
     local hooks = {}
     local ANY_LAST <const> = 34
     local ANY_STORAGE_LAST <const> = 20
@@ -202,11 +388,15 @@ return function(host, phase)
         host.log(tostring(msg))
     end
 
+    mcp.time_real_millis = host.time_real_millis
+    mcp.time_mono_millis = host.time_mono_millis
+
     -- Tunables ----------------------------------------------------------
 
     for _, name in pairs({ "backend_connect_timeout", "backend_retry_timeout",
                            "backend_read_timeout", "backend_failure_limit",
-                           "tcp_keepalive" }) do
+                           "tcp_keepalive", "backend_depth_limit",
+                           "active_req_limit" }) do
         mcp[name] = function(value)
             local err = host.tunable(name, value)
             if err then
@@ -218,7 +408,7 @@ return function(host, phase)
     -- Driving a route ---------------------------------------------------
 
     -- Turn what resume returned into what the Python driver needs.
-    local function step(co, ok, a, b, c)
+    local function step(co, ok, a, b, c, d, e)
         if coroutine_status(co) == "dead" then
             if not ok then
                 return DONE_ERROR, tostring(a)
@@ -231,9 +421,11 @@ return function(host, phase)
             end
             return DONE_BAD, nil
         end
-        -- suspended: a pool call (a == YIELD_POOL) or a bare yield
+        -- suspended: a pool call, an await, or a bare yield
         if a == YIELD_POOL then
             return YIELD_POOL, co, b, c
+        elseif a == YIELD_AWAIT then
+            return YIELD_AWAIT, co, b, c, d, e
         end
         return DONE_ERROR, "route yielded outside of a pool call"
     end
@@ -253,6 +445,11 @@ return function(host, phase)
         return step(co, coroutine_resume(co, nil, message))
     end
 
+    -- Resume an await with a table of Python responses.
+    local function resume_await(co, responses)
+        return step(co, coroutine_resume(co, responses))
+    end
+
     -- Used by the engine when copying mcp_config_pools' result.
     local function kind(value)
         local mt = getmetatable(value)
@@ -270,6 +467,7 @@ return function(host, phase)
         start = start,
         resume = resume,
         resume_error = resume_error,
+        resume_await = resume_await,
         kind = kind,
         pool_proxy = pool_proxy,
     }

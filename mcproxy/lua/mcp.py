@@ -9,12 +9,17 @@ line number.
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Any
 
 from twisted.logger import Logger
 
 from mcproxy.pool import BackendRegistry, Pool, PoolOptionError
+from mcproxy.protocols import request as rq
 from mcproxy.protocols.backend import BackendOptions
+from mcproxy.protocols.request import EditError, ParseError, Request, parse_request
+from mcproxy.protocols.response import MCMC_RESP_META, Response, parse_response
 from mcproxy.tunables import TunableError, Tunables
 from mcproxy.userstats import UserStatError, UserStats
 
@@ -55,11 +60,12 @@ class Host:
     logger = Logger(namespace="mcproxy.lua")
 
     def __init__(self, path: str, registry: BackendRegistry,
-                 tunables: Tunables, user_stats: UserStats) -> None:
+                 tunables: Tunables, user_stats: UserStats, store=None) -> None:
         self.path = path
         self.registry = registry
         self.tunables = tunables
         self.user_stats = user_stats
+        self.store = store
         #: backends created or reused by this load, in creation order
         self.backends: list = []
         #: stat names added by this load's mcp_config_pools: index -> name
@@ -146,10 +152,137 @@ class Host:
             return lua_error(str(e))
         return None
 
-    # -- logging and tunables --------------------------------------------------
+    # -- requests --------------------------------------------------------------
+
+    def request(self, line: bytes, value):
+        """``mcp.request(line [, value])``: a new request, validated."""
+        if isinstance(value, Response):
+            value = value.value
+        elif isinstance(value, Request):
+            value = value.value
+        if value is not None and value[-2:] != b"\r\n":
+            return None, lua_error("value passed to mcp.request must end with \\r\\n")
+        if len(line) > rq.MAX_REQUEST_LINE:
+            return None, lua_error("request length too long")
+        if line[-2:] != b"\r\n":
+            return None, lua_error("request must end with \\r\\n")
+        try:
+            req = parse_request(line)
+        except ParseError:
+            return None, lua_error("failed to parse request")
+        if req.vlen:
+            if value is None:
+                return None, lua_error("mcp.request: storage request needs a value")
+            if len(value) != req.vlen:
+                return None, lua_error("mcp.request: value length does not match the request")
+            req.value = value
+        return req, None
+
+    def token(self, req: Request, index: int):
+        tokens = req.tokens
+        if 1 <= index <= len(tokens):
+            return tokens[index - 1]
+        return None
+
+    def ntokens(self, req: Request) -> int:
+        return len(req.tokens)
+
+    def set_token(self, req: Request, index: int, token: bytes):
+        try:
+            rq.set_token(req, index, token)
+        except EditError as e:
+            return lua_error(str(e)), None
+        return None, req.key
+
+    def ltrimkey(self, req: Request, count: int):
+        return self._trim(req, count, True)
+
+    def rtrimkey(self, req: Request, count: int):
+        return self._trim(req, count, False)
+
+    def _trim(self, req: Request, count: int, left: bool):
+        try:
+            rq.trim_key(req, count, left)
+        except EditError as e:
+            return lua_error(str(e)), None
+        return None, req.key
+
+    def has_flag(self, req: Request, flag):
+        if not isinstance(flag, bytes):
+            return None, lua_error("has_flag(): meta flag must be a single character")
+        try:
+            return rq.find_flag(req, flag) is not None, None
+        except EditError as e:
+            return None, lua_error(str(e))
+
+    def flag_token(self, req: Request, flag, replacement):
+        """(found, value after the flag letter or None, error, key)."""
+        if not isinstance(flag, bytes):
+            return None, None, lua_error("has_flag(): meta flag must be a single character"), None
+        try:
+            index = rq.find_flag(req, flag)
+            if index is None:
+                return False, None, None, req.key
+            token = req.tokens[index]
+            if replacement is not None:
+                rq.set_token(req, index + 1, replacement)
+        except EditError as e:
+            return None, None, lua_error(str(e)), None
+        return True, token[1:] or None, None, req.key
+
+    # -- responses ---------------------------------------------------------------
+
+    def response_line(self, res: Response):
+        """``res:line()``: a meta reply's flags, else the line without CRLF."""
+        if not res.ok:
+            return None
+        line = res.line[:-2]
+        if res.type == MCMC_RESP_META:
+            skip = 2 if line[:2] == b"VA" else 1
+            parts = line.split(b" ", skip)
+            return parts[skip] if len(parts) > skip else None
+        return line
+
+    def internal(self, req: Request):
+        """``mcp.internal(r)``: run the request against the embedded cache."""
+        if self.store is None:
+            res = Response.failure("nocache")
+            return res, False, False
+        clean = parse_request(req.wire_line())
+        clean.value = req.value
+        parsed = parse_response(self.store.execute(clean))
+        res = parsed[0] if parsed else Response.failure("parsing")
+        return res, res.ok, res.hit
+
+    # -- logging, time and tunables ------------------------------------------------
 
     def log(self, message: bytes) -> None:
         self.logger.info("{msg}", msg=text(message), type="proxy_user")
+
+    def log_req(self, req: Request, res: Response | None, detail: bytes) -> None:
+        """An event for ``watch proxyreqs`` (memcached's proxy_req)."""
+        self.logger.info(
+            "proxy_req {command} key={key!r} status={status} elapsed={elapsed} {detail}",
+            type="proxy_req", command=rq.COMMAND_NAMES.get(req.command, "?"),
+            key=req.key, status=_status(res), elapsed=res.elapsed if res else 0,
+            code=res.code if res else 0, detail=text(detail))
+
+    def log_reqsample(self, ms, rate, allerr, req: Request, res: Response | None,
+                      detail: bytes) -> None:
+        """Log slow requests, a 1-in-``rate`` sample, and (``allerr``) errors."""
+        slow = res is not None and ms and res.elapsed >= ms * 1000
+        sampled = rate and rate > 0 and random.random() * rate < 1
+        failed = allerr and (res is None or not res.ok)
+        if slow or sampled or failed:
+            self.log_req(req, res, detail)
+
+    @staticmethod
+    def time_real_millis() -> int:
+        return int(time.time() * 1000)
+
+    @staticmethod
+    def time_mono_millis() -> int:
+        return int(time.monotonic() * 1000)
 
     def tunable(self, name: bytes, value):
         try:
@@ -158,3 +291,8 @@ class Host:
             return lua_error(str(e))
         return None
 
+
+def _status(res: Response | None) -> str:
+    if res is None:
+        return "none"
+    return "ok" if res.ok else (res.reason or "error")

@@ -256,3 +256,82 @@ def multiget_prefix(req: Request) -> bytes:
     """The bytes before the first key (``b"get "``, ``b"gat 10 "``)."""
     keys_token = req.tokens[-1]
     return req.line[: len(req.line) - 2 - len(keys_token)]
+
+
+# -- Edits made by routes (r:token(i, s), r:ltrimkey(n) ...) -------------------
+
+class EditError(ValueError):
+    """A route's edit would leave the request malformed; the text is the Lua error."""
+
+
+def key_index(req: Request) -> int:
+    """0-based index of the key token (gat/gats carry the exptime first)."""
+    return 2 if req.command in (CMD_GAT, CMD_GATS) else 1
+
+
+def _first_flag(req: Request) -> int:
+    return 3 if req.command == CMD_MS else key_index(req) + 1
+
+
+def _rerender(req: Request, tokens: list[bytes]) -> None:
+    """Re-parse ``req`` from edited tokens, keeping its payload.
+
+    As in memcached, the payload and its length stay what they were: an
+    edit can change the command line, never make the proxy send bytes the
+    client did not send.
+    """
+    line = b" ".join(t for t in tokens if t) + b"\r\n"
+    if len(line) >= MAX_REQUEST_LINE:
+        raise EditError("token(): request malformed after edit")
+    try:
+        edited = parse_request(line)
+    except ParseError:
+        raise EditError("token(): request malformed after edit") from None
+    req.command = edited.command
+    req.line = edited.line
+    req.tokens = edited.tokens
+    req.key = edited.key
+    req.noreply = edited.noreply
+    req.quiet = edited.quiet
+
+
+def set_token(req: Request, index: int, token: bytes) -> None:
+    """Replace token ``index`` (1-based); an empty token removes it."""
+    if index < 1 or index > len(req.tokens):
+        raise EditError("token(): index out of range")
+    tokens = list(req.tokens)
+    tokens[index - 1] = token
+    _rerender(req, tokens)
+
+
+def trim_key(req: Request, count: int, left: bool) -> None:
+    """Drop ``count`` bytes from the start (left) or end of the key."""
+    side = "ltrimkey" if left else "rtrimkey"
+    if count < 0 or count > len(req.key):
+        raise EditError(f"{side} cannot zero out key")
+    index = key_index(req)
+    key = req.key[count:] if left else req.key[: len(req.key) - count]
+    tokens = list(req.tokens)
+    tokens[index] = key
+    req.key = key
+    req.tokens = tokens
+    req.line = b" ".join(tokens) + b"\r\n"
+
+
+def check_flag(flag: bytes) -> int:
+    """The byte of a one-letter meta flag, as has_flag() validates it."""
+    if len(flag) != 1:
+        raise EditError("has_flag(): meta flag must be a single character")
+    if not 65 <= flag[0] <= 122:
+        raise EditError("has_flag(): invalid flag, must be A-Z,a-z")
+    return flag[0]
+
+
+def find_flag(req: Request, flag: bytes) -> int | None:
+    """Index of the first flag token starting with ``flag``, or None."""
+    letter = check_flag(flag)
+    tokens = req.tokens
+    for index in range(_first_flag(req), len(tokens)):
+        if tokens[index][:1] and tokens[index][0] == letter:
+            return index
+    return None
