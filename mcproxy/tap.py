@@ -10,10 +10,7 @@ from twisted.python import usage
 from mcproxy.lua.engine import ConfigError
 from mcproxy.service import ProxyService
 
-try:  # TEMPORARY until store.py lands
-    from mcproxy.store import Store
-except ImportError:
-    Store = None
+from mcproxy.store import Store
 
 DEFAULT_LISTEN = "tcp:11211"
 
@@ -64,7 +61,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> ProxyService:
     """Build the service; a config that fails to load stops twistd."""
     config = options["config"]
-    store = Store(memory_limit=options["memory"] * 2**20) if Store else None
+    store = Store(memory_limit=options["memory"] * 2**20)
     service = ProxyService(os.path.abspath(config) if config else None,
                            options["listen"], store=store)
     try:
