@@ -9,7 +9,6 @@ from twisted.python import usage
 
 from mcproxy.lua.engine import ConfigError
 from mcproxy.service import ProxyService
-
 from mcproxy.store import Store
 
 DEFAULT_LISTEN = "tcp:11211"

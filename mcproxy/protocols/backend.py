@@ -47,6 +47,7 @@ from mcproxy.protocols.response import (
     Response,
     ResponseReader,
 )
+from mcproxy.protocols.writes import batch, send, tcp_socket
 from mcproxy.stats import ProxyStats
 
 #: Called once per request with its response.
@@ -113,13 +114,13 @@ class BackendProtocol(Protocol):
         self.reader = ResponseReader()
         #: fired when a connection abandoned by Backend.close() is gone
         self.on_lost: Deferred | None = None
-        self._write: Callable[[bytes], None] | None = None
-        self._write_sequence: Callable[[Any], None] | None = None
+        self._out: list[bytes] = []
+        self._batched = False
+        self._socket = None
 
     def connectionMade(self) -> None:
         transport = self.transport
-        self._write = transport.write
-        self._write_sequence = transport.writeSequence
+        self._socket = tcp_socket(transport)
         backend = self.backend
         if backend is None or backend._factory is not self.factory:
             self.backend = None
@@ -131,12 +132,27 @@ class BackendProtocol(Protocol):
         backend._connection_made(self)
 
     def write_request(self, req: Request) -> None:
-        """Write one request: its wire line, then its payload if it has one."""
-        value = req.value
-        if value is None:
-            self._write(req.wire_line())
+        """Write one request: its wire line, then its payload if it has one.
+
+        Requests made in one batch leave in one send (see writes.py).
+        """
+        out = self._out
+        out.append(req.wire_line())
+        if req.value is not None:
+            out.append(req.value)
+        if batch.depth:
+            if not self._batched:
+                self._batched = True
+                batch.pending.append(self)
         else:
-            self._write_sequence((req.wire_line(), value))
+            self.write_pending()
+
+    def write_pending(self) -> None:
+        self._batched = False
+        out = self._out
+        if out and self.backend is not None:
+            self._out = []
+            send(self.transport, self._socket, out)
 
     def dataReceived(self, data: bytes) -> None:
         backend = self.backend
@@ -148,6 +164,14 @@ class BackendProtocol(Protocol):
         if self.validating:
             self._validation_reply(backend)
             return
+        batch.open()
+        try:
+            self._answer(backend, reader)
+        finally:
+            batch.close()
+
+    def _answer(self, backend: Backend, reader: ResponseReader) -> None:
+        """Hand every complete reply to the request waiting for it."""
         queue = self.queue
         now = 0.0
         while queue:

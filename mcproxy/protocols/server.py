@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -36,6 +36,7 @@ from mcproxy.protocols.request import (
     parse_request,
     split_multiget,
 )
+from mcproxy.protocols.writes import batch, send, tcp_socket
 
 if TYPE_CHECKING:
     from mcproxy.service import ProxyService
@@ -97,13 +98,17 @@ class ProxyServerProtocol(LineReceiver):
         self._writing_paused = False
         self._closing = False
         self._gone = False
+        self._out: list[bytes] = []
+        self._batched = False
+        self._socket = None
 
     # -- connection lifecycle -----------------------------------------------
 
     def connectionMade(self) -> None:
         self.stats.curr_connections += 1
         self.stats.total_connections += 1
-        if ITCPTransport.providedBy(self.transport):
+        self._socket = tcp_socket(self.transport)
+        if self._socket is not None:
             self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
 
@@ -132,7 +137,11 @@ class ProxyServerProtocol(LineReceiver):
             self._buffer += data
             data = bytes(self._buffer)
             self._buffer.clear()
-        self._process(data)
+        batch.open()
+        try:
+            self._process(data)
+        finally:
+            batch.close()
 
     def _process(self, data: bytes) -> None:
         pos = 0
@@ -261,21 +270,38 @@ class ProxyServerProtocol(LineReceiver):
         self.flush()
 
     def flush(self) -> None:
-        """Write every completed reply at the head of the queue."""
-        slots = self._slots
-        if not slots or slots[0].data is None or self._gone:
+        """Move every completed reply at the head of the queue to the output;
+        write it now, or when the open reply batch closes."""
+        if self._gone:
             return
-        out = []
+        slots = self._slots
+        out = self._out
         while slots and slots[0].data is not None:
             data = slots.popleft().data
             if data:
                 out.append(data)
+        if batch.depth:
+            if not self._batched:
+                self._batched = True
+                batch.pending.append(self)
+        else:
+            self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write the collected replies in one send; hang up or resume
+        reading if that was waiting for them."""
+        self._batched = False
+        if self._gone:
+            return
+        out = self._out
         if out:
-            self.transport.writeSequence(out)
-        if self._closing and not slots:
-            self.transport.loseConnection()
+            self._out = []
+            send(self.transport, self._socket, out)
+        if self._closing:
+            if not self._slots:
+                self.transport.loseConnection()
         elif self._reading_paused and not self._writing_paused \
-                and len(slots) < MAX_CLIENT_INFLIGHT // 2:
+                and len(self._slots) < MAX_CLIENT_INFLIGHT // 2:
             self._resume_reading()
 
     def _close_after_replies(self) -> None:

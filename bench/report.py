@@ -1,0 +1,214 @@
+"""Medians, ratios, targets, and the table, JSON and chart made from them."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+SYSTEMS = ("direct", "nutcracker", "mcproxy")
+PROXIES = ("nutcracker", "mcproxy")
+
+#: Target for mcproxy / nutcracker proxy CPU per request, by workload.
+CPU_TARGETS = {"a": 1.3, "b": 1.0, "c": 1.0}
+#: Target for workload (d): mcproxy's added p50 over direct memcached, as a
+#: multiple of nutcracker's.
+LATENCY_WORKLOAD = "d"
+LATENCY_TARGET = 1.2
+
+FIGURES = {
+    "throughput": lambda s: s["throughput"],
+    "p50_us": lambda s: s["latency_us"]["p50"],
+    "p99_us": lambda s: s["latency_us"]["p99"],
+    "p999_us": lambda s: s["latency_us"]["p999"],
+    "proxy_cpu_us": lambda s: s["proxy_cpu_us"],
+    "memcached_cpu_us": lambda s: s["memcached_cpu_us"],
+    "loadgen_cpu_us": lambda s: s["loadgen_cpu_us"],
+    "background_cpu_pct": lambda s: s["background_cpu_pct"],
+}
+COLORS = {"direct": "tab:blue", "nutcracker": "tab:orange", "mcproxy": "tab:green"}
+#: Median share of the machine's CPU used by other processes above which the
+#: figures are flagged as noisy.
+BACKGROUND_WARNING_PCT = 10
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(samples: list[dict]) -> dict | None:
+    """Medians over rounds, and error/miss totals (which should be zero)."""
+    if not samples:
+        return None
+    summary = {name: _median([get(s) for s in samples]) for name, get in FIGURES.items()}
+    summary["rounds"] = len(samples)
+    summary["requests"] = sum(s["total_requests"] for s in samples)
+    summary["errors"] = sum(s["total_errors"] for s in samples)
+    summary["misses"] = sum(s["total_misses"] for s in samples)
+    summary["closed_conns"] = sum(s["closed_conns"] for s in samples)
+    return summary
+
+
+def _valid(summary: dict | None) -> bool:
+    return bool(summary) and not (summary["errors"] or summary["misses"]
+                                  or summary["closed_conns"])
+
+
+def added_p50(samples: dict[str, list[dict]], system: str) -> float | None:
+    """Median over rounds of the system's p50 minus direct memcached's, same round."""
+    direct = {s["round"]: s["latency_us"]["p50"] for s in samples.get("direct", [])}
+    return _median([s["latency_us"]["p50"] - direct[s["round"]]
+                    for s in samples.get(system, []) if s["round"] in direct])
+
+
+def analyse(workload: str, samples: dict[str, list[dict]]) -> dict:
+    """Medians per system, mcproxy/nutcracker ratios and the target verdict."""
+    medians = {name: summarize(samples.get(name, [])) for name in SYSTEMS}
+    mc, nc = medians["mcproxy"], medians["nutcracker"]
+    ratios = {name: _ratio(mc and mc[name], nc and nc[name])
+              for name in ("throughput", "p50_us", "p99_us", "proxy_cpu_us")}
+    result = {"median": medians, "ratios": ratios}
+    if workload in CPU_TARGETS:
+        target = {"figure": "proxy_cpu_us ratio", "limit": CPU_TARGETS[workload],
+                  "value": ratios["proxy_cpu_us"]}
+    elif workload == LATENCY_WORKLOAD:
+        added = {name: added_p50(samples, name) for name in PROXIES}
+        result["added_p50_us"] = added
+        target = {"figure": "added p50 ratio", "limit": LATENCY_TARGET,
+                  "value": _ratio(added["mcproxy"], added["nutcracker"])}
+    else:
+        return result
+    if target["value"] is None:
+        target["verdict"] = "n/a"
+    elif not (_valid(mc) and _valid(nc)):
+        target["verdict"] = "INVALID"
+    else:
+        target["verdict"] = "PASS" if target["value"] <= target["limit"] else "FAIL"
+    result["target"] = target
+    return result
+
+
+# -- text ---------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = ",.1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    settings = report["settings"]
+    lines.append(
+        f"{settings['rounds']} round(s) x {settings['duration_s']} s per workload and "
+        f"system, medians; proxy/memcached CPU = user+sys us per request "
+        f"({report['machine']['cpus']} CPUs)")
+    header = (f"  {'system':<11}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}"
+              f"{'proxy cpu':>11}{'mc cpu':>9}  errors")
+    for name, wl in report["workloads"].items():
+        lines += ["", f"({name}) {wl['title']}", header]
+        for system in SYSTEMS:
+            if system not in report["systems"]:
+                continue
+            m = wl["median"][system]
+            if m is None:
+                error = report["systems"][system].get("error") or "no samples"
+                lines.append(f"  {system:<11}missing: {error[:150]}")
+                continue
+            bad = "" if _valid(m) else "  <- INVALID"
+            lines.append(
+                f"  {system:<11}{_fmt(m['throughput'], ',.0f'):>10}{_fmt(m['p50_us']):>10}"
+                f"{_fmt(m['p99_us']):>10}{_fmt(m['p999_us']):>10}"
+                f"{_fmt(m['proxy_cpu_us'], '.2f'):>11}{_fmt(m['memcached_cpu_us'], '.2f'):>9}"
+                f"  {m['errors']}e/{m['misses']}m{bad}")
+        r = wl["ratios"]
+        lines.append(
+            f"  mcproxy/nutcracker: req/s {_fmt(r['throughput'], '.2f')}, "
+            f"p50 {_fmt(r['p50_us'], '.2f')}, p99 {_fmt(r['p99_us'], '.2f')}, "
+            f"proxy cpu {_fmt(r['proxy_cpu_us'], '.2f')}")
+        if "added_p50_us" in wl:
+            added = wl["added_p50_us"]
+            lines.append(f"  added p50 over direct: nutcracker {_fmt(added['nutcracker'])} us, "
+                         f"mcproxy {_fmt(added['mcproxy'])} us")
+    background = [s["background_cpu_pct"] for wl in report["workloads"].values()
+                  for runs in wl["samples"].values() for s in runs]
+    if background:
+        lines += ["", f"Other processes used {statistics.median(background):.0f}% (median), "
+                      f"{max(background):.0f}% (max) of the machine's CPU during runs."]
+        if statistics.median(background) > BACKGROUND_WARNING_PCT:
+            lines.append("  WARNING: the machine was not quiet; figures are noisy.")
+    lines += ["", "Targets (mcproxy / nutcracker, same run)"]
+    for name, wl in report["workloads"].items():
+        t = wl.get("target")
+        if t:
+            lines.append(f"  ({name}) {t['figure']:<20} {_fmt(t['value'], '.2f'):>6} "
+                         f"<= {t['limit']:.2f}  {t['verdict']}")
+    if report.get("memory"):
+        lines += ["", "Memory (VmRSS, summed over the proxy's processes)",
+                  f"  {'system':<11}{'idle MiB':>10}{'+idle conns MiB':>17}"
+                  f"{'per conn KiB':>14}{'per in-flight req B':>21}"]
+        for system, mem in report["memory"].items():
+            if "error" in mem:
+                lines.append(f"  {system:<11}error: {mem['error'][:150]}")
+                continue
+            idle, inflight = mem.get("idle", {}), mem.get("inflight", {})
+            per_conn = idle.get("bytes_per_connection")
+            lines.append(
+                f"  {system:<11}{_fmt(idle.get('rss_before_bytes', 0) / 2**20):>10}"
+                f"{_fmt(idle.get('rss_bytes', 0) / 2**20):>17}"
+                f"{_fmt(per_conn and per_conn / 1024, '.2f'):>14}"
+                f"{_fmt(inflight.get('bytes_per_request'), ',.0f'):>21}")
+            for part in (idle, inflight):
+                if part.get("note") or part.get("error"):
+                    lines.append(f"  {'':<11}note: {part.get('note') or part.get('error')}")
+        lines.append(f"  ({report['settings']['idle_conns']} idle connections; "
+                     f"{report['settings']['inflight_requests']} gets held in flight)")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+# -- chart --------------------------------------------------------------------
+
+
+def write_chart(report: dict, path: Path) -> bool:
+    """Bar charts of the medians; False if matplotlib is not available."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    workloads = list(report["workloads"])
+    panels = [("throughput", "requests/s", SYSTEMS), ("p50_us", "p50 latency (us)", SYSTEMS),
+              ("p99_us", "p99 latency (us)", SYSTEMS),
+              ("proxy_cpu_us", "proxy CPU per request (us)", PROXIES)]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    width = 0.8 / len(SYSTEMS)
+    for ax, (figure, label, systems) in zip(axes.flat, panels, strict=True):
+        for i, system in enumerate(systems):
+            values = []
+            for name in workloads:
+                m = report["workloads"][name]["median"][system]
+                values.append(m[figure] if m and m[figure] else math.nan)
+            ax.bar([x + i * width for x in range(len(workloads))], values, width,
+                   label=system, color=COLORS[system])
+        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(workloads))])
+        ax.set_xticklabels([f"({w})" for w in workloads])
+        ax.set_ylabel(label)
+        if figure != "throughput":
+            ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    fig.suptitle("memcached direct vs nutcracker vs mcproxy (medians over rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,388 @@
+"""Benchmark mcproxy against nutcracker and memcached itself: ``python bench/run.py``.
+
+Starts one memcached, nutcracker in front of it and mcproxy in front of it
+(bench/route.lua), all on loopback, and runs the same load from
+bench/loadgen.c against each, alternating the systems within every round.
+Prints a table, writes bench/results/results.json and chart.png. See
+bench/README.md for what the figures mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import memory
+import report
+from systems import (
+    BENCH_DIR,
+    REPO_DIR,
+    Cluster,
+    System,
+    SystemUnavailable,
+    cpu_seconds,
+    machine_busy_seconds,
+)
+
+#: Debian packages providing what the benchmark runs, by the file that shows
+#: the package is installed.
+PACKAGES = {
+    "memcached": "memcached",
+    "nutcracker": "nutcracker",
+    "gcc": "gcc",
+    "/usr/include/stdio.h": "libc6-dev",
+}
+SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+STARTED = time.monotonic()
+DRAIN_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One load shape, as loadgen options."""
+
+    name: str
+    title: str
+    conns: int
+    depth: int
+    multiget: int = 1
+    get_ratio: float = 0.9
+    value_size: int = 100
+
+    def loadgen_args(self) -> list[str]:
+        return ["--conns", str(self.conns), "--depth", str(self.depth),
+                "--multiget", str(self.multiget), "--get-ratio", str(self.get_ratio),
+                "--value-size", str(self.value_size)]
+
+
+WORKLOADS = {
+    "a": Workload("a", "90% get / 10% set, 100 B values, 50 conns x 1 in flight", 50, 1),
+    "b": Workload("b", "as (a), 16 in flight per connection (pipelined)", 50, 16),
+    "c": Workload("c", "as (a), gets are 10-key multigets", 50, 1, multiget=10),
+    "d": Workload("d", "latency: 1 connection, 1 request at a time", 1, 1),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run of about a minute: 1 round of 2 s (overridable)")
+    p.add_argument("--rounds", type=int, help="rounds of every workload (5; quick: 1)")
+    p.add_argument("--duration", type=float, help="measured seconds per run (5; quick: 2)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before (1; quick: 0.5)")
+    p.add_argument("--workloads", default="abcd", help="subset of abcd (default: all)")
+    p.add_argument("--systems", default=",".join(report.SYSTEMS),
+                   help="comma-separated subset of direct,nutcracker,mcproxy")
+    p.add_argument("--keys", type=int, default=10000, help="key space (default 10000)")
+    p.add_argument("--idle-conns", type=int, default=10000,
+                   help="idle connections for the RSS test (default 10000)")
+    p.add_argument("--inflight-conns", type=int, default=100,
+                   help="connections for the in-flight RSS test (default 100)")
+    p.add_argument("--inflight-depth", type=int, default=100,
+                   help="gets held per connection in the in-flight RSS test (default 100)")
+    p.add_argument("--no-memory", action="store_true", help="skip the RSS tests")
+    p.add_argument("--memcached-threads", type=int, default=1,
+                   help="memcached worker threads (default 1)")
+    p.add_argument("--mcproxy-start-timeout", type=float, default=20)
+    p.add_argument("--no-install", action="store_true",
+                   help="never apt-get/pip install; fail if something is missing")
+    p.add_argument("--output", type=Path, default=BENCH_DIR / "results")
+    args = p.parse_args(argv)
+    quick = {"rounds": 1, "duration": 2.0, "warmup": 0.5}
+    full = {"rounds": 5, "duration": 5.0, "warmup": 1.0}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.workloads = [WORKLOADS[w] for w in args.workloads if w in WORKLOADS]
+    args.systems = [s for s in report.SYSTEMS if s in args.systems.split(",")]
+    if not args.workloads or not args.systems or args.rounds < 1:
+        p.error("nothing to run")
+    return args
+
+
+def children_cpu_seconds() -> float:
+    """User+system CPU of this process's reaped children (the loadgen runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def log(message: str) -> None:
+    elapsed = time.monotonic() - STARTED
+    print(f"[{elapsed // 60:02.0f}:{elapsed % 60:02.0f}] {message}", file=sys.stderr, flush=True)
+
+
+# -- setup --------------------------------------------------------------------
+
+
+def ensure_tools(install: bool) -> None:
+    """apt-get install the Debian packages that are missing (as root)."""
+    os.environ["PATH"] = f"{os.environ.get('PATH', '')}:{SBIN_PATH}"
+    missing = [pkg for tool, pkg in PACKAGES.items()
+               if not (os.path.exists(tool) if tool.startswith("/") else shutil.which(tool))]
+    if not missing:
+        return
+    if not install or os.geteuid() != 0:
+        sys.exit(f"missing: {' '.join(missing)} (apt-get install {' '.join(missing)})")
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+                   check=True, env=env, timeout=900)
+    # Debian's service starts memcached on port 11211; we run our own.
+
+
+def ensure_matplotlib(install: bool) -> None:
+    if importlib.util.find_spec("matplotlib") or not install:
+        return
+    log("installing matplotlib with pip (for the chart)")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"],
+                            timeout=600)
+    if result.returncode:
+        log("pip install matplotlib failed: no chart")
+
+
+def build_loadgen() -> Path:
+    """Compile bench/loadgen.c into bench/build/ (git-ignored) when it changed."""
+    source = BENCH_DIR / "loadgen.c"
+    binary = BENCH_DIR / "build" / "loadgen"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        binary.parent.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source),
+                        "-lm"], check=True, timeout=120)
+    return binary
+
+
+def describe_machine() -> dict:
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        lines = (out.stdout or out.stderr).strip().splitlines()
+        return lines[0] if lines and out.returncode == 0 else "unknown"
+
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "memcached": first_line(["memcached", "-V"]),
+        "nutcracker": first_line(["nutcracker", "-V"]),
+        "mcproxy_commit": first_line(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"]),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+# -- measuring ----------------------------------------------------------------
+
+
+def run_loadgen(loadgen: Path, port: int, extra: list[str], timeout: float) -> dict:
+    argv = [str(loadgen), "--port", str(port), "--drain-timeout", str(DRAIN_TIMEOUT),
+            "--connect-timeout", str(CONNECT_TIMEOUT), *extra]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemUnavailable("the load generator did not finish in time") from None
+    if out.returncode == 2:
+        raise SystemUnavailable(json.loads(out.stdout)["error"])
+    if out.returncode:
+        raise RuntimeError(f"loadgen failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def populate(loadgen: Path, memcached: System, keys: int) -> None:
+    """Store every key once, directly in memcached, and check it worked."""
+    result = run_loadgen(loadgen, memcached.port,
+                         ["--populate", "--conns", "1", "--depth", "64",
+                          "--keys", str(keys), "--duration", "60"], timeout=90)
+    if result["total_requests"] != keys or result["total_errors"]:
+        raise SystemUnavailable(f"populating memcached failed: {result}")
+
+
+def measure(system: System, workload: Workload, memcached: System, loadgen: Path,
+            args: argparse.Namespace, round_no: int) -> dict:
+    """One run, with CPU sampled around the whole loadgen process.
+
+    Besides the proxy's and memcached's CPU per request, it records the load
+    generator's and how busy the rest of the machine was (other processes
+    make the figures noisy on two cores).
+    """
+    proxy = system.process
+    start = {"proxy": cpu_seconds(proxy.pid) if proxy else 0.0,
+             "memcached": cpu_seconds(memcached.pid), "loadgen": children_cpu_seconds(),
+             "machine": machine_busy_seconds(), "wall": time.monotonic()}
+    extra = [*workload.loadgen_args(), "--keys", str(args.keys),
+             "--duration", str(args.duration), "--warmup", str(args.warmup),
+             "--seed", str(round_no)]
+    timeout = args.warmup + args.duration + DRAIN_TIMEOUT + CONNECT_TIMEOUT + 15
+    sample = run_loadgen(loadgen, system.port, extra, timeout)
+    time.sleep(0.1)  # the proxy's work on the closing connections belongs to this run
+    if proxy and proxy.poll() is not None:
+        raise SystemUnavailable(f"exited with status {proxy.returncode} during a run")
+    used = {"proxy": cpu_seconds(proxy.pid) - start["proxy"] if proxy else 0.0,
+            "memcached": cpu_seconds(memcached.pid) - start["memcached"],
+            "loadgen": children_cpu_seconds() - start["loadgen"]}
+    other = machine_busy_seconds() - start["machine"] - sum(used.values())
+    wall = time.monotonic() - start["wall"]
+    requests = sample["total_requests"]
+    if not requests:
+        raise SystemUnavailable("no request was answered")
+    sample["round"] = round_no
+    sample["proxy_cpu_us"] = used["proxy"] * 1e6 / requests if proxy else None
+    sample["memcached_cpu_us"] = used["memcached"] * 1e6 / requests
+    sample["loadgen_cpu_us"] = used["loadgen"] * 1e6 / requests
+    sample["background_cpu_pct"] = max(0.0, other) * 100 / (wall * (os.cpu_count() or 1))
+    return sample
+
+
+def run_rounds(systems: list[System], memcached: System, loadgen: Path,
+               args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
+    """Every workload on every system, rotating the system order each round."""
+    samples = {w.name: {s.name: [] for s in systems} for w in args.workloads}
+    for round_no in range(1, args.rounds + 1):
+        shift = (round_no - 1) % len(systems)
+        order = systems[shift:] + systems[:shift]
+        for workload in args.workloads:
+            for system in order:
+                if not system.available:
+                    continue
+                try:
+                    sample = measure(system, workload, memcached, loadgen, args, round_no)
+                except SystemUnavailable as e:
+                    system.error = f"({workload.name}) round {round_no}: {e}"
+                    log(f"  {system.name} is out of the run: {system.error}")
+                    continue
+                samples[workload.name][system.name].append(sample)
+                cpu = sample["proxy_cpu_us"]
+                log(f"  round {round_no}/{args.rounds} ({workload.name}) {system.name:<10} "
+                    f"{sample['throughput']:>10,.0f} req/s  "
+                    f"p50 {sample['latency_us']['p50']:>8.1f} us  "
+                    f"p99 {sample['latency_us']['p99']:>8.1f} us  "
+                    f"proxy {'-' if cpu is None else f'{cpu:.2f}'} us/req  "
+                    f"errors {sample['total_errors']}  misses {sample['total_misses']}")
+    return samples
+
+
+def measure_memory(proxies: list[System], memcached: System,
+                   args: argparse.Namespace) -> dict:
+    results = {}
+    for system in proxies:
+        if not system.available:
+            results[system.name] = {"error": system.error}
+            continue
+        try:
+            log(f"  memory: {system.name}: {args.idle_conns} idle connections")
+            idle = memory.idle_connections(system, args.idle_conns)
+            log(f"  memory: {system.name}: "
+                f"{args.inflight_conns * args.inflight_depth} gets in flight")
+            inflight = memory.inflight_requests(system, memcached, args.inflight_conns,
+                                                args.inflight_depth)
+        except OSError as e:
+            results[system.name] = {"error": f"memory test failed: {e}"}
+            continue
+        results[system.name] = {"idle": idle, "inflight": inflight}
+    return results
+
+
+def estimated_seconds(args: argparse.Namespace) -> float:
+    runs = args.rounds * len(args.workloads) * len(args.systems)
+    memory_s = 0 if args.no_memory else 20 * sum(s != "direct" for s in args.systems)
+    return runs * (args.warmup + args.duration + 0.5) + memory_s + 20
+
+
+# -- main ---------------------------------------------------------------------
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise TimeoutError("the benchmark went over its time limit")
+
+
+def _on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ensure_tools(install=not args.no_install)
+    ensure_matplotlib(install=not args.no_install)
+    loadgen = build_loadgen()
+    memory.raise_nofile(args.idle_conns + 1024)
+    args.output.mkdir(parents=True, exist_ok=True)
+    logdir = args.output / "logs"
+    logdir.mkdir(exist_ok=True)
+
+    expected = estimated_seconds(args)
+    limit = int(expected * 1.5) + 120
+    log(f"expect about {expected / 60:.1f} min (stopped after {limit / 60:.0f} min "
+        f"at most); logs in {logdir}")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(limit)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mcproxy-bench-") as tmp, \
+                Cluster(Path(tmp), logdir, args.memcached_threads) as cluster:
+            memcached = cluster.start_memcached()
+            populate(loadgen, memcached, args.keys)
+            starters = {"direct": cluster.direct, "nutcracker": cluster.start_nutcracker,
+                        "mcproxy": lambda: cluster.start_mcproxy(args.mcproxy_start_timeout)}
+            systems = [starters[name]() for name in args.systems]
+            for system in systems:
+                log(f"{system.name}: " + (f"port {system.port}" if system.available
+                                          else f"MISSING: {system.error}"))
+            samples = run_rounds(systems, memcached, loadgen, args)
+            proxies = [s for s in systems if s.name != "direct"]
+            mem = {} if args.no_memory else measure_memory(proxies, memcached, args)
+    finally:
+        signal.alarm(0)
+
+    result = {
+        "machine": describe_machine(),
+        "settings": {
+            "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
+            "keys": args.keys, "memcached_threads": args.memcached_threads,
+            "idle_conns": args.idle_conns,
+            "inflight_requests": args.inflight_conns * args.inflight_depth,
+        },
+        "systems": {s.name: {"error": s.error} for s in systems},
+        "workloads": {
+            w.name: {"title": w.title, "params": dataclasses.asdict(w),
+                     **report.analyse(w.name, samples[w.name]),
+                     "samples": samples[w.name]}
+            for w in args.workloads
+        },
+        "memory": mem,
+    }
+    print(report.format_table(result))
+    report.write_json(result, args.output / "results.json")
+    chart = args.output / "chart.png"
+    if report.write_chart(result, chart):
+        log(f"wrote {args.output / 'results.json'} and {chart}")
+    else:
+        log(f"wrote {args.output / 'results.json'} (no matplotlib: no chart)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; every process started was stopped")
+        sys.exit(130)
+    except TimeoutError as e:
+        log(f"{e}; every process started was stopped")
+        sys.exit(1)
