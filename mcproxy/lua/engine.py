@@ -51,7 +51,15 @@ MAX_COPY_DEPTH = 64
 #: Seconds between two logged route errors (the rest are counted).
 ERROR_LOG_INTERVAL = 1.0
 
-_MCP_LUA = files("mcproxy.lua").joinpath("mcp.lua").read_bytes()
+_LUA_DIR = files("mcproxy.lua")
+_MCP_LUA = _LUA_DIR.joinpath("mcp.lua").read_bytes()
+#: Lua libraries shipped with mcproxy, available to configs as
+#: ``require("mcproxy.NAME")`` (mcproxy/lua/NAME.lua).
+_LIBRARIES = {
+    f"mcproxy.{entry.name[:-4]}".encode(): entry.read_bytes()
+    for entry in _LUA_DIR.iterdir()
+    if entry.name.endswith(".lua") and entry.name != "mcp.lua"
+}
 
 #: Constants every config sees in ``mcp``, beyond the CMD_* ids.
 _CONSTANTS = {
@@ -94,6 +102,16 @@ class _State:
         self._install_hashing()
         self.globals.mcp = self.mcp
         self.globals.python = None
+        self._install_libraries()
+
+    def _install_libraries(self) -> None:
+        """Make the bundled Lua libraries loadable with ``require``."""
+        preload = self.globals.package.preload
+        loader = self.runtime.eval(
+            "function(source, name) return function() "
+            "return assert(load(source, '=' .. name, 't'))() end end")
+        for name, source in _LIBRARIES.items():
+            preload[name] = loader(source, name.replace(b".", b"/") + b".lua")
 
     def _install_hashing(self) -> None:
         """Distribution and hasher markers the pool options refer to."""
