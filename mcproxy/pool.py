@@ -2,14 +2,18 @@
 
 A :class:`Pool` maps a key to one of its backends with the distribution and
 key hasher ``mcp.pool`` was given (mcproxy.hashing does the arithmetic). The
-:class:`BackendRegistry` keeps one Backend per label: asking again for the
-same label, host and port returns the same object (and so the same
-connection), also across reloads.
+:class:`BackendRegistry` keeps one Backend per label, host and port: asking
+again for the same three returns the same object (and so the same
+connection and queue), also across reloads; it closes a backend once no
+loaded config that is still in use holds it and nothing is in flight on it.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
+
+from twisted.logger import Logger
 
 from mcproxy import hashing
 from mcproxy.protocols.backend import Backend, BackendOptions
@@ -73,51 +77,111 @@ class Pool:
 
 
 class BackendRegistry:
-    """Every live backend, by label."""
+    """Every live backend, by label, host and port.
+
+    A config load asks for its backends with :meth:`get`; once the load has
+    succeeded, :meth:`use` ties them to the loaded config (the engine's
+    ``Routes``) for as long as that object lives, which is as long as it is
+    active or a request that started on it is unfinished. A backend that no
+    such config holds is closed as soon as its queue is empty, so that
+    requests in flight on it, or sent to it by the old routes, still get
+    their answers. Until then :meth:`get` hands it out again, so a backend
+    that a reload removes and the next one brings back stays one object.
+
+    Backends connect only once the registry is started and a config using
+    them is in use: checking a config, or a load that fails, opens nothing.
+    """
+
+    log = Logger()
+
+    #: Seconds between two looks at unused backends still busy.
+    DRAIN_INTERVAL = 0.1
 
     def __init__(self, stats: ProxyStats, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
         self.stats = stats
         self.reactor = reactor
-        self.by_label: dict[str, Backend] = {}
-        #: every backend not yet closed, including replaced ones
-        self.live: list[Backend] = []
         self.connecting = False
+        self._backends: dict[tuple[str, str, str], Backend] = {}
+        #: loaded config -> the backends it may send to
+        self._users: weakref.WeakKeyDictionary[Any, list[Backend]] = (
+            weakref.WeakKeyDictionary())
+        self._sweep_call: Any = None
+
+    @property
+    def live(self) -> list[Backend]:
+        """Every backend not closed yet, including unused ones still draining."""
+        return list(self._backends.values())
 
     def get(self, label: str, host: str, port: str,
             options: BackendOptions) -> Backend:
-        """The backend for label/host/port; a new one starts connecting once
-        the registry is started."""
-        backend = self.by_label.get(label)
-        if backend is not None and backend.host == host and backend.port == port:
-            return backend
-        backend = Backend(label, host, port, options, self.stats, reactor=self.reactor)
-        self.by_label[label] = backend
-        self.live.append(backend)
-        self.stats.backend_total += 1
-        if self.connecting:
-            backend.connect()
+        """The backend for label/host/port, created (unconnected) if new.
+
+        An existing backend keeps its own options.
+        """
+        key = (label, host, port)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = Backend(label, host, port, options, self.stats,
+                              reactor=self.reactor)
+            self._backends[key] = backend
+            self.stats.backend_total += 1
         return backend
 
     def start(self) -> None:
-        """Connect every backend created so far, and new ones from now on."""
+        """Connect the backends in use, and those put in use from now on."""
         self.connecting = True
-        for backend in self.live:
-            backend.connect()
+        for backends in list(self._users.values()):
+            for backend in backends:
+                backend.connect()
 
-    def retain(self, keep: list[Backend]) -> None:
-        """Close every backend that ``keep`` does not hold."""
-        wanted = {id(b) for b in keep}
-        for backend in [b for b in self.live if id(b) not in wanted]:
-            self._close(backend)
+    def use(self, config: Any, backends: list[Backend]) -> None:
+        """Hold ``backends`` open for as long as ``config`` lives.
+
+        ``config`` must be weakly referenceable. Backends nobody holds any
+        more are closed (now, or once drained).
+        """
+        self._users[config] = list(backends)
+        if self.connecting:
+            for backend in backends:
+                backend.connect()
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Close every backend no config holds and nothing is in flight on.
+
+        Looks again later while an unused backend is still busy or an old
+        config is still alive (its last requests may still be running).
+        """
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        users = list(self._users.values())
+        held = {b for backends in users for b in backends}
+        busy = len(users) > 1
+        for backend in [b for b in self._backends.values() if b not in held]:
+            if backend.depth:
+                busy = True
+            else:
+                self._close(backend)
+                self.log.info("backend {label} ({host}:{port}) closed: "
+                              "no longer in the config", label=backend.label,
+                              host=backend.host, port=backend.port,
+                              type="proxy_backend")
+        if busy:
+            self._sweep_call = self.reactor.callLater(self.DRAIN_INTERVAL, self.sweep)
 
     def _close(self, backend: Backend):
-        self.live.remove(backend)
-        if self.by_label.get(backend.label) is backend:
-            del self.by_label[backend.label]
+        del self._backends[(backend.label, backend.host, backend.port)]
         self.stats.backend_total -= 1
         return backend.close()
 
     def close(self) -> list:
         """Close every backend (service shutdown); Deferreds of the closes."""
         self.connecting = False
-        return [self._close(b) for b in list(self.live)]
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        self._users.clear()
+        return [self._close(b) for b in list(self._backends.values())]

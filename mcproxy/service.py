@@ -9,6 +9,7 @@ add it to any Twisted application.
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
@@ -26,6 +27,10 @@ from mcproxy.userstats import UserStats
 #: What ``version`` answers: the memcached release whose proxy we follow,
 #: so that clients that check for meta-protocol support are satisfied.
 VERSION = f"1.6.15-mcproxy-{_version.__version__}"
+
+# Log events of a reload, one per outcome.
+LOG_RELOADED = "reloaded route config {path} (backends in use: {backends}, open: {total})"
+LOG_RELOAD_FAILED = "reload of {path} failed, old routes kept: {error}"
 
 
 class ProxyService(MultiService):
@@ -50,61 +55,78 @@ class ProxyService(MultiService):
         self.user_stats = UserStats()
         self.registry = BackendRegistry(self.stats, reactor=reactor)
         self.engine = RouteEngine(self.stats, self.registry, self.tunables,
-                                  self.user_stats)
+                                  self.user_stats, store=store)
         self.store = store
         self.version_line = f"VERSION {VERSION}\r\n".encode()
         self.factory = ProxyServerFactory(self)
         for description in listen:
             strports.service(description, self.factory).setServiceParent(self)
-        self._reload_running = False
-        self._reload_again = False
-        self._previous_hup = None
+        #: a reload is queued on the reactor and has not started yet
+        self._reload_pending = False
+        #: the SIGHUP handler to put back on stop, when ours is installed
+        self._previous_hup: Any = None
+        self._hup_installed = False
 
     # -- config ----------------------------------------------------------------
 
     def load_config(self) -> None:
         """Load the config for the first time; ConfigError if it fails."""
         if self.config is not None and self.engine.routes is None:
-            self.engine.load(self.config)
-            self.log.info("loaded route config {path}", path=self.config)
+            routes = self.engine.load(self.config)
+            self.registry.use(routes, routes.backends)
+            self.log.info("loaded route config {path}", path=self.config,
+                          type="proxy_conf", status="done")
 
     def reload(self) -> bool:
-        """Load the config again; keep the old routes if anything fails."""
+        """Build new routes from the config file and switch to them.
+
+        Only a load where every phase succeeded replaces the routes;
+        requests already inside a route finish on the old ones. On any
+        failure the running routes, backends and tunables stay as they were.
+        Returns whether the new routes are active.
+        """
         self.stats.config_reloads += 1
-        old = self.engine.routes
+        # mcp_config_pools sets tunables as it runs; a failed load must not
+        # leave them set (their values are immutable, a shallow copy will do).
+        tunables = vars(self.tunables).copy()
         try:
             routes = self.engine.load(self.config)
-        except ConfigError as e:
+        except Exception as e:
             self.stats.config_reload_fails += 1
-            self.log.error("reload of {path} failed, old routes kept: {error}",
-                           path=self.config, error=str(e), type="proxy_conf",
-                           status="failed")
+            vars(self.tunables).update(tunables)
+            self.registry.sweep()  # backends only the failed load created
+            if isinstance(e, ConfigError):
+                self.log.error(LOG_RELOAD_FAILED, path=self.config, error=str(e),
+                               type="proxy_conf", status="failed")
+            else:
+                self.log.failure(LOG_RELOAD_FAILED, path=self.config, error=repr(e),
+                                 type="proxy_conf", status="failed")
             return False
-        if old is not None:
-            self.registry.retain(routes.backends)
-        self.log.info("reloaded route config {path}", path=self.config,
+        self.registry.use(routes, routes.backends)
+        self.log.info(LOG_RELOADED, path=self.config,
+                      backends=len(set(routes.backends)),
+                      total=self.stats.backend_total,
                       type="proxy_conf", status="done")
         return True
 
-    def _hup(self, signum, frame) -> None:
-        """The signal handler: only schedule the reload on the reactor."""
-        self.reactor.callFromThread(self._schedule_reload)
+    def _hup(self, signum: int, frame: Any) -> None:
+        """The SIGHUP handler: only queue a reload on the reactor.
 
-    def _schedule_reload(self) -> None:
-        """Run one reload at a time; HUPs during one coalesce into one more."""
-        if self._reload_running:
-            self._reload_again = True
+        HUPs that arrive before the queued reload starts share it; one that
+        arrives while a reload runs queues exactly one more.
+        """
+        if not self._reload_pending:
+            self._reload_pending = True
+            self.reactor.callFromThread(self._scheduled_reload)
+
+    def _scheduled_reload(self) -> None:
+        self._reload_pending = False
+        if not self.running:
             return
-        self._reload_running = True
-        try:
-            while True:
-                self._reload_again = False
-                if self.config is not None:
-                    self.reload()
-                if not self._reload_again:
-                    break
-        finally:
-            self._reload_running = False
+        if self.config is None:
+            self.log.info("SIGHUP ignored: no route config to reload")
+            return
+        self.reload()
 
     # -- Service -------------------------------------------------------------
 
@@ -113,13 +135,17 @@ class ProxyService(MultiService):
         self.registry.start()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._hup)
+            self._hup_installed = True
         except ValueError:
-            self._previous_hup = None  # not the main thread: no signals
+            pass  # not the main thread: whoever runs us handles signals
         super().startService()
 
     def stopService(self):
-        if self._previous_hup is not None:
-            signal.signal(signal.SIGHUP, self._previous_hup)
+        if self._hup_installed:
+            previous = self._previous_hup
+            signal.signal(signal.SIGHUP,
+                          signal.SIG_DFL if previous is None else previous)
+            self._hup_installed = False
             self._previous_hup = None
         stopped = super().stopService()
         closes = self.registry.close()

@@ -1,0 +1,32 @@
+"""``python -m mcproxy`` (or the ``mcproxy`` script): tools next to twistd.
+
+The proxy itself runs under ``twistd mcproxy``; this entry point holds the
+commands an operator runs beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the command; the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="mcproxy",
+        description="Tools for mcproxy; run the proxy itself with 'twistd mcproxy'.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser(
+        "check", help="load a route config without connecting anywhere; print OK or the error",
+        description="Load a route config through both phases in a scratch Lua "
+                    "state, without opening backend connections. Prints OK and "
+                    "exits 0, or prints the error (with file:line) and exits 1.")
+    check.add_argument("config", help="the route config (Lua) to check")
+    args = parser.parse_args(argv)
+    from mcproxy.check import main as check_main
+
+    return check_main(args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
