@@ -103,7 +103,7 @@ class BackendRegistry:
         self.stats = stats
         self.reactor = reactor
         self.connecting = False
-        self._backends: dict[tuple[str, str, str], Backend] = {}
+        self._backends: dict[tuple[str, str, str, bool], Backend] = {}
         #: loaded config -> the backends it may send to
         self._users: weakref.WeakKeyDictionary[Any, list[Backend]] = (
             weakref.WeakKeyDictionary())
@@ -118,9 +118,11 @@ class BackendRegistry:
             options: BackendOptions) -> Backend:
         """The backend for label/host/port, created (unconnected) if new.
 
-        An existing backend keeps its own options.
+        An existing backend keeps its connection; the loader hands it the
+        new options once the whole load has succeeded. ``down`` is part of
+        the identity: marking a backend down (or up) makes a new object.
         """
-        key = (label, host, port)
+        key = (label, host, port, options.down)
         backend = self._backends.get(key)
         if backend is None:
             backend = Backend(label, host, port, options, self.stats,
@@ -173,7 +175,7 @@ class BackendRegistry:
             self._sweep_call = self.reactor.callLater(self.DRAIN_INTERVAL, self.sweep)
 
     def _close(self, backend: Backend):
-        del self._backends[(backend.label, backend.host, backend.port)]
+        del self._backends[(backend.label, backend.host, backend.port, backend.options.down)]
         self.stats.backend_total -= 1
         return backend.close()
 

@@ -683,3 +683,35 @@ def test_twenty_reloads_under_load(memcached_factory):
         stop.set()
         proxy.stop()
         ghost.close()
+
+
+def test_reload_gives_a_kept_backend_the_new_options(tmp_path):
+    """Timeouts changed by a reload apply to a backend that keeps its
+    connection; a failed reload changes nothing."""
+    from mcproxy.lua.engine import ConfigError, RouteEngine
+    from mcproxy.pool import BackendRegistry
+    from mcproxy.stats import ProxyStats
+    from mcproxy.tunables import Tunables
+    from mcproxy.userstats import UserStats
+
+    stats = ProxyStats()
+    engine = RouteEngine(stats, BackendRegistry(stats, reactor=MemoryReactorClock()),
+                         Tunables(), UserStats())
+    path = tmp_path / "route.lua"
+
+    def load(read_timeout, broken=False):
+        path.write_text(f"""
+        function mcp_config_pools()
+            return mcp.pool({{ mcp.backend{{ label = "b", host = "127.0.0.1", port = 1,
+                                             readtimeout = {read_timeout} }} }})
+        end
+        function mcp_config_routes(p) {"error('x')" if broken else ""} end
+        """)
+        return engine.load(str(path))
+
+    first = load(1.5).backends[0]
+    assert load(0.25).backends[0] is first
+    assert first.options.read_timeout == 0.25
+    with pytest.raises(ConfigError):
+        load(9, broken=True)
+    assert first.options.read_timeout == 0.25

@@ -173,6 +173,8 @@ def load(path: str, registry: BackendRegistry, tunables: Tunables,
     copied = _Copier(config, routes).copy(pools, 0)
     routes.call("mcp_config_routes", copied)
     user_stats.rename(host.stat_names)
+    for backend, options in zip(host.backends, host.options, strict=True):
+        backend.reconfigure(options)
     return Routes(path, routes, host)
 
 

@@ -66,8 +66,10 @@ class Host:
         self.tunables = tunables
         self.user_stats = user_stats
         self.store = store
-        #: backends created or reused by this load, in creation order
+        #: backends created or reused by this load, in creation order, and
+        #: the options this load gave each
         self.backends: list = []
+        self.options: list[BackendOptions] = []
         #: stat names added by this load's mcp_config_pools: index -> name
         self.stat_names: dict[int, str] = {}
 
@@ -83,6 +85,7 @@ class Host:
             options = self.tunables.backend_options()
         backend = self.registry.get(text(label), text(host), text(port), options)
         self.backends.append(backend)
+        self.options.append(options)
         return backend, None
 
     def backend_from_table(self, table):

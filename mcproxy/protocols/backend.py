@@ -281,6 +281,13 @@ class Backend:
     def __repr__(self) -> str:
         return f"<Backend {self.label} {self.host}:{self.port} {self.state}>"
 
+    def reconfigure(self, options: BackendOptions) -> None:
+        """Take the timeouts and limits of a newly loaded config (the
+        connection stays; keepalive applies from the next connection)."""
+        self.options = options
+        self._read_timeout = options.read_timeout
+        self._depth_limit = options.depth_limit
+
     @property
     def state(self) -> str:
         """idle, connecting, validating, connected, failed, bad or closed.
