@@ -27,3 +27,12 @@ def memcached_factory():
 def memcached(memcached_factory) -> Memcached:
     """One memcached server on a free loopback port."""
     return memcached_factory()
+
+
+@pytest.fixture(autouse=True)
+def immediate_writes(monkeypatch):
+    """In-process tests drive protocols by hand: write at once instead of
+    at the end of a reactor iteration that never comes."""
+    from mcproxy.protocols.writes import batch
+
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: f())

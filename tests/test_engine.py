@@ -240,3 +240,34 @@ def test_user_stats(engine, load):
     run(engine, b"get a\r\n")
     run(engine, b"get b\r\n")
     assert engine.user_stats.lines() == [("user_hits", 4), ("user_other", 0)]
+
+
+@pytest.mark.parametrize("route, direct", [
+    ("function(r) return pool(r) end", True),
+    ("function(req) return pool(req) end", True),
+    ("function(r) local res = pool(r) return res end", False),
+    ("function(r) return pools.main(r) end", False),
+    ("function(r, extra) return pool(r) end", False),
+    ("function(r) mcp.stat(1, 1) return pool(r) end", False),
+])
+def test_routes_that_only_call_a_pool_skip_lua(engine, load, route, direct):
+    routes = load(f"""
+    function mcp_config_pools()
+        mcp.add_stat(1, "x")
+        return {{ main = mcp.pool({{ mcp.backend("b1", "127.0.0.1", "1") }}) }}
+    end
+    function mcp_config_routes(pools)
+        local pool = pools.main
+        mcp.attach(mcp.CMD_GET, {route})
+        mcp.attach(mcp.CMD_VERSION, {route})
+    end
+    """)
+    assert (rq.CMD_GET in routes.direct) is direct
+    fake = FakeBackends(engine, {"b1": b"VALUE k 0 1\r\nx\r\nEND\r\n"})
+    assert run(engine, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
+    assert fake.sent == [("b1", b"get k\r\n")]
+    seen = []
+    engine._route_error = lambda req, msg: seen.append(msg)
+    assert run(engine, b"version\r\n") == errors.LUA_FAILURE
+    assert b"cannot route commands without key" in seen[0]
+    assert engine.stats.req_active == 0

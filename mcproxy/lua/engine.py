@@ -155,6 +155,24 @@ class Routes:
         self.resume_await = state.engine.resume_await
         self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
+        #: command -> pool, for routes that do nothing but call one pool
+        self.direct = self._direct_routes(state)
+
+    def _direct_routes(self, state: _State) -> dict:
+        """Find the hooks that are ``function(r) return pool(r) end``.
+
+        Such a route is run without entering Lua at all: the pool picks
+        the backend and the response goes to the client, exactly as the
+        Lua route would have done, minus two crossings into Lua and a
+        coroutine per request.
+        """
+        reference = _bytecode(state.engine.reference_dump)
+        direct = {}
+        for cmd, func in self.hooks.items():
+            found = state.engine.direct_pool(func)
+            if isinstance(found, tuple) and _bytecode(found[1]) == reference:
+                direct[cmd] = found[0]
+        return direct
 
     @property
     def backends(self) -> list:
@@ -221,6 +239,7 @@ class RouteEngine:
         self.store = store
         self.routes: Routes | None = None
         self._hooks: dict = {}
+        self._direct: dict = {}
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -233,6 +252,7 @@ class RouteEngine:
     def activate(self, routes: Routes) -> None:
         self.routes = routes
         self._hooks = routes.hooks
+        self._direct = routes.direct
 
     def hooked(self, command: int) -> bool:
         return command in self._hooks
@@ -249,11 +269,32 @@ class RouteEngine:
             return
         stats.req_active += 1
         try:
-            self._advance(routes, req, done,
-                          routes.start(self._hooks[req.command], req, req.key,
-                                       req.command))
+            pool = self._direct.get(req.command)
+            if pool is None:
+                self._advance(routes, req, done,
+                              routes.start(self._hooks[req.command], req, req.key,
+                                           req.command))
+            else:
+                self._send_direct(pool, req, done)
         except Exception:
             self._internal_error(req, done)
+
+    def _send_direct(self, pool, req: Request, done: Callable[[bytes], None]) -> None:
+        """A ``return pool(r)`` route, without Lua (see Routes.direct)."""
+        try:
+            backend = _select(pool, req)
+        except ValueError as e:
+            self.stats.req_active -= 1
+            self._route_error(req, str(e).encode())
+            done(errors.LUA_FAILURE)
+            return
+        stats = self.stats
+
+        def reply(res: Response) -> None:
+            stats.req_active -= 1
+            done(client_bytes(res, req))
+
+        backend.send(req, reply)
 
     def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
         """A bug of ours, not the config's: log it, answer, keep serving."""
@@ -393,3 +434,33 @@ class _Await:
     def _complete(self, results: list[Response]) -> None:
         self.done = True
         self.finish(results)
+
+
+def _varint(dump: bytes, pos: int) -> tuple[int, int]:
+    """A size as Lua 5.4's ldump.c writes it (7 bits a byte, last byte
+    marked with 0x80)."""
+    value = 0
+    while True:
+        byte = dump[pos]
+        pos += 1
+        value = (value << 7) | (byte & 0x7F)
+        if byte & 0x80:
+            return value, pos
+
+
+#: Length of a Lua 5.4 binary chunk header plus the main closure's
+#: upvalue count byte (ldump.c: signature, version, format, LUAC_DATA,
+#: three sizes, LUAC_INT, LUAC_NUM).
+_DUMP_HEADER = 4 + 1 + 1 + 6 + 3 + 8 + 8 + 1
+
+
+def _bytecode(dump: bytes) -> bytes:
+    """The parameter count, vararg flag and instructions of a stripped
+    function dump: what decides what the function does, given the same
+    upvalues (line numbers and upvalue slots are left out)."""
+    pos = _DUMP_HEADER
+    for _ in range(3):  # source (empty when stripped), first and last line
+        _, pos = _varint(dump, pos)
+    head = dump[pos:pos + 2]  # numparams, is_vararg (maxstacksize skipped)
+    count, pos = _varint(dump, pos + 3)
+    return head + dump[pos:pos + 4 * count]

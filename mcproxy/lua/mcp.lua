@@ -462,7 +462,28 @@ return function(host, phase)
         return setmetatable({ _p = p }, POOL_PROXY)
     end
 
+    -- The pool a route calls if the route is exactly
+    -- `function(r) return pool(r) end` (the engine then skips Lua for it):
+    -- one parameter, one upvalue holding a pool, and the same bytecode as
+    -- REFERENCE. Returns the pool and the route's stripped bytecode dump.
+    local REFERENCE_POOL
+    local function REFERENCE(r) return REFERENCE_POOL(r) end
+
+    local function direct_pool(f)
+        local info = debug.getinfo(f, "u")
+        if info.nups ~= 1 or info.nparams ~= 1 or info.isvararg then
+            return nil
+        end
+        local _, pool = debug.getupvalue(f, 1)
+        if getmetatable(pool) ~= POOL_PROXY then
+            return nil
+        end
+        return pool._p, string.dump(f, true)
+    end
+
     local engine = {
+        direct_pool = direct_pool,
+        reference_dump = string.dump(REFERENCE, true),
         hooks = hooks,
         start = start,
         resume = resume,

@@ -30,6 +30,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mcproxy.latency import LatencyWindow
 from mcproxy.protocols.request import Request
 from mcproxy.protocols.response import (
     FAIL_BADVALIDATE,
@@ -134,18 +135,16 @@ class BackendProtocol(Protocol):
     def write_request(self, req: Request) -> None:
         """Write one request: its wire line, then its payload if it has one.
 
-        Requests made in one batch leave in one send (see writes.py).
+        Requests made in one reactor iteration leave in one send (see
+        writes.py).
         """
         out = self._out
         out.append(req.wire_line())
         if req.value is not None:
             out.append(req.value)
-        if batch.depth:
-            if not self._batched:
-                self._batched = True
-                batch.pending.append(self)
-        else:
-            self.write_pending()
+        if not self._batched:
+            self._batched = True
+            batch.add(self)
 
     def write_pending(self) -> None:
         self._batched = False
@@ -164,14 +163,6 @@ class BackendProtocol(Protocol):
         if self.validating:
             self._validation_reply(backend)
             return
-        batch.open()
-        try:
-            self._answer(backend, reader)
-        finally:
-            batch.close()
-
-    def _answer(self, backend: Backend, reader: ResponseReader) -> None:
-        """Hand every complete reply to the request waiting for it."""
         queue = self.queue
         now = 0.0
         while queue:
@@ -186,6 +177,7 @@ class BackendProtocol(Protocol):
             if not now:
                 now = backend._seconds()
             res.elapsed = int((now - sent) * 1e6)
+            backend.latency.record(res.elapsed)
             try:
                 callback(res)
             except Exception:
@@ -277,6 +269,8 @@ class Backend:
         self._protocol: BackendProtocol | None = None
         self._writer: Callable[[Request], None] | None = None
         self._timer: Any = None
+        #: reply times of answered requests (failures are not counted)
+        self.latency = LatencyWindow()
 
     def __repr__(self) -> str:
         return f"<Backend {self.label} {self.host}:{self.port} {self.state}>"

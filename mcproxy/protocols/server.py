@@ -10,10 +10,12 @@ written out, so replies always leave in request order.
 from __future__ import annotations
 
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -45,6 +47,10 @@ if TYPE_CHECKING:
 MAX_CLIENT_INFLIGHT = 4096
 #: How far a multiget line may be indented and still count as one.
 MAX_MULTIGET_INDENT = 100
+#: What a client beyond --max-connections gets before the hang-up (memcached's words).
+TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+#: Longest pause between two sweeps for idle clients, in seconds.
+MAX_IDLE_SWEEP = 1.0
 
 
 class Slot:
@@ -83,6 +89,8 @@ class ProxyServerProtocol(LineReceiver):
 
     delimiter = b"\n"
     log = Logger()
+    #: the ProxyServerFactory that built us (None in tests that build by hand)
+    factory: ProxyServerFactory | None = None
 
     def __init__(self, service: ProxyService) -> None:
         self.service = service
@@ -105,6 +113,10 @@ class ProxyServerProtocol(LineReceiver):
     # -- connection lifecycle -----------------------------------------------
 
     def connectionMade(self) -> None:
+        #: when the client last sent anything (for --idle-timeout)
+        self.last_active = monotonic()
+        if self.factory is not None:
+            self.factory.clients.add(self)
         self.stats.curr_connections += 1
         self.stats.total_connections += 1
         self._socket = tcp_socket(self.transport)
@@ -113,6 +125,8 @@ class ProxyServerProtocol(LineReceiver):
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason=None) -> None:
+        if self.factory is not None:
+            self.factory.clients.discard(self)
         if not self._gone:
             self._gone = True
             self.stats.curr_connections -= 1
@@ -124,6 +138,7 @@ class ProxyServerProtocol(LineReceiver):
     # -- framing -----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self.last_active = monotonic()
         if self._closing:
             return
         if self._reading_paused:
@@ -137,11 +152,7 @@ class ProxyServerProtocol(LineReceiver):
             self._buffer += data
             data = bytes(self._buffer)
             self._buffer.clear()
-        batch.open()
-        try:
-            self._process(data)
-        finally:
-            batch.close()
+        self._process(data)
 
     def _process(self, data: bytes) -> None:
         pos = 0
@@ -254,13 +265,36 @@ class ProxyServerProtocol(LineReceiver):
         elif cmd == CMD_STATS:
             self._reply(self.service.stats_reply(req.tokens[1:]))
         elif cmd == CMD_WATCH:
-            self._reply(errors.NOT_SUPPORTED)
+            self._watch(req.tokens[1:])
         elif self.service.store is not None:
             reply = self.service.store.execute(req)
             if reply:
                 self._reply(reply)
         else:
             self._reply(errors.NO_ROUTE)
+
+    def _watch(self, streams: list[bytes]) -> None:
+        """``watch STREAM ...``: hand the connection to the service's watch
+        registry (mcproxy.watch). From its ``OK`` on the connection carries
+        only log lines: requests after the ``watch`` are ignored and replies
+        still pending are dropped, as in memcached. Watchers do not count as
+        client connections (curr_connections, --max-connections, --idle-timeout)."""
+        watchers = getattr(self.service, "watchers", None)
+        if watchers is None:
+            self._reply(errors.NOT_SUPPORTED)
+            return
+        self.flush()
+        self.write_pending()  # earlier replies go out before the OK
+        error = watchers.add(self.transport, streams)
+        if error is not None:
+            self._reply(error)
+            return
+        self._closing = self._gone = True
+        self.stats.curr_connections -= 1
+        if self.factory is not None:
+            self.factory.clients.discard(self)
+        self._slots.clear()
+        self._buffer.clear()
 
     # -- replies -------------------------------------------------------------
 
@@ -270,8 +304,8 @@ class ProxyServerProtocol(LineReceiver):
         self.flush()
 
     def flush(self) -> None:
-        """Move every completed reply at the head of the queue to the output;
-        write it now, or when the open reply batch closes."""
+        """Move every completed reply at the head of the queue to the output,
+        written at the end of this reactor iteration (see writes.py)."""
         if self._gone:
             return
         slots = self._slots
@@ -280,12 +314,9 @@ class ProxyServerProtocol(LineReceiver):
             data = slots.popleft().data
             if data:
                 out.append(data)
-        if batch.depth:
-            if not self._batched:
-                self._batched = True
-                batch.pending.append(self)
-        else:
-            self.write_pending()
+        if not self._batched:
+            self._batched = True
+            batch.add(self)
 
     def write_pending(self) -> None:
         """Write the collected replies in one send; hang up or resume
@@ -308,8 +339,7 @@ class ProxyServerProtocol(LineReceiver):
         """Stop reading; hang up once every earlier reply is written."""
         self._closing = True
         self._buffer.clear()
-        if not self._slots:
-            self.transport.loseConnection()
+        self.flush()
 
     # -- backpressure --------------------------------------------------------
 
@@ -343,15 +373,61 @@ class ProxyServerProtocol(LineReceiver):
         pass
 
 
+class _Rejected(Protocol):
+    """A client beyond --max-connections: told so, then hung up on."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(TOO_MANY_CONNECTIONS)
+        self.transport.loseConnection()
+
+
 class ProxyServerFactory(Factory):
-    """Builds a ProxyServerProtocol per client connection."""
+    """Builds a ProxyServerProtocol per client connection, and applies the
+    client limits.
+
+    ``max_connections`` (0: none): a client that connects while that many
+    are open gets ``ERROR Too many open connections`` and is closed at once,
+    counted in ``rejected``. ``idle_timeout`` (seconds, 0: never): clients
+    that sent nothing for that long, and wait for no reply, are closed by a
+    sweep that runs while the factory listens; a request costs only the
+    ``last_active`` timestamp store.
+    """
 
     noisy = False
 
-    def __init__(self, service: ProxyService) -> None:
+    def __init__(self, service: ProxyService, max_connections: int = 0,
+                 idle_timeout: float = 0) -> None:
         self.service = service
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        #: connections refused for max_connections
+        self.rejected = 0
+        #: clients that have an open connection (watchers excluded)
+        self.clients: set[ProxyServerProtocol] = set()
+        self._sweeper: LoopingCall | None = None
 
-    def buildProtocol(self, addr) -> ProxyServerProtocol:
+    def buildProtocol(self, addr) -> Protocol:
+        if self.max_connections and len(self.clients) >= self.max_connections:
+            self.rejected += 1
+            return _Rejected()
         proto = ProxyServerProtocol(self.service)
         proto.factory = self
         return proto
+
+    def startFactory(self) -> None:
+        if self.idle_timeout > 0:
+            self._sweeper = LoopingCall(self.close_idle)
+            self._sweeper.clock = self.service.reactor
+            self._sweeper.start(min(MAX_IDLE_SWEEP, self.idle_timeout / 4), now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+
+    def close_idle(self) -> None:
+        """Close every client idle for idle_timeout with no reply pending."""
+        deadline = monotonic() - self.idle_timeout
+        for proto in [p for p in self.clients if p.last_active <= deadline and not p._slots]:
+            self.clients.discard(proto)
+            proto.transport.loseConnection()

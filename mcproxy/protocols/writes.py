@@ -1,12 +1,13 @@
-"""Coalesced writes: one send per connection per reactor event.
+"""Coalesced writes: one send per connection per reactor iteration.
 
-A backend read can complete replies for many clients, and one client's
-pipelined requests are often answered by the same read; a client read can
-produce requests for the same backend from many lines. While a batch is
-open (around ``dataReceived`` of a backend or a client connection), a
-protocol with bytes to write only registers itself; when the outermost
-batch closes, each registered protocol writes everything it has in a single
-send. Outside a batch (a timer firing) bytes are written at once.
+One poll of the reactor can bring requests from many clients, all bound
+for the same backend, and one backend read can complete replies for many
+clients. Writing each of them at once costs a system call per request (and
+on loopback a send is most of the cost of a request). Instead, a protocol
+with bytes to write registers itself in the process-wide batch, which
+flushes once, right after the reactor has handled every event of the
+current poll (``callLater(0)`` runs before the next poll): each registered
+protocol then writes everything it has in a single send.
 
 The send itself goes straight to the socket when Twisted holds nothing
 buffered for it: Twisted's ``write`` always buffers and waits for the next
@@ -16,36 +17,55 @@ poll, which costs two ``epoll_ctl`` calls and a loop turn per write.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 from twisted.internet import tcp
+from twisted.logger import Logger
+
+log = Logger()
 
 #: Buffers handed to one sendmsg call at most (below Linux's IOV_MAX).
 MAX_IOV = 512
 
 
 class WriteBatch:
-    """The open batch, and the protocols with bytes waiting to be written.
+    """Protocols with bytes waiting to be written at the end of this
+    reactor iteration. A registered protocol has a ``write_pending()``
+    method and registers at most once per flush.
 
-    A registered protocol has a ``write_pending()`` method.
+    ``call_later`` defaults to the global reactor's; in-process tests that
+    drive protocols by hand replace it with one that calls at once.
     """
 
-    __slots__ = ("depth", "pending")
+    __slots__ = ("pending", "scheduled", "call_later")
 
     def __init__(self) -> None:
-        self.depth = 0
         self.pending: list = []
+        self.scheduled = False
+        self.call_later: Callable | None = None
 
-    def open(self) -> None:
-        self.depth += 1
+    def add(self, proto) -> None:
+        self.pending.append(proto)
+        if not self.scheduled:
+            self.scheduled = True
+            call_later = self.call_later
+            if call_later is None:
+                from twisted.internet import reactor
+                call_later = self.call_later = reactor.callLater
+            call_later(0, self.flush)
 
-    def close(self) -> None:
-        self.depth -= 1
-        if self.depth == 0:
+    def flush(self) -> None:
+        try:
             while self.pending:
                 pending = self.pending
                 self.pending = []
                 for proto in pending:
-                    proto.write_pending()
+                    try:
+                        proto.write_pending()
+                    except Exception:
+                        log.failure("writing to {proto!r} failed", proto=proto)
+        finally:
+            self.scheduled = False
 
 
 #: The process-wide batch (one reactor, one thread).
