@@ -429,27 +429,28 @@ class Store:
         it = self._items.get(key)
         if it is None:
             return None
-        now = self._now
-        oldest_live = self._oldest_live
-        if oldest_live and oldest_live <= now and (
-                it.time <= oldest_live or it.cas < self._oldest_cas):
-            self._unlink(key, it)
-            self._counters["get_flushed"] += 1
-            return None
-        if it.exptime and it.exptime <= now:
-            self._unlink(key, it)
-            self._counters["get_expired"] += 1
-            return None
-        return it
+        death = self._death(it)
+        if death is None:
+            return it
+        self._unlink(key, it)
+        self._counters[death] += 1
+        return None
 
-    def _is_dead(self, it: _Item) -> bool:
-        """Whether a lookup would find ``it`` flushed or expired."""
+    def _death(self, it: _Item) -> str | None:
+        """The stat counting ``it`` as flushed or expired, None if alive.
+
+        As memcached's item_is_flushed: once ``oldest_live`` has come, items
+        last written at or before it are dead, and so are those older than
+        an immediate flush (by cas).
+        """
         now = self._now
         oldest_live = self._oldest_live
         if oldest_live and oldest_live <= now and (
                 it.time <= oldest_live or it.cas < self._oldest_cas):
-            return True
-        return bool(it.exptime) and it.exptime <= now
+            return "get_flushed"
+        if it.exptime and it.exptime <= now:
+            return "get_expired"
+        return None
 
     def _bump(self, key: bytes, it: _Item) -> None:
         """A fetch: memcached's FETCHED and ACTIVE marks, and the LRU move."""
@@ -468,6 +469,7 @@ class Store:
         self._items.move_to_end(key)
 
     def _next_cas(self) -> int:
+        """A fresh cas unique (memcached's get_cas_id)."""
         self._cas_id += 1
         return self._cas_id
 
@@ -503,7 +505,7 @@ class Store:
             _, it = items.popitem(last=False)
             self._bytes -= it.size
             unfetched = not it.bits & _FETCHED
-            if self._is_dead(it):
+            if self._death(it) is not None:
                 counters["reclaimed"] += 1
                 counters["expired_unfetched"] += unfetched
             else:
@@ -684,7 +686,7 @@ class Store:
                      exptime: int, vlen: int, req_cas: int) -> bytes:
         """The storage part of :meth:`_update`, once the line is valid."""
         value = req.value
-        size = ITEM_HEADER_SIZE + 3 + len(key) + vlen + (4 if flags else 0)
+        size = item_size(len(key), flags, vlen + 2)
         if size > self.item_size_max or size > self.memory_limit:
             error = self._fits(size)
             if error is not None:
@@ -725,6 +727,7 @@ class Store:
         return b"" if noreply else reply
 
     def _touch(self, req: Request) -> bytes:
+        """touch <key> <exptime> [noreply]."""
         tokens = _tokens(req.line)
         ntokens = _ntokens(tokens)
         if ntokens != 4 and ntokens != 5:
@@ -780,9 +783,8 @@ class Store:
     def _flush_all(self, req: Request) -> bytes:
         """flush_all [delay] [noreply]: invalidate items lazily.
 
-        As in memcached, items last written at or before ``oldest_live``
-        die once that time has come, and an immediate flush also kills
-        every item whose cas predates it.
+        memcached's quirks included: a delay of N seconds takes effect after
+        N - 1, and items written during that second die too.
         """
         tokens = _tokens(req.line)
         ntokens = _ntokens(tokens)
@@ -1188,6 +1190,7 @@ class Store:
         return b"".join(out)
 
     def _mn(self, req: Request) -> bytes:
+        """Meta no-op: memcached flushes its pending replies, then MN."""
         return MN
 
     def _me(self, req: Request) -> bytes:

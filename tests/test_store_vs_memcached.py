@@ -332,6 +332,10 @@ SCENARIOS: dict[str, list[bytes]] = {
     "mn_me": [
         rq("mn"), rq("mn extra tokens"), rq("me k"), sv("set k 0 0 1", "a"),
         rq("me k"), rq("gat 100 k"), rq("me k"), rq("mg k h l"), rq("me k"),
+        sv("set t 0 0 1", "1"), rq("touch t 10"), rq("me t"),
+        sv("set i 0 0 1", "1"), rq("incr i 1"), rq("decr i 1"), rq("me i"),
+        sv("add i 0 0 1", "1"), sv("append i 0 0 1", "1"), rq("me i"),
+        rq("mg i h"), rq("md i"), rq("me i"), rq("mg j N0 h"), rq("mg j h"),
     ],
     "stats_counters": [
         rq("get a b c"), sv("set a 0 0 1", "1"), rq("get a b"),
