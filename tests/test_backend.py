@@ -707,3 +707,68 @@ class RealMemcachedTests(unittest.TestCase):
         yield wait_until(lambda: len(results.got) == 13)
         self.assertEqual(results.responses()[-1].value, b"b\r\n")
         self.assertEqual(backend.failures, 0)
+
+
+# Client multigets: one backend request per run of keys
+
+
+def mg(key: bytes, command: bytes = b"get"):
+    r = parse_request(command + b" " + key + b"\r\n")
+    r.multiget = True
+    return r
+
+
+def test_multiget_keys_are_merged_and_the_reply_split(monkeypatch):
+    from mcproxy.protocols.writes import batch
+
+    flushes = []
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+    h = Harness()
+    proto, transport = h.connect()
+    for key in (b"a", b"b", b"a", b"c"):
+        h.backend.send(mg(key), h.results.cb(key))
+    h.backend.send(req(b"get single\r\n"), h.results.cb("single"))
+    h.backend.send(mg(b"d", b"gets"), h.results.cb("d"))
+    h.backend.send(mg(b"e", b"gets"), h.results.cb("e"))
+    flushes.pop()()
+    assert transport.value() == b"get a b a c\r\nget single\r\ngets d e\r\n"
+    reply = (b"VALUE a 0 1\r\n1\r\nVALUE a 0 1\r\n1\r\nVALUE c 0 1\r\n3\r\nEND\r\n"
+             b"END\r\nVALUE e 0 1 77\r\n5\r\nEND\r\n")
+    for i in range(len(reply)):
+        proto.dataReceived(reply[i:i + 1])
+    assert h.results.tags == [b"a", b"b", b"a", b"c", "single", "d", "e"]
+    got = h.results.responses()
+    assert [r.value for r in got] == [b"1\r\n", None, b"1\r\n", b"3\r\n", None, None, b"5\r\n"]
+    assert [r.hit for r in got] == [True, False, True, True, False, False, True]
+    assert got[6].line == b"VALUE e 0 1 77\r\n"
+    assert h.backend.state == "connected"
+
+
+def test_merged_multiget_out_of_order_key_resets(monkeypatch):
+    from mcproxy.protocols.writes import batch
+
+    flushes = []
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+    h = Harness()
+    proto, transport = h.connect()
+    for key in (b"a", b"b"):
+        h.backend.send(mg(key), h.results.cb(key))
+    flushes.pop()()
+    proto.dataReceived(b"VALUE b 0 1\r\n2\r\nVALUE a 0 1\r\n1\r\nEND\r\n")
+    assert h.results.tags == [b"a", b"b"]
+    assert [r.ok for r in h.results.responses()] == [False, False]
+
+
+def test_merged_multiget_error_line_answers_every_key(monkeypatch):
+    from mcproxy.protocols.writes import batch
+
+    flushes = []
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+    h = Harness()
+    proto, transport = h.connect()
+    for key in (b"a", b"b"):
+        h.backend.send(mg(key), h.results.cb(key))
+    flushes.pop()()
+    proto.dataReceived(b"SERVER_ERROR out of memory\r\n")
+    assert [r.line for r in h.results.responses()] == [b"SERVER_ERROR out of memory\r\n"] * 2
+    assert h.backend.state == "connected"

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcproxy.latency import LatencyWindow
-from mcproxy.protocols.request import Request
+from mcproxy.protocols.request import CMD_GET, CMD_GETS, Request
 from mcproxy.protocols.response import (
     FAIL_BADVALIDATE,
     FAIL_CLOSED,
@@ -40,10 +40,13 @@ from mcproxy.protocols.response import (
     FAIL_DEPTH,
     FAIL_DISCONNECTED,
     FAIL_MARKEDBAD,
+    FAIL_PARSING,
     FAIL_READVALIDATE,
     FAIL_TIMEOUT,
     FAIL_TRAILINGDATA,
     MCMC_CODE_VERSION,
+    MCMC_RESP_END,
+    MCMC_RESP_GET,
     BackendProtocolError,
     Response,
     ResponseReader,
@@ -98,6 +101,24 @@ class BackendOptions:
     down: bool = False
 
 
+#: Keys merged into one backend multiget at most.
+MAX_MERGED_KEYS = 100
+
+_MERGEABLE = {CMD_GET: b"get", CMD_GETS: b"gets"}
+
+
+def _merge_name(req: Request) -> bytes | None:
+    """``get``/``gets`` if ``req`` is one key of a client multiget that can
+    share a backend request with its neighbours (unedited, no noreply)."""
+    if not req.multiget or req.noreply:
+        return None
+    name = _MERGEABLE.get(req.command)
+    tokens = req.tokens
+    if name is None or len(tokens) != 2 or tokens[0] != name or tokens[1] != req.key:
+        return None
+    return name
+
+
 class BackendProtocol(Protocol):
     """One pipelined connection to a backend.
 
@@ -115,7 +136,13 @@ class BackendProtocol(Protocol):
         self.reader = ResponseReader()
         #: fired when a connection abandoned by Backend.close() is gone
         self.on_lost: Deferred | None = None
-        self._out: list[bytes] = []
+        #: requests to write at the end of this reactor iteration
+        self._requests: list[Request] = []
+        #: per request or merged multiget written and not yet answered, how
+        #: many queue entries its reply answers
+        self._units: deque[int] = deque()
+        #: values received so far for the merged multiget at the head
+        self._values: list[Response] = []
         self._batched = False
         self._socket = None
 
@@ -133,25 +160,46 @@ class BackendProtocol(Protocol):
         backend._connection_made(self)
 
     def write_request(self, req: Request) -> None:
-        """Write one request: its wire line, then its payload if it has one.
-
-        Requests made in one reactor iteration leave in one send (see
-        writes.py).
-        """
-        out = self._out
-        out.append(req.wire_line())
-        if req.value is not None:
-            out.append(req.value)
+        """Queue one request for writing; the requests of one reactor
+        iteration leave in one send (see writes.py)."""
+        self._requests.append(req)
         if not self._batched:
             self._batched = True
             batch.add(self)
 
     def write_pending(self) -> None:
+        """Write the queued requests: each its wire line and payload, except
+        that consecutive keys of client multigets are sent as one multi-key
+        ``get``/``gets`` (one backend request and reply instead of one per
+        key, as nutcracker does; the reply is split per key on arrival)."""
         self._batched = False
-        out = self._out
-        if out and self.backend is not None:
-            self._out = []
-            send(self.transport, self._socket, out)
+        requests = self._requests
+        if not requests or self.backend is None:
+            return
+        self._requests = []
+        out = []
+        units = self._units
+        count = len(requests)
+        i = 0
+        while i < count:
+            req = requests[i]
+            i += 1
+            name = _merge_name(req)
+            if name is not None:
+                keys = [req.key]
+                while i < count and len(keys) < MAX_MERGED_KEYS \
+                        and _merge_name(requests[i]) == name:
+                    keys.append(requests[i].key)
+                    i += 1
+                if len(keys) > 1:
+                    out.append(b"%s %s\r\n" % (name, b" ".join(keys)))
+                    units.append(len(keys))
+                    continue
+            out.append(req.wire_line())
+            if req.value is not None:
+                out.append(req.value)
+            units.append(1)
+        send(self.transport, self._socket, out)
 
     def dataReceived(self, data: bytes) -> None:
         backend = self.backend
@@ -164,28 +212,73 @@ class BackendProtocol(Protocol):
             self._validation_reply(backend)
             return
         queue = self.queue
-        now = 0.0
-        while queue:
+        units = self._units
+        now = backend._seconds()
+        while units:
             try:
-                res = reader.read()
+                if units[0] == 1:
+                    res = reader.read()
+                    if res is None:
+                        return
+                    units.popleft()
+                    answers = ((queue.popleft(), res),)
+                else:
+                    answers = self._merged_reply(reader, units[0])
+                    if answers is None:
+                        return
             except BackendProtocolError as e:
                 backend._reset(e.reason)
                 return
-            if res is None:
-                return
-            _request, callback, sent = queue.popleft()
-            if not now:
-                now = backend._seconds()
-            res.elapsed = int((now - sent) * 1e6)
-            backend.latency.record(res.elapsed)
-            try:
-                callback(res)
-            except Exception:
-                backend.log.failure(LOG_CALLBACK, label=backend.label)
-            if self.backend is None:
-                return
+            for (_request, callback, sent), res in answers:
+                res.elapsed = int((now - sent) * 1e6)
+                backend.latency.record(res.elapsed)
+                try:
+                    callback(res)
+                except Exception:
+                    backend.log.failure(LOG_CALLBACK, label=backend.label)
+                if self.backend is None:
+                    return
         if reader.buffered:
             backend._reset(FAIL_TRAILINGDATA)
+
+    def _merged_reply(self, reader: ResponseReader, size: int):
+        """Read on in the reply to a merged multiget of ``size`` keys.
+
+        None until its ``END`` has arrived; then the ``size`` queue entries
+        it answers, popped, each with its own response: its ``VALUE``, or a
+        miss. memcached answers the keys in request order and skips misses;
+        a key out of that order is a desync. An error line answers all.
+        """
+        values = self._values
+        while True:
+            res = reader.read(multi=True)
+            if res is None:
+                return None
+            if res.type != MCMC_RESP_GET:
+                break
+            values.append(res)
+        queue = self.queue
+        entries = [queue[i] for i in range(size)]
+        answers = []
+        if res.type == MCMC_RESP_END:
+            index = 0
+            for value in values:
+                key = value.line[6:].partition(b" ")[0]
+                while index < size and entries[index][0].key != key:
+                    answers.append((entries[index], Response.miss()))
+                    index += 1
+                if index == size:
+                    raise BackendProtocolError(FAIL_PARSING)
+                answers.append((entries[index], value))
+                index += 1
+            answers.extend((entry, Response.miss()) for entry in entries[index:])
+        else:
+            answers = [(entry, res) for entry in entries]
+        self._values = []
+        self._units.popleft()
+        for _ in range(size):
+            queue.popleft()
+        return answers
 
     def _validation_reply(self, backend: Backend) -> None:
         reader = self.reader

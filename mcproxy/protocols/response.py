@@ -24,7 +24,7 @@ unknown first word is garbage (SEED passed it through).
 from __future__ import annotations
 
 from mcproxy.errors import BACKEND_FAILURE, END
-from mcproxy.protocols.request import Request
+from mcproxy.protocols.request import MAX_VALUE_LENGTH, Request
 
 # Response codes, numbered as in mcmc.h (memcached 1.6.16+).
 MCMC_CODE_STORED = 8
@@ -149,6 +149,11 @@ class Response:
         res.reason = reason
         return res
 
+    @classmethod
+    def miss(cls) -> Response:
+        """An ``END``: the answer for a key a multi-key get did not find."""
+        return cls(True, MCMC_CODE_END, MCMC_RESP_END, END)
+
     @property
     def hit(self) -> bool:
         """ok, and not a miss (``END``/``EN``); errors and NOT_FOUND are hits."""
@@ -166,18 +171,32 @@ class Response:
         return f"<Response {self.code} {self.line!r} vlen={self.vlen}>"
 
 
-def _parse(buf: bytes, pos: int, version: bool) -> tuple[Response, int] | int:
+def _size(digits: bytes) -> int:
+    """A value length from a reply line; one no request could ask for is
+    garbage (and int() refuses 4300+ digits)."""
+    number = digits.lstrip(b"0") or b"0"
+    if len(number) > 10 or int(number) > MAX_VALUE_LENGTH:
+        raise BackendProtocolError(FAIL_PARSING)
+    return int(number)
+
+
+def _parse(buf: bytes, pos: int, version: bool,
+           multi: bool = False) -> tuple[Response, int] | int:
     """Parse the reply starting at ``buf[pos]``.
 
     Returns ``(response, end)``, or when the reply is incomplete an int: the
     buffer length needed before it can be complete, or -1 when the line
-    itself has not arrived yet.
+    itself has not arrived yet. With ``multi`` (the reply to a multi-key
+    get) a ``VALUE`` is returned without its ``END``, which follows only
+    after the last value.
     """
     eol = buf.find(b"\n", pos)
     if eol < 0:
         if len(buf) - pos > MAX_LINE:
             raise BackendProtocolError(FAIL_PARSING)
         return -1
+    if eol - pos > MAX_LINE:  # as if it had arrived in pieces
+        raise BackendProtocolError(FAIL_PARSING)
     end = eol + 1
     line = buf[pos:end]
     known = _WHOLE_LINES.get(line)
@@ -192,13 +211,16 @@ def _parse(buf: bytes, pos: int, version: bool) -> tuple[Response, int] | int:
         if not ((nfields == 3 or (nfields == 4 and fields[3].isdigit()))
                 and fields[0] and fields[1].isdigit() and fields[2].isdigit()):
             raise BackendProtocolError(FAIL_PARSING)
-        vend = end + int(fields[2]) + 2
+        vend = end + _size(fields[2]) + 2
         total = vend + 5
         have = len(buf)
         if have < vend:
             return vend
         if not buf.startswith(b"\r\n", vend - 2):
             raise BackendProtocolError(FAIL_PARSING)
+        if multi:
+            return Response(True, MCMC_CODE_OK, MCMC_RESP_GET, line,
+                            buf[end:vend]), vend
         if have < total:
             if not END.startswith(buf[vend:]):
                 raise BackendProtocolError(FAIL_MISSINGEND)
@@ -212,7 +234,7 @@ def _parse(buf: bytes, pos: int, version: bool) -> tuple[Response, int] | int:
         size = line[3:-2].partition(b" ")[0]
         if not size.isdigit():
             raise BackendProtocolError(FAIL_PARSING)
-        vend = end + int(size) + 2
+        vend = end + _size(size) + 2
         if len(buf) < vend:
             return vend
         if not buf.startswith(b"\r\n", vend - 2):
@@ -306,16 +328,18 @@ class ResponseReader:
         self._pos = 0
         return True
 
-    def read(self, version: bool = False) -> Response | None:
+    def read(self, version: bool = False, multi: bool = False) -> Response | None:
         """The next complete reply, or None until more bytes are fed.
 
-        Raises :class:`BackendProtocolError` when the stream is garbage.
+        ``multi``: read one item of the reply to a multi-key get (a
+        ``VALUE`` alone, or the final ``END``). Raises
+        :class:`BackendProtocolError` when the stream is garbage.
         """
         buf = self._buf
         pos = self._pos
         if pos >= len(buf):
             return None
-        result = _parse(buf, pos, version)
+        result = _parse(buf, pos, version, multi)
         if result.__class__ is int:
             self._parts = [memoryview(buf)[pos:] if pos else buf]
             self._have = len(buf) - pos
