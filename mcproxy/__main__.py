@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mcproxy import __version__
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the command; the exit status."""
     parser = argparse.ArgumentParser(
         prog="mcproxy",
         description="Tools for mcproxy; run the proxy itself with 'twistd mcproxy'.")
+    parser.add_argument("--version", action="version", version=f"mcproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser(
         "check", help="load a route config without connecting anywhere; print OK or the error",

@@ -9,7 +9,9 @@ add it to any Twisted application.
 from __future__ import annotations
 
 import signal
-from typing import Any
+import time
+from collections import deque
+from typing import Any, NamedTuple
 
 from twisted.application import strports
 from twisted.application.service import MultiService
@@ -20,9 +22,16 @@ from mcproxy import _version
 from mcproxy.lua.engine import ConfigError, RouteEngine
 from mcproxy.pool import BackendRegistry
 from mcproxy.protocols.server import ProxyServerFactory
-from mcproxy.stats import ProxyStats, format_stats, general_stats, proxy_stats
+from mcproxy.stats import (
+    ProxyStats,
+    backend_stats,
+    format_stats,
+    general_stats,
+    proxy_stats,
+)
 from mcproxy.tunables import Tunables
 from mcproxy.userstats import UserStats
+from mcproxy.watch import WatchRegistry
 
 #: What ``version`` answers: the memcached release whose proxy we follow,
 #: so that clients that check for meta-protocol support are satisfied.
@@ -31,6 +40,17 @@ VERSION = f"1.6.15-mcproxy-{_version.__version__}"
 # Log events of a reload, one per outcome.
 LOG_RELOADED = "reloaded route config {path} (backends in use: {backends}, open: {total})"
 LOG_RELOAD_FAILED = "reload of {path} failed, old routes kept: {error}"
+
+#: Reloads remembered for the status page.
+RELOAD_HISTORY = 10
+
+
+class ReloadRecord(NamedTuple):
+    """One load of the config: when (unix time), whether it took, the error."""
+
+    at: float
+    ok: bool
+    error: str = ""
 
 
 class ProxyService(MultiService):
@@ -44,7 +64,8 @@ class ProxyService(MultiService):
     log = Logger()
 
     def __init__(self, config: str | None, listen: list[str] = ("tcp:11211",),
-                 store=None, reactor=None) -> None:
+                 store=None, reactor=None, metrics: list[str] = (),
+                 max_connections: int = 0, idle_timeout: float = 0) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -58,9 +79,17 @@ class ProxyService(MultiService):
                                   self.user_stats, store=store)
         self.store = store
         self.version_line = f"VERSION {VERSION}\r\n".encode()
-        self.factory = ProxyServerFactory(self)
+        self.factory = ProxyServerFactory(self, max_connections, idle_timeout)
+        self.watchers = WatchRegistry(reactor)
         for description in listen:
             strports.service(description, self.factory).setServiceParent(self)
+        if metrics:
+            from mcproxy.web import metrics_service  # needs prometheus_client
+            for description in metrics:
+                metrics_service(self, description).setServiceParent(self)
+        #: when the active config was loaded (unix time), and the last loads
+        self.config_loaded: float | None = None
+        self.reloads: deque[ReloadRecord] = deque(maxlen=RELOAD_HISTORY)
         #: a reload is queued on the reactor and has not started yet
         self._reload_pending = False
         #: the SIGHUP handler to put back on stop, when ours is installed
@@ -74,6 +103,7 @@ class ProxyService(MultiService):
         if self.config is not None and self.engine.routes is None:
             routes = self.engine.load(self.config)
             self.registry.use(routes, routes.backends)
+            self.config_loaded = time.time()
             self.log.info("loaded route config {path}", path=self.config,
                           type="proxy_conf", status="done")
 
@@ -93,6 +123,7 @@ class ProxyService(MultiService):
             routes = self.engine.load(self.config)
         except Exception as e:
             self.stats.config_reload_fails += 1
+            self.reloads.append(ReloadRecord(time.time(), False, str(e) or repr(e)))
             vars(self.tunables).update(tunables)
             self.registry.sweep()  # backends only the failed load created
             if isinstance(e, ConfigError):
@@ -103,6 +134,8 @@ class ProxyService(MultiService):
                                  type="proxy_conf", status="failed")
             return False
         self.registry.use(routes, routes.backends)
+        self.config_loaded = time.time()
+        self.reloads.append(ReloadRecord(self.config_loaded, True))
         self.log.info(LOG_RELOADED, path=self.config,
                       backends=len(set(routes.backends)),
                       total=self.stats.backend_total,
@@ -147,6 +180,7 @@ class ProxyService(MultiService):
                           signal.SIG_DFL if previous is None else previous)
             self._hup_installed = False
             self._previous_hup = None
+        self.watchers.close()
         stopped = super().stopService()
         closes = self.registry.close()
         return defer.gatherResults([defer.maybeDeferred(lambda: stopped), *closes])
@@ -157,10 +191,19 @@ class ProxyService(MultiService):
         """The reply to ``stats [args]``."""
         if not args:
             store_stats = self.store.stats() if self.store is not None else {}
-            return format_stats(general_stats(self.stats, VERSION, store_stats))
+            pairs = general_stats(self.stats, VERSION, store_stats)
+            at = next(i for i, (name, _) in enumerate(pairs) if name == "total_connections")
+            pairs.insert(at + 1, ("rejected_connections", self.factory.rejected))
+            return format_stats(pairs)
         if args == [b"proxy"]:
             return format_stats(proxy_stats(self.stats, self.user_stats.lines()))
+        if args == [b"proxybe"]:
+            return format_stats(backend_stats(self.registry.live))
         if args == [b"settings"]:
             return format_stats([("proxy_enabled", "yes"),
                                  ("proxy_uring_enabled", "no")])
+        if args in ([b"slabs"], [b"items"]):
+            # No slab classes to show; answered (empty) because monitoring
+            # such as memcached_exporter asks for both after ``stats``.
+            return format_stats([])
         return b"ERROR\r\n"

@@ -1,4 +1,4 @@
-"""Proxy-wide counters and the ``stats`` / ``stats proxy`` replies.
+"""Proxy-wide counters and the ``stats``, ``stats proxy`` and ``stats proxybe`` replies.
 
 Pure: counters are plain attributes bumped on the hot path; formatting
 happens only when a client asks.
@@ -7,6 +7,7 @@ happens only when a client asks.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import time
 
@@ -76,3 +77,33 @@ def proxy_stats(stats: ProxyStats, user_lines) -> list:
     """The reply to ``stats proxy``: user stats, then per-command counts."""
     return [*user_lines,
             *((f"cmd_{COMMAND_NAMES[cmd]}", stats.commands[cmd]) for cmd in PROXY_CMD_ORDER)]
+
+
+#: Bytes a stat name or value must not contain: a STAT line is exactly three
+#: space-separated fields (parsers such as memcached_exporter's split on " ").
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _token(text: str) -> str:
+    """``text`` made safe as one field of a STAT line."""
+    return _UNSAFE.sub("_", text) or "_"
+
+
+def backend_stats(backends) -> list:
+    """The reply to ``stats proxybe``: one line per live backend.
+
+    ``backends`` are objects with ``label``, ``host``, ``port``, ``state``,
+    ``failures`` and ``depth`` (mcproxy's Backend). A line reads
+    ``STAT <label>:<host>:<port> state=<state>,failures=<n>,depth=<n>``: the
+    name is the backend's identity (label, host and port, as in memcached's
+    backend cache), the value has no spaces, so every line keeps the
+    three-field ``STAT name value`` shape. Sorted by name.
+    """
+    lines = []
+    for backend in backends:
+        name = _token(f"{backend.label}:{backend.host}:{backend.port}")
+        value = (f"state={backend.state},failures={backend.failures},"
+                 f"depth={backend.depth}")
+        lines.append((name, value))
+    lines.sort()
+    return lines

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from mcproxy import __version__
 from mcproxy.lua.engine import ConfigError
 from mcproxy.service import ProxyService
 from mcproxy.store import Store
@@ -15,23 +18,39 @@ DEFAULT_LISTEN = "tcp:11211"
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
+    synopsis = "[options]   (e.g. twistd -n mcproxy --config=route.lua --listen=tcp:11211)"
     longdesc = (
         "Run a memcached proxy. Clients speak the memcached text and meta "
         "protocols to it; the Lua route config (--config) decides which "
         "memcached servers answer each command. Without --config, mcproxy is "
-        "a plain in-memory memcached-compatible cache."
+        "a plain in-memory memcached-compatible cache. "
+        "twistd's own options go before 'mcproxy': -n stays in the foreground "
+        "(otherwise twistd daemonizes), --logfile and --pidfile say where the "
+        "log and the pid go, --uid/--gid drop privileges after binding. "
+        "'kill -HUP $(cat twistd.pid)' reloads the config. Check a config "
+        "first with 'python -m mcproxy check route.lua'. On the client port, "
+        "'watch proxyevents proxyreqs proxyuser' streams log events."
     )
     optParameters = [
         ["config", "c", None,
          "Route config: a Lua file defining mcp_config_pools and "
          "mcp_config_routes, as for memcached's proxy. SIGHUP reloads it."],
         ["memory", "m", 64, "Memory for the embedded cache, in megabytes.", int],
+        ["max-connections", None, 0,
+         "Most client connections open at once; beyond it a new client gets "
+         "'ERROR Too many open connections' and is closed (0: no limit).", int],
+        ["idle-timeout", None, 0,
+         "Close client connections that sent nothing for this many seconds "
+         "and wait for no reply (0: never).", float],
     ]
 
     def __init__(self) -> None:
         super().__init__()
+        # --help shows opt_* docstrings as they are: join their indented lines.
+        self.docs = {name: " ".join(doc.split()) if doc else doc
+                     for name, doc in self.docs.items()}
         self["listen"] = []
+        self["metrics"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """Where to accept clients: a Twisted server endpoint string, e.g.
@@ -47,6 +66,26 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_metrics(self, endpoint: str) -> None:
+        """Serve Prometheus metrics (/metrics) and a status page (/) on this
+        Twisted server endpoint, e.g. tcp:9150:interface=127.0.0.1
+        (repeatable; needs the "metrics" extra: pip install 'mcproxy[metrics]')."""
+        from twisted.internet import reactor
+
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise usage.UsageError(
+                "--metrics needs prometheus_client: pip install 'mcproxy[metrics]'")
+        try:
+            serverFromString(reactor, endpoint)
+        except (ValueError, KeyError, TypeError) as e:
+            raise usage.UsageError(f"bad --metrics endpoint {endpoint!r}: {e}") from None
+        self["metrics"].append(endpoint)
+
+    def opt_version(self) -> None:
+        """Print mcproxy's version and exit."""
+        sys.stdout.write(f"mcproxy {__version__}\n")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -55,6 +94,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--config: no such file: {config}")
         if self["memory"] <= 0:
             raise usage.UsageError("--memory must be a positive number of megabytes")
+        if self["max-connections"] < 0:
+            raise usage.UsageError("--max-connections must be 0 (no limit) or more")
+        if self["idle-timeout"] < 0:
+            raise usage.UsageError("--idle-timeout must be 0 (never) or more seconds")
 
 
 def makeService(options: Options) -> ProxyService:
@@ -62,7 +105,9 @@ def makeService(options: Options) -> ProxyService:
     config = options["config"]
     store = Store(memory_limit=options["memory"] * 2**20)
     service = ProxyService(os.path.abspath(config) if config else None,
-                           options["listen"], store=store)
+                           options["listen"], store=store, metrics=options["metrics"],
+                           max_connections=options["max-connections"],
+                           idle_timeout=options["idle-timeout"])
     try:
         service.load_config()
     except ConfigError as e:
