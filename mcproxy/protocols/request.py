@@ -136,10 +136,17 @@ class Request:
         nothing for what memcached would suppress.
         """
         if self.noreply:
-            return b" ".join(self.tokens[:-1]) + b"\r\n"
+            # A second noreply would be the one the backend obeys.
+            tokens = self.tokens[:-1]
+            while len(tokens) > 2 and tokens[-1][:7] == b"noreply":
+                tokens.pop()
+            return b" ".join(tokens) + b"\r\n"
         if self.quiet:
             first_flag = 3 if self.command == CMD_MS else 2
-            flags = [t for t in self.tokens[first_flag:] if t[:1] != b"q"]
+            # Split the capped last token too: a q flag inside it would
+            # still silence the backend.
+            flags = [t for t in b" ".join(self.tokens[first_flag:]).split(b" ")
+                     if t and t[:1] != b"q"]
             return b" ".join(self.tokens[:first_flag] + flags) + b"\r\n"
         return self.line
 
@@ -152,7 +159,7 @@ class Request:
 
 def _tokenize(body: bytes, cap: int) -> list[bytes]:
     """Split on spaces, skipping runs, indexing at most ``cap`` tokens."""
-    if b"  " not in body and body[:1] != b" ":
+    if b"  " not in body and body[:1] != b" " and body[-1:] != b" ":
         return body.split(b" ", cap - 1)
     tokens: list[bytes] = []
     rest = body.lstrip(b" ")
@@ -176,7 +183,10 @@ def _length(token: bytes) -> int:
             break
     if not digits:
         raise ParseError("bad data length")
-    length = int(token[:digits])
+    number = token[:digits].lstrip(b"0")
+    if len(number) > 10:  # surely too large; int() refuses 4300+ digits
+        raise ParseError("data length too large")
+    length = int(number or b"0")
     if length > MAX_VALUE_LENGTH:
         raise ParseError("data length too large")
     return length
@@ -190,6 +200,8 @@ def parse_request(line: bytes) -> Request:
     """
     if len(line) < 4 or line[-2:] != b"\r\n":
         raise ParseError("line too short or not CRLF terminated")
+    if line.find(b"\n", 0, -1) >= 0:
+        raise ParseError("more than one line")
     body = line[:-2]
     name, _, _ = body.partition(b" ")
     command = COMMANDS.get(name)
@@ -231,7 +243,7 @@ def parse_request(line: bytes) -> Request:
                 quiet = True
         return Request(command, line, tokens, key, vlen, quiet=quiet)
 
-    noreply = tokens[-1][:7] == b"noreply"
+    noreply = ntokens > 2 and tokens[-1][:7] == b"noreply"
     if command in STORAGE_COMMANDS:
         if ntokens < 5:
             raise ParseError("too few tokens")
