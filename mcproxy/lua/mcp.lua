@@ -261,6 +261,23 @@ return function(host, phase)
         return res
     end
 
+    -- mcp.pool_backend(pool, key): the label of the backend the pool picks
+    -- for the key, without sending anything (for route introspection).
+    function mcp.pool_backend(pool, key)
+        routes_only("mcp.pool_backend")
+        if getmetatable(pool) ~= POOL_PROXY then
+            error("mcp.pool_backend: first argument must be a pool", 2)
+        end
+        if type(key) ~= "string" then
+            error("mcp.pool_backend: key must be a string", 2)
+        end
+        local label, err = host.pool_backend(pool._p, key)
+        if err then
+            error(err, 2)
+        end
+        return label
+    end
+
     function mcp.request(line, value)
         routes_only("mcp.request")
         if type(line) ~= "string" then

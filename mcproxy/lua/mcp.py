@@ -132,6 +132,13 @@ class Host:
         except (PoolOptionError, ValueError) as e:
             return None, lua_error(str(e))
 
+    def pool_backend(self, pool: Pool, key: bytes):
+        """``mcp.pool_backend(pool, key)``: the label of the backend for key."""
+        try:
+            return pool.select(key).label.encode(), None
+        except ValueError as e:
+            return None, lua_error(str(e))
+
     # -- user stats ----------------------------------------------------------
 
     def add_stat(self, index, name):
