@@ -56,8 +56,36 @@ def test_parse_errors(line):
         parse_request(line)
 
 
-def test_length_takes_leading_digits_like_strtol():
-    assert parse_request(b"set foo 0 0 12abc\r\n").vlen == 14
+@pytest.mark.parametrize("line", [
+    b"set foo 0 0 12abc\r\n",
+    b"set foo 0 0 -1\r\n",
+    b"set foo 0 9223372036854775808 1\r\n",
+    b"set foo 18446744073709551616 0 1\r\n",
+    b"set foo 0 0 1 a b\r\n",
+    b"set foo 0 0 1 noreply x\r\n",
+    b"set foo x 0 1\r\n",
+    b"set foo -1 0 1\r\n",
+    b"set foo 0 x 1\r\n",
+    b"set " + b"k" * 251 + b" 0 0 1\r\n",
+    b"cas foo 0 0 1\r\n",
+    b"cas foo 0 0 1 x\r\n",
+    b"ms foo 2x\r\n",
+    b"ms " + b"k" * 251 + b" 2\r\n",
+    b"ms foo 2 " + b" ".join([b"T1"] * 30) + b"\r\n",
+])
+def test_storage_lines_memcached_would_refuse_are_not_forwarded(line):
+    """memcached answers such a line with an error and then runs the payload
+    as a command: two replies for one request, so the proxy refuses it."""
+    with pytest.raises(ParseError):
+        parse_request(line)
+
+
+def test_storage_lines_memcached_accepts():
+    assert parse_request(b"set foo 0 -1 0012\r\n").vlen == 14
+    assert parse_request(b"set foo +7 +5 +12\r\n").vlen == 14
+    assert parse_request(b"set foo -0 0 1\r\n").vlen == 3
+    assert parse_request(b"set foo 4294967297 0 1 noreply\r\n").noreply
+    assert parse_request(b"cas foo 0 0 1 99 noreply\r\n").vlen == 3
 
 
 def test_token_caps():

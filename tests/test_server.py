@@ -165,7 +165,7 @@ def test_request_too_long_closes():
 
 def test_request_too_long_waits_for_earlier_replies():
     proto, transport, service = connect()
-    feed(proto, b"get a\r\nset " + b"k" * 490 + b" 0 0 1\r\nx\r\n")
+    feed(proto, b"get a\r\nmg " + b"k" * 200 + b" " + b"O" * 300 + b"\r\n")
     assert not transport.disconnecting
     answer_all(service)
     assert transport.value() == b"OK a\r\n" + errors.REQUEST_TOO_LONG

@@ -173,23 +173,47 @@ def _tokenize(body: bytes, cap: int) -> list[bytes]:
     return tokens
 
 
+_INT64_MAX = 2**63 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def _number(token: bytes, low: int, high: int) -> int:
+    """A whole-token decimal number with an optional sign, as memcached's
+    safe_strto* functions take it; ParseError outside ``low``..``high``
+    (a leading ``-`` is only allowed for ``-0`` when ``low`` is 0)."""
+    digits = token[1:] if token[:1] in (b"+", b"-") else token
+    if not digits.isdigit() or not digits.isascii():
+        raise ParseError("not a number")
+    digits = digits.lstrip(b"0")
+    if len(digits) > 20:  # beyond any range checked here; int() refuses 4300+
+        raise ParseError("number out of range")
+    value = int(digits or b"0")
+    if token[:1] == b"-":
+        value = -value
+    if not low <= value <= high:
+        raise ParseError("number out of range")
+    return value
+
+
 def _length(token: bytes) -> int:
-    """A payload length token: leading digits, as strtol reads them."""
-    digits = 0
-    for byte in token:
-        if 48 <= byte <= 57:
-            digits += 1
-        else:
-            break
-    if not digits:
-        raise ParseError("bad data length")
-    number = token[:digits].lstrip(b"0")
-    if len(number) > 10:  # surely too large; int() refuses 4300+ digits
-        raise ParseError("data length too large")
-    length = int(number or b"0")
-    if length > MAX_VALUE_LENGTH:
-        raise ParseError("data length too large")
-    return length
+    """A payload length token (memcached refuses lengths over INT_MAX - 2)."""
+    return _number(token, 0, MAX_VALUE_LENGTH)
+
+
+def _check_storage(command: int, tokens: list[bytes], noreply: bool) -> None:
+    """Refuse a storage line memcached would refuse before reading its
+    payload (token count, key length, flags, exptime, cas): memcached would
+    answer an error and then run the payload as a command, two replies for
+    one request, and every later reply on the connection would be shifted."""
+    expected = (6 if command == CMD_CAS else 5) + noreply
+    if len(tokens) != expected or b" " in tokens[-1]:
+        raise ParseError("wrong number of tokens")
+    if len(tokens[1]) > MAX_KEY_LENGTH:
+        raise ParseError("key too long")
+    _number(tokens[2], 0, _UINT64_MAX)  # flags
+    _number(tokens[3], -_INT64_MAX - 1, _INT64_MAX)  # exptime (strtol's long)
+    if command == CMD_CAS:
+        _number(tokens[5], 0, _UINT64_MAX)
 
 
 def parse_request(line: bytes) -> Request:
@@ -230,8 +254,8 @@ def parse_request(line: bytes) -> Request:
         vlen = 0
         first_flag = 2
         if command == CMD_MS:
-            if ntokens < 3:
-                raise ParseError("too few tokens")
+            if ntokens < 3 or b" " in tokens[-1] or len(key) > MAX_KEY_LENGTH:
+                raise ParseError("ms line memcached would refuse")
             vlen = _length(tokens[2]) + 2
             first_flag = 3
         quiet = False
@@ -245,8 +269,7 @@ def parse_request(line: bytes) -> Request:
 
     noreply = ntokens > 2 and tokens[-1][:7] == b"noreply"
     if command in STORAGE_COMMANDS:
-        if ntokens < 5:
-            raise ParseError("too few tokens")
+        _check_storage(command, tokens, noreply)
         return Request(command, line, tokens, key, _length(tokens[4]) + 2,
                        noreply=noreply)
     return Request(command, line, tokens, key, noreply=noreply)
