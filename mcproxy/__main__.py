@@ -25,7 +25,21 @@ def main(argv: list[str] | None = None) -> int:
                     "state, without opening backend connections. Prints OK and "
                     "exits 0, or prints the error (with file:line) and exits 1.")
     check.add_argument("config", help="the route config (Lua) to check")
+    worker = commands.add_parser(
+        "worker", help="internal: one worker process of 'twistd mcproxy --workers=N'",
+        description="Run one worker of 'twistd mcproxy --workers=N' on listening "
+                    "sockets inherited from it; started by the supervisor, not by hand.")
+    worker.add_argument("--worker-id", type=int, required=True, help="the worker's slot")
+    worker.add_argument("--fd", type=int, action="append", default=[],
+                        help="an inherited listening socket (repeatable)")
+    worker.add_argument("options", nargs=argparse.REMAINDER,
+                        help="'--' and the mcproxy options, as for twistd mcproxy")
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        from mcproxy.workers import run_worker
+
+        options = args.options[1:] if args.options[:1] == ["--"] else args.options
+        return run_worker(args.worker_id, args.fd, options)
     from mcproxy.check import main as check_main
 
     return check_main(args.config)

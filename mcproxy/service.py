@@ -81,6 +81,12 @@ class ProxyService(MultiService):
         self.version_line = f"VERSION {VERSION}\r\n".encode()
         self.factory = ProxyServerFactory(self, max_connections, idle_timeout)
         self.watchers = WatchRegistry(reactor)
+        #: under --workers: this worker's slot (shown by ``stats``), and the
+        #: other workers' last ``stats`` figures by slot, with the restart
+        #: count, as the supervisor sends them (see mcproxy.workers)
+        self.worker_id: int | None = None
+        self.worker_table: dict[str, list] = {}
+        self.worker_restarts = 0
         for description in listen:
             strports.service(description, self.factory).setServiceParent(self)
         if metrics:
@@ -194,7 +200,13 @@ class ProxyService(MultiService):
             pairs = general_stats(self.stats, VERSION, store_stats)
             at = next(i for i, (name, _) in enumerate(pairs) if name == "total_connections")
             pairs.insert(at + 1, ("rejected_connections", self.factory.rejected))
+            if self.worker_id is not None:
+                pairs.insert(1, ("worker_id", self.worker_id))
             return format_stats(pairs)
+        if args == [b"workers"]:
+            from mcproxy.workers import workers_stats
+
+            return format_stats(workers_stats(self))
         if args == [b"proxy"]:
             return format_stats(proxy_stats(self.stats, self.user_stats.lines()))
         if args == [b"proxybe"]:

@@ -10,9 +10,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from mcproxy import __version__
+from mcproxy.check import check_config
 from mcproxy.lua.engine import ConfigError
 from mcproxy.service import ProxyService
 from mcproxy.store import Store
+from mcproxy.workers import WorkerSupervisor, is_tcp_endpoint, worker_arguments
 
 DEFAULT_LISTEN = "tcp:11211"
 
@@ -42,6 +44,10 @@ class Options(usage.Options):
         ["idle-timeout", None, 0,
          "Close client connections that sent nothing for this many seconds "
          "and wait for no reply (0: never).", float],
+        ["workers", "w", 1,
+         "Worker processes: with more than 1, this process binds the --listen "
+         "TCP endpoints and runs that many proxy processes on them, restarts "
+         "any that dies, and passes SIGHUP on to all.", int],
     ]
 
     def __init__(self) -> None:
@@ -98,11 +104,31 @@ class Options(usage.Options):
             raise usage.UsageError("--max-connections must be 0 (no limit) or more")
         if self["idle-timeout"] < 0:
             raise usage.UsageError("--idle-timeout must be 0 (never) or more seconds")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be 1 or more")
+        if self["workers"] > 1:
+            for endpoint in self["listen"]:
+                if not is_tcp_endpoint(endpoint):
+                    raise usage.UsageError(
+                        f"--workers needs TCP --listen endpoints, not {endpoint!r}")
+            if self["metrics"]:
+                raise usage.UsageError("--metrics cannot be combined with --workers yet; "
+                                       "use 'stats workers' on the client port")
 
 
-def makeService(options: Options) -> ProxyService:
-    """Build the service; a config that fails to load stops twistd."""
+def makeService(options: Options) -> ProxyService | WorkerSupervisor:
+    """Build the service; a config that fails to load stops twistd.
+
+    With ``--workers`` above 1, a supervisor of that many worker processes
+    (mcproxy.workers), once the config has loaded in a scratch state.
+    """
     config = options["config"]
+    if options["workers"] > 1:
+        error = check_config(os.path.abspath(config)) if config else None
+        if error is not None:
+            raise SystemExit(f"mcproxy: {error}")
+        return WorkerSupervisor(options["workers"], options["listen"],
+                                worker_arguments(options))
     store = Store(memory_limit=options["memory"] * 2**20)
     service = ProxyService(os.path.abspath(config) if config else None,
                            options["listen"], store=store, metrics=options["metrics"],
