@@ -43,6 +43,18 @@ def wait_for_port(port: int, timeout: float = 10.0, proc=None,
     raise TimeoutError(f"nothing listening on port {port}")
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """True when every thread of pid is in state T (stopped) in /proc."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            # The state follows the parenthesised command name.
+            states.append(stat.read_text().rpartition(")")[2].split()[0])
+        except (OSError, IndexError):
+            return False
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 class Memcached:
     """A memcached process on a free loopback port."""
 
@@ -74,8 +86,18 @@ class Memcached:
         self.proc = None
 
     def pause(self) -> None:
-        """SIGSTOP: the server keeps its socket but answers nothing."""
+        """SIGSTOP: the server keeps its socket but answers nothing.
+
+        Returns once every thread of the server is stopped: the signal is
+        delivered asynchronously, and a test that sends right after pausing
+        must not be answered by a thread that has not stopped yet.
+        """
         self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not _all_threads_stopped(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError("memcached did not stop on SIGSTOP")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
