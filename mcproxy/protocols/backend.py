@@ -145,6 +145,8 @@ class BackendProtocol(Protocol):
         self._values: list[Response] = []
         self._batched = False
         self._socket = None
+        #: bytes arrived since the read timer last looked (see _read_timer)
+        self.receiving = False
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -205,6 +207,7 @@ class BackendProtocol(Protocol):
         backend = self.backend
         if backend is None:
             return
+        self.receiving = True
         reader = self.reader
         if not reader.feed(data):
             return
@@ -602,21 +605,37 @@ class Backend:
         self._reset(FAIL_CONNTIMEOUT)
 
     def _validate_timer(self) -> None:
+        # Timers run before the reactor polls: give a busy process one pass
+        # to read a reply that may already be waiting in the socket.
+        self._timer = self.reactor.callLater(0, self._validate_expired)
+
+    def _validate_expired(self) -> None:
         self._timer = None
         self._reset(FAIL_READVALIDATE)
 
     def _read_timer(self) -> None:
-        """The oldest request's deadline, re-armed lazily for the next one."""
+        """The oldest request's deadline, re-armed lazily for the next one.
+
+        An overdue request times out only after a pass of the reactor that
+        brought no bytes from the backend: timers run before the reactor
+        polls, so a process busy with a burst may not yet have read replies
+        that are waiting in the socket, and the backend is not to blame.
+        """
         self._timer = None
         queue = self._queue
         if not queue or self._state is not CONNECTED:
             return
+        protocol = self._protocol
+        receiving = protocol.receiving
+        protocol.receiving = False
         due = queue[0][2] + self._read_timeout
         now = self._seconds()
-        if now >= due - _EPSILON:
-            self._reset(FAIL_TIMEOUT)
-        else:
+        if now < due - _EPSILON:
             self._timer = self.reactor.callLater(due - now, self._read_timer)
+        elif receiving:
+            self._timer = self.reactor.callLater(0, self._read_timer)
+        else:
+            self._reset(FAIL_TIMEOUT)
 
     def _retry_timer(self) -> None:
         self._timer = None
