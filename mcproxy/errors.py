@@ -14,3 +14,9 @@ NO_ROUTE = b"SERVER_ERROR no route for command\r\n"
 NOT_SUPPORTED = b"SERVER_ERROR command not supported\r\n"
 END = b"END\r\n"
 ACTIVE_REQUEST_LIMIT = b"SERVER_ERROR active request limit reached\r\n"
+#: The first byte of a connection is the binary protocol's magic (0x80);
+#: the connection is closed after this line.
+BINARY_PROTOCOL = b"SERVER_ERROR binary protocol not supported\r\n"
+#: A storage command declared a payload over the proxy's limit; the payload
+#: is read and dropped (memcached's words and behaviour for an item too large).
+OBJECT_TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"

@@ -492,6 +492,7 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
 #: Everything the proxy writes of its own accord.
 _PROXY_LINES = [errors.PARSING_REQUEST, errors.REQUEST_TOO_LONG, errors.KEY_TOO_LONG,
                 errors.BAD_DATA_CHUNK, errors.NO_ROUTE, errors.NOT_SUPPORTED,
+                errors.BINARY_PROTOCOL, errors.OBJECT_TOO_LARGE,
                 errors.END, b"MN\r\n", b"VERSION test\r\n"]
 _OUTPUT_ITEM = re.compile(b"<(\\d+)>\r\n|" + b"|".join(map(re.escape, _PROXY_LINES)))
 

@@ -45,6 +45,20 @@ if TYPE_CHECKING:
 
 #: Requests a client may have in flight before we stop reading from it.
 MAX_CLIENT_INFLIGHT = 4096
+#: Payload bytes of a client's requests in flight (read, not yet answered)
+#: at which we stop reading from it; reading resumes below half of it.
+MAX_CLIENT_INFLIGHT_BYTES = 64 * 2**20
+#: Largest value a storage command may carry through the proxy; a larger
+#: one is answered ``SERVER_ERROR object too large for cache`` and its
+#: payload is read and dropped, as memcached does with items over ``-I``.
+MAX_PAYLOAD = 64 * 2**20
+#: Longest ``get``/``gets`` line; beyond it the client gets
+#: ``SERVER_ERROR request too long`` and is closed.
+MAX_MULTIGET_LINE = 2 * 2**20
+#: Most keys in one multi-key ``get``/``gets``/``gat``/``gats`` (as above beyond it).
+MAX_MULTIGET_KEYS = 16384
+#: The first byte of a binary protocol request.
+BINARY_MAGIC = b"\x80"
 #: How far a multiget line may be indented and still count as one.
 MAX_MULTIGET_INDENT = 100
 #: What a client beyond --max-connections gets before the hang-up (memcached's words).
@@ -65,6 +79,22 @@ class Slot:
     def fill(self, data: bytes) -> None:
         self.data = data
         self.proto.flush()
+
+
+class PayloadSlot(Slot):
+    """The slot of a storage request: its payload counts towards the
+    connection's in-flight bytes until the reply fills it."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, proto: ProxyServerProtocol, size: int) -> None:
+        super().__init__(proto)
+        self.size = size
+        proto._inflight_bytes += size
+
+    def fill(self, data: bytes) -> None:
+        self.proto._inflight_bytes -= self.size
+        super().fill(data)
 
 
 def _is_multiget_prefix(buffered: bytes) -> bool:
@@ -109,6 +139,7 @@ class ProxyServerProtocol(LineReceiver):
         self._out: list[bytes] = []
         self._batched = False
         self._socket = None
+        self._inflight_bytes = 0
 
     # -- connection lifecycle -----------------------------------------------
 
@@ -123,6 +154,21 @@ class ProxyServerProtocol(LineReceiver):
         if self._socket is not None:
             self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
+        self.dataReceived = self._first_data
+
+    def _first_data(self, data: bytes) -> None:
+        """The first bytes of the connection: refuse the binary protocol
+        (memcached would answer it), then hand over to ``dataReceived``
+        for good (so later reads pay nothing for this check)."""
+        if not data:
+            return
+        del self.dataReceived
+        if data[:1] == BINARY_MAGIC:
+            self.stats.conn_errors += 1
+            self._reply(errors.BINARY_PROTOCOL)
+            self._close_after_replies()
+            return
+        self.dataReceived(data)
 
     def connectionLost(self, reason=None) -> None:
         if self.factory is not None:
@@ -176,17 +222,25 @@ class ProxyServerProtocol(LineReceiver):
 
     def _check_unterminated(self) -> None:
         """memcached's rule: > 1024 bytes without a newline closes, unless
-        it is a get/gets multiget, which may be arbitrarily long."""
-        if len(self._buffer) > MAX_UNTERMINATED and not _is_multiget_prefix(
-                bytes(self._buffer[: MAX_MULTIGET_INDENT + 5])):
+        it is a get/gets multiget, which may be up to MAX_MULTIGET_LINE long."""
+        if len(self._buffer) <= MAX_UNTERMINATED:
+            return
+        if not _is_multiget_prefix(bytes(self._buffer[: MAX_MULTIGET_INDENT + 5])):
             self._buffer.clear()
             self._closing = True
             self.transport.loseConnection()
+        elif len(self._buffer) > MAX_MULTIGET_LINE:
+            self._too_long()
 
     def rawDataReceived(self, data: bytes) -> None:
-        """Collect payload bytes; ``data`` never runs past the payload."""
-        self._payload_chunks.append(data)
+        """Collect payload bytes; ``data`` never runs past the payload.
+        Without a ``then`` the payload is too large and dropped as it comes."""
         self._payload_needed -= len(data)
+        if self._payload_then is None:
+            if not self._payload_needed:
+                self._payload_for = None
+            return
+        self._payload_chunks.append(data)
         if self._payload_needed:
             return
         req, then = self._payload_for, self._payload_then
@@ -213,13 +267,14 @@ class ProxyServerProtocol(LineReceiver):
             self._multiget(req, keys)
             return
         elif len(req.line) >= MAX_REQUEST_LINE:
-            self.stats.conn_errors += 1
-            self._reply(errors.REQUEST_TOO_LONG)
-            self._close_after_replies()
+            self._too_long()
             return
         else:
             then = self._route
         if req.vlen:
+            if req.vlen > MAX_PAYLOAD + 2:
+                self._reply(errors.OBJECT_TOO_LARGE)
+                then = None
             self._payload_for = req
             self._payload_then = then
             self._payload_needed = req.vlen
@@ -229,13 +284,22 @@ class ProxyServerProtocol(LineReceiver):
     # -- dispatch ------------------------------------------------------------
 
     def _route(self, req: Request) -> None:
-        slot = Slot(self)
+        value = req.value
+        if value is None:
+            slot = Slot(self)
+        else:
+            slot = PayloadSlot(self, len(value))
+            if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES:
+                self._pause_reading()
         self._slots.append(slot)
         self._check_inflight()
         self.engine.route(req, slot.fill)
 
     def _multiget(self, req: Request, keys: list[bytes]) -> None:
         """Split a hooked multiget into one routed request per key."""
+        if len(keys) > MAX_MULTIGET_KEYS:
+            self._too_long()
+            return
         prefix = multiget_prefix(req)
         command = req.command
         for key in keys:
@@ -244,9 +308,7 @@ class ProxyServerProtocol(LineReceiver):
                 continue
             line = prefix + key + b"\r\n"
             if len(line) >= MAX_REQUEST_LINE:
-                self.stats.conn_errors += 1
-                self._reply(errors.REQUEST_TOO_LONG)
-                self._close_after_replies()
+                self._too_long()
                 return
             sub = Request(command, line, [*req.tokens[:-1], key], key)
             sub.multiget = True
@@ -332,8 +394,15 @@ class ProxyServerProtocol(LineReceiver):
             if not self._slots:
                 self.transport.loseConnection()
         elif self._reading_paused and not self._writing_paused \
-                and len(self._slots) < MAX_CLIENT_INFLIGHT // 2:
+                and len(self._slots) < MAX_CLIENT_INFLIGHT // 2 \
+                and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2:
             self._resume_reading()
+
+    def _too_long(self) -> None:
+        """``SERVER_ERROR request too long``, then hang up."""
+        self.stats.conn_errors += 1
+        self._reply(errors.REQUEST_TOO_LONG)
+        self._close_after_replies()
 
     def _close_after_replies(self) -> None:
         """Stop reading; hang up once every earlier reply is written."""
@@ -344,7 +413,11 @@ class ProxyServerProtocol(LineReceiver):
     # -- backpressure --------------------------------------------------------
 
     def _check_inflight(self) -> None:
-        if len(self._slots) >= MAX_CLIENT_INFLIGHT and not self._reading_paused:
+        if len(self._slots) >= MAX_CLIENT_INFLIGHT:
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()
 
@@ -366,7 +439,8 @@ class ProxyServerProtocol(LineReceiver):
 
     def resumeProducing(self) -> None:
         self._writing_paused = False
-        if self._reading_paused and len(self._slots) < MAX_CLIENT_INFLIGHT // 2:
+        if self._reading_paused and len(self._slots) < MAX_CLIENT_INFLIGHT // 2 \
+                and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2:
             self._resume_reading()
 
     def stopProducing(self) -> None:
