@@ -76,6 +76,12 @@ class Pool:
         return self.backends[self._select(key)]
 
 
+def _identity(label: str, host: str, port: str, options: BackendOptions) -> tuple:
+    """What makes two ``mcp.backend`` calls the same backend object."""
+    return (label, host, port, options.down, options.tls, options.tls_ca,
+            options.tls_verify, options.tls_hostname)
+
+
 class BackendRegistry:
     """Every live backend, by label, host and port.
 
@@ -103,7 +109,7 @@ class BackendRegistry:
         self.stats = stats
         self.reactor = reactor
         self.connecting = False
-        self._backends: dict[tuple[str, str, str, bool], Backend] = {}
+        self._backends: dict[tuple, Backend] = {}
         #: loaded config -> the backends it may send to
         self._users: weakref.WeakKeyDictionary[Any, list[Backend]] = (
             weakref.WeakKeyDictionary())
@@ -119,10 +125,11 @@ class BackendRegistry:
         """The backend for label/host/port, created (unconnected) if new.
 
         An existing backend keeps its connection; the loader hands it the
-        new options once the whole load has succeeded. ``down`` is part of
-        the identity: marking a backend down (or up) makes a new object.
+        new options once the whole load has succeeded. ``down`` and the TLS
+        settings are part of the identity: changing them makes a new object
+        with a new connection (a kept connection could not take them).
         """
-        key = (label, host, port, options.down)
+        key = _identity(label, host, port, options)
         backend = self._backends.get(key)
         if backend is None:
             backend = Backend(label, host, port, options, self.stats,
@@ -175,7 +182,8 @@ class BackendRegistry:
             self._sweep_call = self.reactor.callLater(self.DRAIN_INTERVAL, self.sweep)
 
     def _close(self, backend: Backend):
-        del self._backends[(backend.label, backend.host, backend.port, backend.options.down)]
+        del self._backends[_identity(backend.label, backend.host, backend.port,
+                                     backend.options)]
         self.stats.backend_total -= 1
         return backend.close()
 

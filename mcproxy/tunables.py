@@ -24,6 +24,7 @@ TUNABLE_NAMES = {
     "backend_failure_limit": ("failure_limit", "count"),
     "tcp_keepalive": ("keepalive", "boolean"),
     "backend_depth_limit": ("depth_limit", "count"),
+    "backend_use_tls": ("tls", "boolean"),
     "active_req_limit": (None, "count"),
 }
 

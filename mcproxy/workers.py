@@ -47,7 +47,11 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, error, protocol, task
-from twisted.internet.endpoints import TCP6ServerEndpoint, serverFromString
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    serverFromString,
+)
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
@@ -89,7 +93,7 @@ def is_tcp_endpoint(description: str) -> bool:
     from twisted.internet import reactor
 
     endpoint = serverFromString(reactor, description)
-    return hasattr(endpoint, "_port") and hasattr(endpoint, "_interface")
+    return type(endpoint) in (TCP4ServerEndpoint, TCP6ServerEndpoint)
 
 
 def bind_tcp(description: str, count: int, reuseport: bool) -> list[socket.socket]:

@@ -169,6 +169,15 @@ def test_phases_have_separate_globals(engine, load):
      "function mcp_config_routes() end", "backend_failure_limit must be >= 0"),
     ("function mcp_config_pools() mcp.tcp_keepalive(1) end\n"
      "function mcp_config_routes() end", "tcp_keepalive must be a boolean"),
+    ("function mcp_config_pools()\n"
+     "  return mcp.pool({ mcp.backend{ label = 'a', host = 'h', readtimeout = 0 } }) end\n"
+     "function mcp_config_routes() end", "'readtimeout' must be > 0"),
+    ("function mcp_config_pools()\n"
+     "  return mcp.pool({ mcp.backend{ label = 'a', host = 'h', failurelimit = -1 } }) end\n"
+     "function mcp_config_routes() end", "'failurelimit' must be >= 0"),
+    ("function mcp_config_pools()\n"
+     "  return mcp.pool({ mcp.backend{ label = 'a', host = 'h', depthlimit = 'x' } }) end\n"
+     "function mcp_config_routes() end", "'depthlimit' must be a number"),
     ("function mcp_config_pools() mcp.add_stat(0, 'x') end\nfunction mcp_config_routes() end",
      "stat index must be 1 or higher"),
     ("function mcp_config_pools() mcp.add_stat(1, 'a b') end\n"

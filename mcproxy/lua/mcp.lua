@@ -413,12 +413,21 @@ return function(host, phase)
     for _, name in pairs({ "backend_connect_timeout", "backend_retry_timeout",
                            "backend_read_timeout", "backend_failure_limit",
                            "tcp_keepalive", "backend_depth_limit",
-                           "active_req_limit" }) do
+                           "backend_use_tls", "active_req_limit" }) do
         mcp[name] = function(value)
             local err = host.tunable(name, value)
             if err then
                 error(err, 2)
             end
+        end
+    end
+
+    -- mcp.init_tls(): memcached sets up its TLS context here; ours is made
+    -- per backend, so this only checks that TLS is available.
+    function mcp.init_tls()
+        local err = host.init_tls()
+        if err then
+            error(err, 2)
         end
     end
 

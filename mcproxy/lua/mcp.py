@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from mcproxy.pool import BackendRegistry, Pool, PoolOptionError
 from mcproxy.protocols import request as rq
-from mcproxy.protocols.backend import BackendOptions
+from mcproxy.protocols.backend import BackendOptions, TLSOptionError, client_tls
 from mcproxy.protocols.request import EditError, ParseError, Request, parse_request
 from mcproxy.protocols.response import MCMC_RESP_META, Response, parse_response
 from mcproxy.tunables import TunableError, Tunables
@@ -35,6 +35,14 @@ _BACKEND_OPTION_KEYS = {
     "failurelimit": "failure_limit",
     "tcpkeepalive": "keepalive",
     "depthlimit": "depth_limit",
+}
+
+#: Table-form ``mcp.backend{}`` TLS keys and the kind of value each takes.
+_BACKEND_TLS_KEYS = {
+    "tls": bool,
+    "tls_verify": bool,
+    "tls_ca": bytes,
+    "tls_hostname": bytes,
 }
 
 
@@ -83,6 +91,11 @@ class Host:
             return None, lua_error(f"mcp.backend: bad port {text(port)!r}")
         if options is None:
             options = self.tunables.backend_options()
+        if options.tls:
+            try:
+                client_tls(text(host), options)
+            except TLSOptionError as e:
+                return None, lua_error(f"mcp.backend: {e}")
         backend = self.registry.get(text(label), text(host), text(port), options)
         self.backends.append(backend)
         self.options.append(options)
@@ -107,19 +120,34 @@ class Host:
                     return None, lua_error("mcp.backend: 'down' must be a boolean")
                 overrides["down"] = value
                 continue
+            kind = _BACKEND_TLS_KEYS.get(key)
+            if kind is not None:
+                if not isinstance(value, kind):
+                    what = "a boolean" if kind is bool else "a string"
+                    return None, lua_error(f"mcp.backend: '{key}' must be {what}")
+                overrides[key] = text(value) if kind is bytes else value
+                continue
             field = _BACKEND_OPTION_KEYS.get(key)
             if field is None:
                 return None, lua_error(f"mcp.backend: unknown option '{key}'")
             if field == "keepalive":
                 if not isinstance(value, bool):
                     return None, lua_error(f"mcp.backend: '{key}' must be a boolean")
-            elif not isinstance(value, int | float) or isinstance(value, bool) \
-                    or value < 0:
-                return None, lua_error(f"mcp.backend: '{key}' must be a number >= 0")
+            elif not isinstance(value, int | float) or isinstance(value, bool):
+                return None, lua_error(f"mcp.backend: '{key}' must be a number")
             elif field in ("failure_limit", "depth_limit"):
+                if value < 0:
+                    return None, lua_error(f"mcp.backend: '{key}' must be >= 0")
                 value = int(value)
+            elif value <= 0:
+                # a timeout of 0 would fail every request at once
+                return None, lua_error(f"mcp.backend: '{key}' must be > 0")
             overrides[field] = value
         options = self.tunables.backend_options(**overrides)
+        if not options.tls:
+            for key in ("tls_verify", "tls_ca", "tls_hostname"):
+                if key in overrides:
+                    return None, lua_error(f"mcp.backend: '{key}' needs tls = true")
         return self.backend(fields["label"], fields["host"], port, options)
 
     def pool(self, backends, opts):
@@ -293,6 +321,15 @@ class Host:
     @staticmethod
     def time_mono_millis() -> int:
         return int(time.monotonic() * 1000)
+
+    @staticmethod
+    def init_tls():
+        """``mcp.init_tls()``: an error unless pyOpenSSL is installed."""
+        try:
+            import OpenSSL  # noqa: F401
+        except ImportError:
+            return lua_error("mcp.init_tls: TLS needs pyOpenSSL: pip install 'twisted[tls]'")
+        return None
 
     def tunable(self, name: bytes, value):
         try:

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mcproxy.latency import LatencyWindow
 from mcproxy.protocols.request import CMD_GET, CMD_GETS, Request
@@ -79,6 +82,7 @@ LOG_MARKED_BAD = ("backend {label} ({host}:{port}) error={reason}; marked bad "
                   "retrying every {retry}s")
 LOG_RECOVERED = "backend {label} ({host}:{port}) is back after {failures} failures"
 LOG_CALLBACK = "backend {label} response callback failed"
+LOG_TLS_FAILED = "backend {label} ({host}:{port}) TLS failed: {error}"
 
 #: Slack when comparing the clock with a read deadline.
 _EPSILON = 1e-6
@@ -90,6 +94,12 @@ class BackendOptions:
 
     ``down`` forces the backend bad for good: it never connects and fails
     every request at once (``mcp.backend{..., down = true}``).
+
+    ``tls``: connect with TLS. The server's certificate is verified against
+    the CA certificates in the PEM file ``tls_ca`` (default: the system's
+    trust store) for the name ``tls_hostname`` (default: the backend's
+    host, also sent as SNI), unless ``tls_verify`` is false, which accepts
+    any certificate (as memcached's proxy does: insecure).
     """
 
     connect_timeout: float = 5.0
@@ -99,6 +109,62 @@ class BackendOptions:
     keepalive: bool = False
     depth_limit: int = 0
     down: bool = False
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_verify: bool = True
+    tls_hostname: str | None = None
+
+
+class TLSOptionError(ValueError):
+    """A backend's TLS options cannot be used; the text says why."""
+
+
+def client_tls(host: str, options: BackendOptions) -> Any:
+    """The pyOpenSSL connection creator (for ``connectSSL``) of a TLS
+    backend at ``host``; reads ``tls_ca`` now."""
+    try:
+        from twisted.internet import ssl
+    except ImportError:
+        raise TLSOptionError("TLS needs pyOpenSSL: pip install 'twisted[tls]'") from None
+    name = options.tls_hostname or host
+    if not options.tls_verify:
+        return _UnverifiedTLS(ssl.CertificateOptions(), name)
+    if options.tls_ca is None:
+        return ssl.optionsForClientTLS(name, ssl.platformTrust())
+    try:
+        with open(options.tls_ca, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise TLSOptionError(f"tls_ca {options.tls_ca}: {e.strerror}") from None
+    begin = b"-----BEGIN CERTIFICATE-----"
+    try:
+        certificates = [ssl.Certificate.loadPEM(begin + part)
+                        for part in pem.split(begin)[1:]]
+    except Exception:
+        certificates = []
+    if not certificates:
+        raise TLSOptionError(f"tls_ca {options.tls_ca}: no PEM certificate in it")
+    return ssl.optionsForClientTLS(name, ssl.trustRootFromCertificates(certificates))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedTLS:
+    """TLS that accepts any server certificate (``tls_verify = false``);
+    still sends ``name`` as SNI unless it is an IP address."""
+
+    def __init__(self, options: Any, name: str) -> None:
+        self._options = options
+        self._sni = None if isIPAddress(name) or isIPv6Address(name) \
+            else name.encode("idna")
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tls_protocol)
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
 
 
 #: Keys merged into one backend multiget at most.
@@ -303,6 +369,11 @@ class BackendProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         backend = self.backend
         if backend is not None:
+            if self.validating and backend._tls is not None \
+                    and not reason.check(error.ConnectionDone, error.ConnectionLost):
+                backend.log.warn(LOG_TLS_FAILED, label=backend.label, host=backend.host,
+                                 port=backend.port, error=reason.getErrorMessage(),
+                                 type="proxy_backend")
             self.backend = None
             backend._connection_lost(self)
         on_lost = self.on_lost
@@ -347,6 +418,8 @@ class Backend:
         self.host = host
         self.port = port
         self.options = options if options is not None else BackendOptions()
+        #: the TLS connection creator, None for plain TCP
+        self._tls = client_tls(host, self.options) if self.options.tls else None
         self.stats = stats if stats is not None else ProxyStats()
         self.reactor = reactor
         self._seconds: Callable[[], float] = reactor.seconds
@@ -373,8 +446,9 @@ class Backend:
 
     def reconfigure(self, options: BackendOptions) -> None:
         """Take the timeouts and limits of a newly loaded config (the
-        connection stays; keepalive applies from the next connection)."""
+        connection stays; keepalive and TLS apply from the next connection)."""
         self.options = options
+        self._tls = client_tls(self.host, options) if options.tls else None
         self._read_timeout = options.read_timeout
         self._depth_limit = options.depth_limit
 
@@ -473,8 +547,12 @@ class Backend:
             self.reactor.callLater(0, factory.clientConnectionFailed, None,
                                    Failure(error.ServiceNameUnknownError(self.port)))
             return
-        self._connector = self.reactor.connectTCP(
-            self.host, self._port_number, factory, timeout=timeout)
+        if self._tls is None:
+            self._connector = self.reactor.connectTCP(
+                self.host, self._port_number, factory, timeout=timeout)
+        else:
+            self._connector = self.reactor.connectSSL(
+                self.host, self._port_number, factory, self._tls, timeout=timeout)
 
     def _connect_failed(self, factory: _BackendFactory, reason: Failure) -> None:
         if factory is not self._factory:
