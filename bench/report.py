@@ -7,8 +7,15 @@ import math
 import statistics
 from pathlib import Path
 
-SYSTEMS = ("direct", "nutcracker", "mcproxy")
-PROXIES = ("nutcracker", "mcproxy")
+SYSTEMS = ("direct", "nutcracker", "mcproxy", "mcproxy-2w")
+PROXIES = ("nutcracker", "mcproxy", "mcproxy-2w")
+#: mcproxy --workers=2, compared with one mcproxy process (the workers claim:
+#: throughput scales with cores, CPU per request stays flat).
+WORKERS_SYSTEM = "mcproxy-2w"
+#: Most mcproxy-2w / mcproxy CPU per request still called flat.
+WORKERS_CPU_FLAT = 1.15
+#: Figures compared as ratios with nutcracker's.
+RATIO_FIGURES = ("throughput", "p50_us", "p99_us", "proxy_cpu_us")
 
 #: Target for mcproxy / nutcracker proxy CPU per request, by workload.
 CPU_TARGETS = {"a": 1.3, "b": 1.0, "c": 1.0}
@@ -27,7 +34,8 @@ FIGURES = {
     "loadgen_cpu_us": lambda s: s["loadgen_cpu_us"],
     "background_cpu_pct": lambda s: s["background_cpu_pct"],
 }
-COLORS = {"direct": "tab:blue", "nutcracker": "tab:orange", "mcproxy": "tab:green"}
+COLORS = {"direct": "tab:blue", "nutcracker": "tab:orange", "mcproxy": "tab:green",
+          "mcproxy-2w": "tab:olive"}
 #: Median share of the machine's CPU used by other processes above which the
 #: figures are flagged as noisy.
 BACKGROUND_WARNING_PCT = 10
@@ -67,21 +75,32 @@ def added_p50(samples: dict[str, list[dict]], system: str) -> float | None:
                     for s in samples.get(system, []) if s["round"] in direct])
 
 
+def _ratios(a: dict | None, b: dict | None) -> dict:
+    return {name: _ratio(a and a[name], b and b[name]) for name in RATIO_FIGURES}
+
+
 def analyse(workload: str, samples: dict[str, list[dict]]) -> dict:
-    """Medians per system, mcproxy/nutcracker ratios and the target verdict."""
+    """Medians per system, ratios and the target verdict.
+
+    ``ratios`` is mcproxy/nutcracker (the targets are on it), ``ratios_2w``
+    mcproxy-2w/nutcracker and ``workers`` mcproxy-2w/mcproxy.
+    """
     medians = {name: summarize(samples.get(name, [])) for name in SYSTEMS}
-    mc, nc = medians["mcproxy"], medians["nutcracker"]
-    ratios = {name: _ratio(mc and mc[name], nc and nc[name])
-              for name in ("throughput", "p50_us", "p99_us", "proxy_cpu_us")}
-    result = {"median": medians, "ratios": ratios}
+    mc, nc, w2 = medians["mcproxy"], medians["nutcracker"], medians[WORKERS_SYSTEM]
+    result = {"median": medians, "ratios": _ratios(mc, nc),
+              "ratios_2w": _ratios(w2, nc), "workers": _ratios(w2, mc)}
+    ratios = result["ratios"]
     if workload in CPU_TARGETS:
         target = {"figure": "proxy_cpu_us ratio", "limit": CPU_TARGETS[workload],
                   "value": ratios["proxy_cpu_us"]}
     elif workload == LATENCY_WORKLOAD:
         added = {name: added_p50(samples, name) for name in PROXIES}
         result["added_p50_us"] = added
+        # A peer that adds nothing measurable (noise can make it negative)
+        # leaves no ratio to judge by.
+        peer = added["nutcracker"]
         target = {"figure": "added p50 ratio", "limit": LATENCY_TARGET,
-                  "value": _ratio(added["mcproxy"], added["nutcracker"])}
+                  "value": _ratio(added["mcproxy"], peer) if peer and peer > 0 else None}
     else:
         return result
     if target["value"] is None:
@@ -104,11 +123,12 @@ def _fmt(value: float | None, spec: str = ",.1f") -> str:
 def format_table(report: dict) -> str:
     lines = []
     settings = report["settings"]
+    width = max(11, *(len(s) + 2 for s in SYSTEMS))
     lines.append(
         f"{settings['rounds']} round(s) x {settings['duration_s']} s per workload and "
         f"system, medians; proxy/memcached CPU = user+sys us per request "
         f"({report['machine']['cpus']} CPUs)")
-    header = (f"  {'system':<11}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}"
+    header = (f"  {'system':<{width}}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}"
               f"{'proxy cpu':>11}{'mc cpu':>9}  errors")
     for name, wl in report["workloads"].items():
         lines += ["", f"({name}) {wl['title']}", header]
@@ -118,23 +138,29 @@ def format_table(report: dict) -> str:
             m = wl["median"][system]
             if m is None:
                 error = report["systems"][system].get("error") or "no samples"
-                lines.append(f"  {system:<11}missing: {error[:150]}")
+                lines.append(f"  {system:<{width}}missing: {error[:150]}")
                 continue
             bad = "" if _valid(m) else "  <- INVALID"
             lines.append(
-                f"  {system:<11}{_fmt(m['throughput'], ',.0f'):>10}{_fmt(m['p50_us']):>10}"
+                f"  {system:<{width}}{_fmt(m['throughput'], ',.0f'):>10}{_fmt(m['p50_us']):>10}"
                 f"{_fmt(m['p99_us']):>10}{_fmt(m['p999_us']):>10}"
                 f"{_fmt(m['proxy_cpu_us'], '.2f'):>11}{_fmt(m['memcached_cpu_us'], '.2f'):>9}"
                 f"  {m['errors']}e/{m['misses']}m{bad}")
-        r = wl["ratios"]
-        lines.append(
-            f"  mcproxy/nutcracker: req/s {_fmt(r['throughput'], '.2f')}, "
-            f"p50 {_fmt(r['p50_us'], '.2f')}, p99 {_fmt(r['p99_us'], '.2f')}, "
-            f"proxy cpu {_fmt(r['proxy_cpu_us'], '.2f')}")
+        for label, key, system in (("mcproxy/nutcracker", "ratios", "mcproxy"),
+                                   (f"{WORKERS_SYSTEM}/nutcracker", "ratios_2w",
+                                    WORKERS_SYSTEM)):
+            if system not in report["systems"] or key not in wl:
+                continue
+            r = wl[key]
+            lines.append(
+                f"  {label}: req/s {_fmt(r['throughput'], '.2f')}, "
+                f"p50 {_fmt(r['p50_us'], '.2f')}, p99 {_fmt(r['p99_us'], '.2f')}, "
+                f"proxy cpu {_fmt(r['proxy_cpu_us'], '.2f')}")
         if "added_p50_us" in wl:
             added = wl["added_p50_us"]
-            lines.append(f"  added p50 over direct: nutcracker {_fmt(added['nutcracker'])} us, "
-                         f"mcproxy {_fmt(added['mcproxy'])} us")
+            lines.append("  added p50 over direct: " + ", ".join(
+                f"{name} {_fmt(added.get(name))} us" for name in PROXIES
+                if name in report["systems"]))
     background = [s["background_cpu_pct"] for wl in report["workloads"].values()
                   for runs in wl["samples"].values() for s in runs]
     if background:
@@ -148,27 +174,64 @@ def format_table(report: dict) -> str:
         if t:
             lines.append(f"  ({name}) {t['figure']:<20} {_fmt(t['value'], '.2f'):>6} "
                          f"<= {t['limit']:.2f}  {t['verdict']}")
+    workers = report.get("workers")
+    if workers and {"mcproxy", WORKERS_SYSTEM} <= set(report["systems"]):
+        lines += ["", f"Workers ({WORKERS_SYSTEM} / mcproxy, same run; the targets above "
+                      "are for mcproxy alone)",
+                  f"  workers: CPU/request 2 workers / 1 worker = "
+                  f"{_fmt(workers['cpu_ratio'], '.2f')} (flat if <= {workers['limit']:.2f})"
+                  f"  {workers['verdict']}"]
+        per = workers["per_workload"]
+        lines.append("    CPU/request by workload: " + "  ".join(
+            f"({name}) {_fmt(r['proxy_cpu_us'], '.2f')}" for name, r in per.items())
+            + "  (geometric mean above)")
+        lines.append("  throughput 2 workers / 1 worker: " + "  ".join(
+            f"({name}) {_fmt(r['throughput'], '.2f')}" for name, r in per.items()))
     if report.get("memory"):
         lines += ["", "Memory (VmRSS, summed over the proxy's processes)",
-                  f"  {'system':<11}{'idle MiB':>10}{'+idle conns MiB':>17}"
+                  f"  {'system':<{width}}{'idle MiB':>10}{'+idle conns MiB':>17}"
                   f"{'per conn KiB':>14}{'per in-flight req B':>21}"]
         for system, mem in report["memory"].items():
             if "error" in mem:
-                lines.append(f"  {system:<11}error: {mem['error'][:150]}")
+                lines.append(f"  {system:<{width}}error: {mem['error'][:150]}")
                 continue
             idle, inflight = mem.get("idle", {}), mem.get("inflight", {})
             per_conn = idle.get("bytes_per_connection")
             lines.append(
-                f"  {system:<11}{_fmt(idle.get('rss_before_bytes', 0) / 2**20):>10}"
+                f"  {system:<{width}}{_fmt(idle.get('rss_before_bytes', 0) / 2**20):>10}"
                 f"{_fmt(idle.get('rss_bytes', 0) / 2**20):>17}"
                 f"{_fmt(per_conn and per_conn / 1024, '.2f'):>14}"
                 f"{_fmt(inflight.get('bytes_per_request'), ',.0f'):>21}")
             for part in (idle, inflight):
                 if part.get("note") or part.get("error"):
-                    lines.append(f"  {'':<11}note: {part.get('note') or part.get('error')}")
+                    lines.append(f"  {'':<{width}}note: {part.get('note') or part.get('error')}")
         lines.append(f"  ({report['settings']['idle_conns']} idle connections; "
                      f"{report['settings']['inflight_requests']} gets held in flight)")
     return "\n".join(lines)
+
+
+def workers_summary(workloads: dict) -> dict:
+    """mcproxy-2w / mcproxy over the workloads: is CPU per request flat?
+
+    ``cpu_ratio`` is the geometric mean of the per-workload ratios of median
+    CPU per request (each workload weighs the same, whatever its scale);
+    ``per_workload`` has those and the throughput ratios. The verdict is
+    INVALID if either system had errors or misses in a workload counted.
+    """
+    per = {name: {"proxy_cpu_us": wl["workers"]["proxy_cpu_us"],
+                  "throughput": wl["workers"]["throughput"]}
+           for name, wl in workloads.items() if "workers" in wl}
+    cpu = [r["proxy_cpu_us"] for r in per.values() if r["proxy_cpu_us"]]
+    ratio = math.exp(statistics.fmean(math.log(r) for r in cpu)) if cpu else None
+    if ratio is None:
+        verdict = "n/a"
+    elif not all(_valid(workloads[name]["median"][s]) for name, r in per.items()
+                 if r["proxy_cpu_us"] for s in ("mcproxy", WORKERS_SYSTEM)):
+        verdict = "INVALID"
+    else:
+        verdict = "FLAT" if ratio <= WORKERS_CPU_FLAT else "NOT FLAT"
+    return {"system": WORKERS_SYSTEM, "cpu_ratio": ratio, "limit": WORKERS_CPU_FLAT,
+            "verdict": verdict, "workloads_in_ratio": len(cpu), "per_workload": per}
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -192,22 +255,25 @@ def write_chart(report: dict, path: Path) -> bool:
               ("p99_us", "p99 latency (us)", SYSTEMS),
               ("proxy_cpu_us", "proxy CPU per request (us)", PROXIES)]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    width = 0.8 / len(SYSTEMS)
+    bar = 0.8 / len(SYSTEMS)
     for ax, (figure, label, systems) in zip(axes.flat, panels, strict=True):
+        plotted = False
         for i, system in enumerate(systems):
             values = []
             for name in workloads:
                 m = report["workloads"][name]["median"][system]
                 values.append(m[figure] if m and m[figure] else math.nan)
-            ax.bar([x + i * width for x in range(len(workloads))], values, width,
+            plotted = plotted or any(v > 0 for v in values)  # NaN > 0 is False
+            ax.bar([x + i * bar for x in range(len(workloads))], values, bar,
                    label=system, color=COLORS[system])
-        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(workloads))])
+        ax.set_xticks([x + bar * (len(systems) - 1) / 2 for x in range(len(workloads))])
         ax.set_xticklabels([f"({w})" for w in workloads])
         ax.set_ylabel(label)
-        if figure != "throughput":
+        if figure != "throughput" and plotted:  # log scale needs a positive value
             ax.set_yscale("log")
         ax.legend(fontsize="small")
-    fig.suptitle("memcached direct vs nutcracker vs mcproxy (medians over rounds)")
+    fig.suptitle("memcached direct vs nutcracker vs mcproxy, 1 process and --workers=2 "
+                 "(medians over rounds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,7 +1,8 @@
 """Benchmark mcproxy against nutcracker and memcached itself: ``python bench/run.py``.
 
 Starts one memcached, nutcracker in front of it and mcproxy in front of it
-(bench/route.lua), all on loopback, and runs the same load from
+(bench/route.lua), once as one process and once with ``--workers=2``
+(``mcproxy-2w``), all on loopback, and runs the same load from
 bench/loadgen.c against each, alternating the systems within every round.
 Prints a table, writes bench/results/results.json and chart.png. See
 bench/README.md for what the figures mean.
@@ -81,13 +82,14 @@ WORKLOADS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke run of about a minute: 1 round of 2 s (overridable)")
+                   help="smoke run of under 2 minutes: 1 round of 2 s (overridable)")
     p.add_argument("--rounds", type=int, help="rounds of every workload (5; quick: 1)")
     p.add_argument("--duration", type=float, help="measured seconds per run (5; quick: 2)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before (1; quick: 0.5)")
     p.add_argument("--workloads", default="abcd", help="subset of abcd (default: all)")
     p.add_argument("--systems", default=",".join(report.SYSTEMS),
-                   help="comma-separated subset of direct,nutcracker,mcproxy")
+                   help=f"comma-separated subset of {','.join(report.SYSTEMS)} "
+                        "(default: all)")
     p.add_argument("--keys", type=int, default=10000, help="key space (default 10000)")
     p.add_argument("--idle-conns", type=int, default=10000,
                    help="idle connections for the RSS test (default 10000)")
@@ -122,8 +124,8 @@ def children_cpu_seconds() -> float:
 
 
 def log(message: str) -> None:
-    elapsed = time.monotonic() - STARTED
-    print(f"[{elapsed // 60:02.0f}:{elapsed % 60:02.0f}] {message}", file=sys.stderr, flush=True)
+    minutes, seconds = divmod(int(time.monotonic() - STARTED), 60)
+    print(f"[{minutes:02d}:{seconds:02d}] {message}", file=sys.stderr, flush=True)
 
 
 # -- setup --------------------------------------------------------------------
@@ -229,10 +231,15 @@ def measure(system: System, workload: Workload, memcached: System, loadgen: Path
              "--duration", str(args.duration), "--warmup", str(args.warmup),
              "--seed", str(round_no)]
     timeout = args.warmup + args.duration + DRAIN_TIMEOUT + CONNECT_TIMEOUT + 15
+    workers = system.worker_pids() if system.workers > 1 else set()
     sample = run_loadgen(loadgen, system.port, extra, timeout)
     time.sleep(0.1)  # the proxy's work on the closing connections belongs to this run
     if proxy and proxy.poll() is not None:
         raise SystemUnavailable(f"exited with status {proxy.returncode} during a run")
+    if system.workers > 1 and system.worker_pids() != workers:
+        # The supervisor restarts a worker that died; its clients saw errors.
+        raise SystemUnavailable(f"worker processes changed during a run: {sorted(workers)} "
+                                f"became {sorted(system.worker_pids())}")
     used = {"proxy": cpu_seconds(proxy.pid) - start["proxy"] if proxy else 0.0,
             "memcached": cpu_seconds(memcached.pid) - start["memcached"],
             "loadgen": children_cpu_seconds() - start["loadgen"]}
@@ -268,7 +275,7 @@ def run_rounds(systems: list[System], memcached: System, loadgen: Path,
                     continue
                 samples[workload.name][system.name].append(sample)
                 cpu = sample["proxy_cpu_us"]
-                log(f"  round {round_no}/{args.rounds} ({workload.name}) {system.name:<10} "
+                log(f"  round {round_no}/{args.rounds} ({workload.name}) {system.name:<11}"
                     f"{sample['throughput']:>10,.0f} req/s  "
                     f"p50 {sample['latency_us']['p50']:>8.1f} us  "
                     f"p99 {sample['latency_us']['p99']:>8.1f} us  "
@@ -298,10 +305,18 @@ def measure_memory(proxies: list[System], memcached: System,
     return results
 
 
+#: Seconds the RSS tests take per proxy, about (nutcracker ~7, mcproxy ~12,
+#: mcproxy-2w ~15 on a 2-vCPU VM).
+MEMORY_SECONDS = 15
+
+
 def estimated_seconds(args: argparse.Namespace) -> float:
+    """About how long a run takes: each loadgen run costs ~0.3 s over
+    warm-up + duration (start, connect, drain)."""
     runs = args.rounds * len(args.workloads) * len(args.systems)
-    memory_s = 0 if args.no_memory else 20 * sum(s != "direct" for s in args.systems)
-    return runs * (args.warmup + args.duration + 0.5) + memory_s + 20
+    memory_s = 0 if args.no_memory else MEMORY_SECONDS * sum(
+        s != "direct" for s in args.systems)
+    return runs * (args.warmup + args.duration + 0.3) + memory_s + 15
 
 
 # -- main ---------------------------------------------------------------------
@@ -339,10 +354,15 @@ def main(argv: list[str] | None = None) -> int:
             memcached = cluster.start_memcached()
             populate(loadgen, memcached, args.keys)
             starters = {"direct": cluster.direct, "nutcracker": cluster.start_nutcracker,
-                        "mcproxy": lambda: cluster.start_mcproxy(args.mcproxy_start_timeout)}
+                        "mcproxy": lambda: cluster.start_mcproxy(args.mcproxy_start_timeout),
+                        "mcproxy-2w": lambda: cluster.start_mcproxy(
+                            args.mcproxy_start_timeout, workers=2)}
             systems = [starters[name]() for name in args.systems]
             for system in systems:
-                log(f"{system.name}: " + (f"port {system.port}" if system.available
+                workers = (f", supervisor pid {system.pid}, worker pids "
+                           f"{sorted(system.worker_pids())}"
+                           if system.workers > 1 and system.available else "")
+                log(f"{system.name}: " + (f"port {system.port}{workers}" if system.available
                                           else f"MISSING: {system.error}"))
             samples = run_rounds(systems, memcached, loadgen, args)
             proxies = [s for s in systems if s.name != "direct"]
@@ -367,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "memory": mem,
     }
+    result["workers"] = report.workers_summary(result["workloads"])
     print(report.format_table(result))
     report.write_json(result, args.output / "results.json")
     chart = args.output / "chart.png"

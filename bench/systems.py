@@ -1,8 +1,11 @@
 """The systems under test and what /proc says about them.
 
-One memcached; nutcracker and mcproxy in front of it. Every process is
-started in its own session and stopped by :class:`Cluster` on exit, also on
-Ctrl-C and exceptions.
+One memcached; nutcracker and mcproxy in front of it, mcproxy once as one
+process and once with ``--workers=2`` (a supervisor and two worker processes
+it spawns; they stay in its session and process tree, so the CPU, RSS and
+descriptor sums over the tree cover them). Every process is started in its
+own session and stopped by :class:`Cluster` on exit, also on Ctrl-C and
+exceptions.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class System:
     port: int = 0
     process: subprocess.Popen | None = None
     error: str | None = None
+    #: mcproxy's --workers: above 1, ``process`` is the supervisor and the
+    #: workers are its children
+    workers: int = 1
 
     @property
     def available(self) -> bool:
@@ -45,6 +51,10 @@ class System:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def worker_pids(self) -> set[int]:
+        """The supervisor's live descendants (its worker processes)."""
+        return set(process_tree(self.pid)) - {self.pid}
 
 
 # -- ports and a minimal memcached client ------------------------------------
@@ -90,6 +100,36 @@ def mc_get(port: int, key: str) -> bytes | None:
     if rest[len(value):] != b"\r\nEND\r\n":
         raise SystemUnavailable(f"get {key} on port {port} answered {reply[:80]!r}")
     return value
+
+
+def mc_stats(port: int, args: str = "") -> dict[str, str]:
+    """``stats [args]`` on a new connection, as a dict."""
+    reply = mc_exchange(port, f"stats {args}".strip().encode() + b"\r\n", b"END\r\n")
+    stats = {}
+    for line in reply.decode(errors="replace").splitlines():
+        fields = line.split(" ", 2)
+        if len(fields) == 3 and fields[0] == "STAT":
+            stats[fields[1]] = fields[2]
+    return stats
+
+
+def answering_workers(port: int, workers: int, attempts: int = 64) -> dict[int, int]:
+    """Worker id -> pid of the mcproxy workers that answered on ``port``.
+
+    Each connection asks ``stats`` (a worker adds its ``worker_id``); the
+    kernel spreads connections over the workers' SO_REUSEPORT sockets by a
+    hash of the client port, so a few dozen connections reach every worker
+    that accepts. Stops as soon as ``workers`` different ones answered.
+    """
+    seen: dict[int, int] = {}
+    for _ in range(attempts):
+        stats = mc_stats(port)
+        if "worker_id" not in stats:
+            raise SystemUnavailable(f"stats on port {port} has no worker_id")
+        seen[int(stats["worker_id"])] = int(stats.get("pid", 0))
+        if len(seen) >= workers:
+            break
+    return seen
 
 
 def check_forwarding(port: int, backend_port: int) -> None:
@@ -244,6 +284,8 @@ class Cluster:
                 return system
             try:
                 check_forwarding(system.port, self.memcached.port)
+                if system.workers > 1:
+                    self._check_workers(system)
                 return system
             except (OSError, SystemUnavailable) as e:
                 last_error = str(e)
@@ -253,6 +295,27 @@ class Cluster:
         if log_tail:
             system.error += f" (log: {log_tail})"
         return system
+
+    @staticmethod
+    def _check_workers(system: System) -> None:
+        """Every worker of ``system`` accepts and answers, and is in its process tree.
+
+        The port answers as soon as one worker adopted its socket; the others'
+        connections wait in their sockets' backlogs until then. ``stats
+        workers`` counts the workers that reported to the supervisor, and
+        ``stats`` on enough connections reaches each worker's socket.
+        """
+        reported = int(mc_stats(system.port, "workers").get("workers", 0))
+        if reported < system.workers:
+            raise SystemUnavailable(f"{reported} of {system.workers} workers reported")
+        answered = answering_workers(system.port, system.workers)
+        if len(answered) < system.workers:
+            raise SystemUnavailable(f"workers {sorted(answered)} answered, "
+                                    f"not all {system.workers}")
+        strangers = set(answered.values()) - system.worker_pids()
+        if strangers:
+            raise SystemUnavailable(f"worker pids {sorted(strangers)} are not children "
+                                    f"of the supervisor (pid {system.pid})")
 
     def start_memcached(self) -> System:
         port = free_port()
@@ -295,18 +358,23 @@ class Cluster:
         system = System("nutcracker", port, self._spawn("nutcracker", argv))
         return self._wait_ready(system, timeout=10)
 
-    def start_mcproxy(self, timeout: float = 20) -> System:
+    def start_mcproxy(self, timeout: float = 20, workers: int = 1) -> System:
+        """mcproxy on bench/route.lua; with ``workers`` above 1, ``--workers``
+        and the system is named ``mcproxy-<N>w``."""
         assert self.memcached is not None
+        name = "mcproxy" if workers == 1 else f"mcproxy-{workers}w"
         port = free_port()
         env = dict(os.environ, MCPROXY_BENCH_BACKEND_PORT=str(self.memcached.port))
         argv = [sys.executable, "-m", "twisted", "--log-level=warn", "--log-format=text",
                 "mcproxy", f"--config={BENCH_DIR / 'route.lua'}",
                 f"--listen=tcp:{port}:interface={HOST}"]
+        if workers > 1:
+            argv.append(f"--workers={workers}")
         try:
-            process = self._spawn("mcproxy", argv, cwd=REPO_DIR, env=env)
+            process = self._spawn(name, argv, cwd=REPO_DIR, env=env)
         except OSError as e:
-            return System("mcproxy", port, error=f"could not start: {e}")
-        return self._wait_ready(System("mcproxy", port, process), timeout=timeout)
+            return System(name, port, error=f"could not start: {e}", workers=workers)
+        return self._wait_ready(System(name, port, process, workers=workers), timeout=timeout)
 
     def stop_all(self) -> None:
         """SIGCONT (memcached may be stopped), SIGTERM, then SIGKILL stragglers."""
