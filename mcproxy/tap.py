@@ -47,7 +47,8 @@ class Options(usage.Options):
         ["workers", "w", 1,
          "Worker processes: with more than 1, this process binds the --listen "
          "TCP endpoints and runs that many proxy processes on them, restarts "
-         "any that dies, and passes SIGHUP on to all.", int],
+         "any that dies, passes SIGHUP on to all, and serves their metrics "
+         "on --metrics.", int],
     ]
 
     def __init__(self) -> None:
@@ -111,16 +112,14 @@ class Options(usage.Options):
                 if not is_tcp_endpoint(endpoint):
                     raise usage.UsageError(
                         f"--workers needs TCP --listen endpoints, not {endpoint!r}")
-            if self["metrics"]:
-                raise usage.UsageError("--metrics cannot be combined with --workers yet; "
-                                       "use 'stats workers' on the client port")
 
 
 def makeService(options: Options) -> ProxyService | WorkerSupervisor:
     """Build the service; a config that fails to load stops twistd.
 
     With ``--workers`` above 1, a supervisor of that many worker processes
-    (mcproxy.workers), once the config has loaded in a scratch state.
+    (mcproxy.workers), serving their metrics if asked to, once the config
+    has loaded in a scratch state.
     """
     config = options["config"]
     if options["workers"] > 1:
@@ -128,7 +127,7 @@ def makeService(options: Options) -> ProxyService | WorkerSupervisor:
         if error is not None:
             raise SystemExit(f"mcproxy: {error}")
         return WorkerSupervisor(options["workers"], options["listen"],
-                                worker_arguments(options))
+                                worker_arguments(options), metrics=options["metrics"])
     store = Store(memory_limit=options["memory"] * 2**20)
     service = ProxyService(os.path.abspath(config) if config else None,
                            options["listen"], store=store, metrics=options["metrics"],

@@ -9,6 +9,9 @@ Both are rendered in the reactor thread, from the live objects, when they
 are requested: prometheus_client's own Twisted resource runs collectors in
 a thread pool, where reading the backend registry or a Lua state would race
 the reactor. Needs prometheus_client (the ``metrics`` extra).
+
+Under ``--workers`` each worker renders its figures here when the
+supervisor asks, and the supervisor serves them (mcproxy.webworkers).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ PREFIX = "mcproxy_"
 GAUGE_STATS = frozenset({"uptime", "curr_connections", "proxy_req_active",
                          "proxy_backend_total", "limit_maxbytes", "bytes",
                          "curr_items"})
-SKIPPED_STATS = frozenset({"pid", "time", "version", "pointer_size"})
+SKIPPED_STATS = frozenset({"pid", "time", "version", "pointer_size", "worker_id"})
 
 #: Every state a backend can be in, for the state gauge (one series each).
 BACKEND_STATES = (backend_module.IDLE, backend_module.CONNECTING,
@@ -321,6 +324,8 @@ tr.problem td { background: #fff4f4; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; margin: 0; }
 dt { color: #5b6673; } dd { margin: 0; font-variant-numeric: tabular-nums; }
 a { color: #1d4ed8; }
+section.worker { margin-top: 28px; border-top: 2px solid #cfd6dd; }
+h2.worker { font-size: 17px; text-transform: none; letter-spacing: 0; color: #1d232b; }
 """
 
 #: ``stats`` lines shown in the status page's traffic box.
@@ -374,9 +379,40 @@ def _latency_heads() -> str:
     return "".join(heads)
 
 
+def page(sub: str, body: str) -> str:
+    """A whole status page: the head, the title line, ``sub`` under it
+    (HTML), then ``body`` (HTML)."""
+    host = _e(os.uname().nodename)
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="refresh" content="{REFRESH}">',
+        f"<title>mcproxy {_e(VERSION)} on {host}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>mcproxy on {host}</h1>",
+        f'<div class="sub">{sub}</div>',
+        body,
+        "</body></html>",
+    ])
+
+
+def page_sub(pid: int, started: float, now: float) -> str:
+    """The line under the title: version, pid, uptime, links."""
+    return (f"{_e(VERSION)} &middot; pid {pid} &middot; up {_ago(now - started)} "
+            f'&middot; <a href="/metrics">/metrics</a> &middot; refreshes every {REFRESH}s')
+
+
 def status_page(service: ProxyService) -> str:
     """The status page's HTML."""
     now = time.time()
+    return page(page_sub(os.getpid(), service.stats.started, now),
+                status_sections(service, now))
+
+
+def status_sections(service: ProxyService, now: float, prefix: str = "") -> str:
+    """The status page's body for one proxy: its verdict, config, backends,
+    pools, reloads and traffic. ``prefix`` starts every element id, so that
+    one page can hold several proxies (the workers of ``--workers``)."""
     stats = service.stats
     routes = service.engine.routes
     live = service.registry.live
@@ -396,26 +432,15 @@ def status_page(service: ProxyService) -> str:
     else:
         summary = ("ok", f"all {len(live)} backends connected")
 
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="refresh" content="{REFRESH}">',
-        f"<title>mcproxy {_e(VERSION)} on {_e(os.uname().nodename)}</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        f"<h1>mcproxy on {_e(os.uname().nodename)}</h1>",
-        f'<div class="sub">{_e(VERSION)} &middot; pid {os.getpid()} &middot; up '
-        f"{_ago(now - stats.started)} &middot; <a href=\"/metrics\">/metrics</a> "
-        f"&middot; refreshes every {REFRESH}s</div>",
-        f'<div class="summary {summary[0]}" id="summary">{_e(summary[1])}</div>',
-    ]
+    out = [f'<div class="summary {summary[0]}" id="{prefix}summary">{_e(summary[1])}</div>']
 
     out.append("<h2>Config</h2><dl>")
-    out.append(f"<dt>file</dt><dd id=\"config-path\">{_e(service.config or 'none')}</dd>")
+    out.append(f'<dt>file</dt><dd id="{prefix}config-path">{_e(service.config or "none")}</dd>')
     out.append(f"<dt>loaded</dt><dd>{_when(service.config_loaded, now)}</dd>")
     out.append(f"<dt>reloads</dt><dd>{stats.config_reloads} "
                f"({stats.config_reload_fails} failed)</dd></dl>")
 
-    out.append('<h2>Backends</h2><table id="backends"><thead><tr><th>backend</th>'
+    out.append(f'<h2>Backends</h2><table id="{prefix}backends"><thead><tr><th>backend</th>'
                "<th>address</th><th>state</th><th class=\"num\">failures</th>"
                f"<th class=\"num\">queue</th>{_latency_heads()}</tr></thead><tbody>")
     for b in live:
@@ -433,7 +458,7 @@ def status_page(service: ProxyService) -> str:
     out.append("</tbody></table>")
 
     found = pools(routes)
-    out.append('<h2>Pools</h2><table id="pools"><thead><tr><th>pool</th><th>backends</th>'
+    out.append(f'<h2>Pools</h2><table id="{prefix}pools"><thead><tr><th>pool</th><th>backends</th>'
                f"<th class=\"num\">queue</th>{_latency_heads()}</tr></thead><tbody>")
     for name, pool in found:
         count, _total, figures = latency.merged(b.latency for b in pool.backends)
@@ -448,7 +473,7 @@ def status_page(service: ProxyService) -> str:
         out.append('<tr><td colspan="7" class="muted">none</td></tr>')
     out.append("</tbody></table>")
 
-    out.append('<h2>Recent reloads</h2><table id="reloads"><thead><tr><th>when</th>'
+    out.append(f'<h2>Recent reloads</h2><table id="{prefix}reloads"><thead><tr><th>when</th>'
                "<th>outcome</th><th>error</th></tr></thead><tbody>")
     for record in reversed(service.reloads):
         outcome = '<span class="ok">ok</span>' if record.ok \
@@ -464,7 +489,7 @@ def status_page(service: ProxyService) -> str:
     for name in _TRAFFIC:
         if name in general:
             out.append(f"<dt>{_e(name)}</dt><dd>{_e(general[name])}</dd>")
-    out.append("</dl></body></html>")
+    out.append("</dl>")
     return "\n".join(out)
 
 
@@ -495,12 +520,17 @@ class _QuietSite(Site):
         pass
 
 
-def metrics_site(service: ProxyService) -> Site:
-    root = StatusPage(service)
-    root.putChild(b"metrics", MetricsPage(metrics_registry(service)))
+def quiet_site(root: Resource) -> Site:
+    """The Site for ``root``: no access log lines, no tracebacks shown."""
     site = _QuietSite(root)
     site.displayTracebacks = False
     return site
+
+
+def metrics_site(service: ProxyService) -> Site:
+    root = StatusPage(service)
+    root.putChild(b"metrics", MetricsPage(metrics_registry(service)))
+    return quiet_site(root)
 
 
 def metrics_service(service: ProxyService, endpoint: str) -> Service:

@@ -26,6 +26,13 @@ log events as JSON lines, which the supervisor logs again with
 there, such as a traceback, is logged as text). A worker whose stdin closes
 (the supervisor died) stops.
 
+Metrics. With ``--metrics`` the supervisor serves the endpoint
+(mcproxy.webworkers). For each request it asks every running worker
+(``{"ask": "metrics" or "status", "id": n}``) and waits up to
+``ASK_TIMEOUT`` for the answers (``{"answer": n, "body": ...}``): the
+worker's Prometheus exposition, or its status page body, rendered in its
+reactor thread as a single process renders them.
+
 Signals. SIGHUP to the supervisor is sent on to every worker, each of which
 reloads (and logs the outcome). SIGTERM/SIGINT stop the workers (SIGTERM,
 then SIGKILL after ``STOP_TIMEOUT``) and then the supervisor. A worker that
@@ -37,6 +44,7 @@ again after ``RESTART_DELAY`` seconds, doubled for each further quick exit
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -57,6 +65,8 @@ from twisted.protocols.basic import LineReceiver
 
 #: Seconds between a worker's stats reports (and the supervisor's tables).
 STATS_INTERVAL = 1.0
+#: Seconds the supervisor waits for the workers' metrics or status page.
+ASK_TIMEOUT = 1.5
 #: Seconds before a worker that exited is started again, at first.
 RESTART_DELAY = 1.0
 #: The longest wait before a restart, however often a worker fails.
@@ -210,6 +220,9 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.ended: defer.Deferred = defer.Deferred()
         self._out = b""
         self._err = b""
+        #: the unanswered asks, by id
+        self._asked: dict[int, defer.Deferred] = {}
+        self._ids = itertools.count()
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -217,6 +230,16 @@ class WorkerProcess(protocol.ProcessProtocol):
     def send(self, message: dict) -> None:
         if self.transport is not None and self.transport.pid is not None:
             self.transport.write(json.dumps(message).encode() + b"\n")
+
+    def ask(self, what: str) -> defer.Deferred:
+        """Ask the worker for its ``what`` ("metrics" or "status"): fires with
+        the answer (a str, or None if the worker could not render it), or
+        fails if the worker ends first. Cancelling it forgets the ask."""
+        ask_id = next(self._ids)
+        asked = defer.Deferred(lambda _: self._asked.pop(ask_id, None))
+        self._asked[ask_id] = asked
+        self.send({"ask": what, "id": ask_id})
+        return asked
 
     def signal(self, name: str) -> None:
         try:
@@ -235,6 +258,10 @@ class WorkerProcess(protocol.ProcessProtocol):
                 continue
             if "stats" in message:
                 self.supervisor.worker_reported(self.slot, message["stats"])
+            elif "answer" in message:
+                asked = self._asked.pop(message["answer"], None)
+                if asked is not None:  # else it timed out
+                    asked.callback(message.get("body"))
 
     def errReceived(self, data: bytes) -> None:
         *lines, self._err = (self._err + data).split(b"\n")
@@ -261,6 +288,9 @@ class WorkerProcess(protocol.ProcessProtocol):
         if self._err:
             self._relog(self._err)
             self._err = b""
+        asked, self._asked = self._asked, {}
+        for waiting in asked.values():
+            waiting.errback(reason)
         self.supervisor.worker_ended(self, reason.value)
         self.ended.callback(None)
 
@@ -275,12 +305,13 @@ def exit_status(value: Exception) -> str:
 
 
 class WorkerSupervisor(MultiService):
-    """Runs ``count`` mcproxy worker processes on shared listening sockets."""
+    """Runs ``count`` mcproxy worker processes on shared listening sockets,
+    and serves their metrics on the ``metrics`` endpoints."""
 
     log = Logger()
 
     def __init__(self, count: int, listen: list[str], worker_args: list[str],
-                 reactor=None) -> None:
+                 reactor=None, metrics: list[str] = ()) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -302,18 +333,27 @@ class WorkerSupervisor(MultiService):
         self._hup_pending = False
         self._previous_hup: Any = None
         self._broadcast: task.LoopingCall | None = None
+        #: when the supervisor was made (unix time), for the status page
+        self.started = time.time()
+        if metrics:
+            from mcproxy.webworkers import metrics_service  # needs prometheus_client
+            for description in metrics:
+                metrics_service(self, description).setServiceParent(self)
 
     # -- Service ---------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
+        self._bind()
+        super().privilegedStartService()  # binds the metrics endpoints
+
+    def _bind(self) -> None:
         for description in self.listen:
             self.sockets.append(bind_tcp(description, self.count, self.reuseport))
-        super().privilegedStartService()
 
     def startService(self) -> None:
-        super().startService()
         if not self.sockets:  # not started by twistd
-            self.privilegedStartService()
+            self._bind()
+        super().startService()
         self._stopping = False
         for slot in range(self.count):
             self._spawn(slot)
@@ -410,6 +450,22 @@ class WorkerSupervisor(MultiService):
     def worker_reported(self, slot: int, pairs: list) -> None:
         self.reports[slot] = pairs
 
+    def ask_workers(self, what: str) -> defer.Deferred:
+        """Ask every running worker for its ``what`` (see WorkerProcess.ask).
+
+        Fires, within ASK_TIMEOUT, with ``{slot: (worker, answer)}`` for
+        every worker asked; the answer is None where none came in time.
+        """
+        asked = sorted(self.workers.items())
+        waits = [worker.ask(what).addTimeout(ASK_TIMEOUT, self.reactor)
+                 for _slot, worker in asked]
+
+        def answers(results: list) -> dict[int, tuple[WorkerProcess, str | None]]:
+            return {slot: (worker, body if ok else None)
+                    for (slot, worker), (ok, body) in zip(asked, results, strict=True)}
+
+        return defer.DeferredList(waits, consumeErrors=True).addCallback(answers)
+
     def _send_tables(self) -> None:
         message = {"workers": {str(slot): pairs for slot, pairs in self.reports.items()},
                    "restarts": self.restarts}
@@ -467,12 +523,14 @@ class WorkerControl(LineReceiver):
 
     delimiter = b"\n"
     MAX_LENGTH = 2**24
+    log = Logger()
 
     def __init__(self, service, reactor) -> None:
         self.service = service
         self.reactor = reactor
         self._reports = task.LoopingCall(self.report)
         self._reports.clock = reactor
+        self._registry = None  # the metrics registry, once asked for
 
     def connectionMade(self) -> None:
         self._reports.start(STATS_INTERVAL, now=True)
@@ -486,6 +544,30 @@ class WorkerControl(LineReceiver):
         if "workers" in message:
             self.service.worker_table = message["workers"]
             self.service.worker_restarts = message.get("restarts", 0)
+        elif "ask" in message:
+            answer = {"answer": message["id"], "body": self.answer(message["ask"])}
+            self.transport.write(json.dumps(answer).encode() + b"\n")
+
+    def answer(self, what: str) -> str | None:
+        """This worker's metrics exposition or status page body, for the
+        supervisor's --metrics endpoint; None (and logged) if it fails."""
+        try:
+            from prometheus_client import generate_latest
+
+            from mcproxy import web  # needs prometheus_client, as --metrics does
+
+            if what == "metrics":
+                if self._registry is None:
+                    self._registry = web.metrics_registry(self.service)
+                return generate_latest(self._registry).decode()
+            if what == "status":
+                return web.status_sections(self.service, time.time(),
+                                           prefix=f"worker-{self.service.worker_id}-")
+            raise ValueError(f"unknown ask {what!r}")
+        except Exception:
+            self.log.failure("worker {slot}: could not answer for {what}",
+                             slot=self.service.worker_id, what=what)
+            return None
 
     def connectionLost(self, reason=None) -> None:
         """The supervisor is gone (or stopped listening): stop too."""

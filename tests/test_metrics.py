@@ -61,6 +61,17 @@ def test_window_keeps_the_last_samples_and_counts_all():
     assert (w.count, w.total) == (10, 55)
 
 
+def test_one_time_recorded_several_times_counts_each():
+    once, many = LatencyWindow(4), LatencyWindow(4)
+    for w in (once, many):
+        w.record(1)
+    for _ in range(5):
+        once.record(9)
+    many.record(9, 5)
+    assert many.window() == once.window() == [9, 9, 9, 9]
+    assert (many.count, many.total) == (once.count, once.total) == (6, 46)
+
+
 def test_window_size_is_a_power_of_two():
     with pytest.raises(ValueError):
         LatencyWindow(1000)
@@ -158,6 +169,44 @@ def test_reload_history_is_bounded_and_records_errors(service):
     assert len(service.reloads) == RELOAD_HISTORY
     page = web.status_page(service)
     assert str(path) in page and 'data-backend="m1"' in page
+
+
+def test_workers_metrics_are_one_exposition_labelled_by_worker(service):
+    from mcproxy import webworkers
+    from mcproxy.workers import WorkerSupervisor
+
+    one = prometheus_client.generate_latest(web.metrics_registry(service)).decode()
+    supervisor = WorkerSupervisor(3, [], [], reactor=Clock())
+    answers = {0: (None, one), 1: (None, one), 2: (None, None)}
+    text = webworkers.metrics_text(supervisor, answers).decode()
+    families = _parse(text)
+    assert families.keys() == _parse(one).keys() | {
+        "mcproxy_workers", "mcproxy_workers_running", "mcproxy_workers_answering",
+        "mcproxy_worker_restarts"}
+    assert text.count("# HELP mcproxy_backend_latency_seconds ") == 1
+    assert _value(families, "mcproxy_workers_answering") == 2
+    for worker in ("0", "1"):
+        assert _value(families, "mcproxy_backend_state", backend="m2", state="idle",
+                      worker=worker) == 1
+    assert len(families["mcproxy_pool_latency_seconds"].samples) == \
+        2 * len(_parse(one)["mcproxy_pool_latency_seconds"].samples)
+
+
+def test_workers_status_page_has_a_section_per_worker(service):
+    from mcproxy import webworkers
+    from mcproxy.workers import WorkerProcess, WorkerSupervisor
+
+    supervisor = WorkerSupervisor(3, [], [], reactor=Clock())
+    workers = [WorkerProcess(supervisor, slot) for slot in range(2)]
+    workers[0].pid, workers[1].pid = 4242, 4343
+    body = web.status_sections(service, time.time(), prefix="worker-0-")
+    page = webworkers.status_page(supervisor, {0: (workers[0], body), 1: (workers[1], None)})
+    assert '<h2 class="worker">worker 0 &middot; pid 4242</h2>' in page
+    assert 'id="worker-0-backends"' in page and 'data-backend="m1"' in page
+    assert "worker 1 &middot; pid 4343</h2><p class=\"failed\">did not answer" in page
+    assert "worker 2: not running" in page
+    assert '<div class="summary warn" id="summary">supervisor: 0 of 3 workers running, ' \
+        "1 answering; 0 restarts</div>" in page
 
 
 def test_metrics_option():

@@ -1,29 +1,42 @@
 """``--workers=N``: a supervisor process and N worker processes on one port.
 
-Options and the ``stats workers`` reply are tested in process; the rest
-runs ``twistd -n mcproxy --workers=2`` with real memcached servers behind it:
-connections spread over both workers, SIGHUP reloads both, a worker killed
-with SIGKILL is restarted, SIGTERM stops everything, a broken config stops
-startup.
+Options, the ``stats workers`` reply and the supervisor's asks over the
+control pipe are tested in process; the rest runs ``twistd -n mcproxy
+--workers=2`` with real memcached servers behind it: connections spread
+over both workers, SIGHUP reloads both, a worker killed with SIGKILL is
+restarted, SIGTERM stops everything, a broken config stops startup, and
+``--metrics`` serves every worker's metrics and status.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
+import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet import error
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from mcproxy.service import ProxyService
-from mcproxy.tap import Options
-from mcproxy.workers import WorkerSupervisor, parse_stats, worker_arguments
+from mcproxy.tap import Options, makeService
+from mcproxy.workers import (
+    ASK_TIMEOUT,
+    WorkerProcess,
+    WorkerSupervisor,
+    parse_stats,
+    worker_arguments,
+)
 
-from .servers import Proxy, read_until
+from .servers import Proxy, free_port, read_until
 
 ROUTE = """
 function mcp_config_pools()
@@ -135,6 +148,15 @@ def test_workers_get_every_option_but_the_supervisors(tmp_path):
                                          "--idle-timeout=2.5"]
 
 
+def test_the_supervisor_serves_the_metrics():
+    pytest.importorskip("prometheus_client")
+    options = parse("--workers=2", "--metrics=tcp:0:interface=127.0.0.1")
+    supervisor = makeService(options)
+    assert isinstance(supervisor, WorkerSupervisor)
+    assert [type(child).__name__ for child in supervisor] == ["StreamServerEndpointService"]
+    assert worker_arguments(options) == []
+
+
 def test_stats_workers_adds_up_the_workers():
     service = ProxyService(None, [], reactor=MemoryReactorClock())
     service.worker_id = 1
@@ -182,6 +204,33 @@ def test_a_worker_that_cannot_be_started_is_retried_with_backoff():
     supervisor._stopping = True
     for call in supervisor._pending.values():
         call.cancel()
+
+
+def test_asking_the_workers_waits_for_the_answers_only_so_long():
+    reactor = MemoryReactorClock()
+    supervisor = WorkerSupervisor(3, [], [], reactor=reactor)
+    supervisor.log = Logger(observer=lambda event: None)
+    transports = []
+    for slot in range(3):
+        transport = StringTransport()
+        transport.pid = 100 + slot
+        worker = WorkerProcess(supervisor, slot)
+        worker.makeConnection(transport)
+        supervisor.workers[slot] = worker
+        transports.append(transport)
+    answered, dying, silent = supervisor.workers.values()
+    gathered = supervisor.ask_workers("metrics")
+    for transport in transports:
+        assert json.loads(transport.value()) == {"ask": "metrics", "id": 0}
+    answered.outReceived(b'{"answer": 0, "bo')  # an answer split in two
+    answered.outReceived(b'dy": "# samples"}\n')
+    dying.processEnded(Failure(error.ProcessTerminated(signal=9)))
+    assert not gathered.called
+    reactor.advance(ASK_TIMEOUT)
+    assert gathered.result == {0: (answered, "# samples"), 1: (dying, None),
+                               2: (silent, None)}
+    silent.outReceived(b'{"answer": 0, "body": "too late"}\n')  # ignored
+    assert not silent._asked
 
 
 def test_one_process_answers_stats_workers_as_worker_0():
@@ -276,3 +325,158 @@ def test_a_broken_config_stops_startup(memcached):
         assert "worker 0 started" not in output
     finally:
         proxy.stop()
+
+
+# -- twistd -n mcproxy --workers=2 --metrics=... -------------------------------------------
+
+
+@pytest.fixture
+def metered(memcached):
+    """A started ``twistd -n mcproxy --workers=2 --metrics=...``; its
+    ``metrics_url`` is the HTTP endpoint's."""
+    pytest.importorskip("prometheus_client")
+    metrics_port = free_port()
+    proxy = Proxy(None, "--workers=2", f"--metrics=tcp:{metrics_port}:interface=127.0.0.1",
+                  config_text=ROUTE % memcached.port).start()
+    proxy.metrics_url = f"http://127.0.0.1:{metrics_port}"
+    wait_for(lambda: proxy.log().count("ProxyServerFactory starting") >= 2,
+             what="both workers listening")
+    yield proxy
+    proxy.stop()
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
+
+
+def scrape(proxy: Proxy) -> tuple[str, dict]:
+    """/metrics: its text, and its families by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = fetch(proxy.metrics_url + "/metrics")
+    return text, {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def total(families: dict, family: str, **labels: str) -> float:
+    """The sum over the workers of a family's samples that have ``labels``."""
+    return sum(s.value for s in families[family].samples
+               if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def labelled(families: dict, family: str) -> dict[str, float]:
+    """``{worker: value}`` of a family with one sample per worker."""
+    return {s.labels["worker"]: s.value for s in families[family].samples}
+
+
+def single(families: dict, family: str) -> float:
+    (sample,) = families[family].samples
+    assert "worker" not in sample.labels
+    return sample.value
+
+
+def test_metrics_come_from_every_worker(metered):
+    _text, before = scrape(metered)
+    sockets = [metered.connect() for _ in range(CLIENTS)]
+    try:
+        for i, s in enumerate(sockets):
+            s.sendall(b"set metered/%d 0 0 1\r\nv\r\n" % i)
+            assert read_until(s, b"\r\n") == b"STORED\r\n"
+            s.sendall(b"get metered/%d\r\n" % i)
+            assert read_until(s, b"END\r\n").endswith(b"v\r\nEND\r\n")
+    finally:
+        for s in sockets:
+            s.close()
+    text, after = scrape(metered)
+
+    requests = labelled(after, "mcproxy_proxy_conn_requests")
+    assert set(requests) == {"0", "1"}
+    assert all(count > 0 for count in requests.values())  # both workers served some
+    assert (total(after, "mcproxy_proxy_conn_requests")
+            - total(before, "mcproxy_proxy_conn_requests")) == 2 * CLIENTS
+    assert total(after, "mcproxy_cmd", cmd="set") - total(before, "mcproxy_cmd", cmd="set") \
+        == CLIENTS
+    assert set(labelled(after, "process_cpu_seconds")) == {"0", "1"}
+    assert {s.labels["worker"] for s in after["mcproxy_backend_state"].samples} == {"0", "1"}
+    # every family's help and type once, however many workers have it
+    assert text.count("# TYPE mcproxy_proxy_conn_requests_total counter") == 1
+    assert text.count("# HELP process_cpu_seconds_total ") == 1
+    assert "mcproxy_worker_id" not in text  # the worker label says it
+    assert single(after, "mcproxy_workers") == 2
+    assert single(after, "mcproxy_workers_running") == 2
+    assert single(after, "mcproxy_workers_answering") == 2
+    assert single(after, "mcproxy_worker_restarts") == 0
+
+
+class Sections(HTMLParser):
+    """The worker sections of the status page, and every element id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.workers: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section" and "data-worker" in attrs:
+            self.workers.append(attrs["data-worker"])
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+
+
+def test_status_page_shows_every_worker(metered):
+    page = fetch(metered.metrics_url + "/")
+    sections = Sections()
+    sections.feed(page)
+    assert sections.workers == ["0", "1"]
+    for slot in (0, 1):
+        assert {f"worker-{slot}-summary", f"worker-{slot}-backends", f"worker-{slot}-pools",
+                f"worker-{slot}-reloads"} <= sections.ids
+    for pid in children(metered.proc.pid):
+        assert f"&middot; pid {pid}</h2>" in page
+    assert f"pid {metered.proc.pid}" in page
+    assert "supervisor: 2 of 2 workers running, 2 answering; 0 restarts" in page
+    assert page.count('data-backend="b" data-state="connected"') == 2
+    assert page.count("<td>main</td>") == 2
+
+
+def timed_scrape(proxy: Proxy) -> tuple[float, dict]:
+    start = time.monotonic()
+    _text, families = scrape(proxy)
+    return time.monotonic() - start, families
+
+
+def test_a_worker_that_does_not_answer_is_left_out(metered):
+    stopped, running = sorted(children(metered.proc.pid))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        took, families = timed_scrape(metered)
+        page = fetch(metered.metrics_url + "/")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert ASK_TIMEOUT <= took < ASK_TIMEOUT + 2
+    assert single(families, "mcproxy_workers_running") == 2
+    assert single(families, "mcproxy_workers_answering") == 1
+    assert len(labelled(families, "mcproxy_proxy_conn_requests")) == 1
+    assert f"pid {stopped}</h2><p class=\"failed\">did not answer within" in page
+    assert "2 of 2 workers running, 1 answering" in page
+
+
+def test_a_killed_worker_is_left_out_until_its_replacement_answers(metered):
+    victim = min(children(metered.proc.pid))
+    slot = re.search(rf"worker (\d) started \(pid {victim}\)", metered.log()).group(1)
+    os.kill(victim, signal.SIGKILL)
+    took, families = timed_scrape(metered)
+    assert took < ASK_TIMEOUT  # a dead worker is not waited for
+    assert single(families, "mcproxy_workers_answering") == 1
+    survivor = {"0": "1", "1": "0"}[slot]
+    assert set(labelled(families, "mcproxy_proxy_conn_requests")) == {survivor}
+
+    def replaced():
+        _text, families = scrape(metered)
+        if single(families, "mcproxy_workers_answering") == 2:
+            return families
+    families = wait_for(replaced, what="the new worker to answer")
+    assert set(labelled(families, "mcproxy_proxy_conn_requests")) == {"0", "1"}
+    assert single(families, "mcproxy_worker_restarts") == 1
+    assert victim not in children(metered.proc.pid)
