@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from twisted.python import usage
 
-from mcproxy.service import ProxyService
+from mcproxy.service import GC_THRESHOLD, ProxyService
 from mcproxy.tap import Options, makeService
 
 
@@ -46,6 +48,17 @@ def test_make_service_builds_a_multiservice_with_the_listeners(tmp_path):
     assert isinstance(service, ProxyService)
     assert len(list(service)) >= 1
     assert service.engine.routes is not None
+
+
+def test_twistd_mcproxy_runs_the_gc_less_often_an_embedding_app_decides(tmp_path):
+    before = gc.get_threshold()
+    try:
+        ProxyService(None, ["tcp:0:interface=127.0.0.1"])
+        assert gc.get_threshold() == before
+        makeService(parse("--listen=tcp:0:interface=127.0.0.1"))
+        assert gc.get_threshold() == (GC_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_a_broken_config_stops_make_service(tmp_path):
