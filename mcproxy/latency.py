@@ -37,12 +37,19 @@ class LatencyWindow:
         self.total = 0
         self._mask = size - 1
 
-    def record(self, micros: int) -> None:
-        """Add one reply time (µs)."""
+    def record(self, micros: int, times: int = 1) -> None:
+        """Add one reply time (µs), ``times`` times (the keys of a multi-key
+        get answered by one reply count one each)."""
         count = self.count
-        self.samples[count & self._mask] = micros
-        self.count = count + 1
-        self.total += micros
+        if times == 1:
+            self.samples[count & self._mask] = micros
+        else:
+            samples = self.samples
+            mask = self._mask
+            for index in range(count, count + times):
+                samples[index & mask] = micros
+        self.count = count + times
+        self.total += micros * times
 
     def window(self) -> list[int]:
         """The samples in the window, oldest first."""

@@ -14,13 +14,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from mcproxy import errors
 from mcproxy.protocols.backend import (
     VALIDATE_REQUEST,
     Backend,
     BackendOptions,
     BackendProtocol,
 )
-from mcproxy.protocols.request import parse_request
+from mcproxy.protocols.request import CMD_GET, CMD_GETS, KeyBatch, parse_request
 from mcproxy.protocols.response import (
     FAIL_BADVALIDATE,
     FAIL_CLOSED,
@@ -772,3 +773,98 @@ def test_merged_multiget_error_line_answers_every_key(monkeypatch):
     proto.dataReceived(b"SERVER_ERROR out of memory\r\n")
     assert [r.line for r in h.results.responses()] == [b"SERVER_ERROR out of memory\r\n"] * 2
     assert h.backend.state == "connected"
+
+
+# KeyBatch: the keys of one client multiget, sent and answered as one request
+
+
+def batch_cb(got: list, tag: object):
+    return lambda res, hits=None: got.append((tag, res, hits))
+
+
+def test_key_batch_is_one_request_answered_whole(monkeypatch):
+    from mcproxy.protocols.writes import batch
+
+    flushes = []
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+    h = Harness()
+    proto, transport = h.connect()
+    got = []
+    h.backend.send(mg(b"x"), batch_cb(got, "x"))  # never merged with a batch
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b", b"a", b"c"]), batch_cb(got, "get"))
+    h.backend.send(KeyBatch(CMD_GETS, b"gets", [b"d", b"e"]), batch_cb(got, "gets"))
+    h.backend.send(req(b"get single\r\n"), batch_cb(got, "single"))
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"y"]), batch_cb(got, "y"))
+    h.backend.send(mg(b"z"), batch_cb(got, "z"))
+    assert h.backend.depth == 1 + 4 + 2 + 1 + 1 + 1
+    flushes.pop()()
+    assert transport.value() == (b"get x\r\nget a b a c\r\ngets d e\r\nget single\r\n"
+                                 b"get y\r\nget z\r\n")
+    reply = (b"END\r\n"
+             b"VALUE a 0 1\r\n1\r\nVALUE a 0 1\r\n1\r\nVALUE c 0 1\r\n3\r\nEND\r\n"
+             b"VALUE e 0 1 77\r\n5\r\nEND\r\n"
+             b"END\r\nEND\r\nEND\r\n")
+    for i in range(len(reply)):
+        proto.dataReceived(reply[i:i + 1])
+    assert [tag for tag, _, _ in got] == ["x", "get", "gets", "single", "y", "z"]
+    assert got[4][2] == [None]
+    _, end, hits = got[1]
+    assert end.line == b"END\r\n"
+    assert hits == [b"VALUE a 0 1\r\n1\r\n", None, b"VALUE a 0 1\r\n1\r\n",
+                    b"VALUE c 0 1\r\n3\r\n"]
+    assert got[2][2] == [None, b"VALUE e 0 1 77\r\n5\r\n"]
+    assert h.backend.latency.count == 1 + 4 + 2 + 1 + 1 + 1
+    assert h.backend.depth == 0 and h.backend.state == "connected"
+
+
+def test_key_batch_error_line_and_desync(monkeypatch):
+    from mcproxy.protocols.writes import batch
+
+    flushes = []
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+    h = Harness()
+    proto, transport = h.connect()
+    got = []
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]), batch_cb(got, 1))
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]), batch_cb(got, 2))
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"c"]), batch_cb(got, 3))
+    flushes.pop()()
+    proto.dataReceived(b"SERVER_ERROR out of memory\r\n"
+                       b"VALUE b 0 1\r\n2\r\nVALUE a 0 1\r\n1\r\nEND\r\n")
+    assert [(tag, res.line, hits) for tag, res, hits in got] == [
+        (1, b"SERVER_ERROR out of memory\r\n", None),
+        (2, errors.BACKEND_FAILURE, None), (3, errors.BACKEND_FAILURE, None)]
+    assert got[1][1].reason == "parsing"
+
+
+def test_key_batch_fails_whole_when_the_backend_drops_mid_reply(monkeypatch):
+    from mcproxy.protocols.writes import batch
+
+    flushes = []
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+    h = Harness()
+    proto, transport = h.connect()
+    got = []
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b", b"c"]), batch_cb(got, 1))
+    flushes.pop()()
+    proto.dataReceived(b"VALUE a 0 1\r\n1\r\nVALUE b 0 5\r\n12")
+    assert got == []
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    [(_, res, hits)] = got
+    assert not res.ok and res.reason == "disconnected" and hits is None
+
+
+def test_key_batch_sent_before_the_connection_is_written_once_validated(monkeypatch):
+    from mcproxy.protocols.writes import batch
+
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: f())
+    h = Harness()
+    got = []
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]), batch_cb(got, 1))
+    assert h.backend.state == "connecting" and h.backend.depth == 2
+    proto, transport = h.accept()
+    transport.clear()
+    proto.dataReceived(VERSION_REPLY)
+    assert transport.value() == b"get a b\r\n"
+    proto.dataReceived(b"VALUE b 0 1\r\n2\r\nEND\r\n")
+    assert [(tag, hits) for tag, _, hits in got] == [(1, [None, b"VALUE b 0 1\r\n2\r\n"])]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from mcproxy import errors
 from mcproxy.lua.engine import ConfigError
 from mcproxy.protocols import request as rq
+from mcproxy.protocols.response import (
+    MCMC_CODE_END,
+    MCMC_RESP_END,
+    Response,
+)
 
 from .routing import FakeBackends, run
 
@@ -280,3 +287,114 @@ def test_routes_that_only_call_a_pool_skip_lua(engine, load, route, direct):
     assert run(engine, b"version\r\n") == errors.LUA_FAILURE
     assert b"cannot route commands without key" in seen[0]
     assert engine.stats.req_active == 0
+
+
+# Client multigets routed whole (RouteEngine.route_keys)
+
+SHARDED = """
+function mcp_config_pools()
+    return mcp.pool({ mcp.backend("b1", "127.0.0.1", "1"),
+                      mcp.backend("b2", "127.0.0.1", "2"),
+                      mcp.backend("b3", "127.0.0.1", "3") })
+end
+function mcp_config_routes(pool)
+    mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return pool(r) end)
+end
+"""
+
+
+class BatchRecorder:
+    """Replaces every backend's send; keeps what was sent, answered by hand."""
+
+    def __init__(self, engine):
+        self.sent = []
+        for backend in engine.registry.live:
+            backend.send = partial(self.record, backend)
+
+    def record(self, backend, req, callback):
+        self.sent.append((backend, req, callback))
+
+
+def value(key: bytes) -> bytes:
+    """A hit as a KeyBatch's callback gets it."""
+    return b"VALUE " + key + b" 0 2\r\n" + key[:2] + b"\r\n"
+
+
+def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
+    routes = load(SHARDED)
+    pool = routes.direct[rq.CMD_GET]
+    recorder = BatchRecorder(engine)
+    keys = [b"k%d" % i for i in range(30)] + [b"k3"]
+    out = []
+    assert engine.route_keys(rq.parse_request(b"get " + b" ".join(keys) + b"\r\n"),
+                             keys, out.append)
+    assert {b for b, _, _ in recorder.sent} == set(pool.backends)
+    for backend, req, _ in recorder.sent:
+        assert isinstance(req, rq.KeyBatch)
+        assert req.keys == [k for k in keys if pool.select(k) is backend]
+        assert req.line == b"get " + b" ".join(req.keys) + b"\r\n"
+    assert engine.stats.conn_requests == len(keys)
+    assert engine.stats.commands[rq.CMD_GET] == len(keys)
+    assert engine.stats.req_active == len(keys)
+    # Backends answer in any order: odd keys hit; one backend fails, one
+    # answers with an error line.
+    failed, error, good = recorder.sent
+    good[2](Response(True, MCMC_CODE_END, MCMC_RESP_END, b"END\r\n"),
+            [value(k) if int(k[1:]) % 2 else None for k in good[1].keys])
+    failed[2](Response.failure("timeout"))
+    assert out == []
+    error[2](Response(True, 23, 108, b"SERVER_ERROR out of memory\r\n"), None)
+    expected = []
+    for k in keys:
+        backend = pool.select(k)
+        if backend is failed[0]:
+            expected.append(errors.BACKEND_FAILURE)
+        elif backend is error[0]:
+            expected.append(b"SERVER_ERROR out of memory\r\n")
+        elif int(k[1:]) % 2:
+            expected.append(value(k))
+    assert out == [b"".join(expected) + errors.END]
+    assert engine.stats.req_active == 0
+
+
+def test_multiget_on_one_backend_is_one_batch(engine, load):
+    load(SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
+         .replace('mcp.backend("b3", "127.0.0.1", "3")', ""))
+    recorder = BatchRecorder(engine)
+    keys = [b"a", b"b", b"a", b"c"]
+    out = []
+    assert engine.route_keys(rq.parse_request(b"gets a b a c\r\n"), keys, out.append)
+    [(_, req, callback)] = recorder.sent
+    assert req.line == b"gets a b a c\r\n" and req.keys == keys
+    callback(Response(True, MCMC_CODE_END, MCMC_RESP_END, b"END\r\n"),
+             [value(b"a"), None, value(b"a"), None])
+    assert out == [b"VALUE a 0 2\r\na\r\n" * 2 + b"END\r\n"]
+    assert engine.stats.commands[rq.CMD_GETS] == 4 and engine.stats.req_active == 0
+
+
+@pytest.mark.parametrize("setup", ["lua route", "request limit", "depth limit", "no backend"])
+def test_multiget_routed_key_by_key_when_batching_does_not_apply(engine, load, setup):
+    config = SHARDED
+    if setup == "lua route":
+        config = config.replace("return pool(r)", "local res = pool(r) return res")
+    elif setup == "request limit":
+        config = config.replace("function mcp_config_pools()",
+                                "function mcp_config_pools()\n    mcp.active_req_limit(100)")
+    elif setup == "depth limit":
+        config = config.replace('mcp.backend("b3", "127.0.0.1", "3")',
+                                'mcp.backend{ label = "b3", host = "127.0.0.1", port = "3", '
+                                'depthlimit = 5 }')
+    elif setup == "no backend":
+        config = """
+        function mcp_config_pools() return mcp.pool({}) end
+        function mcp_config_routes(pool)
+            mcp.attach(mcp.CMD_GET, function(r) return pool(r) end)
+        end
+        """
+    load(config)
+    recorder = BatchRecorder(engine)
+    keys = [b"k%d" % i for i in range(30)]
+    assert not engine.route_keys(rq.parse_request(b"get " + b" ".join(keys) + b"\r\n"),
+                                 keys, [].append)
+    assert recorder.sent == []
+    assert engine.stats.conn_requests == 0 and engine.stats.req_active == 0

@@ -420,6 +420,9 @@ class NumberingEngine:
     def hooked(self, command: int) -> bool:
         return command in self.hooked_commands
 
+    def route_keys(self, req: Request, keys: list[bytes], done) -> bool:
+        return False  # multigets go key by key
+
     def route(self, req: Request, done) -> None:
         self.routed.append((req.line, req.value, req.multiget))
         self.counter[0] += 1

@@ -343,3 +343,58 @@ def test_meta_quiet(wire, req, sent):
 @pytest.mark.parametrize("wire", [w for w, *_ in TABLE if w not in (b"END\r\n",)])
 def test_other_replies_pass_through(wire):
     assert client_bytes(reply(wire), MG) == wire
+
+
+#: A multi-key get's reply: values the fast loop takes (with and without
+#: cas, empty, leading zeros, a CR inside) and ones it leaves to read().
+MULTI_VALUES = (b"VALUE a 0 3\r\nabc\r\nVALUE b 5 0 99\r\n\r\n"
+                b"VALUE c 0 002\r\nx\r\r\nVALUE d 0 000000000001\r\n1\r\n"
+                b"VALUE " + b"k" * 250 + b" 4294967295 2\r\nzz\r\n")
+
+
+def read_multi_item_by_item(reader):
+    values = []
+    while True:
+        res = reader.read(multi=True)
+        if res is None or res.type != MCMC_RESP_GET:
+            return values, res
+        values.append(res)
+
+
+@pytest.mark.parametrize("end", [b"END\r\n", b"SERVER_ERROR out of memory\r\n"])
+def test_read_values_equals_reading_item_by_item(end):
+    stream = MULTI_VALUES + end + b"STORED\r\n"
+    for size in (1, 7, len(stream)):
+        chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+        for fast in (True, False):
+            reader = ResponseReader()
+            values, res = [], None
+            for chunk in chunks:
+                if reader.feed(chunk):
+                    if fast:
+                        res = reader.read_values(values)
+                    else:
+                        got, res = read_multi_item_by_item(reader)
+                        values += [(v.line.split()[1], v.line + v.value, len(v.line))
+                                   for v in got]
+                if res is not None:
+                    break
+            assert all(v[1] == Response.of_item(v).line + Response.of_item(v).value
+                       for v in values)
+            assert [(v[0], Response.of_item(v).line, Response.of_item(v).value)
+                    for v in values] == [
+                (b"a", b"VALUE a 0 3\r\n", b"abc\r\n"), (b"b", b"VALUE b 5 0 99\r\n", b"\r\n"),
+                (b"c", b"VALUE c 0 002\r\n", b"x\r\r\n"),
+                (b"d", b"VALUE d 0 000000000001\r\n", b"1\r\n"),
+                (b"k" * 250, b"VALUE " + b"k" * 250 + b" 4294967295 2\r\n", b"zz\r\n"),
+            ], (size, fast)
+            assert res.line == end
+
+
+@pytest.mark.parametrize("wire", [b"VALUE a 0 2\r\nabc\r\nEND\r\n", b"VALUE a 0 x\r\n",
+                                  b"VALUE a 0 1\r\n" + b"x" * (MAX_LINE + 10)])
+def test_read_values_refuses_what_read_refuses(wire):
+    reader = ResponseReader()
+    reader.feed(wire)
+    with pytest.raises(BackendProtocolError):
+        reader.read_values([])

@@ -24,6 +24,9 @@ class FakeEngine:
     def route(self, req, done):
         self.routed.append((req, done))
 
+    def route_keys(self, req, keys, done):
+        return False  # multigets go key by key (see test_multiget_routed_whole)
+
 
 class FakeStore:
     def __init__(self):
@@ -253,3 +256,68 @@ def test_stops_reading_when_too_much_in_flight():
     answer_all(service)
     assert transport.value().count(b"OK k\r\n") == MAX_CLIENT_INFLIGHT + 10
     assert all(r.command == CMD_MG for r, _ in service.engine.routed)
+
+
+# Multigets the engine routes whole (RouteEngine.route_keys)
+
+
+class BatchingEngine(FakeEngine):
+    """Takes every multiget it is offered whole; tests answer by hand."""
+
+    def __init__(self, hooked=ALL) -> None:
+        super().__init__(hooked)
+        self.batches = []
+
+    def route_keys(self, req, keys, done):
+        self.batches.append((keys, done))
+        return True
+
+
+def connect_batching():
+    service = FakeService()
+    service.engine = BatchingEngine()
+    proto = ProxyServerProtocol(service)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, service
+
+
+def test_multiget_routed_whole_keeps_its_place():
+    proto, transport, service = connect_batching()
+    feed(proto, b"get a b a\r\nget x\r\ngets c d\r\n")
+    engine = service.engine
+    assert [keys for keys, _ in engine.batches] == [[b"a", b"b", b"a"], [b"c", b"d"]]
+    assert [req.line for req, _ in engine.routed] == [b"get x\r\n"]
+    answer_all(service)
+    engine.batches[1][1](b"VALUE c 0 1 9\r\nc\r\nEND\r\n")
+    assert transport.value() == b""
+    engine.batches[0][1](b"VALUE a 0 1\r\na\r\nVALUE a 0 1\r\na\r\nEND\r\n")
+    assert transport.value() == (b"VALUE a 0 1\r\na\r\nVALUE a 0 1\r\na\r\nEND\r\n"
+                                 b"OK x\r\nVALUE c 0 1 9\r\nc\r\nEND\r\n")
+
+
+@pytest.mark.parametrize("line", [
+    b"get a " + b"k" * 251 + b" c\r\n",  # a key over the limit: answered in its place
+    b"gat 10 a b\r\n",
+    b"get  a b\r\n",
+])
+def test_multigets_not_routed_whole(line):
+    proto, transport, service = connect_batching()
+    feed(proto, line)
+    assert service.engine.batches == []
+    answer_all(service, lambda req: b"<" + req.key + b">")
+    keys = line.split()[-3 if line.startswith(b"get a ") else -2:]
+    expected = [errors.KEY_TOO_LONG if len(k) > 250 else b"<" + k + b">" for k in keys]
+    assert transport.value() == b"".join(expected) + errors.END
+
+
+def test_multiget_routed_whole_counts_every_key_in_flight():
+    proto, transport, service = connect_batching()
+    keys = b" ".join(b"k%d" % i for i in range(MAX_CLIENT_INFLIGHT - 1))
+    feed(proto, b"get " + keys + b"\r\nmg k v\r\n")
+    assert transport.producerState == "paused"
+    assert service.engine.routed == []
+    [(_, done)] = service.engine.batches
+    done(b"END\r\n")
+    assert transport.producerState == "producing"
+    assert [req.line for req, _ in service.engine.routed] == [b"mg k v\r\n"]

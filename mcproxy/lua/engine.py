@@ -25,7 +25,12 @@ from twisted.logger import Logger
 from mcproxy import errors
 from mcproxy.lua.mcp import Host
 from mcproxy.pool import BackendRegistry
-from mcproxy.protocols.request import COMMAND_CONSTANTS, KEYLESS_COMMANDS, Request
+from mcproxy.protocols.request import (
+    COMMAND_CONSTANTS,
+    KEYLESS_COMMANDS,
+    KeyBatch,
+    Request,
+)
 from mcproxy.protocols.response import MCMC_CODES, Response, client_bytes
 from mcproxy.stats import ProxyStats
 from mcproxy.tunables import Tunables
@@ -45,6 +50,8 @@ AWAIT_OK = 2
 AWAIT_FIRST = 3
 AWAIT_FASTGOOD = 4
 AWAIT_BACKGROUND = 5
+
+_EMPTY = b""
 
 #: Deepest table nesting copied from mcp_config_pools to the routes state.
 MAX_COPY_DEPTH = 64
@@ -296,6 +303,61 @@ class RouteEngine:
 
         backend.send(req, reply)
 
+    def route_keys(self, req: Request, keys: list[bytes],
+                   done: Callable[[bytes], None]) -> bool:
+        """Route the keys of a client ``get``/``gets`` multiget together,
+        when its route is a direct pool call (see Routes.direct).
+
+        The pool still picks each key's backend; each backend then gets its
+        keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
+        of every key in the client's order and the ``END``. Every key counts
+        as a request, as when routed one by one.
+
+        False, with nothing done, when this does not apply (no direct route,
+        an active request limit, a backend with a depth limit, a key the pool
+        cannot place): the caller then routes key by key, which answers,
+        logs and counts those cases.
+        """
+        pool = self._direct.get(req.command)
+        if pool is None or self.tunables.active_req_limit:
+            return False
+        try:
+            if len(pool.backends) == 1:
+                pool.select(keys[0])  # serves every key if it serves one
+                chosen = None
+            else:
+                select = pool.select
+                chosen = [select(key) for key in keys]
+        except Exception:
+            return False  # routed key by key, each key gets its error
+        if chosen is None or chosen.count(chosen[0]) == len(chosen):
+            groups = {pool.backends[0] if chosen is None else chosen[0]: None}
+        else:
+            groups = {}
+            for position, backend in enumerate(chosen):
+                positions = groups.get(backend)
+                if positions is None:
+                    groups[backend] = [position]
+                else:
+                    positions.append(position)
+        for backend in groups:
+            if backend.options.depth_limit:
+                return False
+        stats = self.stats
+        count = len(keys)
+        stats.conn_requests += count
+        stats.commands[req.command] += count
+        stats.req_active += count
+        name = req.tokens[0]
+        reply = _KeysReply(count, len(groups), stats, done)
+        for backend, positions in groups.items():
+            if positions is None:
+                backend.send(KeyBatch(req.command, name, keys), reply.answer_all)
+            else:
+                backend.send(KeyBatch(req.command, name, [keys[p] for p in positions]),
+                             partial(reply.answer, positions))
+        return True
+
     def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
         """A bug of ours, not the config's: log it, answer, keep serving."""
         self.log.failure("internal error routing {line!r}", line=req.line)
@@ -385,6 +447,55 @@ def _select(pool, req: Request):
     if req.command in KEYLESS_COMMANDS:
         raise ValueError("cannot route commands without key")
     return pool.select(req.key)
+
+
+class _KeysReply:
+    """Collects the answers of the KeyBatches of one client multiget
+    (RouteEngine.route_keys) into its reply."""
+
+    __slots__ = ("parts", "pending", "stats", "done")
+
+    def __init__(self, count: int, batches: int, stats: ProxyStats,
+                 done: Callable[[bytes], None]) -> None:
+        self.parts: list[bytes] = [_EMPTY] * count
+        self.pending = batches
+        self.stats = stats
+        self.done = done
+
+    def answer_all(self, res: Response, hits: list | None = None) -> None:
+        """The answer of the one batch that holds every key."""
+        self.stats.req_active -= len(self.parts)
+        if hits is None:
+            self.done(_EMPTY.join([_failed(res)] * len(self.parts)) + errors.END)
+            return
+        parts = [hit for hit in hits if hit is not None]
+        parts.append(errors.END)
+        self.done(_EMPTY.join(parts))
+
+    def answer(self, positions: list[int], res: Response, hits: list | None = None) -> None:
+        """The answer of the batch of the keys at ``positions``."""
+        self.stats.req_active -= len(positions)
+        parts = self.parts
+        if hits is None:
+            part = _failed(res)
+            for position in positions:
+                parts[position] = part
+        else:
+            for position, hit in zip(positions, hits, strict=True):
+                if hit is not None:
+                    parts[position] = hit
+        self.pending -= 1
+        if not self.pending:
+            parts.append(errors.END)
+            self.done(_EMPTY.join(parts))
+
+
+def _failed(res: Response) -> bytes:
+    """What each key of a batch gets for a failure, or a reply that is not
+    a get's (an error line): what client_bytes gives a key of a multiget."""
+    if not res.ok:
+        return errors.BACKEND_FAILURE
+    return res.line if res.value is None else res.line + res.value
 
 
 def _ignore(response: Response) -> None:

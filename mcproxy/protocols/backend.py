@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mcproxy.latency import LatencyWindow
-from mcproxy.protocols.request import CMD_GET, CMD_GETS, Request
+from mcproxy.protocols.request import CMD_GET, CMD_GETS, KeyBatch, Request
 from mcproxy.protocols.response import (
     FAIL_BADVALIDATE,
     FAIL_CLOSED,
@@ -49,7 +49,6 @@ from mcproxy.protocols.response import (
     FAIL_TRAILINGDATA,
     MCMC_CODE_VERSION,
     MCMC_RESP_END,
-    MCMC_RESP_GET,
     BackendProtocolError,
     Response,
     ResponseReader,
@@ -169,6 +168,8 @@ class _UnverifiedTLS:
 
 #: Keys merged into one backend multiget at most.
 MAX_MERGED_KEYS = 100
+#: A unit (see BackendProtocol._units) that is one KeyBatch, answered whole.
+_BATCH = 0
 
 _MERGEABLE = {CMD_GET: b"get", CMD_GETS: b"gets"}
 
@@ -183,6 +184,30 @@ def _merge_name(req: Request) -> bytes | None:
     if name is None or len(tokens) != 2 or tokens[0] != name or tokens[1] != req.key:
         return None
     return name
+
+
+def _align(keys: list[bytes], values: list[tuple]) -> list[tuple | None]:
+    """The ``VALUE`` items of a multi-key get's reply (as
+    ``ResponseReader.read_values`` gives them), one per key, None for a miss.
+
+    memcached answers the keys in request order and skips misses; a value
+    whose key is out of that order means the stream is desynchronised.
+    """
+    aligned: list[tuple | None] = []
+    size = len(keys)
+    index = 0
+    for value in values:
+        key = value[0]
+        while index < size and keys[index] != key:
+            aligned.append(None)
+            index += 1
+        if index == size:
+            raise BackendProtocolError(FAIL_PARSING)
+        aligned.append(value)
+        index += 1
+    if index < size:
+        aligned.extend([None] * (size - index))
+    return aligned
 
 
 class BackendProtocol(Protocol):
@@ -205,10 +230,10 @@ class BackendProtocol(Protocol):
         #: requests to write at the end of this reactor iteration
         self._requests: list[Request] = []
         #: per request or merged multiget written and not yet answered, how
-        #: many queue entries its reply answers
+        #: many queue entries its reply answers (_BATCH: one KeyBatch)
         self._units: deque[int] = deque()
-        #: values received so far for the merged multiget at the head
-        self._values: list[Response] = []
+        #: values received so far for the multi-key get at the head
+        self._values: list[tuple] = []
         self._batched = False
         self._socket = None
         #: bytes arrived since the read timer last looked (see _read_timer)
@@ -266,7 +291,7 @@ class BackendProtocol(Protocol):
             out.append(req.wire_line())
             if req.value is not None:
                 out.append(req.value)
-            units.append(1)
+            units.append(_BATCH if req.__class__ is KeyBatch else 1)
         send(self.transport, self._socket, out)
 
     def dataReceived(self, data: bytes) -> None:
@@ -291,6 +316,12 @@ class BackendProtocol(Protocol):
                         return
                     units.popleft()
                     answers = ((queue.popleft(), res),)
+                elif units[0] == _BATCH:
+                    if not self._batch_reply(reader, backend, now):
+                        return
+                    if self.backend is None:
+                        return
+                    continue
                 else:
                     answers = self._merged_reply(reader, units[0])
                     if answers is None:
@@ -318,29 +349,15 @@ class BackendProtocol(Protocol):
         miss. memcached answers the keys in request order and skips misses;
         a key out of that order is a desync. An error line answers all.
         """
-        values = self._values
-        while True:
-            res = reader.read(multi=True)
-            if res is None:
-                return None
-            if res.type != MCMC_RESP_GET:
-                break
-            values.append(res)
+        res = reader.read_values(self._values)
+        if res is None:
+            return None
         queue = self.queue
         entries = [queue[i] for i in range(size)]
-        answers = []
         if res.type == MCMC_RESP_END:
-            index = 0
-            for value in values:
-                key = value.line[6:].partition(b" ")[0]
-                while index < size and entries[index][0].key != key:
-                    answers.append((entries[index], Response.miss()))
-                    index += 1
-                if index == size:
-                    raise BackendProtocolError(FAIL_PARSING)
-                answers.append((entries[index], value))
-                index += 1
-            answers.extend((entry, Response.miss()) for entry in entries[index:])
+            aligned = _align([entry[0].key for entry in entries], self._values)
+            answers = [(entry, Response.miss() if value is None else Response.of_item(value))
+                       for entry, value in zip(entries, aligned, strict=True)]
         else:
             answers = [(entry, res) for entry in entries]
         self._values = []
@@ -348,6 +365,34 @@ class BackendProtocol(Protocol):
         for _ in range(size):
             queue.popleft()
         return answers
+
+    def _batch_reply(self, reader: ResponseReader, backend: Backend, now: float) -> bool:
+        """Read on in the reply to the KeyBatch at the head of the queue.
+
+        False until it is complete; then its callback gets ``(END, hits)``,
+        ``hits`` aligned with the batch's keys: the ``VALUE`` line and data
+        of each, None for a miss. For an error line it gets ``(error line,
+        None)``. The latency is recorded once per key, as for keys sent one
+        by one.
+        """
+        res = reader.read_values(self._values)
+        if res is None:
+            return False
+        request, callback, sent = self.queue[0]
+        keys = request.keys
+        hits = None
+        if res.type == MCMC_RESP_END:
+            hits = [hit and hit[1] for hit in _align(keys, self._values)]
+        self._values = []
+        self._units.popleft()
+        self.queue.popleft()
+        elapsed = res.elapsed = int((now - sent) * 1e6)
+        backend.latency.record(elapsed, len(keys))
+        try:
+            callback(res, hits)
+        except Exception:
+            backend.log.failure(LOG_CALLBACK, label=backend.label)
+        return True
 
     def _validation_reply(self, backend: Backend) -> None:
         reader = self.reader
@@ -477,8 +522,10 @@ class Backend:
 
     @property
     def depth(self) -> int:
-        """Requests queued or in flight."""
-        return len(self._queue)
+        """Requests queued or in flight (each key of a KeyBatch counts)."""
+        queue = self._queue
+        return len(queue) + sum(len(item[0].keys) - 1 for item in queue
+                                if item[0].__class__ is KeyBatch)
 
     def connect(self) -> None:
         """Start connecting (a no-op unless idle, or when ``down``)."""
@@ -486,7 +533,13 @@ class Backend:
             self._connect()
 
     def send(self, request: Request, callback: Callback) -> None:
-        """Send ``request``; ``callback(response)`` runs later, exactly once."""
+        """Send ``request``; ``callback(response)`` runs later, exactly once.
+
+        A KeyBatch's callback gets ``(response, hits)`` for a reply (see
+        BackendProtocol._batch_reply), a failure alone. The depth limit
+        counts a batch as one request: the route engine does not batch for a
+        backend that has one.
+        """
         queue = self._queue
         if self._state is CONNECTED:
             limit = self._depth_limit

@@ -157,6 +157,20 @@ class Request:
         return self.wire_line() + self.value
 
 
+class KeyBatch(Request):
+    """Keys of one client ``get``/``gets`` multiget that go to the same
+    backend, sent as one multi-key request and answered as a whole (see
+    ``RouteEngine.route_keys``). ``keys`` keeps duplicates and the client's
+    order; ``key`` is the first."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, command: int, name: bytes, keys: list[bytes]) -> None:
+        joined = b" ".join(keys)
+        super().__init__(command, b"%s %s\r\n" % (name, joined), [name, joined], keys[0])
+        self.keys = keys
+
+
 def _tokenize(body: bytes, cap: int) -> list[bytes]:
     """Split on spaces, skipping runs, indexing at most ``cap`` tokens."""
     if b"  " not in body and body[:1] != b" " and body[-1:] != b" ":

@@ -154,6 +154,13 @@ class Response:
         """An ``END``: the answer for a key a multi-key get did not find."""
         return cls(True, MCMC_CODE_END, MCMC_RESP_END, END)
 
+    @classmethod
+    def of_item(cls, item: tuple[bytes, bytes, int]) -> Response:
+        """The response of one ``VALUE`` item of a multi-key get's reply
+        (see :meth:`ResponseReader.read_values`)."""
+        _key, data, line_length = item
+        return cls(True, MCMC_CODE_OK, MCMC_RESP_GET, data[:line_length], data[line_length:])
+
     @property
     def hit(self) -> bool:
         """ok, and not a miss (``END``/``EN``); errors and NOT_FOUND are hits."""
@@ -349,6 +356,42 @@ class ResponseReader:
             return None
         self._pos = result[1]
         return result[0]
+
+    def read_values(self, items: list[tuple[bytes, bytes, int]]) -> Response | None:
+        """Read on in the reply to a multi-key get: for each complete
+        ``VALUE`` append ``(key, item, length of its line)``, ``item`` being
+        its line and data as a client receives them; return the line that
+        ends the reply (``END``, or an error line), or None until it has
+        arrived.
+
+        Plain ``VALUE`` items are parsed here in one loop, without a Response
+        each (they are the bulk of a multiget's reply); anything else goes
+        through :meth:`read`.
+        """
+        buf = self._buf
+        pos = self._pos
+        while True:
+            if buf.startswith(b"VALUE ", pos):
+                eol = buf.find(b"\n", pos)
+                if 0 < eol - pos <= MAX_LINE and buf[eol - 1] == 13:
+                    fields = buf[pos + 6:eol - 1].split(b" ")
+                    count = len(fields)
+                    size = fields[2] if count == 3 or (count == 4 and fields[3].isdigit()) \
+                        else b""
+                    if size.isdigit() and len(size) < 10 and fields[1].isdigit() and fields[0]:
+                        vend = eol + int(size) + 3
+                        if buf.startswith(b"\r\n", vend - 2):
+                            items.append((fields[0], buf[pos:vend], eol + 1 - pos))
+                            pos = vend
+                            continue
+            self._pos = pos
+            res = self.read(multi=True)
+            if res is None or res.type != MCMC_RESP_GET:
+                return res
+            line = res.line
+            items.append((line[6:].partition(b" ")[0], line + res.value, len(line)))
+            buf = self._buf
+            pos = self._pos
 
 
 def client_bytes(res: Response, req: Request) -> bytes:

@@ -97,6 +97,24 @@ class PayloadSlot(Slot):
         super().fill(data)
 
 
+class MultigetSlot(Slot):
+    """The one slot of a multiget whose keys are routed together
+    (``RouteEngine.route_keys``). Until it leaves the queue it counts as
+    the slots of its keys and its ``END`` would, towards the connection's
+    in-flight limit."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, proto: ProxyServerProtocol, keys: int) -> None:
+        super().__init__(proto)
+        self.keys = keys
+
+
+#: The lines of multigets whose keys may be routed together: those a
+#: backend can be sent as they are, key lists aside.
+_BATCH_PREFIXES = frozenset((b"get ", b"gets "))
+
+
 def _is_multiget_prefix(buffered: bytes) -> bool:
     """Does an unterminated line look like a ``get``/``gets`` multiget?"""
     stripped = buffered.lstrip(b" ")
@@ -140,6 +158,8 @@ class ProxyServerProtocol(LineReceiver):
         self._batched = False
         self._socket = None
         self._inflight_bytes = 0
+        #: slots the MultigetSlots in the queue stand for, beyond themselves
+        self._extra_slots = 0
 
     # -- connection lifecycle -----------------------------------------------
 
@@ -177,6 +197,7 @@ class ProxyServerProtocol(LineReceiver):
             self._gone = True
             self.stats.curr_connections -= 1
         self._slots.clear()
+        self._extra_slots = 0
         self._buffer.clear()
         self._payload_for = None
         self._payload_chunks = []
@@ -296,11 +317,21 @@ class ProxyServerProtocol(LineReceiver):
         self.engine.route(req, slot.fill)
 
     def _multiget(self, req: Request, keys: list[bytes]) -> None:
-        """Split a hooked multiget into one routed request per key."""
+        """Route a hooked multiget: its keys together when the engine can
+        (``get``/``gets``, every key within the length limit), else split
+        into one routed request per key."""
         if len(keys) > MAX_MULTIGET_KEYS:
             self._too_long()
             return
         prefix = multiget_prefix(req)
+        if prefix in _BATCH_PREFIXES and max(map(len, keys)) <= MAX_KEY_LENGTH:
+            slot = MultigetSlot(self, len(keys))
+            self._slots.append(slot)
+            if self.engine.route_keys(req, keys, slot.fill):
+                self._extra_slots += len(keys)
+                self._check_inflight()
+                return
+            self._slots.pop()
         command = req.command
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
@@ -356,6 +387,7 @@ class ProxyServerProtocol(LineReceiver):
         if self.factory is not None:
             self.factory.clients.discard(self)
         self._slots.clear()
+        self._extra_slots = 0
         self._buffer.clear()
 
     # -- replies -------------------------------------------------------------
@@ -373,7 +405,10 @@ class ProxyServerProtocol(LineReceiver):
         slots = self._slots
         out = self._out
         while slots and slots[0].data is not None:
-            data = slots.popleft().data
+            slot = slots.popleft()
+            if slot.__class__ is MultigetSlot:
+                self._extra_slots -= slot.keys
+            data = slot.data
             if data:
                 out.append(data)
         if not self._batched:
@@ -394,7 +429,7 @@ class ProxyServerProtocol(LineReceiver):
             if not self._slots:
                 self.transport.loseConnection()
         elif self._reading_paused and not self._writing_paused \
-                and len(self._slots) < MAX_CLIENT_INFLIGHT // 2 \
+                and len(self._slots) + self._extra_slots < MAX_CLIENT_INFLIGHT // 2 \
                 and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2:
             self._resume_reading()
 
@@ -413,7 +448,7 @@ class ProxyServerProtocol(LineReceiver):
     # -- backpressure --------------------------------------------------------
 
     def _check_inflight(self) -> None:
-        if len(self._slots) >= MAX_CLIENT_INFLIGHT:
+        if len(self._slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
             self._pause_reading()
 
     def _pause_reading(self) -> None:
@@ -439,7 +474,8 @@ class ProxyServerProtocol(LineReceiver):
 
     def resumeProducing(self) -> None:
         self._writing_paused = False
-        if self._reading_paused and len(self._slots) < MAX_CLIENT_INFLIGHT // 2 \
+        if self._reading_paused \
+                and len(self._slots) + self._extra_slots < MAX_CLIENT_INFLIGHT // 2 \
                 and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2:
             self._resume_reading()
 

@@ -1,0 +1,99 @@
+"""Client multigets through real memcached servers: keys routed together
+per backend (a route that only calls a pool) answer byte for byte as keys
+routed one by one (any other route), hits, misses, failures and all."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mcproxy import errors
+
+from .servers import Memcached, Proxy, read_until
+
+CONFIG = """
+function mcp_config_pools()
+    return mcp.pool({
+        mcp.backend("b1", "127.0.0.1", "%(b1)d"),
+        mcp.backend("b2", "127.0.0.1", "%(b2)d"),
+        mcp.backend("b3", "127.0.0.1", "%(b3)d"),
+        mcp.backend("down", "127.0.0.1", "%(down)d"),
+    })
+end
+
+function mcp_config_routes(pool)
+    mcp.attach(mcp.CMD_ANY_STORAGE, %(route)s)
+end
+"""
+#: Routed together: the route engine sees a direct pool call.
+TOGETHER = "function(r) return pool(r) end"
+#: Routed key by key: the same answer, through Lua.
+KEY_BY_KEY = "function(r) local res = pool(r) return res end"
+
+KEYS = [b"k%d" % i for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def proxies():
+    servers = {name: Memcached().start() for name in ("b1", "b2", "b3")}
+    ports = {name: s.port for name, s in servers.items()}
+    ports["down"] = Memcached().port  # nothing listens there
+    together = Proxy(None, config_text=CONFIG % {**ports, "route": TOGETHER}).start()
+    one_by_one = Proxy(None, config_text=CONFIG % {**ports, "route": KEY_BY_KEY}).start()
+    with together.connect() as s:
+        for key in KEYS[::2]:  # odd keys miss
+            s.sendall(b"set %s 0 0 %d\r\n%s\r\n" % (key, len(key), key))
+            read_until(s, b"\r\n")
+    yield together, one_by_one
+    for proxy in (together, one_by_one):
+        proxy.stop()
+    for server in servers.values():
+        server.stop()
+
+
+def proxy_stats(proxy) -> dict[bytes, bytes]:
+    """``stats`` and ``stats proxy`` together."""
+    reply = proxy.call(b"stats\r\n", b"END\r\n") + proxy.call(b"stats proxy\r\n", b"END\r\n")
+    return dict(re.findall(rb"STAT (\S+) (\S+)\r\n", reply))
+
+
+@pytest.mark.parametrize("line", [
+    b"get " + b" ".join(KEYS) + b"\r\n",
+    b"gets " + b" ".join(KEYS) + b"\r\n",
+    b"get k2 k2 k3 k2 k1 k0 k0\r\n",
+    b"get k4 \r\n",
+    b"get k0 " + b"x" * 251 + b" k2 k3\r\n",
+    b"get  k0 k2\r\n",
+    b"gat 0 k0 k1 k2\r\n",
+])
+def test_multiget_routed_together_answers_as_key_by_key(proxies, line):
+    together, one_by_one = proxies
+    replies = []
+    for proxy in proxies:
+        with proxy.connect() as s:
+            # pipelined between two single gets, so its reply must keep its place
+            s.sendall(b"get k0\r\n" + line + b"get k2\r\n")
+            replies.append(read_until(s, b"VALUE k2 0 2\r\nk2\r\nEND\r\n"))
+    assert replies[0] == replies[1]
+    reply = replies[0]
+    assert reply.startswith(b"VALUE k0 0 2\r\nk0\r\nEND\r\n")
+    assert reply.count(b"END\r\n") == 3
+    if b"x" * 251 in line:
+        assert errors.KEY_TOO_LONG in reply
+
+
+def test_every_key_counts_and_a_down_backend_fails_only_its_keys(proxies):
+    together, one_by_one = proxies
+    before = [proxy_stats(p) for p in proxies]
+    line = b"get " + b" ".join(KEYS) + b"\r\n"
+    replies = [p.call(line, b"END\r\n") for p in proxies]
+    assert replies[0] == replies[1]
+    failed = replies[0].count(errors.BACKEND_FAILURE)
+    hits = replies[0].count(b"VALUE ")
+    assert 0 < failed < len(KEYS) and 0 < hits < len(KEYS) // 2
+    after = [proxy_stats(p) for p in proxies]
+    for old, new in zip(before, after, strict=True):
+        assert int(new[b"cmd_get"]) - int(old[b"cmd_get"]) == len(KEYS)
+        assert int(new[b"proxy_conn_requests"]) - int(old[b"proxy_conn_requests"]) == len(KEYS)
+        assert new[b"proxy_req_active"] == b"0"
