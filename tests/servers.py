@@ -69,9 +69,13 @@ class Memcached:
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
+    def options(self) -> list[str]:
+        """Further command-line options (for subclasses)."""
+        return []
+
     def start(self) -> Memcached:
         args = [MEMCACHED, "-l", self.host, "-p", str(self.port), "-U", "0",
-                "-m", str(self.memory_mb), "-t", "1"]
+                "-m", str(self.memory_mb), "-t", "1", *self.options()]
         if os.geteuid() == 0:
             args += ["-u", "root"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,

@@ -14,7 +14,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import subprocess
 import threading
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from mcproxy import errors
 from mcproxy.lua.engine import ConfigError
 from mcproxy.protocols.backend import Backend, BackendOptions
 
-from .servers import MEMCACHED, Memcached, Proxy, free_port, read_until, wait_for_port
+from .servers import Memcached, Proxy, free_port, read_until, wait_for_port
 
 
 def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
@@ -81,15 +80,8 @@ class TLSMemcached(Memcached):
         super().__init__()
         self.key, self.cert = key, cert
 
-    def start(self) -> TLSMemcached:
-        args = [MEMCACHED, "-l", self.host, "-p", str(self.port), "-U", "0", "-t", "1",
-                "-Z", "-o", f"ssl_chain_cert={self.cert},ssl_key={self.key}"]
-        if os.geteuid() == 0:
-            args += ["-u", "root"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, proc=self.proc, host=self.host)
-        return self
+    def options(self) -> list[str]:
+        return ["-Z", "-o", f"ssl_chain_cert={self.cert},ssl_key={self.key}"]
 
 
 def tls_connect(port: int, cert: Path) -> ssl.SSLSocket:
