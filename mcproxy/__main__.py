@@ -12,6 +12,14 @@ import sys
 from mcproxy import __version__
 
 
+def _inherited(text: str) -> tuple[int, str]:
+    """``FD=ENDPOINT`` of ``mcproxy worker --fd``, as (FD, ENDPOINT)."""
+    fd, separator, description = text.partition("=")
+    if not (fd.isdigit() and separator and description):
+        raise argparse.ArgumentTypeError(f"expected FD=ENDPOINT, not {text!r}")
+    return int(fd), description
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the command; the exit status."""
     parser = argparse.ArgumentParser(
@@ -30,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Run one worker of 'twistd mcproxy --workers=N' on listening "
                     "sockets inherited from it; started by the supervisor, not by hand.")
     worker.add_argument("--worker-id", type=int, required=True, help="the worker's slot")
-    worker.add_argument("--fd", type=int, action="append", default=[],
-                        help="an inherited listening socket (repeatable)")
+    worker.add_argument("--fd", type=_inherited, action="append", default=[],
+                        help="FD=ENDPOINT: an inherited listening socket and the "
+                             "--listen endpoint it was bound for (repeatable)")
     worker.add_argument("options", nargs=argparse.REMAINDER,
                         help="'--' and the mcproxy options, as for twistd mcproxy")
     args = parser.parse_args(argv)

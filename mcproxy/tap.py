@@ -111,7 +111,8 @@ class Options(usage.Options):
             for endpoint in self["listen"]:
                 if not is_tcp_endpoint(endpoint):
                     raise usage.UsageError(
-                        f"--workers needs TCP --listen endpoints, not {endpoint!r}")
+                        f"--workers needs TCP --listen endpoints (tcp:, tcp6: or ssl:), "
+                        f"not {endpoint!r}")
 
 
 def makeService(options: Options) -> ProxyService | WorkerSupervisor:

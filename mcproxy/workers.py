@@ -14,8 +14,9 @@ port. (A single shared socket would let whichever worker wakes first accept
 a whole burst of connections.) A connection that hashes to a slot whose
 worker is restarting waits in that socket's backlog until the new worker
 adopts it. Elsewhere one socket is shared by all workers. A worker gets its
-sockets as inherited descriptors and adopts them with
-``reactor.adoptStreamPort``.
+sockets as inherited descriptors, each with the ``--listen`` endpoint it was
+bound for, and adopts them with ``reactor.adoptStreamPort`` (wrapping the
+factory in TLS for an ``ssl:`` endpoint).
 
 Control. A worker's stdin and stdout are its control pipe: JSON lines. Every
 ``STATS_INTERVAL`` a worker sends its ``stats`` figures up; the supervisor
@@ -56,6 +57,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     serverFromString,
@@ -99,11 +101,25 @@ def reuseport_supported() -> bool:
 
 
 def is_tcp_endpoint(description: str) -> bool:
-    """Whether a --listen endpoint string is TCP (v4 or v6)."""
+    """Whether a --listen endpoint string is TCP (v4 or v6), or TLS over TCP
+    (``ssl:``): the endpoints a supervisor can bind for its workers."""
     from twisted.internet import reactor
 
     endpoint = serverFromString(reactor, description)
-    return type(endpoint) in (TCP4ServerEndpoint, TCP6ServerEndpoint)
+    return type(endpoint) in (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)
+
+
+def worker_factory(description: str, factory: Any, reactor: Any) -> Any:
+    """The factory a worker serves an inherited socket of the ``--listen``
+    endpoint ``description`` with: ``factory`` itself for TCP, wrapped in
+    TLS for ``ssl:`` (the endpoint string names the certificate)."""
+    endpoint = serverFromString(reactor, description)
+    if type(endpoint) is not SSL4ServerEndpoint:
+        return factory
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    # What SSL4ServerEndpoint.listen would wrap the factory with.
+    return TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
 
 
 def bind_tcp(description: str, count: int, reuseport: bool) -> list[socket.socket]:
@@ -406,10 +422,11 @@ class WorkerSupervisor(MultiService):
         self._pending.pop(slot, None)
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         args = [sys.executable, "-m", "mcproxy", "worker", f"--worker-id={slot}"]
-        for i, sockets in enumerate(self.sockets):
+        for i, (description, sockets) in enumerate(zip(self.listen, self.sockets,
+                                                       strict=True)):
             fd = FIRST_FD + i
             child_fds[fd] = sockets[slot if self.reuseport else 0].fileno()
-            args.append(f"--fd={fd}")
+            args.append(f"--fd={fd}={description}")
         args += ["--", *self.worker_args]
         worker = WorkerProcess(self, slot)
         self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ.copy(),
@@ -577,8 +594,9 @@ class WorkerControl(LineReceiver):
             self.reactor.stop()
 
 
-def run_worker(worker_id: int, fds: list[int], argv: list[str]) -> int:
-    """The body of ``python -m mcproxy worker``; the exit status."""
+def run_worker(worker_id: int, fds: list[tuple[int, str]], argv: list[str]) -> int:
+    """The body of ``python -m mcproxy worker``: serve each inherited socket
+    (descriptor, and the --listen endpoint it was bound for); the exit status."""
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
     from twisted.python import usage
@@ -601,8 +619,9 @@ def run_worker(worker_id: int, fds: list[int], argv: list[str]) -> int:
         log.critical("worker {slot}: {error}", slot=worker_id, error=str(e.code))
         return 1
     service.worker_id = worker_id
-    for fd in fds:
-        AdoptedPort(fd, service.factory, reactor).setServiceParent(service)
+    for fd, description in fds:
+        factory = worker_factory(description, service.factory, reactor)
+        AdoptedPort(fd, factory, reactor).setServiceParent(service)
     stdio.StandardIO(WorkerControl(service, reactor), reactor=reactor)
     # Ctrl-C reaches the whole process group; the supervisor stops us.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -353,11 +355,26 @@ def test_backend_connects_with_tls_only_when_asked(certs):
     assert [c[:2] for c in reactor.sslClients] == [("127.0.0.1", 11212)]
 
 
-def test_workers_refuse_tls_endpoints(certs):
-    from twisted.python import usage
-
-    from mcproxy.tap import Options
-
+def test_workers_serve_tls_endpoints(certs):
+    """Under --workers the supervisor binds the ssl: port and every worker
+    serves TLS on its socket (plaintext would fail the handshake)."""
     key, cert, _ = certs
-    with pytest.raises(usage.UsageError, match="--workers needs TCP"):
-        Options().parseOptions(["--workers=2", ssl_listen(free_port(), key, cert)])
+    server = Memcached().start()
+    tls_port = free_port()
+    proxy = Proxy(None, "--workers=2", ssl_listen(tls_port, key, cert),
+                  config_text=ONE_BACKEND % {"port": server.port}).start()
+    try:
+        wait_for_port(tls_port, proc=proxy.proc)
+        workers = set()
+        deadline = time.monotonic() + 20
+        while len(workers) < 2 and time.monotonic() < deadline:
+            with tls_connect(tls_port, cert) as s:
+                s.sendall(b"set w/k 0 0 2\r\nok\r\nget w/k\r\n")
+                assert read_until(s, b"END\r\n") == b"STORED\r\nVALUE w/k 0 2\r\nok\r\nEND\r\n"
+                s.sendall(b"stats\r\n")
+                stats = read_until(s, b"END\r\n")
+                workers.add(re.search(rb"STAT worker_id (\d+)", stats).group(1))
+        assert workers == {b"0", b"1"}
+    finally:
+        proxy.stop()
+        server.stop()
