@@ -232,6 +232,49 @@ def test_any_line_parses_or_raises_parse_error(line):
         assert line.startswith(multiget_prefix(req))
 
 
+def _parsed(parse, line: bytes):
+    """Everything a parse of ``line`` decides, or the ParseError."""
+    try:
+        req = parse(line)
+    except ParseError:
+        return ParseError
+    return tuple(getattr(req, name) for name in Request.__slots__)
+
+
+_digits = st.sampled_from([b"", b"0", b"00", b"1", b"9" * 9, b"9" * 10, b"1" * 18,
+                           b"9" * 19, b"1" * 20, b"9" * 20, b"0" * 25 + b"7",
+                           b"-0", b"+1", b"-1", b"1a", b"\xd9\xa3"])
+_fast_keys = st.sampled_from([b"k", b"key:000123", b"", b"a b", b"a\rb", b"a\nb",
+                              b"\xff\x80", b"k" * 250, b"k" * 251, b"noreply"])
+#: Lines shaped like the parser's fast paths, and near misses of them.
+near_fast_lines = st.builds(
+    lambda head, key, numbers, sep, end: head + sep.join([key, *numbers]) + end,
+    st.sampled_from([b"get ", b"set ", b"get  ", b"set  ", b"gets ", b"sets ", b"GET "]),
+    _fast_keys, st.lists(_digits, min_size=3, max_size=3) | st.lists(_digits, max_size=5),
+    st.sampled_from([b" ", b"  "]), st.sampled_from([b"\r\n", b"\n", b" \r\n", b""]))
+
+
+@FAST
+@given(st.one_of(near_fast_lines, any_lines))
+def test_fast_paths_parse_as_the_general_parser(line):
+    assert _parsed(parse_request, line) == _parsed(rq._parse_general, line)
+
+
+def test_fast_paths_parse_the_fuzz_corpus_as_the_general_parser():
+    corpus = os.path.join(os.path.dirname(__file__), os.pardir, "fuzz", "corpus", "request")
+    lines = [b"get k\r\n", b"set k 0 0 5\r\n", b"set k 4294967296 -1 5\r\n",
+             b"set k 0 0 5 noreply\r\n", b"set k 18446744073709551616 0 1\r\n",
+             b"set k 0 0 9999999999\r\n", b"set k 0 0 2147483646\r\n",
+             b"set k 0 9999999999999999999 1\r\n", b"set k 0 -1 1\r\n",
+             b"set k 99999999999999999999 0 1\r\n", b"set k 0 0 000000000001\r\n",
+             b"get k k\r\n", b"get \r\n", b"get  k\r\n", b"set %s 0 0 1\r\n" % (b"k" * 251)]
+    for name in os.listdir(corpus):
+        with open(os.path.join(corpus, name), "rb") as f:
+            lines += [line + b"\n" for line in f.read().split(b"\n")]
+    for line in lines:
+        assert _parsed(parse_request, line) == _parsed(rq._parse_general, line), line
+
+
 # -- strategies: replies -------------------------------------------------------
 
 _text = st.lists(st.integers(0, 255).filter(lambda b: b != 10), max_size=30).map(bytes)

@@ -76,6 +76,8 @@ GETS = [
     (b"VALUE /foo/num 0 1\r\n", b"1\r\n"),
     (b"VALUE k 4294967295 5 1234567\r\n", b"he\r\no\r\n"),
     (b"VALUE k 0 0\r\n", b"\r\n"),
+    (b"VALUE k 0 000000002\r\n", b"ab\r\n"),
+    (b"VALUE k 0 0000000000002\r\n", b"ab\r\n"),
 ]
 
 
@@ -160,6 +162,11 @@ def test_every_prefix_is_incomplete(wire):
     (b"VALUE k 0 +1\r\n", FAIL_PARSING),
     (b"VALUE k 0 1 2 3\r\n", FAIL_PARSING),
     (b"VALUE k 0 1 x\r\n", FAIL_PARSING),
+    # Sizes no request could ask for: nine digits are taken as they are,
+    # longer ones checked against MAX_VALUE_LENGTH.
+    (b"VALUE k 0 2147483646\r\n", FAIL_PARSING),
+    (b"VALUE k 0 9999999999\r\n", FAIL_PARSING),
+    (b"VALUE k 0 00000000002147483646\r\n", FAIL_PARSING),
     (b"VALUE k 0 1\r\nabEND\r\n", FAIL_PARSING),
     (b"VALUE k 0 1\r\na\r\nVALUE j 0 1\r\nb\r\nEND\r\n", FAIL_MISSINGEND),
     (b"VALUE k 0 1\r\na\r\nSTORED\r\n", FAIL_MISSINGEND),

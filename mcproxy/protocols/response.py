@@ -218,7 +218,9 @@ def _parse(buf: bytes, pos: int, version: bool,
         if not ((nfields == 3 or (nfields == 4 and fields[3].isdigit()))
                 and fields[0] and fields[1].isdigit() and fields[2].isdigit()):
             raise BackendProtocolError(FAIL_PARSING)
-        vend = end + _size(fields[2]) + 2
+        size = fields[2]
+        # Nine digits are always within MAX_VALUE_LENGTH.
+        vend = end + (int(size) if len(size) <= 9 else _size(size)) + 2
         total = vend + 5
         have = len(buf)
         if have < vend:

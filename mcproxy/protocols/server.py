@@ -284,8 +284,8 @@ class ProxyServerProtocol(LineReceiver):
         cmd = req.command
         if cmd in LOCAL_ONLY_COMMANDS or not self.engine.hooked(cmd):
             then = self._local
-        elif cmd in GET_COMMANDS and (keys := split_multiget(req)) is not None:
-            self._multiget(req, keys)
+        elif cmd in GET_COMMANDS and b" " in req.tokens[-1]:  # split_multiget's test
+            self._multiget(req, split_multiget(req))
             return
         elif len(req.line) >= MAX_REQUEST_LINE:
             self._too_long()
