@@ -402,6 +402,7 @@ def test_send_from_a_failure_callback_waits_for_the_reconnect():
 
 
 def test_read_timeout_is_per_request_deadline():
+    """A request's time runs from its send, or from the previous reply."""
     h = Harness(read_timeout=3.0)
     proto, _ = h.connect()
     h.send("a", b"get a\r\n")         # t=0, due 3
@@ -410,16 +411,16 @@ def test_read_timeout_is_per_request_deadline():
     h.clock.advance(0.5)
     proto.dataReceived(b"END\r\n")    # a answered at 1.5
     h.clock.advance(0.5)
-    h.send("c", b"get c\r\n")         # t=2, due 5
+    h.send("c", b"get c\r\n")         # t=2
     h.clock.advance(1.0)              # t=3: b is not late yet
     assert h.results.tags == ["a"]
-    proto.dataReceived(b"END\r\n")    # b answered at 3
-    h.clock.advance(1.9)              # t=4.9
+    proto.dataReceived(b"END\r\n")    # b answered at 3: c due at 3 + 3
+    h.clock.advance(2.9)              # t=5.9
     assert h.results.tags == ["a", "b"]
-    h.clock.advance(0.1)              # t=5: c is late
+    h.clock.advance(0.1)              # t=6: c is late
     assert h.results.tags == ["a", "b", "c"]
     assert h.results.responses()[2].reason == FAIL_TIMEOUT
-    assert h.results.responses()[2].elapsed == 3000000
+    assert h.results.responses()[2].elapsed == 4000000
     assert (h.backend.failures, h.stats.backend_failed) == (1, 1)
     assert h.events[-1]["reason"] == FAIL_TIMEOUT
 

@@ -238,6 +238,8 @@ class BackendProtocol(Protocol):
         self._socket = None
         #: bytes arrived since the read timer last looked (see _read_timer)
         self.receiving = False
+        #: when the last complete reply was read (see _read_timer)
+        self.answered_at = 0.0
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -319,6 +321,7 @@ class BackendProtocol(Protocol):
                 elif units[0] == _BATCH:
                     if not self._batch_reply(reader, backend, now):
                         return
+                    self.answered_at = now
                     if self.backend is None:
                         return
                     continue
@@ -329,6 +332,7 @@ class BackendProtocol(Protocol):
             except BackendProtocolError as e:
                 backend._reset(e.reason)
                 return
+            self.answered_at = now
             for (_request, callback, sent), res in answers:
                 res.elapsed = int((now - sent) * 1e6)
                 backend.latency.record(res.elapsed)
@@ -747,10 +751,14 @@ class Backend:
     def _read_timer(self) -> None:
         """The oldest request's deadline, re-armed lazily for the next one.
 
-        An overdue request times out only after a pass of the reactor that
-        brought no bytes from the backend: timers run before the reactor
-        polls, so a process busy with a burst may not yet have read replies
-        that are waiting in the socket, and the backend is not to blame.
+        A request's time runs from when it was sent, or from when the reply
+        before it was read if that is later: a backend is not to blame for
+        the time the proxy took to read the replies queued ahead (with a
+        stuck reply nothing is read, so its deadline stands). And an overdue
+        request times out only after a pass of the reactor that brought no
+        bytes from the backend: timers run before the reactor polls, so a
+        process busy with a burst may not yet have read replies that are
+        waiting in the socket.
         """
         self._timer = None
         queue = self._queue
@@ -759,7 +767,7 @@ class Backend:
         protocol = self._protocol
         receiving = protocol.receiving
         protocol.receiving = False
-        due = queue[0][2] + self._read_timeout
+        due = max(queue[0][2], protocol.answered_at) + self._read_timeout
         now = self._seconds()
         if now < due - _EPSILON:
             self._timer = self.reactor.callLater(due - now, self._read_timer)
