@@ -720,11 +720,17 @@ def mg(key: bytes, command: bytes = b"get"):
     return r
 
 
-def test_multiget_keys_are_merged_and_the_reply_split(monkeypatch):
+@pytest.fixture
+def flushes(monkeypatch) -> list:
+    """Write batches wait until the test runs them: ``flushes.pop()()``."""
     from mcproxy.protocols.writes import batch
 
-    flushes = []
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+    pending: list = []
+    monkeypatch.setattr(batch, "call_later", lambda delay, f: pending.append(f))
+    return pending
+
+
+def test_multiget_keys_are_merged_and_the_reply_split(flushes):
     h = Harness()
     proto, transport = h.connect()
     for key in (b"a", b"b", b"a", b"c"):
@@ -746,11 +752,7 @@ def test_multiget_keys_are_merged_and_the_reply_split(monkeypatch):
     assert h.backend.state == "connected"
 
 
-def test_merged_multiget_out_of_order_key_resets(monkeypatch):
-    from mcproxy.protocols.writes import batch
-
-    flushes = []
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+def test_merged_multiget_out_of_order_key_resets(flushes):
     h = Harness()
     proto, transport = h.connect()
     for key in (b"a", b"b"):
@@ -761,11 +763,7 @@ def test_merged_multiget_out_of_order_key_resets(monkeypatch):
     assert [r.ok for r in h.results.responses()] == [False, False]
 
 
-def test_merged_multiget_error_line_answers_every_key(monkeypatch):
-    from mcproxy.protocols.writes import batch
-
-    flushes = []
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+def test_merged_multiget_error_line_answers_every_key(flushes):
     h = Harness()
     proto, transport = h.connect()
     for key in (b"a", b"b"):
@@ -783,11 +781,7 @@ def batch_cb(got: list, tag: object):
     return lambda res, hits=None: got.append((tag, res, hits))
 
 
-def test_key_batch_is_one_request_answered_whole(monkeypatch):
-    from mcproxy.protocols.writes import batch
-
-    flushes = []
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+def test_key_batch_is_one_request_answered_whole(flushes):
     h = Harness()
     proto, transport = h.connect()
     got = []
@@ -818,11 +812,7 @@ def test_key_batch_is_one_request_answered_whole(monkeypatch):
     assert h.backend.depth == 0 and h.backend.state == "connected"
 
 
-def test_key_batch_error_line_and_desync(monkeypatch):
-    from mcproxy.protocols.writes import batch
-
-    flushes = []
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+def test_key_batch_error_line_and_desync(flushes):
     h = Harness()
     proto, transport = h.connect()
     got = []
@@ -838,11 +828,7 @@ def test_key_batch_error_line_and_desync(monkeypatch):
     assert got[1][1].reason == "parsing"
 
 
-def test_key_batch_fails_whole_when_the_backend_drops_mid_reply(monkeypatch):
-    from mcproxy.protocols.writes import batch
-
-    flushes = []
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: flushes.append(f))
+def test_key_batch_fails_whole_when_the_backend_drops_mid_reply(flushes):
     h = Harness()
     proto, transport = h.connect()
     got = []
