@@ -21,7 +21,7 @@ from mcproxy.protocols.backend import (
     BackendOptions,
     BackendProtocol,
 )
-from mcproxy.protocols.request import CMD_GET, CMD_GETS, KeyBatch, parse_request
+from mcproxy.protocols.request import CMD_GET, CMD_GETS, KeyBatch, PlainRun, parse_request
 from mcproxy.protocols.response import (
     FAIL_BADVALIDATE,
     FAIL_CLOSED,
@@ -855,3 +855,70 @@ def test_key_batch_sent_before_the_connection_is_written_once_validated(monkeypa
     assert transport.value() == b"get a b\r\n"
     proto.dataReceived(b"VALUE b 0 1\r\n2\r\nEND\r\n")
     assert [(tag, hits) for tag, _, hits in got] == [(1, [None, b"VALUE b 0 1\r\n2\r\n"])]
+
+
+# PlainRun: plain requests of one client, sent as they came, answered as bytes
+
+
+def test_plain_run_is_sent_as_it_came_and_answered_as_the_bytes_that_came(flushes):
+    h = Harness()
+    proto, transport = h.connect()
+    got = []
+    h.backend.send(mg(b"x"), h.results.cb("x"))  # never merged with a run
+    run = PlainRun(b"get a\r\nset b 0 0 1\r\n1\r\nget b\r\n", 3)
+    h.backend.send(run, got.append)
+    h.backend.send(mg(b"y"), h.results.cb("y"))
+    h.backend.send(PlainRun(b"get c\r\n", 1), got.append)
+    assert h.backend.depth == 1 + 3 + 1 + 1
+    flushes.pop()()
+    assert transport.value() == (b"get x\r\nget a\r\nset b 0 0 1\r\n1\r\nget b\r\n"
+                                 b"get y\r\nget c\r\n")
+    replies = b"END\r\nSTORED\r\nVALUE b 0 1\r\n1\r\nEND\r\n"
+    reply = b"END\r\n" + replies + b"END\r\nVALUE c 0 1 5\r\nc\r\nEND\r\n"
+    for i in range(len(reply)):
+        proto.dataReceived(reply[i:i + 1])
+    assert got == [replies, b"VALUE c 0 1 5\r\nc\r\nEND\r\n"]
+    assert h.results.tags == ["x", "y"]
+    assert h.backend.latency.count == 6
+    assert h.backend.depth == 0 and h.backend.state == "connected"
+
+
+def test_plain_run_reply_in_one_chunk_is_passed_on_whole(flushes):
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+    h.backend.send(PlainRun(b"get a\r\nget b\r\n", 2), got.append)
+    flushes.pop()()
+    reply = b"END\r\nSERVER_ERROR out of memory\r\n"
+    proto.dataReceived(reply)
+    assert got == [reply] and got[0] is reply
+
+
+def test_plain_run_keeps_the_replies_before_a_failure(flushes):
+    """A run failed part way gets the replies that came, then the failure
+    (RouteEngine adds one failure per request left)."""
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+    run = PlainRun(b"get a\r\nget b\r\nget c\r\n", 3)
+    h.backend.send(run, got.append)
+    flushes.pop()()
+    proto.dataReceived(b"VALUE a 0 1\r\n1\r\nEND\r\nVALUE b 0 5\r\n12")
+    assert got == []
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    [res] = got
+    assert not res.ok and res.reason == "disconnected"
+    assert run.parts == [b"VALUE a 0 1\r\n1\r\nEND\r\n"] and run.answered == 1
+
+
+def test_plain_run_garbage_after_good_replies(flushes):
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+    run = PlainRun(b"get a\r\nget b\r\nget c\r\n", 3)
+    h.backend.send(run, got.append)
+    flushes.pop()()
+    proto.dataReceived(b"END\r\nSTORED\r\nnonsense\r\n")
+    [res] = got
+    assert not res.ok and res.reason == "parsing"
+    assert run.parts == [b"END\r\nSTORED\r\n"] and run.answered == 2

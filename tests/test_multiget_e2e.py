@@ -73,11 +73,12 @@ def test_multiget_routed_together_answers_as_key_by_key(proxies, line):
     for proxy in proxies:
         with proxy.connect() as s:
             # pipelined between two single gets, so its reply must keep its place
-            s.sendall(b"get k0\r\n" + line + b"get k2\r\n")
-            replies.append(read_until(s, b"VALUE k2 0 2\r\nk2\r\nEND\r\n"))
+            s.sendall(b"get k0\r\n" + line + b"get k2\r\nmn\r\n")
+            replies.append(read_until(s, b"MN\r\n"))
     assert replies[0] == replies[1]
     reply = replies[0]
     assert reply.startswith(b"VALUE k0 0 2\r\nk0\r\nEND\r\n")
+    assert reply.endswith(b"VALUE k2 0 2\r\nk2\r\nEND\r\nMN\r\n")
     assert reply.count(b"END\r\n") == 3
     if b"x" * 251 in line:
         assert errors.KEY_TOO_LONG in reply
@@ -96,4 +97,28 @@ def test_every_key_counts_and_a_down_backend_fails_only_its_keys(proxies):
     for old, new in zip(before, after, strict=True):
         assert int(new[b"cmd_get"]) - int(old[b"cmd_get"]) == len(KEYS)
         assert int(new[b"proxy_conn_requests"]) - int(old[b"proxy_conn_requests"]) == len(KEYS)
+        assert new[b"proxy_req_active"] == b"0"
+
+
+def test_pipelined_plain_requests_answer_as_routed_one_by_one(proxies):
+    """Runs of plain gets and sets (RouteEngine.route_run), cut per backend,
+    down backend and all, answer and count as requests routed one by one."""
+    keys = [b"p%d" % i for i in range(40)]
+    stream = b"".join(b"set %s 0 0 %d\r\n%s\r\n" % (key, len(key), key) for key in keys[::2])
+    stream += b"".join(b"get %s\r\n" % key for key in keys)
+    stream += b"get p0 p1 p2\r\n" + b"".join(b"get %s\r\n" % key for key in keys[::-3])
+    count = len(keys) // 2 + len(keys) + 3 + len(keys[::-3])
+    before = [proxy_stats(p) for p in proxies]
+    replies = []
+    for proxy in proxies:
+        with proxy.connect() as s:
+            s.sendall(stream + b"mn\r\n")
+            replies.append(read_until(s, b"MN\r\n"))
+    assert replies[0] == replies[1]
+    assert 0 < replies[0].count(errors.BACKEND_FAILURE) < count
+    assert replies[0].count(b"STORED\r\n") + replies[0].count(b"VALUE p") > count // 3
+    after = [proxy_stats(p) for p in proxies]
+    for old, new in zip(before, after, strict=True):
+        assert int(new[b"proxy_conn_requests"]) - int(old[b"proxy_conn_requests"]) == count
+        assert int(new[b"cmd_set"]) - int(old[b"cmd_set"]) == len(keys) // 2
         assert new[b"proxy_req_active"] == b"0"

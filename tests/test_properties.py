@@ -411,6 +411,37 @@ def test_any_bytes_read_the_same_in_any_chunks(data, cuts, multi):
         assert read_one_piece(data) == whole[:2]
 
 
+def read_raw_chunks(chunks: list[bytes], counts: list[int]) -> tuple[bytes, int, str | None]:
+    """The bytes and number of replies ResponseReader.read_raw frames in
+    ``chunks``, asking for ``counts`` replies in turn, and the error that
+    stopped it."""
+    reader, parts, framed, turn = ResponseReader(), [], 0, 0
+    try:
+        for chunk in chunks:
+            if reader.feed(chunk):
+                while got := reader.read_raw(counts[turn % len(counts)], parts):
+                    framed += got
+                    turn += 1
+    except BackendProtocolError as e:
+        return b"".join(parts), framed, e.reason
+    return b"".join(parts), framed, None
+
+
+@FAST
+@given(st.one_of(st.lists(replies(), max_size=8).map(lambda g: b"".join(w for w, _ in g)),
+                 _noisy_streams, st.binary(max_size=100)),
+       st.lists(st.integers(0, 10**6), max_size=12),
+       st.lists(st.integers(1, 4), min_size=1, max_size=5))
+def test_raw_replies_are_the_replies_as_they_came(data, cuts, counts):
+    """read_raw frames the replies parse_response finds, as the very bytes
+    that came, and stops with the same error, however the bytes arrive."""
+    replies_, error = read_one_piece(data)
+    end = 0
+    for _ in replies_:
+        end = parse_response(data, end)[1]
+    assert read_raw_chunks(chunked(data, cuts), counts) == (data[:end], len(replies_), error)
+
+
 @st.composite
 def multiget_replies(draw) -> tuple[bytes, list[tuple]]:
     """memcached's reply to ``get k1 k2 ...``: the hits, then one END."""
@@ -451,14 +482,33 @@ def test_client_bytes_is_the_reply_or_nothing(generated, req_generated, multiget
 
 
 class NumberingEngine:
-    """Answers every routed request with a numbered line, now or later."""
+    """Answers every routed request with a numbered line, now or later.
+    With ``runs``, takes runs of plain get/set requests (route_run) when
+    both commands are hooked, and records and numbers their requests as
+    if they had come one by one."""
 
-    def __init__(self, hooked: frozenset[int], counter: list[int], later: bool) -> None:
+    def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
+                 runs: bool = False) -> None:
         self.hooked_commands = hooked
         self.counter = counter
         self.later = later
         self.routed: list[tuple[bytes, bytes | None, bool]] = []
         self.pending: list = []
+        self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
+
+    def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                  sets: int, done) -> bool:
+        answers = []
+        for end, key in zip(ends, keys, strict=True):
+            line, newline, value = data[start:end].partition(b"\n")
+            assert parse_request(line + newline).key == key
+            self.routed.append((line + newline, value or None, False))
+            self.counter[0] += 1
+            answers.append(b"<%d>\r\n" % self.counter[0])
+            start = end
+        assert sum(1 for _, value, _ in self.routed[-len(keys):] if value) == sets
+        self._answer(done, b"".join(answers))
+        return True
 
     def hooked(self, command: int) -> bool:
         return command in self.hooked_commands
@@ -469,7 +519,9 @@ class NumberingEngine:
     def route(self, req: Request, done) -> None:
         self.routed.append((req.line, req.value, req.multiget))
         self.counter[0] += 1
-        answer = b"<%d>\r\n" % self.counter[0]
+        self._answer(done, b"<%d>\r\n" % self.counter[0])
+
+    def _answer(self, done, answer: bytes) -> None:
         if self.later:
             self.pending.append((done, answer))
         else:
@@ -492,9 +544,9 @@ class NumberingStore:
 
 
 class NumberingService:
-    def __init__(self, hooked: frozenset[int], later: bool) -> None:
+    def __init__(self, hooked: frozenset[int], later: bool, runs: bool = False) -> None:
         self.counter = [0]
-        self.engine = NumberingEngine(hooked, self.counter, later)
+        self.engine = NumberingEngine(hooked, self.counter, later, runs)
         self.stats = ProxyStats()
         self.store = NumberingStore(self.counter)
         self.version_line = b"VERSION test\r\n"
@@ -504,9 +556,11 @@ class NumberingService:
         return b"<%d>\r\nEND\r\n" % self.counter[0]
 
 
-def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False):
+def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False,
+                 runs: bool = False):
     """Feed ``chunks`` to a connection; what was routed, written, and
-    whether it hung up. ``later`` answers routes at the end, backwards.
+    whether it hung up. ``later`` answers routes at the end, backwards;
+    ``runs`` lets the engine take runs of plain requests.
 
     Each chunk, and each late answer, is one reactor iteration: replies are
     written by a write batch of this run's own, flushed after each (without
@@ -522,7 +576,7 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
 
     saved, server_module.batch = server_module.batch, writes
     try:
-        service = NumberingService(hooked, later)
+        service = NumberingService(hooked, later, runs)
         proto = ProxyServerProtocol(service)
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -569,7 +623,8 @@ def client_streams(draw) -> bytes:
             parts.append(draw(st.binary(max_size=30)))
         else:
             parts.append(draw(st.sampled_from([b"\r\n", b"\n", b"quit\r\n", b"mn\r\n",
-                                               b"get a b c \r\n", b"set k 0 0 1\r\n"])))
+                                               b"get a b c \r\n", b"set k 0 0 1\r\n",
+                                               b"get k\r\n", b"set k 1 2 2\r\nab\r\n"])))
     stream = b"".join(parts)
     if any(len(line) > MAX_UNTERMINATED for line in stream.split(b"\n")):
         stream = stream[:MAX_UNTERMINATED]
@@ -603,6 +658,46 @@ def test_client_stream_split_anywhere(stream, cuts, hooked):
     split = run_protocol(chunked(stream, cuts), hooked, later=True)
     assert whole[:3] == split[:3]
     check_output(stream, *whole[:2], whole[3])
+
+
+@st.composite
+def plain_streams(draw) -> bytes:
+    """Mostly plain get/set requests and near misses of them (odd keys,
+    numbers, payloads of the wrong length or ending), with other requests
+    between."""
+    parts = []
+    for _ in range(draw(st.integers(0, 12))):
+        choice = draw(st.integers(0, 4))
+        if choice == 0:
+            parts.append(b"get " + draw(_fast_keys) + draw(st.sampled_from([b"\r\n", b"\n"])))
+        elif choice <= 2:
+            numbers = draw(st.lists(_digits, min_size=3, max_size=3))
+            size = draw(st.integers(0, 12))
+            line = b"set %s %s\r\n" % (draw(_fast_keys), b" ".join(numbers[:2] + [b"%d" % size]))
+            value = draw(st.binary(min_size=size, max_size=size))
+            parts.append(line + value + draw(st.sampled_from([b"\r\n", b"\r\n", b"\n", b"xx"])))
+        elif choice == 3:
+            parts.append(draw(client_streams()))
+        else:
+            parts.append(b"get k%d\r\n" % draw(st.integers(0, 9)))
+    stream = b"".join(parts)
+    if any(len(line) > MAX_UNTERMINATED for line in stream.split(b"\n")):
+        stream = stream[:MAX_UNTERMINATED]
+    return stream
+
+
+@SLOW
+@given(plain_streams(), st.lists(st.integers(0, 10**6), max_size=12),
+       st.lists(st.integers(0, 10**6), max_size=12), st.sampled_from(
+           [frozenset(rq.COMMANDS.values()), frozenset((rq.CMD_GET, rq.CMD_SET))]))
+def test_plain_runs_route_and_answer_as_one_by_one(stream, cuts, run_cuts, hooked):
+    """Runs of plain requests (request.scan_plain, RouteEngine.route_run)
+    route the same requests in the same order, and answer the same bytes,
+    as routing one by one, however the stream is cut."""
+    one_by_one = run_protocol(chunked(stream, cuts), hooked, later=True)
+    runs = run_protocol(chunked(stream, run_cuts), hooked, later=True, runs=True)
+    assert runs[:3] == one_by_one[:3]
+    assert run_protocol([stream], hooked, runs=True)[:3] == one_by_one[:3]
 
 
 @SLOW

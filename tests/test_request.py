@@ -141,3 +141,41 @@ def test_command_constants_match_memcached():
     assert rq.COMMAND_CONSTANTS["CMD_VERSION"] == 27
     assert rq.COMMAND_CONSTANTS["CMD_ANY"] == 36
     assert rq.COMMAND_CONSTANTS["CMD_ANY_STORAGE"] == 37
+
+
+# -- runs of plain requests ------------------------------------------------------
+
+
+def test_scan_plain_takes_plain_gets_and_sets_with_their_payloads():
+    data = b"get a\r\nset b 1 2 3\r\nxyz\r\nget c\r\nmg d v\r\nget e\r\n"
+    stop, keys, ends, sets = rq.scan_plain(data, 0, True, 100)
+    assert data[:stop] == b"get a\r\nset b 1 2 3\r\nxyz\r\nget c\r\n"
+    assert keys == [b"a", b"b", b"c"] and sets == 1
+    assert ends == [7, 25, 32]
+    assert rq.scan_plain(data, stop, True, 100) == (stop, [], [], 0)
+    assert rq.scan_plain(data, 7, False, 100) == (7, [], [], 0)
+
+
+@pytest.mark.parametrize("data", [
+    b"get a b\r\n",  # a multiget
+    b"get a\n",  # no CR
+    b"get a",  # incomplete
+    b"get \r\n",
+    b"gets a\r\n",
+    b"set a 0 0 3\r\nxy",  # payload incomplete
+    b"set a 0 0 3\r\nxyzab",  # payload without CRLF
+    b"set a 0 0 3 noreply\r\nxyz\r\n",
+    b"set a 0 0 101\r\n" + b"x" * 101 + b"\r\n",  # over max_payload
+    b"get " + b"k" * 495 + b"\r\n",  # 501 bytes: too long to route
+    b"set " + b"k" * 251 + b" 0 0 1\r\nx\r\n",
+])
+def test_scan_plain_stops_before_anything_else(data):
+    assert rq.scan_plain(b"get x\r\n" + data, 0, True, 100) == (7, [b"x"], [7], 0)
+
+
+def test_scan_plain_longest_line_and_limit():
+    longest = b"get " + b"k" * 493 + b"\r\n"  # 499 bytes
+    assert rq.scan_plain(longest, 0, True, 100)[1] == [b"k" * 493]
+    assert rq.scan_plain(b"get k" + longest[4:], 0, True, 100)[1] == []
+    stop, keys, _, _ = rq.scan_plain(b"get x\r\n" * 10, 0, True, 100, limit=4)
+    assert stop == 28 and len(keys) == 4

@@ -18,6 +18,8 @@ class FakeEngine:
         self.hooks = set(hooked)
         self.routed = []
 
+    plain_runs = None  # plain requests go one by one
+
     def hooked(self, command):
         return command in self.hooks
 

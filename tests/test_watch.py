@@ -89,6 +89,8 @@ class Service:
         self.version_line = b"VERSION test\r\n"
 
         class Engine:
+            plain_runs = None  # plain requests go one by one
+
             def hooked(self, command):
                 return False
 

@@ -26,9 +26,12 @@ from mcproxy import errors
 from mcproxy.lua.mcp import Host
 from mcproxy.pool import BackendRegistry
 from mcproxy.protocols.request import (
+    CMD_GET,
+    CMD_SET,
     COMMAND_CONSTANTS,
     KEYLESS_COMMANDS,
     KeyBatch,
+    PlainRun,
     Request,
 )
 from mcproxy.protocols.response import MCMC_CODES, Response, client_bytes
@@ -247,6 +250,10 @@ class RouteEngine:
         self.routes: Routes | None = None
         self._hooks: dict = {}
         self._direct: dict = {}
+        #: None, or whether runs of plain requests (scan_plain) may hold
+        #: sets as well as gets: see route_run
+        self.plain_runs: bool | None = None
+        self._plain_pool = None
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -260,6 +267,8 @@ class RouteEngine:
         self.routes = routes
         self._hooks = routes.hooks
         self._direct = routes.direct
+        pool = self._plain_pool = routes.direct.get(CMD_GET)
+        self.plain_runs = None if pool is None else routes.direct.get(CMD_SET) is pool
 
     def hooked(self, command: int) -> bool:
         return command in self._hooks
@@ -356,6 +365,71 @@ class RouteEngine:
             else:
                 backend.send(KeyBatch(req.command, name, [keys[p] for p in positions]),
                              partial(reply.answer, positions))
+        return True
+
+    def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                  sets: int, done: Callable[[bytes], None]) -> bool:
+        """Route a run of plain requests (``request.scan_plain``: they are
+        ``data[start:ends[-1]]``, ``keys`` and ``ends`` their keys and end
+        offsets in ``data``, ``sets`` of them are sets, the rest gets) whose
+        commands' routes are the same direct pool call (``plain_runs``).
+
+        The pool still picks each key's backend; each stretch of requests
+        bound for the same backend is sent to it as they came (a
+        PlainRun), and ``done(reply)`` runs once with every reply in order,
+        which is what the requests routed one by one would have answered.
+
+        False, with nothing done, when this does not apply (no such route,
+        an active request limit, a backend with a depth limit, a key the
+        pool cannot place): the caller then routes request by request.
+        """
+        pool = self._plain_pool
+        if pool is None or self.tunables.active_req_limit:
+            return False
+        try:
+            if len(pool.backends) == 1:
+                chosen = None
+                backends = [pool.select(keys[0])]  # serves every key if it serves one
+            else:
+                select = pool.select
+                chosen = [select(key) for key in keys]
+                backends = [chosen[0]]
+        except Exception:
+            return False
+        count = len(keys)
+        if chosen is not None:
+            # Stretches of consecutive requests for the same backend.
+            starts = [0]
+            previous = chosen[0]
+            for index in range(1, count):
+                if chosen[index] is not previous:
+                    previous = chosen[index]
+                    starts.append(index)
+                    backends.append(previous)
+        for backend in backends:
+            if backend.options.depth_limit:
+                return False
+        stats = self.stats
+        stats.conn_requests += count
+        commands = stats.commands
+        commands[CMD_GET] += count - sets
+        commands[CMD_SET] += sets
+        stats.req_active += count
+        if len(backends) == 1:
+            stop = ends[-1]
+            run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
+                           count)
+            backends[0].send(run, partial(_run_answered, run, stats, done))
+            return True
+        reply = _RunsReply(len(backends), stats, done)
+        starts.append(count)
+        offset = start
+        for index, backend in enumerate(backends):
+            last = starts[index + 1]
+            end = ends[last - 1]
+            run = PlainRun(data[offset:end], last - starts[index])
+            backend.send(run, partial(reply.answer, index, run))
+            offset = end
         return True
 
     def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
@@ -488,6 +562,42 @@ class _KeysReply:
         if not self.pending:
             parts.append(errors.END)
             self.done(_EMPTY.join(parts))
+
+
+def _run_reply(run: PlainRun, reply) -> bytes:
+    """What the client gets for a PlainRun: the bytes of its replies, or
+    for a failure (a Response) those that came before it and a failure for
+    each request left."""
+    if reply.__class__ is bytes:
+        return reply
+    return _EMPTY.join(run.parts) + errors.BACKEND_FAILURE * (run.count - run.answered)
+
+
+def _run_answered(run: PlainRun, stats: ProxyStats, done: Callable[[bytes], None],
+                  reply) -> None:
+    """The answer of a run that holds every request of the client's run."""
+    stats.req_active -= run.count
+    done(_run_reply(run, reply))
+
+
+class _RunsReply:
+    """Collects the answers of the PlainRuns of one client run that went
+    to several backends (RouteEngine.route_run) into its reply."""
+
+    __slots__ = ("parts", "pending", "stats", "done")
+
+    def __init__(self, runs: int, stats: ProxyStats, done: Callable[[bytes], None]) -> None:
+        self.parts: list[bytes] = [_EMPTY] * runs
+        self.pending = runs
+        self.stats = stats
+        self.done = done
+
+    def answer(self, index: int, run: PlainRun, reply) -> None:
+        self.stats.req_active -= run.count
+        self.parts[index] = _run_reply(run, reply)
+        self.pending -= 1
+        if not self.pending:
+            self.done(_EMPTY.join(self.parts))
 
 
 def _failed(res: Response) -> bytes:

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mcproxy.latency import LatencyWindow
-from mcproxy.protocols.request import CMD_GET, CMD_GETS, KeyBatch, Request
+from mcproxy.protocols.request import CMD_GET, CMD_GETS, KeyBatch, PlainRun, Request
 from mcproxy.protocols.response import (
     FAIL_BADVALIDATE,
     FAIL_CLOSED,
@@ -166,10 +166,14 @@ class _UnverifiedTLS:
         return connection
 
 
+_EMPTY = b""
+
 #: Keys merged into one backend multiget at most.
 MAX_MERGED_KEYS = 100
 #: A unit (see BackendProtocol._units) that is one KeyBatch, answered whole.
 _BATCH = 0
+#: A unit that is one PlainRun, answered reply by reply as the bytes come.
+_RUN = -1
 
 _MERGEABLE = {CMD_GET: b"get", CMD_GETS: b"gets"}
 
@@ -177,7 +181,7 @@ _MERGEABLE = {CMD_GET: b"get", CMD_GETS: b"gets"}
 def _merge_name(req: Request) -> bytes | None:
     """``get``/``gets`` if ``req`` is one key of a client multiget that can
     share a backend request with its neighbours (unedited, no noreply)."""
-    if not req.multiget or req.noreply:
+    if req.__class__ is not Request or not req.multiget or req.noreply:
         return None
     name = _MERGEABLE.get(req.command)
     tokens = req.tokens
@@ -210,6 +214,16 @@ def _align(keys: list[bytes], values: list[tuple]) -> list[tuple | None]:
     return aligned
 
 
+def _size(request: Request | PlainRun) -> int:
+    """How many client requests a queue entry stands for."""
+    cls = request.__class__
+    if cls is KeyBatch:
+        return len(request.keys)
+    if cls is PlainRun:
+        return request.count
+    return 1
+
+
 class BackendProtocol(Protocol):
     """One pipelined connection to a backend.
 
@@ -230,7 +244,8 @@ class BackendProtocol(Protocol):
         #: requests to write at the end of this reactor iteration
         self._requests: list[Request] = []
         #: per request or merged multiget written and not yet answered, how
-        #: many queue entries its reply answers (_BATCH: one KeyBatch)
+        #: many queue entries its reply answers (_BATCH: one KeyBatch,
+        #: _RUN: one PlainRun)
         self._units: deque[int] = deque()
         #: values received so far for the multi-key get at the head
         self._values: list[tuple] = []
@@ -279,6 +294,10 @@ class BackendProtocol(Protocol):
         while i < count:
             req = requests[i]
             i += 1
+            if req.__class__ is PlainRun:
+                out.append(req.data)
+                units.append(_RUN)
+                continue
             name = _merge_name(req)
             if name is not None:
                 keys = [req.key]
@@ -318,6 +337,13 @@ class BackendProtocol(Protocol):
                         return
                     units.popleft()
                     answers = ((queue.popleft(), res),)
+                elif units[0] == _RUN:
+                    if not self._run_reply(reader, backend, now):
+                        return
+                    self.answered_at = now
+                    if self.backend is None:
+                        return
+                    continue
                 elif units[0] == _BATCH:
                     if not self._batch_reply(reader, backend, now):
                         return
@@ -394,6 +420,29 @@ class BackendProtocol(Protocol):
         backend.latency.record(elapsed, len(keys))
         try:
             callback(res, hits)
+        except Exception:
+            backend.log.failure(LOG_CALLBACK, label=backend.label)
+        return True
+
+    def _run_reply(self, reader: ResponseReader, backend: Backend, now: float) -> bool:
+        """Read on in the replies to the PlainRun at the head of the queue.
+
+        False until all have arrived; then its callback gets their bytes,
+        as they came. The latency is recorded once per request.
+        """
+        run, callback, sent = self.queue[0]
+        count = run.count
+        while run.answered < count:
+            framed = reader.read_raw(count - run.answered, run.parts)
+            if not framed:
+                return False
+            run.answered += framed
+        self._units.popleft()
+        self.queue.popleft()
+        backend.latency.record(int((now - sent) * 1e6), count)
+        parts = run.parts
+        try:
+            callback(parts[0] if len(parts) == 1 else _EMPTY.join(parts))
         except Exception:
             backend.log.failure(LOG_CALLBACK, label=backend.label)
         return True
@@ -526,10 +575,9 @@ class Backend:
 
     @property
     def depth(self) -> int:
-        """Requests queued or in flight (each key of a KeyBatch counts)."""
-        queue = self._queue
-        return len(queue) + sum(len(item[0].keys) - 1 for item in queue
-                                if item[0].__class__ is KeyBatch)
+        """Requests queued or in flight (each key of a KeyBatch and each
+        request of a PlainRun counts)."""
+        return sum(_size(item[0]) for item in self._queue)
 
     def connect(self) -> None:
         """Start connecting (a no-op unless idle, or when ``down``)."""
@@ -540,9 +588,11 @@ class Backend:
         """Send ``request``; ``callback(response)`` runs later, exactly once.
 
         A KeyBatch's callback gets ``(response, hits)`` for a reply (see
-        BackendProtocol._batch_reply), a failure alone. The depth limit
-        counts a batch as one request: the route engine does not batch for a
-        backend that has one.
+        BackendProtocol._batch_reply), a failure alone; a PlainRun's gets
+        the bytes of its replies, or a failure (see
+        BackendProtocol._run_reply). The depth limit counts a batch or run
+        as one request: the route engine makes neither for a backend that
+        has one.
         """
         queue = self._queue
         if self._state is CONNECTED:
@@ -678,6 +728,7 @@ class Backend:
         queue = self._queue
         failed = list(queue)
         queue.clear()
+        requests = sum(_size(item[0]) for item in failed)
         was_bad = self._bad
         options = self.options
         if counted:
@@ -688,13 +739,13 @@ class Backend:
                 self.stats.backend_marked_bad += 1
                 self.log.error(LOG_MARKED_BAD, label=self.label, host=self.host,
                                port=self.port, reason=reason,
-                               failures=self._failures, requests=len(failed),
+                               failures=self._failures, requests=requests,
                                retry=options.retry_timeout, type="proxy_backend")
             self._state = _WAITING
             self._arm(options.retry_timeout, self._retry_timer)
         else:
             self.log.warn(LOG_RESET, label=self.label, host=self.host,
-                          port=self.port, reason=reason, requests=len(failed),
+                          port=self.port, reason=reason, requests=requests,
                           failures=self._failures, type="proxy_backend")
             if counted:
                 self.stats.backend_failed += 1

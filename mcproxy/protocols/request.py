@@ -93,6 +93,8 @@ MAX_KEY_LENGTH = 250
 MAX_UNTERMINATED = 1024
 #: Largest payload length a storage command may declare (INT_MAX - 2).
 MAX_VALUE_LENGTH = 2**31 - 3
+#: Most requests in one run of plain requests (see :func:`scan_plain`).
+MAX_RUN = 256
 
 
 class ParseError(ValueError):
@@ -171,6 +173,25 @@ class KeyBatch(Request):
         self.keys = keys
 
 
+class PlainRun:
+    """Consecutive plain ``get``/``set`` requests of one client bound for
+    the same backend (see :func:`scan_plain`), sent as the client sent
+    them and answered as a whole: ``data`` is their bytes, ``count`` how
+    many there are. The backend connection collects the replies in
+    ``parts`` as they arrive, ``answered`` of them so far."""
+
+    __slots__ = ("data", "count", "parts", "answered")
+
+    def __init__(self, data: bytes, count: int) -> None:
+        self.data = data
+        self.count = count
+        self.parts: list[bytes] = []
+        self.answered = 0
+
+    def __repr__(self) -> str:
+        return f"<PlainRun of {self.count}>"
+
+
 def _tokenize(body: bytes, cap: int) -> list[bytes]:
     """Split on spaces, skipping runs, indexing at most ``cap`` tokens."""
     if b"  " not in body and body[:1] != b" " and body[-1:] != b" ":
@@ -247,15 +268,67 @@ def parse_request(line: bytes) -> Request:
                 return Request(CMD_GET, line, [b"get", key], key)
         elif head == b"set ":
             tokens = line[:-2].split(b" ")
-            # Only numbers in range by their digit count alone.
-            if len(tokens) == 5:
-                key, flags, exptime, length = tokens[1], tokens[2], tokens[3], tokens[4]
-                if key and len(key) <= MAX_KEY_LENGTH and b"\n" not in key \
-                        and len(flags) <= 19 and flags.isdigit() \
-                        and len(exptime) <= 18 and exptime.isdigit() \
-                        and len(length) <= 9 and length.isdigit():
-                    return Request(CMD_SET, line, tokens, key, int(length) + 2)
+            vlen = _plain_set(tokens)
+            if vlen:
+                return Request(CMD_SET, line, tokens, tokens[1], vlen)
     return _parse_general(line)
+
+
+def _plain_set(tokens: list[bytes]) -> int:
+    """The payload length (with CRLF) of a ``set`` line split on spaces
+    whose numbers are in range by their digit count alone; 0 for any
+    other line (which the general parser then judges)."""
+    if len(tokens) == 5:
+        key, flags, exptime, length = tokens[1], tokens[2], tokens[3], tokens[4]
+        if key and len(key) <= MAX_KEY_LENGTH and b"\n" not in key \
+                and len(flags) <= 19 and flags.isdigit() \
+                and len(exptime) <= 18 and exptime.isdigit() \
+                and len(length) <= 9 and length.isdigit():
+            return int(length) + 2
+    return 0
+
+
+def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
+               limit: int = MAX_RUN) -> tuple[int, list[bytes], list[int], int]:
+    """The run of plain requests in ``data`` from ``pos``: consecutive
+    ``get <key>`` lines, and with ``sets`` ``set <key> <flags> <exptime>
+    <bytes>`` lines whose payload (at most ``max_payload`` bytes, ending in
+    CRLF) is in ``data`` too, each shorter than MAX_REQUEST_LINE and parsed
+    by :func:`parse_request` exactly as here; at most ``limit`` of them.
+
+    Returns ``(stop, keys, ends, sets)``: the offset after the run, the key
+    and end offset of each request, and how many are sets. The run stops
+    before anything else, which the caller parses line by line.
+    """
+    keys: list[bytes] = []
+    ends: list[int] = []
+    nsets = 0
+    size = len(data)
+    while pos < size and len(keys) < limit:
+        eol = data.find(b"\n", pos)
+        if eol < 0 or eol - pos >= MAX_REQUEST_LINE - 1 or data[eol - 1] != 13:
+            break
+        head = data[pos:pos + 4]
+        if head == b"get ":
+            key = data[pos + 4:eol - 1]
+            if not key or b" " in key:
+                break
+            pos = eol + 1
+        elif head == b"set " and sets:
+            tokens = data[pos:eol - 1].split(b" ")
+            vlen = _plain_set(tokens)
+            end = eol + 1 + vlen
+            if not vlen or vlen > max_payload + 2 or end > size \
+                    or data[end - 2:end] != b"\r\n":
+                break
+            key = tokens[1]
+            nsets += 1
+            pos = end
+        else:
+            break
+        keys.append(key)
+        ends.append(pos)
+    return pos, keys, ends, nsets
 
 
 def _parse_general(line: bytes) -> Request:

@@ -350,14 +350,52 @@ class ResponseReader:
             return None
         result = _parse(buf, pos, version, multi)
         if result.__class__ is int:
-            self._parts = [memoryview(buf)[pos:] if pos else buf]
-            self._have = len(buf) - pos
-            self._need = result - pos if result > 0 else -1
-            self._buf = _EMPTY
-            self._pos = 0
+            self._wait(buf, pos, result)
             return None
         self._pos = result[1]
         return result[0]
+
+    def _wait(self, buf: bytes, pos: int, need: int) -> None:
+        """Keep the incomplete reply at ``buf[pos:]`` until ``need`` (as
+        ``_parse`` gives it) is met."""
+        self._parts = [memoryview(buf)[pos:] if pos else buf]
+        self._have = len(buf) - pos
+        self._need = need - pos if need > 0 else -1
+        self._buf = _EMPTY
+        self._pos = 0
+
+    def read_raw(self, count: int, parts: list[bytes]) -> int:
+        """Read on up to ``count`` complete replies as the bytes that came,
+        appended to ``parts`` as one piece; return how many were read.
+
+        For requests whose client gets exactly the backend's reply (plain
+        ``get``/``set``, see ``client_bytes``): no Response is made. A
+        stream that turns to garbage after some replies gives those first;
+        the next call raises.
+        """
+        buf = self._buf
+        start = pos = self._pos
+        size = len(buf)
+        framed = 0
+        result = 0
+        try:
+            while framed < count and pos < size:
+                result = _parse(buf, pos, False)
+                if result.__class__ is int:
+                    break
+                pos = result[1]
+                framed += 1
+        except BackendProtocolError:
+            if not framed:
+                raise
+            result = 0
+        if framed:
+            parts.append(buf[start:pos])
+        if result.__class__ is int and result:
+            self._wait(buf, pos, result)
+        else:
+            self._pos = pos
+        return framed
 
     def read_values(self, items: list[tuple[bytes, bytes, int]]) -> Response | None:
         """Read on in the reply to a multi-key get: for each complete

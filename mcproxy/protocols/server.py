@@ -36,6 +36,7 @@ from mcproxy.protocols.request import (
     Request,
     multiget_prefix,
     parse_request,
+    scan_plain,
     split_multiget,
 )
 from mcproxy.protocols.writes import batch, send, tcp_socket
@@ -97,17 +98,26 @@ class PayloadSlot(Slot):
         super().fill(data)
 
 
-class MultigetSlot(Slot):
-    """The one slot of a multiget whose keys are routed together
-    (``RouteEngine.route_keys``). Until it leaves the queue it counts as
-    the slots of its keys and its ``END`` would, towards the connection's
-    in-flight limit."""
+class GroupSlot(Slot):
+    """The one slot of requests answered together: a multiget whose keys
+    are routed together (``RouteEngine.route_keys``), or a run of plain
+    requests (``RouteEngine.route_run``). Until it leaves the queue it
+    counts as ``extra`` more slots towards the connection's in-flight
+    limit (those of its requests, and a multiget's ``END``), and its
+    ``size`` bytes as in flight."""
 
-    __slots__ = ("keys",)
+    __slots__ = ("extra", "size")
 
-    def __init__(self, proto: ProxyServerProtocol, keys: int) -> None:
+    def __init__(self, proto: ProxyServerProtocol, extra: int, size: int = 0) -> None:
         super().__init__(proto)
-        self.keys = keys
+        self.extra = extra
+        self.size = size
+        proto._extra_slots += extra
+        proto._inflight_bytes += size
+
+    def fill(self, data: bytes) -> None:
+        self.proto._inflight_bytes -= self.size
+        super().fill(data)
 
 
 #: The lines of multigets whose keys may be routed together: those a
@@ -158,7 +168,7 @@ class ProxyServerProtocol(LineReceiver):
         self._batched = False
         self._socket = None
         self._inflight_bytes = 0
-        #: slots the MultigetSlots in the queue stand for, beyond themselves
+        #: slots the GroupSlots in the queue stand for, beyond themselves
         self._extra_slots = 0
 
     # -- connection lifecycle -----------------------------------------------
@@ -224,6 +234,7 @@ class ProxyServerProtocol(LineReceiver):
     def _process(self, data: bytes) -> None:
         pos = 0
         end = len(data)
+        plain = self.engine.plain_runs
         while pos < end:
             if self._closing or self._reading_paused:
                 self._buffer += data[pos:]
@@ -233,6 +244,11 @@ class ProxyServerProtocol(LineReceiver):
                 pos += len(take)
                 self.rawDataReceived(take)
                 continue
+            if plain is not None:
+                stop, keys, ends, sets = scan_plain(data, pos, plain, MAX_PAYLOAD)
+                if keys and self._route_run(data, pos, keys, ends, sets):
+                    pos = stop
+                    continue
             newline = data.find(b"\n", pos)
             if newline < 0:
                 self._buffer += data[pos:]
@@ -316,6 +332,22 @@ class ProxyServerProtocol(LineReceiver):
         self._check_inflight()
         self.engine.route(req, slot.fill)
 
+    def _route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                   sets: int) -> bool:
+        """Route a run of plain requests (``scan_plain``) with one slot;
+        False if the engine routes them one by one instead."""
+        slot = GroupSlot(self, len(keys) - 1, ends[-1] - start if sets else 0)
+        self._slots.append(slot)
+        if self.engine.route_run(data, start, keys, ends, sets, slot.fill):
+            if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES:
+                self._pause_reading()
+            self._check_inflight()
+            return True
+        self._slots.pop()
+        self._extra_slots -= slot.extra
+        self._inflight_bytes -= slot.size
+        return False
+
     def _multiget(self, req: Request, keys: list[bytes]) -> None:
         """Route a hooked multiget: its keys together when the engine can
         (``get``/``gets``, every key within the length limit), else split
@@ -325,13 +357,13 @@ class ProxyServerProtocol(LineReceiver):
             return
         prefix = multiget_prefix(req)
         if prefix in _BATCH_PREFIXES and max(map(len, keys)) <= MAX_KEY_LENGTH:
-            slot = MultigetSlot(self, len(keys))
+            slot = GroupSlot(self, len(keys))
             self._slots.append(slot)
             if self.engine.route_keys(req, keys, slot.fill):
-                self._extra_slots += len(keys)
                 self._check_inflight()
                 return
             self._slots.pop()
+            self._extra_slots -= slot.extra
         command = req.command
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
@@ -406,8 +438,8 @@ class ProxyServerProtocol(LineReceiver):
         out = self._out
         while slots and slots[0].data is not None:
             slot = slots.popleft()
-            if slot.__class__ is MultigetSlot:
-                self._extra_slots -= slot.keys
+            if slot.__class__ is GroupSlot:
+                self._extra_slots -= slot.extra
             data = slot.data
             if data:
                 out.append(data)
