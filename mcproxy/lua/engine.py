@@ -577,7 +577,7 @@ def _run_answered(run: PlainRun, stats: ProxyStats, done: Callable[[bytes], None
                   reply) -> None:
     """The answer of a run that holds every request of the client's run."""
     stats.req_active -= run.count
-    done(_run_reply(run, reply))
+    done(reply if reply.__class__ is bytes else _run_reply(run, reply))
 
 
 class _RunsReply:

@@ -187,6 +187,39 @@ def _size(digits: bytes) -> int:
     return int(number)
 
 
+def _value_fields(buf: bytes, pos: int) -> list | None:
+    """The fields of the plain ``VALUE <key> <flags> <bytes> [<cas>]``
+    line at ``buf[pos]`` (complete, CRLF-terminated, a size below 10
+    digits), then the offset of the end of its data and CRLF, and that of
+    the line's newline; None for anything else, which ``_parse`` judges."""
+    eol = buf.find(b"\n", pos)
+    if 0 < eol - pos <= MAX_LINE and buf[eol - 1] == 13:
+        fields = buf[pos + 6:eol - 1].split(b" ")
+        count = len(fields)
+        size = fields[2] if count == 3 or (count == 4 and fields[3].isdigit()) else b""
+        if size.isdigit() and len(size) < 10 and fields[1].isdigit() and fields[0]:
+            fields[3:] = (eol + int(size) + 3, eol)
+            return fields
+    return None
+
+
+def _reply_end(buf: bytes, pos: int) -> int:
+    """Where the reply at ``buf[pos]`` ends, for the common complete
+    replies (a line that is just a known token, a plain ``VALUE`` with its
+    data and ``END``); 0 for anything else, which ``_parse`` judges."""
+    if buf.startswith(b"VALUE ", pos):
+        fields = _value_fields(buf, pos)
+        if fields is not None:
+            vend = fields[3]
+            if buf.startswith(b"\r\nEND\r\n", vend - 2):
+                return vend + 5
+        return 0
+    end = buf.find(b"\n", pos) + 1
+    if end and buf[pos:end] in _WHOLE_LINES:
+        return end
+    return 0
+
+
 def _parse(buf: bytes, pos: int, version: bool,
            multi: bool = False) -> tuple[Response, int] | int:
     """Parse the reply starting at ``buf[pos]``.
@@ -380,10 +413,13 @@ class ResponseReader:
         result = 0
         try:
             while framed < count and pos < size:
-                result = _parse(buf, pos, False)
-                if result.__class__ is int:
-                    break
-                pos = result[1]
+                end = _reply_end(buf, pos)
+                if not end:
+                    result = _parse(buf, pos, False)
+                    if result.__class__ is int:
+                        break
+                    end = result[1]
+                pos = end
                 framed += 1
         except BackendProtocolError:
             if not framed:
@@ -412,18 +448,13 @@ class ResponseReader:
         pos = self._pos
         while True:
             if buf.startswith(b"VALUE ", pos):
-                eol = buf.find(b"\n", pos)
-                if 0 < eol - pos <= MAX_LINE and buf[eol - 1] == 13:
-                    fields = buf[pos + 6:eol - 1].split(b" ")
-                    count = len(fields)
-                    size = fields[2] if count == 3 or (count == 4 and fields[3].isdigit()) \
-                        else b""
-                    if size.isdigit() and len(size) < 10 and fields[1].isdigit() and fields[0]:
-                        vend = eol + int(size) + 3
-                        if buf.startswith(b"\r\n", vend - 2):
-                            items.append((fields[0], buf[pos:vend], eol + 1 - pos))
-                            pos = vend
-                            continue
+                fields = _value_fields(buf, pos)
+                if fields is not None:
+                    vend = fields[3]
+                    if buf.startswith(b"\r\n", vend - 2):
+                        items.append((fields[0], buf[pos:vend], fields[4] + 1 - pos))
+                        pos = vend
+                        continue
             self._pos = pos
             res = self.read(multi=True)
             if res is None or res.type != MCMC_RESP_GET:

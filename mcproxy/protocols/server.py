@@ -109,15 +109,18 @@ class GroupSlot(Slot):
     __slots__ = ("extra", "size")
 
     def __init__(self, proto: ProxyServerProtocol, extra: int, size: int = 0) -> None:
-        super().__init__(proto)
+        self.proto = proto
+        self.data = None
         self.extra = extra
         self.size = size
         proto._extra_slots += extra
         proto._inflight_bytes += size
 
     def fill(self, data: bytes) -> None:
-        self.proto._inflight_bytes -= self.size
-        super().fill(data)
+        proto = self.proto
+        proto._inflight_bytes -= self.size
+        self.data = data
+        proto.flush()
 
 
 #: The lines of multigets whose keys may be routed together: those a
@@ -337,11 +340,12 @@ class ProxyServerProtocol(LineReceiver):
         """Route a run of plain requests (``scan_plain``) with one slot;
         False if the engine routes them one by one instead."""
         slot = GroupSlot(self, len(keys) - 1, ends[-1] - start if sets else 0)
-        self._slots.append(slot)
+        slots = self._slots
+        slots.append(slot)
         if self.engine.route_run(data, start, keys, ends, sets, slot.fill):
-            if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES:
+            if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
+                    or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
                 self._pause_reading()
-            self._check_inflight()
             return True
         self._slots.pop()
         self._extra_slots -= slot.extra
