@@ -12,6 +12,7 @@ from twisted.python import usage
 from mcproxy import __version__
 from mcproxy.check import check_config
 from mcproxy.lua.engine import ConfigError
+from mcproxy.reactor import adopt
 from mcproxy.service import ProxyService, raise_gc_threshold
 from mcproxy.store import Store
 from mcproxy.workers import WorkerSupervisor, is_tcp_endpoint, worker_arguments
@@ -139,4 +140,7 @@ def makeService(options: Options) -> ProxyService | WorkerSupervisor:
     except ConfigError as e:
         raise SystemExit(f"mcproxy: {e}") from None
     raise_gc_threshold()
+    from twisted.internet import reactor
+
+    adopt(reactor)
     return service

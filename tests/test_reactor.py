@@ -1,0 +1,73 @@
+"""mcproxy.reactor: the epoll reactor without a log context per event."""
+
+from __future__ import annotations
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.testing import MemoryReactor
+
+from mcproxy import reactor as mcreactor
+
+from .servers import Proxy
+
+
+def test_adopt_switches_only_twisteds_epoll_reactor():
+    epoll = EPollReactor()
+    assert mcreactor.adopt(epoll) and type(epoll) is mcreactor.ProxyReactor
+    assert not mcreactor.adopt(epoll)  # already switched
+    for other in (SelectReactor(), MemoryReactor()):
+        assert not mcreactor.adopt(other) and type(other) is not mcreactor.ProxyReactor
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"boom":
+            raise RuntimeError("a bug in a protocol")
+        self.transport.write(data)
+
+
+class Client(Protocol):
+    def connectionMade(self) -> None:
+        self.got = b""
+        self.transport.write(b"ping")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+        if self.got == b"ping":
+            self.transport.write(b"boom")
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.results.append((self.got, reason.type.__name__))
+        self.factory.reactor.stop()
+
+
+def test_proxy_reactor_serves_connections_and_closes_on_errors():
+    """Reads, writes, a protocol's exception (logged, connection closed)
+    and the peer seeing the close, on a ProxyReactor of its own."""
+    reactor = mcreactor.ProxyReactor()
+    errors = []
+    server = Factory.forProtocol(Echo)
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    client = ClientFactory.forProtocol(Client)
+    client.results, client.reactor = [], reactor
+    reactor.connectTCP("127.0.0.1", port.getHost().port, client)
+    reactor.callLater(10, reactor.stop)
+    from twisted.python import log
+
+    log.addObserver(errors.append)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        log.removeObserver(errors.append)
+    assert client.results == [(b"ping", "ConnectionDone")]
+    assert any("a bug in a protocol" in str(e.get("failure", "")) for e in errors)
+
+
+def test_twistd_mcproxy_runs_on_it():
+    proxy = Proxy(None).start()
+    try:
+        assert proxy.call(b"version\r\n", b"\r\n").startswith(b"VERSION ")
+        assert "reactor class: mcproxy.reactor.ProxyReactor." in proxy.log()
+    finally:
+        proxy.stop()
