@@ -12,6 +12,10 @@ thing lost is that prefix on Twisted's legacy messages; errors raised while
 handling an event are still logged and still close the connection
 (``_doReadOrWrite`` does both).
 
+It also offers :meth:`ProxyReactor.call_after_events`, with which the
+write batches (mcproxy.protocols.writes) run once the events of a poll are
+handled without a DelayedCall each.
+
 ``twistd mcproxy`` switches the running epoll reactor to
 :class:`ProxyReactor` (:func:`adopt`); an application that embeds
 ProxyService keeps its reactor unless it calls :func:`install` or
@@ -20,29 +24,59 @@ ProxyService keeps its reactor unless it calls :func:`install` or
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
+from twisted.logger import Logger
+
+log = Logger()
 
 
 class ProxyReactor(EPollReactor):
-    """The epoll reactor, minus the log context around each I/O event."""
+    """The epoll reactor, minus the log context around each I/O event, plus
+    :meth:`call_after_events`."""
+
+    #: While the events of a poll are handled: what to call after them.
+    _after_events: list | None = None
 
     def doPoll(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds (None: until something happens)
-        for I/O, then handle each event."""
+        for I/O, handle each event, then make the calls the handlers asked
+        for with call_after_events."""
         selectables = self._selectables
         try:
             events = self._poller.poll(-1 if timeout is None else timeout, len(selectables))
         except InterruptedError:
             return
         handle = self._doReadOrWrite
-        for fd, event in events:
-            # An earlier event of this poll may have removed it.
-            selectable = selectables.get(fd)
-            if selectable is not None:
-                handle(selectable, fd, event)
+        after = self._after_events = []
+        try:
+            for fd, event in events:
+                # An earlier event of this poll may have removed it.
+                selectable = selectables.get(fd)
+                if selectable is not None:
+                    handle(selectable, fd, event)
+        finally:
+            self._after_events = None
+        for call in after:
+            try:
+                call()
+            except Exception:
+                log.failure("call after events {call!r} failed", call=call)
 
     doIteration = doPoll
+
+    def call_after_events(self, call: Callable[[], object]) -> None:
+        """Call ``call()`` once every I/O event of the current poll has been
+        handled, or when called outside event handling, on the reactor's next
+        iteration: what ``callLater(0, call)`` does, without a DelayedCall
+        (about 3.5 µs here) when called from an event handler."""
+        after = self._after_events
+        if after is None:
+            self.callLater(0, call)
+        else:
+            after.append(call)
 
 
 def install() -> ProxyReactor:

@@ -35,4 +35,4 @@ def immediate_writes(monkeypatch):
     at the end of a reactor iteration that never comes."""
     from mcproxy.protocols.writes import batch
 
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: f())
+    monkeypatch.setattr(batch, "schedule", lambda f: f())

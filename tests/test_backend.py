@@ -726,7 +726,7 @@ def flushes(monkeypatch) -> list:
     from mcproxy.protocols.writes import batch
 
     pending: list = []
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: pending.append(f))
+    monkeypatch.setattr(batch, "schedule", pending.append)
     return pending
 
 
@@ -844,7 +844,7 @@ def test_key_batch_fails_whole_when_the_backend_drops_mid_reply(flushes):
 def test_key_batch_sent_before_the_connection_is_written_once_validated(monkeypatch):
     from mcproxy.protocols.writes import batch
 
-    monkeypatch.setattr(batch, "call_later", lambda delay, f: f())
+    monkeypatch.setattr(batch, "schedule", lambda f: f())
     h = Harness()
     got = []
     h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]), batch_cb(got, 1))

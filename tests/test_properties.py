@@ -568,7 +568,7 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
     """
     flushes: list = []
     writes = WriteBatch()
-    writes.call_later = lambda delay, flush: flushes.append(flush)
+    writes.schedule = flushes.append
 
     def end_of_iteration() -> None:
         while flushes:

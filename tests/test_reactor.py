@@ -71,3 +71,34 @@ def test_twistd_mcproxy_runs_on_it():
         assert "reactor class: mcproxy.reactor.ProxyReactor." in proxy.log()
     finally:
         proxy.stop()
+
+
+def test_call_after_events_runs_once_the_polls_events_are_handled():
+    reactor = mcreactor.ProxyReactor()
+    order = []
+
+    class Reader(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            order.append(("read", data))
+            reactor.call_after_events(lambda: order.append(("after", data)))
+
+        def connectionLost(self, reason=None) -> None:
+            reactor.stop()
+
+    class Writer(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(b"x")
+            reactor.callLater(0.2, self.transport.loseConnection)
+
+    server = Factory.forProtocol(Reader)
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(Writer))
+
+    def outside() -> None:  # not in an event handler: on the next iteration
+        reactor.call_after_events(lambda: order.append(("later", None)))
+        order.append(("timer", None))
+
+    reactor.callLater(0.1, outside)
+    reactor.callLater(10, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    assert order == [("read", b"x"), ("after", b"x"), ("timer", None), ("later", None)]

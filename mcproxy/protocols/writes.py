@@ -6,7 +6,8 @@ clients. Writing each of them at once costs a system call per request (and
 on loopback a send is most of the cost of a request). Instead, a protocol
 with bytes to write registers itself in the process-wide batch, which
 flushes once, right after the reactor has handled every event of the
-current poll (``callLater(0)`` runs before the next poll): each registered
+current poll (ProxyReactor.call_after_events; with another reactor
+``callLater(0)``, which runs before the next poll): each registered
 protocol then writes everything it has in a single send.
 
 The send itself goes straight to the socket when Twisted holds nothing
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from functools import partial
 
 from twisted.internet import tcp
 from twisted.logger import Logger
@@ -33,26 +35,27 @@ class WriteBatch:
     reactor iteration. A registered protocol has a ``write_pending()``
     method and registers at most once per flush.
 
-    ``call_later`` defaults to the global reactor's; in-process tests that
-    drive protocols by hand replace it with one that calls at once.
+    ``schedule(flush)`` defaults to the global reactor's
+    ``call_after_events`` (mcproxy.reactor.ProxyReactor), else to
+    ``callLater(0, flush)``; in-process tests that drive protocols by hand
+    replace it with one that calls at once.
     """
 
-    __slots__ = ("pending", "scheduled", "call_later")
+    __slots__ = ("pending", "scheduled", "schedule")
 
     def __init__(self) -> None:
         self.pending: list = []
         self.scheduled = False
-        self.call_later: Callable | None = None
+        self.schedule: Callable[[Callable[[], None]], object] | None = None
 
     def add(self, proto) -> None:
         self.pending.append(proto)
         if not self.scheduled:
             self.scheduled = True
-            call_later = self.call_later
-            if call_later is None:
-                from twisted.internet import reactor
-                call_later = self.call_later = reactor.callLater
-            call_later(0, self.flush)
+            schedule = self.schedule
+            if schedule is None:
+                schedule = self.schedule = _scheduler()
+            schedule(self.flush)
 
     def flush(self) -> None:
         try:
@@ -66,6 +69,17 @@ class WriteBatch:
                         log.failure("writing to {proto!r} failed", proto=proto)
         finally:
             self.scheduled = False
+
+
+def _scheduler() -> Callable[[Callable[[], None]], object]:
+    """The global reactor's way to call something once this iteration's
+    events are handled."""
+    from twisted.internet import reactor
+
+    after_events = getattr(reactor, "call_after_events", None)
+    if after_events is not None:
+        return after_events
+    return partial(reactor.callLater, 0)
 
 
 #: The process-wide batch (one reactor, one thread).
