@@ -89,7 +89,9 @@ def fuzz_server(data: bytes) -> None:
     hooked = _hook_sets[data[0] % len(_hook_sets)] if data else frozenset()
     whole = tp.run_protocol([stream], hooked)
     split = tp.run_protocol(chunks, hooked, later=True)
+    runs = tp.run_protocol(chunks, hooked, later=True, runs=True)
     tp.check_output(stream, *split[:2], split[3])
+    assert runs[:3] == split[:3], (runs[:3], split[:3])
     if all(len(line) <= tp.MAX_UNTERMINATED for line in stream.split(b"\n")):
         # Longer lines close the connection only when they arrive in pieces
         # (memcached's rule is about buffered bytes), so they may differ.
