@@ -488,16 +488,22 @@ class NumberingEngine:
     if they had come one by one."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
-                 runs: bool = False) -> None:
+                 runs: bool | str = False) -> None:
         self.hooked_commands = hooked
         self.counter = counter
         self.later = later
         self.routed: list[tuple[bytes, bytes | None, bool]] = []
         self.pending: list = []
         self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
+        #: with runs="refuse", route_run declines every run (as it does for
+        #: an active request limit), counted here
+        self.refused = 0 if runs == "refuse" else None
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
                   sets: int, done) -> bool:
+        if self.refused is not None:
+            self.refused += 1
+            return False
         answers = []
         for end, key in zip(ends, keys, strict=True):
             line, newline, value = data[start:end].partition(b"\n")
@@ -544,7 +550,7 @@ class NumberingStore:
 
 
 class NumberingService:
-    def __init__(self, hooked: frozenset[int], later: bool, runs: bool = False) -> None:
+    def __init__(self, hooked: frozenset[int], later: bool, runs: bool | str = False) -> None:
         self.counter = [0]
         self.engine = NumberingEngine(hooked, self.counter, later, runs)
         self.stats = ProxyStats()
@@ -557,10 +563,11 @@ class NumberingService:
 
 
 def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False,
-                 runs: bool = False):
+                 runs: bool | str = False):
     """Feed ``chunks`` to a connection; what was routed, written, and
     whether it hung up. ``later`` answers routes at the end, backwards;
-    ``runs`` lets the engine take runs of plain requests.
+    ``runs`` lets the engine take runs of plain requests ("refuse": offers
+    them, and the engine declines each).
 
     Each chunk, and each late answer, is one reactor iteration: replies are
     written by a write batch of this run's own, flushed after each (without
@@ -698,6 +705,9 @@ def test_plain_runs_route_and_answer_as_one_by_one(stream, cuts, run_cuts, hooke
     runs = run_protocol(chunked(stream, run_cuts), hooked, later=True, runs=True)
     assert runs[:3] == one_by_one[:3]
     assert run_protocol([stream], hooked, runs=True)[:3] == one_by_one[:3]
+    refused = run_protocol([stream], hooked, later=True, runs="refuse")
+    assert refused[:3] == one_by_one[:3]
+    assert refused[3].engine.refused <= 1  # then the rest of the chunk goes line by line
 
 
 @SLOW

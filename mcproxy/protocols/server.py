@@ -249,9 +249,11 @@ class ProxyServerProtocol(LineReceiver):
                 continue
             if plain is not None:
                 stop, keys, ends, sets = scan_plain(data, pos, plain, MAX_PAYLOAD)
-                if keys and self._route_run(data, pos, keys, ends, sets):
-                    pos = stop
-                    continue
+                if keys:
+                    if self._route_run(data, pos, keys, ends, sets):
+                        pos = stop
+                        continue
+                    plain = None  # refused: the rest of the chunk line by line
             newline = data.find(b"\n", pos)
             if newline < 0:
                 self._buffer += data[pos:]
