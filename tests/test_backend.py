@@ -883,12 +883,20 @@ def test_plain_run_is_sent_as_it_came_and_answered_as_the_bytes_that_came(flushe
     assert h.backend.depth == 0 and h.backend.state == "connected"
 
 
-def test_plain_run_reply_in_one_chunk_is_passed_on_whole(flushes):
+def sent_run(flushes: list, data: bytes, count: int):
+    """A PlainRun written on a connected backend: the connection, the run,
+    and the list its callback appends to."""
     h = Harness()
     proto, _ = h.connect()
-    got = []
-    h.backend.send(PlainRun(b"get a\r\nget b\r\n", 2), got.append)
+    got: list = []
+    run = PlainRun(data, count)
+    h.backend.send(run, got.append)
     flushes.pop()()
+    return proto, run, got
+
+
+def test_plain_run_reply_in_one_chunk_is_passed_on_whole(flushes):
+    proto, _, got = sent_run(flushes, b"get a\r\nget b\r\n", 2)
     reply = b"END\r\nSERVER_ERROR out of memory\r\n"
     proto.dataReceived(reply)
     assert got == [reply] and got[0] is reply
@@ -897,12 +905,7 @@ def test_plain_run_reply_in_one_chunk_is_passed_on_whole(flushes):
 def test_plain_run_keeps_the_replies_before_a_failure(flushes):
     """A run failed part way gets the replies that came, then the failure
     (RouteEngine adds one failure per request left)."""
-    h = Harness()
-    proto, _ = h.connect()
-    got = []
-    run = PlainRun(b"get a\r\nget b\r\nget c\r\n", 3)
-    h.backend.send(run, got.append)
-    flushes.pop()()
+    proto, run, got = sent_run(flushes, b"get a\r\nget b\r\nget c\r\n", 3)
     proto.dataReceived(b"VALUE a 0 1\r\n1\r\nEND\r\nVALUE b 0 5\r\n12")
     assert got == []
     proto.connectionLost(Failure(error.ConnectionLost()))
@@ -912,12 +915,7 @@ def test_plain_run_keeps_the_replies_before_a_failure(flushes):
 
 
 def test_plain_run_garbage_after_good_replies(flushes):
-    h = Harness()
-    proto, _ = h.connect()
-    got = []
-    run = PlainRun(b"get a\r\nget b\r\nget c\r\n", 3)
-    h.backend.send(run, got.append)
-    flushes.pop()()
+    proto, run, got = sent_run(flushes, b"get a\r\nget b\r\nget c\r\n", 3)
     proto.dataReceived(b"END\r\nSTORED\r\nnonsense\r\n")
     [res] = got
     assert not res.ok and res.reason == "parsing"

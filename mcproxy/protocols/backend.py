@@ -337,15 +337,9 @@ class BackendProtocol(Protocol):
                         return
                     units.popleft()
                     answers = ((queue.popleft(), res),)
-                elif units[0] == _RUN:
-                    if not self._run_reply(reader, backend, now):
-                        return
-                    self.answered_at = now
-                    if self.backend is None:
-                        return
-                    continue
-                elif units[0] == _BATCH:
-                    if not self._batch_reply(reader, backend, now):
+                elif units[0] <= 0:  # a PlainRun or a KeyBatch: one callback
+                    read_whole = self._run_reply if units[0] == _RUN else self._batch_reply
+                    if not read_whole(reader, backend, now):
                         return
                     self.answered_at = now
                     if self.backend is None:

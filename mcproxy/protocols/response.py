@@ -187,10 +187,10 @@ def _size(digits: bytes) -> int:
     return int(number)
 
 
-def _value_fields(buf: bytes, pos: int) -> list | None:
-    """The fields of the plain ``VALUE <key> <flags> <bytes> [<cas>]``
-    line at ``buf[pos]`` (complete, CRLF-terminated, a size below 10
-    digits), then the offset of the end of its data and CRLF, and that of
+def _plain_value(buf: bytes, pos: int) -> tuple[bytes, int, int] | None:
+    """For the plain ``VALUE <key> <flags> <bytes> [<cas>]`` line at
+    ``buf[pos]`` (complete, CRLF-terminated, a size below 10 digits): its
+    key, the offset after its data and the data's CRLF, and the offset of
     the line's newline; None for anything else, which ``_parse`` judges."""
     eol = buf.find(b"\n", pos)
     if 0 < eol - pos <= MAX_LINE and buf[eol - 1] == 13:
@@ -198,8 +198,7 @@ def _value_fields(buf: bytes, pos: int) -> list | None:
         count = len(fields)
         size = fields[2] if count == 3 or (count == 4 and fields[3].isdigit()) else b""
         if size.isdigit() and len(size) < 10 and fields[1].isdigit() and fields[0]:
-            fields[3:] = (eol + int(size) + 3, eol)
-            return fields
+            return fields[0], eol + int(size) + 3, eol
     return None
 
 
@@ -208,9 +207,9 @@ def _reply_end(buf: bytes, pos: int) -> int:
     replies (a line that is just a known token, a plain ``VALUE`` with its
     data and ``END``); 0 for anything else, which ``_parse`` judges."""
     if buf.startswith(b"VALUE ", pos):
-        fields = _value_fields(buf, pos)
-        if fields is not None:
-            vend = fields[3]
+        value = _plain_value(buf, pos)
+        if value is not None:
+            vend = value[1]
             if buf.startswith(b"\r\nEND\r\n", vend - 2):
                 return vend + 5
         return 0
@@ -448,11 +447,11 @@ class ResponseReader:
         pos = self._pos
         while True:
             if buf.startswith(b"VALUE ", pos):
-                fields = _value_fields(buf, pos)
-                if fields is not None:
-                    vend = fields[3]
+                value = _plain_value(buf, pos)
+                if value is not None:
+                    key, vend, eol = value
                     if buf.startswith(b"\r\n", vend - 2):
-                        items.append((fields[0], buf[pos:vend], fields[4] + 1 - pos))
+                        items.append((key, buf[pos:vend], eol + 1 - pos))
                         pos = vend
                         continue
             self._pos = pos
