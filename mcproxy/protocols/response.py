@@ -4,11 +4,15 @@ Pure: no Twisted imports. This is the role memcached's vendored ``mcmc``
 plays in its proxy (mcp-api.md section 3.4). Response codes use mcmc's later
 numbering (the ``mcp.MCMC_CODE_*`` constants of memcached 1.6.16+).
 
-A backend connection is pipelined and every backend request is single-key,
-so a reply is one line, one line plus a value (``VA``), or ``VALUE`` + data
-+ ``END``. Anything else desynchronises the stream and is raised as
-:class:`BackendProtocolError`, whose reason is one of memcached's backend
-failure names.
+A backend connection is pipelined. The reply to a single-key request is
+one line, one line plus a value (``VA``), or ``VALUE`` + data + ``END``;
+the reply to a multi-key get (the keys of client multigets sent together)
+is its ``VALUE`` items and one ``END``, read with
+:meth:`ResponseReader.read_values`. Replies that the client receives as
+they came (runs of plain requests) are only framed
+(:meth:`ResponseReader.read_raw`). Anything else desynchronises the stream
+and is raised as :class:`BackendProtocolError`, whose reason is one of
+memcached's backend failure names.
 
 Misses: mcmc gives both the text ``END`` and the meta ``EN`` the code
 ``MCMC_CODE_END``; there is no separate MISS code, so a miss is
