@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mcproxy import errors
+from mcproxy.lua.engine import _run_reply
 from mcproxy.protocols.backend import (
     VALIDATE_REQUEST,
     Backend,
@@ -883,13 +884,13 @@ def test_plain_run_is_sent_as_it_came_and_answered_as_the_bytes_that_came(flushe
     assert h.backend.depth == 0 and h.backend.state == "connected"
 
 
-def sent_run(flushes: list, data: bytes, count: int):
+def sent_run(flushes: list, data: bytes, count: int, widths: dict[int, int] | None = None):
     """A PlainRun written on a connected backend: the connection, the run,
     and the list its callback appends to."""
     h = Harness()
     proto, _ = h.connect()
     got: list = []
-    run = PlainRun(data, count)
+    run = PlainRun(data, count, widths)
     h.backend.send(run, got.append)
     flushes.pop()()
     return proto, run, got
@@ -920,3 +921,28 @@ def test_plain_run_garbage_after_good_replies(flushes):
     [res] = got
     assert not res.ok and res.reason == "parsing"
     assert run.parts == [b"END\r\nSTORED\r\n"] and run.answered == 2
+
+
+def test_plain_run_with_multigets_is_answered_as_the_bytes_that_came(flushes):
+    proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\n", 3, {0: 2, 2: 3})
+    assert run.requests == 6 and proto.backend.depth == 6
+    reply = b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\nVALUE d 0 1\r\n4\r\nVALUE f 0 1\r\n6\r\nEND\r\n"
+    for i in range(len(reply)):
+        proto.dataReceived(reply[i:i + 1])
+    assert got == [reply]
+    assert proto.backend.latency.count == 6 and proto.backend.depth == 0
+
+
+def test_plain_run_failed_inside_a_multiget(flushes):
+    """The replies before it are kept; the multiget gets a failure for each
+    of its keys and END (as when its keys are routed together), and so does
+    each request left."""
+    proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\nget g h\r\n",
+                               4, {0: 2, 2: 3, 3: 2})
+    proto.dataReceived(b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\nVALUE d 0 1\r\n4\r\nVAL")
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    [res] = got
+    assert not res.ok and run.answered == 2
+    assert _run_reply(run, res) == (b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\n"
+                                    + errors.BACKEND_FAILURE * 3 + errors.END
+                                    + errors.BACKEND_FAILURE * 2 + errors.END)

@@ -122,3 +122,63 @@ def test_pipelined_plain_requests_answer_as_routed_one_by_one(proxies):
         assert int(new[b"proxy_conn_requests"]) - int(old[b"proxy_conn_requests"]) == count
         assert int(new[b"cmd_set"]) - int(old[b"cmd_set"]) == len(keys) // 2
         assert new[b"proxy_req_active"] == b"0"
+
+
+ONE_BACKEND = """
+function mcp_config_pools()
+    return mcp.pool({ mcp.backend("b1", "127.0.0.1", "%(port)d") })
+end
+
+function mcp_config_routes(pool)
+    mcp.attach(mcp.CMD_ANY_STORAGE, %(route)s)
+end
+"""
+
+
+@pytest.fixture(scope="module", params=["up", "down"])
+def one_backend(request):
+    """Proxies whose pool is one memcached (up, or nothing listening):
+    their runs of plain requests hold multigets too."""
+    server = Memcached()
+    if request.param == "up":
+        server.start()
+    pair = [Proxy(None, config_text=ONE_BACKEND % {"port": server.port, "route": route}).start()
+            for route in (TOGETHER, KEY_BY_KEY)]
+    yield request.param, pair
+    for proxy in pair:
+        proxy.stop()
+    if request.param == "up":
+        server.stop()
+
+
+def test_pipelined_multigets_to_one_backend_answer_as_routed_one_by_one(one_backend):
+    """Multigets in runs (passed on as memcached answers them), among gets
+    and sets, with values large enough to arrive in many chunks, answer and
+    count as keys routed one by one."""
+    state, proxies = one_backend
+    big = b"v" * 300_000
+    keys = [b"q%d" % i for i in range(30)] + [b"x" * 250]
+    stream = b"".join(b"set %s 0 0 %d\r\n%s\r\n" % (key, len(key), key) for key in keys[::2])
+    stream += b"set big 3 0 %d\r\n%s\r\n" % (len(big), big)
+    stream += b"get " + b" ".join(keys) + b"\r\nget q0\r\n"
+    stream += b"get q1 big q2 big q0 q0\r\nget q1 q3\r\nget q2 q4\r\n"
+    stream += b"get q5 q6 q7\r\n" * 50 + b"get " + b" ".join(keys[::-1]) + b"\r\n"
+    gets = len(keys) + 1 + 6 + 2 + 2 + 150 + len(keys)
+    sets = len(keys[::2]) + 1
+    before = [proxy_stats(p) for p in proxies]
+    replies = []
+    for proxy in proxies:
+        with proxy.connect() as s:
+            s.sendall(stream + b"mn\r\n")
+            replies.append(read_until(s, b"MN\r\n"))
+    assert replies[0] == replies[1]
+    if state == "up":
+        assert replies[0].count(b"VALUE big 3 %d\r\n" % len(big)) == 2
+    else:
+        assert replies[0].count(errors.BACKEND_FAILURE) == gets + sets
+    after = [proxy_stats(p) for p in proxies]
+    for old, new in zip(before, after, strict=True):
+        assert int(new[b"proxy_conn_requests"]) - int(old[b"proxy_conn_requests"]) == gets + sets
+        assert int(new[b"cmd_get"]) - int(old[b"cmd_get"]) == gets
+        assert int(new[b"cmd_set"]) - int(old[b"cmd_set"]) == sets
+        assert new[b"proxy_req_active"] == b"0"

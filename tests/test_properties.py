@@ -411,15 +411,16 @@ def test_any_bytes_read_the_same_in_any_chunks(data, cuts, multi):
         assert read_one_piece(data) == whole[:2]
 
 
-def read_raw_chunks(chunks: list[bytes], counts: list[int]) -> tuple[bytes, int, str | None]:
+def read_raw_chunks(chunks: list[bytes], counts: list[int],
+                    widths: dict[int, int] | None = None) -> tuple[bytes, int, str | None]:
     """The bytes and number of replies ResponseReader.read_raw frames in
-    ``chunks``, asking for ``counts`` replies in turn, and the error that
-    stopped it."""
+    ``chunks``, asking for ``counts`` replies in turn (``widths``: the key
+    counts of multi-key gets), and the error that stopped it."""
     reader, parts, framed, turn = ResponseReader(), [], 0, 0
     try:
         for chunk in chunks:
             if reader.feed(chunk):
-                while got := reader.read_raw(counts[turn % len(counts)], parts):
+                while got := reader.read_raw(counts[turn % len(counts)], parts, widths, framed):
                     framed += got
                     turn += 1
     except BackendProtocolError as e:
@@ -464,6 +465,54 @@ def test_multi_key_replies_split_anywhere(generated, cuts):
     assert read_chunks(chunked(stream, cuts), multi=True) == (expect, None, 0)
 
 
+_GET_ERRORS = st.sampled_from([b"SERVER_ERROR out of memory\r\n", b"ERROR\r\n",
+                               b"CLIENT_ERROR bad data chunk\r\n", b"STORED\r\n"])
+
+
+@st.composite
+def run_replies(draw) -> tuple[bytes, bytes, int, dict[int, int]]:
+    """The replies to a run of single requests and multi-key gets (by
+    ``widths``), and what its client gets: the same bytes, except that an
+    error line answering a multi-key get (after any values) is that line
+    for each key and END, as for keys routed together."""
+    wire, expect, widths = [], [], {}
+    for index in range(draw(st.integers(0, 6))):
+        kind = draw(st.integers(0, 2))
+        if kind == 0:
+            reply, _ = draw(replies())
+            wire.append(reply)
+            expect.append(reply)
+            continue
+        reply, items = draw(multiget_replies())
+        widths[index] = draw(st.integers(max(2, len(items) - 1), 6))
+        if kind == 1:
+            wire.append(reply)
+            expect.append(reply)
+        else:
+            line = draw(_GET_ERRORS)
+            wire.append(reply[:-len(errors.END)] + line)
+            expect.append(line * widths[index] + errors.END)
+    return b"".join(wire), b"".join(expect), len(wire), widths
+
+
+@FAST
+@given(run_replies(), st.lists(st.integers(0, 10**6), max_size=12),
+       st.lists(st.integers(1, 4), min_size=1, max_size=5))
+def test_raw_multi_key_replies_in_any_chunks(generated, cuts, counts):
+    wire, expect, count, widths = generated
+    assert read_raw_chunks(chunked(wire, cuts), counts, widths) == (expect, count, None)
+
+
+@FAST
+@given(st.lists(st.integers(0, 10**6), max_size=6))
+def test_raw_multi_key_reply_with_more_values_than_keys(cuts):
+    """More values than keys: a desync, raised after the replies before."""
+    value = b"VALUE a 0 1\r\n1\r\n"
+    wire = b"STORED\r\n" + value * 3 + errors.END
+    assert read_raw_chunks(chunked(wire, cuts), [1, 2], {1: 2}) \
+        == (b"STORED\r\n", 1, "parsing")
+
+
 @FAST
 @given(replies(), requests(), st.booleans())
 def test_client_bytes_is_the_reply_or_nothing(generated, req_generated, multiget):
@@ -484,35 +533,46 @@ def test_client_bytes_is_the_reply_or_nothing(generated, req_generated, multiget
 class NumberingEngine:
     """Answers every routed request with a numbered line, now or later.
     With ``runs``, takes runs of plain get/set requests (route_run) when
-    both commands are hooked, and records and numbers their requests as
-    if they had come one by one."""
+    both commands are hooked, multi-key gets too with ``multigets``, and
+    records and numbers their requests as if they had come one by one
+    (a multiget key by key)."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
-                 runs: bool | str = False) -> None:
+                 runs: bool | str = False, multigets: bool = True) -> None:
         self.hooked_commands = hooked
         self.counter = counter
         self.later = later
         self.routed: list[tuple[bytes, bytes | None, bool]] = []
         self.pending: list = []
         self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
+        self.plain_multigets = multigets
         #: with runs="refuse", route_run declines every run (as it does for
         #: an active request limit), counted here
         self.refused = 0 if runs == "refuse" else None
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: int, done) -> bool:
+                  sets: int, widths: dict[int, int] | None, done) -> bool:
         if self.refused is not None:
             self.refused += 1
             return False
+        assert widths is None or self.plain_multigets
         answers = []
-        for end, key in zip(ends, keys, strict=True):
+        for index, (end, key) in enumerate(zip(ends, keys, strict=True)):
             line, newline, value = data[start:end].partition(b"\n")
-            assert parse_request(line + newline).key == key
-            self.routed.append((line + newline, value or None, False))
-            self.counter[0] += 1
-            answers.append(b"<%d>\r\n" % self.counter[0])
+            req = parse_request(line + newline)
+            assert req.key == key
+            multiget = split_multiget(req)
+            assert (widths or {}).get(index) == (multiget and len(multiget))
+            for one in multiget or [key]:
+                self.routed.append((b"get %s\r\n" % one if multiget else line + newline,
+                                    value or None, bool(multiget)))
+                self.counter[0] += 1
+                answers.append(b"<%d>\r\n" % self.counter[0])
+            if multiget:
+                answers.append(errors.END)
+            sets -= bool(value)
             start = end
-        assert sum(1 for _, value, _ in self.routed[-len(keys):] if value) == sets
+        assert sets == 0
         self._answer(done, b"".join(answers))
         return True
 
@@ -550,9 +610,10 @@ class NumberingStore:
 
 
 class NumberingService:
-    def __init__(self, hooked: frozenset[int], later: bool, runs: bool | str = False) -> None:
+    def __init__(self, hooked: frozenset[int], later: bool, runs: bool | str = False,
+                 multigets: bool = True) -> None:
         self.counter = [0]
-        self.engine = NumberingEngine(hooked, self.counter, later, runs)
+        self.engine = NumberingEngine(hooked, self.counter, later, runs, multigets)
         self.stats = ProxyStats()
         self.store = NumberingStore(self.counter)
         self.version_line = b"VERSION test\r\n"
@@ -563,11 +624,12 @@ class NumberingService:
 
 
 def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False,
-                 runs: bool | str = False):
+                 runs: bool | str = False, multigets: bool = True):
     """Feed ``chunks`` to a connection; what was routed, written, and
     whether it hung up. ``later`` answers routes at the end, backwards;
     ``runs`` lets the engine take runs of plain requests ("refuse": offers
-    them, and the engine declines each).
+    them, and the engine declines each), with ``multigets`` those of
+    several keys too.
 
     Each chunk, and each late answer, is one reactor iteration: replies are
     written by a write batch of this run's own, flushed after each (without
@@ -583,7 +645,7 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
 
     saved, server_module.batch = server_module.batch, writes
     try:
-        service = NumberingService(hooked, later, runs)
+        service = NumberingService(hooked, later, runs, multigets)
         proto = ProxyServerProtocol(service)
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -674,7 +736,7 @@ def plain_streams(draw) -> bytes:
     between."""
     parts = []
     for _ in range(draw(st.integers(0, 12))):
-        choice = draw(st.integers(0, 4))
+        choice = draw(st.integers(0, 5))
         if choice == 0:
             parts.append(b"get " + draw(_fast_keys) + draw(st.sampled_from([b"\r\n", b"\n"])))
         elif choice <= 2:
@@ -685,8 +747,11 @@ def plain_streams(draw) -> bytes:
             parts.append(line + value + draw(st.sampled_from([b"\r\n", b"\r\n", b"\n", b"xx"])))
         elif choice == 3:
             parts.append(draw(client_streams()))
-        else:
+        elif choice == 4:
             parts.append(b"get k%d\r\n" % draw(st.integers(0, 9)))
+        else:
+            keys = draw(st.lists(_fast_keys, min_size=2, max_size=4))
+            parts.append(b"get " + b" ".join(keys) + draw(st.sampled_from([b"\r\n", b"\n"])))
     stream = b"".join(parts)
     if any(len(line) > MAX_UNTERMINATED for line in stream.split(b"\n")):
         stream = stream[:MAX_UNTERMINATED]
@@ -696,15 +761,18 @@ def plain_streams(draw) -> bytes:
 @SLOW
 @given(plain_streams(), st.lists(st.integers(0, 10**6), max_size=12),
        st.lists(st.integers(0, 10**6), max_size=12), st.sampled_from(
-           [frozenset(rq.COMMANDS.values()), frozenset((rq.CMD_GET, rq.CMD_SET))]))
-def test_plain_runs_route_and_answer_as_one_by_one(stream, cuts, run_cuts, hooked):
+           [frozenset(rq.COMMANDS.values()), frozenset((rq.CMD_GET, rq.CMD_SET))]),
+       st.booleans())
+def test_plain_runs_route_and_answer_as_one_by_one(stream, cuts, run_cuts, hooked, multigets):
     """Runs of plain requests (request.scan_plain, RouteEngine.route_run)
     route the same requests in the same order, and answer the same bytes,
     as routing one by one, however the stream is cut."""
     one_by_one = run_protocol(chunked(stream, cuts), hooked, later=True)
-    runs = run_protocol(chunked(stream, run_cuts), hooked, later=True, runs=True)
+    runs = run_protocol(chunked(stream, run_cuts), hooked, later=True, runs=True,
+                        multigets=multigets)
     assert runs[:3] == one_by_one[:3]
-    assert run_protocol([stream], hooked, runs=True)[:3] == one_by_one[:3]
+    assert run_protocol([stream], hooked, runs=True, multigets=multigets)[:3] \
+        == one_by_one[:3]
     refused = run_protocol([stream], hooked, later=True, runs="refuse")
     assert refused[:3] == one_by_one[:3]
     assert refused[3].engine.refused <= 1  # then the rest of the chunk goes line by line

@@ -148,12 +148,28 @@ def test_command_constants_match_memcached():
 
 def test_scan_plain_takes_plain_gets_and_sets_with_their_payloads():
     data = b"get a\r\nset b 1 2 3\r\nxyz\r\nget c\r\nmg d v\r\nget e\r\n"
-    stop, keys, ends, sets = rq.scan_plain(data, 0, True, 100)
+    stop, keys, ends, sets, widths = rq.scan_plain(data, 0, True, 100)
     assert data[:stop] == b"get a\r\nset b 1 2 3\r\nxyz\r\nget c\r\n"
-    assert keys == [b"a", b"b", b"c"] and sets == 1
+    assert keys == [b"a", b"b", b"c"] and sets == 1 and widths is None
     assert ends == [7, 25, 32]
-    assert rq.scan_plain(data, stop, True, 100) == (stop, [], [], 0)
-    assert rq.scan_plain(data, 7, False, 100) == (7, [], [], 0)
+    assert rq.scan_plain(data, stop, True, 100) == (stop, [], [], 0, None)
+    assert rq.scan_plain(data, 7, False, 100) == (7, [], [], 0, None)
+
+
+def test_scan_plain_takes_multigets_when_asked():
+    data = b"get a\r\nget b c\r\nget d\r\nget e f g\r\nget h i \r\n"
+    assert rq.scan_plain(data, 0, True, 100)[:2] == (7, [b"a"])
+    stop, keys, ends, sets, widths = rq.scan_plain(data, 0, True, 100, multigets=3)
+    assert data[stop:] == b"get h i \r\n"  # a trailing space: not plain
+    assert keys == [b"a", b"b", b"d", b"e"] and widths == {1: 2, 3: 3}
+    assert ends == [7, 16, 23, 34] and sets == 0
+    assert rq.scan_plain(data, 0, True, 100, multigets=2)[1:] == ([b"a", b"b", b"d"],
+                                                                 [7, 16, 23], 0, {1: 2})
+    key = b"k" * rq.MAX_KEY_LENGTH
+    assert rq.scan_plain(b"get %s %s\r\n" % (key, key), 0, True, 100, multigets=2)[1] == [key]
+    for line in (b"get a %sk\r\n" % key, b"get %sk a\r\n" % key, b"get a  b\r\n",
+                 b"get a b\n", b"get a b", b"gets a b\r\n"):
+        assert rq.scan_plain(line, 0, True, 100, multigets=2)[1] == [], line
 
 
 @pytest.mark.parametrize("data", [
@@ -170,12 +186,12 @@ def test_scan_plain_takes_plain_gets_and_sets_with_their_payloads():
     b"set " + b"k" * 251 + b" 0 0 1\r\nx\r\n",
 ])
 def test_scan_plain_stops_before_anything_else(data):
-    assert rq.scan_plain(b"get x\r\n" + data, 0, True, 100) == (7, [b"x"], [7], 0)
+    assert rq.scan_plain(b"get x\r\n" + data, 0, True, 100) == (7, [b"x"], [7], 0, None)
 
 
 def test_scan_plain_longest_line_and_limit():
     longest = b"get " + b"k" * 493 + b"\r\n"  # 499 bytes
     assert rq.scan_plain(longest, 0, True, 100)[1] == [b"k" * 493]
     assert rq.scan_plain(b"get k" + longest[4:], 0, True, 100)[1] == []
-    stop, keys, _, _ = rq.scan_plain(b"get x\r\n" * 10, 0, True, 100, limit=4)
+    stop, keys, _, _, _ = rq.scan_plain(b"get x\r\n" * 10, 0, True, 100, limit=4)
     assert stop == 28 and len(keys) == 4

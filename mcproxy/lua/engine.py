@@ -253,6 +253,9 @@ class RouteEngine:
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run
         self.plain_runs: bool | None = None
+        #: whether those runs may hold gets of several keys (their pool
+        #: has one backend, which then answers every key)
+        self.plain_multigets = False
         self._plain_pool = None
         self._last_error_log = 0.0
         self._errors_unlogged = 0
@@ -269,6 +272,7 @@ class RouteEngine:
         self._direct = routes.direct
         pool = self._plain_pool = routes.direct.get(CMD_GET)
         self.plain_runs = None if pool is None else routes.direct.get(CMD_SET) is pool
+        self.plain_multigets = pool is not None and len(pool.backends) == 1
 
     def hooked(self, command: int) -> bool:
         return command in self._hooks
@@ -368,16 +372,20 @@ class RouteEngine:
         return True
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: int, done: Callable[[bytes], None]) -> bool:
+                  sets: int, widths: dict[int, int] | None,
+                  done: Callable[[bytes], None]) -> bool:
         """Route a run of plain requests (``request.scan_plain``: they are
-        ``data[start:ends[-1]]``, ``keys`` and ``ends`` their keys and end
-        offsets in ``data``, ``sets`` of them are sets, the rest gets) whose
-        commands' routes are the same direct pool call (``plain_runs``).
+        ``data[start:ends[-1]]``, ``keys`` and ``ends`` their (first) keys
+        and end offsets in ``data``, ``sets`` of them are sets, the rest
+        gets, ``widths`` the key counts of multi-key gets) whose commands'
+        routes are the same direct pool call (``plain_runs``; multi-key
+        gets only with ``plain_multigets``).
 
         The pool still picks each key's backend; each stretch of requests
         bound for the same backend is sent to it as they came (a
         PlainRun), and ``done(reply)`` runs once with every reply in order,
-        which is what the requests routed one by one would have answered.
+        which is what the requests routed one by one (the keys of a
+        multiget together, see route_keys) would have answered.
 
         False, with nothing done, when this does not apply (no such route,
         an active request limit, a backend with a depth limit, a key the
@@ -390,6 +398,8 @@ class RouteEngine:
             if len(pool.backends) == 1:
                 chosen = None
                 backends = [pool.select(keys[0])]  # serves every key if it serves one
+            elif widths is not None:
+                return False  # the keys of a multiget may need several backends
             else:
                 select = pool.select
                 chosen = [select(key) for key in keys]
@@ -409,16 +419,19 @@ class RouteEngine:
         for backend in backends:
             if backend.options.depth_limit:
                 return False
-        stats = self.stats
-        stats.conn_requests += count
-        commands = stats.commands
-        commands[CMD_GET] += count - sets
-        commands[CMD_SET] += sets
-        stats.req_active += count
+        requests = count
         if len(backends) == 1:
             stop = ends[-1]
             run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
-                           count)
+                           count, widths)
+            requests = run.requests
+        stats = self.stats
+        stats.conn_requests += requests
+        commands = stats.commands
+        commands[CMD_GET] += requests - sets
+        commands[CMD_SET] += sets
+        stats.req_active += requests
+        if len(backends) == 1:
             backends[0].send(run, partial(_run_answered, run, stats, done))
             return True
         reply = _RunsReply(len(backends), stats, done)
@@ -567,16 +580,25 @@ class _KeysReply:
 def _run_reply(run: PlainRun, reply) -> bytes:
     """What the client gets for a PlainRun: the bytes of its replies, or
     for a failure (a Response) those that came before it and a failure for
-    each request left."""
+    each request left (each key and the END of a multi-key get)."""
     if reply.__class__ is bytes:
         return reply
-    return _EMPTY.join(run.parts) + errors.BACKEND_FAILURE * (run.count - run.answered)
+    parts = run.parts
+    widths = run.widths
+    if widths is None:
+        parts.append(errors.BACKEND_FAILURE * (run.count - run.answered))
+    else:
+        for index in range(run.answered, run.count):
+            width = widths.get(index)
+            parts.append(errors.BACKEND_FAILURE if width is None
+                         else errors.BACKEND_FAILURE * width + errors.END)
+    return _EMPTY.join(parts)
 
 
 def _run_answered(run: PlainRun, stats: ProxyStats, done: Callable[[bytes], None],
                   reply) -> None:
     """The answer of a run that holds every request of the client's run."""
-    stats.req_active -= run.count
+    stats.req_active -= run.requests
     done(reply if reply.__class__ is bytes else _run_reply(run, reply))
 
 
@@ -593,7 +615,7 @@ class _RunsReply:
         self.done = done
 
     def answer(self, index: int, run: PlainRun, reply) -> None:
-        self.stats.req_active -= run.count
+        self.stats.req_active -= run.requests
         self.parts[index] = _run_reply(run, reply)
         self.pending -= 1
         if not self.pending:

@@ -220,7 +220,7 @@ def _size(request: Request | PlainRun) -> int:
     if cls is KeyBatch:
         return len(request.keys)
     if cls is PlainRun:
-        return request.count
+        return request.requests
     return 1
 
 
@@ -427,13 +427,13 @@ class BackendProtocol(Protocol):
         run, callback, sent = self.queue[0]
         count = run.count
         while run.answered < count:
-            framed = reader.read_raw(count - run.answered, run.parts)
+            framed = reader.read_raw(count - run.answered, run.parts, run.widths, run.answered)
             if not framed:
                 return False
             run.answered += framed
         self._units.popleft()
         self.queue.popleft()
-        backend.latency.record(int((now - sent) * 1e6), count)
+        backend.latency.record(int((now - sent) * 1e6), run.requests)
         parts = run.parts
         try:
             callback(parts[0] if len(parts) == 1 else _EMPTY.join(parts))

@@ -103,6 +103,10 @@ MAX_RUN = 256
 _GET_LINES = re.compile(rb"(?:get [^ \n]{1,%d}\r\n)+" % (MAX_REQUEST_LINE - 7))
 #: The length of the CRLF each line of a stretch of gets loses to the split.
 _CRLF_LENGTH = 2
+#: A ``get`` of several keys, one space between them, each short enough
+#: that the proxy routes the keys together (see ProxyServerProtocol._multiget).
+_MULTI_GET = re.compile(rb"get (?:[^ \n]{1,%d} )+[^ \n]{1,%d}\r\n" % (MAX_KEY_LENGTH,
+                                                                     MAX_KEY_LENGTH))
 
 
 class ParseError(ValueError):
@@ -185,14 +189,19 @@ class PlainRun:
     """Consecutive plain ``get``/``set`` requests of one client bound for
     the same backend (see :func:`scan_plain`), sent as the client sent
     them and answered as a whole: ``data`` is their bytes, ``count`` how
-    many there are. The backend connection collects the replies in
-    ``parts`` as they arrive, ``answered`` of them so far."""
+    many there are. ``widths`` maps the index of each ``get`` of several
+    keys to its number of keys (None: there are none); ``requests`` counts
+    every key of those as a request, as routing them one by one does. The
+    backend connection collects the replies in ``parts`` as they arrive,
+    ``answered`` of them so far."""
 
-    __slots__ = ("data", "count", "parts", "answered")
+    __slots__ = ("data", "count", "widths", "requests", "parts", "answered")
 
-    def __init__(self, data: bytes, count: int) -> None:
+    def __init__(self, data: bytes, count: int, widths: dict[int, int] | None = None) -> None:
         self.data = data
         self.count = count
+        self.widths = widths
+        self.requests = count if widths is None else count + sum(widths.values()) - len(widths)
         self.parts: list[bytes] = []
         self.answered = 0
 
@@ -297,19 +306,25 @@ def _plain_set(tokens: list[bytes]) -> int:
 
 
 def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
-               limit: int = MAX_RUN) -> tuple[int, list[bytes], list[int], int]:
+               limit: int = MAX_RUN, multigets: int = 0,
+               ) -> tuple[int, list[bytes], list[int], int, dict[int, int] | None]:
     """The run of plain requests in ``data`` from ``pos``: consecutive
-    ``get <key>`` lines, and with ``sets`` ``set <key> <flags> <exptime>
-    <bytes>`` lines whose payload (at most ``max_payload`` bytes, ending in
-    CRLF) is in ``data`` too, each shorter than MAX_REQUEST_LINE and parsed
-    by :func:`parse_request` exactly as here; at most ``limit`` of them.
+    ``get <key>`` lines, with ``multigets`` also ``get <key> <key>...``
+    lines of at most that many keys (each key at most MAX_KEY_LENGTH long,
+    one space between them), and with ``sets`` ``set <key> <flags>
+    <exptime> <bytes>`` lines whose payload (at most ``max_payload`` bytes,
+    ending in CRLF) is in ``data`` too; each line parsed by
+    :func:`parse_request` as here, those of single-key requests shorter
+    than MAX_REQUEST_LINE; at most ``limit`` requests.
 
-    Returns ``(stop, keys, ends, sets)``: the offset after the run, the key
-    and end offset of each request, and how many are sets. The run stops
-    before anything else, which the caller parses line by line.
+    Returns ``(stop, keys, ends, sets, widths)``: the offset after the run,
+    the (first) key and end offset of each request, how many are sets, and
+    None or the number of keys of each multi-key get by its index. The run
+    stops before anything else, which the caller parses line by line.
     """
     keys: list[bytes] = []
     ends: list[int] = []
+    widths: dict[int, int] | None = None
     nsets = 0
     size = len(data)
     while pos < size and len(keys) < limit:
@@ -330,6 +345,20 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
             ends += offsets
             pos = ends[-1]
             continue
+        if multigets:
+            multi = _MULTI_GET.match(data, pos)
+            if multi is not None:
+                stop = multi.end()
+                width = data.count(b" ", pos, stop)
+                if width > multigets:
+                    break
+                if widths is None:
+                    widths = {}
+                widths[len(keys)] = width
+                keys.append(data[pos + 4:data.find(b" ", pos + 4)])
+                ends.append(stop)
+                pos = stop
+                continue
         eol = data.find(b"\n", pos)
         if not sets or eol < 0 or eol - pos >= MAX_REQUEST_LINE - 1 \
                 or data[eol - 1] != 13 or not data.startswith(b"set ", pos):
@@ -344,7 +373,7 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
         ends.append(end)
         nsets += 1
         pos = end
-    return pos, keys, ends, nsets
+    return pos, keys, ends, nsets, widths
 
 
 def _parse_general(line: bytes) -> Request:

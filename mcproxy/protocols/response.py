@@ -223,6 +223,23 @@ def _reply_end(buf: bytes, pos: int) -> int:
     return 0
 
 
+def _multi_end(buf: bytes, pos: int, width: int) -> int:
+    """Where the reply to a get of ``width`` keys at ``buf[pos]`` ends, when
+    it is complete and plain (at most ``width`` plain ``VALUE`` items, then
+    ``END``); 0 for anything else, which ``ResponseReader._read_multi``
+    judges."""
+    values = 0
+    while buf.startswith(b"VALUE ", pos):
+        value = _plain_value(buf, pos)
+        if value is None or values == width:
+            return 0
+        pos = value[1]
+        if not buf.startswith(b"\r\n", pos - 2):
+            return 0
+        values += 1
+    return pos + 5 if buf.startswith(b"END\r\n", pos) else 0
+
+
 def _parse(buf: bytes, pos: int, version: bool,
            multi: bool = False) -> tuple[Response, int] | int:
     """Parse the reply starting at ``buf[pos]``.
@@ -335,7 +352,7 @@ class ResponseReader:
     so values of any size cost linear time.
     """
 
-    __slots__ = ("_buf", "_pos", "_parts", "_have", "_need")
+    __slots__ = ("_buf", "_pos", "_parts", "_have", "_need", "_held", "_held_values")
 
     def __init__(self) -> None:
         self._buf = _EMPTY
@@ -343,6 +360,10 @@ class ResponseReader:
         self._parts: list = []
         self._have = 0
         self._need = 0
+        #: the VALUE items of the multi-key reply read_raw is reading, and
+        #: how many there are, while its END has not arrived
+        self._held: list[bytes] = []
+        self._held_values = 0
 
     @property
     def buffered(self) -> int:
@@ -400,14 +421,19 @@ class ResponseReader:
         self._buf = _EMPTY
         self._pos = 0
 
-    def read_raw(self, count: int, parts: list[bytes]) -> int:
+    def read_raw(self, count: int, parts: list[bytes],
+                 widths: dict[int, int] | None = None, first: int = 0) -> int:
         """Read on up to ``count`` complete replies as the bytes that came,
-        appended to ``parts`` as one piece; return how many were read.
+        appended to ``parts``; return how many were read.
 
         For requests whose client gets exactly the backend's reply (plain
-        ``get``/``set``, see ``client_bytes``): no Response is made. A
-        stream that turns to garbage after some replies gives those first;
-        the next call raises.
+        ``get``/``set``, see ``client_bytes``): no Response is made.
+        ``widths`` gives the key count of each get of several keys by its
+        index, ``first`` being the index of the next reply: its reply is at
+        most that many ``VALUE`` items and ``END``, or for an error line
+        that line for each key and ``END``, what the client gets for keys
+        routed together (RouteEngine.route_keys). A stream that turns to
+        garbage after some replies gives those first; the next call raises.
         """
         buf = self._buf
         start = pos = self._pos
@@ -416,25 +442,68 @@ class ResponseReader:
         result = 0
         try:
             while framed < count and pos < size:
-                end = _reply_end(buf, pos)
-                if not end:
-                    result = _parse(buf, pos, False)
-                    if result.__class__ is int:
-                        break
-                    end = result[1]
+                width = None if widths is None else widths.get(first + framed)
+                if width is None:
+                    end = _reply_end(buf, pos)
+                    if not end:
+                        result = _parse(buf, pos, False)
+                        if result.__class__ is int:
+                            break
+                        end = result[1]
+                elif self._held or not (end := _multi_end(buf, pos, width)):
+                    if pos > start:
+                        parts.append(buf[start:pos])
+                    start = pos
+                    end = self._read_multi(buf, pos, width, parts)
+                    if end is None:
+                        return framed
+                    start = end
                 pos = end
                 framed += 1
         except BackendProtocolError:
             if not framed:
                 raise
             result = 0
-        if framed:
+        if pos > start:
             parts.append(buf[start:pos])
         if result.__class__ is int and result:
             self._wait(buf, pos, result)
         else:
             self._pos = pos
         return framed
+
+    def _read_multi(self, buf: bytes, pos: int, width: int, parts: list[bytes]) -> int | None:
+        """Read on in the reply to a get of ``width`` keys at ``buf[pos]``,
+        after the items held from earlier bytes: once complete, append what
+        the client gets to ``parts`` and return the reply's end; until then
+        hold its complete items and return None."""
+        held = self._held
+        values = self._held_values
+        item = pos
+        while True:
+            result = _parse(buf, item, False, True)
+            if result.__class__ is int:
+                if item > pos:
+                    held.append(buf[pos:item])
+                self._held_values = values
+                self._wait(buf, item, result)
+                return None
+            res, end = result
+            if res.type == MCMC_RESP_GET:
+                values += 1
+                if values > width:
+                    raise BackendProtocolError(FAIL_PARSING)
+                item = end
+                continue
+            if res.type == MCMC_RESP_END:
+                parts += held
+                parts.append(buf[pos:end])
+            else:
+                value = res.value
+                parts.append((res.line if value is None else res.line + value) * width + END)
+            held.clear()
+            self._held_values = 0
+            return end
 
     def read_values(self, items: list[tuple[bytes, bytes, int]]) -> Response | None:
         """Read on in the reply to a multi-key get: for each complete

@@ -237,7 +237,9 @@ class ProxyServerProtocol(LineReceiver):
     def _process(self, data: bytes) -> None:
         pos = 0
         end = len(data)
-        plain = self.engine.plain_runs
+        engine = self.engine
+        plain = engine.plain_runs
+        multigets = MAX_MULTIGET_KEYS if plain is not None and engine.plain_multigets else 0
         while pos < end:
             if self._closing or self._reading_paused:
                 self._buffer += data[pos:]
@@ -248,9 +250,10 @@ class ProxyServerProtocol(LineReceiver):
                 self.rawDataReceived(take)
                 continue
             if plain is not None:
-                stop, keys, ends, sets = scan_plain(data, pos, plain, MAX_PAYLOAD)
+                stop, keys, ends, sets, widths = scan_plain(data, pos, plain, MAX_PAYLOAD,
+                                                            multigets=multigets)
                 if keys:
-                    if self._route_run(data, pos, keys, ends, sets):
+                    if self._route_run(data, pos, keys, ends, sets, widths):
                         pos = stop
                         continue
                     plain = None  # refused: the rest of the chunk line by line
@@ -338,13 +341,15 @@ class ProxyServerProtocol(LineReceiver):
         self.engine.route(req, slot.fill)
 
     def _route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                   sets: int) -> bool:
+                   sets: int, widths: dict[int, int] | None) -> bool:
         """Route a run of plain requests (``scan_plain``) with one slot;
         False if the engine routes them one by one instead."""
-        slot = GroupSlot(self, len(keys) - 1, ends[-1] - start if sets else 0)
+        # Its requests, a multiget's keys each and END, less the slot itself.
+        extra = len(keys) - 1 + (sum(widths.values()) if widths else 0)
+        slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
         slots = self._slots
         slots.append(slot)
-        if self.engine.route_run(data, start, keys, ends, sets, slot.fill):
+        if self.engine.route_run(data, start, keys, ends, sets, widths, slot.fill):
             if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
                     or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
                 self._pause_reading()
