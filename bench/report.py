@@ -127,7 +127,7 @@ def format_table(report: dict) -> str:
     lines.append(
         f"{settings['rounds']} round(s) x {settings['duration_s']} s per workload and "
         f"system, medians; proxy/memcached CPU = user+sys us per request "
-        f"({report['machine']['cpus']} CPUs)")
+        f"({report['machine']['cpus']} CPUs; mcproxy on {report['machine']['python']})")
     header = (f"  {'system':<{width}}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}"
               f"{'proxy cpu':>11}{'mc cpu':>9}  errors")
     for name, wl in report["workloads"].items():

@@ -48,6 +48,10 @@ PACKAGES = {
     "/usr/include/stdio.h": "libc6-dev",
 }
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+#: The distribution's interpreter, which runs the proxies (in a virtualenv
+#: of bench/build) unless --python says otherwise: see proxy_python.
+SYSTEM_PYTHON = "/usr/bin/python3"
+VENV = BENCH_DIR / "build" / "venv"
 STARTED = time.monotonic()
 DRAIN_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 5.0
@@ -104,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true",
                    help="never apt-get/pip install; fail if something is missing")
     p.add_argument("--output", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--python", help="interpreter that runs mcproxy (default: a virtualenv "
+                   f"of {SYSTEM_PYTHON} in {VENV.relative_to(REPO_DIR)}, else this one)")
     args = p.parse_args(argv)
     quick = {"rounds": 1, "duration": 2.0, "warmup": 0.5}
     full = {"rounds": 5, "duration": 5.0, "warmup": 1.0}
@@ -158,6 +164,26 @@ def ensure_matplotlib(install: bool) -> None:
         log("pip install matplotlib failed: no chart")
 
 
+def proxy_python(args: argparse.Namespace) -> str:
+    """The interpreter that runs mcproxy: ``--python``; else a virtualenv
+    of the distribution's python3 (Debian builds it with profile-guided and
+    link-time optimisation, as a deployment would run it), made and given
+    this checkout unless ``--no-install``; else this interpreter."""
+    if args.python:
+        return args.python
+    python = VENV / "bin" / "python"
+    if not args.no_install and os.path.exists(SYSTEM_PYTHON):
+        log(f"installing mcproxy into a virtualenv of {SYSTEM_PYTHON} ({VENV})")
+        steps = [[SYSTEM_PYTHON, "-m", "venv", str(VENV)],
+                 [str(python), "-m", "pip", "install", "-q", "-e", str(REPO_DIR),
+                  "--config-settings", "editable_mode=compat"]]
+        for argv in steps[1:] if python.exists() else steps:
+            if subprocess.run(argv, timeout=900).returncode:
+                log(f"failed: {' '.join(argv)}")
+                return sys.executable
+    return str(python) if python.exists() else sys.executable
+
+
 def build_loadgen() -> Path:
     """Compile bench/loadgen.c into bench/build/ (git-ignored) when it changed."""
     source = BENCH_DIR / "loadgen.c"
@@ -169,7 +195,7 @@ def build_loadgen() -> Path:
     return binary
 
 
-def describe_machine() -> dict:
+def describe_machine(python: str) -> dict:
     def first_line(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
@@ -181,7 +207,7 @@ def describe_machine() -> dict:
     return {
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
-        "python": platform.python_version(),
+        "python": first_line([python, "-c", "import sys; print(sys.executable, sys.version)"]),
         "memcached": first_line(["memcached", "-V"]),
         "nutcracker": first_line(["nutcracker", "-V"]),
         "mcproxy_commit": first_line(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"]),
@@ -335,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools(install=not args.no_install)
     ensure_matplotlib(install=not args.no_install)
     loadgen = build_loadgen()
+    python = proxy_python(args)
     memory.raise_nofile(args.idle_conns + 1024)
     args.output.mkdir(parents=True, exist_ok=True)
     logdir = args.output / "logs"
@@ -350,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(limit)
     try:
         with tempfile.TemporaryDirectory(prefix="mcproxy-bench-") as tmp, \
-                Cluster(Path(tmp), logdir, args.memcached_threads) as cluster:
+                Cluster(Path(tmp), logdir, args.memcached_threads, python) as cluster:
             memcached = cluster.start_memcached()
             populate(loadgen, memcached, args.keys)
             starters = {"direct": cluster.direct, "nutcracker": cluster.start_nutcracker,
@@ -371,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
 
     result = {
-        "machine": describe_machine(),
+        "machine": describe_machine(python),
         "settings": {
             "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
             "keys": args.keys, "memcached_threads": args.memcached_threads,

@@ -241,8 +241,11 @@ def settled_rss(root: int, timeout: float = 3.0) -> int:
 class Cluster:
     """Starts memcached and the proxies; stops everything it started on exit."""
 
-    def __init__(self, workdir: Path, logdir: Path, memcached_threads: int = 1) -> None:
+    def __init__(self, workdir: Path, logdir: Path, memcached_threads: int = 1,
+                 python: str = sys.executable) -> None:
         self.workdir = workdir
+        #: the interpreter that runs mcproxy
+        self.python = python
         self.logdir = logdir
         self.memcached_threads = memcached_threads
         self.processes: list[subprocess.Popen] = []
@@ -365,7 +368,7 @@ class Cluster:
         name = "mcproxy" if workers == 1 else f"mcproxy-{workers}w"
         port = free_port()
         env = dict(os.environ, MCPROXY_BENCH_BACKEND_PORT=str(self.memcached.port))
-        argv = [sys.executable, "-m", "twisted", "--log-level=warn", "--log-format=text",
+        argv = [self.python, "-m", "twisted", "--log-level=warn", "--log-format=text",
                 "mcproxy", f"--config={BENCH_DIR / 'route.lua'}",
                 f"--listen=tcp:{port}:interface={HOST}"]
         if workers > 1:
