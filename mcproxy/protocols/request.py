@@ -99,14 +99,16 @@ MAX_VALUE_LENGTH = 2**31 - 3
 #: Most requests in one run of plain requests (see :func:`scan_plain`).
 MAX_RUN = 256
 #: Consecutive ``get <key>`` lines that parse_request's fast path takes and
-#: that are short enough to route (line shorter than MAX_REQUEST_LINE).
-_GET_LINES = re.compile(rb"(?:get [^ \n]{1,%d}\r\n)+" % (MAX_REQUEST_LINE - 7))
+#: that are short enough to route (line shorter than MAX_REQUEST_LINE). A key
+#: holding a CR is left to the line by line parsing, so that the match never
+#: backtracks (possessive repeats: a third faster).
+_GET_LINES = re.compile(rb"(?:get [^ \r\n]{1,%d}+\r\n)+" % (MAX_REQUEST_LINE - 7))
 #: The length of the CRLF each line of a stretch of gets loses to the split.
 _CRLF_LENGTH = 2
 #: A ``get`` of several keys, one space between them, each short enough
 #: that the proxy routes the keys together (see ProxyServerProtocol._multiget).
-_MULTI_GET = re.compile(rb"get (?:[^ \n]{1,%d} )+[^ \n]{1,%d}\r\n" % (MAX_KEY_LENGTH,
-                                                                     MAX_KEY_LENGTH))
+_MULTI_GET = re.compile(rb"get (?:[^ \r\n]{1,%d}+ )++[^ \r\n]{1,%d}+\r\n"
+                        % (MAX_KEY_LENGTH, MAX_KEY_LENGTH))
 
 
 class ParseError(ValueError):

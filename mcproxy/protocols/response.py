@@ -27,6 +27,8 @@ unknown first word is garbage (SEED passed it through).
 
 from __future__ import annotations
 
+import re
+
 from mcproxy.errors import BACKEND_FAILURE, END
 from mcproxy.protocols.request import MAX_VALUE_LENGTH, Request
 
@@ -191,6 +193,12 @@ def _size(digits: bytes) -> int:
     return int(number)
 
 
+#: For framing alone: a ``VALUE`` line that _plain_value takes (with a key
+#: without CR, as long as memcached allows, and flags and cas of up to 20
+#: digits); its group, the size. Possessive repeats never backtrack.
+_VALUE_LINE = re.compile(rb"VALUE [^ \r\n]{1,250}+ \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
+
+
 def _plain_value(buf: bytes, pos: int) -> tuple[bytes, int, int] | None:
     """For the plain ``VALUE <key> <flags> <bytes> [<cas>]`` line at
     ``buf[pos]`` (complete, CRLF-terminated, a size below 10 digits): its
@@ -211,9 +219,9 @@ def _reply_end(buf: bytes, pos: int) -> int:
     replies (a line that is just a known token, a plain ``VALUE`` with its
     data and ``END``); 0 for anything else, which ``_parse`` judges."""
     if buf.startswith(b"VALUE ", pos):
-        value = _plain_value(buf, pos)
-        if value is not None:
-            vend = value[1]
+        line = _VALUE_LINE.match(buf, pos)
+        if line is not None:
+            vend = line.end() + int(line[1]) + 2
             if buf.startswith(b"\r\nEND\r\n", vend - 2):
                 return vend + 5
         return 0
@@ -229,11 +237,11 @@ def _multi_end(buf: bytes, pos: int, width: int) -> int:
     ``END``); 0 for anything else, which ``ResponseReader._read_multi``
     judges."""
     values = 0
-    while buf.startswith(b"VALUE ", pos):
-        value = _plain_value(buf, pos)
-        if value is None or values == width:
+    match = _VALUE_LINE.match
+    while (line := match(buf, pos)) is not None:
+        if values == width:
             return 0
-        pos = value[1]
+        pos = line.end() + int(line[1]) + 2
         if not buf.startswith(b"\r\n", pos - 2):
             return 0
         values += 1
