@@ -193,25 +193,11 @@ def _size(digits: bytes) -> int:
     return int(number)
 
 
-#: For framing alone: a ``VALUE`` line that _plain_value takes (with a key
-#: without CR, as long as memcached allows, and flags and cas of up to 20
-#: digits); its group, the size. Possessive repeats never backtrack.
-_VALUE_LINE = re.compile(rb"VALUE [^ \r\n]{1,250}+ \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
-
-
-def _plain_value(buf: bytes, pos: int) -> tuple[bytes, int, int] | None:
-    """For the plain ``VALUE <key> <flags> <bytes> [<cas>]`` line at
-    ``buf[pos]`` (complete, CRLF-terminated, a size below 10 digits): its
-    key, the offset after its data and the data's CRLF, and the offset of
-    the line's newline; None for anything else, which ``_parse`` judges."""
-    eol = buf.find(b"\n", pos)
-    if 0 < eol - pos <= MAX_LINE and buf[eol - 1] == 13:
-        fields = buf[pos + 6:eol - 1].split(b" ")
-        count = len(fields)
-        size = fields[2] if count == 3 or (count == 4 and fields[3].isdigit()) else b""
-        if size.isdigit() and len(size) < 10 and fields[1].isdigit() and fields[0]:
-            return fields[0], eol + int(size) + 3, eol
-    return None
+#: A plain ``VALUE`` line, the bulk of get replies: a key without CR as
+#: long as memcached allows, flags and a cas of at most 20 digits, a size
+#: below 10 digits (groups: key, size); anything else is ``_parse``'s to
+#: judge. Possessive repeats never backtrack.
+_VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,250}+) \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
 
 
 def _reply_end(buf: bytes, pos: int) -> int:
@@ -221,7 +207,7 @@ def _reply_end(buf: bytes, pos: int) -> int:
     if buf.startswith(b"VALUE ", pos):
         line = _VALUE_LINE.match(buf, pos)
         if line is not None:
-            vend = line.end() + int(line[1]) + 2
+            vend = line.end() + int(line[2]) + 2
             if buf.startswith(b"\r\nEND\r\n", vend - 2):
                 return vend + 5
         return 0
@@ -241,7 +227,7 @@ def _multi_end(buf: bytes, pos: int, width: int) -> int:
     while (line := match(buf, pos)) is not None:
         if values == width:
             return 0
-        pos = line.end() + int(line[1]) + 2
+        pos = line.end() + int(line[2]) + 2
         if not buf.startswith(b"\r\n", pos - 2):
             return 0
         values += 1
@@ -526,21 +512,22 @@ class ResponseReader:
         """
         buf = self._buf
         pos = self._pos
+        match = _VALUE_LINE.match
         while True:
-            if buf.startswith(b"VALUE ", pos):
-                value = _plain_value(buf, pos)
-                if value is not None:
-                    key, vend, eol = value
-                    if buf.startswith(b"\r\n", vend - 2):
-                        items.append((key, buf[pos:vend], eol + 1 - pos))
-                        pos = vend
-                        continue
+            line = match(buf, pos)
+            if line is not None:
+                end = line.end()
+                vend = end + int(line[2]) + 2
+                if buf.startswith(b"\r\n", vend - 2):
+                    items.append((line[1], buf[pos:vend], end - pos))
+                    pos = vend
+                    continue
             self._pos = pos
             res = self.read(multi=True)
             if res is None or res.type != MCMC_RESP_GET:
                 return res
-            line = res.line
-            items.append((line[6:].partition(b" ")[0], line + res.value, len(line)))
+            head = res.line
+            items.append((head[6:].partition(b" ")[0], head + res.value, len(head)))
             buf = self._buf
             pos = self._pos
 
