@@ -44,10 +44,14 @@ class LatencyWindow:
         if times == 1:
             self.samples[count & self._mask] = micros
         else:
+            # The slots count, count + 1, ... modulo the window, by slices.
             samples = self.samples
-            mask = self._mask
-            for index in range(count, count + times):
-                samples[index & mask] = micros
+            size = len(samples)
+            start = count & self._mask
+            first = min(times, size - start)
+            samples[start:start + first] = [micros] * first
+            rest = min(times - first, start)
+            samples[:rest] = [micros] * rest
         self.count = count + times
         self.total += micros * times
 

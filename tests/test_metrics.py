@@ -72,6 +72,17 @@ def test_one_time_recorded_several_times_counts_each():
     assert (many.count, many.total) == (once.count, once.total) == (6, 46)
 
 
+@pytest.mark.parametrize("size", [1, 4, 16])
+def test_recording_several_times_is_recording_each_time(size):
+    """record(us, times) fills the slots by slices, wrapping round."""
+    once, many = LatencyWindow(size), LatencyWindow(size)
+    for us, times in [(1, 3), (2, 1), (3, 17), (4, 2), (5, 5), (6, 16), (7, 40), (8, 1)]:
+        for _ in range(times):
+            once.record(us)
+        many.record(us, times)
+        assert many.samples == once.samples and many.count == once.count
+
+
 def test_window_size_is_a_power_of_two():
     with pytest.raises(ValueError):
         LatencyWindow(1000)
