@@ -108,8 +108,8 @@ _GET_LINES = re.compile(rb"(?:get [^ \r\n]{1,%d}+\r\n)+" % (MAX_REQUEST_LINE - 7
 #: CR); groups: key, bytes.
 _SET_LINE = re.compile(rb"set ([^ \r\n]{1,%d}+) \d{1,19}+ \d{1,18}+ (\d{1,9}+)\r\n"
                        % MAX_KEY_LENGTH)
-#: The length of the CRLF each line of a stretch of gets loses to the split.
-_CRLF_LENGTH = 2
+#: The bytes of a ``get <key>`` line around its key.
+_GET_LINE_EXTRA = 6
 #: A ``get`` of several keys, one space between them, each short enough
 #: that the proxy routes the keys together (see ProxyServerProtocol._multiget).
 _MULTI_GET = re.compile(rb"get (?:[^ \r\n]{1,%d}+ )++[^ \r\n]{1,%d}+\r\n"
@@ -343,11 +343,12 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
                 ends.append(stop)
                 pos = stop
                 continue
-            # A stretch of gets at C speed: one match, one split.
-            lines = data[pos:stop].split(b"\r\n")
-            del lines[min(len(lines) - 1, limit - len(keys)):]
-            keys += [line[4:] for line in lines]
-            offsets = accumulate(map(_CRLF_LENGTH.__add__, map(len, lines)), initial=pos)
+            # A stretch of gets at C speed: one match, one split (a key
+            # holds no CR, so only the lines' joints split).
+            got = data[pos + 4:stop - 2].split(b"\r\nget ")
+            del got[limit - len(keys):]
+            keys += got
+            offsets = accumulate(map(_GET_LINE_EXTRA.__add__, map(len, got)), initial=pos)
             next(offsets)
             ends += offsets
             pos = ends[-1]
