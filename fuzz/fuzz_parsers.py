@@ -8,7 +8,8 @@ Targets (``--target``):
 * ``response``: a backend byte stream parsed in one piece by
   ``parse_response`` and in chunks by ``ResponseReader`` (also as the
   items of a multi-key get reply) must give the same replies and the same
-  error; only ``BackendProtocolError`` may escape.
+  error, and so must ``read_raw`` framing it as the replies to a run of
+  single- and multi-key gets; only ``BackendProtocolError`` may escape.
 * ``server``: a client byte stream fed to ``ProxyServerProtocol`` in one
   chunk (answers at once) and in many (answers late, backwards) must route
   and write the same; every byte written must be a reply to a request made.
@@ -82,6 +83,11 @@ def fuzz_response(data: bytes) -> None:
     assert split == whole, (split, whole)
     if not multi:
         assert tp.read_one_piece(stream) == whole[:2]
+    # As the replies to a run with multi-key gets (read_raw with widths).
+    seed = data[0] if data else 0
+    widths = {index: 2 + (seed >> 2) % 4 for index in range(0, 12, 1 + (seed >> 4) % 3)}
+    raw = tp.read_raw_chunks([stream], [1 + seed % 3], widths)
+    assert tp.read_raw_chunks(chunks, [1, 4, 2], widths) == raw
 
 
 def fuzz_server(data: bytes) -> None:
