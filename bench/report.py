@@ -75,20 +75,28 @@ def added_p50(samples: dict[str, list[dict]], system: str) -> float | None:
                     for s in samples.get(system, []) if s["round"] in direct])
 
 
-def _ratios(a: dict | None, b: dict | None) -> dict:
-    return {name: _ratio(a and a[name], b and b[name]) for name in RATIO_FIGURES}
+def _ratios(samples: dict[str, list[dict]], a: str, b: str) -> dict:
+    """Per figure, the median over rounds of system ``a``'s over ``b``'s in
+    the same round: the systems of a round run one after the other, so a
+    slow spell of a shared machine weighs on both sides of each ratio."""
+    other = {s["round"]: s for s in samples.get(b, [])}
+    pairs = [(s, other[s["round"]]) for s in samples.get(a, []) if s["round"] in other]
+    return {name: _median([_ratio(FIGURES[name](x), FIGURES[name](y)) for x, y in pairs])
+            for name in RATIO_FIGURES}
 
 
 def analyse(workload: str, samples: dict[str, list[dict]]) -> dict:
-    """Medians per system, ratios and the target verdict.
+    """Medians per system, ratios (medians of the rounds' ratios) and the
+    target verdict.
 
     ``ratios`` is mcproxy/nutcracker (the targets are on it), ``ratios_2w``
     mcproxy-2w/nutcracker and ``workers`` mcproxy-2w/mcproxy.
     """
     medians = {name: summarize(samples.get(name, [])) for name in SYSTEMS}
-    mc, nc, w2 = medians["mcproxy"], medians["nutcracker"], medians[WORKERS_SYSTEM]
-    result = {"median": medians, "ratios": _ratios(mc, nc),
-              "ratios_2w": _ratios(w2, nc), "workers": _ratios(w2, mc)}
+    mc, nc = medians["mcproxy"], medians["nutcracker"]
+    result = {"median": medians, "ratios": _ratios(samples, "mcproxy", "nutcracker"),
+              "ratios_2w": _ratios(samples, WORKERS_SYSTEM, "nutcracker"),
+              "workers": _ratios(samples, WORKERS_SYSTEM, "mcproxy")}
     ratios = result["ratios"]
     if workload in CPU_TARGETS:
         target = {"figure": "proxy_cpu_us ratio", "limit": CPU_TARGETS[workload],
@@ -126,7 +134,8 @@ def format_table(report: dict) -> str:
     width = max(11, *(len(s) + 2 for s in SYSTEMS))
     lines.append(
         f"{settings['rounds']} round(s) x {settings['duration_s']} s per workload and "
-        f"system, medians; proxy/memcached CPU = user+sys us per request "
+        f"system, medians (ratios: the median of each round's); proxy/memcached "
+        f"CPU = user+sys us per request "
         f"({report['machine']['cpus']} CPUs; mcproxy on {report['machine']['python']})")
     header = (f"  {'system':<{width}}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}"
               f"{'proxy cpu':>11}{'mc cpu':>9}  errors")
@@ -213,8 +222,9 @@ def format_table(report: dict) -> str:
 def workers_summary(workloads: dict) -> dict:
     """mcproxy-2w / mcproxy over the workloads: is CPU per request flat?
 
-    ``cpu_ratio`` is the geometric mean of the per-workload ratios of median
-    CPU per request (each workload weighs the same, whatever its scale);
+    ``cpu_ratio`` is the geometric mean of the per-workload ratios of CPU
+    per request (see _ratios; each workload weighs the same, whatever its
+    scale);
     ``per_workload`` has those and the throughput ratios. The verdict is
     INVALID if either system had errors or misses in a workload counted.
     """
