@@ -421,8 +421,10 @@ class BackendProtocol(Protocol):
     def _run_reply(self, reader: ResponseReader, backend: Backend, now: float) -> bool:
         """Read on in the replies to the PlainRun at the head of the queue.
 
-        False until all have arrived; then its callback gets their bytes,
-        as they came. The latency is recorded once per request.
+        False until all have arrived; then its callback gets their bytes as
+        ResponseReader.read_raw frames them (as they came, but for an error
+        line answering a multi-key get). The latency is recorded once per
+        request, each key of a multiget counting as one.
         """
         run, callback, sent = self.queue[0]
         count = run.count
