@@ -30,6 +30,7 @@ FIGURES = {
     "p99_us": lambda s: s["latency_us"]["p99"],
     "p999_us": lambda s: s["latency_us"]["p999"],
     "proxy_cpu_us": lambda s: s["proxy_cpu_us"],
+    "proxy_user_us": lambda s: s.get("proxy_user_us"),
     "memcached_cpu_us": lambda s: s["memcached_cpu_us"],
     "loadgen_cpu_us": lambda s: s["loadgen_cpu_us"],
     "background_cpu_pct": lambda s: s["background_cpu_pct"],
@@ -135,10 +136,10 @@ def format_table(report: dict) -> str:
     lines.append(
         f"{settings['rounds']} round(s) x {settings['duration_s']} s per workload and "
         f"system, medians (ratios: the median of each round's); proxy/memcached "
-        f"CPU = user+sys us per request "
+        f"CPU = user+sys us per request, 'of it user' the proxy's user-mode part "
         f"({report['machine']['cpus']} CPUs; mcproxy on {report['machine']['python']})")
     header = (f"  {'system':<{width}}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}"
-              f"{'proxy cpu':>11}{'mc cpu':>9}  errors")
+              f"{'proxy cpu':>11}{'of it user':>11}{'mc cpu':>9}  errors")
     for name, wl in report["workloads"].items():
         lines += ["", f"({name}) {wl['title']}", header]
         for system in SYSTEMS:
@@ -153,7 +154,8 @@ def format_table(report: dict) -> str:
             lines.append(
                 f"  {system:<{width}}{_fmt(m['throughput'], ',.0f'):>10}{_fmt(m['p50_us']):>10}"
                 f"{_fmt(m['p99_us']):>10}{_fmt(m['p999_us']):>10}"
-                f"{_fmt(m['proxy_cpu_us'], '.2f'):>11}{_fmt(m['memcached_cpu_us'], '.2f'):>9}"
+                f"{_fmt(m['proxy_cpu_us'], '.2f'):>11}{_fmt(m['proxy_user_us'], '.2f'):>11}"
+                f"{_fmt(m['memcached_cpu_us'], '.2f'):>9}"
                 f"  {m['errors']}e/{m['misses']}m{bad}")
         for label, key, system in (("mcproxy/nutcracker", "ratios", "mcproxy"),
                                    (f"{WORKERS_SYSTEM}/nutcracker", "ratios_2w",

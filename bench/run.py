@@ -36,6 +36,7 @@ from systems import (
     System,
     SystemUnavailable,
     cpu_seconds,
+    cpu_times,
     machine_busy_seconds,
 )
 
@@ -245,12 +246,13 @@ def measure(system: System, workload: Workload, memcached: System, loadgen: Path
             args: argparse.Namespace, round_no: int) -> dict:
     """One run, with CPU sampled around the whole loadgen process.
 
-    Besides the proxy's and memcached's CPU per request, it records the load
-    generator's and how busy the rest of the machine was (other processes
-    make the figures noisy on two cores).
+    Besides the proxy's CPU per request (and the user-mode part of it) and
+    memcached's, it records the load generator's and how busy the rest of
+    the machine was (other processes make the figures noisy on two cores).
     """
     proxy = system.process
-    start = {"proxy": cpu_seconds(proxy.pid) if proxy else 0.0,
+    proxy_start = cpu_times(proxy.pid) if proxy else (0.0, 0.0)
+    start = {"proxy": sum(proxy_start),
              "memcached": cpu_seconds(memcached.pid), "loadgen": children_cpu_seconds(),
              "machine": machine_busy_seconds(), "wall": time.monotonic()}
     extra = [*workload.loadgen_args(), "--keys", str(args.keys),
@@ -266,7 +268,9 @@ def measure(system: System, workload: Workload, memcached: System, loadgen: Path
         # The supervisor restarts a worker that died; its clients saw errors.
         raise SystemUnavailable(f"worker processes changed during a run: {sorted(workers)} "
                                 f"became {sorted(system.worker_pids())}")
-    used = {"proxy": cpu_seconds(proxy.pid) - start["proxy"] if proxy else 0.0,
+    proxy_used = [now - then for now, then in zip(cpu_times(proxy.pid), proxy_start,
+                                                  strict=True)] if proxy else [0.0, 0.0]
+    used = {"proxy": sum(proxy_used),
             "memcached": cpu_seconds(memcached.pid) - start["memcached"],
             "loadgen": children_cpu_seconds() - start["loadgen"]}
     other = machine_busy_seconds() - start["machine"] - sum(used.values())
@@ -276,6 +280,8 @@ def measure(system: System, workload: Workload, memcached: System, loadgen: Path
         raise SystemUnavailable("no request was answered")
     sample["round"] = round_no
     sample["proxy_cpu_us"] = used["proxy"] * 1e6 / requests if proxy else None
+    # How much of it ran the proxy's own code (user) rather than the kernel's.
+    sample["proxy_user_us"] = proxy_used[0] * 1e6 / requests if proxy else None
     sample["memcached_cpu_us"] = used["memcached"] * 1e6 / requests
     sample["loadgen_cpu_us"] = used["loadgen"] * 1e6 / requests
     sample["background_cpu_pct"] = max(0.0, other) * 100 / (wall * (os.cpu_count() or 1))

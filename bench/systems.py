@@ -174,18 +174,26 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(root: int) -> float:
-    """User+system CPU of a process tree, reaped children included."""
-    ticks = 0
+def cpu_times(root: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process tree, reaped children
+    included."""
+    user = system = 0
     for pid in process_tree(root):
         try:
             fields = _stat_fields(pid)
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])
+        user += int(fields[11])
+        system += int(fields[12])
         if pid == root:
-            ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS
+            user += int(fields[13])
+            system += int(fields[14])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
+def cpu_seconds(root: int) -> float:
+    """User+system CPU of a process tree, reaped children included."""
+    return sum(cpu_times(root))
 
 
 def machine_busy_seconds() -> float:
