@@ -394,48 +394,46 @@ class RouteEngine:
         pool = self._plain_pool
         if pool is None or self.tunables.active_req_limit:
             return False
-        try:
-            if len(pool.backends) == 1:
-                chosen = None
-                backends = [pool.select(keys[0])]  # serves every key if it serves one
-            elif widths is not None:
-                return False  # the keys of a multiget may need several backends
-            else:
-                select = pool.select
-                chosen = [select(key) for key in keys]
-                backends = [chosen[0]]
-        except Exception:
+        backends = pool.backends
+        if len(backends) == 1:
+            backend = backends[0]  # a pool of one serves every key, a multiget's too
+        elif widths is not None:
+            return False  # the keys of a multiget may need several backends
+        else:
+            try:
+                chosen = list(map(pool.select, keys))
+            except Exception:
+                return False
+            backend = chosen[0]
+            if chosen.count(backend) < len(chosen):
+                return self._route_stretches(data, start, ends, sets, chosen, done)
+        if backend.options.depth_limit:
             return False
-        count = len(keys)
-        if chosen is not None:
-            # Stretches of consecutive requests for the same backend.
-            starts = [0]
-            previous = chosen[0]
-            for index in range(1, count):
-                if chosen[index] is not previous:
-                    previous = chosen[index]
-                    starts.append(index)
-                    backends.append(previous)
+        stop = ends[-1]
+        run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
+                       len(keys), widths)
+        self._count_run(run.requests, sets)
+        backend.send(run, partial(_run_answered, run, self.stats, done))
+        return True
+
+    def _route_stretches(self, data: bytes, start: int, ends: list[int], sets: int,
+                         chosen: list, done: Callable[[bytes], None]) -> bool:
+        """route_run for single-key requests bound for several backends
+        (``chosen``, by request): each stretch of consecutive requests for
+        the same backend goes to it as a PlainRun; ``done`` gets their
+        replies joined in order."""
+        starts = [0]
+        backends = [chosen[0]]
+        for index, backend in enumerate(chosen):
+            if backend is not backends[-1]:
+                starts.append(index)
+                backends.append(backend)
         for backend in backends:
             if backend.options.depth_limit:
                 return False
-        requests = count
-        if len(backends) == 1:
-            stop = ends[-1]
-            run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
-                           count, widths)
-            requests = run.requests
-        stats = self.stats
-        stats.conn_requests += requests
-        commands = stats.commands
-        commands[CMD_GET] += requests - sets
-        commands[CMD_SET] += sets
-        stats.req_active += requests
-        if len(backends) == 1:
-            backends[0].send(run, partial(_run_answered, run, stats, done))
-            return True
-        reply = _RunsReply(len(backends), stats, done)
-        starts.append(count)
+        self._count_run(len(chosen), sets)
+        reply = _RunsReply(len(backends), self.stats, done)
+        starts.append(len(chosen))
         offset = start
         for index, backend in enumerate(backends):
             last = starts[index + 1]
@@ -444,6 +442,16 @@ class RouteEngine:
             backend.send(run, partial(reply.answer, index, run))
             offset = end
         return True
+
+    def _count_run(self, requests: int, sets: int) -> None:
+        """Count a run's requests (``sets`` of them sets, the rest gets) as
+        routing them one by one would, as active until answered."""
+        stats = self.stats
+        stats.conn_requests += requests
+        commands = stats.commands
+        commands[CMD_GET] += requests - sets
+        commands[CMD_SET] += sets
+        stats.req_active += requests
 
     def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
         """A bug of ours, not the config's: log it, answer, keep serving."""
