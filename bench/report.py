@@ -271,13 +271,17 @@ def write_chart(report: dict, path: Path) -> bool:
     for ax, (figure, label, systems) in zip(axes.flat, panels, strict=True):
         plotted = False
         for i, system in enumerate(systems):
-            values = []
-            for name in workloads:
-                m = report["workloads"][name]["median"][system]
-                values.append(m[figure] if m and m[figure] else math.nan)
+            medians = [report["workloads"][name]["median"][system] or {}
+                       for name in workloads]
+            values = [m.get(figure) or math.nan for m in medians]
             plotted = plotted or any(v > 0 for v in values)  # NaN > 0 is False
-            ax.bar([x + i * bar for x in range(len(workloads))], values, bar,
-                   label=system, color=COLORS[system])
+            xs = [x + i * bar for x in range(len(workloads))]
+            ax.bar(xs, values, bar, label=system, color=COLORS[system])
+            if figure == "proxy_cpu_us":
+                # The user-mode part of each bar, hatched over it.
+                ax.bar(xs, [m.get("proxy_user_us") or math.nan for m in medians], bar,
+                       fill=False, hatch="///", linewidth=0,
+                       label="of it user mode" if i == 0 else None)
         ax.set_xticks([x + bar * (len(systems) - 1) / 2 for x in range(len(workloads))])
         ax.set_xticklabels([f"({w})" for w in workloads])
         ax.set_ylabel(label)
