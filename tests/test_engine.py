@@ -398,3 +398,96 @@ def test_multiget_routed_key_by_key_when_batching_does_not_apply(engine, load, s
                                  keys, [].append)
     assert recorder.sent == []
     assert engine.stats.conn_requests == 0 and engine.stats.req_active == 0
+
+
+# Runs of pipelined plain requests (RouteEngine.route_run)
+
+
+def scanned(stream: bytes, multigets: int = 0):
+    """``stream`` as ProxyServerProtocol hands it to route_run: all of it
+    one run of plain requests."""
+    stop, keys, ends, sets, widths = rq.scan_plain(stream, 0, True, 1 << 20,
+                                                   multigets=multigets)
+    assert stop == len(stream)
+    return keys, ends, sets, widths
+
+
+def test_run_is_cut_into_stretches_per_backend(engine, load):
+    routes = load(SHARDED)
+    pool = routes.direct[rq.CMD_GET]
+    recorder = BatchRecorder(engine)
+    keys = [b"k%d" % i for i in range(30)]
+    lines = [b"set %s 0 0 2\r\nxx\r\n" % k if i % 4 == 0 else b"get %s\r\n" % k
+             for i, k in enumerate(keys)]
+    stream = b"".join(lines)
+    out = []
+    assert engine.route_run(stream, 0, *scanned(stream), out.append)
+    # Each stretch of consecutive keys of one backend went there as it came.
+    stretches = []
+    for key, line in zip(keys, lines, strict=True):
+        backend = pool.select(key)
+        if stretches and stretches[-1][0] is backend:
+            stretches[-1][1].append(line)
+        else:
+            stretches.append((backend, [line]))
+    assert len(stretches) > 3
+    assert [(b, r.data, r.count) for b, r, _ in recorder.sent] == \
+        [(b, b"".join(ls), len(ls)) for b, ls in stretches]
+    assert engine.stats.conn_requests == engine.stats.req_active == len(keys)
+    assert engine.stats.commands[rq.CMD_SET] == len(keys[::4])
+    assert engine.stats.commands[rq.CMD_GET] == len(keys) - len(keys[::4])
+    # Answered last to first; the client gets the replies in order, a
+    # failed stretch a failure per request.
+    for index, (_, _, callback) in reversed(list(enumerate(recorder.sent))):
+        assert out == []
+        callback(Response.failure("timeout") if index == 1 else b"<%d>" % index)
+    expected = [b"<%d>" % i for i in range(len(stretches))]
+    expected[1] = errors.BACKEND_FAILURE * len(stretches[1][1])
+    assert out == [b"".join(expected)]
+    assert engine.stats.req_active == 0
+
+
+def test_run_for_one_backend_is_one_plain_run(engine, load):
+    load(SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
+         .replace('mcp.backend("b3", "127.0.0.1", "3")', ""))
+    recorder = BatchRecorder(engine)
+    stream = b"xx" + b"get a\r\nget b c d\r\nset e 0 0 1\r\nx\r\nget f\r\n" + b"yy"
+    keys, ends, sets, widths = scanned(stream[2:-2], multigets=10)
+    ends = [end + 2 for end in ends]
+    out = []
+    assert engine.route_run(stream, 2, keys, ends, sets, widths, out.append)
+    [(_, run, callback)] = recorder.sent
+    assert (run.data, run.count, run.widths, run.requests) == \
+        (stream[2:-2], 4, {1: 3}, 6)
+    assert engine.stats.conn_requests == engine.stats.req_active == 6
+    callback(b"END\r\nEND\r\nSTORED\r\nEND\r\n")
+    assert out == [b"END\r\nEND\r\nSTORED\r\nEND\r\n"]
+    assert engine.stats.req_active == 0
+
+
+@pytest.mark.parametrize("setup", ["lua route", "request limit", "depth limit",
+                                   "depth limit, one backend", "multiget"])
+def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup):
+    config = SHARDED
+    stream = b"".join(b"get k%d\r\n" % i for i in range(30))
+    if setup == "lua route":
+        config = config.replace("return pool(r)", "local res = pool(r) return res")
+    elif setup == "request limit":
+        config = config.replace("function mcp_config_pools()",
+                                "function mcp_config_pools()\n    mcp.active_req_limit(100)")
+    elif setup == "depth limit":
+        config = config.replace('mcp.backend("b3", "127.0.0.1", "3")',
+                                'mcp.backend{ label = "b3", host = "127.0.0.1", port = "3", '
+                                'depthlimit = 5 }')
+    elif setup == "depth limit, one backend":
+        config = config.replace('mcp.backend("b2", "127.0.0.1", "2"),', "").replace(
+            'mcp.backend("b3", "127.0.0.1", "3")', "").replace(
+            'mcp.backend("b1", "127.0.0.1", "1")',
+            'mcp.backend{ label = "b1", host = "127.0.0.1", port = "1", depthlimit = 5 }')
+    else:
+        stream += b"get a b\r\n"  # its keys may need two of the three backends
+    load(config)
+    recorder = BatchRecorder(engine)
+    assert not engine.route_run(stream, 0, *scanned(stream, multigets=10), [].append)
+    assert recorder.sent == []
+    assert engine.stats.conn_requests == 0 and engine.stats.req_active == 0
