@@ -303,6 +303,25 @@ end
 """
 
 
+ONE_BACKEND = (SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
+               .replace('mcp.backend("b3", "127.0.0.1", "3")', ""))
+
+
+def declining(config: str, setup: str) -> str:
+    """``config`` changed so that requests must go through the engine one
+    by one: a route that does more than call the pool, an active request
+    limit, or a depth limit on backend b1."""
+    if setup == "lua route":
+        return config.replace("return pool(r)", "local res = pool(r) return res")
+    if setup == "request limit":
+        return config.replace("function mcp_config_pools()",
+                              "function mcp_config_pools()\n    mcp.active_req_limit(100)")
+    assert setup == "depth limit"
+    return config.replace('mcp.backend("b1", "127.0.0.1", "1")',
+                          'mcp.backend{ label = "b1", host = "127.0.0.1", port = "1", '
+                          'depthlimit = 5 }')
+
+
 class BatchRecorder:
     """Replaces every backend's send; keeps what was sent, answered by hand."""
 
@@ -358,8 +377,7 @@ def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
 
 
 def test_multiget_on_one_backend_is_one_batch(engine, load):
-    load(SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
-         .replace('mcp.backend("b3", "127.0.0.1", "3")', ""))
+    load(ONE_BACKEND)
     recorder = BatchRecorder(engine)
     keys = [b"a", b"b", b"a", b"c"]
     out = []
@@ -374,24 +392,15 @@ def test_multiget_on_one_backend_is_one_batch(engine, load):
 
 @pytest.mark.parametrize("setup", ["lua route", "request limit", "depth limit", "no backend"])
 def test_multiget_routed_key_by_key_when_batching_does_not_apply(engine, load, setup):
-    config = SHARDED
-    if setup == "lua route":
-        config = config.replace("return pool(r)", "local res = pool(r) return res")
-    elif setup == "request limit":
-        config = config.replace("function mcp_config_pools()",
-                                "function mcp_config_pools()\n    mcp.active_req_limit(100)")
-    elif setup == "depth limit":
-        config = config.replace('mcp.backend("b3", "127.0.0.1", "3")',
-                                'mcp.backend{ label = "b3", host = "127.0.0.1", port = "3", '
-                                'depthlimit = 5 }')
-    elif setup == "no backend":
-        config = """
+    if setup == "no backend":
+        load("""
         function mcp_config_pools() return mcp.pool({}) end
         function mcp_config_routes(pool)
             mcp.attach(mcp.CMD_GET, function(r) return pool(r) end)
         end
-        """
-    load(config)
+        """)
+    else:
+        load(declining(SHARDED, setup))
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)]
     assert not engine.route_keys(rq.parse_request(b"get " + b" ".join(keys) + b"\r\n"),
@@ -448,8 +457,7 @@ def test_run_is_cut_into_stretches_per_backend(engine, load):
 
 
 def test_run_for_one_backend_is_one_plain_run(engine, load):
-    load(SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
-         .replace('mcp.backend("b3", "127.0.0.1", "3")', ""))
+    load(ONE_BACKEND)
     recorder = BatchRecorder(engine)
     stream = b"xx" + b"get a\r\nget b c d\r\nset e 0 0 1\r\nx\r\nget f\r\n" + b"yy"
     keys, ends, sets, widths = scanned(stream[2:-2], multigets=10)
@@ -465,28 +473,18 @@ def test_run_for_one_backend_is_one_plain_run(engine, load):
     assert engine.stats.req_active == 0
 
 
-@pytest.mark.parametrize("setup", ["lua route", "request limit", "depth limit",
-                                   "depth limit, one backend", "multiget"])
-def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup):
-    config = SHARDED
+@pytest.mark.parametrize(("setup", "config"), [
+    ("lua route", SHARDED), ("request limit", SHARDED), ("depth limit", SHARDED),
+    ("depth limit", ONE_BACKEND), ("multiget", SHARDED),
+], ids=["lua route", "request limit", "depth limit", "depth limit on a pool of one",
+        "multiget"])
+def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup, config):
     stream = b"".join(b"get k%d\r\n" % i for i in range(30))
-    if setup == "lua route":
-        config = config.replace("return pool(r)", "local res = pool(r) return res")
-    elif setup == "request limit":
-        config = config.replace("function mcp_config_pools()",
-                                "function mcp_config_pools()\n    mcp.active_req_limit(100)")
-    elif setup == "depth limit":
-        config = config.replace('mcp.backend("b3", "127.0.0.1", "3")',
-                                'mcp.backend{ label = "b3", host = "127.0.0.1", port = "3", '
-                                'depthlimit = 5 }')
-    elif setup == "depth limit, one backend":
-        config = config.replace('mcp.backend("b2", "127.0.0.1", "2"),', "").replace(
-            'mcp.backend("b3", "127.0.0.1", "3")', "").replace(
-            'mcp.backend("b1", "127.0.0.1", "1")',
-            'mcp.backend{ label = "b1", host = "127.0.0.1", port = "1", depthlimit = 5 }')
-    else:
+    if setup == "multiget":
         stream += b"get a b\r\n"  # its keys may need two of the three backends
-    load(config)
+        load(config)
+    else:
+        load(declining(config, setup))
     recorder = BatchRecorder(engine)
     assert not engine.route_run(stream, 0, *scanned(stream, multigets=10), [].append)
     assert recorder.sent == []
