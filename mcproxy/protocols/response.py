@@ -431,6 +431,13 @@ class ResponseReader:
         """
         buf = self._buf
         start = pos = self._pos
+        if count == 1 and widths is None:
+            # One plain reply, most often: framed without the loop below.
+            end = _reply_end(buf, pos)
+            if end:
+                parts.append(buf[pos:end])
+                self._pos = end
+                return 1
         size = len(buf)
         framed = 0
         result = 0
