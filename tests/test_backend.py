@@ -884,6 +884,35 @@ def test_plain_run_is_sent_as_it_came_and_answered_as_the_bytes_that_came(flushe
     assert h.backend.depth == 0 and h.backend.state == "connected"
 
 
+def test_plain_runs_of_several_clients_answered_from_one_chunk(flushes):
+    """Runs queued one after another are answered in turn from one read,
+    a failing callback hurting none of the others, up to the first whose
+    replies have not all come."""
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+
+    def boom(reply):
+        raise RuntimeError("route bug")
+
+    h.backend.send(PlainRun(b"get a\r\n", 1), got.append)
+    h.backend.send(PlainRun(b"get b\r\nget c\r\n", 2), boom)
+    h.backend.send(PlainRun(b"get d\r\n", 1), got.append)
+    h.backend.send(PlainRun(b"get e\r\nget f\r\n", 2), got.append)
+    h.backend.send(mg(b"x"), h.results.cb("x"))
+    flushes.pop()()
+    h.clock.advance(2)
+    proto.dataReceived(b"END\r\nEND\r\nSTORED\r\nVALUE d 0 1\r\nd\r\nEND\r\nEND\r\nVAL")
+    assert got == [b"END\r\n", b"VALUE d 0 1\r\nd\r\nEND\r\n"]
+    assert any(e.get("log_failure") for e in h.events)
+    assert proto.answered_at == h.clock.seconds()
+    assert h.backend.depth == 3 and h.backend.latency.count == 4
+    proto.dataReceived(b"UE f 0 1\r\nf\r\nEND\r\nEND\r\n")
+    assert got[2:] == [b"END\r\nVALUE f 0 1\r\nf\r\nEND\r\n"]
+    assert h.results.tags == ["x"]
+    assert h.backend.depth == 0 and h.backend.state == "connected"
+
+
 def sent_run(flushes: list, data: bytes, count: int, widths: dict[int, int] | None = None):
     """A PlainRun written on a connected backend: the connection, the run,
     and the list its callback appends to."""

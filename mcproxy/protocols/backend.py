@@ -341,7 +341,6 @@ class BackendProtocol(Protocol):
                     read_whole = self._run_reply if units[0] == _RUN else self._batch_reply
                     if not read_whole(reader, backend, now):
                         return
-                    self.answered_at = now
                     if self.backend is None:
                         return
                     continue
@@ -410,6 +409,7 @@ class BackendProtocol(Protocol):
         self._values = []
         self._units.popleft()
         self.queue.popleft()
+        self.answered_at = now
         elapsed = res.elapsed = int((now - sent) * 1e6)
         backend.latency.record(elapsed, len(keys))
         try:
@@ -419,29 +419,38 @@ class BackendProtocol(Protocol):
         return True
 
     def _run_reply(self, reader: ResponseReader, backend: Backend, now: float) -> bool:
-        """Read on in the replies to the PlainRun at the head of the queue.
+        """Read on in the replies to the PlainRun at the head of the queue,
+        and to those right after it.
 
-        False until all have arrived; then its callback gets their bytes as
-        ResponseReader.read_raw frames them (as they came, but for an error
-        line answering a multi-key get). The latency is recorded once per
-        request, each key of a multiget counting as one.
+        False while the head run's replies have not all arrived; each run
+        whose have gets their bytes as ResponseReader.read_raw frames them
+        (as they came, but for an error line answering a multi-key get). The
+        latency is recorded once per request, each key of a multiget
+        counting as one.
         """
-        run, callback, sent = self.queue[0]
-        count = run.count
-        while run.answered < count:
-            framed = reader.read_raw(count - run.answered, run.parts, run.widths, run.answered)
-            if not framed:
-                return False
-            run.answered += framed
-        self._units.popleft()
-        self.queue.popleft()
-        backend.latency.record(int((now - sent) * 1e6), run.requests)
-        parts = run.parts
-        try:
-            callback(parts[0] if len(parts) == 1 else _EMPTY.join(parts))
-        except Exception:
-            backend.log.failure(LOG_CALLBACK, label=backend.label)
-        return True
+        queue = self.queue
+        units = self._units
+        record = backend.latency.record
+        while True:
+            run, callback, sent = queue[0]
+            count = run.count
+            while run.answered < count:
+                framed = reader.read_raw(count - run.answered, run.parts, run.widths,
+                                         run.answered)
+                if not framed:
+                    return False
+                run.answered += framed
+            units.popleft()
+            queue.popleft()
+            self.answered_at = now
+            record(int((now - sent) * 1e6), run.requests)
+            parts = run.parts
+            try:
+                callback(parts[0] if len(parts) == 1 else _EMPTY.join(parts))
+            except Exception:
+                backend.log.failure(LOG_CALLBACK, label=backend.label)
+            if not units or units[0] != _RUN or self.backend is None:
+                return True
 
     def _validation_reply(self, backend: Backend) -> None:
         reader = self.reader
