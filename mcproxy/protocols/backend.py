@@ -420,13 +420,13 @@ class BackendProtocol(Protocol):
 
     def _run_reply(self, reader: ResponseReader, backend: Backend, now: float) -> bool:
         """Read on in the replies to the PlainRun at the head of the queue,
-        and to those right after it.
+        and to the runs right after it.
 
-        False while the head run's replies have not all arrived; each run
-        whose have gets their bytes as ResponseReader.read_raw frames them
-        (as they came, but for an error line answering a multi-key get). The
-        latency is recorded once per request, each key of a multiget
-        counting as one.
+        Each run all of whose replies have arrived leaves the queue, and its
+        callback gets their bytes as ResponseReader.read_raw frames them (as
+        they came, but for an error line answering a multi-key get); False
+        when the run at the head is still waiting for some. The latency is
+        recorded once per request, each key of a multiget counting as one.
         """
         queue = self.queue
         units = self._units
