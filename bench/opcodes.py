@@ -1,0 +1,145 @@
+"""Interpreter opcodes mcproxy runs per request, by function: a figure for
+hot-path work that, unlike CPU time on a shared machine, is the same on
+every run.
+
+``python bench/opcodes.py`` builds the proxy in-process from
+``bench/route.lua`` (one pool of one backend): a ProxyService on a
+MemoryReactorClock, its backend connected to a StringTransport, and
+``--clients`` client connections on StringTransports. Each round every
+client sends one ``get`` (``--multiget N``: of N keys), the write batch is
+flushed as the reactor would after a poll, the backend answers every get
+in one read, and the batch is flushed again. After a warm-up round it
+counts, with ``sys.settrace`` per opcode, what ``--rounds`` rounds run and
+prints opcodes per request, in total and for each function. It checks that
+every client got exactly its own reply, so the count is of a right path.
+
+The count covers mcproxy's code and the Python code it calls, less the
+fake transports'; Twisted's per-event code (doRead and the reactor loop)
+and system calls are not in it, as no real socket or reactor is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from mcproxy.protocols import writes
+from mcproxy.protocols.server import ProxyServerProtocol
+from mcproxy.service import ProxyService
+
+ROUTE = Path(__file__).resolve().parent / "route.lua"
+VALUE = b"x" * 100
+
+
+class Transport(StringTransport):
+    """A StringTransport with the TCP option setters a backend calls."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+
+class Proxy:
+    """mcproxy in-process: the backend of bench/route.lua and ``clients``
+    client connections, every transport a StringTransport."""
+
+    def __init__(self, clients: int, multiget: int) -> None:
+        self.after: list = []
+        writes.batch.schedule = self.after.append
+        os.environ.setdefault("MCPROXY_BENCH_BACKEND_PORT", "11211")
+        clock = MemoryReactorClock()
+        service = ProxyService(str(ROUTE), [], reactor=clock)
+        service.engine.load(str(ROUTE))
+        [backend] = service.registry.live
+        backend.connect()
+        self.backend = clock.tcpClients[-1][2].buildProtocol(None)
+        self.backend_transport = Transport()
+        self.backend.makeConnection(self.backend_transport)
+        self.backend.dataReceived(b"VERSION 1.6.18\r\n")  # the connection's validation
+        self.backend_transport.clear()
+        if backend.state != "connected":
+            raise RuntimeError(f"backend is {backend.state}, not connected")
+        self.clients = []
+        for _ in range(clients):
+            client = ProxyServerProtocol(service)
+            client.makeConnection(Transport())
+            self.clients.append(client)
+        keys = [[b"key:%06d" % (i * multiget + k) for k in range(multiget)]
+                for i in range(clients)]
+        self.requests = [b"get " + b" ".join(ks) + b"\r\n" for ks in keys]
+        self.replies = [b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (k, len(VALUE), VALUE)
+                                 for k in ks) + b"END\r\n" for ks in keys]
+
+    def flush(self) -> None:
+        """What the reactor does once the events of a poll are handled."""
+        calls = self.after[:]
+        self.after.clear()
+        for call in calls:
+            call()
+
+    def round(self) -> None:
+        """Every client sends its get; the backend answers all in one read."""
+        for client, request in zip(self.clients, self.requests, strict=True):
+            client.dataReceived(request)
+        self.flush()
+        sent = self.backend_transport.value()
+        if sent != b"".join(self.requests):
+            raise AssertionError(f"the backend was sent {sent[:200]!r}")
+        self.backend_transport.clear()
+        self.backend.dataReceived(b"".join(self.replies))
+        self.flush()
+        for client, reply in zip(self.clients, self.replies, strict=True):
+            got = client.transport.value()
+            if got != reply:
+                raise AssertionError(f"a client got {got[:200]!r}, not {reply[:200]!r}")
+            client.transport.clear()
+
+
+def count(proxy: Proxy, rounds: int) -> Counter:
+    """Opcodes run in ``rounds`` rounds, by ``file:function``."""
+    ops: Counter = Counter()
+
+    def trace(frame, event, arg):
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            ops[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+        return trace
+
+    proxy.round()  # warm-up: lazily made objects, first-time paths
+    sys.settrace(trace)
+    try:
+        for _ in range(rounds):
+            proxy.round()
+    finally:
+        sys.settrace(None)
+    for name in [n for n in ops if n.startswith(("opcodes.py:", "testing.py:"))]:
+        del ops[name]  # the harness's own, and the fake transports'
+    return ops
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--multiget", type=int, default=1, help="keys per get")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--top", type=int, default=20, help="functions listed")
+    args = parser.parse_args(argv)
+    ops = count(Proxy(args.clients, args.multiget), args.rounds)
+    requests = args.clients * args.rounds
+    print(f"{sum(ops.values()) / requests:.0f} opcodes per request "
+          f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets)")
+    for name, n in ops.most_common(args.top):
+        print(f"  {n / requests:8.1f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
