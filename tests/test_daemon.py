@@ -136,6 +136,11 @@ def test_json_logger(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc=proc)
+        # A reply means the reactor runs, so its SIGTERM handler is in place
+        # (twistd opens the port before it starts the reactor).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"version\r\n")
+            assert read_until(s, b"\r\n").startswith(b"VERSION ")
     finally:
         proc.terminate()
         proc.wait(10)
