@@ -10,6 +10,11 @@ LUA_FAILURE = b"SERVER_ERROR lua failure\r\n"
 BAD_RESPONSE = b"SERVER_ERROR bad response\r\n"
 BACKEND_FAILURE = b"SERVER_ERROR backend failure\r\n"
 BAD_DATA_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
+# memcached's own answers to lines it refuses; the proxy gives them for
+# requests it will not forward because memcached would not read them as one.
+BAD_COMMAND_LINE = b"CLIENT_ERROR bad command line format\r\n"
+OPTIONS_TOO_LONG = b"CLIENT_ERROR options flags too long\r\n"
+ERROR = b"ERROR\r\n"
 NO_ROUTE = b"SERVER_ERROR no route for command\r\n"
 NOT_SUPPORTED = b"SERVER_ERROR command not supported\r\n"
 END = b"END\r\n"

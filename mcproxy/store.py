@@ -28,6 +28,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable
 
+from .protocols.numbers import INT_MAX, U32, U64, strtol32, strtoul32, strtoull
 from .protocols.request import (
     CMD_ADD,
     CMD_APPEND,
@@ -134,9 +135,6 @@ SLAB_MIN_CHUNK = 96
 #: Items bigger than this are stored in chunks (and cannot be incremented).
 SLAB_CHUNK_MAX = 2**19
 SLAB_GROWTH_FACTOR = 1.25
-INT_MAX = 2**31 - 1
-U32 = 2**32 - 1
-U64 = 2**64 - 1
 
 # Item bits (memcached's it_flags that change replies).
 _FETCHED = 1
@@ -154,7 +152,6 @@ _MS_CODES = {_STORED: HD, _EXISTS: EX, _NOT_FOUND: NF, _NOT_STORED: NS}
 _MS_MODES = {None: CMD_SET, 69: CMD_ADD, 65: CMD_APPEND, 80: CMD_PREPEND,
              82: CMD_REPLACE, 83: CMD_SET}  # E A P R S
 _MA_MODES = {None: True, 73: True, 43: True, 68: False, 45: False}  # I + D -
-_SPACES = frozenset(b" \t\n\v\f\r")
 _NOREPLY = b"noreply"
 
 
@@ -201,63 +198,6 @@ def _tokens(line: bytes) -> list[bytes]:
 def _ntokens(tokens: list[bytes]) -> int:
     """memcached's token count: indexed tokens plus the terminal one."""
     return min(len(tokens), MAX_TOKENS - 1) + 1
-
-
-def _strto(token: bytes) -> tuple[int, bool] | None:
-    """The magnitude and sign that C's strto[u]l reads from ``token``.
-
-    None when there are no digits, or when something other than white
-    space follows them (memcached's safe_strto* then fail).
-    """
-    n = len(token)
-    i = 0
-    while i < n and token[i] in _SPACES:
-        i += 1
-    negative = False
-    if i < n and token[i] in b"+-":
-        negative = token[i] == 45
-        i += 1
-    j = i
-    while j < n and 48 <= token[j] <= 57:
-        j += 1
-    if j == i or (j < n and token[j] not in _SPACES):
-        return None
-    return int(token[i:j]), negative
-
-
-def _strtoull(token: bytes) -> int | None:
-    """memcached's safe_strtoull: a uint64, "-0" allowed, "-1" refused."""
-    if token.isdigit() and len(token) < 20:
-        return int(token)
-    parsed = _strto(token)
-    if parsed is None or parsed[0] > U64:
-        return None
-    value = -parsed[0] & U64 if parsed[1] else parsed[0]
-    if value >= 2**63 and parsed[1]:
-        return None
-    return value
-
-
-def _strtoul32(token: bytes) -> int | None:
-    """memcached's safe_strtoul: a 64-bit parse truncated to 32 bits."""
-    if token.isdigit() and len(token) < 10:
-        return int(token)
-    value = _strtoull(token)
-    return None if value is None else value & U32
-
-
-def _strtol32(token: bytes) -> int | None:
-    """memcached's safe_strtol: a 64-bit signed parse truncated to int32."""
-    if token.isdigit() and len(token) < 10:
-        return int(token)
-    parsed = _strto(token)
-    if parsed is None:
-        return None
-    value = -parsed[0] if parsed[1] else parsed[0]
-    if not -2**63 <= value < 2**63:
-        return None
-    value &= U32
-    return value - 2**32 if value > INT_MAX else value
 
 
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -581,7 +521,7 @@ class Store:
             return _DELTA_NON_NUMERIC, b"", None
         if req_cas and it.cas != req_cas:
             return _DELTA_CAS_MISMATCH, b"", None
-        value = _strtoull(data[:-2])
+        value = strtoull(data[:-2])
         if value is None:
             return _DELTA_NON_NUMERIC, b"", None
         counters = self._counters
@@ -620,7 +560,7 @@ class Store:
         touch = cmd == CMD_GAT or cmd == CMD_GATS
         exptime = 0
         if touch:
-            exptime_arg = _strtol32(tokens[1])
+            exptime_arg = strtol32(tokens[1])
             if exptime_arg is None:
                 return INVALID_EXPTIME
             exptime = self._expiry(exptime_arg)
@@ -667,12 +607,12 @@ class Store:
         if ntokens != 7 and ntokens != (8 if cmd == CMD_CAS else 6):
             return ERROR
         key = tokens[1]
-        flags = _strtoul32(tokens[2])
-        exptime = _strtol32(tokens[3])
-        vlen = _strtol32(tokens[4])
+        flags = strtoul32(tokens[2])
+        exptime = strtol32(tokens[3])
+        vlen = strtol32(tokens[4])
         req_cas = 0
         if cmd == CMD_CAS:
-            req_cas = _strtoull(tokens[5])
+            req_cas = strtoull(tokens[5])
         if (len(key) > KEY_MAX_LENGTH or flags is None or exptime is None
                 or vlen is None or req_cas is None
                 or vlen < 0 or vlen > INT_MAX - 2):
@@ -712,7 +652,7 @@ class Store:
         key = tokens[1]
         if len(key) > KEY_MAX_LENGTH:
             reply = BAD_FORMAT
-        elif (delta := _strtoull(tokens[2])) is None:
+        elif (delta := strtoull(tokens[2])) is None:
             reply = INVALID_DELTA_ARGUMENT
         else:
             incr = req.command == CMD_INCR
@@ -737,7 +677,7 @@ class Store:
         counters = self._counters
         if len(key) > KEY_MAX_LENGTH:
             reply = BAD_FORMAT
-        elif (exptime := _strtol32(tokens[2])) is None:
+        elif (exptime := strtol32(tokens[2])) is None:
             reply = INVALID_EXPTIME
         else:
             exptime = self._expiry(exptime)
@@ -794,7 +734,7 @@ class Store:
         self._counters["cmd_flush"] += 1
         exptime = 0
         if ntokens != (3 if noreply else 2):
-            exptime = _strtol32(tokens[1])
+            exptime = strtol32(tokens[1])
             if exptime is None:
                 return b"" if noreply else INVALID_EXPTIME
         now = self._now
@@ -813,7 +753,7 @@ class Store:
         noreply = tokens[ntokens - 2] == _NOREPLY
         if noreply:
             return b""
-        return OK if _strtoul32(tokens[1]) is not None else BAD_FORMAT
+        return OK if strtoul32(tokens[1]) is not None else BAD_FORMAT
 
     # -- meta commands -----------------------------------------------------
 
@@ -843,14 +783,14 @@ class Store:
                 of.binary = True
             elif flag == 78:  # N
                 of.locked = of.vivify = True
-                value = _strtol32(arg)
+                value = strtol32(arg)
                 if value is None:
                     error = BAD_TOKEN
                 else:
                     of.autoviv_exptime = self._expiry(value)
             elif flag == 84:  # T
                 of.locked = True
-                value = _strtol32(arg)
+                value = strtol32(arg)
                 if value is None:
                     error = BAD_TOKEN
                 else:
@@ -858,7 +798,7 @@ class Store:
                     of.new_ttl = True
             elif flag == 82:  # R
                 of.locked = True
-                value = _strtol32(arg)
+                value = strtol32(arg)
                 if value is None:
                     error = BAD_TOKEN
                 else:
@@ -872,13 +812,13 @@ class Store:
             elif flag == 113:  # q
                 of.quiet = True
             elif flag == 70:  # F: a bad value keeps the previous error
-                value = _strtoul32(arg)
+                value = strtoul32(arg)
                 if value is None:
                     bad = True
                 else:
                     of.client_flags = value
             elif flag == 67:  # C
-                value = _strtoull(arg)
+                value = strtoull(arg)
                 if value is None:
                     error = BAD_TOKEN
                 else:
@@ -890,13 +830,13 @@ class Store:
                 else:
                     of.mode = token[1]
             elif flag == 74:  # J
-                value = _strtoull(arg)
+                value = strtoull(arg)
                 if value is None:
                     error = INVALID_INITIAL
                 else:
                     of.initial = value
             elif flag == 68:  # D
-                value = _strtoull(arg)
+                value = strtoull(arg)
                 if value is None:
                     error = INVALID_DELTA
                 else:
@@ -1026,7 +966,7 @@ class Store:
             return error
         if _ntokens(tokens) == 3:
             return BAD_FORMAT
-        vlen = _strtol32(tokens[2])
+        vlen = strtol32(tokens[2])
         if vlen is None or vlen < 0 or vlen > INT_MAX - 2:
             return BAD_FORMAT
         of = _MetaFlags(tokens[1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mcproxy import errors
+
 from mcproxy.protocols import request as rq
 from mcproxy.protocols.request import ParseError, parse_request
 
@@ -33,7 +35,6 @@ from mcproxy.protocols.request import ParseError, parse_request
     (b"stats proxy\r\n", rq.CMD_STATS, b"", 0),
     (b"quit\r\n", rq.CMD_QUIT, b"", 0),
     (b"watch proxyevents\r\n", rq.CMD_WATCH, b"", 0),
-    (b"get\r\n", rq.CMD_GET, b"", 0),
     (b"get a b c\r\n", rq.CMD_GET, b"a", 0),
     (b"set  spaced   0 0 1\r\n", rq.CMD_SET, b"spaced", 3),
     (b"get \x80\xff\xfe\r\n", rq.CMD_GET, b"\x80\xff\xfe", 0),
@@ -50,6 +51,7 @@ def test_commands(line, command, key, vlen):
     b"set foo 0 0 -1\r\n", b"set foo 0 0 99999999999\r\n", b"gat 10\r\n",
     b"ms foo\r\n", b"ms foo x\r\n", b"mg foo 1v\r\n", b"mg foo ~\r\n", b"mg\r\n",
     b"incr\r\n", b"slabs reassign\r\n", b"lru_crawler metadump\r\n",
+    b"get\r\n", b"get \r\n", b"gets  \r\n",
 ])
 def test_parse_errors(line):
     with pytest.raises(ParseError):
@@ -86,6 +88,71 @@ def test_storage_lines_memcached_accepts():
     assert parse_request(b"set foo -0 0 1\r\n").vlen == 3
     assert parse_request(b"set foo 4294967297 0 1 noreply\r\n").noreply
     assert parse_request(b"cas foo 0 0 1 99 noreply\r\n").vlen == 3
+
+
+K251 = b"k" * 251
+
+
+@pytest.mark.parametrize("line, reply, vlen", [
+    # memcached reads up to a NUL: `set a` (ERROR), then the payload.
+    (b"set a\x00b 0 0 1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"ms a\x00b 1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"get a\x00b\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"get a b\x00\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"mg a v O\x00\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"delete a\x00\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"stats \x00\r\n", errors.BAD_COMMAND_LINE, 0),
+    # keys over 250 bytes, in every command
+    (b"get " + K251 + b"\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"gets " + K251 + b"\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"gat 1 " + K251 + b"\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"set " + K251 + b" 0 0 1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"ms " + K251 + b" 1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"mg " + K251 + b" v\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"md " + K251 + b"\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"incr " + K251 + b" 1\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"touch " + K251 + b" 1\r\n", errors.BAD_COMMAND_LINE, 0),
+    (b"delete " + K251 + b"\r\n", errors.BAD_COMMAND_LINE, 0),
+    # ... in a line too long to route: memcached's proxy's answer
+    (b"get " + b"k" * 500 + b"\r\n", errors.REQUEST_TOO_LONG, 0),
+    (b"set " + b"k" * 500 + b" 0 0 1\r\n", errors.REQUEST_TOO_LONG, 0),
+    # numbers safe_strto* refuse, token counts memcached refuses
+    (b"set k 18446744073709551616 0 1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"set k -1 0 1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"set k 0 9223372036854775808 1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"cas k 0 0 1 -1\r\n", errors.BAD_COMMAND_LINE, 3),
+    (b"set k 0 0 1 noreply foo\r\n", errors.ERROR, 3),
+    (b"cas k 0 0 1\r\n", errors.ERROR, 3),
+    (b"ms k 1 " + b" ".join([b"I"] * 17) + b"\r\n", errors.OPTIONS_TOO_LONG, 3),
+    # lengths memcached's proxy cannot parse: its error, payload unknown
+    (b"set k 0 0 -1\r\n", errors.PARSING_REQUEST, 0),
+    (b"set k 0 0 1x\r\n", errors.PARSING_REQUEST, 0),
+    (b"ms k 0x1\r\n", errors.PARSING_REQUEST, 0),
+])
+def test_refusals_carry_memcached_s_error_and_payload(line, reply, vlen):
+    with pytest.raises(ParseError) as refused:
+        parse_request(line)
+    assert (refused.value.reply, refused.value.vlen) == (reply, vlen)
+
+
+@pytest.mark.parametrize("line, vlen, noreply", [
+    (b"set k 0 0 \t5\r\n", 7, False),       # strtol skips leading white space
+    (b"set k 0 0 5\t\r\n", 7, False),       # and stops at trailing white space
+    (b"set k 0 0 1 noreplyX\r\n", 3, False),  # noreply is the exact token
+    (b"set k 0 0 1 foo\r\n", 3, False),       # memcached takes a sixth token
+    (b"set k 18446744073709551615 0 1\r\n", 3, False),
+    (b"set " + b"k" * 250 + b" 0 0 1\r\n", 3, False),
+    (b"ms k 1 " + b" ".join([b"I"] * 16) + b"\r\n", 3, False),
+])
+def test_storage_lines_read_as_memcached_reads_them(line, vlen, noreply):
+    req = parse_request(line)
+    assert (req.vlen, req.noreply) == (vlen, noreply)
+
+
+def test_noreply_is_exact_for_every_command():
+    assert not parse_request(b"touch k 1 noreplyX\r\n").noreply
+    assert not parse_request(b"incr k 1 noreply extra\r\n").noreply
+    assert parse_request(b"delete k noreply\r\n").noreply
 
 
 def test_token_caps():
@@ -190,8 +257,10 @@ def test_scan_plain_stops_before_anything_else(data):
 
 
 def test_scan_plain_longest_line_and_limit():
-    longest = b"get " + b"k" * 493 + b"\r\n"  # 499 bytes
-    assert rq.scan_plain(longest, 0, True, 100)[1] == [b"k" * 493]
+    longest = b"get " + b"k" * 250 + b"\r\n"  # the longest key
+    assert rq.scan_plain(longest, 0, True, 100)[1] == [b"k" * 250]
+    assert rq.scan_plain(b"get k\r\nget " + K251 + b"\r\n", 0, True, 100)[1] == [b"k"]
+    assert rq.scan_plain(b"get k\r\nget a\x00\r\n", 0, True, 100)[1] == [b"k"]
     assert rq.scan_plain(b"get k" + longest[4:], 0, True, 100)[1] == []
     stop, keys, _, _, _ = rq.scan_plain(b"get x\r\n" * 10, 0, True, 100, limit=4)
     assert stop == 28 and len(keys) == 4

@@ -245,6 +245,22 @@ def test_token_replace_renders_the_request(engine, load):
     assert fake.sent[1] == ("z1", b"touch other 10\r\n")
 
 
+def test_token_edit_cannot_change_the_payload_length(engine, load):
+    """A line that declared another length than its payload would make
+    the backend read the next request as payload: the edit is a Lua error."""
+    load(THREE_POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_SET, function(r)
+            r:token(5, "10")
+            return p.z1(r)
+        end)
+    end
+    """)
+    fake = FakeBackends(engine, {"z1": b"STORED\r\n"})
+    assert run(engine, b"set k 5 0 2\r\n", b"hi\r\n") == errors.LUA_FAILURE
+    assert fake.sent == []
+
+
 def test_token_int(engine, load):
     load(THREE_POOLS + """
     function mcp_config_routes(p)

@@ -323,3 +323,33 @@ def test_multiget_routed_whole_counts_every_key_in_flight():
     done(b"END\r\n")
     assert transport.producerState == "producing"
     assert [req.line for req, _ in service.engine.routed] == [b"mg k v\r\n"]
+
+
+@pytest.mark.parametrize("refused, reply", [
+    (b"set a\x00b 0 0 5\r\nget x\r\n", errors.BAD_COMMAND_LINE),
+    (b"set " + b"k" * 251 + b" 0 0 5\r\nget x\r\n", errors.BAD_COMMAND_LINE),
+    (b"ms k 5 " + b" ".join([b"I"] * 17) + b"\r\nget x\r\n", errors.OPTIONS_TOO_LONG),
+    (b"set k 0 0 5 noreply x\r\nget x\r\n", errors.ERROR),
+])
+@pytest.mark.parametrize("split", [None, 3, -5])
+def test_refused_storage_line_drops_its_payload(refused, reply, split):
+    """A storage line that memcached would misread is never routed, and its
+    payload (here a `get x` the client meant as data) is read and dropped:
+    one error for one request, then the next request is routed."""
+    proto, transport, service = connect()
+    data = refused + b"get k\r\n"
+    chunks = [data] if split is None else [data[:len(refused) + split],
+                                           data[len(refused) + split:]]
+    feed(proto, *chunks)
+    assert [req.line for req, _ in service.engine.routed] == [b"get k\r\n"]
+    answer_all(service)
+    assert transport.value() == reply + b"OK k\r\n"
+
+
+@pytest.mark.parametrize("line", [b"get\r\n", b"get \r\n", b"get " + b"k" * 251 + b"\r\n",
+                                  b"get a\x00\r\n", b"delete " + b"k" * 251 + b"\r\n"])
+def test_refused_lines_never_reach_a_route(line):
+    proto, transport, service = connect()
+    feed(proto, line + b"get k\r\n")
+    assert [req.line for req, _ in service.engine.routed] == [b"get k\r\n"]
+    assert service.stats.conn_errors == 1

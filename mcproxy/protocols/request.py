@@ -4,13 +4,34 @@ Pure: no Twisted imports. The rules are those of memcached's proxy request
 parser (mcp-api.md section 2.1): commands are recognised by exact lower-case
 spelling, tokens are separated by spaces, a per-command cap limits how many
 tokens are indexed (the last indexed token then runs to the end of the line),
-and a line must end in ``\\r\\n``.
+and a line must end in ``\r\n``.
+
+A request is forwarded on a connection it shares with other clients, whose
+replies are paired with requests by position: it must be one that memcached
+reads as exactly one command with the same key and payload length. So
+beyond what memcached's proxy refuses, this parser refuses, with the error
+memcached itself would answer (:class:`ParseError`): a NUL anywhere in the
+line (memcached reads up to it), a key over 250 bytes (every command), a
+``get`` without a key, a storage line with the wrong token count or flags,
+exptime or cas that memcached's ``safe_strto*`` do not read
+(:mod:`mcproxy.protocols.numbers`), and an ``ms`` of more than 16 flags.
+``noreply`` is the exact last token of the commands that take it. These
+rules live here alone; the fast paths take a subset of what they accept.
 """
 
 from __future__ import annotations
 
 import re
 from itertools import accumulate
+
+from mcproxy.errors import (
+    BAD_COMMAND_LINE,
+    ERROR,
+    OPTIONS_TOO_LONG,
+    PARSING_REQUEST,
+    REQUEST_TOO_LONG,
+)
+from mcproxy.protocols.numbers import strtol, strtoull
 
 # Command ids, exactly as memcached's proxy numbers them (mcp.CMD_*).
 CMD_MG = 1
@@ -98,26 +119,42 @@ MAX_UNTERMINATED = 1024
 MAX_VALUE_LENGTH = 2**31 - 3
 #: Most requests in one run of plain requests (see :func:`scan_plain`).
 MAX_RUN = 256
-#: Consecutive ``get <key>`` lines that parse_request's fast path takes and
-#: that are short enough to route (line shorter than MAX_REQUEST_LINE). A key
-#: holding a CR is left to the line by line parsing, so that the match never
-#: backtracks (possessive repeats: a third faster).
-_GET_LINES = re.compile(rb"(?:get [^ \r\n]{1,%d}+\r\n)+" % (MAX_REQUEST_LINE - 7))
+#: Most tokens of an ``ms`` line (key, length and 16 flags): memcached
+#: answers more with ``CLIENT_ERROR options flags too long`` and then reads
+#: the payload as a command.
+MAX_MS_TOKENS = 19
+#: A key as the fast paths take it: no space, CR, LF or NUL, at most
+#: MAX_KEY_LENGTH bytes (possessive: the match never backtracks). Any other
+#: key is left to the general parser.
+_KEY = rb"[^ \r\n\x00]{1,%d}+" % MAX_KEY_LENGTH
+#: Consecutive ``get <key>`` lines that parse_request's fast path takes
+#: (a third faster than one match per line).
+_GET_LINES = re.compile(rb"(?:get %s\r\n)+" % _KEY)
 #: A ``set <key> <flags> <exptime> <bytes>`` line that parse_request's fast
-#: path takes (numbers in range by their digit count alone; a key without
-#: CR); groups: key, bytes.
-_SET_LINE = re.compile(rb"set ([^ \r\n]{1,%d}+) \d{1,19}+ \d{1,18}+ (\d{1,9}+)\r\n"
-                       % MAX_KEY_LENGTH)
+#: path takes (numbers in range by their digit count alone); groups: key,
+#: bytes.
+_SET_LINE = re.compile(rb"set (%s) \d{1,19}+ \d{1,18}+ (\d{1,9}+)\r\n" % _KEY)
 #: The bytes of a ``get <key>`` line around its key.
 _GET_LINE_EXTRA = 6
 #: A ``get`` of several keys, one space between them, each short enough
 #: that the proxy routes the keys together (see ProxyServerProtocol._multiget).
-_MULTI_GET = re.compile(rb"get (?:[^ \r\n]{1,%d}+ )++[^ \r\n]{1,%d}+\r\n"
-                        % (MAX_KEY_LENGTH, MAX_KEY_LENGTH))
+_MULTI_GET = re.compile(rb"get (?:%s )++%s\r\n" % (_KEY, _KEY))
 
 
 class ParseError(ValueError):
-    """The line is not a request the proxy understands."""
+    """The line is not one request the proxy serves or forwards.
+
+    ``reply`` is what the client gets: ``SERVER_ERROR parsing request`` for
+    what memcached's proxy cannot parse, else the error memcached itself
+    would answer first. ``vlen`` (with CRLF), when not 0, is the payload
+    that follows the line: the proxy reads and drops it, so that one
+    refused request gets one reply (memcached would read it as a command).
+    """
+
+    def __init__(self, reason: str, reply: bytes = PARSING_REQUEST, vlen: int = 0) -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.vlen = vlen
 
 
 class Request:
@@ -159,7 +196,7 @@ class Request:
         if self.noreply:
             # A second noreply would be the one the backend obeys.
             tokens = self.tokens[:-1]
-            while len(tokens) > 2 and tokens[-1][:7] == b"noreply":
+            while len(tokens) > 2 and _is_noreply(tokens[-1]):
                 tokens.pop()
             return b" ".join(tokens) + b"\r\n"
         if self.quiet:
@@ -232,54 +269,56 @@ def _tokenize(body: bytes, cap: int) -> list[bytes]:
     return tokens
 
 
-_INT64_MAX = 2**63 - 1
-_UINT64_MAX = 2**64 - 1
-
-
-def _number(token: bytes, low: int, high: int) -> int:
-    """A whole-token decimal number with an optional sign, as memcached's
-    safe_strto* functions take it; ParseError outside ``low``..``high``
-    (a leading ``-`` is only allowed for ``-0`` when ``low`` is 0)."""
-    digits = token[1:] if token[:1] in (b"+", b"-") else token
-    if not digits.isdigit() or not digits.isascii():
-        raise ParseError("not a number")
-    digits = digits.lstrip(b"0")
-    if len(digits) > 20:  # beyond any range checked here; int() refuses 4300+
-        raise ParseError("number out of range")
-    value = int(digits or b"0")
-    if token[:1] == b"-":
-        value = -value
-    if not low <= value <= high:
-        raise ParseError("number out of range")
-    return value
-
-
 def _length(token: bytes) -> int:
-    """A payload length token (memcached refuses lengths over INT_MAX - 2)."""
-    return _number(token, 0, MAX_VALUE_LENGTH)
+    """A payload length token as memcached reads it; its parse errors
+    (none, negative, over INT_MAX - 2) are memcached's proxy's."""
+    length = strtol(token)
+    if length is None or not 0 <= length <= MAX_VALUE_LENGTH:
+        raise ParseError("bad length")
+    return length
 
 
-def _check_storage(command: int, tokens: list[bytes], noreply: bool) -> None:
-    """Refuse a storage line memcached would refuse before reading its
-    payload (token count, key length, flags, exptime, cas): memcached would
-    answer an error and then run the payload as a command, two replies for
-    one request, and every later reply on the connection would be shifted."""
-    expected = (6 if command == CMD_CAS else 5) + noreply
-    if len(tokens) != expected or b" " in tokens[-1]:
-        raise ParseError("wrong number of tokens")
-    if len(tokens[1]) > MAX_KEY_LENGTH:
-        raise ParseError("key too long")
-    _number(tokens[2], 0, _UINT64_MAX)  # flags
-    _number(tokens[3], -_INT64_MAX - 1, _INT64_MAX)  # exptime (strtol's long)
-    if command == CMD_CAS:
-        _number(tokens[5], 0, _UINT64_MAX)
+def _storage(command: int, line: bytes, tokens: list[bytes]) -> Request:
+    """A storage line, refused where memcached would refuse it before
+    reading its payload (token count, key length, flags, exptime, cas):
+    memcached would answer an error and then run the payload as a
+    command, two replies for one request."""
+    ntokens = len(tokens)
+    if ntokens < 5:
+        raise ParseError("too few tokens")
+    vlen = _length(tokens[4]) + 2
+    expected = 6 if command == CMD_CAS else 5
+    if not expected <= ntokens <= expected + 1 or b" " in tokens[-1]:
+        raise ParseError("wrong number of tokens", ERROR, vlen)
+    key = tokens[1]
+    if len(key) > MAX_KEY_LENGTH:
+        raise _key_too_long(line, vlen)
+    if strtoull(tokens[2]) is None or strtol(tokens[3]) is None \
+            or (command == CMD_CAS and strtoull(tokens[5]) is None):
+        raise ParseError("bad number", BAD_COMMAND_LINE, vlen)
+    noreply = ntokens > expected and _is_noreply(tokens[-1])
+    return Request(command, line, tokens, key, vlen, noreply=noreply)
+
+
+def _is_noreply(token: bytes) -> bool:
+    """memcached's test of the last token (``strcmp``; a capped last token
+    may carry the line's trailing spaces)."""
+    return token.rstrip(b" ") == b"noreply"
+
+
+def _key_too_long(line: bytes, vlen: int = 0) -> ParseError:
+    """The refusal of a key over MAX_KEY_LENGTH: memcached's error, or in a
+    line too long to route memcached's proxy's (which closes)."""
+    if len(line) >= MAX_REQUEST_LINE:
+        return ParseError("line too long", REQUEST_TOO_LONG)
+    return ParseError("key too long", BAD_COMMAND_LINE, vlen)
 
 
 def parse_request(line: bytes) -> Request:
     """Parse a command line (which must end in ``\\r\\n``).
 
-    Raises :class:`ParseError` for anything memcached's proxy answers with
-    ``SERVER_ERROR parsing request``. Plain ``get <key>`` and ``set <key>
+    Raises :class:`ParseError` for any line that is not one request the
+    proxy serves or forwards (see the module docstring). Plain ``get <key>`` and ``set <key>
     <flags> <exptime> <bytes>`` lines (most of the traffic) take a fast path
     that returns exactly what :func:`_parse_general` would, without its
     tokenising and number checks; any other line goes there.
@@ -288,7 +327,8 @@ def parse_request(line: bytes) -> Request:
         head = line[:4]
         if head == b"get ":
             key = line[4:-2]
-            if key and b" " not in key and b"\n" not in key:
+            if key and len(key) <= MAX_KEY_LENGTH and b" " not in key \
+                    and b"\n" not in key and b"\x00" not in key:
                 return Request(CMD_GET, line, [b"get", key], key)
         elif head == b"set ":
             tokens = line[:-2].split(b" ")
@@ -305,7 +345,7 @@ def _plain_set(tokens: list[bytes]) -> int:
     if len(tokens) == 5:
         key, flags, exptime, length = tokens[1], tokens[2], tokens[3], tokens[4]
         if key and len(key) <= MAX_KEY_LENGTH and b"\n" not in key \
-                and len(flags) <= 19 and flags.isdigit() \
+                and b"\x00" not in key and len(flags) <= 19 and flags.isdigit() \
                 and len(exptime) <= 18 and exptime.isdigit() \
                 and len(length) <= 9 and length.isdigit():
             return int(length) + 2
@@ -387,6 +427,15 @@ def _parse_general(line: bytes) -> Request:
         raise ParseError("line too short or not CRLF terminated")
     if line.find(b"\n", 0, -1) >= 0:
         raise ParseError("more than one line")
+    req = _parse_tokens(line)
+    if b"\x00" in line:
+        # memcached reads the line as a C string: up to the NUL only.
+        raise ParseError("NUL in the line", BAD_COMMAND_LINE, req.vlen)
+    return req
+
+
+def _parse_tokens(line: bytes) -> Request:
+    """The request of a CRLF-terminated line, by its command's rules."""
     body = line[:-2]
     name, _, _ = body.partition(b" ")
     command = COMMANDS.get(name)
@@ -402,11 +451,18 @@ def _parse_general(line: bytes) -> Request:
             if ntokens < 3:
                 raise ParseError("too few tokens")
             key_token = tokens[2]
-        return Request(command, line, tokens, key_token.partition(b" ")[0])
+        key = key_token.partition(b" ")[0]
+        if not key:
+            raise ParseError("no key")
+        if len(key) > MAX_KEY_LENGTH and b" " not in key_token:
+            # A multiget answers each long key in place (split_multiget).
+            raise _key_too_long(line)
+        return Request(command, line, tokens, key)
 
     if command in KEYLESS_COMMANDS:
         return Request(command, line, tokens, b"")
-
+    if command in STORAGE_COMMANDS:
+        return _storage(command, line, tokens)
     if ntokens < 2:
         raise ParseError("too few tokens")
     key = tokens[1]
@@ -415,10 +471,14 @@ def _parse_general(line: bytes) -> Request:
         vlen = 0
         first_flag = 2
         if command == CMD_MS:
-            if ntokens < 3 or b" " in tokens[-1] or len(key) > MAX_KEY_LENGTH:
-                raise ParseError("ms line memcached would refuse")
+            if ntokens < 3:
+                raise ParseError("too few tokens")
             vlen = _length(tokens[2]) + 2
+            if ntokens > MAX_MS_TOKENS:
+                raise ParseError("too many flags", OPTIONS_TOO_LONG, vlen)
             first_flag = 3
+        if len(key) > MAX_KEY_LENGTH:
+            raise _key_too_long(line, vlen)
         quiet = False
         for flag in tokens[first_flag:]:
             first = flag[0]
@@ -428,11 +488,10 @@ def _parse_general(line: bytes) -> Request:
                 quiet = True
         return Request(command, line, tokens, key, vlen, quiet=quiet)
 
-    noreply = ntokens > 2 and tokens[-1][:7] == b"noreply"
-    if command in STORAGE_COMMANDS:
-        _check_storage(command, tokens, noreply)
-        return Request(command, line, tokens, key, _length(tokens[4]) + 2,
-                       noreply=noreply)
+    # incr, decr, touch, delete
+    if len(key) > MAX_KEY_LENGTH:
+        raise _key_too_long(line)
+    noreply = ntokens > 2 and _is_noreply(tokens[-1])
     return Request(command, line, tokens, key, noreply=noreply)
 
 
@@ -483,6 +542,9 @@ def _rerender(req: Request, tokens: list[bytes]) -> None:
         edited = parse_request(line)
     except ParseError:
         raise EditError("token(): request malformed after edit") from None
+    if edited.vlen != req.vlen:
+        # The line would declare a payload other than the one it carries.
+        raise EditError("token(): request malformed after edit")
     req.command = edited.command
     req.line = edited.line
     req.tokens = edited.tokens

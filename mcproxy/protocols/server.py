@@ -213,6 +213,7 @@ class ProxyServerProtocol(LineReceiver):
         self._extra_slots = 0
         self._buffer.clear()
         self._payload_for = None
+        self._payload_needed = 0
         self._payload_chunks = []
 
     # -- framing -----------------------------------------------------------
@@ -225,7 +226,7 @@ class ProxyServerProtocol(LineReceiver):
             self._buffer += data
             return
         if self._buffer:
-            if self._payload_for is None and b"\n" not in data:
+            if not self._payload_needed and b"\n" not in data:
                 self._buffer += data
                 self._check_unterminated()
                 return
@@ -244,7 +245,7 @@ class ProxyServerProtocol(LineReceiver):
             if self._closing or self._reading_paused:
                 self._buffer += data[pos:]
                 return
-            if self._payload_for is not None:
+            if self._payload_needed:
                 take = data[pos:pos + self._payload_needed]
                 pos += len(take)
                 self.rawDataReceived(take)
@@ -301,9 +302,14 @@ class ProxyServerProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         try:
             req = parse_request(line + b"\n")
-        except ParseError:
+        except ParseError as e:
+            if e.reply is errors.REQUEST_TOO_LONG:
+                self._too_long()
+                return
             self.stats.conn_errors += 1
-            self._reply(errors.PARSING_REQUEST)
+            self._reply(e.reply)
+            if e.vlen:
+                self._expect_payload(None, None, e.vlen)
             return
         cmd = req.command
         if cmd in LOCAL_ONLY_COMMANDS or not self.engine.hooked(cmd):
@@ -320,11 +326,16 @@ class ProxyServerProtocol(LineReceiver):
             if req.vlen > MAX_PAYLOAD + 2:
                 self._reply(errors.OBJECT_TOO_LARGE)
                 then = None
-            self._payload_for = req
-            self._payload_then = then
-            self._payload_needed = req.vlen
+            self._expect_payload(req, then, req.vlen)
         else:
             then(req)
+
+    def _expect_payload(self, req: Request | None, then, vlen: int) -> None:
+        """Read the next ``vlen`` bytes as ``req``'s payload and hand it to
+        ``then``; without ``then`` they are read and dropped."""
+        self._payload_for = req
+        self._payload_then = then
+        self._payload_needed = vlen
 
     # -- dispatch ------------------------------------------------------------
 
