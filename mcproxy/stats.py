@@ -34,6 +34,8 @@ class ProxyStats:
         self.backend_total = 0
         self.backend_marked_bad = 0
         self.backend_failed = 0
+        #: backend connections reset for a reply that did not answer its request
+        self.backend_mismatches = 0
         #: per command id, hooked requests routed through Lua (every id, so
         #: the hot path needs no membership test; only PROXY_CMD_ORDER shows)
         self.commands = dict.fromkeys(COMMAND_NAMES, 0)
@@ -70,6 +72,7 @@ def general_stats(stats: ProxyStats, version: str, store_stats: dict) -> list:
         ("proxy_backend_total", stats.backend_total),
         ("proxy_backend_marked_bad", stats.backend_marked_bad),
         ("proxy_backend_failed", stats.backend_failed),
+        ("proxy_backend_mismatches", stats.backend_mismatches),
     ]
 
 

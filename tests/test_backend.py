@@ -22,7 +22,14 @@ from mcproxy.protocols.backend import (
     BackendOptions,
     BackendProtocol,
 )
-from mcproxy.protocols.request import CMD_GET, CMD_GETS, KeyBatch, PlainRun, parse_request
+from mcproxy.protocols.request import (
+    CMD_GET,
+    CMD_GETS,
+    KeyBatch,
+    PlainRun,
+    parse_request,
+    scan_plain,
+)
 from mcproxy.protocols.response import (
     FAIL_BADVALIDATE,
     FAIL_CLOSED,
@@ -826,7 +833,7 @@ def test_key_batch_error_line_and_desync(flushes):
     assert [(tag, res.line, hits) for tag, res, hits in got] == [
         (1, b"SERVER_ERROR out of memory\r\n", None),
         (2, errors.BACKEND_FAILURE, None), (3, errors.BACKEND_FAILURE, None)]
-    assert got[1][1].reason == "parsing"
+    assert got[1][1].reason == "mismatch"
 
 
 def test_key_batch_fails_whole_when_the_backend_drops_mid_reply(flushes):
@@ -861,15 +868,22 @@ def test_key_batch_sent_before_the_connection_is_written_once_validated(monkeypa
 # PlainRun: plain requests of one client, sent as they came, answered as bytes
 
 
+def plain_run(data: bytes) -> PlainRun:
+    """The PlainRun of ``data`` as the client protocol finds it (scan_plain)."""
+    stop, keys, _, sets, widths = scan_plain(data, 0, True, 1 << 20, multigets=16384)
+    assert stop == len(data)
+    return PlainRun(data, keys, sets, widths)
+
+
 def test_plain_run_is_sent_as_it_came_and_answered_as_the_bytes_that_came(flushes):
     h = Harness()
     proto, transport = h.connect()
     got = []
     h.backend.send(mg(b"x"), h.results.cb("x"))  # never merged with a run
-    run = PlainRun(b"get a\r\nset b 0 0 1\r\n1\r\nget b\r\n", 3)
+    run = plain_run(b"get a\r\nset b 0 0 1\r\n1\r\nget b\r\n")
     h.backend.send(run, got.append)
     h.backend.send(mg(b"y"), h.results.cb("y"))
-    h.backend.send(PlainRun(b"get c\r\n", 1), got.append)
+    h.backend.send(plain_run(b"get c\r\n"), got.append)
     assert h.backend.depth == 1 + 3 + 1 + 1
     flushes.pop()()
     assert transport.value() == (b"get x\r\nget a\r\nset b 0 0 1\r\n1\r\nget b\r\n"
@@ -895,10 +909,10 @@ def test_plain_runs_of_several_clients_answered_from_one_chunk(flushes):
     def boom(reply):
         raise RuntimeError("route bug")
 
-    h.backend.send(PlainRun(b"get a\r\n", 1), got.append)
-    h.backend.send(PlainRun(b"get b\r\nget c\r\n", 2), boom)
-    h.backend.send(PlainRun(b"get d\r\n", 1), got.append)
-    h.backend.send(PlainRun(b"get e\r\nget f\r\n", 2), got.append)
+    h.backend.send(plain_run(b"get a\r\n"), got.append)
+    h.backend.send(plain_run(b"get b\r\nset c 0 0 1\r\nc\r\n"), boom)
+    h.backend.send(plain_run(b"get d\r\n"), got.append)
+    h.backend.send(plain_run(b"get e\r\nget f\r\n"), got.append)
     h.backend.send(mg(b"x"), h.results.cb("x"))
     flushes.pop()()
     h.clock.advance(2)
@@ -913,20 +927,20 @@ def test_plain_runs_of_several_clients_answered_from_one_chunk(flushes):
     assert h.backend.depth == 0 and h.backend.state == "connected"
 
 
-def sent_run(flushes: list, data: bytes, count: int, widths: dict[int, int] | None = None):
+def sent_run(flushes: list, data: bytes):
     """A PlainRun written on a connected backend: the connection, the run,
     and the list its callback appends to."""
     h = Harness()
     proto, _ = h.connect()
     got: list = []
-    run = PlainRun(data, count, widths)
+    run = plain_run(data)
     h.backend.send(run, got.append)
     flushes.pop()()
     return proto, run, got
 
 
 def test_plain_run_reply_in_one_chunk_is_passed_on_whole(flushes):
-    proto, _, got = sent_run(flushes, b"get a\r\nget b\r\n", 2)
+    proto, _, got = sent_run(flushes, b"get a\r\nget b\r\n")
     reply = b"END\r\nSERVER_ERROR out of memory\r\n"
     proto.dataReceived(reply)
     assert got == [reply] and got[0] is reply
@@ -935,7 +949,7 @@ def test_plain_run_reply_in_one_chunk_is_passed_on_whole(flushes):
 def test_plain_run_keeps_the_replies_before_a_failure(flushes):
     """A run failed part way gets the replies that came, then the failure
     (RouteEngine adds one failure per request left)."""
-    proto, run, got = sent_run(flushes, b"get a\r\nget b\r\nget c\r\n", 3)
+    proto, run, got = sent_run(flushes, b"get a\r\nget b\r\nget c\r\n")
     proto.dataReceived(b"VALUE a 0 1\r\n1\r\nEND\r\nVALUE b 0 5\r\n12")
     assert got == []
     proto.connectionLost(Failure(error.ConnectionLost()))
@@ -945,7 +959,7 @@ def test_plain_run_keeps_the_replies_before_a_failure(flushes):
 
 
 def test_plain_run_garbage_after_good_replies(flushes):
-    proto, run, got = sent_run(flushes, b"get a\r\nget b\r\nget c\r\n", 3)
+    proto, run, got = sent_run(flushes, b"get a\r\nset b 0 0 1\r\nb\r\nget c\r\n")
     proto.dataReceived(b"END\r\nSTORED\r\nnonsense\r\n")
     [res] = got
     assert not res.ok and res.reason == "parsing"
@@ -953,7 +967,7 @@ def test_plain_run_garbage_after_good_replies(flushes):
 
 
 def test_plain_run_with_multigets_is_answered_as_the_bytes_that_came(flushes):
-    proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\n", 3, {0: 2, 2: 3})
+    proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\n")
     assert run.requests == 6 and proto.backend.depth == 6
     reply = b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\nVALUE d 0 1\r\n4\r\nVALUE f 0 1\r\n6\r\nEND\r\n"
     for i in range(len(reply)):
@@ -966,8 +980,7 @@ def test_plain_run_failed_inside_a_multiget(flushes):
     """The replies before it are kept; the multiget gets a failure for each
     of its keys and END (as when its keys are routed together), and so does
     each request left."""
-    proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\nget g h\r\n",
-                               4, {0: 2, 2: 3, 3: 2})
+    proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\nget g h\r\n")
     proto.dataReceived(b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\nVALUE d 0 1\r\n4\r\nVAL")
     proto.connectionLost(Failure(error.ConnectionLost()))
     [res] = got
@@ -975,3 +988,91 @@ def test_plain_run_failed_inside_a_multiget(flushes):
     assert _run_reply(run, res) == (b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\n"
                                     + errors.BACKEND_FAILURE * 3 + errors.END
                                     + errors.BACKEND_FAILURE * 2 + errors.END)
+
+
+# Every reply is checked against its request (a shifted stream is reset)
+
+
+@pytest.mark.parametrize(("line", "value", "reply"), [
+    (b"get a\r\n", None, b"VALUE b 0 1\r\nx\r\nEND\r\n"),     # another key's value
+    (b"gets a\r\n", None, b"STORED\r\n"),                      # a set's reply to a get
+    (b"set a 0 0 1\r\n", b"x\r\n", b"END\r\n"),                # a get's reply to a set
+    (b"delete a\r\n", None, b"STORED\r\n"),
+    (b"incr a 1\r\n", None, b"DELETED\r\n"),
+    (b"touch a 1\r\n", None, b"5\r\n"),
+    (b"mg a v\r\n", None, b"END\r\n"),                          # text reply to meta
+    (b"mg a v O123\r\n", None, b"VA 1 O124\r\nx\r\n"),          # another opaque
+    (b"mg a v k\r\n", None, b"VA 1 kb\r\nx\r\n"),               # another key
+    (b"mg a v\r\n", None, b"HD O1\r\n"),                        # an opaque not asked for
+    (b"ms a 1\r\n", b"x\r\n", b"EN\r\n"),
+    (b"md a\r\n", None, b"VA 1\r\nx\r\n"),
+    (b"me a\r\n", None, b"ME b exp=-1 la=1 cas=1 fetch=no cls=1 size=63\r\n"),
+])
+def test_a_reply_of_another_request_resets_the_connection(line, value, reply):
+    """The request and every one queued behind it on the connection get
+    their own failure; the reset is counted and logged with what did not
+    match."""
+    h = Harness()
+    proto, transport = h.connect()
+    h.send(1, line, value)
+    h.send(2, b"get z\r\n")
+    proto.dataReceived(reply + b"END\r\n")
+    assert h.results.tags == [1, 2]
+    assert [r.reason for r in h.results.responses()] == ["mismatch", "mismatch"]
+    assert transport.disconnected and h.backend.state == "connecting"
+    assert h.stats.backend_mismatches == 1
+    assert "does not answer its request" in h.events[0]["log_format"]
+    assert repr(reply.split(b"\r\n")[0])[2:-1] in h.events[0]["detail"]
+
+
+@pytest.mark.parametrize(("line", "reply"), [
+    (b"get a\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n"),
+    (b"get a\r\n", b"CLIENT_ERROR bad command line format\r\n"),
+    (b"set a 0 0 1\r\n", b"NOT_STORED\r\n"),
+    (b"incr a 1\r\n", b"5\r\n"),
+    (b"mg a v O123 k\r\n", b"VA 1 O123 ka\r\nx\r\n"),
+    (b"mg a v O123 k\r\n", b"EN\r\n"),              # older memcached: no flags on a miss
+    (b"mg YQ== b k v\r\n", b"VA 1 kYQ== b\r\nx\r\n"),
+    (b"ms a 1 T0\r\n", b"HD\r\n"),
+    (b"me a\r\n", b"ME a exp=-1 la=1 cas=1 fetch=no cls=1 size=63\r\n"),
+    (b"ma a\r\n", b"NF\r\n"),
+])
+def test_replies_that_answer_their_request_pass(line, reply):
+    h = Harness()
+    proto, _ = h.connect()
+    h.send(1, line, b"x\r\n" if b" 0 0 1" in line or line.startswith(b"ms") else None)
+    proto.dataReceived(reply)
+    [res] = h.results.responses()
+    assert res.ok and h.stats.backend_mismatches == 0
+
+
+@pytest.mark.parametrize("reply", [
+    b"VALUE c 0 1\r\nx\r\nEND\r\n",                            # a key not asked for
+    b"VALUE b 0 1\r\nx\r\nVALUE a 0 1\r\nx\r\nEND\r\n",        # out of order
+    b"STORED\r\n",                                             # not a get's reply
+])
+def test_merged_and_batched_multigets_check_their_keys(flushes, reply):
+    for send in ("merged", "batch"):
+        h = Harness()
+        proto, _ = h.connect()
+        got = []
+        if send == "merged":
+            h.backend.send(mg(b"a"), got.append)
+            h.backend.send(mg(b"b"), got.append)
+        else:
+            h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]),
+                           lambda res, hits=None: got.append(res))
+        flushes.pop()()
+        proto.dataReceived(reply)
+        assert got and all(r.reason == "mismatch" for r in got), send
+        assert h.stats.backend_mismatches == 1
+
+
+def test_plain_run_reply_of_another_key_fails_the_rest(flushes):
+    proto, run, got = sent_run(flushes, b"get a\r\nset b 0 0 1\r\nb\r\nget c\r\n")
+    stats = proto.backend.stats
+    proto.dataReceived(b"END\r\nSTORED\r\nVALUE a 0 1\r\nx\r\nEND\r\n")
+    [res] = got
+    assert res.reason == "mismatch"
+    assert run.parts == [b"END\r\nSTORED\r\n"] and run.answered == 2
+    assert stats.backend_mismatches == 1

@@ -52,6 +52,7 @@ from mcproxy.protocols.response import (
     MCMC_RESP_META,
     MCMC_RESP_NUMERIC,
     BackendProtocolError,
+    Response,
     ResponseReader,
     client_bytes,
     parse_response,
@@ -412,20 +413,41 @@ def test_any_bytes_read_the_same_in_any_chunks(data, cuts, multi):
 
 
 def read_raw_chunks(chunks: list[bytes], counts: list[int],
-                    widths: dict[int, int] | None = None) -> tuple[bytes, int, str | None]:
+                    widths: dict[int, int] | None = None, keys: list[bytes] | None = None,
+                    sets: frozenset[int] | None = None) -> tuple[bytes, int, str | None]:
     """The bytes and number of replies ResponseReader.read_raw frames in
     ``chunks``, asking for ``counts`` replies in turn (``widths``: the key
-    counts of multi-key gets), and the error that stopped it."""
+    counts of multi-key gets; ``keys`` and ``sets`` the requests, by
+    default gets of ``k``), and the error that stopped it."""
+    if keys is None:
+        widths_ = widths or {}
+        keys = [b" ".join([b"k"] * widths_.get(i, 1)) for i in range(64)]
     reader, parts, framed, turn = ResponseReader(), [], 0, 0
     try:
         for chunk in chunks:
             if reader.feed(chunk):
-                while got := reader.read_raw(counts[turn % len(counts)], parts, widths, framed):
+                while got := reader.read_raw(counts[turn % len(counts)], parts, keys, sets,
+                                             widths, framed):
                     framed += got
                     turn += 1
     except BackendProtocolError as e:
         return b"".join(parts), framed, e.reason
     return b"".join(parts), framed, None
+
+
+_SET_REPLIES = (b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n", b"NOT_FOUND\r\n")
+
+
+def plain_request_for(reply: Response) -> tuple[bytes, bool] | None:
+    """A plain get (key, False) or set (key, True) that ``reply`` can
+    answer; None if neither can (it answers no request of a run)."""
+    if reply.type == MCMC_RESP_GET:
+        return reply.line[6:reply.line.index(b" ", 6)], False
+    if reply.type == MCMC_RESP_ERRMSG or reply.line == errors.END:
+        return b"k", False
+    if reply.line in _SET_REPLIES:
+        return b"k", True
+    return None
 
 
 @FAST
@@ -435,12 +457,40 @@ def read_raw_chunks(chunks: list[bytes], counts: list[int],
        st.lists(st.integers(1, 4), min_size=1, max_size=5))
 def test_raw_replies_are_the_replies_as_they_came(data, cuts, counts):
     """read_raw frames the replies parse_response finds, as the very bytes
-    that came, and stops with the same error, however the bytes arrive."""
-    replies_, error = read_one_piece(data)
-    end = 0
-    for _ in replies_:
-        end = parse_response(data, end)[1]
-    assert read_raw_chunks(chunked(data, cuts), counts) == (data[:end], len(replies_), error)
+    that came, each checked against the plain get or set it answers, and
+    stops with the same error, however the bytes arrive; a reply that
+    answers neither is a mismatch."""
+    _, error = read_one_piece(data)
+    keys, sets, end = [], set(), 0
+    try:
+        while (got := parse_response(data, end)) is not None:
+            request = plain_request_for(got[0])
+            if request is None:
+                error = "mismatch"
+                break
+            if request[1]:
+                sets.add(len(keys))
+            keys.append(request[0])
+            end = got[1]
+    except BackendProtocolError:
+        pass
+    assert read_raw_chunks(chunked(data, cuts), counts, None, keys + [b"k"] * 8,
+                           frozenset(sets)) == (data[:end], len(keys), error)
+
+
+@FAST
+@given(st.lists(st.integers(0, 10**6), max_size=6))
+def test_raw_reply_of_another_request_is_a_mismatch(cuts):
+    """A VALUE of another key, END to a set, STORED to a get: raised after
+    the replies before, which answered their own requests."""
+    keys, sets = [b"a", b"b", b"c"], frozenset([1])
+    for wrong in (b"VALUE x 0 1\r\n1\r\nEND\r\n", b"STORED\r\n", b"HD\r\n"):
+        wire = b"END\r\nSTORED\r\n" + wrong
+        assert read_raw_chunks(chunked(wire, cuts), [1, 3], None, keys, sets) \
+            == (b"END\r\nSTORED\r\n", 2, "mismatch")
+    wire = b"END\r\nEND\r\n"
+    assert read_raw_chunks(chunked(wire, cuts), [2], None, keys, sets) \
+        == (b"END\r\n", 1, "mismatch")
 
 
 @st.composite
@@ -466,25 +516,33 @@ def test_multi_key_replies_split_anywhere(generated, cuts):
 
 
 _GET_ERRORS = st.sampled_from([b"SERVER_ERROR out of memory\r\n", b"ERROR\r\n",
-                               b"CLIENT_ERROR bad data chunk\r\n", b"STORED\r\n"])
+                               b"CLIENT_ERROR bad data chunk\r\n"])
 
 
 @st.composite
-def run_replies(draw) -> tuple[bytes, bytes, int, dict[int, int]]:
+def run_replies(draw) -> tuple[bytes, bytes, int, dict[int, int], list[bytes], frozenset[int]]:
     """The replies to a run of single requests and multi-key gets (by
-    ``widths``), and what its client gets: the same bytes, except that an
-    error line answering a multi-key get (after any values) is that line
-    for each key and END, as for keys routed together."""
-    wire, expect, widths = [], [], {}
+    ``widths``), what its client gets, and the requests' keys and sets: the
+    same bytes, except that an error line answering a multi-key get (after
+    any values) is that line for each key and END, as for keys routed
+    together."""
+    wire, expect, widths, keys, sets = [], [], {}, [], set()
     for index in range(draw(st.integers(0, 6))):
         kind = draw(st.integers(0, 2))
         if kind == 0:
-            reply, _ = draw(replies())
+            reply, request = draw(replies().map(
+                lambda g: (g[0], plain_request_for(parse_response(g[0])[0]))).filter(
+                lambda g: g[1] is not None))
             wire.append(reply)
             expect.append(reply)
+            keys.append(request[0])
+            if request[1]:
+                sets.add(index)
             continue
         reply, items = draw(multiget_replies())
-        widths[index] = draw(st.integers(max(2, len(items) - 1), 6))
+        width = widths[index] = draw(st.integers(max(2, len(items) - 1), 6))
+        found = [line[6:line.index(b" ", 6)] for _, _, line, _ in items[:-1]]
+        keys.append(b" ".join(found + [b"-"] * (width - len(found))))
         if kind == 1:
             wire.append(reply)
             expect.append(reply)
@@ -492,25 +550,30 @@ def run_replies(draw) -> tuple[bytes, bytes, int, dict[int, int]]:
             line = draw(_GET_ERRORS)
             wire.append(reply[:-len(errors.END)] + line)
             expect.append(line * widths[index] + errors.END)
-    return b"".join(wire), b"".join(expect), len(wire), widths
+    return (b"".join(wire), b"".join(expect), len(wire), widths, keys, frozenset(sets))
 
 
 @FAST
 @given(run_replies(), st.lists(st.integers(0, 10**6), max_size=12),
        st.lists(st.integers(1, 4), min_size=1, max_size=5))
 def test_raw_multi_key_replies_in_any_chunks(generated, cuts, counts):
-    wire, expect, count, widths = generated
-    assert read_raw_chunks(chunked(wire, cuts), counts, widths) == (expect, count, None)
+    wire, expect, count, widths, keys, sets = generated
+    assert read_raw_chunks(chunked(wire, cuts), counts, widths, keys, sets) \
+        == (expect, count, None)
 
 
 @FAST
 @given(st.lists(st.integers(0, 10**6), max_size=6))
 def test_raw_multi_key_reply_with_more_values_than_keys(cuts):
-    """More values than keys: a desync, raised after the replies before."""
+    """More values than keys, or a key not asked for, or out of order: a
+    mismatch, raised after the replies before."""
     value = b"VALUE a 0 1\r\n1\r\n"
-    wire = b"STORED\r\n" + value * 3 + errors.END
-    assert read_raw_chunks(chunked(wire, cuts), [1, 2], {1: 2}) \
-        == (b"STORED\r\n", 1, "parsing")
+    for keys, values in (([b"x", b"a a"], value * 3), ([b"x", b"a b"], value + value),
+                         ([b"x", b"b a"], value + b"VALUE b 0 1\r\n1\r\n"),
+                         ([b"x", b"a b"], b"VALUE c 0 1\r\n1\r\n")):
+        wire = b"STORED\r\n" + values + errors.END
+        assert read_raw_chunks(chunked(wire, cuts), [1, 2], {1: 2}, keys, frozenset([0])) \
+            == (b"STORED\r\n", 1, "mismatch")
 
 
 @FAST
@@ -551,7 +614,7 @@ class NumberingEngine:
         self.refused = 0 if runs == "refuse" else None
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: int, widths: dict[int, int] | None, done) -> bool:
+                  sets: list[int], widths: dict[int, int] | None, done) -> bool:
         if self.refused is not None:
             self.refused += 1
             return False
@@ -560,8 +623,9 @@ class NumberingEngine:
         for index, (end, key) in enumerate(zip(ends, keys, strict=True)):
             line, newline, value = data[start:end].partition(b"\n")
             req = parse_request(line + newline)
-            assert req.key == key
             multiget = split_multiget(req)
+            assert key == (b" ".join(multiget) if multiget else req.key)
+            assert (index in sets) == (req.command == rq.CMD_SET)
             assert (widths or {}).get(index) == (multiget and len(multiget))
             for one in multiget or [key]:
                 self.routed.append((b"get %s\r\n" % one if multiget else line + newline,
@@ -570,9 +634,7 @@ class NumberingEngine:
                 answers.append(b"<%d>\r\n" % self.counter[0])
             if multiget:
                 answers.append(errors.END)
-            sets -= bool(value)
             start = end
-        assert sets == 0
         self._answer(done, b"".join(answers))
         return True
 
@@ -661,7 +723,8 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
 #: Everything the proxy writes of its own accord.
 _PROXY_LINES = [errors.PARSING_REQUEST, errors.REQUEST_TOO_LONG, errors.KEY_TOO_LONG,
                 errors.BAD_DATA_CHUNK, errors.NO_ROUTE, errors.NOT_SUPPORTED,
-                errors.BINARY_PROTOCOL, errors.OBJECT_TOO_LARGE,
+                errors.BINARY_PROTOCOL, errors.OBJECT_TOO_LARGE, errors.BAD_COMMAND_LINE,
+                errors.OPTIONS_TOO_LONG, errors.ERROR,
                 errors.END, b"MN\r\n", b"VERSION test\r\n"]
 _OUTPUT_ITEM = re.compile(b"<(\\d+)>\r\n|" + b"|".join(map(re.escape, _PROXY_LINES)))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from mcproxy import errors
-
 from mcproxy.protocols import request as rq
 from mcproxy.protocols.request import ParseError, parse_request
 
@@ -217,10 +216,10 @@ def test_scan_plain_takes_plain_gets_and_sets_with_their_payloads():
     data = b"get a\r\nset b 1 2 3\r\nxyz\r\nget c\r\nmg d v\r\nget e\r\n"
     stop, keys, ends, sets, widths = rq.scan_plain(data, 0, True, 100)
     assert data[:stop] == b"get a\r\nset b 1 2 3\r\nxyz\r\nget c\r\n"
-    assert keys == [b"a", b"b", b"c"] and sets == 1 and widths is None
+    assert keys == [b"a", b"b", b"c"] and sets == [1] and widths is None
     assert ends == [7, 25, 32]
-    assert rq.scan_plain(data, stop, True, 100) == (stop, [], [], 0, None)
-    assert rq.scan_plain(data, 7, False, 100) == (7, [], [], 0, None)
+    assert rq.scan_plain(data, stop, True, 100) == (stop, [], [], [], None)
+    assert rq.scan_plain(data, 7, False, 100) == (7, [], [], [], None)
 
 
 def test_scan_plain_takes_multigets_when_asked():
@@ -228,12 +227,13 @@ def test_scan_plain_takes_multigets_when_asked():
     assert rq.scan_plain(data, 0, True, 100)[:2] == (7, [b"a"])
     stop, keys, ends, sets, widths = rq.scan_plain(data, 0, True, 100, multigets=3)
     assert data[stop:] == b"get h i \r\n"  # a trailing space: not plain
-    assert keys == [b"a", b"b", b"d", b"e"] and widths == {1: 2, 3: 3}
-    assert ends == [7, 16, 23, 34] and sets == 0
-    assert rq.scan_plain(data, 0, True, 100, multigets=2)[1:] == ([b"a", b"b", b"d"],
-                                                                 [7, 16, 23], 0, {1: 2})
+    assert keys == [b"a", b"b c", b"d", b"e f g"] and widths == {1: 2, 3: 3}
+    assert ends == [7, 16, 23, 34] and sets == []
+    assert rq.scan_plain(data, 0, True, 100, multigets=2)[1:] == ([b"a", b"b c", b"d"],
+                                                                 [7, 16, 23], [], {1: 2})
     key = b"k" * rq.MAX_KEY_LENGTH
-    assert rq.scan_plain(b"get %s %s\r\n" % (key, key), 0, True, 100, multigets=2)[1] == [key]
+    assert rq.scan_plain(b"get %s %s\r\n" % (key, key), 0, True, 100,
+                         multigets=2)[1] == [key + b" " + key]
     for line in (b"get a %sk\r\n" % key, b"get %sk a\r\n" % key, b"get a  b\r\n",
                  b"get a b\n", b"get a b", b"gets a b\r\n"):
         assert rq.scan_plain(line, 0, True, 100, multigets=2)[1] == [], line
@@ -253,7 +253,7 @@ def test_scan_plain_takes_multigets_when_asked():
     b"set " + b"k" * 251 + b" 0 0 1\r\nx\r\n",
 ])
 def test_scan_plain_stops_before_anything_else(data):
-    assert rq.scan_plain(b"get x\r\n" + data, 0, True, 100) == (7, [b"x"], [7], 0, None)
+    assert rq.scan_plain(b"get x\r\n" + data, 0, True, 100) == (7, [b"x"], [7], [], None)
 
 
 def test_scan_plain_longest_line_and_limit():

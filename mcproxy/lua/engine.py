@@ -372,11 +372,11 @@ class RouteEngine:
         return True
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: int, widths: dict[int, int] | None,
+                  sets: list[int], widths: dict[int, int] | None,
                   done: Callable[[bytes], None]) -> bool:
         """Route a run of plain requests (``request.scan_plain``: they are
-        ``data[start:ends[-1]]``, ``keys`` and ``ends`` their (first) keys
-        and end offsets in ``data``, ``sets`` of them are sets, the rest
+        ``data[start:ends[-1]]``, ``keys`` and ``ends`` their keys and end
+        offsets in ``data``, ``sets`` the indexes of the sets, the rest
         gets, ``widths`` the key counts of multi-key gets) whose commands'
         routes are the same direct pool call (``plain_runs``; multi-key
         gets only with ``plain_multigets``).
@@ -406,18 +406,18 @@ class RouteEngine:
                 return False
             backend = chosen[0]
             if chosen.count(backend) < len(chosen):
-                return self._route_stretches(data, start, ends, sets, chosen, done)
+                return self._route_stretches(data, start, keys, ends, sets, chosen, done)
         if backend.options.depth_limit:
             return False
         stop = ends[-1]
         run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
-                       len(keys), widths)
-        self._count_run(run.requests, sets)
+                       keys, sets, widths)
+        self._count_run(run.requests, len(sets))
         backend.send(run, partial(_run_answered, run, self.stats, done))
         return True
 
-    def _route_stretches(self, data: bytes, start: int, ends: list[int], sets: int,
-                         chosen: list, done: Callable[[bytes], None]) -> bool:
+    def _route_stretches(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                         sets: list[int], chosen: list, done: Callable[[bytes], None]) -> bool:
         """route_run for single-key requests bound for several backends
         (``chosen``, by request): each stretch of consecutive requests for
         the same backend goes to it as a PlainRun; ``done`` gets their
@@ -431,14 +431,15 @@ class RouteEngine:
         for backend in backends:
             if backend.options.depth_limit:
                 return False
-        self._count_run(len(chosen), sets)
+        self._count_run(len(chosen), len(sets))
         reply = _RunsReply(len(backends), self.stats, done)
         starts.append(len(chosen))
         offset = start
         for index, backend in enumerate(backends):
-            last = starts[index + 1]
+            first, last = starts[index], starts[index + 1]
             end = ends[last - 1]
-            run = PlainRun(data[offset:end], last - starts[index])
+            run = PlainRun(data[offset:end], keys[first:last],
+                           [i - first for i in sets if first <= i < last])
             backend.send(run, partial(reply.answer, index, run))
             offset = end
         return True

@@ -43,15 +43,17 @@ from mcproxy.protocols.response import (
     FAIL_DEPTH,
     FAIL_DISCONNECTED,
     FAIL_MARKEDBAD,
-    FAIL_PARSING,
     FAIL_READVALIDATE,
     FAIL_TIMEOUT,
     FAIL_TRAILINGDATA,
     MCMC_CODE_VERSION,
     MCMC_RESP_END,
+    MCMC_RESP_ERRMSG,
     BackendProtocolError,
     Response,
     ResponseReader,
+    check_reply,
+    mismatched,
 )
 from mcproxy.protocols.writes import batch, send, tcp_socket
 from mcproxy.stats import ProxyStats
@@ -81,6 +83,8 @@ LOG_MARKED_BAD = ("backend {label} ({host}:{port}) error={reason}; marked bad "
                   "retrying every {retry}s")
 LOG_RECOVERED = "backend {label} ({host}:{port}) is back after {failures} failures"
 LOG_CALLBACK = "backend {label} response callback failed"
+LOG_MISMATCH = ("backend {label} ({host}:{port}) sent a reply that does not answer "
+                "its request ({detail}); resetting the connection")
 LOG_TLS_FAILED = "backend {label} ({host}:{port}) TLS failed: {error}"
 
 #: Slack when comparing the clock with a read deadline.
@@ -206,12 +210,19 @@ def _align(keys: list[bytes], values: list[tuple]) -> list[tuple | None]:
             aligned.append(None)
             index += 1
         if index == size:
-            raise BackendProtocolError(FAIL_PARSING)
+            raise mismatched("VALUE of a key not asked for, or out of order",
+                             b" ".join(keys), key)
         aligned.append(value)
         index += 1
     if index < size:
         aligned.extend([None] * (size - index))
     return aligned
+
+
+def _check_multi_end(res: Response) -> None:
+    """A multi-key get's reply ends in ``END`` or an error line."""
+    if res.type != MCMC_RESP_END and res.type != MCMC_RESP_ERRMSG:
+        raise mismatched("reply of the wrong kind", b"get", res.line)
 
 
 def _size(request: Request | PlainRun) -> int:
@@ -335,6 +346,7 @@ class BackendProtocol(Protocol):
                     res = reader.read()
                     if res is None:
                         return
+                    check_reply(queue[0][0], res)
                     units.popleft()
                     answers = ((queue.popleft(), res),)
                 elif units[0] <= 0:  # a PlainRun or a KeyBatch: one callback
@@ -349,7 +361,7 @@ class BackendProtocol(Protocol):
                     if answers is None:
                         return
             except BackendProtocolError as e:
-                backend._reset(e.reason)
+                backend._protocol_error(e)
                 return
             self.answered_at = now
             for (_request, callback, sent), res in answers:
@@ -375,6 +387,7 @@ class BackendProtocol(Protocol):
         res = reader.read_values(self._values)
         if res is None:
             return None
+        _check_multi_end(res)
         queue = self.queue
         entries = [queue[i] for i in range(size)]
         if res.type == MCMC_RESP_END:
@@ -401,6 +414,7 @@ class BackendProtocol(Protocol):
         res = reader.read_values(self._values)
         if res is None:
             return False
+        _check_multi_end(res)
         request, callback, sent = self.queue[0]
         keys = request.keys
         hits = None
@@ -435,8 +449,8 @@ class BackendProtocol(Protocol):
             run, callback, sent = queue[0]
             count = run.count
             while run.answered < count:
-                framed = reader.read_raw(count - run.answered, run.parts, run.widths,
-                                         run.answered)
+                framed = reader.read_raw(count - run.answered, run.parts, run.keys, run.sets,
+                                         run.widths, run.answered)
                 if not framed:
                     return False
                 run.answered += framed
@@ -713,6 +727,15 @@ class Backend:
                 connector.stopConnecting()
             except error.NotConnectingError:
                 pass
+
+    def _protocol_error(self, error: BackendProtocolError) -> None:
+        """The connection's stream cannot be trusted: reset it, and say
+        why when a reply did not answer its request."""
+        if error.detail:
+            self.stats.backend_mismatches += 1
+            self.log.error(LOG_MISMATCH, label=self.label, host=self.host, port=self.port,
+                           detail=error.detail, type="proxy_backend")
+        self._reset(error.reason)
 
     def _reset(self, reason: str) -> None:
         """Drop the connection, fail its queue, count, reconnect or go bad.

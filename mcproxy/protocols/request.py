@@ -232,18 +232,23 @@ class KeyBatch(Request):
 class PlainRun:
     """Consecutive plain ``get``/``set`` requests of one client bound for
     the same backend (see :func:`scan_plain`), sent as the client sent
-    them and answered as a whole: ``data`` is their bytes, ``count`` how
-    many there are. ``widths`` maps the index of each ``get`` of several
-    keys to its number of keys (None: there are none); ``requests`` counts
-    every key of those as a request, as routing them one by one does. The
-    backend connection collects the replies in ``parts`` as they arrive,
-    ``answered`` of them so far."""
+    them and answered as a whole: ``data`` is their bytes, ``keys`` the key
+    of each (a multi-key get's keys as sent, one space between them),
+    ``sets`` the indexes of the sets among them (None: there are none).
+    ``widths`` maps the index of each ``get`` of several keys to its number
+    of keys (None: there are none); ``requests`` counts every key of those
+    as a request, as routing them one by one does. The backend connection
+    collects the replies in ``parts`` as they arrive, ``answered`` of them
+    so far, each checked against its request."""
 
-    __slots__ = ("data", "count", "widths", "requests", "parts", "answered")
+    __slots__ = ("data", "keys", "count", "sets", "widths", "requests", "parts", "answered")
 
-    def __init__(self, data: bytes, count: int, widths: dict[int, int] | None = None) -> None:
+    def __init__(self, data: bytes, keys: list[bytes], sets: list[int] | None = None,
+                 widths: dict[int, int] | None = None) -> None:
         self.data = data
-        self.count = count
+        self.keys = keys
+        self.count = count = len(keys)
+        self.sets = frozenset(sets) if sets else None
         self.widths = widths
         self.requests = count if widths is None else count + sum(widths.values()) - len(widths)
         self.parts: list[bytes] = []
@@ -354,7 +359,7 @@ def _plain_set(tokens: list[bytes]) -> int:
 
 def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
                limit: int = MAX_RUN, multigets: int = 0,
-               ) -> tuple[int, list[bytes], list[int], int, dict[int, int] | None]:
+               ) -> tuple[int, list[bytes], list[int], list[int], dict[int, int] | None]:
     """The run of plain requests in ``data`` from ``pos``: consecutive
     ``get <key>`` lines, with ``multigets`` also ``get <key> <key>...``
     lines of at most that many keys (each key at most MAX_KEY_LENGTH long,
@@ -365,14 +370,15 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
     than MAX_REQUEST_LINE; at most ``limit`` requests.
 
     Returns ``(stop, keys, ends, sets, widths)``: the offset after the run,
-    the (first) key and end offset of each request, how many are sets, and
-    None or the number of keys of each multi-key get by its index. The run
-    stops before anything else, which the caller parses line by line.
+    the key (a multi-key get's keys) and end offset of each request, the
+    indexes of the sets, and None or the number of keys of each multi-key
+    get by its index. The run stops before anything else, which the caller
+    parses line by line.
     """
     keys: list[bytes] = []
     ends: list[int] = []
     widths: dict[int, int] | None = None
-    nsets = 0
+    set_at: list[int] = []
     size = len(data)
     while pos < size and len(keys) < limit:
         gets = _GET_LINES.match(data, pos)
@@ -403,7 +409,7 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
                 if widths is None:
                     widths = {}
                 widths[len(keys)] = width
-                keys.append(data[pos + 4:data.find(b" ", pos + 4)])
+                keys.append(data[pos + 4:stop - 2])
                 ends.append(stop)
                 pos = stop
                 continue
@@ -414,11 +420,11 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
         end = line.end() + vlen
         if vlen > max_payload + 2 or end > size or data[end - 2:end] != b"\r\n":
             break
+        set_at.append(len(keys))
         keys.append(line[1])
         ends.append(end)
-        nsets += 1
         pos = end
-    return pos, keys, ends, nsets, widths
+    return pos, keys, ends, set_at, widths
 
 
 def _parse_general(line: bytes) -> Request:

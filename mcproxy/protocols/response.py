@@ -30,7 +30,22 @@ from __future__ import annotations
 import re
 
 from mcproxy.errors import BACKEND_FAILURE, END
-from mcproxy.protocols.request import MAX_VALUE_LENGTH, Request
+from mcproxy.protocols.request import (
+    CMD_DECR,
+    CMD_DELETE,
+    CMD_INCR,
+    CMD_MA,
+    CMD_MD,
+    CMD_ME,
+    CMD_MG,
+    CMD_MS,
+    CMD_TOUCH,
+    GET_COMMANDS,
+    MAX_VALUE_LENGTH,
+    META_COMMANDS,
+    STORAGE_COMMANDS,
+    Request,
+)
 
 # Response codes, numbered as in mcmc.h (memcached 1.6.16+).
 MCMC_CODE_STORED = 8
@@ -78,6 +93,8 @@ FAIL_CLOSED = "closedsock"
 FAIL_UNHANDLEDRES = "unhandledres"
 FAIL_MISSINGEND = "missingend"
 FAIL_TRAILINGDATA = "trailingdata"
+#: mcproxy's: a reply that cannot answer the request it pairs with.
+FAIL_MISMATCH = "mismatch"
 # mcproxy's own reasons for requests failed without touching the socket.
 FAIL_MARKEDBAD = "markedbad"
 FAIL_DEPTH = "depthlimit"
@@ -119,9 +136,17 @@ class BackendProtocolError(Exception):
     ``reason`` is the failure name the connection is reset with.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        #: what did not match, for the log (FAIL_MISMATCH)
+        self.detail = detail
+
+
+def mismatched(what: str, want: bytes, got: bytes) -> BackendProtocolError:
+    """The error for a reply that does not answer its request: the stream
+    pairs replies with requests by position, so it is out of step."""
+    return BackendProtocolError(FAIL_MISMATCH, f"{what}: {got[:80]!r} for {want[:80]!r}")
 
 
 class Response:
@@ -217,20 +242,49 @@ def _reply_end(buf: bytes, pos: int) -> int:
     return 0
 
 
-def _multi_end(buf: bytes, pos: int, width: int) -> int:
-    """Where the reply to a get of ``width`` keys at ``buf[pos]`` ends, when
-    it is complete and plain (at most ``width`` plain ``VALUE`` items, then
-    ``END``); 0 for anything else, which ``ResponseReader._read_multi``
+#: The replies a plain ``set`` gets besides error lines.
+_SET_REPLIES = (b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n", b"NOT_FOUND\r\n")
+#: How error lines start (they answer any request).
+_ERROR_LINES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
+
+
+def _check_plain(buf: bytes, pos: int, key: bytes, is_set: bool) -> None:
+    """Raise FAIL_MISMATCH unless the complete reply at ``buf[pos]`` can
+    answer a plain ``get <key>`` (or with ``is_set`` a plain ``set``)."""
+    if buf.startswith(b"VALUE ", pos):
+        if is_set or buf[pos + 6:buf.find(b" ", pos + 6)] != key:
+            raise mismatched("VALUE of another request", key,
+                             buf[pos:buf.find(b"\n", pos) + 1])
+    elif not buf.startswith(_ERROR_LINES, pos) and (
+            not buf.startswith(_SET_REPLIES, pos) if is_set
+            else not buf.startswith(END, pos)):
+        raise mismatched("reply of the wrong kind", key, buf[pos:buf.find(b"\n", pos) + 1])
+
+
+def _next_key(keys: list[bytes], index: int, key: bytes) -> int:
+    """The index after ``key`` among ``keys[index:]``: memcached answers a
+    multi-key get in the order of its keys, skipping misses, so a key not
+    found there is another request's."""
+    size = len(keys)
+    while index < size:
+        if keys[index] == key:
+            return index + 1
+        index += 1
+    raise mismatched("VALUE of a key not asked for, or out of order", b" ".join(keys), key)
+
+
+def _multi_end(buf: bytes, pos: int, keys: list[bytes]) -> int:
+    """Where the reply to a get of ``keys`` at ``buf[pos]`` ends, when it is
+    complete and plain (plain ``VALUE`` items of those keys in their order,
+    then ``END``); 0 for anything else, which ``ResponseReader._read_multi``
     judges."""
-    values = 0
+    index = 0
     match = _VALUE_LINE.match
     while (line := match(buf, pos)) is not None:
-        if values == width:
-            return 0
+        index = _next_key(keys, index, line[1])
         pos = line.end() + int(line[2]) + 2
         if not buf.startswith(b"\r\n", pos - 2):
             return 0
-        values += 1
     return pos + 5 if buf.startswith(b"END\r\n", pos) else 0
 
 
@@ -346,7 +400,7 @@ class ResponseReader:
     so values of any size cost linear time.
     """
 
-    __slots__ = ("_buf", "_pos", "_parts", "_have", "_need", "_held", "_held_values")
+    __slots__ = ("_buf", "_pos", "_parts", "_have", "_need", "_held", "_held_next")
 
     def __init__(self) -> None:
         self._buf = _EMPTY
@@ -355,9 +409,10 @@ class ResponseReader:
         self._have = 0
         self._need = 0
         #: the VALUE items of the multi-key reply read_raw is reading, and
-        #: how many there are, while its END has not arrived
+        #: the index of the key the next may answer, while its END has not
+        #: arrived
         self._held: list[bytes] = []
-        self._held_values = 0
+        self._held_next = 0
 
     @property
     def buffered(self) -> int:
@@ -415,19 +470,24 @@ class ResponseReader:
         self._buf = _EMPTY
         self._pos = 0
 
-    def read_raw(self, count: int, parts: list[bytes],
-                 widths: dict[int, int] | None = None, first: int = 0) -> int:
+    def read_raw(self, count: int, parts: list[bytes], keys: list[bytes],
+                 sets: frozenset[int] | None = None, widths: dict[int, int] | None = None,
+                 first: int = 0) -> int:
         """Read on up to ``count`` complete replies as the bytes that came,
         appended to ``parts``; return how many were read.
 
         For requests whose client gets exactly the backend's reply (plain
-        ``get``/``set``, see ``client_bytes``): no Response is made.
-        ``widths`` gives the key count of each get of several keys by its
-        index, ``first`` being the index of the next reply: its reply is at
-        most that many ``VALUE`` items and ``END``, or for an error line
-        that line for each key and ``END``, what the client gets for keys
-        routed together (RouteEngine.route_keys). A stream that turns to
-        garbage after some replies gives those first; the next call raises.
+        ``get``/``set``, see ``client_bytes``; a PlainRun): no Response is
+        made. ``first`` is the index of the next reply's request; ``keys``
+        gives each request's key (a multi-key get's keys as sent), ``sets``
+        the indexes of the sets, and every reply is checked against its
+        request (``_check_plain``). ``widths`` gives the key count of each
+        get of several keys by its index: its reply is ``VALUE`` items of
+        those keys in their order and ``END``, or for an error line that
+        line for each key and ``END``, what the client gets for keys routed
+        together (RouteEngine.route_keys). A stream that turns to garbage
+        or to another request's reply after some replies gives those first;
+        the next call raises.
         """
         buf = self._buf
         start = pos = self._pos
@@ -435,6 +495,7 @@ class ResponseReader:
             # One plain reply, most often: framed without the loop below.
             end = _reply_end(buf, pos)
             if end:
+                _check_plain(buf, pos, keys[first], sets is not None and first in sets)
                 parts.append(buf[pos:end])
                 self._pos = end
                 return 1
@@ -443,7 +504,8 @@ class ResponseReader:
         result = 0
         try:
             while framed < count and pos < size:
-                width = None if widths is None else widths.get(first + framed)
+                index = first + framed
+                width = None if widths is None else widths.get(index)
                 if width is None:
                     end = _reply_end(buf, pos)
                     if not end:
@@ -451,14 +513,18 @@ class ResponseReader:
                         if result.__class__ is int:
                             break
                         end = result[1]
-                elif self._held or not (end := _multi_end(buf, pos, width)):
-                    if pos > start:
-                        parts.append(buf[start:pos])
-                    start = pos
-                    end = self._read_multi(buf, pos, width, parts)
-                    if end is None:
-                        return framed
-                    start = end
+                    _check_plain(buf, pos, keys[index], sets is not None and index in sets)
+                else:
+                    wanted = keys[index].split(b" ")
+                    end = 0 if self._held else _multi_end(buf, pos, wanted)
+                    if not end:
+                        if pos > start:
+                            parts.append(buf[start:pos])
+                        start = pos
+                        end = self._read_multi(buf, pos, wanted, parts)
+                        if end is None:
+                            return framed
+                        start = end
                 pos = end
                 framed += 1
         except BackendProtocolError:
@@ -473,37 +539,38 @@ class ResponseReader:
             self._pos = pos
         return framed
 
-    def _read_multi(self, buf: bytes, pos: int, width: int, parts: list[bytes]) -> int | None:
-        """Read on in the reply to a get of ``width`` keys at ``buf[pos]``,
-        after the items held from earlier bytes: once complete, append what
-        the client gets to ``parts`` and return the reply's end; until then
-        hold its complete items and return None."""
+    def _read_multi(self, buf: bytes, pos: int, keys: list[bytes],
+                    parts: list[bytes]) -> int | None:
+        """Read on in the reply to a get of ``keys`` at ``buf[pos]``, after
+        the items held from earlier bytes: once complete, append what the
+        client gets to ``parts`` and return the reply's end; until then hold
+        its complete items and return None."""
         held = self._held
-        values = self._held_values
+        index = self._held_next
         item = pos
         while True:
             result = _parse(buf, item, False, True)
             if result.__class__ is int:
                 if item > pos:
                     held.append(buf[pos:item])
-                self._held_values = values
+                self._held_next = index
                 self._wait(buf, item, result)
                 return None
             res, end = result
-            if res.type == MCMC_RESP_GET:
-                values += 1
-                if values > width:
-                    raise BackendProtocolError(FAIL_PARSING)
+            rtype = res.type
+            if rtype == MCMC_RESP_GET:
+                index = _next_key(keys, index, value_key(res.line))
                 item = end
                 continue
-            if res.type == MCMC_RESP_END:
+            if rtype == MCMC_RESP_END:
                 parts += held
                 parts.append(buf[pos:end])
+            elif rtype == MCMC_RESP_ERRMSG:
+                parts.append(res.line * len(keys) + END)
             else:
-                value = res.value
-                parts.append((res.line if value is None else res.line + value) * width + END)
+                raise mismatched("reply of the wrong kind", b"get", res.line)
             held.clear()
-            self._held_values = 0
+            self._held_next = 0
             return end
 
     def read_values(self, items: list[tuple[bytes, bytes, int]]) -> Response | None:
@@ -537,6 +604,80 @@ class ResponseReader:
             items.append((head[6:].partition(b" ")[0], head + res.value, len(head)))
             buf = self._buf
             pos = self._pos
+
+
+#: The first token of each reply a command may get besides error lines.
+_REPLIES = {
+    **dict.fromkeys(STORAGE_COMMANDS, frozenset((b"STORED", b"NOT_STORED", b"EXISTS",
+                                                 b"NOT_FOUND"))),
+    CMD_DELETE: frozenset((b"DELETED", b"NOT_FOUND")),
+    CMD_TOUCH: frozenset((b"TOUCHED", b"NOT_FOUND")),
+    CMD_INCR: frozenset((b"NOT_FOUND",)),
+    CMD_DECR: frozenset((b"NOT_FOUND",)),
+    CMD_MG: frozenset((b"VA", b"HD", b"EN")),
+    CMD_MS: frozenset((b"HD", b"NS", b"EX", b"NF")),
+    CMD_MD: frozenset((b"HD", b"NF", b"EX")),
+    CMD_MA: frozenset((b"HD", b"NF", b"NS", b"EX", b"VA")),
+    CMD_ME: frozenset((b"ME", b"EN")),
+}
+
+
+def value_key(line: bytes) -> bytes:
+    """The key of a ``VALUE <key> <flags> <bytes>`` line."""
+    return line[6:line.find(b" ", 6)]
+
+
+def check_reply(req: Request, res: Response) -> None:
+    """Raise FAIL_MISMATCH unless ``res`` can answer ``req``: a ``VALUE``
+    must carry the requested key, a reply must be of a kind the command
+    gets (error lines answer anything), and a meta reply's ``O`` opaque
+    and ``k`` key flags must be the request's."""
+    rtype = res.type
+    if rtype == MCMC_RESP_ERRMSG:
+        return
+    command = req.command
+    line = res.line
+    if command in GET_COMMANDS:
+        if rtype == MCMC_RESP_GET:
+            if value_key(line) != req.key:
+                raise mismatched("VALUE of another key", req.key, line)
+        elif rtype != MCMC_RESP_END:
+            raise mismatched("reply of the wrong kind", req.line, line)
+        return
+    replies = _REPLIES.get(command)
+    if replies is None:
+        return
+    if rtype == MCMC_RESP_NUMERIC:
+        if command != CMD_INCR and command != CMD_DECR:
+            raise mismatched("reply of the wrong kind", req.line, line)
+        return
+    space = line.find(b" ")
+    if (line[:space] if space >= 0 else line[:-2]) not in replies:
+        raise mismatched("reply of the wrong kind", req.line, line)
+    if space < 0:
+        return
+    if command == CMD_ME:
+        if line[:3] == b"ME " and line[3:].partition(b" ")[0] != req.key:
+            raise mismatched("debug line of another key", req.key, line)
+    elif command in META_COMMANDS:
+        _check_meta_flags(req, line)
+
+
+def _check_meta_flags(req: Request, line: bytes) -> None:
+    """A meta reply carries its request's opaque (``O``) and, with the
+    ``k`` flag, its key: any other is another request's reply."""
+    first_flag = 3 if req.command == CMD_MS else 2
+    opaque = key = None
+    for flag in req.tokens[first_flag:]:
+        if flag[:1] == b"O":
+            opaque = flag
+        elif flag == b"k":
+            key = b"k" + req.key
+    for token in line[:-2].split(b" ")[1:]:
+        if token[:1] == b"O" and token != opaque:
+            raise mismatched("opaque of another request", req.line, line)
+        if token[:1] == b"k" and token != key:
+            raise mismatched("key of another request", req.line, line)
 
 
 def client_bytes(res: Response, req: Request) -> bytes:

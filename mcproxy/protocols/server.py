@@ -352,7 +352,7 @@ class ProxyServerProtocol(LineReceiver):
         self.engine.route(req, slot.fill)
 
     def _route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                   sets: int, widths: dict[int, int] | None) -> bool:
+                   sets: list[int], widths: dict[int, int] | None) -> bool:
         """Route a run of plain requests (``scan_plain``) with one slot;
         False if the engine routes them one by one instead."""
         # Its requests, a multiget's keys each and END, less the slot itself.
