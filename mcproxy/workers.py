@@ -35,7 +35,10 @@ worker's Prometheus exposition, or its status page body, rendered in its
 reactor thread as a single process renders them.
 
 Signals. SIGHUP to the supervisor is sent on to every worker, each of which
-reloads (and logs the outcome). SIGTERM/SIGINT stop the workers (SIGTERM,
+reloads (and logs the outcome). No HUP may kill a worker, and until its
+reactor runs it has no handler: a worker is spawned with SIGHUP blocked and
+ignores it from its first line (mcproxy.__main__.ignore_hup) until its
+reload handler is installed. SIGTERM/SIGINT stop the workers (SIGTERM,
 then SIGKILL after ``STOP_TIMEOUT``) and then the supervisor. A worker that
 exits while the supervisor runs is logged with its exit status and started
 again after ``RESTART_DELAY`` seconds, doubled for each further quick exit
@@ -371,12 +374,12 @@ class WorkerSupervisor(MultiService):
             self._bind()
         super().startService()
         self._stopping = False
-        for slot in range(self.count):
-            self._spawn(slot)
-        try:
+        try:  # before the workers, so that none misses a HUP
             self._previous_hup = signal.signal(signal.SIGHUP, self._hup)
         except ValueError:
             self._previous_hup = None  # not the main thread
+        for slot in range(self.count):
+            self._spawn(slot)
         self._broadcast = task.LoopingCall(self._send_tables)
         self._broadcast.clock = self.reactor
         self._broadcast.start(STATS_INTERVAL, now=False)
@@ -429,8 +432,15 @@ class WorkerSupervisor(MultiService):
             args.append(f"--fd={fd}={description}")
         args += ["--", *self.worker_args]
         worker = WorkerProcess(self, slot)
-        self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ.copy(),
-                                  childFDs=child_fds)
+        # The child inherits the blocked mask through the exec (Twisted
+        # resets only ignored signals), so a HUP cannot kill it before its
+        # first line ignores SIGHUP; ours stays pending meanwhile, not lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ.copy(),
+                                      childFDs=child_fds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[slot] = worker
         self.log.info(LOG_STARTED, slot=slot, pid=worker.pid)
 

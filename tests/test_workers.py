@@ -4,8 +4,9 @@ Options, the ``stats workers`` reply and the supervisor's asks over the
 control pipe are tested in process; the rest runs ``twistd -n mcproxy
 --workers=2`` with real memcached servers behind it: connections spread
 over both workers, SIGHUP reloads both, a worker killed with SIGKILL is
-restarted, SIGTERM stops everything, a broken config stops startup, and
-``--metrics`` serves every worker's metrics and status.
+restarted, SIGHUP never kills a worker that is still starting, SIGTERM
+stops everything, a broken config stops startup, and ``--metrics`` serves
+every worker's metrics and status.
 """
 
 from __future__ import annotations
@@ -299,6 +300,81 @@ def test_a_killed_worker_is_restarted(workers):
     assert serve_many(workers, "restarted") == {"0", "1"}
     wait_for(lambda: stats(workers, b"workers").get("worker_restarts") == "1",
              what="stats workers to count the restart")
+
+
+def listening(proxy: Proxy) -> int:
+    """How many workers have started serving (and so handle SIGHUP)."""
+    return proxy.log().count("ProxyServerFactory starting")
+
+
+def hup_storm(pids, until, timeout: float = 10.0) -> int:
+    """Send SIGHUP to every pid of ``pids()`` every few milliseconds until
+    ``until()`` is true; how many were sent."""
+    sent = 0
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out sending SIGHUPs")
+        for pid in pids():
+            try:
+                os.kill(pid, signal.SIGHUP)
+                sent += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    return sent
+
+
+def test_sighups_at_the_supervisor_never_kill_a_worker(memcached):
+    proxy = Proxy(None, "--workers=2", config_text=ROUTE % memcached.port).start()
+    try:
+        wait_for(lambda: "worker 1 started" in proxy.log(), what="both workers spawned")
+        parent = lambda: [proxy.proc.pid]  # noqa: E731
+        assert hup_storm(parent, lambda: listening(proxy) >= 2) > 0
+        socks = [proxy.connect() for _ in range(CLIENTS)]
+        try:
+            owners = {}
+            for s in socks:
+                s.sendall(b"stats\r\n")
+                owners[s] = dict(parse_stats(read_until(s, b"END\r\n")))["pid"]
+            victim = int(next(iter(owners.values())))
+            served = [s for s in socks if owners[s] != str(victim)]
+            os.kill(victim, signal.SIGKILL)
+
+            def restarted() -> bool:
+                # the survivor's clients are served all along
+                for s in served:
+                    s.sendall(b"get storm\r\n")
+                    assert read_until(s, b"END\r\n") == b"END\r\n"
+                return listening(proxy) >= 3
+            assert hup_storm(parent, restarted) > 0
+        finally:
+            for s in socks:
+                s.close()
+        assert serve_many(proxy, "storm") == {"0", "1"}
+        log = proxy.log()
+        assert "killed by signal 1" not in log
+        assert log.count(" ended: ") == 1  # the SIGKILL
+        assert f"(pid {victim}) ended: killed by signal 9" in log
+    finally:
+        proxy.stop()
+
+
+def test_a_sighup_straight_at_a_starting_worker_does_not_kill_it(memcached):
+    proxy = Proxy(None, "--workers=2", config_text=ROUTE % memcached.port).start()
+    seen: set[int] = set()
+
+    def workers() -> set[int]:
+        pids = children(proxy.proc.pid)
+        seen.update(pids)
+        return pids
+    try:
+        assert hup_storm(workers, lambda: listening(proxy) >= 2) > 0
+        assert len(seen) == 2 and children(proxy.proc.pid) == seen
+        assert serve_many(proxy, "direct") == {"0", "1"}
+        assert " ended: " not in proxy.log()
+    finally:
+        proxy.stop()
 
 
 def test_sigterm_stops_every_worker(workers):
