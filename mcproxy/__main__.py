@@ -28,7 +28,8 @@ def ignore_hup() -> None:
     worker's ProxyService replaces this with its handler. Up to here the
     supervisor's block on SIGHUP, inherited through the exec, held any HUP
     pending; setting SIG_IGN discards it, unblocking lets later ones reach
-    the handler.
+    the handler. The supervisor passes a HUP that came while the worker
+    started on once the worker reports it is ready.
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
