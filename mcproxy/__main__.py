@@ -7,6 +7,7 @@ commands an operator runs beside it.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from mcproxy import __version__
@@ -18,6 +19,20 @@ def _inherited(text: str) -> tuple[int, str]:
     if not (fd.isdigit() and separator and description):
         raise argparse.ArgumentTypeError(f"expected FD=ENDPOINT, not {text!r}")
     return int(fd), description
+
+
+def ignore_hup() -> None:
+    """Let no SIGHUP kill a worker before its reload handler is installed.
+
+    Ignored from here on (before Twisted and Lua are imported) until the
+    worker's ProxyService replaces this with its handler. Up to here the
+    supervisor's block on SIGHUP, inherited through the exec, held any HUP
+    pending; setting SIG_IGN discards it, unblocking lets later ones reach
+    the handler. The supervisor passes a HUP that came while the worker
+    started on once the worker reports it is ready.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="'--' and the mcproxy options, as for twistd mcproxy")
     args = parser.parse_args(argv)
     if args.command == "worker":
+        ignore_hup()
         from mcproxy.workers import run_worker
 
         options = args.options[1:] if args.options[:1] == ["--"] else args.options

@@ -18,8 +18,9 @@ sockets as inherited descriptors, each with the ``--listen`` endpoint it was
 bound for, and adopts them with ``reactor.adoptStreamPort`` (wrapping the
 factory in TLS for an ``ssl:`` endpoint).
 
-Control. A worker's stdin and stdout are its control pipe: JSON lines. Every
-``STATS_INTERVAL`` a worker sends its ``stats`` figures up; the supervisor
+Control. A worker's stdin and stdout are its control pipe: JSON lines. Once
+it serves (its SIGHUP handler installed) a worker reports ``{"ready": true}``.
+Every ``STATS_INTERVAL`` it sends its ``stats`` figures up; the supervisor
 sends every worker the table of all workers' latest figures, from which
 ``stats workers`` is answered on the client port. Its stderr carries its
 log events as JSON lines, which the supervisor logs again with
@@ -35,7 +36,12 @@ worker's Prometheus exposition, or its status page body, rendered in its
 reactor thread as a single process renders them.
 
 Signals. SIGHUP to the supervisor is sent on to every worker, each of which
-reloads (and logs the outcome). SIGTERM/SIGINT stop the workers (SIGTERM,
+reloads (and logs the outcome). No HUP may kill a worker, and until its
+reactor runs it has no handler: a worker is spawned with SIGHUP blocked and
+ignores it from its first line (mcproxy.__main__.ignore_hup) until it is
+ready, and the supervisor keeps a HUP for a worker that is not ready yet
+and sends it once the worker reports ready, so that the worker reloads a
+config changed while it started. SIGTERM/SIGINT stop the workers (SIGTERM,
 then SIGKILL after ``STOP_TIMEOUT``) and then the supervisor. A worker that
 exits while the supervisor runs is logged with its exit status and started
 again after ``RESTART_DELAY`` seconds, doubled for each further quick exit
@@ -93,6 +99,8 @@ LOG_STARTED = "worker {slot} started (pid {pid})"
 LOG_EXITED = "worker {slot} (pid {pid}) {what} {status}; restarting it in {delay:.1f}s"
 LOG_STOPPING = "stopping {count} workers"
 LOG_HUP = "SIGHUP: reloading the route config in {count} workers"
+LOG_READY = "worker {slot} (pid {pid}) ready"
+LOG_HUP_LATER = "worker {slot} (pid {pid}) is starting: it reloads once ready"
 
 
 def reuseport_supported() -> bool:
@@ -234,6 +242,10 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.pid: int | None = None
         self.started = time.monotonic()
         self.ended: defer.Deferred = defer.Deferred()
+        #: the worker reported it serves; until then a SIGHUP could kill it
+        self.ready = False
+        #: a SIGHUP came before the worker was ready: send it once it is
+        self.hup_due = False
         self._out = b""
         self._err = b""
         #: the unanswered asks, by id
@@ -263,6 +275,14 @@ class WorkerProcess(protocol.ProcessProtocol):
         except error.ProcessExitedAlready:
             pass
 
+    def hup(self) -> None:
+        """Pass a SIGHUP on: now if the worker is ready, else once it is."""
+        if self.ready:
+            self.signal("HUP")
+        elif not self.hup_due:
+            self.hup_due = True
+            self.log.info(LOG_HUP_LATER, slot=self.slot, pid=self.pid)
+
     def outReceived(self, data: bytes) -> None:
         *lines, self._out = (self._out + data).split(b"\n")
         for line in lines:
@@ -274,6 +294,9 @@ class WorkerProcess(protocol.ProcessProtocol):
                 continue
             if "stats" in message:
                 self.supervisor.worker_reported(self.slot, message["stats"])
+            elif message.get("ready") and not self.ready:
+                self.ready = True
+                self.supervisor.worker_ready(self)
             elif "answer" in message:
                 asked = self._asked.pop(message["answer"], None)
                 if asked is not None:  # else it timed out
@@ -371,12 +394,12 @@ class WorkerSupervisor(MultiService):
             self._bind()
         super().startService()
         self._stopping = False
-        for slot in range(self.count):
-            self._spawn(slot)
-        try:
+        try:  # before the workers, so that none misses a HUP
             self._previous_hup = signal.signal(signal.SIGHUP, self._hup)
         except ValueError:
             self._previous_hup = None  # not the main thread
+        for slot in range(self.count):
+            self._spawn(slot)
         self._broadcast = task.LoopingCall(self._send_tables)
         self._broadcast.clock = self.reactor
         self._broadcast.start(STATS_INTERVAL, now=False)
@@ -429,8 +452,15 @@ class WorkerSupervisor(MultiService):
             args.append(f"--fd={fd}={description}")
         args += ["--", *self.worker_args]
         worker = WorkerProcess(self, slot)
-        self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ.copy(),
-                                  childFDs=child_fds)
+        # The child inherits the blocked mask through the exec (Twisted
+        # resets only ignored signals), so a HUP cannot kill it before its
+        # first line ignores SIGHUP; ours stays pending meanwhile, not lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ.copy(),
+                                      childFDs=child_fds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[slot] = worker
         self.log.info(LOG_STARTED, slot=slot, pid=worker.pid)
 
@@ -466,6 +496,13 @@ class WorkerSupervisor(MultiService):
 
     def worker_reported(self, slot: int, pairs: list) -> None:
         self.reports[slot] = pairs
+
+    def worker_ready(self, worker: WorkerProcess) -> None:
+        """A worker serves and handles SIGHUP: send it the HUP it missed."""
+        self.log.info(LOG_READY, slot=worker.slot, pid=worker.pid)
+        due, worker.hup_due = worker.hup_due, False
+        if due and not self._stopping:
+            worker.signal("HUP")
 
     def ask_workers(self, what: str) -> defer.Deferred:
         """Ask every running worker for its ``what`` (see WorkerProcess.ask).
@@ -503,7 +540,7 @@ class WorkerSupervisor(MultiService):
             return
         self.log.info(LOG_HUP, count=len(self.workers))
         for worker in list(self.workers.values()):
-            worker.signal("HUP")
+            worker.hup()
 
 
 # -- a worker ------------------------------------------------------------------------
@@ -551,6 +588,10 @@ class WorkerControl(LineReceiver):
 
     def connectionMade(self) -> None:
         self._reports.start(STATS_INTERVAL, now=True)
+
+    def ready(self) -> None:
+        """Tell the supervisor this worker serves and reloads on SIGHUP."""
+        self.transport.write(json.dumps({"ready": True}).encode() + b"\n")
 
     def report(self) -> None:
         pairs = parse_stats(self.service.stats_reply([]))
@@ -622,10 +663,16 @@ def run_worker(worker_id: int, fds: list[tuple[int, str]], argv: list[str]) -> i
     for fd, description in fds:
         factory = worker_factory(description, service.factory, reactor)
         AdoptedPort(fd, factory, reactor).setServiceParent(service)
-    stdio.StandardIO(WorkerControl(service, reactor), reactor=reactor)
+    control = WorkerControl(service, reactor)
+    stdio.StandardIO(control, reactor=reactor)
+
+    def start() -> None:
+        service.startService()  # installs the SIGHUP handler
+        control.ready()
+
     # Ctrl-C reaches the whole process group; the supervisor stops us.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
-    reactor.callWhenRunning(service.startService)
+    reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0

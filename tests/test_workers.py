@@ -4,8 +4,10 @@ Options, the ``stats workers`` reply and the supervisor's asks over the
 control pipe are tested in process; the rest runs ``twistd -n mcproxy
 --workers=2`` with real memcached servers behind it: connections spread
 over both workers, SIGHUP reloads both, a worker killed with SIGKILL is
-restarted, SIGTERM stops everything, a broken config stops startup, and
-``--metrics`` serves every worker's metrics and status.
+restarted, SIGHUP never kills a worker that is still starting (and one that
+came while it started reloads it once it is ready), SIGTERM stops
+everything, a broken config stops startup, and ``--metrics`` serves every
+worker's metrics and status.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ function mcp_config_pools()
 end
 
 function mcp_config_routes(main)
+    mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return main(r) end)
+end
+"""
+
+# As ROUTE, but mcp_config_routes appends a line to a marker file and then
+# takes a second (the file has been read by then): a HUP can be sent while
+# a worker is known to be loading the old config and not ready yet.
+SLOW_ROUTE = """
+function mcp_config_pools()
+    return mcp.pool({ mcp.backend("b", "127.0.0.1", "%d") })
+end
+
+function mcp_config_routes(main)
+    local marker = assert(io.open("%s", "a"))
+    marker:write("loading\\n")
+    marker:close()
+    os.execute("sleep 1")
     mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return main(r) end)
 end
 """
@@ -233,6 +252,37 @@ def test_asking_the_workers_waits_for_the_answers_only_so_long():
     assert not silent._asked
 
 
+class SignalledTransport(StringTransport):
+    """A worker's transport that records the signals sent to it."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+def test_a_sighup_waits_for_a_worker_to_be_ready():
+    supervisor = WorkerSupervisor(2, [], [], reactor=MemoryReactorClock())
+    supervisor.log = Logger(observer=lambda event: None)
+    ready, starting = WorkerProcess(supervisor, 0), WorkerProcess(supervisor, 1)
+    for worker in (ready, starting):
+        worker.log = supervisor.log
+        worker.makeConnection(SignalledTransport(100 + worker.slot))
+        supervisor.workers[worker.slot] = worker
+    ready.outReceived(b'{"ready": true}\n')
+    supervisor._forward_hup()
+    supervisor._forward_hup()
+    assert ready.transport.signals == ["HUP", "HUP"]
+    assert starting.transport.signals == []  # it could die of it
+    starting.outReceived(b'{"ready": true}\n')
+    assert starting.transport.signals == ["HUP"]  # both HUPs, as one reload
+    starting.outReceived(b'{"ready": true}\n')
+    assert starting.transport.signals == ["HUP"]
+
+
 def test_one_process_answers_stats_workers_as_worker_0():
     service = ProxyService(None, [], reactor=MemoryReactorClock())
     values = dict(parse_stats(service.stats_reply([b"workers"])))
@@ -299,6 +349,103 @@ def test_a_killed_worker_is_restarted(workers):
     assert serve_many(workers, "restarted") == {"0", "1"}
     wait_for(lambda: stats(workers, b"workers").get("worker_restarts") == "1",
              what="stats workers to count the restart")
+
+
+def listening(proxy: Proxy) -> int:
+    """How many workers have started serving (and so handle SIGHUP)."""
+    return proxy.log().count("ProxyServerFactory starting")
+
+
+def hup_storm(pids, until, timeout: float = 10.0) -> int:
+    """Send SIGHUP to every pid of ``pids()`` every few milliseconds until
+    ``until()`` is true; how many were sent."""
+    sent = 0
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out sending SIGHUPs")
+        for pid in pids():
+            try:
+                os.kill(pid, signal.SIGHUP)
+                sent += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    return sent
+
+
+def test_sighups_at_the_supervisor_never_kill_a_worker(memcached):
+    proxy = Proxy(None, "--workers=2", config_text=ROUTE % memcached.port).start()
+    try:
+        wait_for(lambda: "worker 1 started" in proxy.log(), what="both workers spawned")
+        parent = lambda: [proxy.proc.pid]  # noqa: E731
+        assert hup_storm(parent, lambda: listening(proxy) >= 2) > 0
+        socks = [proxy.connect() for _ in range(CLIENTS)]
+        try:
+            owners = {}
+            for s in socks:
+                s.sendall(b"stats\r\n")
+                owners[s] = dict(parse_stats(read_until(s, b"END\r\n")))["pid"]
+            victim = int(next(iter(owners.values())))
+            served = [s for s in socks if owners[s] != str(victim)]
+            os.kill(victim, signal.SIGKILL)
+
+            def restarted() -> bool:
+                # the survivor's clients are served all along
+                for s in served:
+                    s.sendall(b"get storm\r\n")
+                    assert read_until(s, b"END\r\n") == b"END\r\n"
+                return listening(proxy) >= 3
+            assert hup_storm(parent, restarted) > 0
+        finally:
+            for s in socks:
+                s.close()
+        assert serve_many(proxy, "storm") == {"0", "1"}
+        log = proxy.log()
+        assert "killed by signal 1" not in log
+        assert log.count(" ended: ") == 1  # the SIGKILL
+        assert f"(pid {victim}) ended: killed by signal 9" in log
+    finally:
+        proxy.stop()
+
+
+def test_a_sighup_while_a_worker_starts_reloads_it_once_ready(memcached_factory, tmp_path):
+    first, second = memcached_factory(), memcached_factory()
+    marker = tmp_path / "loads"
+    proxy = Proxy(None, "--workers=2",
+                  config_text=SLOW_ROUTE % (first.port, marker)).start()
+    try:
+        # the supervisor's check, then both workers, each a second long
+        wait_for(lambda: marker.exists() and marker.read_text().count("loading") == 3,
+                 timeout=10, what="both workers loading the config")
+        Path(proxy.config).write_text(ROUTE % second.port)
+        os.kill(proxy.proc.pid, signal.SIGHUP)
+        assert listening(proxy) == 0  # neither worker was ready for it
+        wait_for(lambda: proxy.log().count("reloaded route config") == 2, timeout=5,
+                 what="both workers to reload once ready")
+        assert serve_many(proxy, "late") == {"0", "1"}
+        assert all(second.get(b"late/%d" % i) is not None for i in range(CLIENTS))
+        assert first.get(b"late/0") is None
+        assert "killed by signal" not in proxy.log()
+    finally:
+        proxy.stop()
+
+
+def test_a_sighup_straight_at_a_starting_worker_does_not_kill_it(memcached):
+    proxy = Proxy(None, "--workers=2", config_text=ROUTE % memcached.port).start()
+    seen: set[int] = set()
+
+    def workers() -> set[int]:
+        pids = children(proxy.proc.pid)
+        seen.update(pids)
+        return pids
+    try:
+        assert hup_storm(workers, lambda: listening(proxy) >= 2) > 0
+        assert len(seen) == 2 and children(proxy.proc.pid) == seen
+        assert serve_many(proxy, "direct") == {"0", "1"}
+        assert " ended: " not in proxy.log()
+    finally:
+        proxy.stop()
 
 
 def test_sigterm_stops_every_worker(workers):
