@@ -4,6 +4,8 @@ bursts")."""
 
 from __future__ import annotations
 
+import resource
+import selectors
 import socket
 import threading
 import time
@@ -132,3 +134,73 @@ def test_half_close_behind_more_requests_than_the_proxy_takes_at_once(proxy):
     the EOF still unread, and must answer the rest once it reads again."""
     requests = b"".join(b"get hc-many/%d\r\n" % i for i in range(6000))
     assert half_closed_exchange(("127.0.0.1", proxy.port), requests) == b"END\r\n" * 6000
+
+
+#: Connections opened at once in the burst test.
+BURST = 3000
+#: Seconds within which every connection of the burst must be answered.
+BURST_SECONDS = 3.0
+
+
+@pytest.fixture(scope="module")
+def routed_proxy(memcached):
+    """A proxy routing to memcached, able to hold BURST clients (it inherits
+    the descriptor limit of the test process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = BURST + 500
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {wanted}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    proxy = Proxy(None, config_text=CONFIG % memcached.port).start()
+    yield proxy
+    proxy.stop()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def burst(port: int, count: int, timeout: float) -> tuple[int, float]:
+    """Open ``count`` connections at once (non-blocking, one thread), send
+    one ``get`` on each as soon as it is connected, and read its reply.
+    Returns how many were answered, and the seconds until the last was."""
+    selector = selectors.DefaultSelector()
+    replies: dict[socket.socket, bytes] = {}
+    start = time.monotonic()
+    for i in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        replies[s] = b""
+        selector.register(s, selectors.EVENT_WRITE, b"get burst/%d\r\n" % i)
+    answered, last = 0, start
+    try:
+        while answered < count and time.monotonic() - start < timeout:
+            for key, events in selector.select(0.1):
+                s = key.fileobj
+                if events & selectors.EVENT_WRITE:
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        selector.unregister(s)  # refused or reset: never answered
+                        continue
+                    s.send(key.data)
+                    selector.modify(s, selectors.EVENT_READ)
+                    continue
+                try:
+                    chunk = s.recv(4096)
+                except OSError:
+                    chunk = b""
+                replies[s] += chunk
+                if replies[s] == b"END\r\n" or not chunk:
+                    selector.unregister(s)
+                    if replies[s] == b"END\r\n":
+                        answered += 1
+                        last = time.monotonic()
+    finally:
+        selector.close()
+        for s in replies:
+            s.close()
+    return answered, last - start
+
+
+def test_a_burst_of_connections_is_answered_at_once(routed_proxy):
+    answered, seconds = burst(routed_proxy.port, BURST, timeout=BURST_SECONDS + 5)
+    assert answered == BURST
+    assert seconds < BURST_SECONDS
