@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mcproxy import _version
+from mcproxy.listen import DEFAULT_BACKLOG, with_backlog
 from mcproxy.lua.engine import ConfigError, RouteEngine
 from mcproxy.pool import BackendRegistry
 from mcproxy.protocols.server import ProxyServerFactory
@@ -74,14 +75,16 @@ class ProxyService(MultiService):
 
     ``config`` is the route config's path (None: no routes, every command
     is served by the embedded cache); ``listen`` holds Twisted server
-    endpoint strings.
+    endpoint strings, which listen with ``backlog`` unless they name their
+    own (mcproxy.listen).
     """
 
     log = Logger()
 
     def __init__(self, config: str | None, listen: list[str] = ("tcp:11211",),
                  store=None, reactor=None, metrics: list[str] = (),
-                 max_connections: int = 0, idle_timeout: float = 0) -> None:
+                 max_connections: int = 0, idle_timeout: float = 0,
+                 backlog: int = DEFAULT_BACKLOG) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -104,7 +107,8 @@ class ProxyService(MultiService):
         self.worker_table: dict[str, list] = {}
         self.worker_restarts = 0
         for description in listen:
-            strports.service(description, self.factory).setServiceParent(self)
+            strports.service(with_backlog(description, backlog),
+                             self.factory).setServiceParent(self)
         if metrics:
             from mcproxy.web import metrics_service  # needs prometheus_client
             for description in metrics:

@@ -7,10 +7,12 @@ import os
 import sys
 
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mcproxy import __version__
 from mcproxy.check import check_config
+from mcproxy.listen import DEFAULT_BACKLOG, somaxconn
 from mcproxy.lua.engine import ConfigError
 from mcproxy.reactor import adopt
 from mcproxy.service import ProxyService, raise_gc_threshold
@@ -18,6 +20,10 @@ from mcproxy.store import Store
 from mcproxy.workers import WorkerSupervisor, is_tcp_endpoint, worker_arguments
 
 DEFAULT_LISTEN = "tcp:11211"
+LOG_BACKLOG_CAPPED = ("--backlog={backlog} is above net.core.somaxconn ({somaxconn}): "
+                      "the kernel listens with {somaxconn}")
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -50,6 +56,10 @@ class Options(usage.Options):
          "TCP endpoints and runs that many proxy processes on them, restarts "
          "any that dies, passes SIGHUP on to all, and serves their metrics "
          "on --metrics.", int],
+        ["backlog", "b", DEFAULT_BACKLOG,
+         "Listen backlog of the --listen endpoints (memcached's -b), unless an "
+         "endpoint string gives its own backlog=; the kernel caps it at "
+         "net.core.somaxconn.", int],
     ]
 
     def __init__(self) -> None:
@@ -108,6 +118,8 @@ class Options(usage.Options):
             raise usage.UsageError("--idle-timeout must be 0 (never) or more seconds")
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be 1 or more")
+        if self["backlog"] < 1:
+            raise usage.UsageError("--backlog must be 1 or more")
         if self["workers"] > 1:
             for endpoint in self["listen"]:
                 if not is_tcp_endpoint(endpoint):
@@ -124,17 +136,22 @@ def makeService(options: Options) -> ProxyService | WorkerSupervisor:
     has loaded in a scratch state.
     """
     config = options["config"]
+    cap = somaxconn()
+    if options["listen"] and cap is not None and options["backlog"] > cap:
+        log.info(LOG_BACKLOG_CAPPED, backlog=options["backlog"], somaxconn=cap)
     if options["workers"] > 1:
         error = check_config(os.path.abspath(config)) if config else None
         if error is not None:
             raise SystemExit(f"mcproxy: {error}")
         return WorkerSupervisor(options["workers"], options["listen"],
-                                worker_arguments(options), metrics=options["metrics"])
+                                worker_arguments(options), metrics=options["metrics"],
+                                backlog=options["backlog"])
     store = Store(memory_limit=options["memory"] * 2**20)
     service = ProxyService(os.path.abspath(config) if config else None,
                            options["listen"], store=store, metrics=options["metrics"],
                            max_connections=options["max-connections"],
-                           idle_timeout=options["idle-timeout"])
+                           idle_timeout=options["idle-timeout"],
+                           backlog=options["backlog"])
     try:
         service.load_config()
     except ConfigError as e:

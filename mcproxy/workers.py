@@ -71,6 +71,8 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
+from mcproxy.listen import DEFAULT_BACKLOG, with_backlog
+
 #: Seconds between a worker's stats reports (and the supervisor's tables).
 STATS_INTERVAL = 1.0
 #: Seconds the supervisor waits for the workers' metrics or status page.
@@ -87,7 +89,7 @@ STOP_TIMEOUT = 10.0
 FIRST_FD = 3
 
 #: mcproxy options a worker does not get: the supervisor handles them.
-SUPERVISOR_OPTIONS = frozenset({"listen", "metrics", "workers"})
+SUPERVISOR_OPTIONS = frozenset({"backlog", "listen", "metrics", "workers"})
 
 #: ``stats`` lines that are not added up across workers in ``stats workers``.
 NOT_SUMMED = frozenset({"pid", "worker_id", "uptime", "time", "version", "pointer_size"})
@@ -344,18 +346,21 @@ def exit_status(value: Exception) -> str:
 
 
 class WorkerSupervisor(MultiService):
-    """Runs ``count`` mcproxy worker processes on shared listening sockets,
-    and serves their metrics on the ``metrics`` endpoints."""
+    """Runs ``count`` mcproxy worker processes on shared listening sockets
+    (bound with ``backlog`` unless a ``listen`` string names its own), and
+    serves their metrics on the ``metrics`` endpoints."""
 
     log = Logger()
 
     def __init__(self, count: int, listen: list[str], worker_args: list[str],
-                 reactor=None, metrics: list[str] = ()) -> None:
+                 reactor=None, metrics: list[str] = (),
+                 backlog: int = DEFAULT_BACKLOG) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.count = count
+        self.backlog = backlog
         self.listen = list(listen)
         self.worker_args = list(worker_args)
         self.reuseport = reuseport_supported()
@@ -387,7 +392,8 @@ class WorkerSupervisor(MultiService):
 
     def _bind(self) -> None:
         for description in self.listen:
-            self.sockets.append(bind_tcp(description, self.count, self.reuseport))
+            self.sockets.append(bind_tcp(with_backlog(description, self.backlog),
+                                         self.count, self.reuseport))
 
     def startService(self) -> None:
         if not self.sockets:  # not started by twistd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
 
 from mcproxy import errors
@@ -353,3 +354,69 @@ def test_refused_lines_never_reach_a_route(line):
     feed(proto, line + b"get k\r\n")
     assert [req.line for req, _ in service.engine.routed] == [b"get k\r\n"]
     assert service.stats.conn_errors == 1
+
+
+# A client that shuts down its write side (shutdown(SHUT_WR), nc -N)
+
+
+def test_half_closed_client_gets_every_reply():
+    proto, transport, service = connect()
+    assert IHalfCloseableProtocol.providedBy(proto)
+    feed(proto, b"get a\r\nset k 0 0 1\r\nx\r\nget b c\r\n")
+    proto.readConnectionLost()
+    assert not transport.disconnecting
+    routed = service.engine.routed
+    for req, done in reversed(routed[1:]):
+        done(b"OK " + req.key + b"\r\n")
+    assert transport.value() == b""
+    assert not transport.disconnecting
+    routed[0][1](b"OK a\r\n")
+    assert transport.value() == b"OK a\r\nOK k\r\nOK b\r\nOK c\r\nEND\r\n"
+    assert transport.disconnecting
+
+
+def test_half_closed_client_with_nothing_pending_is_closed():
+    proto, transport, service = connect(hooked=set())
+    feed(proto, b"version\r\n")
+    proto.readConnectionLost()
+    assert transport.value() == b"VERSION test\r\n"
+    assert transport.disconnecting
+
+
+def test_half_close_drops_only_an_unfinished_request():
+    proto, transport, service = connect()
+    feed(proto, b"get a\r\nset k 0 0 5\r\nab")
+    proto.readConnectionLost()
+    answer_all(service)
+    assert transport.value() == b"OK a\r\n"
+    assert transport.disconnecting
+
+
+def test_half_close_while_paused_answers_what_was_buffered():
+    proto, transport, service = connect()
+    feed(proto, b"mg k v\r\n" * (MAX_CLIENT_INFLIGHT + 10) + b"get last\r\n")
+    assert transport.producerState == "paused"
+    proto.readConnectionLost()
+    answer_all(service)
+    # The requests read before the EOF are answered; the transport, whose
+    # read side is closed, is not asked to read again.
+    assert len(service.engine.routed) == 11
+    assert transport.producerState == "paused"
+    assert not transport.disconnecting
+    answer_all(service)
+    assert transport.value() == b"OK k\r\n" * (MAX_CLIENT_INFLIGHT + 10) + b"OK last\r\n"
+    assert transport.disconnecting
+
+
+def test_half_close_while_the_client_is_not_reading():
+    proto, transport, service = connect()
+    feed(proto, b"get a\r\n")
+    proto.pauseProducing()  # the transport's write buffer is full
+    feed(proto, b"get b\r\n")
+    proto.readConnectionLost()
+    answer_all(service)
+    assert not transport.disconnecting
+    proto.resumeProducing()
+    answer_all(service)
+    assert transport.value() == b"OK a\r\nOK b\r\n"
+    assert transport.disconnecting

@@ -13,7 +13,7 @@ from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -135,7 +135,7 @@ def _is_multiget_prefix(buffered: bytes) -> bool:
             and (stripped.startswith(b"get ") or stripped.startswith(b"gets ")))
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class ProxyServerProtocol(LineReceiver):
     """One client connection.
 
@@ -146,6 +146,9 @@ class ProxyServerProtocol(LineReceiver):
     with many lines per chunk, twisted#6357), applies the proxy's 1024-byte
     no-newline rule instead of ``MAX_LENGTH``, and hands ``rawDataReceived``
     at most the bytes of the pending payload.
+
+    A client may shut down its write side (``shutdown(SHUT_WR)``, ``nc -N``)
+    and still reads every reply: see ``readConnectionLost``.
     """
 
     delimiter = b"\n"
@@ -165,6 +168,8 @@ class ProxyServerProtocol(LineReceiver):
         self._payload_needed = 0
         self._reading_paused = False
         self._writing_paused = False
+        #: the client shut down its write side: nothing more will arrive
+        self._read_closed = False
         self._closing = False
         self._gone = False
         self._out: list[bytes] = []
@@ -202,6 +207,23 @@ class ProxyServerProtocol(LineReceiver):
             self._close_after_replies()
             return
         self.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its write side: answer every request it
+        sent, in order, then close (as memcached does). Bytes held while
+        reading was paused are requests too: they are read first, when
+        ``_resume_reading`` runs, and only then is the connection closing.
+        An unfinished last request gets no reply."""
+        if self._read_closed:
+            return
+        self._read_closed = True
+        if self._gone:  # a watcher: its stream ends with the client's
+            self.transport.loseConnection()
+        elif not self._reading_paused:
+            self._close_after_replies()
+
+    def writeConnectionLost(self) -> None:
+        """Never called: the proxy only ever closes both sides at once."""
 
     def connectionLost(self, reason=None) -> None:
         if self.factory is not None:
@@ -512,11 +534,15 @@ class ProxyServerProtocol(LineReceiver):
 
     def _resume_reading(self) -> None:
         self._reading_paused = False
-        self.transport.resumeProducing()
+        if not self._read_closed:
+            # After the client's EOF, reading again would only meet it again.
+            self.transport.resumeProducing()
         if self._buffer and not self._closing:
             data = bytes(self._buffer)
             self._buffer.clear()
             self._process(data)
+        if self._read_closed and not self._reading_paused and not self._closing:
+            self._close_after_replies()  # what was held is read: now close
 
     def pauseProducing(self) -> None:
         """The transport's write buffer is full: the client is not reading
