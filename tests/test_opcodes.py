@@ -23,7 +23,7 @@ def opcodes(monkeypatch):
     return module
 
 
-@pytest.mark.parametrize(("multiget", "framing"), [(1, "response.py:_reply_end"),
+@pytest.mark.parametrize(("multiget", "framing"), [(1, "response.py:_plain_end"),
                                                    (10, "response.py:_multi_end")])
 def test_counts_the_path_of_plain_runs(opcodes, multiget, framing):
     ops = opcodes.count(opcodes.Proxy(3, multiget), 2)

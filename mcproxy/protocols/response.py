@@ -225,25 +225,40 @@ def _size(digits: bytes) -> int:
 _VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,250}+) \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
 
 
-def _reply_end(buf: bytes, pos: int) -> int:
-    """Where the reply at ``buf[pos]`` ends, for the common complete
-    replies (a line that is just a known token, a plain ``VALUE`` with its
-    data and ``END``); 0 for anything else, which ``_parse`` judges."""
+def _plain_end(buf: bytes, pos: int, key: bytes, is_set: bool) -> int:
+    """Where the reply at ``buf[pos]`` to a plain ``get <key>`` (with
+    ``is_set``, a plain ``set``) ends, for the common complete replies (a
+    line that is just a known token, a plain ``VALUE`` with its data and
+    ``END``), raising FAIL_MISMATCH if it cannot answer that request; 0
+    for anything else, which ``_parse`` and ``_check_plain`` judge."""
     if buf.startswith(b"VALUE ", pos):
         line = _VALUE_LINE.match(buf, pos)
         if line is not None:
             vend = line.end() + int(line[2]) + 2
             if buf.startswith(b"\r\nEND\r\n", vend - 2):
+                if is_set or line[1] != key:
+                    raise mismatched("VALUE of another request", key, line[0])
                 return vend + 5
         return 0
     end = buf.find(b"\n", pos) + 1
-    if end and buf[pos:end] in _WHOLE_LINES:
-        return end
+    if end:
+        answers = _PLAIN_ANSWERS.get(buf[pos:end])
+        if answers is not None:
+            if answers is not _ANY and answers is not is_set:
+                raise mismatched("reply of the wrong kind", key, buf[pos:end])
+            return end
     return 0
 
 
 #: The replies a plain ``set`` gets besides error lines.
 _SET_REPLIES = (b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n", b"NOT_FOUND\r\n")
+_ANY = "any"
+#: Whole-line replies a plain request may get: to a get (False), to a set
+#: (True), or to either (_ANY, the error lines).
+_PLAIN_ANSWERS = {
+    END: False, **dict.fromkeys(_SET_REPLIES, True),
+    **{line: _ANY for line, known in _WHOLE_LINES.items() if known[1] == MCMC_RESP_ERRMSG},
+}
 #: How error lines start (they answer any request).
 _ERROR_LINES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
 
@@ -265,12 +280,11 @@ def _next_key(keys: list[bytes], index: int, key: bytes) -> int:
     """The index after ``key`` among ``keys[index:]``: memcached answers a
     multi-key get in the order of its keys, skipping misses, so a key not
     found there is another request's."""
-    size = len(keys)
-    while index < size:
-        if keys[index] == key:
-            return index + 1
-        index += 1
-    raise mismatched("VALUE of a key not asked for, or out of order", b" ".join(keys), key)
+    try:
+        return keys.index(key, index) + 1
+    except ValueError:
+        raise mismatched("VALUE of a key not asked for, or out of order",
+                         b" ".join(keys), key) from None
 
 
 def _multi_end(buf: bytes, pos: int, keys: list[bytes]) -> int:
@@ -280,8 +294,12 @@ def _multi_end(buf: bytes, pos: int, keys: list[bytes]) -> int:
     judges."""
     index = 0
     match = _VALUE_LINE.match
+    find = keys.index
     while (line := match(buf, pos)) is not None:
-        index = _next_key(keys, index, line[1])
+        try:
+            index = find(line[1], index) + 1
+        except ValueError:
+            _next_key(keys, index, line[1])  # raises the mismatch
         pos = line.end() + int(line[2]) + 2
         if not buf.startswith(b"\r\n", pos - 2):
             return 0
@@ -493,9 +511,8 @@ class ResponseReader:
         start = pos = self._pos
         if count == 1 and widths is None:
             # One plain reply, most often: framed without the loop below.
-            end = _reply_end(buf, pos)
+            end = _plain_end(buf, pos, keys[first], sets is not None and first in sets)
             if end:
-                _check_plain(buf, pos, keys[first], sets is not None and first in sets)
                 parts.append(buf[pos:end])
                 self._pos = end
                 return 1
@@ -507,13 +524,15 @@ class ResponseReader:
                 index = first + framed
                 width = None if widths is None else widths.get(index)
                 if width is None:
-                    end = _reply_end(buf, pos)
+                    key = keys[index]
+                    is_set = sets is not None and index in sets
+                    end = _plain_end(buf, pos, key, is_set)
                     if not end:
                         result = _parse(buf, pos, False)
                         if result.__class__ is int:
                             break
                         end = result[1]
-                    _check_plain(buf, pos, keys[index], sets is not None and index in sets)
+                        _check_plain(buf, pos, key, is_set)
                 else:
                     wanted = keys[index].split(b" ")
                     end = 0 if self._held else _multi_end(buf, pos, wanted)
