@@ -1033,6 +1033,8 @@ def test_a_reply_of_another_request_resets_the_connection(line, value, reply):
     (b"mg a v O123 k\r\n", b"VA 1 O123 ka\r\nx\r\n"),
     (b"mg a v O123 k\r\n", b"EN\r\n"),              # older memcached: no flags on a miss
     (b"mg YQ== b k v\r\n", b"VA 1 kYQ== b\r\nx\r\n"),
+    (b"mg aw== b v k\r\n", b"VA 1 kk\r\nx\r\n"),     # a base64 key given back decoded
+    (b"mg a v kx\r\n", b"VA 1 ka\r\nx\r\n"),        # a flag is its first byte
     (b"ms a 1 T0\r\n", b"HD\r\n"),
     (b"me a\r\n", b"ME a exp=-1 la=1 cas=1 fetch=no cls=1 size=63\r\n"),
     (b"ma a\r\n", b"NF\r\n"),

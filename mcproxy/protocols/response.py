@@ -687,15 +687,19 @@ def _check_meta_flags(req: Request, line: bytes) -> None:
     ``k`` flag, its key: any other is another request's reply."""
     first_flag = 3 if req.command == CMD_MS else 2
     opaque = key = None
+    binary = False
     for flag in req.tokens[first_flag:]:
         if flag[:1] == b"O":
             opaque = flag
-        elif flag == b"k":
+        elif flag[:1] == b"k":  # memcached reads a flag by its first byte
             key = b"k" + req.key
+        elif flag[:1] == b"b":
+            # memcached gives a base64 key back encoded or not, as it was stored.
+            binary = True
     for token in line[:-2].split(b" ")[1:]:
         if token[:1] == b"O" and token != opaque:
             raise mismatched("opaque of another request", req.line, line)
-        if token[:1] == b"k" and token != key:
+        if token[:1] == b"k" and token != key and not binary:
             raise mismatched("key of another request", req.line, line)
 
 
