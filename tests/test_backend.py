@@ -975,3 +975,57 @@ def test_plain_run_failed_inside_a_multiget(flushes):
     assert _run_reply(run, res) == (b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\n"
                                     + errors.BACKEND_FAILURE * 3 + errors.END
                                     + errors.BACKEND_FAILURE * 2 + errors.END)
+
+
+# The client a KeyBatch or PlainRun is for (request.ReplySink)
+
+
+class Sink:
+    """Counts the bytes arriving for it; unwanted past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.arrived = 0
+
+    def arriving(self, size: int) -> None:
+        self.arrived += size
+
+    @property
+    def wanted(self) -> bool:
+        return self.arrived <= self.limit
+
+
+def test_key_batch_reply_counted_as_it_arrives_and_dropped_once_unwanted(flushes):
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+    sink = Sink(limit=40)
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b", b"c"], sink), batch_cb(got, 1))
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a"], Sink(limit=100)), batch_cb(got, 2))
+    flushes.pop()()
+    item = b"VALUE a 0 10\r\n0123456789\r\n"
+    proto.dataReceived(item)
+    assert sink.arrived == len(item) and sink.wanted
+    assert proto._values[0][1] == item
+    proto.dataReceived(item.replace(b"a", b"b"))
+    assert not sink.wanted and proto._values == [(b"a", None, 0), (b"b", None, 0)]
+    proto.dataReceived(b"VALUE c 0 1\r\n3\r\nEND\r\n" + item + b"END\r\n")
+    (_, end, hits), (_, _, second) = got
+    assert end.line == b"END\r\n" and hits == [None, None, None]  # dropped, still checked
+    assert second == [item]
+    assert h.backend.state == "connected"
+
+
+def test_plain_run_replies_dropped_once_unwanted(flushes):
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+    sink = Sink(limit=10)
+    h.backend.send(PlainRun(b"get a\r\nget b c\r\nget d\r\n", 3, {1: 2}, sink), got.append)
+    flushes.pop()()
+    proto.dataReceived(b"VALUE a 0 1\r\n1\r\nEND\r\n")
+    assert not sink.wanted
+    proto.dataReceived(b"VALUE b 0 1\r\n2\r\n")
+    assert proto.reader._held == [b""]
+    proto.dataReceived(b"VALUE c 0 1\r\n3\r\nEND\r\nEND\r\n")
+    assert got == [b""] and h.backend.state == "connected"
