@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from mcproxy import _version
 from mcproxy.lua.engine import ConfigError, RouteEngine
 from mcproxy.pool import BackendRegistry
-from mcproxy.protocols.server import ProxyServerFactory
+from mcproxy.protocols.server import CLIENT_OUTPUT_LIMIT, ProxyServerFactory
 from mcproxy.stats import (
     ProxyStats,
     backend_stats,
@@ -74,14 +74,16 @@ class ProxyService(MultiService):
 
     ``config`` is the route config's path (None: no routes, every command
     is served by the embedded cache); ``listen`` holds Twisted server
-    endpoint strings.
+    endpoint strings. ``max_connections``, ``idle_timeout`` and
+    ``output_limit`` (bytes) are the client limits of ProxyServerFactory.
     """
 
     log = Logger()
 
     def __init__(self, config: str | None, listen: list[str] = ("tcp:11211",),
                  store=None, reactor=None, metrics: list[str] = (),
-                 max_connections: int = 0, idle_timeout: float = 0) -> None:
+                 max_connections: int = 0, idle_timeout: float = 0,
+                 output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -95,7 +97,7 @@ class ProxyService(MultiService):
                                   self.user_stats, store=store)
         self.store = store
         self.version_line = f"VERSION {VERSION}\r\n".encode()
-        self.factory = ProxyServerFactory(self, max_connections, idle_timeout)
+        self.factory = ProxyServerFactory(self, max_connections, idle_timeout, output_limit)
         self.watchers = WatchRegistry(reactor)
         #: under --workers: this worker's slot (shown by ``stats``), and the
         #: other workers' last ``stats`` figures by slot, with the restart
