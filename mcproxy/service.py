@@ -23,7 +23,7 @@ from mcproxy import _version
 from mcproxy.listen import DEFAULT_BACKLOG, with_backlog
 from mcproxy.lua.engine import ConfigError, RouteEngine
 from mcproxy.pool import BackendRegistry
-from mcproxy.protocols.server import ProxyServerFactory
+from mcproxy.protocols.server import CLIENT_OUTPUT_LIMIT, ProxyServerFactory
 from mcproxy.stats import (
     ProxyStats,
     backend_stats,
@@ -76,7 +76,8 @@ class ProxyService(MultiService):
     ``config`` is the route config's path (None: no routes, every command
     is served by the embedded cache); ``listen`` holds Twisted server
     endpoint strings, which listen with ``backlog`` unless they name their
-    own (mcproxy.listen).
+    own (mcproxy.listen). ``max_connections``, ``idle_timeout`` and
+    ``output_limit`` (bytes) are the client limits of ProxyServerFactory.
     """
 
     log = Logger()
@@ -84,7 +85,8 @@ class ProxyService(MultiService):
     def __init__(self, config: str | None, listen: list[str] = ("tcp:11211",),
                  store=None, reactor=None, metrics: list[str] = (),
                  max_connections: int = 0, idle_timeout: float = 0,
-                 backlog: int = DEFAULT_BACKLOG) -> None:
+                 backlog: int = DEFAULT_BACKLOG,
+                 output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -98,7 +100,7 @@ class ProxyService(MultiService):
                                   self.user_stats, store=store)
         self.store = store
         self.version_line = f"VERSION {VERSION}\r\n".encode()
-        self.factory = ProxyServerFactory(self, max_connections, idle_timeout)
+        self.factory = ProxyServerFactory(self, max_connections, idle_timeout, output_limit)
         self.watchers = WatchRegistry(reactor)
         #: under --workers: this worker's slot (shown by ``stats``), and the
         #: other workers' last ``stats`` figures by slot, with the restart

@@ -28,6 +28,8 @@ class ProxyStats:
         self.conn_requests = 0
         self.conn_errors = 0
         self.conn_oom = 0
+        #: clients closed for --client-output-limit
+        self.conn_output_closed = 0
         self.req_active = 0
         self.config_reloads = 0
         self.config_reload_fails = 0
@@ -65,6 +67,7 @@ def general_stats(stats: ProxyStats, version: str, store_stats: dict) -> list:
         ("proxy_conn_requests", stats.conn_requests),
         ("proxy_conn_errors", stats.conn_errors),
         ("proxy_conn_oom", stats.conn_oom),
+        ("proxy_conn_output_closed", stats.conn_output_closed),
         ("proxy_req_active", stats.req_active),
         *store_stats.items(),
         ("proxy_config_reloads", stats.config_reloads),

@@ -14,6 +14,7 @@ from mcproxy import __version__
 from mcproxy.check import check_config
 from mcproxy.listen import DEFAULT_BACKLOG, somaxconn
 from mcproxy.lua.engine import ConfigError
+from mcproxy.protocols.server import CLIENT_OUTPUT_LIMIT
 from mcproxy.reactor import adopt
 from mcproxy.service import ProxyService, raise_gc_threshold
 from mcproxy.store import Store
@@ -51,6 +52,11 @@ class Options(usage.Options):
         ["idle-timeout", None, 0,
          "Close client connections that sent nothing for this many seconds "
          "and wait for no reply (0: never).", float],
+        ["client-output-limit", None, CLIENT_OUTPUT_LIMIT // 2**20,
+         "Megabytes of replies that may wait for one client (buffered, or "
+         "coming from backends for its requests); at 1/16 of it the proxy "
+         "stops reading the client's requests, beyond it the client is "
+         "closed (0: no limit).", int],
         ["workers", "w", 1,
          "Worker processes: with more than 1, this process binds the --listen "
          "TCP endpoints and runs that many proxy processes on them, restarts "
@@ -116,6 +122,9 @@ class Options(usage.Options):
             raise usage.UsageError("--max-connections must be 0 (no limit) or more")
         if self["idle-timeout"] < 0:
             raise usage.UsageError("--idle-timeout must be 0 (never) or more seconds")
+        if self["client-output-limit"] < 0:
+            raise usage.UsageError("--client-output-limit must be 0 (no limit) or more "
+                                   "megabytes")
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be 1 or more")
         if self["backlog"] < 1:
@@ -151,7 +160,8 @@ def makeService(options: Options) -> ProxyService | WorkerSupervisor:
                            options["listen"], store=store, metrics=options["metrics"],
                            max_connections=options["max-connections"],
                            idle_timeout=options["idle-timeout"],
-                           backlog=options["backlog"])
+                           backlog=options["backlog"],
+                           output_limit=options["client-output-limit"] * 2**20)
     try:
         service.load_config()
     except ConfigError as e:

@@ -1063,7 +1063,7 @@ def test_merged_and_batched_multigets_check_their_keys(flushes, reply):
             h.backend.send(mg(b"b"), got.append)
         else:
             h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]),
-                           lambda res, hits=None: got.append(res))
+                           lambda res, hits=None, got=got: got.append(res))
         flushes.pop()()
         proto.dataReceived(reply)
         assert got and all(r.reason == "mismatch" for r in got), send
@@ -1078,3 +1078,58 @@ def test_plain_run_reply_of_another_key_fails_the_rest(flushes):
     assert res.reason == "mismatch"
     assert run.parts == [b"END\r\nSTORED\r\n"] and run.answered == 2
     assert stats.backend_mismatches == 1
+
+
+# The client a KeyBatch or PlainRun is for (request.ReplySink)
+
+
+class Sink:
+    """Counts the bytes arriving for it; unwanted past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.arrived = 0
+
+    def arriving(self, size: int) -> None:
+        self.arrived += size
+
+    @property
+    def wanted(self) -> bool:
+        return self.arrived <= self.limit
+
+
+def test_key_batch_reply_counted_as_it_arrives_and_dropped_once_unwanted(flushes):
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+    sink = Sink(limit=40)
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b", b"c"], sink), batch_cb(got, 1))
+    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a"], Sink(limit=100)), batch_cb(got, 2))
+    flushes.pop()()
+    item = b"VALUE a 0 10\r\n0123456789\r\n"
+    proto.dataReceived(item)
+    assert sink.arrived == len(item) and sink.wanted
+    assert proto._values[0][1] == item
+    proto.dataReceived(item.replace(b"a", b"b"))
+    assert not sink.wanted and proto._values == [(b"a", None, 0), (b"b", None, 0)]
+    proto.dataReceived(b"VALUE c 0 1\r\n3\r\nEND\r\n" + item + b"END\r\n")
+    (_, end, hits), (_, _, second) = got
+    assert end.line == b"END\r\n" and hits == [None, None, None]  # dropped, still checked
+    assert second == [item]
+    assert h.backend.state == "connected"
+
+
+def test_plain_run_replies_dropped_once_unwanted(flushes):
+    h = Harness()
+    proto, _ = h.connect()
+    got = []
+    sink = Sink(limit=10)
+    run = PlainRun(b"get a\r\nget b c\r\nget d\r\n", [b"a", b"b c", b"d"], None, {1: 2}, sink)
+    h.backend.send(run, got.append)
+    flushes.pop()()
+    proto.dataReceived(b"VALUE a 0 1\r\n1\r\nEND\r\n")
+    assert not sink.wanted
+    proto.dataReceived(b"VALUE b 0 1\r\n2\r\n")
+    assert proto.reader._held == [b""]
+    proto.dataReceived(b"VALUE c 0 1\r\n3\r\nEND\r\nEND\r\n")
+    assert got == [b""] and h.backend.state == "connected"

@@ -75,12 +75,13 @@ def served(sock: socket.socket, tag: bytes = b"x") -> None:
     assert exchange(sock, b"get %s\r\n" % key, want) == want
 
 
-def rss_mb(proxy) -> float:
+def rss_mb(proxy, field: str = "VmRSS") -> float:
+    """The proxy's resident memory now (VmHWM: its peak so far), in MB."""
     with open(f"/proc/{proxy.proc.pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 def closed(sock: socket.socket, timeout: float = 5.0) -> bool:
@@ -288,6 +289,61 @@ def test_client_that_never_reads_its_replies(proxy, good):
         # at most 4096 requests in flight plus a write buffer, not `sent`
         assert sent < 40_000_000 and grown < 60
     served(good, b"after")
+
+
+def stat(sock: socket.socket, name: bytes) -> int:
+    sock.sendall(b"stats\r\n")
+    reply = read_until(sock, b"END\r\n")
+    return int(reply.split(b"STAT %s " % name)[1].split(b"\r\n")[0])
+
+
+#: --client-output-limit of the proxy below, in MB.
+OUTPUT_LIMIT_MB = 16
+
+
+@pytest.fixture(scope="module")
+def limited():
+    """A proxy with a small output limit, so that what a client can make
+    it hold is seen in its resident memory at once."""
+    servers = [Memcached().start() for _ in range(2)]
+    proxy = Proxy(None, f"--client-output-limit={OUTPUT_LIMIT_MB}",
+                  config_text=CONFIG % tuple(s.port for s in servers)).start()
+    yield proxy
+    proxy.stop()
+    for s in servers:
+        s.stop()
+
+
+def test_multigets_of_large_values_never_read(limited):
+    """Each line of 16,000 keys asks for 512 MB of one 32 KB item: the
+    proxy stops reading at 1 MB waiting and closes the client past 16 MB,
+    dropping the rest as it comes."""
+    value = b"v" * 32768
+    with limited.connect() as good:
+        assert exchange(good, b"set k 0 0 32768\r\n%s\r\n" % value, b"STORED\r\n") \
+            == b"STORED\r\n"
+        before = rss_mb(limited, "VmHWM")
+        started = time.monotonic()
+        with limited.connect() as s:
+            s.setblocking(False)
+            line = b"get " + b" ".join([b"k"] * 16000) + b"\r\n"
+            for _ in range(3):
+                try:
+                    s.send(line)
+                except BlockingIOError:
+                    break
+            while not stat(good, b"proxy_conn_output_closed"):
+                assert time.monotonic() - started < 15, "the client was never closed"
+                time.sleep(0.02)
+            served(good)
+            s.setblocking(True)
+            assert closed(s)
+        time.sleep(1)  # what still comes for it is dropped
+        served(good, b"after")
+        assert time.monotonic() - started < 20
+    grown = rss_mb(limited, "VmHWM") - before
+    assert grown < OUTPUT_LIMIT_MB + 24
+    assert f"over the output limit of {OUTPUT_LIMIT_MB * 2**20}" in limited.log()
 
 
 # -- the limits, in process -------------------------------------------------------

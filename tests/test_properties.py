@@ -614,7 +614,7 @@ class NumberingEngine:
         self.refused = 0 if runs == "refuse" else None
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: list[int], widths: dict[int, int] | None, done) -> bool:
+                  sets: list[int], widths: dict[int, int] | None, done, sink=None) -> bool:
         if self.refused is not None:
             self.refused += 1
             return False
@@ -641,7 +641,7 @@ class NumberingEngine:
     def hooked(self, command: int) -> bool:
         return command in self.hooked_commands
 
-    def route_keys(self, req: Request, keys: list[bytes], done) -> bool:
+    def route_keys(self, req: Request, keys: list[bytes], done, sink=None) -> bool:
         return False  # multigets go key by key
 
     def route(self, req: Request, done) -> None:

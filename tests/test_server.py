@@ -27,7 +27,7 @@ class FakeEngine:
     def route(self, req, done):
         self.routed.append((req, done))
 
-    def route_keys(self, req, keys, done):
+    def route_keys(self, req, keys, done, sink=None):
         return False  # multigets go key by key (see test_multiget_routed_whole)
 
 
@@ -271,7 +271,7 @@ class BatchingEngine(FakeEngine):
         super().__init__(hooked)
         self.batches = []
 
-    def route_keys(self, req, keys, done):
+    def route_keys(self, req, keys, done, sink=None):
         self.batches.append((keys, done))
         return True
 

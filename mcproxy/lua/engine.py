@@ -32,6 +32,7 @@ from mcproxy.protocols.request import (
     KEYLESS_COMMANDS,
     KeyBatch,
     PlainRun,
+    ReplySink,
     Request,
 )
 from mcproxy.protocols.response import MCMC_CODES, Response, client_bytes
@@ -317,14 +318,15 @@ class RouteEngine:
         backend.send(req, reply)
 
     def route_keys(self, req: Request, keys: list[bytes],
-                   done: Callable[[bytes], None]) -> bool:
+                   done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
         when its route is a direct pool call (see Routes.direct).
 
         The pool still picks each key's backend; each backend then gets its
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
         of every key in the client's order and the ``END``. Every key counts
-        as a request, as when routed one by one.
+        as a request, as when routed one by one. ``sink`` is told of the
+        reply's bytes as they arrive (request.ReplySink).
 
         False, with nothing done, when this does not apply (no direct route,
         an active request limit, a backend with a depth limit, a key the pool
@@ -365,15 +367,15 @@ class RouteEngine:
         reply = _KeysReply(count, len(groups), stats, done)
         for backend, positions in groups.items():
             if positions is None:
-                backend.send(KeyBatch(req.command, name, keys), reply.answer_all)
+                backend.send(KeyBatch(req.command, name, keys, sink), reply.answer_all)
             else:
-                backend.send(KeyBatch(req.command, name, [keys[p] for p in positions]),
+                backend.send(KeyBatch(req.command, name, [keys[p] for p in positions], sink),
                              partial(reply.answer, positions))
         return True
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
                   sets: list[int], widths: dict[int, int] | None,
-                  done: Callable[[bytes], None]) -> bool:
+                  done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route a run of plain requests (``request.scan_plain``: they are
         ``data[start:ends[-1]]``, ``keys`` and ``ends`` their keys and end
         offsets in ``data``, ``sets`` the indexes of the sets, the rest
@@ -385,7 +387,8 @@ class RouteEngine:
         bound for the same backend is sent to it as they came (a
         PlainRun), and ``done(reply)`` runs once with every reply in order,
         which is what the requests routed one by one (the keys of a
-        multiget together, see route_keys) would have answered.
+        multiget together, see route_keys) would have answered. ``sink``
+        as for route_keys.
 
         False, with nothing done, when this does not apply (no such route,
         an active request limit, a backend with a depth limit, a key the
@@ -406,18 +409,19 @@ class RouteEngine:
                 return False
             backend = chosen[0]
             if chosen.count(backend) < len(chosen):
-                return self._route_stretches(data, start, keys, ends, sets, chosen, done)
+                return self._route_stretches(data, start, keys, ends, sets, chosen, done, sink)
         if backend.options.depth_limit:
             return False
         stop = ends[-1]
         run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
-                       keys, sets, widths)
+                       keys, sets, widths, sink)
         self._count_run(run.requests, len(sets))
         backend.send(run, partial(_run_answered, run, self.stats, done))
         return True
 
     def _route_stretches(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                         sets: list[int], chosen: list, done: Callable[[bytes], None]) -> bool:
+                         sets: list[int], chosen: list, done: Callable[[bytes], None],
+                         sink: ReplySink | None) -> bool:
         """route_run for single-key requests bound for several backends
         (``chosen``, by request): each stretch of consecutive requests for
         the same backend goes to it as a PlainRun; ``done`` gets their
@@ -439,7 +443,7 @@ class RouteEngine:
             first, last = starts[index], starts[index + 1]
             end = ends[last - 1]
             run = PlainRun(data[offset:end], keys[first:last],
-                           [i - first for i in sets if first <= i < last])
+                           [i - first for i in sets if first <= i < last], sink=sink)
             backend.send(run, partial(reply.answer, index, run))
             offset = end
         return True

@@ -331,14 +331,20 @@ class BackendProtocol(Protocol):
         if backend is None:
             return
         self.receiving = True
+        queue = self.queue
+        units = self._units
+        if units and units[0] <= 0:
+            # A KeyBatch or PlainRun is answered whole: its client counts
+            # the bytes as they come (the next unit's may be in there too).
+            sink = queue[0][0].sink
+            if sink is not None:
+                sink.arriving(len(data))
         reader = self.reader
         if not reader.feed(data):
             return
         if self.validating:
             self._validation_reply(backend)
             return
-        queue = self.queue
-        units = self._units
         now = backend._seconds()
         while units:
             try:
@@ -409,13 +415,21 @@ class BackendProtocol(Protocol):
         ``hits`` aligned with the batch's keys: the ``VALUE`` line and data
         of each, None for a miss. For an error line it gets ``(error line,
         None)``. The latency is recorded once per key, as for keys sent one
-        by one.
+        by one. Values for a client that is gone are dropped as they come
+        (their keys are kept: the reply is still checked).
         """
-        res = reader.read_values(self._values)
+        values = self._values
+        start = len(values)
+        res = reader.read_values(values)
+        request, callback, sent = self.queue[0]
+        sink = request.sink
+        if sink is not None and not sink.wanted:
+            if values and values[0][1] is not None:
+                start = 0  # the client just went: what came before goes too
+            values[start:] = [(value[0], None, 0) for value in values[start:]]
         if res is None:
             return False
         _check_multi_end(res)
-        request, callback, sent = self.queue[0]
         keys = request.keys
         hits = None
         if res.type == MCMC_RESP_END:
@@ -441,6 +455,7 @@ class BackendProtocol(Protocol):
         they came, but for an error line answering a multi-key get); False
         when the run at the head is still waiting for some. The latency is
         recorded once per request, each key of a multiget counting as one.
+        Replies for a client that is gone are dropped as they come.
         """
         queue = self.queue
         units = self._units
@@ -448,9 +463,13 @@ class BackendProtocol(Protocol):
         while True:
             run, callback, sent = queue[0]
             count = run.count
+            sink = run.sink
             while run.answered < count:
                 framed = reader.read_raw(count - run.answered, run.parts, run.keys, run.sets,
                                          run.widths, run.answered)
+                if sink is not None and not sink.wanted:
+                    run.parts.clear()
+                    reader.drop_held()
                 if not framed:
                     return False
                 run.answered += framed

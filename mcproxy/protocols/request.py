@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from itertools import accumulate
+from typing import Protocol
 
 from mcproxy.errors import (
     BAD_COMMAND_LINE,
@@ -215,18 +216,31 @@ class Request:
         return self.wire_line() + self.value
 
 
+class ReplySink(Protocol):
+    """Whom the reply of a KeyBatch or PlainRun is for: told of its bytes as
+    they arrive (they count against the client's output limit), and asked
+    whether they are still wanted (if not, they are framed and dropped)."""
+
+    def arriving(self, size: int) -> None: ...
+
+    @property
+    def wanted(self) -> bool: ...
+
+
 class KeyBatch(Request):
     """Keys of one client ``get``/``gets`` multiget that go to the same
     backend, sent as one multi-key request and answered as a whole (see
     ``RouteEngine.route_keys``). ``keys`` keeps duplicates and the client's
-    order; ``key`` is the first."""
+    order; ``key`` is the first. ``sink``: see ReplySink."""
 
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "sink")
 
-    def __init__(self, command: int, name: bytes, keys: list[bytes]) -> None:
+    def __init__(self, command: int, name: bytes, keys: list[bytes],
+                 sink: ReplySink | None = None) -> None:
         joined = b" ".join(keys)
         super().__init__(command, b"%s %s\r\n" % (name, joined), [name, joined], keys[0])
         self.keys = keys
+        self.sink = sink
 
 
 class PlainRun:
@@ -239,12 +253,14 @@ class PlainRun:
     of keys (None: there are none); ``requests`` counts every key of those
     as a request, as routing them one by one does. The backend connection
     collects the replies in ``parts`` as they arrive, ``answered`` of them
-    so far, each checked against its request."""
+    so far, each checked against its request. ``sink``: see ReplySink."""
 
-    __slots__ = ("data", "keys", "count", "sets", "widths", "requests", "parts", "answered")
+    __slots__ = ("data", "keys", "count", "sets", "widths", "requests", "parts", "answered",
+                 "sink")
 
     def __init__(self, data: bytes, keys: list[bytes], sets: list[int] | None = None,
-                 widths: dict[int, int] | None = None) -> None:
+                 widths: dict[int, int] | None = None, sink: ReplySink | None = None) -> None:
+        self.sink = sink
         self.data = data
         self.keys = keys
         self.count = count = len(keys)

@@ -558,6 +558,12 @@ class ResponseReader:
             self._pos = pos
         return framed
 
+    def drop_held(self) -> None:
+        """Forget the items held for the multi-key reply being read (its
+        client is gone); the reply is still framed and its items counted."""
+        if self._held:
+            self._held[:] = [_EMPTY]
+
     def _read_multi(self, buf: bytes, pos: int, keys: list[bytes],
                     parts: list[bytes]) -> int | None:
         """Read on in the reply to a get of ``keys`` at ``buf[pos]``, after

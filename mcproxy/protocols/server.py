@@ -9,6 +9,7 @@ written out, so replies always leave in request order.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -66,20 +67,44 @@ MAX_MULTIGET_INDENT = 100
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 #: Longest pause between two sweeps for idle clients, in seconds.
 MAX_IDLE_SWEEP = 1.0
+#: Bytes of replies that may wait for one client (``--client-output-limit``'s
+#: default): buffered for it, or arriving from backends for its requests in
+#: flight. Beyond it the client is closed and what still comes for it dropped.
+CLIENT_OUTPUT_LIMIT = 256 * 2**20
+#: At this fraction of the output limit, reading from the client pauses
+#: (resuming below half of it), so that it sends no more requests.
+OUTPUT_PAUSE_SHARE = 16
+#: The log event of a client closed for the output limit.
+LOG_OUTPUT_LIMIT = ("client {client} closed: {waiting} bytes of replies waiting for it, "
+                    "over the output limit of {limit}")
+
+
+def _peer(transport) -> str:
+    """The client's address as ``host:port`` (or as Twisted shows it)."""
+    peer = transport.getPeer()
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return str(peer) if host is None else f"{host}:{port}"
 
 
 class Slot:
-    """One reply position in a connection's output order."""
+    """One reply position in a connection's output order. Its bytes count
+    towards the connection's replies waiting from the moment it holds them."""
 
     __slots__ = ("data", "proto")
 
     def __init__(self, proto: ProxyServerProtocol, data: bytes | None = None) -> None:
         self.proto = proto
         self.data = data
+        if data is not None:
+            proto._add_waiting(len(data))
 
     def fill(self, data: bytes) -> None:
         self.data = data
-        self.proto.flush()
+        proto = self.proto
+        waiting = proto._waiting = proto._waiting + len(data)
+        if waiting > proto._pause_at:
+            proto._output_check()
+        proto.flush()
 
 
 class PayloadSlot(Slot):
@@ -104,15 +129,21 @@ class GroupSlot(Slot):
     requests (``RouteEngine.route_run``). Until it leaves the queue it
     counts as ``extra`` more slots towards the connection's in-flight
     limit (those of its requests, and a multiget's ``END``), and its
-    ``size`` bytes as in flight."""
+    ``size`` bytes as in flight.
 
-    __slots__ = ("extra", "size")
+    It is also the ``sink`` of its backend units (request.ReplySink): the
+    bytes backends send for it count as replies waiting (``credited``)
+    until the reply fills it, so that a multiget whose reply is hundreds of
+    MB hits the output limit while it arrives, not once it is complete."""
+
+    __slots__ = ("extra", "size", "credited")
 
     def __init__(self, proto: ProxyServerProtocol, extra: int, size: int = 0) -> None:
         self.proto = proto
         self.data = None
         self.extra = extra
         self.size = size
+        self.credited = 0
         proto._extra_slots += extra
         proto._inflight_bytes += size
 
@@ -120,7 +151,22 @@ class GroupSlot(Slot):
         proto = self.proto
         proto._inflight_bytes -= self.size
         self.data = data
+        waiting = proto._waiting = proto._waiting + len(data) - self.credited
+        if waiting > proto._pause_at:
+            proto._output_check()
         proto.flush()
+
+    def arriving(self, size: int) -> None:
+        """A backend received ``size`` bytes of this slot's reply."""
+        proto = self.proto
+        if not proto._gone:
+            self.credited += size
+            proto._add_waiting(size)
+
+    @property
+    def wanted(self) -> bool:
+        """False once the client is gone: drop what still comes for it."""
+        return not self.proto._gone
 
 
 #: The lines of multigets whose keys may be routed together: those a
@@ -156,7 +202,8 @@ class ProxyServerProtocol(LineReceiver):
     #: the ProxyServerFactory that built us (None in tests that build by hand)
     factory: ProxyServerFactory | None = None
 
-    def __init__(self, service: ProxyService) -> None:
+    def __init__(self, service: ProxyService,
+                 output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
         self.service = service
         self.engine = service.engine
         self.stats = service.stats
@@ -178,6 +225,16 @@ class ProxyServerProtocol(LineReceiver):
         self._inflight_bytes = 0
         #: slots the GroupSlots in the queue stand for, beyond themselves
         self._extra_slots = 0
+        #: bytes of replies waiting for the client: in filled slots, in
+        #: ``_out``, arriving for GroupSlots, and ``_unsent``
+        self._waiting = 0
+        #: bytes handed to the transport while its buffer was full; they
+        #: leave ``_waiting`` when it has written everything (resumeProducing)
+        self._unsent = 0
+        #: close beyond this many bytes waiting, pause reading beyond
+        #: ``_pause_at`` (0: no limit)
+        self.output_limit = output_limit or sys.maxsize
+        self._pause_at = self.output_limit // OUTPUT_PAUSE_SHARE
 
     # -- connection lifecycle -----------------------------------------------
 
@@ -382,7 +439,8 @@ class ProxyServerProtocol(LineReceiver):
         slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
         slots = self._slots
         slots.append(slot)
-        if self.engine.route_run(data, start, keys, ends, sets, widths, slot.fill):
+        if self.engine.route_run(data, start, keys, ends, sets, widths, slot.fill,
+                                 sink=slot):
             if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
                     or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
                 self._pause_reading()
@@ -403,7 +461,7 @@ class ProxyServerProtocol(LineReceiver):
         if prefix in _BATCH_PREFIXES and max(map(len, keys)) <= MAX_KEY_LENGTH:
             slot = GroupSlot(self, len(keys))
             self._slots.append(slot)
-            if self.engine.route_keys(req, keys, slot.fill):
+            if self.engine.route_keys(req, keys, slot.fill, sink=slot):
                 self._check_inflight()
                 return
             self._slots.pop()
@@ -501,12 +559,15 @@ class ProxyServerProtocol(LineReceiver):
         if out:
             self._out = []
             send(self.transport, self._socket, out)
+            size = sum(map(len, out))
+            if self._writing_paused:
+                self._unsent += size
+            else:
+                self._waiting -= size  # written, or at most 64 KB in Twisted's buffer
         if self._closing:
             if not self._slots:
                 self.transport.loseConnection()
-        elif self._reading_paused and not self._writing_paused \
-                and len(self._slots) + self._extra_slots < MAX_CLIENT_INFLIGHT // 2 \
-                and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2:
+        elif self._reading_paused and not self._writing_paused and self._may_read():
             self._resume_reading()
 
     def _too_long(self) -> None:
@@ -522,6 +583,44 @@ class ProxyServerProtocol(LineReceiver):
         self.flush()
 
     # -- backpressure --------------------------------------------------------
+
+    def _may_read(self) -> bool:
+        """Whether every limit that paused reading is below its resume mark."""
+        return (len(self._slots) + self._extra_slots < MAX_CLIENT_INFLIGHT // 2
+                and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2
+                and self._waiting < self._pause_at // 2)
+
+    def _add_waiting(self, size: int) -> None:
+        waiting = self._waiting = self._waiting + size
+        if waiting > self._pause_at:
+            self._output_check()
+
+    def _output_check(self) -> None:
+        """Past the pause mark: stop reading; past the output limit: the
+        client does not read fast enough for what it asked, close it."""
+        if self._gone:
+            return
+        if self._waiting > self.output_limit:
+            self._cut_off()
+        elif not self._closing:
+            self._pause_reading()
+
+    def _cut_off(self) -> None:
+        """Close at once for the output limit: drop what waits (the transport
+        drops its buffer on abort), and what still comes (``_gone``)."""
+        self.stats.conn_output_closed += 1
+        self.log.warn(LOG_OUTPUT_LIMIT, client=_peer(self.transport), waiting=self._waiting,
+                      limit=self.output_limit, type="proxy_error")
+        self._gone = self._closing = True
+        self.stats.curr_connections -= 1
+        if self.factory is not None:
+            self.factory.clients.discard(self)
+        self._slots.clear()
+        self._extra_slots = 0
+        self._out = []
+        self._buffer.clear()
+        self._waiting = self._unsent = 0
+        self.transport.abortConnection()
 
     def _check_inflight(self) -> None:
         if len(self._slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
@@ -553,10 +652,12 @@ class ProxyServerProtocol(LineReceiver):
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        """The transport wrote everything it held (Twisted calls this only
+        once its buffer is empty): what we handed it is no longer waiting."""
         self._writing_paused = False
-        if self._reading_paused \
-                and len(self._slots) + self._extra_slots < MAX_CLIENT_INFLIGHT // 2 \
-                and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2:
+        self._waiting -= self._unsent
+        self._unsent = 0
+        if self._reading_paused and self._may_read():
             self._resume_reading()
 
     def stopProducing(self) -> None:
@@ -580,16 +681,19 @@ class ProxyServerFactory(Factory):
     counted in ``rejected``. ``idle_timeout`` (seconds, 0: never): clients
     that sent nothing for that long, and wait for no reply, are closed by a
     sweep that runs while the factory listens; a request costs only the
-    ``last_active`` timestamp store.
+    ``last_active`` timestamp store. ``output_limit`` (bytes, 0: none): a
+    client with more replies waiting for it is closed, counted in
+    ``conn_output_closed`` (see ProxyServerProtocol._output_check).
     """
 
     noisy = False
 
     def __init__(self, service: ProxyService, max_connections: int = 0,
-                 idle_timeout: float = 0) -> None:
+                 idle_timeout: float = 0, output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
         self.service = service
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.output_limit = output_limit
         #: connections refused for max_connections
         self.rejected = 0
         #: clients that have an open connection (watchers excluded)
@@ -600,7 +704,7 @@ class ProxyServerFactory(Factory):
         if self.max_connections and len(self.clients) >= self.max_connections:
             self.rejected += 1
             return _Rejected()
-        proto = ProxyServerProtocol(self.service)
+        proto = ProxyServerProtocol(self.service, self.output_limit)
         proto.factory = self
         return proto
 
