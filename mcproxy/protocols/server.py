@@ -283,6 +283,11 @@ class ProxyServerProtocol(LineReceiver):
         """Never called: the proxy only ever closes both sides at once."""
 
     def connectionLost(self, reason=None) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        """Stop being a client connection: leave the counts (once) and drop
+        every request and reply still waiting; later events do nothing."""
         if self.factory is not None:
             self.factory.clients.discard(self)
         if not self._gone:
@@ -290,10 +295,12 @@ class ProxyServerProtocol(LineReceiver):
             self.stats.curr_connections -= 1
         self._slots.clear()
         self._extra_slots = 0
+        self._out = []
         self._buffer.clear()
         self._payload_for = None
         self._payload_needed = 0
         self._payload_chunks = []
+        self._waiting = self._unsent = 0
 
     # -- framing -----------------------------------------------------------
 
@@ -516,13 +523,8 @@ class ProxyServerProtocol(LineReceiver):
         if error is not None:
             self._reply(error)
             return
-        self._closing = self._gone = True
-        self.stats.curr_connections -= 1
-        if self.factory is not None:
-            self.factory.clients.discard(self)
-        self._slots.clear()
-        self._extra_slots = 0
-        self._buffer.clear()
+        self._closing = True
+        self._forget()
 
     # -- replies -------------------------------------------------------------
 
@@ -611,15 +613,8 @@ class ProxyServerProtocol(LineReceiver):
         self.stats.conn_output_closed += 1
         self.log.warn(LOG_OUTPUT_LIMIT, client=_peer(self.transport), waiting=self._waiting,
                       limit=self.output_limit, type="proxy_error")
-        self._gone = self._closing = True
-        self.stats.curr_connections -= 1
-        if self.factory is not None:
-            self.factory.clients.discard(self)
-        self._slots.clear()
-        self._extra_slots = 0
-        self._out = []
-        self._buffer.clear()
-        self._waiting = self._unsent = 0
+        self._closing = True
+        self._forget()
         self.transport.abortConnection()
 
     def _check_inflight(self) -> None:
