@@ -57,6 +57,12 @@ AWAIT_BACKGROUND = 5
 
 _EMPTY = b""
 
+#: Bytes of values handed to Lua between two collections of its garbage.
+#: Lua sees a response as a small table and collects at the pace of its own
+#: small allocations, while each may hold a value of up to megabytes: left
+#: alone, responses whose routes are done pile up by the hundred MB.
+LUA_COLLECT_BYTES = 8 * 2**20
+
 #: Deepest table nesting copied from mcp_config_pools to the routes state.
 MAX_COPY_DEPTH = 64
 #: Seconds between two logged route errors (the rest are counted).
@@ -168,6 +174,17 @@ class Routes:
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
         #: command -> pool, for routes that do nothing but call one pool
         self.direct = self._direct_routes(state)
+        self._collect = state.runtime.eval("function() collectgarbage('collect') end")
+        #: bytes of values handed to this state since its last collection
+        self._handed = 0
+
+    def handed(self, size: int) -> None:
+        """Account for ``size`` bytes of values handed to Lua; collect its
+        garbage once LUA_COLLECT_BYTES have gone in (see there)."""
+        self._handed += size
+        if self._handed > LUA_COLLECT_BYTES:
+            self._handed = 0
+            self._collect()
 
     def _direct_routes(self, state: _State) -> dict:
         """Find the hooks that are ``function(r) return pool(r) end``.
@@ -481,6 +498,8 @@ class RouteEngine:
 
             def reply(res, co=co):
                 try:
+                    if res.value is not None:
+                        routes.handed(len(res.value))
                     self._advance(routes, req, done,
                                   routes.resume(co, res, res.ok, res.hit))
                 except Exception:
@@ -518,6 +537,7 @@ class RouteEngine:
 
         def finish(responses: list[Response]) -> None:
             try:
+                routes.handed(sum(len(res.value) for res in responses if res.value))
                 self._advance(routes, req, done,
                               routes.resume_await(co, routes.table(responses)))
             except Exception:
