@@ -101,6 +101,7 @@ class Slot:
     def fill(self, data: bytes) -> None:
         self.data = data
         proto = self.proto
+        # _add_waiting, inlined: this runs for every reply
         waiting = proto._waiting = proto._waiting + len(data)
         if waiting > proto._pause_at:
             proto._output_check()
@@ -151,9 +152,7 @@ class GroupSlot(Slot):
         proto = self.proto
         proto._inflight_bytes -= self.size
         self.data = data
-        waiting = proto._waiting = proto._waiting + len(data) - self.credited
-        if waiting > proto._pause_at:
-            proto._output_check()
+        proto._add_waiting(len(data) - self.credited)
         proto.flush()
 
     def arriving(self, size: int) -> None:
