@@ -259,21 +259,19 @@ _PLAIN_ANSWERS = {
     END: False, **dict.fromkeys(_SET_REPLIES, True),
     **{line: _ANY for line, known in _WHOLE_LINES.items() if known[1] == MCMC_RESP_ERRMSG},
 }
-#: How error lines start (they answer any request).
-_ERROR_LINES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
-
-
-def _check_plain(buf: bytes, pos: int, key: bytes, is_set: bool) -> None:
-    """Raise FAIL_MISMATCH unless the complete reply at ``buf[pos]`` can
-    answer a plain ``get <key>`` (or with ``is_set`` a plain ``set``)."""
-    if buf.startswith(b"VALUE ", pos):
-        if is_set or buf[pos + 6:buf.find(b" ", pos + 6)] != key:
-            raise mismatched("VALUE of another request", key,
-                             buf[pos:buf.find(b"\n", pos) + 1])
-    elif not buf.startswith(_ERROR_LINES, pos) and (
-            not buf.startswith(_SET_REPLIES, pos) if is_set
-            else not buf.startswith(END, pos)):
-        raise mismatched("reply of the wrong kind", key, buf[pos:buf.find(b"\n", pos) + 1])
+def _check_plain(res: Response, key: bytes, is_set: bool) -> None:
+    """Raise FAIL_MISMATCH unless ``res`` (one ``_plain_end`` could not
+    frame) can answer a plain ``get <key>`` (or with ``is_set`` a plain
+    ``set``): the same rules, on a parsed reply."""
+    rtype = res.type
+    if rtype == MCMC_RESP_ERRMSG:
+        return
+    if is_set:
+        if res.line in _SET_REPLIES:
+            return
+    elif rtype == MCMC_RESP_END or (rtype == MCMC_RESP_GET and value_key(res.line) == key):
+        return
+    raise mismatched("reply of another request", key, res.line)
 
 
 def _next_key(keys: list[bytes], index: int, key: bytes) -> int:
@@ -532,7 +530,7 @@ class ResponseReader:
                         if result.__class__ is int:
                             break
                         end = result[1]
-                        _check_plain(buf, pos, key, is_set)
+                        _check_plain(result[0], key, is_set)
                 else:
                     wanted = keys[index].split(b" ")
                     end = 0 if self._held else _multi_end(buf, pos, wanted)
