@@ -199,6 +199,26 @@ def test_all_sync_writes_everywhere(lab):
     assert lab.call(b"get sync/c\r\n", hit(b"sync/c", b"inc")) == hit(b"sync/c", b"inc")
 
 
+def test_all_sync_cas_against_replicas_with_different_uniques(lab):
+    """Replicas that missed a write hand out other cas uniques: gets and cas
+    both go to the primary (a), which decides, and the new value is copied
+    to every replica."""
+    for server, missed in (("a", 0), ("b", 1), ("c", 2)):
+        for _ in range(missed):  # writes the others did not see: other uniques
+            lab.put(server, b"sync/other", b"x")
+        lab.put(server, b"sync/cas", b"old")
+    with lab.proxy.connect() as s:
+        s.sendall(b"gets sync/cas\r\n")
+        reply = read_until(s, b"END\r\n")
+        unique = int(reply.split(b"\r\n")[0].split()[-1])
+        assert reply.startswith(b"VALUE sync/cas 0 3 %d\r\nold" % unique)
+        request = b"cas sync/cas 0 0 3 %d\r\nnew\r\n" % unique
+        assert exchange(s, request, STORED) == STORED
+        assert exchange(s, request, b"EXISTS\r\n") == b"EXISTS\r\n"
+    assert eventually(lambda: lab.holds(b"sync/cas") == {"a": b"new", "b": b"new",
+                                                          "c": b"new"})
+
+
 def test_all_sync_with_a_pool_down(lab):
     assert lab.call(b"set syncdown/k 0 0 2\r\nv1\r\n", STORED) == STORED
     assert lab.holds(b"syncdown/k")["a"] == b"v1"

@@ -243,6 +243,53 @@ def test_all_sync_strict_answers_a_failure(engine, load):
     assert run(engine, b"set k 0 0 1\r\n", b"x\r\n") == errors.BACKEND_FAILURE
 
 
+@pytest.mark.parametrize("route", ["routes.all_sync{ p.a, p.b, p.c }",
+                                   "routes.all_fastest{ p.a, p.b, p.c }"])
+@pytest.mark.parametrize("line", [b"gets k\r\n", b"gats 10 k\r\n", b"mg k v c\r\n"])
+def test_replicated_reads_of_a_cas_unique_go_to_the_primary(engine, load, route, line):
+    """Each replica has its own cas uniques: a gets answered by one of
+    several would be checked by a cas on all of them."""
+    load(config(route))
+    fake = Fakes(engine, {"a": HIT, "b": HIT, "c": HIT})
+    run(engine, line)
+    assert fake.labels() == ["a"]
+
+
+@pytest.mark.parametrize("route, wait", [("routes.all_sync{ p.a, p.b, p.c }", True),
+                                         ("routes.all_fastest{ p.a, p.b, p.c }", False),
+                                         ("routes.all_async{ p.a, p.b, p.c }", False)])
+def test_replicated_cas_is_decided_by_the_primary_and_copied(engine, load, route, wait):
+    load(config(route))
+    fake = Fakes(engine, {"a": b"STORED\r\n", "b": b"STORED\r\n", "c": b"STORED\r\n"})
+    assert run(engine, b"cas k 5 100 2 77\r\n", b"hi\r\n") == b"STORED\r\n"
+    assert fake.sent[0] == ("a", b"cas k 5 100 2 77\r\nhi\r\n")
+    assert sorted(fake.sent[1:]) == [("b", b"set k 5 100 2\r\nhi\r\n"),
+                                     ("c", b"set k 5 100 2\r\nhi\r\n")]
+
+
+def test_replicated_cas_that_fails_at_the_primary_changes_nothing_else(engine, load):
+    load(config("routes.all_sync{ p.a, p.b }"))
+    fake = Fakes(engine, {"a": b"EXISTS\r\n"})
+    assert run(engine, b"cas k 0 0 1 9\r\n", b"x\r\n") == b"EXISTS\r\n"
+    assert fake.labels() == ["a"]
+
+
+def test_replicated_meta_compare_drops_its_cas_in_the_copies(engine, load):
+    load(config("routes.all_sync{ p.a, p.b }"))
+    fake = Fakes(engine, {"a": b"HD\r\n", "b": b"HD\r\n"})
+    assert run(engine, b"ms k 2 C77 T10\r\n", b"hi\r\n") == b"HD\r\n"
+    assert fake.sent == [("a", b"ms k 2 C77 T10\r\nhi\r\n"), ("b", b"ms k 2 T10\r\nhi\r\n")]
+    fake.sent.clear()
+    assert run(engine, b"md k C77\r\n") == b"HD\r\n"
+    assert fake.sent == [("a", b"md k C77\r\n"), ("b", b"md k\r\n")]
+
+
+def test_replicated_cas_strict_answers_a_failed_copy(engine, load):
+    load(config("routes.all_sync({ p.a, p.b }, { strict = true })"))
+    Fakes(engine, {"a": b"STORED\r\n"}, down={"b"})
+    assert run(engine, b"cas k 0 0 1 9\r\n", b"x\r\n") == errors.BACKEND_FAILURE
+
+
 def test_all_fastest_answers_the_first_ok(engine, load):
     load(config("routes.all_fastest{ p.a, p.b, p.c }"))
     fake = Fakes(engine, hold=True)

@@ -573,6 +573,94 @@ local function best_of(results)
     return first_ok or results[1]
 end
 
+-- cas through replication -------------------------------------------------
+--
+-- Each replica hands out cas uniques of its own, so a `gets` answered by
+-- one replica and a `cas` checked on all of them succeeds on some and fails
+-- on others. The replicated routes therefore send what reads or compares a
+-- cas unique (gets, gats, mg with c; cas, and ms/md/ma with C) to one
+-- replica, the primary: the first pool of a list, or of a table of named
+-- pools the first name. A compare-and-swap that succeeded there is copied
+-- to the other replicas as a plain write of the same value (cas becomes
+-- set; the C flag is dropped), so they hold what the primary holds.
+
+local CAS_READS <const> = { [CMD_GETS] = true, [CMD_GATS] = true }
+local CAS_META_WRITES <const> = { [CMD_MS] = true, [CMD_MD] = true, [CMD_MA] = true }
+
+-- "read", "write" or nil: how r depends on one replica's cas unique.
+local function cas_use(r)
+    local cmd = r:command()
+    if CAS_READS[cmd] or (cmd == CMD_MG and r:has_flag("c")) then
+        return "read"
+    end
+    if cmd == mcp.CMD_CAS or (CAS_META_WRITES[cmd] and r:has_flag("C")) then
+        return "write"
+    end
+    return nil
+end
+
+-- The primary of a set of pool slots, and a table of the others.
+local function primary_and_rest(slots)
+    local first = slots[1] ~= nil and 1 or sorted_keys(slots)[1]
+    local rest, n = {}, 0
+    for k, pool in pairs(slots) do
+        if k ~= first then
+            n = n + 1
+            rest[n] = pool
+        end
+    end
+    return slots[first], rest, n
+end
+
+-- The plain write that copies r (a cas write that succeeded) to a replica.
+local function cas_copy(r)
+    if r:command() == mcp.CMD_CAS then
+        return mcp.request(string_format("set %s %s %s %s\r\n", r:key(), r:token(3),
+            r:token(4), r:token(5)), r)
+    end
+    local tokens = {}
+    local first_flag = r:command() == CMD_MS and 4 or 3
+    for i = 1, r:ntokens() do
+        local token = r:token(i)
+        if i < first_flag or string_sub(token, 1, 1) ~= "C" then
+            tokens[#tokens + 1] = token
+        end
+    end
+    local line = table_concat(tokens, " ") .. "\r\n"
+    return r:command() == CMD_MS and mcp.request(line, r) or mcp.request(line)
+end
+
+-- Serve r at the primary if it uses a cas unique: the answer, or nil when
+-- the route goes on as usual. A successful cas write is copied to the
+-- other replicas, waited for when `wait` (a failure there is then the
+-- answer when `strict`), else in the background.
+local function cas_at_primary(r, slots, wait, strict)
+    local use = cas_use(r)
+    if use == nil then
+        return nil
+    end
+    local primary, rest, n = primary_and_rest(slots)
+    local res = primary(r)
+    if use == "read" or n == 0 or not res:ok() then
+        return res
+    end
+    local code = res:code()
+    if code ~= mcp.MCMC_CODE_STORED and code ~= mcp.MCMC_CODE_OK then
+        return res  -- EXISTS, NOT_FOUND: nothing changed at the primary
+    end
+    local copy = cas_copy(r)
+    if not wait then
+        mcp.await(copy, rest, 0, mcp.AWAIT_BACKGROUND)
+        return res
+    end
+    for _, other in ipairs(mcp.await(copy, rest, 0, mcp.AWAIT_ANY)) do
+        if strict and not other:ok() then
+            return other
+        end
+    end
+    return res
+end
+
 --- routes.all_sync(pools, { strict= }): send to every pool at once, wait
 --- for all. Answers with the first hit, else the first ok answer (in
 --- arrival order); with strict = true any failure is the answer instead,
@@ -584,6 +672,10 @@ function M.all_sync(pools, opts)
     must(fill_list(slots, pools, "pool", false, "routes.all_sync"))
     return register(function(r)
         check_bound("routes.all_sync")
+        local answer = cas_at_primary(r, slots, true, strict)
+        if answer ~= nil then
+            return answer
+        end
         local results = mcp.await(r, slots, 0, mcp.AWAIT_ANY)
         if strict then
             for _, res in ipairs(results) do
@@ -606,6 +698,10 @@ function M.all_fastest(pools, opts)
     must(fill_list(slots, pools, "pool", false, "routes.all_fastest"))
     return register(function(r)
         check_bound("routes.all_fastest")
+        local answer = cas_at_primary(r, slots, false, false)
+        if answer ~= nil then
+            return answer
+        end
         local results
         if miss then
             local n = 0
@@ -634,11 +730,21 @@ function M.all_async(children)
         must(fill(rest, i - 1, children[i], "pool", "routes.all_async"))
     end
     return register(function(r)
-        if rest[1] then
-            check_bound("routes.all_async")
-            mcp.await(r, rest, 0, mcp.AWAIT_BACKGROUND)
+        if rest[1] == nil then
+            return first[1](r)
         end
-        return first[1](r)
+        check_bound("routes.all_async")
+        if cas_use(r) ~= "write" then
+            mcp.await(r, rest, 0, mcp.AWAIT_BACKGROUND)
+            return first[1](r)
+        end
+        -- The first child decides a cas; the others get its outcome.
+        local res = first[1](r)
+        if type(res) ~= "string" and res:ok() and (res:code() == mcp.MCMC_CODE_STORED
+                or res:code() == mcp.MCMC_CODE_OK) then
+            mcp.await(cas_copy(r), rest, 0, mcp.AWAIT_BACKGROUND)
+        end
+        return res
     end, "all_async", function()
         local out = { { "1", first[1] } }
         for i = 1, #rest do
