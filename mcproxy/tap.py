@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -93,12 +92,9 @@ class Options(usage.Options):
     def opt_metrics(self, endpoint: str) -> None:
         """Serve Prometheus metrics (/metrics) and a status page (/) on this
         Twisted server endpoint, e.g. tcp:9150:interface=127.0.0.1
-        (repeatable; needs the "metrics" extra: pip install 'mcproxy[metrics]')."""
+        (repeatable)."""
         from twisted.internet import reactor
 
-        if importlib.util.find_spec("prometheus_client") is None:
-            raise usage.UsageError(
-                "--metrics needs prometheus_client: pip install 'mcproxy[metrics]'")
         try:
             serverFromString(reactor, endpoint)
         except (ValueError, KeyError, TypeError) as e:

@@ -8,7 +8,7 @@ same figures for a human, and the config's recent reloads.
 Both are rendered in the reactor thread, from the live objects, when they
 are requested: prometheus_client's own Twisted resource runs collectors in
 a thread pool, where reading the backend registry or a Lua state would race
-the reactor. Needs prometheus_client (the ``metrics`` extra).
+the reactor.
 
 Under ``--workers`` each worker renders its figures here when the
 supervisor asks, and the supervisor serves them (mcproxy.webworkers).

@@ -15,22 +15,19 @@ import time
 import urllib.request
 from pathlib import Path
 
+import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheServerError
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from mcproxy import latency, tap
+from mcproxy import latency, tap, web
 from mcproxy.latency import LatencyWindow
 from mcproxy.service import RELOAD_HISTORY, ProxyService
 
 from .servers import Memcached, Proxy, free_port, read_until, wait_for_port
-
-prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from mcproxy import web  # noqa: E402  (needs prometheus_client)
 
 # -- latency windows ---------------------------------------------------------------
 
@@ -226,14 +223,6 @@ def test_metrics_option():
     assert options["metrics"] == ["tcp:9150:interface=127.0.0.1"]
     with pytest.raises(usage.UsageError, match="bad --metrics endpoint"):
         tap.Options().parseOptions(["--metrics=nonsense:1"])
-
-
-def test_metrics_option_without_prometheus_client(monkeypatch):
-    real = tap.importlib.util.find_spec
-    monkeypatch.setattr(tap.importlib.util, "find_spec",
-                        lambda name: None if name == "prometheus_client" else real(name))
-    with pytest.raises(usage.UsageError, match=r"mcproxy\[metrics\]"):
-        tap.Options().parseOptions(["--metrics=tcp:9150"])
 
 
 # -- end to end ------------------------------------------------------------------------

@@ -34,6 +34,15 @@ def test_wheel_holds_plugin_and_lua_files(wheel):
     assert "mcproxy/lua/mcp.lua" in names
 
 
+def test_metrics_needs_no_extra(wheel):
+    """--metrics works after a plain install: prometheus_client is a dependency."""
+    [metadata] = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("/METADATA")]
+    lines = zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+    requires = [line for line in lines if line.startswith("Requires-Dist: prometheus")]
+    assert requires and all("extra ==" not in line for line in requires)
+    assert "Provides-Extra: metrics" not in lines
+
+
 def test_plain_install_is_found_by_twistd(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",

@@ -168,7 +168,6 @@ def test_workers_get_every_option_but_the_supervisors(tmp_path):
 
 
 def test_the_supervisor_serves_the_metrics():
-    pytest.importorskip("prometheus_client")
     options = parse("--workers=2", "--metrics=tcp:0:interface=127.0.0.1")
     supervisor = makeService(options)
     assert isinstance(supervisor, WorkerSupervisor)
@@ -481,7 +480,6 @@ def test_a_broken_config_stops_startup(memcached):
 def metered(memcached):
     """A started ``twistd -n mcproxy --workers=2 --metrics=...``; its
     ``metrics_url`` is the HTTP endpoint's."""
-    pytest.importorskip("prometheus_client")
     metrics_port = free_port()
     proxy = Proxy(None, "--workers=2", f"--metrics=tcp:{metrics_port}:interface=127.0.0.1",
                   config_text=ROUTE % memcached.port).start()
