@@ -25,3 +25,9 @@ BINARY_PROTOCOL = b"SERVER_ERROR binary protocol not supported\r\n"
 #: A storage command declared a payload over the proxy's limit; the payload
 #: is read and dropped (memcached's words and behaviour for an item too large).
 OBJECT_TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+#: A broadcast command (``flush_all``, ``verbosity``) that every backend
+#: it went to answered with ``OK``, and the answer when it reached none.
+OK = b"OK\r\n"
+#: A broadcast command that not every backend answered with ``OK``: how
+#: many did not, of how many it went to, and what they failed to do.
+BROADCAST_FAILED = b"SERVER_ERROR %d of %d backends failed to %s\r\n"

@@ -11,12 +11,21 @@ loaded config that is still in use holds it and nothing is in flight on it.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.logger import Logger
 
-from mcproxy import hashing
+from mcproxy import errors, hashing
 from mcproxy.protocols.backend import Backend, BackendOptions
+from mcproxy.protocols.request import CMD_FLUSH_ALL, CMD_VERBOSITY, Request, parse_request
+from mcproxy.protocols.response import (
+    MCMC_CODE_OK,
+    MCMC_RESP_ERRMSG,
+    MCMC_RESP_GENERIC,
+    Response,
+    parse_response,
+)
 from mcproxy.stats import ProxyStats
 
 
@@ -74,6 +83,88 @@ class Pool:
     def select(self, key: bytes) -> Backend:
         """The backend that serves ``key``; ValueError if there is none."""
         return self.backends[self._select(key)]
+
+    def broadcast(self) -> Broadcast:
+        """Every backend of the pool, for a command sent to each of them."""
+        return Broadcast(self.backends)
+
+
+#: What a backend failed to do, in BROADCAST_FAILED, by command.
+_BROADCAST_VERBS = {CMD_FLUSH_ALL: b"flush", CMD_VERBOSITY: b"set verbosity"}
+
+
+class Broadcast:
+    """Backends as one destination for the commands that address whole
+    servers (``request.BROADCAST_COMMANDS``): what ``pool(r)`` sends such a
+    request to, and the proxy's default for ``flush_all``.
+
+    A request sent to it goes to each backend once (``backends`` holds
+    each once, in order), through that backend's queue, so it keeps its
+    place among the other requests on the connection. The callback gets one
+    response: the first ``OK`` when every backend said ``OK``; the error
+    line they all gave, when they all gave the same one (memcached refuses
+    the request itself, e.g. ``flush_all x``); else a failure whose line
+    (``errors.BROADCAST_FAILED``) says how many did not. ``store`` (the
+    embedded cache) gets the request first, at once; it answers only when
+    there are no backends.
+    """
+
+    __slots__ = ("backends", "store")
+
+    def __init__(self, backends: Iterable[Backend], store: Any = None) -> None:
+        self.backends = list(dict.fromkeys(backends))
+        self.store = store
+
+    @classmethod
+    def of(cls, pools: Iterable[Pool | Broadcast], store: Any = None) -> Broadcast:
+        """Every backend of ``pools``, each once also if in several."""
+        return cls([backend for pool in pools for backend in pool.backends], store)
+
+    def broadcast(self) -> Broadcast:
+        return self
+
+    def send(self, request: Request, callback: Callable[[Response], None]) -> None:
+        answer = None
+        if self.store is not None:
+            clean = parse_request(request.wire_line())  # noreply removed
+            parsed = parse_response(self.store.execute(clean))
+            answer = parsed[0] if parsed else None
+        backends = self.backends
+        if not backends:
+            callback(answer or Response(True, MCMC_CODE_OK, MCMC_RESP_GENERIC, errors.OK))
+            return
+        collect = _Answers(len(backends), request.command, callback)
+        for backend in backends:
+            backend.send(request, collect.arrived)
+
+
+class _Answers:
+    """Collects the answers of one Broadcast (see there) into one."""
+
+    __slots__ = ("total", "command", "callback", "responses")
+
+    def __init__(self, total: int, command: int, callback: Callable[[Response], None]) -> None:
+        self.total = total
+        self.command = command
+        self.callback = callback
+        self.responses: list[Response] = []
+
+    def arrived(self, res: Response) -> None:
+        responses = self.responses
+        responses.append(res)
+        if len(responses) < self.total:
+            return
+        first = responses[0]
+        failed = sum(not res.ok or res.line != errors.OK for res in responses)
+        if not failed or (first.ok and first.type == MCMC_RESP_ERRMSG
+                          and all(res.ok and res.line == first.line for res in responses)):
+            result = first
+        else:
+            verb = _BROADCAST_VERBS[self.command]
+            result = Response.failure(
+                "broadcast", errors.BROADCAST_FAILED % (failed, self.total, verb))
+        result.elapsed = max(res.elapsed for res in responses)
+        self.callback(result)
 
 
 def _identity(label: str, host: str, port: str, options: BackendOptions) -> tuple:

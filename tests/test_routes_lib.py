@@ -154,7 +154,7 @@ def test_require_leaks_no_globals(engine, load):
     end
     """)
     assert run(engine, b"get k\r\n") == (
-        b"leaked= api=all_async,all_fastest,all_sync,as_route,bind,by_command,config,"
+        b"leaked= api=all_async,all_fastest,all_sync,as_route,bind,broadcast,by_command,config,"
         b"define,describe,direct,failover,introspect,named,null,prefix_router,split,"
         b"ttl_cap,warmup,zfailover\r\n")
 

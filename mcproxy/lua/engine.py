@@ -24,8 +24,10 @@ from twisted.logger import Logger
 
 from mcproxy import errors
 from mcproxy.lua.mcp import Host
-from mcproxy.pool import BackendRegistry
+from mcproxy.pool import BackendRegistry, Broadcast
 from mcproxy.protocols.request import (
+    BROADCAST_COMMANDS,
+    CMD_FLUSH_ALL,
     CMD_GET,
     CMD_SET,
     COMMAND_CONSTANTS,
@@ -174,6 +176,11 @@ class Routes:
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
         #: command -> pool, for routes that do nothing but call one pool
         self.direct = self._direct_routes(state)
+        if CMD_FLUSH_ALL not in self.hooks:
+            # The default: flush everything a client reads through the proxy.
+            self.direct[CMD_FLUSH_ALL] = Broadcast.of(host.pools, host.store)
+        #: the commands this config routes (attached, or by default)
+        self.routed = frozenset(self.hooks) | frozenset(self.direct)
         self._collect = state.runtime.eval("function() collectgarbage('collect') end")
         #: bytes of values handed to this state since its last collection
         self._handed = 0
@@ -268,6 +275,7 @@ class RouteEngine:
         self.routes: Routes | None = None
         self._hooks: dict = {}
         self._direct: dict = {}
+        self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run
         self.plain_runs: bool | None = None
@@ -288,12 +296,14 @@ class RouteEngine:
         self.routes = routes
         self._hooks = routes.hooks
         self._direct = routes.direct
+        self._routed = routes.routed
         pool = self._plain_pool = routes.direct.get(CMD_GET)
         self.plain_runs = None if pool is None else routes.direct.get(CMD_SET) is pool
         self.plain_multigets = pool is not None and len(pool.backends) == 1
 
     def hooked(self, command: int) -> bool:
-        return command in self._hooks
+        """Whether the active config routes ``command`` (else it is local)."""
+        return command in self._routed
 
     def route(self, req: Request, done: Callable[[bytes], None]) -> None:
         """Run the route attached to ``req.command``; ``done(reply)`` once."""
@@ -526,10 +536,14 @@ class RouteEngine:
         mode, or an error to raise in the route), else None.
         """
         _, co, sent, pools, wait_for, mode = step
-        try:
-            backends = [_select(pool, sent) for pool in pools.values()]
-        except ValueError as e:
-            return routes.resume_error(co, str(e).encode())
+        if sent.command in BROADCAST_COMMANDS:
+            # Once to every backend of all the pools: one combined response.
+            backends = [Broadcast.of(pools.values())]
+        else:
+            try:
+                backends = [_select(pool, sent) for pool in pools.values()]
+            except ValueError as e:
+                return routes.resume_error(co, str(e).encode())
         if mode == AWAIT_BACKGROUND:
             for backend in backends:
                 backend.send(sent, _ignore)
@@ -563,8 +577,13 @@ class RouteEngine:
 
 
 def _select(pool, req: Request):
-    """The backend of ``pool`` for ``req``; ValueError (a Lua error) if none."""
-    if req.command in KEYLESS_COMMANDS:
+    """Where ``pool`` sends ``req``: the backend of its key, or for a
+    broadcast command all its backends (pool.Broadcast); ValueError (a Lua
+    error) if nowhere."""
+    command = req.command
+    if command in KEYLESS_COMMANDS:
+        if command in BROADCAST_COMMANDS:
+            return pool.broadcast()
         raise ValueError("cannot route commands without key")
     return pool.select(req.key)
 

@@ -373,7 +373,14 @@ return function(host, phase)
             error("mcp.attach: command must be an mcp.CMD_* constant", 2)
         end
         if cmd == mcp.CMD_ANY then
-            for i = 1, ANY_LAST do hooks[i] = func end
+            -- Not flush_all and verbosity: they address whole servers, and
+            -- a route written for keys would reach one pool where the
+            -- proxy's default reaches all. They are attached by name.
+            for i = 1, ANY_LAST do
+                if i ~= mcp.CMD_FLUSH_ALL and i ~= mcp.CMD_VERBOSITY then
+                    hooks[i] = func
+                end
+            end
         elseif cmd == mcp.CMD_ANY_STORAGE then
             for i = 1, ANY_STORAGE_LAST do hooks[i] = func end
         elseif cmd >= 1 and cmd <= ANY_LAST then

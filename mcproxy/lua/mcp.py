@@ -78,6 +78,8 @@ class Host:
         #: the options this load gave each
         self.backends: list = []
         self.options: list[BackendOptions] = []
+        #: pools made by this load's mcp_config_pools, in creation order
+        self.pools: list[Pool] = []
         #: stat names added by this load's mcp_config_pools: index -> name
         self.stat_names: dict[int, str] = {}
 
@@ -156,9 +158,11 @@ class Host:
         if opts is not None:
             options = {text(k): v for k, v in opts.items()}
         try:
-            return Pool(members, options), None
+            pool = Pool(members, options)
         except (PoolOptionError, ValueError) as e:
             return None, lua_error(str(e))
+        self.pools.append(pool)
+        return pool, None
 
     def pool_backend(self, pool: Pool, key: bytes):
         """``mcp.pool_backend(pool, key)``: the label of the backend for key."""

@@ -6,7 +6,7 @@
 -- mcp.attach takes. The constructors here (failover, all_sync, warmup ...)
 -- return such functions, so they compose: wherever a route is expected, a
 -- pool, a route built here, or a route written by hand will do. Where the
--- requests have to go out in parallel (all_sync, all_fastest, the
+-- requests have to go out in parallel (all_sync, all_fastest, broadcast, the
 -- background half of all_async and split, the remote zones of zfailover)
 -- the children must be pools, because mcp.await sends to pools only; a
 -- route function there is refused when the route is built.
@@ -686,6 +686,30 @@ function M.all_sync(pools, opts)
         end
         return best_of(results)
     end, "all_sync", all_branches(slots))
+end
+
+--- routes.broadcast(pools): for flush_all (and verbosity), which address
+--- whole servers: the request goes to every backend of the pools, once to
+--- a backend in several of them, and the answer is OK only if every
+--- backend said OK, else "SERVER_ERROR <n> of <m> backends failed to
+--- flush". Attach it by name: mcp.attach(mcp.CMD_FLUSH_ALL,
+--- routes.broadcast{ "main", "gutter" }). Any other command goes to its
+--- key's backend in every pool; the answer is the first failure, else the
+--- first answer.
+function M.broadcast(pools)
+    local slots = {}
+    must(fill_list(slots, pools, "pool", false, "routes.broadcast"))
+    return register(function(r)
+        check_bound("routes.broadcast")
+        -- A broadcast command comes back as one response for all pools.
+        local results = mcp.await(r, slots, 0, mcp.AWAIT_ANY)
+        for _, res in ipairs(results) do
+            if not res:ok() then
+                return res
+            end
+        end
+        return results[1]
+    end, "broadcast", all_branches(slots))
 end
 
 --- routes.all_fastest(pools, { miss= }): send to every pool at once and

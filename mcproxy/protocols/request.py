@@ -99,7 +99,10 @@ META_COMMANDS = frozenset((CMD_MG, CMD_MS, CMD_MD, CMD_MN, CMD_MA, CMD_ME))
 KEYLESS_COMMANDS = frozenset((CMD_QUIT, CMD_STATS, CMD_WATCH, CMD_VERSION, CMD_MN,
                               CMD_FLUSH_ALL, CMD_VERBOSITY))
 #: Commands always answered by the proxy itself, never handed to a route.
-LOCAL_ONLY_COMMANDS = frozenset((CMD_MN, CMD_QUIT, CMD_FLUSH_ALL, CMD_VERBOSITY))
+LOCAL_ONLY_COMMANDS = frozenset((CMD_MN, CMD_QUIT))
+#: Keyless commands a pool sends to every one of its backends (not to the
+#: backend of a key): ``flush_all`` and ``verbosity`` address whole servers.
+BROADCAST_COMMANDS = frozenset((CMD_FLUSH_ALL, CMD_VERBOSITY))
 
 #: How many tokens the parser indexes per command (memcached's caps).
 _TOKEN_CAPS = {
@@ -195,9 +198,11 @@ class Request:
         nothing for what memcached would suppress.
         """
         if self.noreply:
-            # A second noreply would be the one the backend obeys.
+            # A second noreply would be the one the backend obeys; a keyless
+            # command keeps only its name.
             tokens = self.tokens[:-1]
-            while len(tokens) > 2 and _is_noreply(tokens[-1]):
+            keep = 1 if self.command in KEYLESS_COMMANDS else 2
+            while len(tokens) > keep and _is_noreply(tokens[-1]):
                 tokens.pop()
             return b" ".join(tokens) + b"\r\n"
         if self.quiet:
@@ -482,7 +487,11 @@ def _parse_tokens(line: bytes) -> Request:
         return Request(command, line, tokens, key)
 
     if command in KEYLESS_COMMANDS:
-        return Request(command, line, tokens, b"")
+        # memcached reads noreply of flush_all and verbosity only where their
+        # token counts are right (at most ``flush_all <delay> noreply``).
+        noreply = (command in BROADCAST_COMMANDS and 2 <= ntokens <= 3
+                   and _is_noreply(tokens[-1]))
+        return Request(command, line, tokens, b"", noreply=noreply)
     if command in STORAGE_COMMANDS:
         return _storage(command, line, tokens)
     if ntokens < 2:

@@ -33,6 +33,7 @@ from mcproxy.errors import BACKEND_FAILURE, END
 from mcproxy.protocols.request import (
     CMD_DECR,
     CMD_DELETE,
+    CMD_FLUSH_ALL,
     CMD_INCR,
     CMD_MA,
     CMD_MD,
@@ -40,6 +41,7 @@ from mcproxy.protocols.request import (
     CMD_MG,
     CMD_MS,
     CMD_TOUCH,
+    CMD_VERBOSITY,
     GET_COMMANDS,
     MAX_VALUE_LENGTH,
     META_COMMANDS,
@@ -174,9 +176,10 @@ class Response:
         self.reason: str | None = None
 
     @classmethod
-    def failure(cls, reason: str) -> Response:
-        """A response for a request the backend could not answer."""
-        res = cls(False, MCMC_CODE_SERVER_ERROR, MCMC_RESP_FAIL, BACKEND_FAILURE)
+    def failure(cls, reason: str, line: bytes = BACKEND_FAILURE) -> Response:
+        """A response for a request the backend could not answer; ``line``
+        is what the client gets for it."""
+        res = cls(False, MCMC_CODE_SERVER_ERROR, MCMC_RESP_FAIL, line)
         res.reason = reason
         return res
 
@@ -642,6 +645,8 @@ _REPLIES = {
     CMD_MD: frozenset((b"HD", b"NF", b"EX")),
     CMD_MA: frozenset((b"HD", b"NF", b"NS", b"EX", b"VA")),
     CMD_ME: frozenset((b"ME", b"EN")),
+    CMD_FLUSH_ALL: frozenset((b"OK",)),
+    CMD_VERBOSITY: frozenset((b"OK",)),
 }
 
 
@@ -710,13 +715,14 @@ def _check_meta_flags(req: Request, line: bytes) -> None:
 def client_bytes(res: Response, req: Request) -> bytes:
     """What the client receives for ``res`` answering ``req``.
 
-    A failure is always sent, also for noreply and meta quiet requests. A
+    A failure is always sent, also for noreply and meta quiet requests: its
+    line (``SERVER_ERROR backend failure``, or a broadcast's count). A
     ``VALUE`` hit gets the proxy's own ``END``, a miss is ``END`` alone; both
     lose the ``END`` inside a split multiget. noreply suppresses every
     backend reply; meta quiet suppresses ``EN`` and ``HD``.
     """
     if not res.ok:
-        return BACKEND_FAILURE
+        return res.line
     if req.noreply:
         return _EMPTY
     rtype = res.type
