@@ -212,7 +212,9 @@ def test_replies_stay_in_order_when_backends_differ_in_speed(proxy, cluster):
 
 
 @pytest.mark.parametrize("request_bytes, expected", [
-    (b"flurb\r\n", errors.PARSING_REQUEST),
+    (b"flurb\r\n", errors.ERROR),
+    (b"config get cluster\r\n", errors.ERROR),
+    (b"shutdown\r\n", errors.PARSING_REQUEST),
     (b"version\n", errors.PARSING_REQUEST),
     (b"get string/k\r\n", b"SERVER_ERROR no route\r\n"),
     (b"get error/k\r\n", errors.LUA_FAILURE),

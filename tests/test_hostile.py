@@ -227,7 +227,7 @@ def test_binary_protocol_is_refused_and_closed(proxy, good):
         assert closed(s)
     # Only the first byte of a connection counts.
     with proxy.connect() as s:
-        want = b"MN\r\n" + errors.PARSING_REQUEST
+        want = b"MN\r\n" + errors.ERROR
         assert exchange(s, b"mn\r\n\x80 k\r\n", want) == want
 
 

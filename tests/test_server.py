@@ -156,7 +156,7 @@ def test_key_too_long_in_multiget():
 def test_parse_error_keeps_connection():
     proto, transport, service = connect()
     feed(proto, b"flurb\r\nversion\n")
-    assert transport.value() == errors.PARSING_REQUEST * 2
+    assert transport.value() == errors.ERROR + errors.PARSING_REQUEST
     assert not transport.disconnecting
     assert service.stats.conn_errors == 2
 
