@@ -11,11 +11,36 @@ import re
 import resource
 import time
 
-from mcproxy.protocols.request import CMD_END_STORAGE, COMMAND_NAMES
+from mcproxy.protocols.request import (
+    CMD_ADD,
+    CMD_APPEND,
+    CMD_CAS,
+    CMD_DECR,
+    CMD_DELETE,
+    CMD_GAT,
+    CMD_GATS,
+    CMD_GET,
+    CMD_GETS,
+    CMD_INCR,
+    CMD_MA,
+    CMD_MD,
+    CMD_ME,
+    CMD_MG,
+    CMD_MN,
+    CMD_MS,
+    CMD_PREPEND,
+    CMD_REPLACE,
+    CMD_SET,
+    CMD_TOUCH,
+    COMMAND_NAMES,
+)
 
-#: The commands counted as ``cmd_*`` in ``stats proxy``, in memcached's
-#: order (mg .. prepend; the ids below CMD_END_STORAGE).
-PROXY_CMD_ORDER = [cmd for cmd in sorted(COMMAND_NAMES) if cmd < CMD_END_STORAGE]
+#: The commands counted as ``cmd_*`` in ``stats proxy`` (the ids below
+#: CMD_END_STORAGE), in memcached's proxy's order: the ids' order but for
+#: ``prepend`` (id 20), which it lists after ``append``.
+PROXY_CMD_ORDER = [CMD_MG, CMD_MS, CMD_MD, CMD_MN, CMD_MA, CMD_ME, CMD_GET, CMD_GAT, CMD_SET,
+                   CMD_ADD, CMD_CAS, CMD_GETS, CMD_GATS, CMD_INCR, CMD_DECR, CMD_TOUCH,
+                   CMD_APPEND, CMD_PREPEND, CMD_DELETE, CMD_REPLACE]
 
 
 class ProxyStats:
