@@ -18,6 +18,11 @@ ERROR = b"ERROR\r\n"
 NO_ROUTE = b"SERVER_ERROR no route for command\r\n"
 NOT_SUPPORTED = b"SERVER_ERROR command not supported\r\n"
 END = b"END\r\n"
+OK = b"OK\r\n"
+# memcached's answers to ``stats cachedump`` and ``stats detail`` lines it refuses.
+STATS_BAD_COMMAND_LINE = b"CLIENT_ERROR bad command line\r\n"
+ILLEGAL_SLAB_ID = b"CLIENT_ERROR Illegal slab id\r\n"
+DETAIL_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
 ACTIVE_REQUEST_LIMIT = b"SERVER_ERROR active request limit reached\r\n"
 #: The first byte of a connection is the binary protocol's magic (0x80);
 #: the connection is closed after this line.

@@ -11,6 +11,8 @@ import re
 import resource
 import time
 
+from mcproxy import errors
+from mcproxy.protocols.numbers import strtoul32
 from mcproxy.protocols.request import (
     CMD_ADD,
     CMD_APPEND,
@@ -108,6 +110,31 @@ def proxy_stats(stats: ProxyStats, user_lines) -> list:
     """The reply to ``stats proxy``: user stats, then per-command counts."""
     return [*user_lines,
             *((f"cmd_{COMMAND_NAMES[cmd]}", stats.commands[cmd]) for cmd in PROXY_CMD_ORDER)]
+
+
+#: memcached's MAX_NUMBER_OF_SLAB_CLASSES: ``stats cachedump`` takes ids below it.
+SLAB_CLASSES = 64
+
+
+def dump_reply(args: list[bytes]) -> bytes | None:
+    """memcached's answer to ``stats cachedump <class> <limit>`` and ``stats
+    detail on|off|dump`` (``args`` after ``stats``), with nothing to dump:
+    the embedded cache has no slab classes and keeps no per-prefix stats
+    (``detail on`` and ``off`` change nothing). None for other arguments.
+    """
+    if args[0] == b"cachedump":
+        if len(args) < 3:
+            return errors.STATS_BAD_COMMAND_LINE
+        slab_class = strtoul32(args[1])
+        if slab_class is None or strtoul32(args[2]) is None:
+            return errors.BAD_COMMAND_LINE
+        return errors.END if slab_class < SLAB_CLASSES else errors.ILLEGAL_SLAB_ID
+    if args[0] == b"detail":
+        mode = args[1] if len(args) > 1 else b""
+        if mode == b"dump":
+            return errors.END
+        return errors.OK if mode in (b"on", b"off") else errors.DETAIL_USAGE
+    return None
 
 
 #: Bytes a stat name or value must not contain: a STAT line is exactly three

@@ -270,6 +270,14 @@ def test_local_version_and_stats(proxy):
     assert names == MEMCACHED_CMD_ORDER
 
 
+def test_stats_cachedump_and_detail(proxy):
+    """pymemcache's ``test_misc`` sends these; memcached answers as below."""
+    want = b"END\r\nEND\r\nOK\r\nOK\r\n" + errors.ILLEGAL_SLAB_ID
+    with proxy.connect() as s:
+        s.sendall(b"stats cachedump 1 1\r\nstats detail dump\r\nstats detail on\r\n"
+                  b"stats detail off\r\nstats cachedump 64 1\r\n")
+        assert read_until(s, want) == want
+
 
 def test_client_disconnects_mid_flight(proxy, cluster):
     slow = cluster[1]["a"]
