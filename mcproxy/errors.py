@@ -18,10 +18,15 @@ ERROR = b"ERROR\r\n"
 NO_ROUTE = b"SERVER_ERROR no route for command\r\n"
 NOT_SUPPORTED = b"SERVER_ERROR command not supported\r\n"
 END = b"END\r\n"
+OK = b"OK\r\n"
+# memcached's answers to ``stats cachedump`` and ``stats detail`` lines it refuses.
+STATS_BAD_COMMAND_LINE = b"CLIENT_ERROR bad command line\r\n"
+ILLEGAL_SLAB_ID = b"CLIENT_ERROR Illegal slab id\r\n"
+DETAIL_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
 ACTIVE_REQUEST_LIMIT = b"SERVER_ERROR active request limit reached\r\n"
-#: The first byte of a connection is the binary protocol's magic (0x80);
-#: the connection is closed after this line.
-BINARY_PROTOCOL = b"SERVER_ERROR binary protocol not supported\r\n"
+#: The first byte of a connection is the binary protocol's magic (0x80): the
+#: body of the binary error response the proxy answers before it closes.
+BINARY_PROTOCOL = b"binary protocol not supported"
 #: A storage command declared a payload over the proxy's limit; the payload
 #: is read and dropped (memcached's words and behaviour for an item too large).
 OBJECT_TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"

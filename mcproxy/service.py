@@ -19,7 +19,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mcproxy import _version
+from mcproxy import _version, errors
 from mcproxy.listen import DEFAULT_BACKLOG, with_backlog
 from mcproxy.lua.engine import ConfigError, RouteEngine
 from mcproxy.pool import BackendRegistry
@@ -27,6 +27,7 @@ from mcproxy.protocols.server import CLIENT_OUTPUT_LIMIT, ProxyServerFactory
 from mcproxy.stats import (
     ProxyStats,
     backend_stats,
+    dump_reply,
     format_stats,
     general_stats,
     proxy_stats,
@@ -240,4 +241,4 @@ class ProxyService(MultiService):
             # No slab classes to show; answered (empty) because monitoring
             # such as memcached_exporter asks for both after ``stats``.
             return format_stats([])
-        return b"ERROR\r\n"
+        return dump_reply(args) or errors.ERROR

@@ -11,11 +11,38 @@ import re
 import resource
 import time
 
-from mcproxy.protocols.request import CMD_END_STORAGE, COMMAND_NAMES
+from mcproxy import errors
+from mcproxy.protocols.numbers import strtoul32
+from mcproxy.protocols.request import (
+    CMD_ADD,
+    CMD_APPEND,
+    CMD_CAS,
+    CMD_DECR,
+    CMD_DELETE,
+    CMD_GAT,
+    CMD_GATS,
+    CMD_GET,
+    CMD_GETS,
+    CMD_INCR,
+    CMD_MA,
+    CMD_MD,
+    CMD_ME,
+    CMD_MG,
+    CMD_MN,
+    CMD_MS,
+    CMD_PREPEND,
+    CMD_REPLACE,
+    CMD_SET,
+    CMD_TOUCH,
+    COMMAND_NAMES,
+)
 
-#: The commands counted as ``cmd_*`` in ``stats proxy``, in memcached's
-#: order (mg .. prepend; the ids below CMD_END_STORAGE).
-PROXY_CMD_ORDER = [cmd for cmd in sorted(COMMAND_NAMES) if cmd < CMD_END_STORAGE]
+#: The commands counted as ``cmd_*`` in ``stats proxy`` (the ids below
+#: CMD_END_STORAGE), in memcached's proxy's order: the ids' order but for
+#: ``prepend`` (id 20), which it lists after ``append``.
+PROXY_CMD_ORDER = [CMD_MG, CMD_MS, CMD_MD, CMD_MN, CMD_MA, CMD_ME, CMD_GET, CMD_GAT, CMD_SET,
+                   CMD_ADD, CMD_CAS, CMD_GETS, CMD_GATS, CMD_INCR, CMD_DECR, CMD_TOUCH,
+                   CMD_APPEND, CMD_PREPEND, CMD_DELETE, CMD_REPLACE]
 
 
 class ProxyStats:
@@ -83,6 +110,31 @@ def proxy_stats(stats: ProxyStats, user_lines) -> list:
     """The reply to ``stats proxy``: user stats, then per-command counts."""
     return [*user_lines,
             *((f"cmd_{COMMAND_NAMES[cmd]}", stats.commands[cmd]) for cmd in PROXY_CMD_ORDER)]
+
+
+#: memcached's MAX_NUMBER_OF_SLAB_CLASSES: ``stats cachedump`` takes ids below it.
+SLAB_CLASSES = 64
+
+
+def dump_reply(args: list[bytes]) -> bytes | None:
+    """memcached's answer to ``stats cachedump <class> <limit>`` and ``stats
+    detail on|off|dump`` (``args`` after ``stats``), with nothing to dump:
+    the embedded cache has no slab classes and keeps no per-prefix stats
+    (``detail on`` and ``off`` change nothing). None for other arguments.
+    """
+    if args[0] == b"cachedump":
+        if len(args) < 3:
+            return errors.STATS_BAD_COMMAND_LINE
+        slab_class = strtoul32(args[1])
+        if slab_class is None or strtoul32(args[2]) is None:
+            return errors.BAD_COMMAND_LINE
+        return errors.END if slab_class < SLAB_CLASSES else errors.ILLEGAL_SLAB_ID
+    if args[0] == b"detail":
+        mode = args[1] if len(args) > 1 else b""
+        if mode == b"dump":
+            return errors.END
+        return errors.OK if mode in (b"on", b"off") else errors.DETAIL_USAGE
+    return None
 
 
 #: Bytes a stat name or value must not contain: a STAT line is exactly three

@@ -101,6 +101,21 @@ COMPARED_STATS = tuple(name for name in STAT_NAMES if name not in (
     "reclaimed", "curr_items", "bytes"))
 
 
+@pytest.mark.skipif(MEMCCAPABLE is None,
+                    reason="memccapable (Debian package libmemcached-tools) is not installed")
+def test_memccapable_binary_sees_a_refusal(proxy):
+    """The binary protocol is refused, recognisably: memccapable's first
+    binary test reads a whole response and fails on its status (before,
+    on a read of a text line), at once rather than after its timeout."""
+    run = subprocess.run([MEMCCAPABLE, "-h", "127.0.0.1", "-p", str(proxy.port), "-b", "-v",
+                          "-t", "5", "-T", "binary noop"],
+                         capture_output=True, timeout=30, text=True)
+    output = run.stdout + run.stderr
+    assert "header.response.status == status" in output
+    assert "retry_read" not in output
+
+
+
 def outcome(call, *args, **kwargs) -> object:
     """What a pymemcache call returned, or which error it raised."""
     try:

@@ -11,6 +11,7 @@ from pymemcache.client.base import Client
 from mcproxy import errors
 
 from .servers import Memcached, Proxy, exchange, read_until
+from .test_stats import MEMCACHED_CMD_ORDER
 
 # Keys under "slow/" go to pool A, everything else to pool B (two servers,
 # sharded by jump hash); routes can also answer with strings or misbehave.
@@ -212,7 +213,9 @@ def test_replies_stay_in_order_when_backends_differ_in_speed(proxy, cluster):
 
 
 @pytest.mark.parametrize("request_bytes, expected", [
-    (b"flurb\r\n", errors.PARSING_REQUEST),
+    (b"flurb\r\n", errors.ERROR),
+    (b"config get cluster\r\n", errors.ERROR),
+    (b"shutdown\r\n", errors.PARSING_REQUEST),
     (b"version\n", errors.PARSING_REQUEST),
     (b"get string/k\r\n", b"SERVER_ERROR no route\r\n"),
     (b"get error/k\r\n", errors.LUA_FAILURE),
@@ -263,8 +266,17 @@ def test_local_version_and_stats(proxy):
     lines = reply.split(b"\r\n")
     assert lines[0].startswith(b"STAT user_no_route ")
     assert int(lines[0].split()[2]) >= 1
-    assert lines[1].startswith(b"STAT cmd_mg ")
-    assert lines[20].startswith(b"STAT cmd_prepend ")
+    names = [line.split()[1].decode() for line in lines[1:21]]
+    assert names == MEMCACHED_CMD_ORDER
+
+
+def test_stats_cachedump_and_detail(proxy):
+    """pymemcache's ``test_misc`` sends these; memcached answers as below."""
+    want = b"END\r\nEND\r\nOK\r\nOK\r\n" + errors.ILLEGAL_SLAB_ID
+    with proxy.connect() as s:
+        s.sendall(b"stats cachedump 1 1\r\nstats detail dump\r\nstats detail on\r\n"
+                  b"stats detail off\r\nstats cachedump 64 1\r\n")
+        assert read_until(s, want) == want
 
 
 def test_client_disconnects_mid_flight(proxy, cluster):

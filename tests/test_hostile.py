@@ -17,6 +17,7 @@ import pytest
 
 from mcproxy import errors
 from mcproxy.protocols.server import (
+    BINARY_HEADER_WAIT,
     MAX_CLIENT_INFLIGHT_BYTES,
     MAX_MULTIGET_KEYS,
     MAX_MULTIGET_LINE,
@@ -24,7 +25,7 @@ from mcproxy.protocols.server import (
 )
 
 from .servers import Memcached, Proxy, exchange, read_until
-from .test_server import connect, feed
+from .test_server import BINARY_GETK, BINARY_GETK_REFUSAL, connect, feed
 
 CONFIG = """
 function mcp_config_pools()
@@ -219,15 +220,14 @@ def test_declared_payload_over_the_limit_is_dropped_as_it_comes(proxy, good):
 
 
 def test_binary_protocol_is_refused_and_closed(proxy, good):
-    get_request = b"\x80\x00\x00\x01" + b"\x00" * 8 + b"\x00\x00\x00\x01" + b"\x00" * 12 + b"k"
     with proxy.connect() as s:
-        s.sendall(get_request)
+        s.sendall(BINARY_GETK)
         served(good)
-        assert read_until(s, b"\r\n") == errors.BINARY_PROTOCOL
+        assert read_until(s, errors.BINARY_PROTOCOL) == BINARY_GETK_REFUSAL
         assert closed(s)
     # Only the first byte of a connection counts.
     with proxy.connect() as s:
-        want = b"MN\r\n" + errors.PARSING_REQUEST
+        want = b"MN\r\n" + errors.ERROR
         assert exchange(s, b"mn\r\n\x80 k\r\n", want) == want
 
 
@@ -359,9 +359,10 @@ def test_multigets_of_large_values_never_read(limited):
 @pytest.mark.parametrize("chunks", [[b"\x80\x01"], [b"", b"\x80"]])
 def test_binary_magic_on_the_first_byte(chunks):
     """An empty first read (none on a real socket) must not use up the check."""
-    proto, transport, _ = connect()
+    proto, transport, service = connect()
     feed(proto, *chunks)
-    assert transport.value() == errors.BINARY_PROTOCOL and transport.disconnecting
+    service.reactor.advance(BINARY_HEADER_WAIT)
+    assert transport.value().endswith(errors.BINARY_PROTOCOL) and transport.disconnecting
 
 
 def test_unterminated_multiget_line_cap():

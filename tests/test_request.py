@@ -134,6 +134,46 @@ def test_refusals_carry_memcached_s_error_and_payload(line, reply, vlen):
     assert (refused.value.reply, refused.value.vlen) == (reply, vlen)
 
 
+@pytest.mark.parametrize("line, reply", [
+    (b"config get cluster\r\n", errors.ERROR),
+    (b"frob\r\n", errors.ERROR),
+    (b"GET k\r\n", errors.ERROR),
+    (b"misbehave\r\n", errors.ERROR),
+    (b"lru_crawler metadump all\r\n", errors.PARSING_REQUEST),
+    (b"slabs reassign 1 2\r\n", errors.PARSING_REQUEST),
+    (b"shutdown\r\n", errors.PARSING_REQUEST),
+    (b"cache_memlimit 10\r\n", errors.PARSING_REQUEST),
+    (b"lru mode flat\r\n", errors.PARSING_REQUEST),
+    (b"extstore x\r\n", errors.PARSING_REQUEST),
+    (b"refresh_certs\r\n", errors.PARSING_REQUEST),
+    (b"version\n", errors.PARSING_REQUEST),
+])
+def test_commands_not_served(line, reply):
+    """A command nobody knows gets memcached's ``ERROR``; one memcached
+    knows and the proxy does not serve gets memcached's proxy's answer.
+
+    What the anchors answered: memcached 1.6.18 (the connection kept open)::
+
+        config get cluster        ERROR
+        frob                      ERROR
+        GET k                     ERROR
+        lru_crawler metadump all  END
+        slabs reassign 1 2        NOSPARE source class has no spare pages
+        shutdown                  ERROR: shutdown not enabled
+        cache_memlimit 10         OK
+
+    memcached's proxy 1.6.15 answers every one of them ``SERVER_ERROR
+    parsing request`` (kept open); 1.6.45 closes the connection without a
+    byte, whether or not a route is attached (``CMD_ANY`` too). A close
+    drops what the client pipelined behind the line, so mcproxy keeps
+    1.6.15's line. pylibmc's ElastiCache auto-discovery
+    (``config get cluster``) falls back to plain gets on ``ERROR``.
+    """
+    with pytest.raises(ParseError) as refused:
+        parse_request(line)
+    assert (refused.value.reply, refused.value.vlen) == (reply, 0)
+
+
 @pytest.mark.parametrize("line, vlen, noreply", [
     (b"set k 0 0 \t5\r\n", 7, False),       # strtol skips leading white space
     (b"set k 0 0 5\t\r\n", 7, False),       # and stops at trailing white space

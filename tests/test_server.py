@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from mcproxy import errors
 from mcproxy.protocols.request import CMD_GET, CMD_MG, CMD_SET, COMMANDS
-from mcproxy.protocols.server import MAX_CLIENT_INFLIGHT, ProxyServerProtocol
+from mcproxy.protocols.server import (
+    BINARY_HEADER_WAIT,
+    MAX_CLIENT_INFLIGHT,
+    ProxyServerProtocol,
+)
 from mcproxy.stats import ProxyStats
 
 
@@ -46,6 +51,7 @@ class FakeService:
         self.stats = ProxyStats()
         self.store = FakeStore()
         self.version_line = b"VERSION test\r\n"
+        self.reactor = Clock()
 
     def stats_reply(self, args):
         return b"STATS " + b" ".join(args) + b"\r\nEND\r\n"
@@ -156,7 +162,7 @@ def test_key_too_long_in_multiget():
 def test_parse_error_keeps_connection():
     proto, transport, service = connect()
     feed(proto, b"flurb\r\nversion\n")
-    assert transport.value() == errors.PARSING_REQUEST * 2
+    assert transport.value() == errors.ERROR + errors.PARSING_REQUEST
     assert not transport.disconnecting
     assert service.stats.conn_errors == 2
 
@@ -420,3 +426,54 @@ def test_half_close_while_the_client_is_not_reading():
     answer_all(service)
     assert transport.value() == b"OK a\r\nOK b\r\n"
     assert transport.disconnecting
+
+
+# -- the binary protocol ---------------------------------------------------------
+
+#: A binary GETK of key "k": magic, opcode 0x0c, key length 1, body length 1,
+#: opaque 0xdeadbeef, cas 0.
+BINARY_GETK = (b"\x80\x0c\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01\xde\xad\xbe\xef"
+               + bytes(8) + b"k")
+#: What memcached writes for an opcode it does not serve: magic 0x81, the
+#: opcode, no key or extras, status 0x0081 "unknown command", the body
+#: length, the opaque, cas 0, then the body (the proxy's reason).
+BINARY_GETK_REFUSAL = (b"\x81\x0c\x00\x00\x00\x00\x00\x81\x00\x00\x00\x1d\xde\xad\xbe\xef"
+                       + bytes(8) + b"binary protocol not supported")
+
+
+@pytest.mark.parametrize("chunks", [
+    [BINARY_GETK],
+    [BINARY_GETK + b"\x80\x0a" + bytes(22)],  # a NOOP behind it goes unanswered
+    [b"", BINARY_GETK],
+    [BINARY_GETK[:1], BINARY_GETK[1:13], BINARY_GETK[13:]],
+])
+def test_binary_request_gets_memcached_s_binary_error_then_close(chunks):
+    proto, transport, service = connect()
+    feed(proto, *chunks)
+    assert transport.value() == BINARY_GETK_REFUSAL
+    assert transport.disconnecting
+    assert service.stats.conn_errors == 1
+    assert not service.reactor.getDelayedCalls()
+
+
+def test_binary_header_is_waited_for_with_a_bound():
+    """A client that stops inside the header is refused with what came:
+    its opcode, and zeros for the opaque it did not send."""
+    proto, transport, service = connect()
+    feed(proto, BINARY_GETK[:10])
+    service.reactor.advance(BINARY_HEADER_WAIT - 0.1)
+    assert transport.value() == b"" and not transport.disconnecting
+    service.reactor.advance(0.1)
+    assert transport.value() == (b"\x81\x0c\x00\x00\x00\x00\x00\x81\x00\x00\x00\x1d"
+                                 + bytes(12) + b"binary protocol not supported")
+    assert transport.disconnecting
+    feed(proto, BINARY_GETK[10:] + b"version\r\n")
+    assert transport.value().endswith(b"supported")
+
+
+def test_binary_client_gone_during_the_wait():
+    proto, transport, service = connect()
+    feed(proto, b"\x80")
+    proto.connectionLost()
+    assert not service.reactor.getDelayedCalls()
+    assert transport.value() == b""

@@ -89,6 +89,13 @@ COMMANDS = {
     b"flush_all": CMD_FLUSH_ALL, b"verbosity": CMD_VERBOSITY,
 }
 
+#: Commands memcached knows and the proxy does not serve: answered
+#: ``SERVER_ERROR parsing request``, memcached's proxy's answer, where a
+#: command nobody knows gets memcached's ``ERROR`` (see README, "Differences
+#: from memcached").
+NOT_SERVED = frozenset((b"slabs", b"lru", b"shutdown", b"extstore", b"lru_crawler",
+                        b"refresh_certs", b"cache_memlimit"))
+
 #: Command id -> wire name, for stats (``cmd_get``) and logs.
 COMMAND_NAMES = {value: name.decode() for name, value in COMMANDS.items()}
 
@@ -149,10 +156,12 @@ class ParseError(ValueError):
     """The line is not one request the proxy serves or forwards.
 
     ``reply`` is what the client gets: ``SERVER_ERROR parsing request`` for
-    what memcached's proxy cannot parse, else the error memcached itself
-    would answer first. ``vlen`` (with CRLF), when not 0, is the payload
-    that follows the line: the proxy reads and drops it, so that one
-    refused request gets one reply (memcached would read it as a command).
+    what memcached's proxy cannot parse (memcached's commands it does not
+    serve among them), else the error memcached itself would answer first
+    (``ERROR`` for a command memcached does not know). ``vlen`` (with
+    CRLF), when not 0, is the payload that follows the line: the proxy reads
+    and drops it, so that one refused request gets one reply (memcached
+    would read it as a command).
     """
 
     def __init__(self, reason: str, reply: bytes = PARSING_REQUEST, vlen: int = 0) -> None:
@@ -467,7 +476,7 @@ def _parse_tokens(line: bytes) -> Request:
     name, _, _ = body.partition(b" ")
     command = COMMANDS.get(name)
     if command is None:
-        raise ParseError("unknown command")
+        raise ParseError("unknown command", PARSING_REQUEST if name in NOT_SERVED else ERROR)
     tokens = _tokenize(body, _TOKEN_CAPS.get(command, _DEFAULT_CAP))
     ntokens = len(tokens)
 

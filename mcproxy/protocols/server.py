@@ -9,12 +9,13 @@ written out, so replies always leave in request order.
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -61,6 +62,16 @@ MAX_MULTIGET_LINE = 2 * 2**20
 MAX_MULTIGET_KEYS = 16384
 #: The first byte of a binary protocol request.
 BINARY_MAGIC = b"\x80"
+#: Bytes of a binary protocol header.
+BINARY_HEADER = 24
+#: Seconds a connection that began with BINARY_MAGIC may take to send the
+#: rest of its header; then it is refused with what came.
+BINARY_HEADER_WAIT = 2.0
+#: The status of the proxy's binary error response (memcached's "unknown
+#: command": libmemcached and pylibmc report it as a protocol error).
+BINARY_STATUS = 0x0081
+#: magic, opcode, key length, extras length, data type, status, body length
+_BINARY_RESPONSE = struct.Struct(">BBHBBHI")
 #: How far a multiget line may be indented and still count as one.
 MAX_MULTIGET_INDENT = 100
 #: What a client beyond --max-connections gets before the hang-up (memcached's words).
@@ -77,6 +88,17 @@ OUTPUT_PAUSE_SHARE = 16
 #: The log event of a client closed for the output limit.
 LOG_OUTPUT_LIMIT = ("client {client} closed: {waiting} bytes of replies waiting for it, "
                     "over the output limit of {limit}")
+
+
+def binary_refusal(head: bytes) -> bytes:
+    """The binary error response, as memcached writes one, to the request
+    whose header begins ``head``: its opcode and opaque echoed (zeros for
+    what did not arrive), BINARY_STATUS, the reason as body."""
+    opcode = head[1] if len(head) > 1 else 0
+    opaque = head[12:16] if len(head) >= 16 else bytes(4)
+    body = errors.BINARY_PROTOCOL
+    return (_BINARY_RESPONSE.pack(0x81, opcode, 0, 0, 0, BINARY_STATUS, len(body))
+            + opaque + bytes(8) + body)
 
 
 def _peer(transport) -> str:
@@ -200,6 +222,10 @@ class ProxyServerProtocol(LineReceiver):
     log = Logger()
     #: the ProxyServerFactory that built us (None in tests that build by hand)
     factory: ProxyServerFactory | None = None
+    #: a connection that began with BINARY_MAGIC: its header so far, and
+    #: the timeout of the wait for the rest
+    _binary_head = b""
+    _binary_wait: IDelayedCall | None = None
 
     def __init__(self, service: ProxyService,
                  output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
@@ -257,12 +283,33 @@ class ProxyServerProtocol(LineReceiver):
         if not data:
             return
         del self.dataReceived
-        if data[:1] == BINARY_MAGIC:
-            self.stats.conn_errors += 1
-            self._reply(errors.BINARY_PROTOCOL)
-            self._close_after_replies()
+        if data[:1] != BINARY_MAGIC:
+            self.dataReceived(data)
             return
-        self.dataReceived(data)
+        self.stats.conn_errors += 1
+        self._binary_head = data[:BINARY_HEADER]
+        if len(self._binary_head) == BINARY_HEADER:
+            self._refuse_binary()
+            return
+        self.dataReceived = self._binary_header
+        clock = getattr(self.service, "reactor", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._binary_wait = clock.callLater(BINARY_HEADER_WAIT, self._refuse_binary)
+
+    def _binary_header(self, data: bytes) -> None:
+        """More of a binary header: refuse once it is whole."""
+        head = self._binary_head = self._binary_head + data[:BINARY_HEADER - len(self._binary_head)]
+        if len(head) == BINARY_HEADER:
+            self._binary_wait.cancel()
+            self._refuse_binary()
+
+    def _refuse_binary(self) -> None:
+        """Answer a binary client memcached's way (binary_refusal), close."""
+        self._binary_wait = None
+        self.__dict__.pop("dataReceived", None)
+        self._reply(binary_refusal(self._binary_head))
+        self._close_after_replies()
 
     def readConnectionLost(self) -> None:
         """The client shut down its write side: answer every request it
@@ -282,6 +329,9 @@ class ProxyServerProtocol(LineReceiver):
         """Never called: the proxy only ever closes both sides at once."""
 
     def connectionLost(self, reason=None) -> None:
+        if self._binary_wait is not None:
+            self._binary_wait.cancel()
+            self._binary_wait = None
         self._forget()
 
     def _forget(self) -> None:
