@@ -115,8 +115,10 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def tail(text: str, lines: int = 5) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:]) or "(no output)"
+def tail(text: str, lines: int = 3) -> str:
+    """pip's last words, its warnings left out."""
+    said = [line for line in text.strip().splitlines() if not line.startswith("WARNING")]
+    return " | ".join(said[-lines:]) or "(no output)"
 
 
 @dataclass
