@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -127,6 +127,8 @@ class Run:
 
     outcomes: Outcomes
     output: str
+    #: What a failed test said (its traceback), where the runner reports it.
+    failures: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> str:
         counted = Counter(self.outcomes.values())
@@ -140,19 +142,21 @@ def lost(baseline: Run, run: Run) -> dict[str, str]:
             if outcome == "passed" and run.outcomes.get(test) != "passed"}
 
 
-def junit_outcomes(path: Path) -> Outcomes:
-    """Per-test outcomes from a JUnit XML report."""
-    outcomes: Outcomes = {}
+def junit_run(path: Path, output: str) -> Run:
+    """Per-test outcomes and failures from a JUnit XML report."""
+    run = Run({}, output)
     for case in ET.parse(path).iter("testcase"):
         test = f"{case.get('classname')}.{case.get('name')}"
-        kinds = {child.tag for child in case}
-        if kinds & {"failure", "error"}:
-            outcomes[test] = "failed"
-        elif "skipped" in kinds:
-            outcomes[test] = "skipped"
+        failed = [child for child in case if child.tag in ("failure", "error")]
+        if failed:
+            run.outcomes[test] = "failed"
+            run.failures[test] = "\n".join(
+                f"{child.get('message', '')}\n{child.text or ''}" for child in failed)
+        elif case.find("skipped") is not None:
+            run.outcomes[test] = "skipped"
         else:
-            outcomes[test] = "passed"
-    return outcomes
+            run.outcomes[test] = "passed"
+    return run
 
 
 # -- pymemcache ---------------------------------------------------------------------
@@ -201,7 +205,7 @@ def run_pymemcache(suite: Path, port: int, timeout: float = 90) -> Run:
         output = run.stdout + run.stderr
         if not report.exists():
             raise AssertionError(f"pymemcache's suite did not run:\n{output}")
-        return Run(junit_outcomes(report), output)
+        return junit_run(report, output)
 
 
 # -- Django -------------------------------------------------------------------------

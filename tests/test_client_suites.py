@@ -29,9 +29,31 @@ from .servers import Memcached, Proxy
 
 pytestmark = [pytest.mark.suites, pytest.mark.timeout(170)]
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+README = (ROOT / "README.rst").read_text()
 MEMCCAPABLE = shutil.which("memccapable") or shutil.which("memcapable")
 MODES = ("sharded", "replicated")
+
+#: Tests (ids without their parameters) that pass against memcached and may
+#: fail through the proxy, but only at the line named: test id -> (that
+#: line, as the traceback shows it; the README.rst passage documenting the
+#: difference). pymemcache's test_misc sends ``cache_memlimit 50``, which
+#: the proxy answers ``SERVER_ERROR parsing request`` (memcached: ``OK``).
+ALLOWED_FAILURES: dict[str, tuple[str, str]] = {
+    "test_integration.test_misc": (
+        "> success = client.cache_memlimit(50)",
+        "``lru_crawler``, ``cache_memlimit``, ``extstore``"),
+}
+
+
+def allowed(test: str, run: suites.Run) -> bool:
+    """Whether test failed where ALLOWED_FAILURES lets it, as documented."""
+    line, passage = ALLOWED_FAILURES.get(test.partition("[")[0], (None, None))
+    if line is None:
+        return False
+    assert passage in README, f"README.rst no longer says {passage!r}: is {test} fixed?"
+    return line in " ".join(run.failures.get(test, "").split())
 
 
 @contextmanager
@@ -84,9 +106,12 @@ def compare(name: str, mode: str, baseline: suites.Run, proxied: suites.Run,
     summary = (f"{name}: memcached {baseline.counts()}; "
                f"through {mode} route {proxied.counts()}")
     lost = suites.lost(baseline, proxied)
-    listing = "\n".join(f"  {test}: {outcome}" for test, outcome in lost.items())
+    excused = {test for test in lost if allowed(test, proxied)}
+    listing = "\n".join(f"  {test}: {outcome}" + (" (allowed)" if test in excused else "")
+                        for test, outcome in lost.items())
     print(f"\n{summary}" + (f"\npassed against memcached only:\n{listing}" if lost else ""))
     record_property("counts", summary)
+    lost = {test: outcome for test, outcome in lost.items() if test not in excused}
     assert sum(o == "passed" for o in baseline.outcomes.values()) > 10, baseline.output
     assert not lost, f"{summary}\npassed against memcached only:\n{listing}\n\n" \
                      f"{name} through the {mode} route:\n{proxied.output[-20000:]}"
