@@ -32,6 +32,7 @@ from .protocols.numbers import INT_MAX, U32, U64, strtol32, strtoul32, strtoull
 from .protocols.request import (
     CMD_ADD,
     CMD_APPEND,
+    CMD_CACHE_MEMLIMIT,
     CMD_CAS,
     CMD_DECR,
     CMD_DELETE,
@@ -78,6 +79,11 @@ OUT_OF_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
 OUT_OF_MEMORY_VIVIFY = b"SERVER_ERROR Out of memory allocating new item\r\n"
 MG_FLAGS_TOO_LONG = b"CLIENT_ERROR options flags are too long\r\n"
 META_FLAGS_TOO_LONG = b"CLIENT_ERROR options flags too long\r\n"
+MEMLIMIT_TOO_SMALL = b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n"
+MEMLIMIT_NOT_BYTES = b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n"
+#: cache_memlimit's bounds, in megabytes (memcached's).
+MEMLIMIT_MIN_MB = 8
+MEMLIMIT_MAX_MB = 1_000_000_000
 DUPLICATE_FLAG = b"CLIENT_ERROR duplicate flag\r\n"
 INVALID_FLAG = b"CLIENT_ERROR invalid flag\r\n"
 INVALID_OR_DUPLICATE_FLAG = b"CLIENT_ERROR invalid or duplicate flag\r\n"
@@ -321,6 +327,7 @@ class Store:
             CMD_INCR: self._arithmetic, CMD_DECR: self._arithmetic,
             CMD_TOUCH: self._touch, CMD_DELETE: self._delete,
             CMD_FLUSH_ALL: self._flush_all, CMD_VERBOSITY: self._verbosity,
+            CMD_CACHE_MEMLIMIT: self._cache_memlimit,
             CMD_MG: self._mg, CMD_MS: self._ms, CMD_MD: self._md,
             CMD_MA: self._ma, CMD_MN: self._mn, CMD_ME: self._me,
         }
@@ -754,6 +761,26 @@ class Store:
         if noreply:
             return b""
         return OK if strtoul32(tokens[1]) is not None else BAD_FORMAT
+
+    def _cache_memlimit(self, req: Request) -> bytes:
+        """cache_memlimit <megabytes> [noreply]: a new memory limit, as
+        memcached sets its own (items over it are evicted, oldest first)."""
+        tokens = _tokens(req.line)
+        ntokens = _ntokens(tokens)
+        megabytes = strtoul32(tokens[1]) if ntokens in (3, 4) else None
+        if megabytes is None:
+            return ERROR
+        noreply = tokens[ntokens - 2] == _NOREPLY
+        if megabytes < MEMLIMIT_MIN_MB:
+            reply = MEMLIMIT_TOO_SMALL
+        elif megabytes > MEMLIMIT_MAX_MB:
+            reply = MEMLIMIT_NOT_BYTES
+        else:
+            self.memory_limit = megabytes * 2**20
+            if self._bytes > self.memory_limit:
+                self._evict(0)
+            reply = OK
+        return b"" if noreply else reply
 
     # -- meta commands -----------------------------------------------------
 

@@ -7,7 +7,7 @@ mcproxy`` with a route config: the cookbook's ``examples/route.lua``,
 sharding over two memcached servers, and a replicated route
 (``routes.all_sync`` over two single-server pools; PyLibMCCache through the
 sharded route only). Every test that passes against memcached must pass
-through the proxy, ALLOWED_FAILURES apart; the differences are printed.
+through the proxy; the differences are printed.
 
 The suites are fetched from PyPI at test time (see tests/suites.py); a
 test skips when the registry cannot be reached. Selected with ``-m suites``,
@@ -34,27 +34,6 @@ EXAMPLES = ROOT / "examples"
 README = (ROOT / "README.rst").read_text()
 MEMCCAPABLE = shutil.which("memccapable") or shutil.which("memcapable")
 MODES = ("sharded", "replicated")
-
-#: Tests (ids without their parameters) that pass against memcached and may
-#: fail through the proxy, but only at the line named: test id -> (that
-#: line, as the traceback shows it; the README.rst passage documenting the
-#: difference). pymemcache's test_misc sends ``cache_memlimit 50``, which
-#: the proxy answers ``SERVER_ERROR parsing request`` (memcached: ``OK``).
-ALLOWED_FAILURES: dict[str, tuple[str, str]] = {
-    "test_integration.test_misc": (
-        "> success = client.cache_memlimit(50)",
-        "``lru_crawler``, ``cache_memlimit``, ``extstore``"),
-}
-
-
-def allowed(test: str, run: suites.Run) -> bool:
-    """Whether test failed where ALLOWED_FAILURES lets it, as documented."""
-    line, passage = ALLOWED_FAILURES.get(test.partition("[")[0], (None, None))
-    if line is None:
-        return False
-    assert passage in README, f"README.rst no longer says {passage!r}: is {test} fixed?"
-    return line in " ".join(run.failures.get(test, "").split())
-
 
 @contextmanager
 def target(mode: str) -> Iterator[int]:
@@ -106,12 +85,9 @@ def compare(name: str, mode: str, baseline: suites.Run, proxied: suites.Run,
     summary = (f"{name}: memcached {baseline.counts()}; "
                f"through {mode} route {proxied.counts()}")
     lost = suites.lost(baseline, proxied)
-    excused = {test for test in lost if allowed(test, proxied)}
-    listing = "\n".join(f"  {test}: {outcome}" + (" (allowed)" if test in excused else "")
-                        for test, outcome in lost.items())
+    listing = "\n".join(f"  {test}: {outcome}" for test, outcome in lost.items())
     print(f"\n{summary}" + (f"\npassed against memcached only:\n{listing}" if lost else ""))
     record_property("counts", summary)
-    lost = {test: outcome for test, outcome in lost.items() if test not in excused}
     assert sum(o == "passed" for o in baseline.outcomes.values()) > 10, baseline.output
     assert not lost, f"{summary}\npassed against memcached only:\n{listing}\n\n" \
                      f"{name} through the {mode} route:\n{proxied.output[-20000:]}"

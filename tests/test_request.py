@@ -142,7 +142,6 @@ def test_refusals_carry_memcached_s_error_and_payload(line, reply, vlen):
     (b"lru_crawler metadump all\r\n", errors.PARSING_REQUEST),
     (b"slabs reassign 1 2\r\n", errors.PARSING_REQUEST),
     (b"shutdown\r\n", errors.PARSING_REQUEST),
-    (b"cache_memlimit 10\r\n", errors.PARSING_REQUEST),
     (b"lru mode flat\r\n", errors.PARSING_REQUEST),
     (b"extstore x\r\n", errors.PARSING_REQUEST),
     (b"refresh_certs\r\n", errors.PARSING_REQUEST),
@@ -160,7 +159,6 @@ def test_commands_not_served(line, reply):
         lru_crawler metadump all  END
         slabs reassign 1 2        NOSPARE source class has no spare pages
         shutdown                  ERROR: shutdown not enabled
-        cache_memlimit 10         OK
 
     memcached's proxy 1.6.15 answers every one of them ``SERVER_ERROR
     parsing request`` (kept open); 1.6.45 closes the connection without a

@@ -93,6 +93,11 @@ SCENARIOS: dict[str, list[bytes]] = {
         rq("get " + "x" * 250), rq("get " + "x" * 251 + " a"),
         sv("set " + "x" * 250 + " 0 0 1", "X"), rq("get " + "x" * 250),
     ],
+    "cache_memlimit": [
+        rq("cache_memlimit 10"), rq("cache_memlimit 7"), rq("cache_memlimit x"),
+        rq("cache_memlimit"), rq("cache_memlimit 10 noreply"), rq("cache_memlimit 10 20"),
+        rq("cache_memlimit -1"), rq("cache_memlimit 99999999999"), rq("cache_memlimit 64"),
+    ],
     "flags": [
         sv("set f 4294967295 0 1", "x"), rq("get f"),
         sv("set f 4294967296 0 1", "x"), rq("get f"),

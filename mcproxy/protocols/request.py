@@ -87,6 +87,7 @@ COMMANDS = {
     b"prepend": CMD_PREPEND, b"quit": CMD_QUIT, b"stats": CMD_STATS,
     b"watch": CMD_WATCH, b"version": CMD_VERSION,
     b"flush_all": CMD_FLUSH_ALL, b"verbosity": CMD_VERBOSITY,
+    b"cache_memlimit": CMD_CACHE_MEMLIMIT,
 }
 
 #: Commands memcached knows and the proxy does not serve: answered
@@ -94,7 +95,7 @@ COMMANDS = {
 #: command nobody knows gets memcached's ``ERROR`` (see README, "Differences
 #: from memcached").
 NOT_SERVED = frozenset((b"slabs", b"lru", b"shutdown", b"extstore", b"lru_crawler",
-                        b"refresh_certs", b"cache_memlimit"))
+                        b"refresh_certs"))
 
 #: Command id -> wire name, for stats (``cmd_get``) and logs.
 COMMAND_NAMES = {value: name.decode() for name, value in COMMANDS.items()}
@@ -104,9 +105,11 @@ STORAGE_COMMANDS = frozenset(
     (CMD_SET, CMD_ADD, CMD_CAS, CMD_APPEND, CMD_PREPEND, CMD_REPLACE))
 META_COMMANDS = frozenset((CMD_MG, CMD_MS, CMD_MD, CMD_MN, CMD_MA, CMD_ME))
 KEYLESS_COMMANDS = frozenset((CMD_QUIT, CMD_STATS, CMD_WATCH, CMD_VERSION, CMD_MN,
-                              CMD_FLUSH_ALL, CMD_VERBOSITY))
-#: Commands always answered by the proxy itself, never handed to a route.
-LOCAL_ONLY_COMMANDS = frozenset((CMD_MN, CMD_QUIT))
+                              CMD_FLUSH_ALL, CMD_VERBOSITY, CMD_CACHE_MEMLIMIT))
+#: Commands always answered by the proxy itself, never handed to a route
+#: (``cache_memlimit`` sizes the embedded cache; the backends' memory is
+#: their operators').
+LOCAL_ONLY_COMMANDS = frozenset((CMD_MN, CMD_QUIT, CMD_CACHE_MEMLIMIT))
 #: Keyless commands a pool sends to every one of its backends (not to the
 #: backend of a key): ``flush_all`` and ``verbosity`` address whole servers.
 BROADCAST_COMMANDS = frozenset((CMD_FLUSH_ALL, CMD_VERBOSITY))
