@@ -28,9 +28,9 @@ from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from mcproxy.protocols import writes
-from mcproxy.protocols.server import ProxyServerProtocol
-from mcproxy.service import ProxyService
+from mcproxy import writes
+from mcproxy.app.service import ProxyService
+from mcproxy.server.protocol import ProxyServerProtocol
 
 ROUTE = Path(__file__).resolve().parent / "route.lua"
 VALUE = b"x" * 100
@@ -103,14 +103,26 @@ class Proxy:
 
 
 def count(proxy: Proxy, rounds: int) -> Counter:
-    """Opcodes run in ``rounds`` rounds, by ``file:function``."""
+    """Opcodes run in ``rounds`` rounds, by ``file:function`` (files of
+    mcproxy by their path in the package, e.g. ``server/protocol.py``)."""
     ops: Counter = Counter()
+    names: dict[str, str] = {}
+
+    def label(filename: str) -> str:
+        path = Path(filename)
+        parts = path.parts
+        if "mcproxy" in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index("mcproxy"):])
+        return path.name
 
     def trace(frame, event, arg):
         frame.f_trace_opcodes = True
         if event == "opcode":
             code = frame.f_code
-            ops[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+            name = names.get(code.co_filename)
+            if name is None:
+                name = names[code.co_filename] = label(code.co_filename)
+            ops[f"{name}:{code.co_name}"] += 1
         return trace
 
     proxy.round()  # warm-up: lazily made objects, first-time paths

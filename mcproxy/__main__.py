@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 
-from mcproxy import __version__
+from mcproxy._version import __version__
 
 
 def _inherited(text: str) -> tuple[int, str]:
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "worker":
         ignore_hup()
-        from mcproxy.workers import run_worker
+        from mcproxy.app.workers import run_worker
 
         options = args.options[1:] if args.options[:1] == ["--"] else args.options
         return run_worker(args.worker_id, args.fd, options)
-    from mcproxy.check import main as check_main
+    from mcproxy.app.check import main as check_main
 
     return check_main(args.config)
 

@@ -1,11 +1,45 @@
-"""Fixtures shared by the suite: real memcached servers on free ports."""
+"""Fixtures shared by the suite, and the line between unit and end-to-end.
+
+Tests live beside the layer they test (``tests/wire``, ``tests/backends``,
+... ``tests/app``) and run in-process on in-memory transports; tests that
+start processes (memcached, twistd, workers, other clients' suites) are
+marked ``e2e``: everything under ``tests/e2e`` and any layer test that asks
+for a real memcached. ``pytest -m "not e2e"`` runs the unit tests alone and
+refuses any of them that starts a process, so the mark stays true.
+"""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from .routing import engine, load  # noqa: F401  (fixtures)
+from mcproxy.writes import batch
+
+from .enginekit import engine, load  # noqa: F401  (fixtures)
 from .servers import Memcached
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+#: Fixtures that start real processes: a test using one is end-to-end.
+PROCESS_FIXTURES = frozenset(("memcached", "memcached_factory"))
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if E2E_DIR in Path(item.fspath).parents or PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_process(request, monkeypatch):
+    """A test not marked e2e that starts a process fails, naming the command."""
+    if request.node.get_closest_marker("e2e") is None:
+        def refuse(self, args, *rest, **kwargs):
+            raise AssertionError(f"a unit test started a process ({args!r}): mark it e2e")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture
@@ -33,6 +67,4 @@ def memcached(memcached_factory) -> Memcached:
 def immediate_writes(monkeypatch):
     """In-process tests drive protocols by hand: write at once instead of
     at the end of a reactor iteration that never comes."""
-    from mcproxy.protocols.writes import batch
-
     monkeypatch.setattr(batch, "schedule", lambda f: f())

@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 mcproxy = ServiceMaker(
     "mcproxy",
-    "mcproxy.tap",
+    "mcproxy.app.tap",
     "A memcached proxy whose routes are scripted in Lua.",
     "mcproxy",
 )

@@ -1,0 +1,1 @@
+"""The application: service, tap, workers, supervisor. Nothing imports it."""

@@ -1,0 +1,245 @@
+"""ProxyService: the whole proxy as one Twisted service.
+
+It owns the listening endpoints, the route engine, the backends, the
+embedded cache and the counters, and reloads the route config on SIGHUP.
+Build it with :func:`mcproxy.makeService` (as twistd does) or directly, and
+add it to any Twisted application.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import time
+from collections import deque
+from typing import Any, NamedTuple
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mcproxy import _version
+from mcproxy.app.listen import DEFAULT_BACKLOG, with_backlog
+from mcproxy.backends.pool import BackendRegistry
+from mcproxy.ops.stats import (
+    ProxyStats,
+    backend_stats,
+    dump_reply,
+    format_stats,
+    general_stats,
+    proxy_stats,
+)
+from mcproxy.ops.watch import WatchRegistry
+from mcproxy.routing.engine import ConfigError, RouteEngine
+from mcproxy.routing.tunables import Tunables
+from mcproxy.routing.userstats import UserStats
+from mcproxy.server.protocol import CLIENT_OUTPUT_LIMIT, ProxyServerFactory
+from mcproxy.wire import errors
+
+#: What ``version`` answers: the memcached release whose proxy we follow,
+#: so that clients that check for meta-protocol support are satisfied.
+VERSION = f"1.6.15-mcproxy-{_version.__version__}"
+
+# Log events of a reload, one per outcome.
+LOG_RELOADED = "reloaded route config {path} (backends in use: {backends}, open: {total})"
+LOG_RELOAD_FAILED = "reload of {path} failed, old routes kept: {error}"
+
+#: Reloads remembered for the status page.
+RELOAD_HISTORY = 10
+
+#: Python's cyclic garbage collector runs when this many more container
+#: objects have been created than freed (CPython's default is 700). Under
+#: load the requests in flight are thousands of young objects, so at 700 it
+#: runs every few hundred requests and walks them all: about 5% of the CPU
+#: in the benchmark. Requests make no reference cycles; the few an error
+#: path makes are only collected a little later.
+GC_THRESHOLD = 10_000
+
+
+def raise_gc_threshold() -> None:
+    """Run the cyclic collector less often (see GC_THRESHOLD). A setting of
+    the whole process: ``twistd mcproxy`` calls it, an application that
+    embeds ProxyService decides for itself."""
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+class ReloadRecord(NamedTuple):
+    """One load of the config: when (unix time), whether it took, the error."""
+
+    at: float
+    ok: bool
+    error: str = ""
+
+
+class ProxyService(MultiService):
+    """A memcached proxy routed by a Lua config.
+
+    ``config`` is the route config's path (None: no routes, every command
+    is served by the embedded cache); ``listen`` holds Twisted server
+    endpoint strings, which listen with ``backlog`` unless they name their
+    own (mcproxy.app.listen). ``max_connections``, ``idle_timeout`` and
+    ``output_limit`` (bytes) are the client limits of ProxyServerFactory.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: str | None, listen: list[str] = ("tcp:11211",),
+                 store=None, reactor=None, metrics: list[str] = (),
+                 max_connections: int = 0, idle_timeout: float = 0,
+                 backlog: int = DEFAULT_BACKLOG,
+                 output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        self.stats = ProxyStats()
+        self.tunables = Tunables()
+        self.user_stats = UserStats()
+        self.registry = BackendRegistry(self.stats, reactor=reactor)
+        self.engine = RouteEngine(self.stats, self.registry, self.tunables,
+                                  self.user_stats, store=store)
+        self.store = store
+        self.version_line = f"VERSION {VERSION}\r\n".encode()
+        self.factory = ProxyServerFactory(self, max_connections, idle_timeout, output_limit)
+        self.watchers = WatchRegistry(reactor)
+        #: under --workers: this worker's slot (shown by ``stats``), and the
+        #: other workers' last ``stats`` figures by slot, with the restart
+        #: count, as the supervisor sends them (see mcproxy.app.workers)
+        self.worker_id: int | None = None
+        self.worker_table: dict[str, list] = {}
+        self.worker_restarts = 0
+        for description in listen:
+            strports.service(with_backlog(description, backlog),
+                             self.factory).setServiceParent(self)
+        if metrics:
+            from mcproxy.ops.web import metrics_service  # needs prometheus_client
+            for description in metrics:
+                metrics_service(self, description).setServiceParent(self)
+        #: when the active config was loaded (unix time), and the last loads
+        self.config_loaded: float | None = None
+        self.reloads: deque[ReloadRecord] = deque(maxlen=RELOAD_HISTORY)
+        #: a reload is queued on the reactor and has not started yet
+        self._reload_pending = False
+        #: the SIGHUP handler to put back on stop, when ours is installed
+        self._previous_hup: Any = None
+        self._hup_installed = False
+
+    # -- config ----------------------------------------------------------------
+
+    def load_config(self) -> None:
+        """Load the config for the first time; ConfigError if it fails."""
+        if self.config is not None and self.engine.routes is None:
+            routes = self.engine.load(self.config)
+            self.registry.use(routes, routes.backends)
+            self.config_loaded = time.time()
+            self.log.info("loaded route config {path}", path=self.config,
+                          type="proxy_conf", status="done")
+
+    def reload(self) -> bool:
+        """Build new routes from the config file and switch to them.
+
+        Only a load where every phase succeeded replaces the routes;
+        requests already inside a route finish on the old ones. On any
+        failure the running routes, backends and tunables stay as they were.
+        Returns whether the new routes are active.
+        """
+        self.stats.config_reloads += 1
+        # mcp_config_pools sets tunables as it runs; a failed load must not
+        # leave them set (their values are immutable, a shallow copy will do).
+        tunables = vars(self.tunables).copy()
+        try:
+            routes = self.engine.load(self.config)
+        except Exception as e:
+            self.stats.config_reload_fails += 1
+            self.reloads.append(ReloadRecord(time.time(), False, str(e) or repr(e)))
+            vars(self.tunables).update(tunables)
+            self.registry.sweep()  # backends only the failed load created
+            if isinstance(e, ConfigError):
+                self.log.error(LOG_RELOAD_FAILED, path=self.config, error=str(e),
+                               type="proxy_conf", status="failed")
+            else:
+                self.log.failure(LOG_RELOAD_FAILED, path=self.config, error=repr(e),
+                                 type="proxy_conf", status="failed")
+            return False
+        self.registry.use(routes, routes.backends)
+        self.config_loaded = time.time()
+        self.reloads.append(ReloadRecord(self.config_loaded, True))
+        self.log.info(LOG_RELOADED, path=self.config,
+                      backends=len(set(routes.backends)),
+                      total=self.stats.backend_total,
+                      type="proxy_conf", status="done")
+        return True
+
+    def _hup(self, signum: int, frame: Any) -> None:
+        """The SIGHUP handler: only queue a reload on the reactor.
+
+        HUPs that arrive before the queued reload starts share it; one that
+        arrives while a reload runs queues exactly one more.
+        """
+        if not self._reload_pending:
+            self._reload_pending = True
+            self.reactor.callFromThread(self._scheduled_reload)
+
+    def _scheduled_reload(self) -> None:
+        self._reload_pending = False
+        if not self.running:
+            return
+        if self.config is None:
+            self.log.info("SIGHUP ignored: no route config to reload")
+            return
+        self.reload()
+
+    # -- Service -------------------------------------------------------------
+
+    def startService(self) -> None:
+        self.load_config()
+        self.registry.start()
+        try:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._hup)
+            self._hup_installed = True
+        except ValueError:
+            pass  # not the main thread: whoever runs us handles signals
+        super().startService()
+
+    def stopService(self):
+        if self._hup_installed:
+            previous = self._previous_hup
+            signal.signal(signal.SIGHUP,
+                          signal.SIG_DFL if previous is None else previous)
+            self._hup_installed = False
+            self._previous_hup = None
+        self.watchers.close()
+        stopped = super().stopService()
+        closes = self.registry.close()
+        return defer.gatherResults([defer.maybeDeferred(lambda: stopped), *closes])
+
+    # -- local replies ---------------------------------------------------------
+
+    def stats_reply(self, args: list[bytes]) -> bytes:
+        """The reply to ``stats [args]``."""
+        if not args:
+            store_stats = self.store.stats() if self.store is not None else {}
+            pairs = general_stats(self.stats, VERSION, store_stats)
+            at = next(i for i, (name, _) in enumerate(pairs) if name == "total_connections")
+            pairs.insert(at + 1, ("rejected_connections", self.factory.rejected))
+            if self.worker_id is not None:
+                pairs.insert(1, ("worker_id", self.worker_id))
+            return format_stats(pairs)
+        if args == [b"workers"]:
+            from mcproxy.app.workers import workers_stats
+
+            return format_stats(workers_stats(self))
+        if args == [b"proxy"]:
+            return format_stats(proxy_stats(self.stats, self.user_stats.lines()))
+        if args == [b"proxybe"]:
+            return format_stats(backend_stats(self.registry.live))
+        if args == [b"settings"]:
+            return format_stats([("proxy_enabled", "yes"),
+                                 ("proxy_uring_enabled", "no")])
+        if args in ([b"slabs"], [b"items"]):
+            # No slab classes to show; answered (empty) because monitoring
+            # such as memcached_exporter asks for both after ``stats``.
+            return format_stats([])
+        return dump_reply(args) or errors.ERROR

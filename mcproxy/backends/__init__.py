@@ -1,0 +1,1 @@
+"""Backends: options, TLS, the pipelined connection and its state machine, pools, hashing."""

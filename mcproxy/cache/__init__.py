@@ -1,0 +1,1 @@
+"""The embedded cache: items and memory, text and meta commands."""

@@ -1,0 +1,37 @@
+"""ProxyStats: the counters of one proxy process.
+
+Every layer counts into it (connections, backend failures, reloads, routed
+commands); ops/stats.py formats them. Plain attributes, so counting costs
+an attribute add on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mcproxy.wire.request import COMMAND_NAMES
+
+
+class ProxyStats:
+    """Counters of one proxy process."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.curr_connections = 0
+        self.total_connections = 0
+        self.conn_requests = 0
+        self.conn_errors = 0
+        self.conn_oom = 0
+        #: clients closed for --client-output-limit
+        self.conn_output_closed = 0
+        self.req_active = 0
+        self.config_reloads = 0
+        self.config_reload_fails = 0
+        self.backend_total = 0
+        self.backend_marked_bad = 0
+        self.backend_failed = 0
+        #: backend connections reset for a reply that did not answer its request
+        self.backend_mismatches = 0
+        #: per command id, hooked requests routed through Lua (every id, so
+        #: the hot path needs no membership test; only PROXY_CMD_ORDER shows)
+        self.commands = dict.fromkeys(COMMAND_NAMES, 0)

@@ -1,0 +1,1 @@
+"""Operations: stats, Prometheus metrics, the status page, watch streams."""

@@ -1,0 +1,1 @@
+"""Routing: the Lua engine, the mcp host, direct routes, tunables."""

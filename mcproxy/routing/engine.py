@@ -1,0 +1,761 @@
+"""The route engine: loads a route config into Lua and runs its routes.
+
+A load follows memcached's two phases, each in its own Lua state: the
+*config* state runs the file and ``mcp_config_pools``; its return value is
+deep-copied (with memcached's copy rules) into the *routes* state, which runs
+the file again and ``mcp_config_routes``. Only a load where every phase
+succeeded becomes the active :class:`Routes`; requests keep the Routes they
+started on, so a reload never disturbs a request in flight.
+
+The engine never touches sockets: a route that calls a pool yields the pool
+and request; the engine asks the pool for a backend and resumes the route's
+coroutine from the backend's reply callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from importlib.resources import files
+from time import monotonic
+
+from lupa import lua54
+from twisted.logger import Logger
+
+from mcproxy.backends.pool import BackendRegistry, Broadcast
+from mcproxy.counters import ProxyStats
+from mcproxy.routing.host import Host
+from mcproxy.routing.tunables import Tunables
+from mcproxy.routing.userstats import UserStats
+from mcproxy.wire import errors
+from mcproxy.wire.request import (
+    BROADCAST_COMMANDS,
+    CMD_FLUSH_ALL,
+    CMD_GET,
+    CMD_SET,
+    COMMAND_CONSTANTS,
+    KEYLESS_COMMANDS,
+    KeyBatch,
+    PlainRun,
+    ReplySink,
+    Request,
+)
+from mcproxy.wire.response import MCMC_CODES, Response, client_bytes
+
+# What a route step reports (mirrors mcp.lua).
+DONE_RESPONSE = 0
+DONE_STRING = 1
+DONE_BAD = 2
+DONE_ERROR = 3
+YIELD_POOL = 4
+YIELD_AWAIT = 5
+
+AWAIT_GOOD = 0
+AWAIT_ANY = 1
+AWAIT_OK = 2
+AWAIT_FIRST = 3
+AWAIT_FASTGOOD = 4
+AWAIT_BACKGROUND = 5
+
+_EMPTY = b""
+
+#: Bytes of values handed to Lua between two collections of its garbage.
+#: Lua sees a response as a small table and collects at the pace of its own
+#: small allocations, while each may hold a value of up to megabytes: left
+#: alone, responses whose routes are done pile up by the hundred MB.
+LUA_COLLECT_BYTES = 8 * 2**20
+
+#: Deepest table nesting copied from mcp_config_pools to the routes state.
+MAX_COPY_DEPTH = 64
+#: Seconds between two logged route errors (the rest are counted).
+ERROR_LOG_INTERVAL = 1.0
+
+_LUA_DIR = files("mcproxy.routing")
+_MCP_LUA = _LUA_DIR.joinpath("mcp.lua").read_bytes()
+#: Lua libraries shipped with mcproxy, available to configs as
+#: ``require("mcproxy.NAME")`` (mcproxy/routing/NAME.lua).
+_LIBRARIES = {
+    f"mcproxy.{entry.name[:-4]}".encode(): entry.read_bytes()
+    for entry in _LUA_DIR.iterdir()
+    if entry.name.endswith(".lua") and entry.name != "mcp.lua"
+}
+
+#: Constants every config sees in ``mcp``, beyond the CMD_* ids.
+_CONSTANTS = {
+    "P_OK": 0,
+    "AWAIT_GOOD": AWAIT_GOOD,
+    "AWAIT_ANY": AWAIT_ANY,
+    "AWAIT_OK": AWAIT_OK,
+    "AWAIT_FIRST": AWAIT_FIRST,
+    "AWAIT_FASTGOOD": AWAIT_FASTGOOD,
+    "AWAIT_BACKGROUND": AWAIT_BACKGROUND,
+    **COMMAND_CONSTANTS,
+    **MCMC_CODES,
+}
+
+
+class ConfigError(Exception):
+    """The route config could not be loaded; the text names file and line."""
+
+
+def _message(error: BaseException) -> str:
+    """A Lua error's message, without the stack traceback lupa appends."""
+    text = error.args[0] if error.args else str(error)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return str(text).split("\nstack traceback:", 1)[0].strip()
+
+
+class _State:
+    """One Lua state with ``mcp`` installed for a phase."""
+
+    def __init__(self, host: Host, phase: str) -> None:
+        self.runtime = lua54.LuaRuntime(encoding=None, register_eval=False,
+                                        register_builtins=False,
+                                        unpack_returned_tuples=True)
+        self.globals = self.runtime.globals()
+        build = self.runtime.execute(_MCP_LUA, name=b"=mcp.lua", mode=b"t")
+        self.mcp, self.engine = build(host, phase.encode())
+        for name, value in _CONSTANTS.items():
+            self.mcp[name.encode()] = value
+        self._install_hashing()
+        self.globals.mcp = self.mcp
+        self.globals.python = None
+        self._install_libraries()
+
+    def _install_libraries(self) -> None:
+        """Make the bundled Lua libraries loadable with ``require``."""
+        preload = self.globals.package.preload
+        loader = self.runtime.eval(
+            "function(source, name) return function() "
+            "return assert(load(source, '=' .. name, 't'))() end end")
+        for name, source in _LIBRARIES.items():
+            preload[name] = loader(source, name.replace(b".", b"/") + b".lua")
+
+    def _install_hashing(self) -> None:
+        """Distribution and hasher markers the pool options refer to."""
+        table = self.runtime.table_from
+        new = self.runtime.eval("function() error('distributions are built by mcp.pool') end")
+        self.mcp.hash_xxhash = table({b"_hasher": b"xxh3"})
+        self.mcp.dist_jump_hash = table({b"new": new, b"_dist": b"jump"})
+        self.mcp.dist_ring_hash = table({b"new": new, b"_dist": b"ring",
+                                         b"hash": table({b"_hasher": b"md5"})})
+
+    def run_file(self, path: str) -> None:
+        chunk = self.globals.loadfile(path.encode())
+        if isinstance(chunk, tuple):  # nil plus the error message
+            raise ConfigError(f"failed to load {path}: {_message(Exception(chunk[1]))}")
+        try:
+            chunk()
+        except lua54.LuaError as e:
+            raise ConfigError(f"error running {path}: {_message(e)}") from None
+
+    def call(self, name: str, *args):
+        func = self.globals[name.encode()]
+        if lua54.lua_type(func) != "function":
+            raise ConfigError(f"configuration file missing '{name}' function")
+        try:
+            return func(*args)
+        except lua54.LuaError as e:
+            raise ConfigError(f"failed to execute {name}: {_message(e)}") from None
+
+
+class Routes:
+    """A loaded config: the routes state and its command hooks."""
+
+    def __init__(self, path: str, state: _State, host: Host) -> None:
+        self.path = path
+        self.state = state
+        self.host = host
+        self.loaded_at = monotonic()
+        self.start = state.engine.start
+        self.resume = state.engine.resume
+        self.resume_error = state.engine.resume_error
+        self.resume_await = state.engine.resume_await
+        self.table = state.runtime.table_from
+        self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
+        #: command -> pool, for routes that do nothing but call one pool
+        self.direct = self._direct_routes(state)
+        if CMD_FLUSH_ALL not in self.hooks:
+            # The default: flush everything a client reads through the proxy.
+            self.direct[CMD_FLUSH_ALL] = Broadcast.of(host.pools, host.store)
+        #: the commands this config routes (attached, or by default)
+        self.routed = frozenset(self.hooks) | frozenset(self.direct)
+        self._collect = state.runtime.eval("function() collectgarbage('collect') end")
+        #: bytes of values handed to this state since its last collection
+        self._handed = 0
+
+    def handed(self, size: int) -> None:
+        """Account for ``size`` bytes of values handed to Lua; collect its
+        garbage once LUA_COLLECT_BYTES have gone in (see there)."""
+        self._handed += size
+        if self._handed > LUA_COLLECT_BYTES:
+            self._handed = 0
+            self._collect()
+
+    def _direct_routes(self, state: _State) -> dict:
+        """Find the hooks that are ``function(r) return pool(r) end``.
+
+        Such a route is run without entering Lua at all: the pool picks
+        the backend and the response goes to the client, exactly as the
+        Lua route would have done, minus two crossings into Lua and a
+        coroutine per request.
+        """
+        reference = _bytecode(state.engine.reference_dump)
+        direct = {}
+        for cmd, func in self.hooks.items():
+            found = state.engine.direct_pool(func)
+            if isinstance(found, tuple) and _bytecode(found[1]) == reference:
+                direct[cmd] = found[0]
+        return direct
+
+    @property
+    def backends(self) -> list:
+        return self.host.backends
+
+
+def load(path: str, registry: BackendRegistry, tunables: Tunables,
+         user_stats: UserStats, store=None) -> Routes:
+    """Load ``path`` through both phases; raise ConfigError on any failure."""
+    host = Host(path, registry, tunables, user_stats, store)
+    config = _State(host, "config")
+    config.run_file(path)
+    pools = config.call("mcp_config_pools", None)
+    routes = _State(host, "routes")
+    routes.run_file(path)
+    copied = _Copier(config, routes).copy(pools, 0)
+    routes.call("mcp_config_routes", copied)
+    user_stats.rename(host.stat_names)
+    for backend, options in zip(host.backends, host.options, strict=True):
+        backend.reconfigure(options)
+    return Routes(path, routes, host)
+
+
+class _Copier:
+    """Deep-copies mcp_config_pools' result into the routes state."""
+
+    def __init__(self, source: _State, target: _State) -> None:
+        self.kind = source.engine.kind
+        self.pool_proxy = target.engine.pool_proxy
+        self.table = target.runtime.table
+
+    def copy(self, value, depth: int):
+        if value is None or isinstance(value, bool | int | float | bytes):
+            return value
+        if lua54.lua_type(value) != "table":
+            raise ConfigError("unhandled data type in configuration table")
+        marker = self.kind(value)
+        if marker is not None:
+            kind, pool = marker
+            if kind == b"pool":
+                return self.pool_proxy(pool)
+            raise ConfigError("unhandled userdata type in configuration table")
+        if depth >= MAX_COPY_DEPTH:
+            raise ConfigError("configuration error: table recursion too deep")
+        copy = self.table()
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, int | float | bytes):
+                raise ConfigError("configuration table keys must be strings or numbers")
+            copy[key] = self.copy(item, depth + 1)
+        return copy
+
+
+class RouteEngine:
+    """Runs client requests through the active routes."""
+
+    log = Logger()
+
+    def __init__(self, stats: ProxyStats, registry: BackendRegistry,
+                 tunables: Tunables, user_stats: UserStats, store=None) -> None:
+        self.stats = stats
+        self.registry = registry
+        self.tunables = tunables
+        self.user_stats = user_stats
+        self.store = store
+        self.routes: Routes | None = None
+        self._hooks: dict = {}
+        self._direct: dict = {}
+        self._routed: frozenset[int] = frozenset()
+        #: None, or whether runs of plain requests (scan_plain) may hold
+        #: sets as well as gets: see route_run
+        self.plain_runs: bool | None = None
+        #: whether those runs may hold gets of several keys (their pool
+        #: has one backend, which then answers every key)
+        self.plain_multigets = False
+        self._plain_pool = None
+        self._last_error_log = 0.0
+        self._errors_unlogged = 0
+
+    def load(self, path: str) -> Routes:
+        """Load a config and make it the active one."""
+        routes = load(path, self.registry, self.tunables, self.user_stats, self.store)
+        self.activate(routes)
+        return routes
+
+    def activate(self, routes: Routes) -> None:
+        self.routes = routes
+        self._hooks = routes.hooks
+        self._direct = routes.direct
+        self._routed = routes.routed
+        pool = self._plain_pool = routes.direct.get(CMD_GET)
+        self.plain_runs = None if pool is None else routes.direct.get(CMD_SET) is pool
+        self.plain_multigets = pool is not None and len(pool.backends) == 1
+
+    def hooked(self, command: int) -> bool:
+        """Whether the active config routes ``command`` (else it is local)."""
+        return command in self._routed
+
+    def route(self, req: Request, done: Callable[[bytes], None]) -> None:
+        """Run the route attached to ``req.command``; ``done(reply)`` once."""
+        routes = self.routes
+        stats = self.stats
+        stats.conn_requests += 1
+        stats.commands[req.command] += 1
+        limit = self.tunables.active_req_limit
+        if limit and stats.req_active >= limit:
+            done(errors.ACTIVE_REQUEST_LIMIT)
+            return
+        stats.req_active += 1
+        try:
+            pool = self._direct.get(req.command)
+            if pool is None:
+                self._advance(routes, req, done,
+                              routes.start(self._hooks[req.command], req, req.key,
+                                           req.command))
+            else:
+                self._send_direct(pool, req, done)
+        except Exception:
+            self._internal_error(req, done)
+
+    def _send_direct(self, pool, req: Request, done: Callable[[bytes], None]) -> None:
+        """A ``return pool(r)`` route, without Lua (see Routes.direct)."""
+        try:
+            backend = _select(pool, req)
+        except ValueError as e:
+            self.stats.req_active -= 1
+            self._route_error(req, str(e).encode())
+            done(errors.LUA_FAILURE)
+            return
+        stats = self.stats
+
+        def reply(res: Response) -> None:
+            stats.req_active -= 1
+            done(client_bytes(res, req))
+
+        backend.send(req, reply)
+
+    def route_keys(self, req: Request, keys: list[bytes],
+                   done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
+        """Route the keys of a client ``get``/``gets`` multiget together,
+        when its route is a direct pool call (see Routes.direct).
+
+        The pool still picks each key's backend; each backend then gets its
+        keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
+        of every key in the client's order and the ``END``. Every key counts
+        as a request, as when routed one by one. ``sink`` is told of the
+        reply's bytes as they arrive (request.ReplySink).
+
+        False, with nothing done, when this does not apply (no direct route,
+        an active request limit, a backend with a depth limit, a key the pool
+        cannot place): the caller then routes key by key, which answers,
+        logs and counts those cases.
+        """
+        pool = self._direct.get(req.command)
+        if pool is None or self.tunables.active_req_limit:
+            return False
+        try:
+            if len(pool.backends) == 1:
+                pool.select(keys[0])  # serves every key if it serves one
+                chosen = None
+            else:
+                select = pool.select
+                chosen = [select(key) for key in keys]
+        except Exception:
+            return False  # routed key by key, each key gets its error
+        if chosen is None or chosen.count(chosen[0]) == len(chosen):
+            groups = {pool.backends[0] if chosen is None else chosen[0]: None}
+        else:
+            groups = {}
+            for position, backend in enumerate(chosen):
+                positions = groups.get(backend)
+                if positions is None:
+                    groups[backend] = [position]
+                else:
+                    positions.append(position)
+        for backend in groups:
+            if backend.options.depth_limit:
+                return False
+        stats = self.stats
+        count = len(keys)
+        stats.conn_requests += count
+        stats.commands[req.command] += count
+        stats.req_active += count
+        name = req.tokens[0]
+        reply = _KeysReply(count, len(groups), stats, done)
+        for backend, positions in groups.items():
+            if positions is None:
+                backend.send(KeyBatch(req.command, name, keys, sink), reply.answer_all)
+            else:
+                backend.send(KeyBatch(req.command, name, [keys[p] for p in positions], sink),
+                             partial(reply.answer, positions))
+        return True
+
+    def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                  sets: list[int], widths: dict[int, int] | None,
+                  done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
+        """Route a run of plain requests (``request.scan_plain``: they are
+        ``data[start:ends[-1]]``, ``keys`` and ``ends`` their keys and end
+        offsets in ``data``, ``sets`` the indexes of the sets, the rest
+        gets, ``widths`` the key counts of multi-key gets) whose commands'
+        routes are the same direct pool call (``plain_runs``; multi-key
+        gets only with ``plain_multigets``).
+
+        The pool still picks each key's backend; each stretch of requests
+        bound for the same backend is sent to it as they came (a
+        PlainRun), and ``done(reply)`` runs once with every reply in order,
+        which is what the requests routed one by one (the keys of a
+        multiget together, see route_keys) would have answered. ``sink``
+        as for route_keys.
+
+        False, with nothing done, when this does not apply (no such route,
+        an active request limit, a backend with a depth limit, a key the
+        pool cannot place): the caller then routes request by request.
+        """
+        pool = self._plain_pool
+        if pool is None or self.tunables.active_req_limit:
+            return False
+        backends = pool.backends
+        if len(backends) == 1:
+            backend = backends[0]  # a pool of one serves every key, a multiget's too
+        elif widths is not None:
+            return False  # the keys of a multiget may need several backends
+        else:
+            try:
+                chosen = list(map(pool.select, keys))
+            except Exception:
+                return False
+            backend = chosen[0]
+            if chosen.count(backend) < len(chosen):
+                return self._route_stretches(data, start, keys, ends, sets, chosen, done, sink)
+        if backend.options.depth_limit:
+            return False
+        stop = ends[-1]
+        run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
+                       keys, sets, widths, sink)
+        self._count_run(run.requests, len(sets))
+        backend.send(run, partial(_run_answered, run, self.stats, done))
+        return True
+
+    def _route_stretches(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                         sets: list[int], chosen: list, done: Callable[[bytes], None],
+                         sink: ReplySink | None) -> bool:
+        """route_run for single-key requests bound for several backends
+        (``chosen``, by request): each stretch of consecutive requests for
+        the same backend goes to it as a PlainRun; ``done`` gets their
+        replies joined in order."""
+        starts = [0]
+        backends = [chosen[0]]
+        for index, backend in enumerate(chosen):
+            if backend is not backends[-1]:
+                starts.append(index)
+                backends.append(backend)
+        for backend in backends:
+            if backend.options.depth_limit:
+                return False
+        self._count_run(len(chosen), len(sets))
+        reply = _RunsReply(len(backends), self.stats, done)
+        starts.append(len(chosen))
+        offset = start
+        for index, backend in enumerate(backends):
+            first, last = starts[index], starts[index + 1]
+            end = ends[last - 1]
+            run = PlainRun(data[offset:end], keys[first:last],
+                           [i - first for i in sets if first <= i < last], sink=sink)
+            backend.send(run, partial(reply.answer, index, run))
+            offset = end
+        return True
+
+    def _count_run(self, requests: int, sets: int) -> None:
+        """Count a run's requests (``sets`` of them sets, the rest gets) as
+        routing them one by one would, as active until answered."""
+        stats = self.stats
+        stats.conn_requests += requests
+        commands = stats.commands
+        commands[CMD_GET] += requests - sets
+        commands[CMD_SET] += sets
+        stats.req_active += requests
+
+    def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
+        """A bug of ours, not the config's: log it, answer, keep serving."""
+        self.log.failure("internal error routing {line!r}", line=req.line)
+        self.stats.req_active -= 1
+        done(errors.LUA_FAILURE)
+
+    def _advance(self, routes: Routes, req: Request,
+                 done: Callable[[bytes], None], step) -> None:
+        while step[0] >= YIELD_POOL:
+            if step[0] == YIELD_AWAIT:
+                step = self._await(routes, req, done, step)
+                if step is None:
+                    return
+                continue
+            _, co, pool, sent = step
+            try:
+                backend = _select(pool, sent)
+            except ValueError as e:
+                step = routes.resume_error(co, str(e).encode())
+                continue
+
+            def reply(res, co=co):
+                try:
+                    if res.value is not None:
+                        routes.handed(len(res.value))
+                    self._advance(routes, req, done,
+                                  routes.resume(co, res, res.ok, res.hit))
+                except Exception:
+                    self._internal_error(req, done)
+
+            backend.send(sent, reply)
+            return
+        self.stats.req_active -= 1
+        kind = step[0]
+        if kind == DONE_RESPONSE:
+            done(client_bytes(step[1], req))
+        elif kind == DONE_STRING:
+            done(step[1])
+        elif kind == DONE_BAD:
+            done(errors.BAD_RESPONSE)
+        else:
+            self._route_error(req, step[1])
+            done(errors.LUA_FAILURE)
+
+    def _await(self, routes: Routes, req: Request, done: Callable[[bytes], None], step):
+        """Send one request to several pools; resume when enough answered.
+
+        Returns the next step when the await completes at once (background
+        mode, or an error to raise in the route), else None.
+        """
+        _, co, sent, pools, wait_for, mode = step
+        if sent.command in BROADCAST_COMMANDS:
+            # Once to every backend of all the pools: one combined response.
+            backends = [Broadcast.of(pools.values())]
+        else:
+            try:
+                backends = [_select(pool, sent) for pool in pools.values()]
+            except ValueError as e:
+                return routes.resume_error(co, str(e).encode())
+        if mode == AWAIT_BACKGROUND:
+            for backend in backends:
+                backend.send(sent, _ignore)
+            return routes.resume_await(co, routes.table([]))
+
+        def finish(responses: list[Response]) -> None:
+            try:
+                routes.handed(sum(len(res.value) for res in responses if res.value))
+                self._advance(routes, req, done,
+                              routes.resume_await(co, routes.table(responses)))
+            except Exception:
+                self._internal_error(req, done)
+
+        waiter = _Await(len(backends), wait_for, mode, finish)
+        for index, backend in enumerate(backends):
+            backend.send(sent, partial(waiter.arrived, index))
+        return None
+
+    def _route_error(self, req: Request, message: bytes) -> None:
+        """Log a route's Lua error, at most once per ERROR_LOG_INTERVAL."""
+        now = monotonic()
+        if now - self._last_error_log < ERROR_LOG_INTERVAL:
+            self._errors_unlogged += 1
+            return
+        self.log.error(
+            "route error for {line!r}: {error} ({suppressed} more not logged)",
+            line=req.line, error=message.decode("utf-8", "replace"),
+            suppressed=self._errors_unlogged, type="proxy_error")
+        self._last_error_log = now
+        self._errors_unlogged = 0
+
+
+def _select(pool, req: Request):
+    """Where ``pool`` sends ``req``: the backend of its key, or for a
+    broadcast command all its backends (pool.Broadcast); ValueError (a Lua
+    error) if nowhere."""
+    command = req.command
+    if command in KEYLESS_COMMANDS:
+        if command in BROADCAST_COMMANDS:
+            return pool.broadcast()
+        raise ValueError("cannot route commands without key")
+    return pool.select(req.key)
+
+
+class _KeysReply:
+    """Collects the answers of the KeyBatches of one client multiget
+    (RouteEngine.route_keys) into its reply."""
+
+    __slots__ = ("parts", "pending", "stats", "done")
+
+    def __init__(self, count: int, batches: int, stats: ProxyStats,
+                 done: Callable[[bytes], None]) -> None:
+        self.parts: list[bytes] = [_EMPTY] * count
+        self.pending = batches
+        self.stats = stats
+        self.done = done
+
+    def answer_all(self, res: Response, hits: list | None = None) -> None:
+        """The answer of the one batch that holds every key."""
+        self.stats.req_active -= len(self.parts)
+        if hits is None:
+            self.done(_EMPTY.join([_failed(res)] * len(self.parts)) + errors.END)
+            return
+        parts = [hit for hit in hits if hit is not None]
+        parts.append(errors.END)
+        self.done(_EMPTY.join(parts))
+
+    def answer(self, positions: list[int], res: Response, hits: list | None = None) -> None:
+        """The answer of the batch of the keys at ``positions``."""
+        self.stats.req_active -= len(positions)
+        parts = self.parts
+        if hits is None:
+            part = _failed(res)
+            for position in positions:
+                parts[position] = part
+        else:
+            for position, hit in zip(positions, hits, strict=True):
+                if hit is not None:
+                    parts[position] = hit
+        self.pending -= 1
+        if not self.pending:
+            parts.append(errors.END)
+            self.done(_EMPTY.join(parts))
+
+
+def _run_reply(run: PlainRun, reply) -> bytes:
+    """What the client gets for a PlainRun: the bytes of its replies, or
+    for a failure (a Response) those that came before it and a failure for
+    each request left (each key and the END of a multi-key get)."""
+    if reply.__class__ is bytes:
+        return reply
+    parts = run.parts
+    widths = run.widths
+    if widths is None:
+        parts.append(errors.BACKEND_FAILURE * (run.count - run.answered))
+    else:
+        for index in range(run.answered, run.count):
+            width = widths.get(index)
+            parts.append(errors.BACKEND_FAILURE if width is None
+                         else errors.BACKEND_FAILURE * width + errors.END)
+    return _EMPTY.join(parts)
+
+
+def _run_answered(run: PlainRun, stats: ProxyStats, done: Callable[[bytes], None],
+                  reply) -> None:
+    """The answer of a run that holds every request of the client's run."""
+    stats.req_active -= run.requests
+    done(reply if reply.__class__ is bytes else _run_reply(run, reply))
+
+
+class _RunsReply:
+    """Collects the answers of the PlainRuns of one client run that went
+    to several backends (RouteEngine.route_run) into its reply."""
+
+    __slots__ = ("parts", "pending", "stats", "done")
+
+    def __init__(self, runs: int, stats: ProxyStats, done: Callable[[bytes], None]) -> None:
+        self.parts: list[bytes] = [_EMPTY] * runs
+        self.pending = runs
+        self.stats = stats
+        self.done = done
+
+    def answer(self, index: int, run: PlainRun, reply) -> None:
+        self.stats.req_active -= run.requests
+        self.parts[index] = _run_reply(run, reply)
+        self.pending -= 1
+        if not self.pending:
+            self.done(_EMPTY.join(self.parts))
+
+
+def _failed(res: Response) -> bytes:
+    """What each key of a batch gets for a failure, or a reply that is not
+    a get's (an error line): what client_bytes gives a key of a multiget."""
+    if not res.ok:
+        return errors.BACKEND_FAILURE
+    return res.line if res.value is None else res.line + res.value
+
+
+def _ignore(response: Response) -> None:
+    """Callback for background requests, whose answers nobody waits for."""
+
+
+class _Await:
+    """Collects the responses of one ``mcp.await`` until it is satisfied.
+
+    Responses are kept in arrival order; those arriving after completion
+    are dropped (the backend still consumes them, so nothing leaks).
+    """
+
+    __slots__ = ("remaining", "wait_for", "mode", "finish", "results", "good", "done")
+
+    def __init__(self, total: int, wait_for: int, mode: int, finish) -> None:
+        self.remaining = total
+        if mode == AWAIT_FIRST:
+            wait_for = 1
+        self.wait_for = min(wait_for, total) if wait_for > 0 else 0
+        self.mode = mode
+        self.finish = finish
+        self.results: list[Response] = []
+        self.good = 0
+        self.done = False
+
+    def arrived(self, index: int, res: Response) -> None:
+        self.remaining -= 1
+        if self.done:
+            return
+        mode = self.mode
+        if mode == AWAIT_FIRST:
+            if index == 0:
+                self._complete([res])
+            return
+        self.results.append(res)
+        if mode == AWAIT_ANY:
+            self.good += 1
+        elif mode == AWAIT_OK or mode == AWAIT_FASTGOOD:
+            self.good += res.ok
+        else:
+            self.good += res.hit
+        if (mode == AWAIT_FASTGOOD and res.hit) or (self.wait_for and self.good >= self.wait_for) \
+                or not self.remaining:
+            self._complete(self.results)
+
+    def _complete(self, results: list[Response]) -> None:
+        self.done = True
+        self.finish(results)
+
+
+def _varint(dump: bytes, pos: int) -> tuple[int, int]:
+    """A size as Lua 5.4's ldump.c writes it (7 bits a byte, last byte
+    marked with 0x80)."""
+    value = 0
+    while True:
+        byte = dump[pos]
+        pos += 1
+        value = (value << 7) | (byte & 0x7F)
+        if byte & 0x80:
+            return value, pos
+
+
+#: Length of a Lua 5.4 binary chunk header plus the main closure's
+#: upvalue count byte (ldump.c: signature, version, format, LUAC_DATA,
+#: three sizes, LUAC_INT, LUAC_NUM).
+_DUMP_HEADER = 4 + 1 + 1 + 6 + 3 + 8 + 8 + 1
+
+
+def _bytecode(dump: bytes) -> bytes:
+    """The parameter count, vararg flag and instructions of a stripped
+    function dump: what decides what the function does, given the same
+    upvalues (line numbers and upvalue slots are left out)."""
+    pos = _DUMP_HEADER
+    for _ in range(3):  # source (empty when stripped), first and last line
+        _, pos = _varint(dump, pos)
+    head = dump[pos:pos + 2]  # numparams, is_vararg (maxstacksize skipped)
+    count, pos = _varint(dump, pos + 3)
+    return head + dump[pos:pos + 4 * count]

@@ -1,0 +1,529 @@
+-- The Lua side of the `mcp` module that route configs see.
+--
+-- This chunk returns a constructor: `build(host, phase)` makes the `mcp`
+-- table for one Lua state. `host` is the Python object (mcproxy.routing.host.Host)
+-- that owns backends, pools and counters; `phase` is "config" for the state
+-- that runs mcp_config_pools and "routes" for the state that runs
+-- mcp_config_routes and the route handlers.
+--
+-- Requests and responses cross into Lua as small tables holding the Python
+-- object plus the plain values Lua asks for most (key, command, ok, hit), so
+-- the common methods never call back into Python.
+--
+-- A route runs as a Lua coroutine. Calling a pool yields (POOL, pool, req) to
+-- the Python driver, which queues the request on a backend and resumes the
+-- coroutine with the response. Python callables cannot yield, which is why
+-- the yield happens here.
+
+local coroutine_create = coroutine.create
+local coroutine_resume = coroutine.resume
+local coroutine_status = coroutine.status
+local coroutine_yield = coroutine.yield
+local coroutine_isyieldable = coroutine.isyieldable
+local getmetatable = getmetatable
+local setmetatable = setmetatable
+local type = type
+local error = error
+local pairs = pairs
+local tostring = tostring
+local tonumber = tonumber
+local math = math
+
+-- What a step of a route tells the Python driver (mirrors engine.py).
+local DONE_RESPONSE <const> = 0
+local DONE_STRING <const> = 1
+local DONE_BAD <const> = 2
+local DONE_ERROR <const> = 3
+local YIELD_POOL <const> = 4
+local YIELD_AWAIT <const> = 5
+
+local AWAIT_GOOD <const> = 0
+local AWAIT_BACKGROUND <const> = 5
+
+return function(host, phase)
+    local mcp = {}
+    local in_config = phase == "config"
+
+    local REQUEST = { __name = "mcp.request" }
+    REQUEST.__index = REQUEST
+    local RESPONSE = { __name = "mcp.response" }
+    RESPONSE.__index = RESPONSE
+    local BACKEND = { __name = "mcp.backend" }
+    local POOL = { __name = "mcp.pool" }
+    local POOL_PROXY = { __name = "mcp.pool_proxy" }
+    POOL_PROXY.__index = POOL_PROXY
+
+    local function routes_only(name)
+        if in_config then
+            error(name .. " can only be called from mcp_config_routes or a route", 3)
+        end
+    end
+
+    local function config_only(name)
+        if not in_config then
+            error(name .. " can only be called from mcp_config_pools", 3)
+        end
+    end
+
+    -- Requests ----------------------------------------------------------
+
+    local function new_request(preq, key, cmd)
+        return setmetatable({ _r = preq, _k = key, _c = cmd }, REQUEST)
+    end
+
+    local function check_request(r, what)
+        if getmetatable(r) ~= REQUEST then
+            error(what .. " must be passed a request object", 3)
+        end
+    end
+
+    -- Run a request edit in Python; refresh the cached key afterwards.
+    local function edit(r, err, key)
+        if err then
+            error(err, 3)
+        end
+        r._k = key
+    end
+
+    function REQUEST:key()
+        return self._k
+    end
+
+    function REQUEST:command()
+        return self._c
+    end
+
+    function REQUEST:ltrimkey(n)
+        if math.type(n) ~= "integer" then
+            error("ltrimkey: argument must be an integer", 2)
+        end
+        edit(self, host.ltrimkey(self._r, n))
+        return n
+    end
+
+    function REQUEST:rtrimkey(n)
+        if math.type(n) ~= "integer" then
+            error("rtrimkey: argument must be an integer", 2)
+        end
+        edit(self, host.rtrimkey(self._r, n))
+        return n
+    end
+
+    function REQUEST:token(i, replacement)
+        if i == nil then
+            return nil
+        end
+        if math.type(i) ~= "integer" then
+            error("token: index must be an integer", 2)
+        end
+        if replacement == nil then
+            return host.token(self._r, i)
+        end
+        if type(replacement) ~= "string" and type(replacement) ~= "number" then
+            error("token: replacement must be a string", 2)
+        end
+        edit(self, host.set_token(self._r, i, tostring(replacement)))
+    end
+
+    function REQUEST:token_int(i)
+        if i == nil then
+            return nil
+        end
+        if math.type(i) ~= "integer" then
+            error("token_int: index must be an integer", 2)
+        end
+        local token = host.token(self._r, i)
+        return token and math.tointeger(tonumber(token))
+    end
+
+    function REQUEST:ntokens()
+        return host.ntokens(self._r)
+    end
+
+    function REQUEST:has_flag(flag)
+        local found, err = host.has_flag(self._r, flag)
+        if err then
+            error(err, 2)
+        end
+        return found
+    end
+
+    -- (false) | (true) | (true, token without the flag letter); with a
+    -- replacement the whole flag token is replaced (the old one returned).
+    function REQUEST:flag_token(flag, replacement)
+        if replacement ~= nil and type(replacement) ~= "string" then
+            error("flag_token: replacement must be a string", 2)
+        end
+        local found, value, err, key = host.flag_token(self._r, flag, replacement)
+        if err then
+            error(err, 2)
+        end
+        if replacement ~= nil and found then
+            self._k = key
+        end
+        if value == nil then
+            return found
+        end
+        return found, value
+    end
+
+    -- Responses ---------------------------------------------------------
+
+    function RESPONSE:ok()
+        return self._ok
+    end
+
+    function RESPONSE:hit()
+        return self._hit
+    end
+
+    function RESPONSE:code()
+        return self._p.code
+    end
+
+    function RESPONSE:vlen()
+        return self._p.vlen
+    end
+
+    function RESPONSE:elapsed()
+        return self._p.elapsed
+    end
+
+    function RESPONSE:line()
+        return host.response_line(self._p)
+    end
+
+    local function new_response(pres, ok, hit)
+        return setmetatable({ _p = pres, _ok = ok, _hit = hit }, RESPONSE)
+    end
+
+    -- Backends and pools (config phase) ---------------------------------
+
+    function mcp.backend(label, hostname, port)
+        config_only("mcp.backend")
+        local b, err
+        if type(label) == "table" then
+            b, err = host.backend_from_table(label)
+        else
+            if type(label) ~= "string" and type(label) ~= "number" then
+                error("mcp.backend: label must be a string", 2)
+            end
+            if type(hostname) ~= "string" then
+                error("mcp.backend: host must be a string", 2)
+            end
+            if type(port) ~= "string" and type(port) ~= "number" then
+                error("mcp.backend: port must be a string or a number", 2)
+            end
+            b, err = host.backend(tostring(label), hostname, tostring(port))
+        end
+        if err then
+            error(err, 2)
+        end
+        return setmetatable({ _b = b }, BACKEND)
+    end
+
+    function mcp.pool(backends, opts)
+        config_only("mcp.pool")
+        if type(backends) ~= "table" then
+            error("mcp.pool: first argument must be a table of backends", 2)
+        end
+        if opts ~= nil and type(opts) ~= "table" then
+            error("mcp.pool: options must be a table", 2)
+        end
+        local list = {}
+        for i = 1, #backends do
+            local b = backends[i]
+            if getmetatable(b) ~= BACKEND then
+                error("mcp.pool: element " .. i .. " is not an mcp.backend", 2)
+            end
+            list[i] = b._b
+        end
+        local p, err = host.pool(list, opts)
+        if err then
+            error(err, 2)
+        end
+        return setmetatable({ _p = p }, POOL)
+    end
+
+    -- Routes phase ------------------------------------------------------
+
+    -- A pool as a route sees it: calling it sends the request to the
+    -- backend the pool's distribution picks for the request's key.
+    function POOL_PROXY.__call(pool, r)
+        check_request(r, "pool")
+        if not coroutine_isyieldable() then
+            error("pools can only be called from inside a route", 2)
+        end
+        local res, err = coroutine_yield(YIELD_POOL, pool._p, r._r)
+        if err then
+            error(err, 2)
+        end
+        return res
+    end
+
+    -- mcp.pool_backend(pool, key): the label of the backend the pool picks
+    -- for the key, without sending anything (for route introspection).
+    function mcp.pool_backend(pool, key)
+        routes_only("mcp.pool_backend")
+        if getmetatable(pool) ~= POOL_PROXY then
+            error("mcp.pool_backend: first argument must be a pool", 2)
+        end
+        if type(key) ~= "string" then
+            error("mcp.pool_backend: key must be a string", 2)
+        end
+        local label, err = host.pool_backend(pool._p, key)
+        if err then
+            error(err, 2)
+        end
+        return label
+    end
+
+    function mcp.request(line, value)
+        routes_only("mcp.request")
+        if type(line) ~= "string" then
+            error("mcp.request: request line must be a string", 2)
+        end
+        local vtype = getmetatable(value)
+        if vtype == RESPONSE then
+            value = value._p
+        elseif vtype == REQUEST then
+            value = value._r
+        elseif value ~= nil and type(value) ~= "string" then
+            error("mcp.request: value must be a string, request or response", 2)
+        end
+        local preq, err = host.request(line, value)
+        if err then
+            error(err, 2)
+        end
+        return new_request(preq, preq.key, preq.command)
+    end
+
+    -- mcp.await(r, pools [, wait_for [, mode]]): send r to every pool in
+    -- the table and wait; returns the responses in arrival order.
+    function mcp.await(r, pools, wait_for, mode)
+        routes_only("mcp.await")
+        check_request(r, "mcp.await")
+        if type(pools) ~= "table" then
+            error("mcp.await must be supplied with a table of pools", 2)
+        end
+        if wait_for ~= nil and type(wait_for) ~= "number" then
+            error("mcp.await: wait_for must be a number", 2)
+        end
+        mode = mode or AWAIT_GOOD
+        if math.type(mode) ~= "integer" or mode < AWAIT_GOOD or mode > AWAIT_BACKGROUND then
+            error("invalid type argument tp mcp.await", 2)
+        end
+        local list = {}
+        for _, p in pairs(pools) do
+            if getmetatable(p) ~= POOL_PROXY then
+                error("mcp.await must be supplied with a pool", 2)
+            end
+            list[#list + 1] = p._p
+        end
+        if #list == 0 then
+            error("mcp.await arguments must have at least one pool", 2)
+        end
+        if not coroutine_isyieldable() then
+            error("mcp.await can only be called from inside a route", 2)
+        end
+        local raw, err = coroutine_yield(YIELD_AWAIT, r._r, list,
+                                         math.tointeger(wait_for) or 0, mode)
+        if err then
+            error(err, 2)
+        end
+        local results = {}
+        for i = 1, #raw do
+            local p = raw[i]
+            results[i] = new_response(p, p.ok, p.hit)
+        end
+        return results
+    end
+
+    -- Run the request against the proxy's embedded cache.
+    function mcp.internal(r)
+        routes_only("mcp.internal")
+        check_request(r, "mcp.internal")
+        local p, ok, hit = host.internal(r._r)
+        return new_response(p, ok, hit)
+    end
+
+    function mcp.log_req(r, res, detail)
+        routes_only("mcp.log_req")
+        check_request(r, "mcp.log_req")
+        host.log_req(r._r, res and res._p, detail and tostring(detail) or "")
+    end
+
+    function mcp.log_reqsample(ms, rate, allerr, r, res, detail)
+        routes_only("mcp.log_reqsample")
+        check_request(r, "mcp.log_reqsample")
+        host.log_reqsample(ms, rate, allerr, r._r, res and res._p,
+                           detail and tostring(detail) or "")
+    end
+
+    local hooks = {}
+    local ANY_LAST <const> = 34
+    local ANY_STORAGE_LAST <const> = 20
+
+    function mcp.attach(cmd, func)
+        routes_only("mcp.attach")
+        if type(func) ~= "function" then
+            error("Must pass a function to mcp.attach", 2)
+        end
+        if math.type(cmd) ~= "integer" then
+            error("mcp.attach: command must be an mcp.CMD_* constant", 2)
+        end
+        if cmd == mcp.CMD_ANY then
+            -- Not flush_all and verbosity: they address whole servers, and
+            -- a route written for keys would reach one pool where the
+            -- proxy's default reaches all. They are attached by name.
+            for i = 1, ANY_LAST do
+                if i ~= mcp.CMD_FLUSH_ALL and i ~= mcp.CMD_VERBOSITY then
+                    hooks[i] = func
+                end
+            end
+        elseif cmd == mcp.CMD_ANY_STORAGE then
+            for i = 1, ANY_STORAGE_LAST do hooks[i] = func end
+        elseif cmd >= 1 and cmd <= ANY_LAST then
+            hooks[cmd] = func
+        else
+            error("mcp.attach: unknown command id " .. cmd, 2)
+        end
+    end
+
+    -- User stats and logging --------------------------------------------
+
+    function mcp.add_stat(idx, name)
+        config_only("mcp.add_stat")
+        local err = host.add_stat(idx, name)
+        if err then
+            error(err, 2)
+        end
+    end
+
+    function mcp.stat(idx, delta)
+        routes_only("mcp.stat")
+        local err = host.stat(idx, delta)
+        if err then
+            error(err, 2)
+        end
+    end
+
+    function mcp.log(msg)
+        host.log(tostring(msg))
+    end
+
+    mcp.time_real_millis = host.time_real_millis
+    mcp.time_mono_millis = host.time_mono_millis
+
+    -- Tunables ----------------------------------------------------------
+
+    for _, name in pairs({ "backend_connect_timeout", "backend_retry_timeout",
+                           "backend_read_timeout", "backend_failure_limit",
+                           "tcp_keepalive", "backend_depth_limit",
+                           "backend_use_tls", "active_req_limit" }) do
+        mcp[name] = function(value)
+            local err = host.tunable(name, value)
+            if err then
+                error(err, 2)
+            end
+        end
+    end
+
+    -- mcp.init_tls(): memcached sets up its TLS context here; ours is made
+    -- per backend, so this only checks that TLS is available.
+    function mcp.init_tls()
+        local err = host.init_tls()
+        if err then
+            error(err, 2)
+        end
+    end
+
+    -- Driving a route ---------------------------------------------------
+
+    -- Turn what resume returned into what the Python driver needs.
+    local function step(co, ok, a, b, c, d, e)
+        if coroutine_status(co) == "dead" then
+            if not ok then
+                return DONE_ERROR, tostring(a)
+            end
+            local mt = getmetatable(a)
+            if mt == RESPONSE then
+                return DONE_RESPONSE, a._p
+            elseif type(a) == "string" then
+                return DONE_STRING, a
+            end
+            return DONE_BAD, nil
+        end
+        -- suspended: a pool call, an await, or a bare yield
+        if a == YIELD_POOL then
+            return YIELD_POOL, co, b, c
+        elseif a == YIELD_AWAIT then
+            return YIELD_AWAIT, co, b, c, d, e
+        end
+        return DONE_ERROR, "route yielded outside of a pool call"
+    end
+
+    -- Start a route for a client request.
+    local function start(handler, preq, key, cmd)
+        local co = coroutine_create(handler)
+        return step(co, coroutine_resume(co, new_request(preq, key, cmd)))
+    end
+
+    -- Resume a route with a backend's response (or an error to raise).
+    local function resume(co, pres, ok, hit)
+        return step(co, coroutine_resume(co, new_response(pres, ok, hit)))
+    end
+
+    local function resume_error(co, message)
+        return step(co, coroutine_resume(co, nil, message))
+    end
+
+    -- Resume an await with a table of Python responses.
+    local function resume_await(co, responses)
+        return step(co, coroutine_resume(co, responses))
+    end
+
+    -- Used by the engine when copying mcp_config_pools' result.
+    local function kind(value)
+        local mt = getmetatable(value)
+        if mt == POOL then return "pool", value._p end
+        if mt == BACKEND then return "backend", nil end
+        return nil
+    end
+
+    local function pool_proxy(p)
+        return setmetatable({ _p = p }, POOL_PROXY)
+    end
+
+    -- The pool a route calls if the route is exactly
+    -- `function(r) return pool(r) end` (the engine then skips Lua for it):
+    -- one parameter, one upvalue holding a pool, and the same bytecode as
+    -- REFERENCE. Returns the pool and the route's stripped bytecode dump.
+    local REFERENCE_POOL
+    local function REFERENCE(r) return REFERENCE_POOL(r) end
+
+    local function direct_pool(f)
+        local info = debug.getinfo(f, "u")
+        if info.nups ~= 1 or info.nparams ~= 1 or info.isvararg then
+            return nil
+        end
+        local _, pool = debug.getupvalue(f, 1)
+        if getmetatable(pool) ~= POOL_PROXY then
+            return nil
+        end
+        return pool._p, string.dump(f, true)
+    end
+
+    local engine = {
+        direct_pool = direct_pool,
+        reference_dump = string.dump(REFERENCE, true),
+        hooks = hooks,
+        start = start,
+        resume = resume,
+        resume_error = resume_error,
+        resume_await = resume_await,
+        kind = kind,
+        pool_proxy = pool_proxy,
+    }
+    return mcp, engine
+end

@@ -1,0 +1,1 @@
+"""The client protocol: slots, in-order replies, backpressure."""

@@ -1,0 +1,771 @@
+"""The client-facing protocol: memcached's text and meta commands.
+
+The protocol frames and parses; it does not decide routes. Each request gets
+a reply slot the moment its line is parsed; the slot is filled by whoever
+answers it (a route through the engine, the embedded cache, or the protocol
+itself for local commands), and completed slots at the head of the queue are
+written out, so replies always leave in request order.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections import deque
+from time import monotonic
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from mcproxy.wire import errors
+from mcproxy.wire.request import (
+    CMD_MN,
+    CMD_QUIT,
+    CMD_STATS,
+    CMD_VERSION,
+    CMD_WATCH,
+    GET_COMMANDS,
+    LOCAL_ONLY_COMMANDS,
+    MAX_KEY_LENGTH,
+    MAX_REQUEST_LINE,
+    MAX_UNTERMINATED,
+    ParseError,
+    Request,
+    multiget_prefix,
+    parse_request,
+    scan_plain,
+    split_multiget,
+)
+from mcproxy.writes import batch, send, tcp_socket
+
+if TYPE_CHECKING:
+    from mcproxy.app.service import ProxyService
+
+#: Requests a client may have in flight before we stop reading from it.
+MAX_CLIENT_INFLIGHT = 4096
+#: Payload bytes of a client's requests in flight (read, not yet answered)
+#: at which we stop reading from it; reading resumes below half of it.
+MAX_CLIENT_INFLIGHT_BYTES = 64 * 2**20
+#: Largest value a storage command may carry through the proxy; a larger
+#: one is answered ``SERVER_ERROR object too large for cache`` and its
+#: payload is read and dropped, as memcached does with items over ``-I``.
+MAX_PAYLOAD = 64 * 2**20
+#: Longest ``get``/``gets`` line; beyond it the client gets
+#: ``SERVER_ERROR request too long`` and is closed.
+MAX_MULTIGET_LINE = 2 * 2**20
+#: Most keys in one multi-key ``get``/``gets``/``gat``/``gats`` (as above beyond it).
+MAX_MULTIGET_KEYS = 16384
+#: The first byte of a binary protocol request.
+BINARY_MAGIC = b"\x80"
+#: Bytes of a binary protocol header.
+BINARY_HEADER = 24
+#: Seconds a connection that began with BINARY_MAGIC may take to send the
+#: rest of its header; then it is refused with what came.
+BINARY_HEADER_WAIT = 2.0
+#: The status of the proxy's binary error response (memcached's "unknown
+#: command": libmemcached and pylibmc report it as a protocol error).
+BINARY_STATUS = 0x0081
+#: magic, opcode, key length, extras length, data type, status, body length
+_BINARY_RESPONSE = struct.Struct(">BBHBBHI")
+#: How far a multiget line may be indented and still count as one.
+MAX_MULTIGET_INDENT = 100
+#: What a client beyond --max-connections gets before the hang-up (memcached's words).
+TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+#: Longest pause between two sweeps for idle clients, in seconds.
+MAX_IDLE_SWEEP = 1.0
+#: Bytes of replies that may wait for one client (``--client-output-limit``'s
+#: default): buffered for it, or arriving from backends for its requests in
+#: flight. Beyond it the client is closed and what still comes for it dropped.
+CLIENT_OUTPUT_LIMIT = 256 * 2**20
+#: At this fraction of the output limit, reading from the client pauses
+#: (resuming below half of it), so that it sends no more requests.
+OUTPUT_PAUSE_SHARE = 16
+#: The log event of a client closed for the output limit.
+LOG_OUTPUT_LIMIT = ("client {client} closed: {waiting} bytes of replies waiting for it, "
+                    "over the output limit of {limit}")
+
+
+def binary_refusal(head: bytes) -> bytes:
+    """The binary error response, as memcached writes one, to the request
+    whose header begins ``head``: its opcode and opaque echoed (zeros for
+    what did not arrive), BINARY_STATUS, the reason as body."""
+    opcode = head[1] if len(head) > 1 else 0
+    opaque = head[12:16] if len(head) >= 16 else bytes(4)
+    body = errors.BINARY_PROTOCOL
+    return (_BINARY_RESPONSE.pack(0x81, opcode, 0, 0, 0, BINARY_STATUS, len(body))
+            + opaque + bytes(8) + body)
+
+
+def _peer(transport) -> str:
+    """The client's address as ``host:port`` (or as Twisted shows it)."""
+    peer = transport.getPeer()
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return str(peer) if host is None else f"{host}:{port}"
+
+
+class Slot:
+    """One reply position in a connection's output order. Its bytes count
+    towards the connection's replies waiting from the moment it holds them."""
+
+    __slots__ = ("data", "proto")
+
+    def __init__(self, proto: ProxyServerProtocol, data: bytes | None = None) -> None:
+        self.proto = proto
+        self.data = data
+        if data is not None:
+            proto._add_waiting(len(data))
+
+    def fill(self, data: bytes) -> None:
+        self.data = data
+        proto = self.proto
+        # _add_waiting, inlined: this runs for every reply
+        waiting = proto._waiting = proto._waiting + len(data)
+        if waiting > proto._pause_at:
+            proto._output_check()
+        proto.flush()
+
+
+class PayloadSlot(Slot):
+    """The slot of a storage request: its payload counts towards the
+    connection's in-flight bytes until the reply fills it."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, proto: ProxyServerProtocol, size: int) -> None:
+        super().__init__(proto)
+        self.size = size
+        proto._inflight_bytes += size
+
+    def fill(self, data: bytes) -> None:
+        self.proto._inflight_bytes -= self.size
+        super().fill(data)
+
+
+class GroupSlot(Slot):
+    """The one slot of requests answered together: a multiget whose keys
+    are routed together (``RouteEngine.route_keys``), or a run of plain
+    requests (``RouteEngine.route_run``). Until it leaves the queue it
+    counts as ``extra`` more slots towards the connection's in-flight
+    limit (those of its requests, and a multiget's ``END``), and its
+    ``size`` bytes as in flight.
+
+    It is also the ``sink`` of its backend units (request.ReplySink): the
+    bytes backends send for it count as replies waiting (``credited``)
+    until the reply fills it, so that a multiget whose reply is hundreds of
+    MB hits the output limit while it arrives, not once it is complete."""
+
+    __slots__ = ("extra", "size", "credited")
+
+    def __init__(self, proto: ProxyServerProtocol, extra: int, size: int = 0) -> None:
+        self.proto = proto
+        self.data = None
+        self.extra = extra
+        self.size = size
+        self.credited = 0
+        proto._extra_slots += extra
+        proto._inflight_bytes += size
+
+    def fill(self, data: bytes) -> None:
+        proto = self.proto
+        proto._inflight_bytes -= self.size
+        self.data = data
+        proto._add_waiting(len(data) - self.credited)
+        proto.flush()
+
+    def arriving(self, size: int) -> None:
+        """A backend received ``size`` bytes of this slot's reply."""
+        proto = self.proto
+        if not proto._gone:
+            self.credited += size
+            proto._add_waiting(size)
+
+    @property
+    def wanted(self) -> bool:
+        """False once the client is gone: drop what still comes for it."""
+        return not self.proto._gone
+
+
+#: The lines of multigets whose keys may be routed together: those a
+#: backend can be sent as they are, key lists aside.
+_BATCH_PREFIXES = frozenset((b"get ", b"gets "))
+
+
+def _is_multiget_prefix(buffered: bytes) -> bool:
+    """Does an unterminated line look like a ``get``/``gets`` multiget?"""
+    stripped = buffered.lstrip(b" ")
+    return (len(buffered) - len(stripped) <= MAX_MULTIGET_INDENT
+            and (stripped.startswith(b"get ") or stripped.startswith(b"gets ")))
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
+class ProxyServerProtocol(LineReceiver):
+    """One client connection.
+
+    A ``LineReceiver`` with ``\\n`` as delimiter (a line must end in
+    ``\\r\\n``; a bare ``\\n`` is a parse error, as in memcached's proxy).
+    ``dataReceived`` is our own: it scans each chunk once with ``bytes.find``
+    instead of LineReceiver's re-splitting of its whole buffer (quadratic
+    with many lines per chunk, twisted#6357), applies the proxy's 1024-byte
+    no-newline rule instead of ``MAX_LENGTH``, and hands ``rawDataReceived``
+    at most the bytes of the pending payload.
+
+    A client may shut down its write side (``shutdown(SHUT_WR)``, ``nc -N``)
+    and still reads every reply: see ``readConnectionLost``.
+    """
+
+    delimiter = b"\n"
+    log = Logger()
+    #: the ProxyServerFactory that built us (None in tests that build by hand)
+    factory: ProxyServerFactory | None = None
+    #: a connection that began with BINARY_MAGIC: its header so far, and
+    #: the timeout of the wait for the rest
+    _binary_head = b""
+    _binary_wait: IDelayedCall | None = None
+
+    def __init__(self, service: ProxyService,
+                 output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
+        self.service = service
+        self.engine = service.engine
+        self.stats = service.stats
+        self._slots: deque[Slot] = deque()
+        self._buffer = bytearray()
+        self._payload_for: Request | None = None
+        self._payload_then = None
+        self._payload_chunks: list[bytes] = []
+        self._payload_needed = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        #: the client shut down its write side: nothing more will arrive
+        self._read_closed = False
+        self._closing = False
+        self._gone = False
+        self._out: list[bytes] = []
+        self._batched = False
+        self._socket = None
+        self._inflight_bytes = 0
+        #: slots the GroupSlots in the queue stand for, beyond themselves
+        self._extra_slots = 0
+        #: bytes of replies waiting for the client: in filled slots, in
+        #: ``_out``, arriving for GroupSlots, and ``_unsent``
+        self._waiting = 0
+        #: bytes handed to the transport while its buffer was full; they
+        #: leave ``_waiting`` when it has written everything (resumeProducing)
+        self._unsent = 0
+        #: close beyond this many bytes waiting, pause reading beyond
+        #: ``_pause_at`` (0: no limit)
+        self.output_limit = output_limit or sys.maxsize
+        self._pause_at = self.output_limit // OUTPUT_PAUSE_SHARE
+
+    # -- connection lifecycle -----------------------------------------------
+
+    def connectionMade(self) -> None:
+        #: when the client last sent anything (for --idle-timeout)
+        self.last_active = monotonic()
+        if self.factory is not None:
+            self.factory.clients.add(self)
+        self.stats.curr_connections += 1
+        self.stats.total_connections += 1
+        self._socket = tcp_socket(self.transport)
+        if self._socket is not None:
+            self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+        self.dataReceived = self._first_data
+
+    def _first_data(self, data: bytes) -> None:
+        """The first bytes of the connection: refuse the binary protocol
+        (memcached would answer it), then hand over to ``dataReceived``
+        for good (so later reads pay nothing for this check)."""
+        if not data:
+            return
+        del self.dataReceived
+        if data[:1] != BINARY_MAGIC:
+            self.dataReceived(data)
+            return
+        self.stats.conn_errors += 1
+        self._binary_head = data[:BINARY_HEADER]
+        if len(self._binary_head) == BINARY_HEADER:
+            self._refuse_binary()
+            return
+        self.dataReceived = self._binary_header
+        clock = getattr(self.service, "reactor", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._binary_wait = clock.callLater(BINARY_HEADER_WAIT, self._refuse_binary)
+
+    def _binary_header(self, data: bytes) -> None:
+        """More of a binary header: refuse once it is whole."""
+        head = self._binary_head = self._binary_head + data[:BINARY_HEADER - len(self._binary_head)]
+        if len(head) == BINARY_HEADER:
+            self._binary_wait.cancel()
+            self._refuse_binary()
+
+    def _refuse_binary(self) -> None:
+        """Answer a binary client memcached's way (binary_refusal), close."""
+        self._binary_wait = None
+        self.__dict__.pop("dataReceived", None)
+        self._reply(binary_refusal(self._binary_head))
+        self._close_after_replies()
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its write side: answer every request it
+        sent, in order, then close (as memcached does). Bytes held while
+        reading was paused are requests too: they are read first, when
+        ``_resume_reading`` runs, and only then is the connection closing.
+        An unfinished last request gets no reply."""
+        if self._read_closed:
+            return
+        self._read_closed = True
+        if self._gone:  # a watcher: its stream ends with the client's
+            self.transport.loseConnection()
+        elif not self._reading_paused:
+            self._close_after_replies()
+
+    def writeConnectionLost(self) -> None:
+        """Never called: the proxy only ever closes both sides at once."""
+
+    def connectionLost(self, reason=None) -> None:
+        if self._binary_wait is not None:
+            self._binary_wait.cancel()
+            self._binary_wait = None
+        self._forget()
+
+    def _forget(self) -> None:
+        """Stop being a client connection: leave the counts (once) and drop
+        every request and reply still waiting; later events do nothing."""
+        if self.factory is not None:
+            self.factory.clients.discard(self)
+        if not self._gone:
+            self._gone = True
+            self.stats.curr_connections -= 1
+        self._slots.clear()
+        self._extra_slots = 0
+        self._out = []
+        self._buffer.clear()
+        self._payload_for = None
+        self._payload_needed = 0
+        self._payload_chunks = []
+        self._waiting = self._unsent = 0
+
+    # -- framing -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.last_active = monotonic()
+        if self._closing:
+            return
+        if self._reading_paused:
+            self._buffer += data
+            return
+        if self._buffer:
+            if not self._payload_needed and b"\n" not in data:
+                self._buffer += data
+                self._check_unterminated()
+                return
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        self._process(data)
+
+    def _process(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        engine = self.engine
+        plain = engine.plain_runs
+        multigets = MAX_MULTIGET_KEYS if plain is not None and engine.plain_multigets else 0
+        while pos < end:
+            if self._closing or self._reading_paused:
+                self._buffer += data[pos:]
+                return
+            if self._payload_needed:
+                take = data[pos:pos + self._payload_needed]
+                pos += len(take)
+                self.rawDataReceived(take)
+                continue
+            if plain is not None:
+                stop, keys, ends, sets, widths = scan_plain(data, pos, plain, MAX_PAYLOAD,
+                                                            multigets=multigets)
+                if keys:
+                    if self._route_run(data, pos, keys, ends, sets, widths):
+                        pos = stop
+                        continue
+                    plain = None  # refused: the rest of the chunk line by line
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._buffer += data[pos:]
+                self._check_unterminated()
+                return
+            self.lineReceived(data[pos:newline])
+            pos = newline + 1
+
+    def _check_unterminated(self) -> None:
+        """memcached's rule: > 1024 bytes without a newline closes, unless
+        it is a get/gets multiget, which may be up to MAX_MULTIGET_LINE long."""
+        if len(self._buffer) <= MAX_UNTERMINATED:
+            return
+        if not _is_multiget_prefix(bytes(self._buffer[: MAX_MULTIGET_INDENT + 5])):
+            self._buffer.clear()
+            self._closing = True
+            self.transport.loseConnection()
+        elif len(self._buffer) > MAX_MULTIGET_LINE:
+            self._too_long()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Collect payload bytes; ``data`` never runs past the payload.
+        Without a ``then`` the payload is too large and dropped as it comes."""
+        self._payload_needed -= len(data)
+        if self._payload_then is None:
+            if not self._payload_needed:
+                self._payload_for = None
+            return
+        self._payload_chunks.append(data)
+        if self._payload_needed:
+            return
+        req, then = self._payload_for, self._payload_then
+        value = b"".join(self._payload_chunks)
+        self._payload_for = self._payload_then = None
+        self._payload_chunks = []
+        if value[-2:] != b"\r\n":
+            self._reply(errors.BAD_DATA_CHUNK)
+            return
+        req.value = value
+        then(req)
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            req = parse_request(line + b"\n")
+        except ParseError as e:
+            if e.reply is errors.REQUEST_TOO_LONG:
+                self._too_long()
+                return
+            self.stats.conn_errors += 1
+            self._reply(e.reply)
+            if e.vlen:
+                self._expect_payload(None, None, e.vlen)
+            return
+        cmd = req.command
+        if cmd in LOCAL_ONLY_COMMANDS or not self.engine.hooked(cmd):
+            then = self._local
+        elif cmd in GET_COMMANDS and b" " in req.tokens[-1]:  # split_multiget's test
+            self._multiget(req, split_multiget(req))
+            return
+        elif len(req.line) >= MAX_REQUEST_LINE:
+            self._too_long()
+            return
+        else:
+            then = self._route
+        if req.vlen:
+            if req.vlen > MAX_PAYLOAD + 2:
+                self._reply(errors.OBJECT_TOO_LARGE)
+                then = None
+            self._expect_payload(req, then, req.vlen)
+        else:
+            then(req)
+
+    def _expect_payload(self, req: Request | None, then, vlen: int) -> None:
+        """Read the next ``vlen`` bytes as ``req``'s payload and hand it to
+        ``then``; without ``then`` they are read and dropped."""
+        self._payload_for = req
+        self._payload_then = then
+        self._payload_needed = vlen
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _route(self, req: Request) -> None:
+        value = req.value
+        if value is None:
+            slot = Slot(self)
+        else:
+            slot = PayloadSlot(self, len(value))
+            if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES:
+                self._pause_reading()
+        self._slots.append(slot)
+        self._check_inflight()
+        self.engine.route(req, slot.fill)
+
+    def _route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                   sets: list[int], widths: dict[int, int] | None) -> bool:
+        """Route a run of plain requests (``scan_plain``) with one slot;
+        False if the engine routes them one by one instead."""
+        # Its requests, a multiget's keys each and END, less the slot itself.
+        extra = len(keys) - 1 + (sum(widths.values()) if widths else 0)
+        slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
+        slots = self._slots
+        slots.append(slot)
+        if self.engine.route_run(data, start, keys, ends, sets, widths, slot.fill,
+                                 sink=slot):
+            if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
+                    or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
+                self._pause_reading()
+            return True
+        self._slots.pop()
+        self._extra_slots -= slot.extra
+        self._inflight_bytes -= slot.size
+        return False
+
+    def _multiget(self, req: Request, keys: list[bytes]) -> None:
+        """Route a hooked multiget: its keys together when the engine can
+        (``get``/``gets``, every key within the length limit), else split
+        into one routed request per key."""
+        if len(keys) > MAX_MULTIGET_KEYS:
+            self._too_long()
+            return
+        prefix = multiget_prefix(req)
+        if prefix in _BATCH_PREFIXES and max(map(len, keys)) <= MAX_KEY_LENGTH:
+            slot = GroupSlot(self, len(keys))
+            self._slots.append(slot)
+            if self.engine.route_keys(req, keys, slot.fill, sink=slot):
+                self._check_inflight()
+                return
+            self._slots.pop()
+            self._extra_slots -= slot.extra
+        command = req.command
+        for key in keys:
+            if len(key) > MAX_KEY_LENGTH:
+                self._slots.append(Slot(self, errors.KEY_TOO_LONG))
+                continue
+            line = prefix + key + b"\r\n"
+            if len(line) >= MAX_REQUEST_LINE:
+                self._too_long()
+                return
+            sub = Request(command, line, [*req.tokens[:-1], key], key)
+            sub.multiget = True
+            self._route(sub)
+        self._reply(errors.END)
+
+    def _local(self, req: Request) -> None:
+        """Commands the proxy answers itself (no route attached)."""
+        cmd = req.command
+        if cmd == CMD_MN:
+            self._reply(b"MN\r\n")
+        elif cmd == CMD_VERSION:
+            self._reply(self.service.version_line)
+        elif cmd == CMD_QUIT:
+            self._close_after_replies()
+        elif cmd == CMD_STATS:
+            self._reply(self.service.stats_reply(req.tokens[1:]))
+        elif cmd == CMD_WATCH:
+            self._watch(req.tokens[1:])
+        elif self.service.store is not None:
+            reply = self.service.store.execute(req)
+            if reply:
+                self._reply(reply)
+        else:
+            self._reply(errors.NO_ROUTE)
+
+    def _watch(self, streams: list[bytes]) -> None:
+        """``watch STREAM ...``: hand the connection to the service's watch
+        registry (mcproxy.ops.watch). From its ``OK`` on the connection carries
+        only log lines: requests after the ``watch`` are ignored and replies
+        still pending are dropped, as in memcached. Watchers do not count as
+        client connections (curr_connections, --max-connections, --idle-timeout)."""
+        watchers = getattr(self.service, "watchers", None)
+        if watchers is None:
+            self._reply(errors.NOT_SUPPORTED)
+            return
+        self.flush()
+        self.write_pending()  # earlier replies go out before the OK
+        error = watchers.add(self.transport, streams)
+        if error is not None:
+            self._reply(error)
+            return
+        self._closing = True
+        self._forget()
+
+    # -- replies -------------------------------------------------------------
+
+    def _reply(self, data: bytes) -> None:
+        """Answer in order, right away (the slot is born filled)."""
+        self._slots.append(Slot(self, data))
+        self.flush()
+
+    def flush(self) -> None:
+        """Move every completed reply at the head of the queue to the output,
+        written at the end of this reactor iteration (see writes.py)."""
+        if self._gone:
+            return
+        slots = self._slots
+        out = self._out
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            if slot.__class__ is GroupSlot:
+                self._extra_slots -= slot.extra
+            data = slot.data
+            if data:
+                out.append(data)
+        if not self._batched:
+            self._batched = True
+            batch.add(self)
+
+    def write_pending(self) -> None:
+        """Write the collected replies in one send; hang up or resume
+        reading if that was waiting for them."""
+        self._batched = False
+        if self._gone:
+            return
+        out = self._out
+        if out:
+            self._out = []
+            send(self.transport, self._socket, out)
+            size = sum(map(len, out))
+            if self._writing_paused:
+                self._unsent += size
+            else:
+                self._waiting -= size  # written, or at most 64 KB in Twisted's buffer
+        if self._closing:
+            if not self._slots:
+                self.transport.loseConnection()
+        elif self._reading_paused and not self._writing_paused and self._may_read():
+            self._resume_reading()
+
+    def _too_long(self) -> None:
+        """``SERVER_ERROR request too long``, then hang up."""
+        self.stats.conn_errors += 1
+        self._reply(errors.REQUEST_TOO_LONG)
+        self._close_after_replies()
+
+    def _close_after_replies(self) -> None:
+        """Stop reading; hang up once every earlier reply is written."""
+        self._closing = True
+        self._buffer.clear()
+        self.flush()
+
+    # -- backpressure --------------------------------------------------------
+
+    def _may_read(self) -> bool:
+        """Whether every limit that paused reading is below its resume mark."""
+        return (len(self._slots) + self._extra_slots < MAX_CLIENT_INFLIGHT // 2
+                and self._inflight_bytes < MAX_CLIENT_INFLIGHT_BYTES // 2
+                and self._waiting < self._pause_at // 2)
+
+    def _add_waiting(self, size: int) -> None:
+        waiting = self._waiting = self._waiting + size
+        if waiting > self._pause_at:
+            self._output_check()
+
+    def _output_check(self) -> None:
+        """Past the pause mark: stop reading; past the output limit: the
+        client does not read fast enough for what it asked, close it."""
+        if self._gone:
+            return
+        if self._waiting > self.output_limit:
+            self._cut_off()
+        elif not self._closing:
+            self._pause_reading()
+
+    def _cut_off(self) -> None:
+        """Close at once for the output limit: drop what waits (the transport
+        drops its buffer on abort), and what still comes (``_gone``)."""
+        self.stats.conn_output_closed += 1
+        self.log.warn(LOG_OUTPUT_LIMIT, client=_peer(self.transport), waiting=self._waiting,
+                      limit=self.output_limit, type="proxy_error")
+        self._closing = True
+        self._forget()
+        self.transport.abortConnection()
+
+    def _check_inflight(self) -> None:
+        if len(self._slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if not self._read_closed:
+            # After the client's EOF, reading again would only meet it again.
+            self.transport.resumeProducing()
+        if self._buffer and not self._closing:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            self._process(data)
+        if self._read_closed and not self._reading_paused and not self._closing:
+            self._close_after_replies()  # what was held is read: now close
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: the client is not reading
+        its replies, so stop reading its requests."""
+        self._writing_paused = True
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The transport wrote everything it held (Twisted calls this only
+        once its buffer is empty): what we handed it is no longer waiting."""
+        self._writing_paused = False
+        self._waiting -= self._unsent
+        self._unsent = 0
+        if self._reading_paused and self._may_read():
+            self._resume_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Rejected(Protocol):
+    """A client beyond --max-connections: told so, then hung up on."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(TOO_MANY_CONNECTIONS)
+        self.transport.loseConnection()
+
+
+class ProxyServerFactory(Factory):
+    """Builds a ProxyServerProtocol per client connection, and applies the
+    client limits.
+
+    ``max_connections`` (0: none): a client that connects while that many
+    are open gets ``ERROR Too many open connections`` and is closed at once,
+    counted in ``rejected``. ``idle_timeout`` (seconds, 0: never): clients
+    that sent nothing for that long, and wait for no reply, are closed by a
+    sweep that runs while the factory listens; a request costs only the
+    ``last_active`` timestamp store. ``output_limit`` (bytes, 0: none): a
+    client with more replies waiting for it is closed, counted in
+    ``conn_output_closed`` (see ProxyServerProtocol._output_check).
+    """
+
+    noisy = False
+
+    def __init__(self, service: ProxyService, max_connections: int = 0,
+                 idle_timeout: float = 0, output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
+        self.service = service
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.output_limit = output_limit
+        #: connections refused for max_connections
+        self.rejected = 0
+        #: clients that have an open connection (watchers excluded)
+        self.clients: set[ProxyServerProtocol] = set()
+        self._sweeper: LoopingCall | None = None
+
+    def buildProtocol(self, addr) -> Protocol:
+        if self.max_connections and len(self.clients) >= self.max_connections:
+            self.rejected += 1
+            return _Rejected()
+        proto = ProxyServerProtocol(self.service, self.output_limit)
+        proto.factory = self
+        return proto
+
+    def startFactory(self) -> None:
+        if self.idle_timeout > 0:
+            self._sweeper = LoopingCall(self.close_idle)
+            self._sweeper.clock = self.service.reactor
+            self._sweeper.start(min(MAX_IDLE_SWEEP, self.idle_timeout / 4), now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+
+    def close_idle(self) -> None:
+        """Close every client idle for idle_timeout with no reply pending."""
+        deadline = monotonic() - self.idle_timeout
+        for proto in [p for p in self.clients if p.last_active <= deadline and not p._slots]:
+            self.clients.discard(proto)
+            proto.transport.loseConnection()

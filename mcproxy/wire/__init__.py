@@ -1,0 +1,1 @@
+"""Pure wire code: parsing requests and replies, framing, error strings. No Twisted."""

@@ -1,0 +1,739 @@
+"""Parse a memcached backend's replies, and decide what a client receives.
+
+Pure: no Twisted imports. This is the role memcached's vendored ``mcmc``
+plays in its proxy (mcp-api.md section 3.4). Response codes use mcmc's later
+numbering (the ``mcp.MCMC_CODE_*`` constants of memcached 1.6.16+).
+
+A backend connection is pipelined. The reply to a single-key request is
+one line, one line plus a value (``VA``), or ``VALUE`` + data + ``END``;
+the reply to a multi-key get (the keys of client multigets sent together)
+is its ``VALUE`` items and one ``END``, read with
+:meth:`ResponseReader.read_values`. Replies that the client receives as
+they came (runs of plain requests) are only framed
+(:meth:`ResponseReader.read_raw`). Anything else desynchronises the stream
+and is raised as :class:`BackendProtocolError`, whose reason is one of
+memcached's backend failure names.
+
+Misses: mcmc gives both the text ``END`` and the meta ``EN`` the code
+``MCMC_CODE_END``; there is no separate MISS code, so a miss is
+``code == MCMC_CODE_END`` (the two are told apart by ``type``).
+
+``ERROR``, ``CLIENT_ERROR`` and ``SERVER_ERROR`` lines are ordinary replies
+(memcached 1.6.20+ cycles the connection after the first two; we keep it,
+as SEED did: the proxy only forwards well-formed requests). An unknown
+two-letter status passes through as a meta reply, as in mcmc; any other
+unknown first word is garbage (SEED passed it through).
+"""
+
+from __future__ import annotations
+
+import re
+
+from mcproxy.wire.errors import BACKEND_FAILURE, END
+from mcproxy.wire.request import (
+    CMD_DECR,
+    CMD_DELETE,
+    CMD_FLUSH_ALL,
+    CMD_INCR,
+    CMD_MA,
+    CMD_MD,
+    CMD_ME,
+    CMD_MG,
+    CMD_MS,
+    CMD_TOUCH,
+    CMD_VERBOSITY,
+    GET_COMMANDS,
+    MAX_VALUE_LENGTH,
+    META_COMMANDS,
+    STORAGE_COMMANDS,
+    Request,
+)
+
+# Response codes, numbered as in mcmc.h (memcached 1.6.16+).
+MCMC_CODE_STORED = 8
+MCMC_CODE_EXISTS = 9
+MCMC_CODE_DELETED = 10
+MCMC_CODE_TOUCHED = 11
+MCMC_CODE_VERSION = 12
+MCMC_CODE_NOT_FOUND = 13
+MCMC_CODE_NOT_STORED = 14
+MCMC_CODE_OK = 15
+MCMC_CODE_NOP = 16
+MCMC_CODE_END = 17
+MCMC_CODE_ERROR = 21
+MCMC_CODE_CLIENT_ERROR = 22
+MCMC_CODE_SERVER_ERROR = 23
+#: The status mcp exports beside the codes (``mcp.MCMC_ERR``).
+MCMC_ERR = -1
+
+#: Every name memcached exports to Lua as ``mcp.MCMC_*``, and its value.
+MCMC_CODES = {
+    name: value for name, value in globals().items()
+    if name.startswith("MCMC_CODE_") or name == "MCMC_ERR"
+}
+
+# Response types, numbered as in mcmc.h (``type=`` in memcached's logs).
+MCMC_RESP_GET = 100
+MCMC_RESP_META = 101
+MCMC_RESP_STAT = 102
+MCMC_RESP_GENERIC = 104
+MCMC_RESP_END = 105
+MCMC_RESP_VERSION = 106
+MCMC_RESP_NUMERIC = 107
+MCMC_RESP_ERRMSG = 108
+MCMC_RESP_FAIL = 109
+
+# Backend failure reasons (memcached's names, logged as ``error=``).
+FAIL_TIMEOUT = "timeout"
+FAIL_DISCONNECTED = "disconnected"
+FAIL_CONNECTING = "connecting"
+FAIL_CONNTIMEOUT = "conntimeout"
+FAIL_READVALIDATE = "readvalidate"
+FAIL_BADVALIDATE = "badvalidate"
+FAIL_PARSING = "parsing"
+FAIL_CLOSED = "closedsock"
+FAIL_UNHANDLEDRES = "unhandledres"
+FAIL_MISSINGEND = "missingend"
+FAIL_TRAILINGDATA = "trailingdata"
+#: mcproxy's: a reply that cannot answer the request it pairs with.
+FAIL_MISMATCH = "mismatch"
+# mcproxy's own reasons for requests failed without touching the socket.
+FAIL_MARKEDBAD = "markedbad"
+FAIL_DEPTH = "depthlimit"
+
+_EMPTY = b""
+
+#: Longest reply line accepted; a longer one means the stream is garbage.
+MAX_LINE = 16384
+
+# First token -> (code, type) for every reply that is a single line.
+_LINES = {
+    b"END": (MCMC_CODE_END, MCMC_RESP_END),
+    b"EN": (MCMC_CODE_END, MCMC_RESP_META),
+    b"HD": (MCMC_CODE_OK, MCMC_RESP_META),
+    b"NF": (MCMC_CODE_NOT_FOUND, MCMC_RESP_META),
+    b"NS": (MCMC_CODE_NOT_STORED, MCMC_RESP_META),
+    b"EX": (MCMC_CODE_EXISTS, MCMC_RESP_META),
+    b"MN": (MCMC_CODE_NOP, MCMC_RESP_META),
+    b"ME": (MCMC_CODE_OK, MCMC_RESP_META),
+    b"OK": (MCMC_CODE_OK, MCMC_RESP_GENERIC),
+    b"STORED": (MCMC_CODE_STORED, MCMC_RESP_GENERIC),
+    b"EXISTS": (MCMC_CODE_EXISTS, MCMC_RESP_GENERIC),
+    b"DELETED": (MCMC_CODE_DELETED, MCMC_RESP_GENERIC),
+    b"TOUCHED": (MCMC_CODE_TOUCHED, MCMC_RESP_GENERIC),
+    b"NOT_FOUND": (MCMC_CODE_NOT_FOUND, MCMC_RESP_GENERIC),
+    b"NOT_STORED": (MCMC_CODE_NOT_STORED, MCMC_RESP_GENERIC),
+    b"ERROR": (MCMC_CODE_ERROR, MCMC_RESP_ERRMSG),
+    b"CLIENT_ERROR": (MCMC_CODE_CLIENT_ERROR, MCMC_RESP_ERRMSG),
+    b"SERVER_ERROR": (MCMC_CODE_SERVER_ERROR, MCMC_RESP_ERRMSG),
+}
+
+#: The same for replies that are exactly the token: the common fast path.
+_WHOLE_LINES = {token + b"\r\n": known for token, known in _LINES.items()}
+
+
+class BackendProtocolError(Exception):
+    """The backend's byte stream cannot be trusted any more.
+
+    ``reason`` is the failure name the connection is reset with.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: what did not match, for the log (FAIL_MISMATCH)
+        self.detail = detail
+
+
+def mismatched(what: str, want: bytes, got: bytes) -> BackendProtocolError:
+    """The error for a reply that does not answer its request: the stream
+    pairs replies with requests by position, so it is out of step."""
+    return BackendProtocolError(FAIL_MISMATCH, f"{what}: {got[:80]!r} for {want[:80]!r}")
+
+
+class Response:
+    """One backend reply, or the failure that stands in for it.
+
+    ``ok`` is False when no reply could be had (backend bad, timed out,
+    disconnected, desynchronised); such a response has ``code`` SERVER_ERROR
+    and ``reason`` says why. ``line`` is the first line including CRLF;
+    ``value`` is the data including its CRLF for ``VALUE``/``VA`` replies,
+    else None (the ``END`` after a ``VALUE`` is consumed, not kept).
+    ``elapsed`` is set by the backend: microseconds from ``send`` to the
+    reply (or failure), including any wait for the connection.
+    """
+
+    __slots__ = ("ok", "code", "type", "line", "value", "elapsed", "reason")
+
+    def __init__(self, ok: bool, code: int, type: int, line: bytes,
+                 value: bytes | None = None) -> None:
+        self.ok = ok
+        self.code = code
+        self.type = type
+        self.line = line
+        self.value = value
+        self.elapsed = 0
+        self.reason: str | None = None
+
+    @classmethod
+    def failure(cls, reason: str, line: bytes = BACKEND_FAILURE) -> Response:
+        """A response for a request the backend could not answer; ``line``
+        is what the client gets for it."""
+        res = cls(False, MCMC_CODE_SERVER_ERROR, MCMC_RESP_FAIL, line)
+        res.reason = reason
+        return res
+
+    @classmethod
+    def miss(cls) -> Response:
+        """An ``END``: the answer for a key a multi-key get did not find."""
+        return cls(True, MCMC_CODE_END, MCMC_RESP_END, END)
+
+    @classmethod
+    def of_item(cls, item: tuple[bytes, bytes, int]) -> Response:
+        """The response of one ``VALUE`` item of a multi-key get's reply
+        (see :meth:`ResponseReader.read_values`)."""
+        _key, data, line_length = item
+        return cls(True, MCMC_CODE_OK, MCMC_RESP_GET, data[:line_length], data[line_length:])
+
+    @property
+    def hit(self) -> bool:
+        """ok, and not a miss (``END``/``EN``); errors and NOT_FOUND are hits."""
+        return self.ok and self.code != MCMC_CODE_END
+
+    @property
+    def vlen(self) -> int:
+        """Length of the value without its CRLF; 0 without a value."""
+        value = self.value
+        return 0 if value is None else len(value) - 2
+
+    def __repr__(self) -> str:
+        if not self.ok:
+            return f"<Response failed {self.reason}>"
+        return f"<Response {self.code} {self.line!r} vlen={self.vlen}>"
+
+
+def _size(digits: bytes) -> int:
+    """A value length from a reply line; one no request could ask for is
+    garbage (and int() refuses 4300+ digits)."""
+    number = digits.lstrip(b"0") or b"0"
+    if len(number) > 10 or int(number) > MAX_VALUE_LENGTH:
+        raise BackendProtocolError(FAIL_PARSING)
+    return int(number)
+
+
+#: A plain ``VALUE`` line, the bulk of get replies: a key without CR as
+#: long as memcached allows, flags and a cas of at most 20 digits, a size
+#: below 10 digits (groups: key, size); anything else is ``_parse``'s to
+#: judge. Possessive repeats never backtrack.
+_VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,250}+) \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
+
+
+def _plain_end(buf: bytes, pos: int, key: bytes, is_set: bool) -> int:
+    """Where the reply at ``buf[pos]`` to a plain ``get <key>`` (with
+    ``is_set``, a plain ``set``) ends, for the common complete replies (a
+    line that is just a known token, a plain ``VALUE`` with its data and
+    ``END``), raising FAIL_MISMATCH if it cannot answer that request; 0
+    for anything else, which ``_parse`` and ``_check_plain`` judge."""
+    if buf.startswith(b"VALUE ", pos):
+        line = _VALUE_LINE.match(buf, pos)
+        if line is not None:
+            vend = line.end() + int(line[2]) + 2
+            if buf.startswith(b"\r\nEND\r\n", vend - 2):
+                if is_set or line[1] != key:
+                    raise mismatched("VALUE of another request", key, line[0])
+                return vend + 5
+        return 0
+    end = buf.find(b"\n", pos) + 1
+    if end:
+        answers = _PLAIN_ANSWERS.get(buf[pos:end])
+        if answers is not None:
+            if answers is not _ANY and answers is not is_set:
+                raise mismatched("reply of the wrong kind", key, buf[pos:end])
+            return end
+    return 0
+
+
+#: The replies a plain ``set`` gets besides error lines.
+_SET_REPLIES = (b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n", b"NOT_FOUND\r\n")
+_ANY = "any"
+#: Whole-line replies a plain request may get: to a get (False), to a set
+#: (True), or to either (_ANY, the error lines).
+_PLAIN_ANSWERS = {
+    END: False, **dict.fromkeys(_SET_REPLIES, True),
+    **{line: _ANY for line, known in _WHOLE_LINES.items() if known[1] == MCMC_RESP_ERRMSG},
+}
+def _check_plain(res: Response, key: bytes, is_set: bool) -> None:
+    """Raise FAIL_MISMATCH unless ``res`` (one ``_plain_end`` could not
+    frame) can answer a plain ``get <key>`` (or with ``is_set`` a plain
+    ``set``): the same rules, on a parsed reply."""
+    rtype = res.type
+    if rtype == MCMC_RESP_ERRMSG:
+        return
+    if is_set:
+        if res.line in _SET_REPLIES:
+            return
+    elif rtype == MCMC_RESP_END or (rtype == MCMC_RESP_GET and value_key(res.line) == key):
+        return
+    raise mismatched("reply of another request", key, res.line)
+
+
+def _next_key(keys: list[bytes], index: int, key: bytes) -> int:
+    """The index after ``key`` among ``keys[index:]``: memcached answers a
+    multi-key get in the order of its keys, skipping misses, so a key not
+    found there is another request's."""
+    try:
+        return keys.index(key, index) + 1
+    except ValueError:
+        raise mismatched("VALUE of a key not asked for, or out of order",
+                         b" ".join(keys), key) from None
+
+
+def _multi_end(buf: bytes, pos: int, keys: list[bytes]) -> int:
+    """Where the reply to a get of ``keys`` at ``buf[pos]`` ends, when it is
+    complete and plain (plain ``VALUE`` items of those keys in their order,
+    then ``END``); 0 for anything else, which ``ResponseReader._read_multi``
+    judges."""
+    index = 0
+    match = _VALUE_LINE.match
+    find = keys.index
+    while (line := match(buf, pos)) is not None:
+        try:
+            index = find(line[1], index) + 1
+        except ValueError:
+            _next_key(keys, index, line[1])  # raises the mismatch
+        pos = line.end() + int(line[2]) + 2
+        if not buf.startswith(b"\r\n", pos - 2):
+            return 0
+    return pos + 5 if buf.startswith(b"END\r\n", pos) else 0
+
+
+def _parse(buf: bytes, pos: int, version: bool,
+           multi: bool = False) -> tuple[Response, int] | int:
+    """Parse the reply starting at ``buf[pos]``.
+
+    Returns ``(response, end)``, or when the reply is incomplete an int: the
+    buffer length needed before it can be complete, or -1 when the line
+    itself has not arrived yet. With ``multi`` (the reply to a multi-key
+    get) a ``VALUE`` is returned without its ``END``, which follows only
+    after the last value.
+    """
+    eol = buf.find(b"\n", pos)
+    if eol < 0:
+        if len(buf) - pos > MAX_LINE:
+            raise BackendProtocolError(FAIL_PARSING)
+        return -1
+    if eol - pos > MAX_LINE:  # as if it had arrived in pieces
+        raise BackendProtocolError(FAIL_PARSING)
+    end = eol + 1
+    line = buf[pos:end]
+    known = _WHOLE_LINES.get(line)
+    if known is not None:
+        return Response(True, known[0], known[1], line), end
+    if eol - pos < 2 or buf[eol - 1] != 13:
+        raise BackendProtocolError(FAIL_PARSING)
+
+    if line.startswith(b"VALUE "):
+        fields = line[6:-2].split(b" ")
+        nfields = len(fields)
+        if not ((nfields == 3 or (nfields == 4 and fields[3].isdigit()))
+                and fields[0] and fields[1].isdigit() and fields[2].isdigit()):
+            raise BackendProtocolError(FAIL_PARSING)
+        size = fields[2]
+        # Nine digits are always within MAX_VALUE_LENGTH.
+        vend = end + (int(size) if len(size) <= 9 else _size(size)) + 2
+        total = vend + 5
+        have = len(buf)
+        if have < vend:
+            return vend
+        if not buf.startswith(b"\r\n", vend - 2):
+            raise BackendProtocolError(FAIL_PARSING)
+        if multi:
+            return Response(True, MCMC_CODE_OK, MCMC_RESP_GET, line,
+                            buf[end:vend]), vend
+        if have < total:
+            if not END.startswith(buf[vend:]):
+                raise BackendProtocolError(FAIL_MISSINGEND)
+            return have + 1
+        if not buf.startswith(END, vend):
+            raise BackendProtocolError(FAIL_MISSINGEND)
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_GET, line,
+                        buf[end:vend]), total
+
+    if line.startswith(b"VA "):
+        size = line[3:-2].partition(b" ")[0]
+        if not size.isdigit():
+            raise BackendProtocolError(FAIL_PARSING)
+        vend = end + _size(size) + 2
+        if len(buf) < vend:
+            return vend
+        if not buf.startswith(b"\r\n", vend - 2):
+            raise BackendProtocolError(FAIL_PARSING)
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_META, line,
+                        buf[end:vend]), vend
+
+    if 48 <= line[0] <= 57:
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_NUMERIC, line), end
+    space = line.find(b" ")
+    token = line[:space] if space >= 0 else line[:-2]
+    known = _LINES.get(token)
+    if known is not None:
+        return Response(True, known[0], known[1], line), end
+    if token == b"VERSION" and version:
+        return Response(True, MCMC_CODE_VERSION, MCMC_RESP_VERSION, line), end
+    if token == b"VERSION" or token == b"STAT":
+        raise BackendProtocolError(FAIL_UNHANDLEDRES)
+    if len(token) == 2 and token != b"VA":
+        # An unknown meta status: self-contained, passed through (mcmc).
+        return Response(True, MCMC_CODE_OK, MCMC_RESP_META, line), end
+    raise BackendProtocolError(FAIL_PARSING)
+
+
+def parse_response(buf: bytes | bytearray, pos: int = 0,
+                   version: bool = False) -> tuple[Response, int] | None:
+    """The next complete reply in ``buf`` from ``pos`` and the offset after it.
+
+    None if the reply is incomplete. ``version=True`` accepts a ``VERSION``
+    line (the reply to the backend's own validation request); otherwise
+    ``VERSION`` and ``STAT`` are unhandled replies. Raises
+    :class:`BackendProtocolError` for anything else a backend must not send.
+    A bytearray is copied from ``pos`` on each call; for streaming use
+    :class:`ResponseReader`, which neither copies nor re-scans.
+    """
+    if buf.__class__ is not bytes:
+        result = _parse(bytes(buf[pos:]), 0, version)
+        if result.__class__ is int:
+            return None
+        return result[0], result[1] + pos
+    result = _parse(buf, pos, version)
+    if result.__class__ is int:
+        return None
+    return result
+
+
+class ResponseReader:
+    """Incremental parser for one backend connection's byte stream.
+
+    ``feed`` received bytes, then call ``read`` until it returns None. While
+    a reply is incomplete the reader only collects chunks: it knows how many
+    bytes it needs (or that it needs a newline) and joins the chunks once,
+    so values of any size cost linear time.
+    """
+
+    __slots__ = ("_buf", "_pos", "_parts", "_have", "_need", "_held", "_held_next")
+
+    def __init__(self) -> None:
+        self._buf = _EMPTY
+        self._pos = 0
+        self._parts: list = []
+        self._have = 0
+        self._need = 0
+        #: the VALUE items of the multi-key reply read_raw is reading, and
+        #: the index of the key the next may answer, while its END has not
+        #: arrived
+        self._held: list[bytes] = []
+        self._held_next = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a reply."""
+        return len(self._buf) - self._pos + self._have
+
+    def feed(self, data: bytes) -> bool:
+        """Add received bytes; False while a pending reply surely is incomplete."""
+        need = self._need
+        if need:
+            parts = self._parts
+            parts.append(data)
+            have = self._have + len(data)
+            self._have = have
+            if need > 0:
+                if have < need:
+                    return False
+            elif b"\n" not in data and have <= MAX_LINE:
+                return False
+            self._buf = _EMPTY.join(parts)
+            self._parts = []
+            self._have = 0
+            self._need = 0
+        elif self._pos < len(self._buf):
+            self._buf = self._buf[self._pos:] + data
+        else:
+            self._buf = data
+        self._pos = 0
+        return True
+
+    def read(self, version: bool = False, multi: bool = False) -> Response | None:
+        """The next complete reply, or None until more bytes are fed.
+
+        ``multi``: read one item of the reply to a multi-key get (a
+        ``VALUE`` alone, or the final ``END``). Raises
+        :class:`BackendProtocolError` when the stream is garbage.
+        """
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            return None
+        result = _parse(buf, pos, version, multi)
+        if result.__class__ is int:
+            self._wait(buf, pos, result)
+            return None
+        self._pos = result[1]
+        return result[0]
+
+    def _wait(self, buf: bytes, pos: int, need: int) -> None:
+        """Keep the incomplete reply at ``buf[pos:]`` until ``need`` (as
+        ``_parse`` gives it) is met."""
+        self._parts = [memoryview(buf)[pos:] if pos else buf]
+        self._have = len(buf) - pos
+        self._need = need - pos if need > 0 else -1
+        self._buf = _EMPTY
+        self._pos = 0
+
+    def read_raw(self, count: int, parts: list[bytes], keys: list[bytes],
+                 sets: frozenset[int] | None = None, widths: dict[int, int] | None = None,
+                 first: int = 0) -> int:
+        """Read on up to ``count`` complete replies as the bytes that came,
+        appended to ``parts``; return how many were read.
+
+        For requests whose client gets exactly the backend's reply (plain
+        ``get``/``set``, see ``client_bytes``; a PlainRun): no Response is
+        made. ``first`` is the index of the next reply's request; ``keys``
+        gives each request's key (a multi-key get's keys as sent), ``sets``
+        the indexes of the sets, and every reply is checked against its
+        request (``_check_plain``). ``widths`` gives the key count of each
+        get of several keys by its index: its reply is ``VALUE`` items of
+        those keys in their order and ``END``, or for an error line that
+        line for each key and ``END``, what the client gets for keys routed
+        together (RouteEngine.route_keys). A stream that turns to garbage
+        or to another request's reply after some replies gives those first;
+        the next call raises.
+        """
+        buf = self._buf
+        start = pos = self._pos
+        if count == 1 and widths is None:
+            # One plain reply, most often: framed without the loop below.
+            end = _plain_end(buf, pos, keys[first], sets is not None and first in sets)
+            if end:
+                parts.append(buf[pos:end])
+                self._pos = end
+                return 1
+        size = len(buf)
+        framed = 0
+        result = 0
+        try:
+            while framed < count and pos < size:
+                index = first + framed
+                width = None if widths is None else widths.get(index)
+                if width is None:
+                    key = keys[index]
+                    is_set = sets is not None and index in sets
+                    end = _plain_end(buf, pos, key, is_set)
+                    if not end:
+                        result = _parse(buf, pos, False)
+                        if result.__class__ is int:
+                            break
+                        end = result[1]
+                        _check_plain(result[0], key, is_set)
+                else:
+                    wanted = keys[index].split(b" ")
+                    end = 0 if self._held else _multi_end(buf, pos, wanted)
+                    if not end:
+                        if pos > start:
+                            parts.append(buf[start:pos])
+                        start = pos
+                        end = self._read_multi(buf, pos, wanted, parts)
+                        if end is None:
+                            return framed
+                        start = end
+                pos = end
+                framed += 1
+        except BackendProtocolError:
+            if not framed:
+                raise
+            result = 0
+        if pos > start:
+            parts.append(buf[start:pos])
+        if result.__class__ is int and result:
+            self._wait(buf, pos, result)
+        else:
+            self._pos = pos
+        return framed
+
+    def drop_held(self) -> None:
+        """Forget the items held for the multi-key reply being read (its
+        client is gone); the reply is still framed and its items counted."""
+        if self._held:
+            self._held[:] = [_EMPTY]
+
+    def _read_multi(self, buf: bytes, pos: int, keys: list[bytes],
+                    parts: list[bytes]) -> int | None:
+        """Read on in the reply to a get of ``keys`` at ``buf[pos]``, after
+        the items held from earlier bytes: once complete, append what the
+        client gets to ``parts`` and return the reply's end; until then hold
+        its complete items and return None."""
+        held = self._held
+        index = self._held_next
+        item = pos
+        while True:
+            result = _parse(buf, item, False, True)
+            if result.__class__ is int:
+                if item > pos:
+                    held.append(buf[pos:item])
+                self._held_next = index
+                self._wait(buf, item, result)
+                return None
+            res, end = result
+            rtype = res.type
+            if rtype == MCMC_RESP_GET:
+                index = _next_key(keys, index, value_key(res.line))
+                item = end
+                continue
+            if rtype == MCMC_RESP_END:
+                parts += held
+                parts.append(buf[pos:end])
+            elif rtype == MCMC_RESP_ERRMSG:
+                parts.append(res.line * len(keys) + END)
+            else:
+                raise mismatched("reply of the wrong kind", b"get", res.line)
+            held.clear()
+            self._held_next = 0
+            return end
+
+    def read_values(self, items: list[tuple[bytes, bytes, int]]) -> Response | None:
+        """Read on in the reply to a multi-key get: for each complete
+        ``VALUE`` append ``(key, item, length of its line)``, ``item`` being
+        its line and data as a client receives them; return the line that
+        ends the reply (``END``, or an error line), or None until it has
+        arrived.
+
+        Plain ``VALUE`` items are parsed here in one loop, without a Response
+        each (they are the bulk of a multiget's reply); anything else goes
+        through :meth:`read`.
+        """
+        buf = self._buf
+        pos = self._pos
+        match = _VALUE_LINE.match
+        while True:
+            line = match(buf, pos)
+            if line is not None:
+                end = line.end()
+                vend = end + int(line[2]) + 2
+                if buf.startswith(b"\r\n", vend - 2):
+                    items.append((line[1], buf[pos:vend], end - pos))
+                    pos = vend
+                    continue
+            self._pos = pos
+            res = self.read(multi=True)
+            if res is None or res.type != MCMC_RESP_GET:
+                return res
+            head = res.line
+            items.append((head[6:].partition(b" ")[0], head + res.value, len(head)))
+            buf = self._buf
+            pos = self._pos
+
+
+#: The first token of each reply a command may get besides error lines.
+_REPLIES = {
+    **dict.fromkeys(STORAGE_COMMANDS, frozenset((b"STORED", b"NOT_STORED", b"EXISTS",
+                                                 b"NOT_FOUND"))),
+    CMD_DELETE: frozenset((b"DELETED", b"NOT_FOUND")),
+    CMD_TOUCH: frozenset((b"TOUCHED", b"NOT_FOUND")),
+    CMD_INCR: frozenset((b"NOT_FOUND",)),
+    CMD_DECR: frozenset((b"NOT_FOUND",)),
+    CMD_MG: frozenset((b"VA", b"HD", b"EN")),
+    CMD_MS: frozenset((b"HD", b"NS", b"EX", b"NF")),
+    CMD_MD: frozenset((b"HD", b"NF", b"EX")),
+    CMD_MA: frozenset((b"HD", b"NF", b"NS", b"EX", b"VA")),
+    CMD_ME: frozenset((b"ME", b"EN")),
+    CMD_FLUSH_ALL: frozenset((b"OK",)),
+    CMD_VERBOSITY: frozenset((b"OK",)),
+}
+
+
+def value_key(line: bytes) -> bytes:
+    """The key of a ``VALUE <key> <flags> <bytes>`` line."""
+    return line[6:line.find(b" ", 6)]
+
+
+def check_reply(req: Request, res: Response) -> None:
+    """Raise FAIL_MISMATCH unless ``res`` can answer ``req``: a ``VALUE``
+    must carry the requested key, a reply must be of a kind the command
+    gets (error lines answer anything), and a meta reply's ``O`` opaque
+    and ``k`` key flags must be the request's."""
+    rtype = res.type
+    if rtype == MCMC_RESP_ERRMSG:
+        return
+    command = req.command
+    line = res.line
+    if command in GET_COMMANDS:
+        if rtype == MCMC_RESP_GET:
+            if value_key(line) != req.key:
+                raise mismatched("VALUE of another key", req.key, line)
+        elif rtype != MCMC_RESP_END:
+            raise mismatched("reply of the wrong kind", req.line, line)
+        return
+    replies = _REPLIES.get(command)
+    if replies is None:
+        return
+    if rtype == MCMC_RESP_NUMERIC:
+        if command != CMD_INCR and command != CMD_DECR:
+            raise mismatched("reply of the wrong kind", req.line, line)
+        return
+    space = line.find(b" ")
+    if (line[:space] if space >= 0 else line[:-2]) not in replies:
+        raise mismatched("reply of the wrong kind", req.line, line)
+    if space < 0:
+        return
+    if command == CMD_ME:
+        if line[:3] == b"ME " and line[3:].partition(b" ")[0] != req.key:
+            raise mismatched("debug line of another key", req.key, line)
+    elif command in META_COMMANDS:
+        _check_meta_flags(req, line)
+
+
+def _check_meta_flags(req: Request, line: bytes) -> None:
+    """A meta reply carries its request's opaque (``O``) and, with the
+    ``k`` flag, its key: any other is another request's reply."""
+    first_flag = 3 if req.command == CMD_MS else 2
+    opaque = key = None
+    binary = False
+    for flag in req.tokens[first_flag:]:
+        if flag[:1] == b"O":
+            opaque = flag
+        elif flag[:1] == b"k":  # memcached reads a flag by its first byte
+            key = b"k" + req.key
+        elif flag[:1] == b"b":
+            # memcached gives a base64 key back encoded or not, as it was stored.
+            binary = True
+    for token in line[:-2].split(b" ")[1:]:
+        if token[:1] == b"O" and token != opaque:
+            raise mismatched("opaque of another request", req.line, line)
+        if token[:1] == b"k" and token != key and not binary:
+            raise mismatched("key of another request", req.line, line)
+
+
+def client_bytes(res: Response, req: Request) -> bytes:
+    """What the client receives for ``res`` answering ``req``.
+
+    A failure is always sent, also for noreply and meta quiet requests: its
+    line (``SERVER_ERROR backend failure``, or a broadcast's count). A
+    ``VALUE`` hit gets the proxy's own ``END``, a miss is ``END`` alone; both
+    lose the ``END`` inside a split multiget. noreply suppresses every
+    backend reply; meta quiet suppresses ``EN`` and ``HD``.
+    """
+    if not res.ok:
+        return res.line
+    if req.noreply:
+        return _EMPTY
+    rtype = res.type
+    if rtype == MCMC_RESP_GET:
+        if req.multiget:
+            return res.line + res.value
+        return _EMPTY.join((res.line, res.value, END))
+    if rtype == MCMC_RESP_END:
+        return _EMPTY if req.multiget else END
+    if req.quiet and rtype == MCMC_RESP_META and (
+            res.code == MCMC_CODE_END or res.line[:2] == b"HD"):
+        return _EMPTY
+    value = res.value
+    return res.line if value is None else res.line + value

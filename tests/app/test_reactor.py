@@ -1,0 +1,105 @@
+"""mcproxy.app.reactor: the epoll reactor without a log context per event."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.testing import MemoryReactor
+
+from mcproxy.app import reactor as mcreactor
+from tests.servers import Proxy
+
+
+def test_adopt_switches_only_twisteds_epoll_reactor():
+    epoll = EPollReactor()
+    assert mcreactor.adopt(epoll) and type(epoll) is mcreactor.ProxyReactor
+    assert not mcreactor.adopt(epoll)  # already switched
+    for other in (SelectReactor(), MemoryReactor()):
+        assert not mcreactor.adopt(other) and type(other) is not mcreactor.ProxyReactor
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"boom":
+            raise RuntimeError("a bug in a protocol")
+        self.transport.write(data)
+
+
+class Client(Protocol):
+    def connectionMade(self) -> None:
+        self.got = b""
+        self.transport.write(b"ping")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+        if self.got == b"ping":
+            self.transport.write(b"boom")
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.results.append((self.got, reason.type.__name__))
+        self.factory.reactor.stop()
+
+
+def test_proxy_reactor_serves_connections_and_closes_on_errors():
+    """Reads, writes, a protocol's exception (logged, connection closed)
+    and the peer seeing the close, on a ProxyReactor of its own."""
+    reactor = mcreactor.ProxyReactor()
+    errors = []
+    server = Factory.forProtocol(Echo)
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    client = ClientFactory.forProtocol(Client)
+    client.results, client.reactor = [], reactor
+    reactor.connectTCP("127.0.0.1", port.getHost().port, client)
+    reactor.callLater(10, reactor.stop)
+    from twisted.python import log
+
+    log.addObserver(errors.append)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        log.removeObserver(errors.append)
+    assert client.results == [(b"ping", "ConnectionDone")]
+    assert any("a bug in a protocol" in str(e.get("failure", "")) for e in errors)
+
+
+@pytest.mark.e2e
+def test_twistd_mcproxy_runs_on_it():
+    proxy = Proxy(None).start()
+    try:
+        assert proxy.call(b"version\r\n", b"\r\n").startswith(b"VERSION ")
+        assert "reactor class: mcproxy.app.reactor.ProxyReactor." in proxy.log()
+    finally:
+        proxy.stop()
+
+
+def test_call_after_events_runs_once_the_polls_events_are_handled():
+    reactor = mcreactor.ProxyReactor()
+    order = []
+
+    class Reader(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            order.append(("read", data))
+            reactor.call_after_events(lambda: order.append(("after", data)))
+
+        def connectionLost(self, reason=None) -> None:
+            reactor.stop()
+
+    class Writer(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(b"x")
+            reactor.callLater(0.2, self.transport.loseConnection)
+
+    server = Factory.forProtocol(Reader)
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(Writer))
+
+    def outside() -> None:  # not in an event handler: on the next iteration
+        reactor.call_after_events(lambda: order.append(("later", None)))
+        order.append(("timer", None))
+
+    reactor.callLater(0.1, outside)
+    reactor.callLater(10, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    assert order == [("read", b"x"), ("after", b"x"), ("timer", None), ("later", None)]
