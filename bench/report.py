@@ -186,7 +186,8 @@ def _ratio_lines(report: dict, wl: dict, width: int) -> list[str]:
     if not peers or not systems:
         return []
     group = 4 * 7
-    lines = ["  " + f"{'ratios':<{width}}" + "".join(f"  {'/ ' + p:<{group}}" for p in peers),
+    lines = ["  " + f"{'ratios':<{width}}" + "".join(f"  {'/ ' + p:<{group}}"
+                                                     for p in peers).rstrip(),
              "  " + " " * width + "".join(
                  "  " + "".join(f"{f:>7}" for f in ("req/s", "p50", "p99", "cpu"))
                  for _ in peers)]

@@ -66,6 +66,8 @@ SAMPLE_GRACE = 15.0
 #: Failed samples after which a system is out of the run, even if it
 #: still answers: each one may cost a whole time-out.
 MAX_FAILED_SAMPLES = 2
+#: Seconds a system has to forward again after a failed sample.
+RECHECK_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,7 @@ def run_rounds(systems: list[System], cluster: Cluster, loadgen: Path,
                     if failures[system.name] >= MAX_FAILED_SAMPLES:
                         system.error = f"{where}: {failures[system.name]} failed samples: {e}"
                     else:
-                        cluster.recheck(system)
+                        cluster.recheck(system, RECHECK_TIMEOUT)
                     if system.error:
                         log(f"  {system.name} is out of the run: {system.error}")
                     continue

@@ -429,7 +429,7 @@ class Cluster:
             return System(name, port, error=f"could not start: {e}", workers=workers)
         return self._wait_ready(System(name, port, process, workers=workers), timeout=timeout)
 
-    def recheck(self, system: System, timeout: float = 10) -> None:
+    def recheck(self, system: System, timeout: float) -> None:
         """After a failed sample: mark ``system`` out unless it still runs
         and forwards within ``timeout``."""
         checked = self._wait_ready(System(system.name, system.port, system.process,
