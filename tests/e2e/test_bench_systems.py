@@ -9,6 +9,7 @@ a system that stops answering fails its sample in bounded time.
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 import sys
 import time
@@ -60,6 +61,7 @@ def test_memcached_proxy_without_its_binary_is_skipped(cluster, tmp_path):
     assert len(cluster.processes) == started
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to build bench/loadgen.c")
 def test_a_stuck_system_fails_its_sample_in_bounded_time(cluster):
     """A port that accepts connections and never answers: the sample fails
     once the load generator's drain time is over, and the recheck marks the
