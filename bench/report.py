@@ -181,7 +181,7 @@ def _failure(report: dict, wl: dict, system: str) -> str:
 
 def _ratio_lines(report: dict, wl: dict, width: int) -> list[str]:
     """Each mcproxy system's ratios to each peer (median of the rounds')."""
-    peers = [p for p in PEERS if p in report["systems"]]
+    peers = _in_run(report, PEERS)
     systems = [s for s in _in_run(report, MCPROXIES) if s in wl["ratios"]]
     if not peers or not systems:
         return []
