@@ -1,11 +1,13 @@
-"""Benchmark mcproxy against nutcracker and memcached itself: ``python bench/run.py``.
+"""Benchmark mcproxy against nutcracker, memcached's proxy and memcached itself.
 
-Starts one memcached, nutcracker in front of it and mcproxy in front of it
-(bench/route.lua), once as one process and once with ``--workers=2``
-(``mcproxy-2w``), all on loopback, and runs the same load from
-bench/loadgen.c against each, alternating the systems within every round.
-Prints a table, writes bench/results/results.json and chart.png. See
-bench/README.md for what the figures mean.
+``python bench/run.py`` starts one memcached and in front of it nutcracker,
+memcached 1.6.45's own proxy (when its binary is there) and mcproxy: on the
+direct route of bench/route.lua once as one process and once with
+``--workers=2`` (``mcproxy-2w``), on a Lua route (``mcproxy-lua``) and on a
+route-library route (``mcproxy-lib``); all on loopback. It runs the same
+load from bench/loadgen.c against each, rotating the systems' order every
+round, prints a table, writes bench/results/results.json, table.rst and
+chart.png. See bench/README.md for what the figures mean.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import memory
 import report
 from systems import (
     BENCH_DIR,
+    MEMCACHED_PROXY,
     REPO_DIR,
     Cluster,
+    SampleFailed,
     System,
     SystemUnavailable,
     cpu_seconds,
@@ -56,6 +60,14 @@ VENV = BENCH_DIR / "build" / "venv"
 STARTED = time.monotonic()
 DRAIN_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 5.0
+#: Seconds a load-generator run may take beyond warm-up, measuring, drain
+#: and connecting before it is killed and its sample counted as failed.
+SAMPLE_GRACE = 15.0
+#: Failed samples after which a system is out of the run, even if it
+#: still answers: each one may cost a whole time-out.
+MAX_FAILED_SAMPLES = 2
+#: Seconds a system has to forward again after a failed sample.
+RECHECK_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memcached-threads", type=int, default=1,
                    help="memcached worker threads (default 1)")
     p.add_argument("--mcproxy-start-timeout", type=float, default=20)
+    p.add_argument("--memcached-proxy", type=Path, default=MEMCACHED_PROXY,
+                   help="memcached's proxy binary (built with --enable-proxy; default "
+                        f"{MEMCACHED_PROXY}); missing, the run goes on without it")
     p.add_argument("--no-install", action="store_true",
                    help="never apt-get/pip install; fail if something is missing")
     p.add_argument("--output", type=Path, default=BENCH_DIR / "results")
@@ -196,7 +211,7 @@ def build_loadgen() -> Path:
     return binary
 
 
-def describe_machine(python: str) -> dict:
+def describe_machine(python: str, memcached_proxy: Path) -> dict:
     def first_line(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
@@ -211,6 +226,7 @@ def describe_machine(python: str) -> dict:
         "python": first_line([python, "-c", "import sys; print(sys.executable, sys.version)"]),
         "memcached": first_line(["memcached", "-V"]),
         "nutcracker": first_line(["nutcracker", "-V"]),
+        "memcached_proxy": first_line([str(memcached_proxy), "-V"]),
         "mcproxy_commit": first_line(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"]),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
@@ -225,9 +241,9 @@ def run_loadgen(loadgen: Path, port: int, extra: list[str], timeout: float) -> d
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise SystemUnavailable("the load generator did not finish in time") from None
+        raise SampleFailed(f"the load generator did not finish in {timeout:.0f} s") from None
     if out.returncode == 2:
-        raise SystemUnavailable(json.loads(out.stdout)["error"])
+        raise SampleFailed(json.loads(out.stdout)["error"])
     if out.returncode:
         raise RuntimeError(f"loadgen failed: {out.stderr.strip()}")
     return json.loads(out.stdout)
@@ -258,7 +274,7 @@ def measure(system: System, workload: Workload, memcached: System, loadgen: Path
     extra = [*workload.loadgen_args(), "--keys", str(args.keys),
              "--duration", str(args.duration), "--warmup", str(args.warmup),
              "--seed", str(round_no)]
-    timeout = args.warmup + args.duration + DRAIN_TIMEOUT + CONNECT_TIMEOUT + 15
+    timeout = args.warmup + args.duration + DRAIN_TIMEOUT + CONNECT_TIMEOUT + SAMPLE_GRACE
     workers = system.worker_pids() if system.workers > 1 else set()
     sample = run_loadgen(loadgen, system.port, extra, timeout)
     time.sleep(0.1)  # the proxy's work on the closing connections belongs to this run
@@ -277,7 +293,7 @@ def measure(system: System, workload: Workload, memcached: System, loadgen: Path
     wall = time.monotonic() - start["wall"]
     requests = sample["total_requests"]
     if not requests:
-        raise SystemUnavailable("no request was answered")
+        raise SampleFailed("no request was answered")
     sample["round"] = round_no
     sample["proxy_cpu_us"] = used["proxy"] * 1e6 / requests if proxy else None
     # How much of it ran the proxy's own code (user) rather than the kernel's.
@@ -288,10 +304,18 @@ def measure(system: System, workload: Workload, memcached: System, loadgen: Path
     return sample
 
 
-def run_rounds(systems: list[System], memcached: System, loadgen: Path,
+def run_rounds(systems: list[System], cluster: Cluster, loadgen: Path,
                args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
-    """Every workload on every system, rotating the system order each round."""
+    """Every workload on every system, rotating the system order each round.
+
+    A sample that fails (see SampleFailed) is kept as ``{"round", "failed"}``
+    and its system checked again: it stays in the run if it still forwards,
+    up to MAX_FAILED_SAMPLES failures. A system that exits or stops
+    forwarding is out of the rest of the run.
+    """
+    memcached = cluster.memcached
     samples = {w.name: {s.name: [] for s in systems} for w in args.workloads}
+    failures = dict.fromkeys((s.name for s in systems), 0)
     for round_no in range(1, args.rounds + 1):
         shift = (round_no - 1) % len(systems)
         order = systems[shift:] + systems[:shift]
@@ -299,15 +323,29 @@ def run_rounds(systems: list[System], memcached: System, loadgen: Path,
             for system in order:
                 if not system.available:
                     continue
+                where = f"({workload.name}) round {round_no}"
                 try:
                     sample = measure(system, workload, memcached, loadgen, args, round_no)
+                except SampleFailed as e:
+                    samples[workload.name][system.name].append(
+                        {"round": round_no, "failed": str(e)})
+                    failures[system.name] += 1
+                    log(f"  round {round_no}/{args.rounds} ({workload.name}) {system.name}: "
+                        f"sample FAILED: {e}")
+                    if failures[system.name] >= MAX_FAILED_SAMPLES:
+                        system.error = f"{where}: {failures[system.name]} failed samples: {e}"
+                    else:
+                        cluster.recheck(system, RECHECK_TIMEOUT)
+                    if system.error:
+                        log(f"  {system.name} is out of the run: {system.error}")
+                    continue
                 except SystemUnavailable as e:
-                    system.error = f"({workload.name}) round {round_no}: {e}"
+                    system.error = f"{where}: {e}"
                     log(f"  {system.name} is out of the run: {system.error}")
                     continue
                 samples[workload.name][system.name].append(sample)
                 cpu = sample["proxy_cpu_us"]
-                log(f"  round {round_no}/{args.rounds} ({workload.name}) {system.name:<11}"
+                log(f"  round {round_no}/{args.rounds} ({workload.name}) {system.name:<16}"
                     f"{sample['throughput']:>10,.0f} req/s  "
                     f"p50 {sample['latency_us']['p50']:>8.1f} us  "
                     f"p99 {sample['latency_us']['p99']:>8.1f} us  "
@@ -387,24 +425,25 @@ def main(argv: list[str] | None = None) -> int:
             memcached = cluster.start_memcached()
             populate(loadgen, memcached, args.keys)
             starters = {"direct": cluster.direct, "nutcracker": cluster.start_nutcracker,
-                        "mcproxy": lambda: cluster.start_mcproxy(args.mcproxy_start_timeout),
-                        "mcproxy-2w": lambda: cluster.start_mcproxy(
-                            args.mcproxy_start_timeout, workers=2)}
-            systems = [starters[name]() for name in args.systems]
+                        "memcached-proxy": lambda: cluster.start_memcached_proxy(
+                            args.memcached_proxy, max_conns=args.idle_conns + 1024)}
+            systems = [starters[name]() if name in starters
+                       else cluster.start_mcproxy(name, args.mcproxy_start_timeout)
+                       for name in args.systems]
             for system in systems:
                 workers = (f", supervisor pid {system.pid}, worker pids "
                            f"{sorted(system.worker_pids())}"
                            if system.workers > 1 and system.available else "")
                 log(f"{system.name}: " + (f"port {system.port}{workers}" if system.available
                                           else f"MISSING: {system.error}"))
-            samples = run_rounds(systems, memcached, loadgen, args)
+            samples = run_rounds(systems, cluster, loadgen, args)
             proxies = [s for s in systems if s.name != "direct"]
             mem = {} if args.no_memory else measure_memory(proxies, memcached, args)
     finally:
         signal.alarm(0)
 
     result = {
-        "machine": describe_machine(python),
+        "machine": describe_machine(python, args.memcached_proxy),
         "settings": {
             "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
             "keys": args.keys, "memcached_threads": args.memcached_threads,
@@ -423,11 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     result["workers"] = report.workers_summary(result["workloads"])
     print(report.format_table(result))
     report.write_json(result, args.output / "results.json")
+    (args.output / "table.rst").write_text(report.format_rst(result))
     chart = args.output / "chart.png"
+    wrote = f"{args.output / 'results.json'}, {args.output / 'table.rst'}"
     if report.write_chart(result, chart):
-        log(f"wrote {args.output / 'results.json'} and {chart}")
+        log(f"wrote {wrote} and {chart}")
     else:
-        log(f"wrote {args.output / 'results.json'} (no matplotlib: no chart)")
+        log(f"wrote {wrote} (no matplotlib: no chart)")
     return 0
 
 

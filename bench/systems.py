@@ -1,10 +1,12 @@
 """The systems under test and what /proc says about them.
 
-One memcached; nutcracker and mcproxy in front of it, mcproxy once as one
-process and once with ``--workers=2`` (a supervisor and two worker processes
-it spawns; they stay in its session and process tree, so the CPU, RSS and
-descriptor sums over the tree cover them). Every process is started in its
-own session and stopped by :class:`Cluster` on exit, also on Ctrl-C and
+One memcached; in front of it nutcracker, memcached's own proxy (when its
+binary is there) and mcproxy: on the direct route of bench/route.lua, once
+as one process and once with ``--workers=2`` (a supervisor and two worker
+processes it spawns; they stay in its session and process tree, so the CPU,
+RSS and descriptor sums over the tree cover them), and as one process on a
+Lua route and on a route-library route. Every process is started in its own
+session and stopped by :class:`Cluster` on exit, also on Ctrl-C and
 exceptions.
 """
 
@@ -25,10 +27,28 @@ HOST = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
+#: memcached's own proxy, 1.6.45 (built with --enable-proxy; Debian has no
+#: package of it): the peer a user of Lua routing would pick instead.
+MEMCACHED_PROXY = REPO_DIR.parent / "shared" / "anchors" / "memcached-proxy-1.6.45"
+#: mcproxy's systems: name -> (route config in bench/, --workers).
+MCPROXY_SYSTEMS = {
+    "mcproxy": ("route.lua", 1),
+    "mcproxy-lua": ("route_lua.lua", 1),
+    "mcproxy-lib": ("route_library.lua", 1),
+    "mcproxy-2w": ("route.lua", 2),
+}
 
 
 class SystemUnavailable(Exception):
     """A system did not start or stopped answering correctly."""
+
+
+class SampleFailed(SystemUnavailable):
+    """One load-generator run against a system failed or went over its time.
+
+    The system may still answer: the harness checks it again before giving
+    it the next sample.
+    """
 
 
 @dataclass
@@ -369,15 +389,37 @@ class Cluster:
         system = System("nutcracker", port, self._spawn("nutcracker", argv))
         return self._wait_ready(system, timeout=10)
 
-    def start_mcproxy(self, timeout: float = 20, workers: int = 1) -> System:
-        """mcproxy on bench/route.lua; with ``workers`` above 1, ``--workers``
-        and the system is named ``mcproxy-<N>w``."""
+    def start_memcached_proxy(self, binary: Path = MEMCACHED_PROXY,
+                              max_conns: int = 4096) -> System:
+        """memcached's own proxy on bench/mcp_routelib.lua, one worker thread
+        (``-t 1``) as mcproxy is one process; ``max_conns`` (``-c``) must
+        cover the RSS test's idle connections. Missing if ``binary`` is."""
         assert self.memcached is not None
-        name = "mcproxy" if workers == 1 else f"mcproxy-{workers}w"
+        name = "memcached-proxy"
+        if not os.access(binary, os.X_OK):
+            return System(name, error=f"skipped: no executable {binary}")
+        port = free_port()
+        argv = [str(binary), "-l", HOST, "-p", str(port), "-U", "0", "-t", "1",
+                "-m", "64", "-c", str(max_conns),
+                "-o", f"proxy_config=routelib,proxy_arg={BENCH_DIR / 'mcp_routelib.lua'}"]
+        if os.geteuid() == 0:
+            argv += ["-u", "root"]
+        env = dict(os.environ, MCPROXY_BENCH_BACKEND_PORT=str(self.memcached.port))
+        try:
+            process = self._spawn(name, argv, env=env)
+        except OSError as e:
+            return System(name, port, error=f"could not start: {e}")
+        return self._wait_ready(System(name, port, process), timeout=10)
+
+    def start_mcproxy(self, name: str = "mcproxy", timeout: float = 20) -> System:
+        """One of MCPROXY_SYSTEMS: mcproxy on its route config, with
+        ``--workers`` when it has more than one."""
+        assert self.memcached is not None
+        route, workers = MCPROXY_SYSTEMS[name]
         port = free_port()
         env = dict(os.environ, MCPROXY_BENCH_BACKEND_PORT=str(self.memcached.port))
         argv = [self.python, "-m", "twisted", "--log-level=warn", "--log-format=text",
-                "mcproxy", f"--config={BENCH_DIR / 'route.lua'}",
+                "mcproxy", f"--config={BENCH_DIR / route}",
                 f"--listen=tcp:{port}:interface={HOST}"]
         if workers > 1:
             argv.append(f"--workers={workers}")
@@ -386,6 +428,14 @@ class Cluster:
         except OSError as e:
             return System(name, port, error=f"could not start: {e}", workers=workers)
         return self._wait_ready(System(name, port, process, workers=workers), timeout=timeout)
+
+    def recheck(self, system: System, timeout: float) -> None:
+        """After a failed sample: mark ``system`` out unless it still runs
+        and forwards within ``timeout``."""
+        checked = self._wait_ready(System(system.name, system.port, system.process,
+                                          workers=system.workers), timeout)
+        if checked.error:
+            system.error = f"after a failed sample: {checked.error}"
 
     def stop_all(self) -> None:
         """SIGCONT (memcached may be stopped), SIGTERM, then SIGKILL stragglers."""
