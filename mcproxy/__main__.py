@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "worker":
         ignore_hup()
-        from mcproxy.app.workers import run_worker
+        from mcproxy.app.worker import run_worker
 
         options = args.options[1:] if args.options[:1] == ["--"] else args.options
         return run_worker(args.worker_id, args.fd, options)

@@ -40,15 +40,6 @@ LAYERS = {
 #: Pure code: no Twisted, no sockets; tested with bytes in and bytes out.
 PURE = ("mcproxy.wire", "mcproxy.units", "mcproxy.counters", "mcproxy.cache")
 
-#: Imports that break the layers today, each to be removed (issue #18).
-KNOWN = {
-    ("mcproxy.ops.web", "mcproxy.app.service"),
-    ("mcproxy.ops.webworkers", "mcproxy.app.workers"),
-    ("mcproxy.server.protocol", "mcproxy.app.service"),
-    ("mcproxy.app.service", "mcproxy.app.workers"),
-    ("mcproxy.app.workers", "mcproxy.app.tap"),
-}
-
 
 def _name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -104,15 +95,9 @@ def test_imports_run_downward():
         unit, rank = _layer(name)
         for target in targets:
             target_unit, target_rank = _layer(target)
-            if target_unit != unit and target_rank >= rank and (name, target) not in KNOWN:
+            if target_unit != unit and target_rank >= rank:
                 wrong.add((name, target))
     assert not wrong, sorted(wrong)
-
-
-def test_known_exceptions_still_exist():
-    """Each entry of KNOWN is an import that is still there."""
-    _, graph = _graph()
-    assert all(target in graph[name] for name, target in KNOWN), KNOWN
 
 
 def test_no_import_cycle():
@@ -123,8 +108,6 @@ def test_no_import_cycle():
     def visit(name: str, path: list[str]) -> None:
         state[name] = 1
         for target in sorted(graph.get(name, ())):
-            if (name, target) in KNOWN:
-                continue
             if state.get(target) == 1:
                 cycles.append(path[path.index(target):] + [target] if target in path
                               else path + [target])

@@ -17,7 +17,8 @@ write batches (mcproxy.writes) run once the events of a poll are
 handled without a DelayedCall each.
 
 ``twistd mcproxy`` switches the running epoll reactor to
-:class:`ProxyReactor` (:func:`adopt`); an application that embeds
+:class:`ProxyReactor` (:func:`adopt`) when its ProxyProcess starts
+(mcproxy.app.process); an application that embeds
 ProxyService keeps its reactor unless it calls :func:`install` or
 :func:`adopt` itself.
 """

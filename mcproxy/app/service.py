@@ -2,13 +2,14 @@
 
 It owns the listening endpoints, the route engine, the backends, the
 embedded cache and the counters, and reloads the route config on SIGHUP.
-Build it with :func:`mcproxy.makeService` (as twistd does) or directly, and
-add it to any Twisted application.
+It is the core its client connections talk to (IProxyCore): it routes
+through its engine and answers ``version``, ``stats`` and the embedded
+cache's commands. Build it directly, and add it to any Twisted application;
+building it changes nothing in the process (mcproxy.app.process).
 """
 
 from __future__ import annotations
 
-import gc
 import signal
 import time
 from collections import deque
@@ -18,28 +19,33 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from mcproxy import _version
 from mcproxy.app.listen import DEFAULT_BACKLOG, with_backlog
 from mcproxy.backends.pool import BackendRegistry
 from mcproxy.ops.stats import (
+    VERSION,
+    Pairs,
     ProxyStats,
+    Snapshot,
     backend_stats,
     dump_reply,
     format_stats,
     general_stats,
     proxy_stats,
+    snapshot,
+    workers_stats,
 )
 from mcproxy.ops.watch import WatchRegistry
 from mcproxy.routing.engine import ConfigError, RouteEngine
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
+from mcproxy.server.interfaces import IProxyCore
 from mcproxy.server.protocol import CLIENT_OUTPUT_LIMIT, ProxyServerFactory
 from mcproxy.wire import errors
+from mcproxy.wire.request import CMD_STATS, CMD_VERSION, Request
 
-#: What ``version`` answers: the memcached release whose proxy we follow,
-#: so that clients that check for meta-protocol support are satisfied.
-VERSION = f"1.6.15-mcproxy-{_version.__version__}"
+__all__ = ["VERSION", "ProxyService", "ReloadRecord"]
 
 # Log events of a reload, one per outcome.
 LOG_RELOADED = "reloaded route config {path} (backends in use: {backends}, open: {total})"
@@ -47,22 +53,6 @@ LOG_RELOAD_FAILED = "reload of {path} failed, old routes kept: {error}"
 
 #: Reloads remembered for the status page.
 RELOAD_HISTORY = 10
-
-#: Python's cyclic garbage collector runs when this many more container
-#: objects have been created than freed (CPython's default is 700). Under
-#: load the requests in flight are thousands of young objects, so at 700 it
-#: runs every few hundred requests and walks them all: about 5% of the CPU
-#: in the benchmark. Requests make no reference cycles; the few an error
-#: path makes are only collected a little later.
-GC_THRESHOLD = 10_000
-
-
-def raise_gc_threshold() -> None:
-    """Run the cyclic collector less often (see GC_THRESHOLD). A setting of
-    the whole process: ``twistd mcproxy`` calls it, an application that
-    embeds ProxyService decides for itself."""
-    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
-
 
 class ReloadRecord(NamedTuple):
     """One load of the config: when (unix time), whether it took, the error."""
@@ -72,6 +62,7 @@ class ReloadRecord(NamedTuple):
     error: str = ""
 
 
+@implementer(IProxyCore)
 class ProxyService(MultiService):
     """A memcached proxy routed by a Lua config.
 
@@ -92,23 +83,23 @@ class ProxyService(MultiService):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
-        self.reactor = reactor
+        self.reactor = self.clock = reactor
         self.config = config
         self.stats = ProxyStats()
         self.tunables = Tunables()
         self.user_stats = UserStats()
         self.registry = BackendRegistry(self.stats, reactor=reactor)
-        self.engine = RouteEngine(self.stats, self.registry, self.tunables,
-                                  self.user_stats, store=store)
+        self.engine = self.router = RouteEngine(self.stats, self.registry, self.tunables,
+                                                self.user_stats, store=store)
         self.store = store
         self.version_line = f"VERSION {VERSION}\r\n".encode()
         self.factory = ProxyServerFactory(self, max_connections, idle_timeout, output_limit)
         self.watchers = WatchRegistry(reactor)
         #: under --workers: this worker's slot (shown by ``stats``), and the
         #: other workers' last ``stats`` figures by slot, with the restart
-        #: count, as the supervisor sends them (see mcproxy.app.workers)
+        #: count, as the supervisor sends them (see mcproxy.app.worker)
         self.worker_id: int | None = None
-        self.worker_table: dict[str, list] = {}
+        self.worker_table: dict[int, Pairs] = {}
         self.worker_restarts = 0
         for description in listen:
             strports.service(with_backlog(description, backlog),
@@ -116,7 +107,7 @@ class ProxyService(MultiService):
         if metrics:
             from mcproxy.ops.web import metrics_service  # needs prometheus_client
             for description in metrics:
-                metrics_service(self, description).setServiceParent(self)
+                metrics_service(self.snapshot, description).setServiceParent(self)
         #: when the active config was loaded (unix time), and the last loads
         self.config_loaded: float | None = None
         self.reloads: deque[ReloadRecord] = deque(maxlen=RELOAD_HISTORY)
@@ -217,20 +208,38 @@ class ProxyService(MultiService):
 
     # -- local replies ---------------------------------------------------------
 
+    def answer(self, req: Request) -> bytes:
+        """IProxyCore: ``version``, ``stats``, else the embedded cache's
+        reply (empty for noreply), or the no-route error without a cache."""
+        cmd = req.command
+        if cmd == CMD_VERSION:
+            return self.version_line
+        if cmd == CMD_STATS:
+            return self.stats_reply(req.tokens[1:])
+        if self.store is not None:
+            return self.store.execute(req)
+        return errors.NO_ROUTE
+
+    def general_stats(self) -> Pairs:
+        """The figures of ``stats``, now."""
+        store_stats = self.store.stats() if self.store is not None else {}
+        return general_stats(self.stats, store_stats, self.factory.rejected, self.worker_id)
+
+    def snapshot(self) -> Snapshot:
+        """Everything this proxy reports, now (for the metrics, the status
+        page and, under --workers, the supervisor)."""
+        return snapshot(self.stats, self.general_stats(), self.user_stats.lines(),
+                        self.registry.live, self.engine.routes, self.config,
+                        self.config_loaded, self.reloads)
+
     def stats_reply(self, args: list[bytes]) -> bytes:
         """The reply to ``stats [args]``."""
         if not args:
-            store_stats = self.store.stats() if self.store is not None else {}
-            pairs = general_stats(self.stats, VERSION, store_stats)
-            at = next(i for i, (name, _) in enumerate(pairs) if name == "total_connections")
-            pairs.insert(at + 1, ("rejected_connections", self.factory.rejected))
-            if self.worker_id is not None:
-                pairs.insert(1, ("worker_id", self.worker_id))
-            return format_stats(pairs)
+            return format_stats(self.general_stats())
         if args == [b"workers"]:
-            from mcproxy.app.workers import workers_stats
-
-            return format_stats(workers_stats(self))
+            own = self.worker_id if self.worker_id is not None else 0
+            return format_stats(workers_stats(own, self.general_stats(), self.worker_table,
+                                              self.worker_restarts))
         if args == [b"proxy"]:
             return format_stats(proxy_stats(self.stats, self.user_stats.lines()))
         if args == [b"proxybe"]:

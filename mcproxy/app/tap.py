@@ -12,8 +12,8 @@ from twisted.python import usage
 from mcproxy._version import __version__
 from mcproxy.app.check import check_config
 from mcproxy.app.listen import DEFAULT_BACKLOG, somaxconn
-from mcproxy.app.reactor import adopt
-from mcproxy.app.service import ProxyService, raise_gc_threshold
+from mcproxy.app.process import ProxyProcess
+from mcproxy.app.service import ProxyService
 from mcproxy.app.workers import WorkerSupervisor, is_tcp_endpoint, worker_arguments
 from mcproxy.cache.store import Store
 from mcproxy.routing.engine import ConfigError
@@ -133,12 +133,14 @@ class Options(usage.Options):
                         f"not {endpoint!r}")
 
 
-def makeService(options: Options) -> ProxyService | WorkerSupervisor:
-    """Build the service; a config that fails to load stops twistd.
+def makeService(options: Options) -> ProxyProcess:
+    """Build the service twistd runs; a config that fails to load stops twistd.
 
-    With ``--workers`` above 1, a supervisor of that many worker processes
-    (mcproxy.app.workers), serving their metrics if asked to, once the config
-    has loaded in a scratch state.
+    A ProxyProcess around a ProxyService, or with ``--workers`` above 1
+    around a supervisor of that many worker processes (mcproxy.app.workers),
+    serving their metrics if asked to, once the config has loaded in a
+    scratch state. Building it changes nothing in the process; starting it
+    does (mcproxy.app.process).
     """
     config = options["config"]
     cap = somaxconn()
@@ -148,9 +150,10 @@ def makeService(options: Options) -> ProxyService | WorkerSupervisor:
         error = check_config(os.path.abspath(config)) if config else None
         if error is not None:
             raise SystemExit(f"mcproxy: {error}")
-        return WorkerSupervisor(options["workers"], options["listen"],
-                                worker_arguments(options), metrics=options["metrics"],
-                                backlog=options["backlog"])
+        return ProxyProcess(WorkerSupervisor(options["workers"], options["listen"],
+                                             worker_arguments(options),
+                                             metrics=options["metrics"],
+                                             backlog=options["backlog"]))
     store = Store(memory_limit=options["memory"] * 2**20)
     service = ProxyService(os.path.abspath(config) if config else None,
                            options["listen"], store=store, metrics=options["metrics"],
@@ -162,8 +165,4 @@ def makeService(options: Options) -> ProxyService | WorkerSupervisor:
         service.load_config()
     except ConfigError as e:
         raise SystemExit(f"mcproxy: {e}") from None
-    raise_gc_threshold()
-    from twisted.internet import reactor
-
-    adopt(reactor)
-    return service
+    return ProxyProcess(service)

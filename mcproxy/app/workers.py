@@ -1,4 +1,4 @@
-"""``--workers=N``: a supervisor process and N worker processes.
+"""``--workers=N``: the supervisor of N worker processes (a worker: mcproxy.app.worker).
 
 With ``--workers`` above 1 the twistd process does not proxy anything
 itself. It checks the config, binds every ``--listen`` endpoint (in
@@ -20,9 +20,10 @@ factory in TLS for an ``ssl:`` endpoint).
 
 Control. A worker's stdin and stdout are its control pipe: JSON lines. Once
 it serves (its SIGHUP handler installed) a worker reports ``{"ready": true}``.
-Every ``STATS_INTERVAL`` it sends its ``stats`` figures up; the supervisor
-sends every worker the table of all workers' latest figures, from which
-``stats workers`` is answered on the client port. Its stderr carries its
+Every ``STATS_INTERVAL`` it sends its ``stats`` figures up, as data
+(``{"stats": [[name, value], ...]}``); the supervisor sends every worker the
+table of all workers' latest figures, from which ``stats workers`` is added
+up on the client port (mcproxy.ops.stats.workers_stats). Its stderr carries its
 log events as JSON lines, which the supervisor logs again with
 ``log_system`` set to ``worker-<slot>`` (anything else a worker writes
 there, such as a traceback, is logged as text). A worker whose stdin closes
@@ -30,10 +31,10 @@ there, such as a traceback, is logged as text). A worker whose stdin closes
 
 Metrics. With ``--metrics`` the supervisor serves the endpoint
 (mcproxy.ops.webworkers). For each request it asks every running worker
-(``{"ask": "metrics" or "status", "id": n}``) and waits up to
-``ASK_TIMEOUT`` for the answers (``{"answer": n, "body": ...}``): the
-worker's Prometheus exposition, or its status page body, rendered in its
-reactor thread as a single process renders them.
+(``{"ask": "snapshot", "id": n}``) and waits up to ``ASK_TIMEOUT`` for the
+answers (``{"answer": n, "body": ...}``): the worker's snapshot
+(mcproxy.ops.stats.Snapshot) as data, taken in its reactor thread, from
+which the supervisor renders what a single process would serve.
 
 Signals. SIGHUP to the supervisor is sent on to every worker, each of which
 reloads (and logs the outcome). No HUP may kill a worker, and until its
@@ -60,7 +61,7 @@ import sys
 import time
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
@@ -69,14 +70,16 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
-from twisted.protocols.basic import LineReceiver
 
 from mcproxy.app.listen import DEFAULT_BACKLOG, with_backlog
+from mcproxy.ops.stats import Pairs, Snapshot
 
 #: Seconds between a worker's stats reports (and the supervisor's tables).
 STATS_INTERVAL = 1.0
-#: Seconds the supervisor waits for the workers' metrics or status page.
+#: Seconds the supervisor waits for the workers' snapshots (for --metrics).
 ASK_TIMEOUT = 1.5
+#: What the supervisor asks a worker for: its snapshot.
+ASK_SNAPSHOT = "snapshot"
 #: Seconds before a worker that exited is started again, at first.
 RESTART_DELAY = 1.0
 #: The longest wait before a restart, however often a worker fails.
@@ -90,11 +93,6 @@ FIRST_FD = 3
 
 #: mcproxy options a worker does not get: the supervisor handles them.
 SUPERVISOR_OPTIONS = frozenset({"backlog", "listen", "metrics", "workers"})
-
-#: ``stats`` lines that are not added up across workers in ``stats workers``.
-NOT_SUMMED = frozenset({"pid", "worker_id", "uptime", "time", "version", "pointer_size"})
-#: ``stats`` lines not shown per worker in ``stats workers``.
-NOT_PER_WORKER = frozenset({"worker_id", "time", "version", "pointer_size"})
 
 # Log events.
 LOG_STARTED = "worker {slot} started (pid {pid})"
@@ -117,19 +115,6 @@ def is_tcp_endpoint(description: str) -> bool:
 
     endpoint = serverFromString(reactor, description)
     return type(endpoint) in (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)
-
-
-def worker_factory(description: str, factory: Any, reactor: Any) -> Any:
-    """The factory a worker serves an inherited socket of the ``--listen``
-    endpoint ``description`` with: ``factory`` itself for TCP, wrapped in
-    TLS for ``ssl:`` (the endpoint string names the certificate)."""
-    endpoint = serverFromString(reactor, description)
-    if type(endpoint) is not SSL4ServerEndpoint:
-        return factory
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    # What SSL4ServerEndpoint.listen would wrap the factory with.
-    return TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
 
 
 def bind_tcp(description: str, count: int, reuseport: bool) -> list[socket.socket]:
@@ -183,53 +168,6 @@ def worker_arguments(options: Any) -> list[str]:
     return args
 
 
-def parse_stats(reply: bytes) -> list[list[str]]:
-    """``[name, value]`` of each ``STAT name value`` line of a stats reply."""
-    pairs = []
-    for line in reply.decode().splitlines():
-        fields = line.split(" ", 2)
-        if len(fields) == 3 and fields[0] == "STAT":
-            pairs.append(fields[1:])
-    return pairs
-
-
-def _number(value: str) -> int | float | None:
-    try:
-        return int(value)
-    except ValueError:
-        try:
-            return float(value)
-        except ValueError:
-            return None
-
-
-def workers_stats(service: Any) -> list[tuple[str, Any]]:
-    """The lines of ``stats workers``.
-
-    ``workers`` (how many), ``worker_restarts``, then every worker's general
-    ``stats`` as ``worker:<id>:<name>``, then each numeric figure added up
-    over the workers under its own name. The answering worker's figures are
-    current; the others' are as of their last report (at most about two
-    STATS_INTERVALs old). A proxy without workers answers as worker 0 of 1.
-    """
-    own_id = service.worker_id if service.worker_id is not None else 0
-    table = {int(slot): pairs for slot, pairs in service.worker_table.items()}
-    table[own_id] = parse_stats(service.stats_reply([]))
-    lines: list[tuple[str, Any]] = [("workers", len(table)),
-                                    ("worker_restarts", service.worker_restarts)]
-    totals: dict[str, int | float] = {}
-    for slot in sorted(table):
-        for name, value in table[slot]:
-            if name not in NOT_PER_WORKER:
-                lines.append((f"worker:{slot}:{name}", value))
-            number = _number(value)
-            if name not in NOT_SUMMED and number is not None:
-                totals[name] = totals.get(name, 0) + number
-    for name, total in totals.items():
-        lines.append((name, f"{total:.6f}" if isinstance(total, float) else total))
-    return lines
-
-
 # -- the supervisor -------------------------------------------------------------------
 
 
@@ -242,7 +180,8 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.supervisor = supervisor
         self.slot = slot
         self.pid: int | None = None
-        self.started = time.monotonic()
+        #: when it was started, on the supervisor's reactor clock
+        self.started = supervisor.reactor.seconds()
         self.ended: defer.Deferred = defer.Deferred()
         #: the worker reported it serves; until then a SIGHUP could kill it
         self.ready = False
@@ -262,8 +201,8 @@ class WorkerProcess(protocol.ProcessProtocol):
             self.transport.write(json.dumps(message).encode() + b"\n")
 
     def ask(self, what: str) -> defer.Deferred:
-        """Ask the worker for its ``what`` ("metrics" or "status"): fires with
-        the answer (a str, or None if the worker could not render it), or
+        """Ask the worker for its ``what`` (ASK_SNAPSHOT): fires with the
+        answer (JSON data, or None if the worker could not give it), or
         fails if the worker ends first. Cancelling it forgets the ask."""
         ask_id = next(self._ids)
         asked = defer.Deferred(lambda _: self._asked.pop(ask_id, None))
@@ -368,8 +307,8 @@ class WorkerSupervisor(MultiService):
         self.sockets: list[list[socket.socket]] = []
         #: the running worker of each slot
         self.workers: dict[int, WorkerProcess] = {}
-        #: each slot's last stats report
-        self.reports: dict[int, list] = {}
+        #: each slot's last stats report (general stats, as data)
+        self.reports: dict[int, Pairs] = {}
         self.restarts = 0
         self._quick_exits: dict[int, int] = {}
         self._pending: dict[int, Any] = {}
@@ -379,6 +318,7 @@ class WorkerSupervisor(MultiService):
         self._broadcast: task.LoopingCall | None = None
         #: when the supervisor was made (unix time), for the status page
         self.started = time.time()
+        self.ask_timeout = ASK_TIMEOUT
         if metrics:
             from mcproxy.ops.webworkers import metrics_service  # needs prometheus_client
             for description in metrics:
@@ -495,12 +435,12 @@ class WorkerSupervisor(MultiService):
             self.log.info("worker {slot} (pid {pid}) {status}",
                           slot=slot, pid=worker.pid, status=status)
             return
-        if time.monotonic() - worker.started >= STABLE_AFTER:
+        if self.reactor.seconds() - worker.started >= STABLE_AFTER:
             self._quick_exits[slot] = 0
         self.restarts += 1
         self._restart_later(slot, "ended:", status, worker.pid)
 
-    def worker_reported(self, slot: int, pairs: list) -> None:
+    def worker_reported(self, slot: int, pairs: Pairs) -> None:
         self.reports[slot] = pairs
 
     def worker_ready(self, worker: WorkerProcess) -> None:
@@ -513,18 +453,27 @@ class WorkerSupervisor(MultiService):
     def ask_workers(self, what: str) -> defer.Deferred:
         """Ask every running worker for its ``what`` (see WorkerProcess.ask).
 
-        Fires, within ASK_TIMEOUT, with ``{slot: (worker, answer)}`` for
+        Fires, within ``ask_timeout``, with ``{slot: (worker, answer)}`` for
         every worker asked; the answer is None where none came in time.
         """
         asked = sorted(self.workers.items())
-        waits = [worker.ask(what).addTimeout(ASK_TIMEOUT, self.reactor)
+        waits = [worker.ask(what).addTimeout(self.ask_timeout, self.reactor)
                  for _slot, worker in asked]
 
-        def answers(results: list) -> dict[int, tuple[WorkerProcess, str | None]]:
+        def answers(results: list) -> dict[int, tuple[WorkerProcess, Any]]:
             return {slot: (worker, body if ok else None)
                     for (slot, worker), (ok, body) in zip(asked, results, strict=True)}
 
         return defer.DeferredList(waits, consumeErrors=True).addCallback(answers)
+
+    def ask_snapshots(self) -> defer.Deferred:
+        """Every running worker's snapshot, as ask_workers gathers them:
+        ``{slot: (worker, Snapshot or None)}``."""
+        def snapshots(answers: dict) -> dict[int, tuple[WorkerProcess, Snapshot | None]]:
+            return {slot: (worker, None if data is None else Snapshot.from_data(data))
+                    for slot, (worker, data) in answers.items()}
+
+        return self.ask_workers(ASK_SNAPSHOT).addCallback(snapshots)
 
     def _send_tables(self) -> None:
         message = {"workers": {str(slot): pairs for slot, pairs in self.reports.items()},
@@ -547,138 +496,3 @@ class WorkerSupervisor(MultiService):
         self.log.info(LOG_HUP, count=len(self.workers))
         for worker in list(self.workers.values()):
             worker.hup()
-
-
-# -- a worker ------------------------------------------------------------------------
-
-
-class AdoptedPort(Service):
-    """Accept connections for ``factory`` on an inherited listening socket."""
-
-    def __init__(self, fd: int, factory, reactor=None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
-        self.fd = fd
-        self.factory = factory
-        self.port = None
-
-    def startService(self) -> None:
-        super().startService()
-        inherited = socket.socket(fileno=self.fd)  # learns the address family
-        try:
-            self.port = self.reactor.adoptStreamPort(self.fd, inherited.family, self.factory)
-        finally:
-            inherited.close()  # adoptStreamPort holds its own duplicate
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-
-
-class WorkerControl(LineReceiver):
-    """A worker's end of its control pipe (stdin and stdout)."""
-
-    delimiter = b"\n"
-    MAX_LENGTH = 2**24
-    log = Logger()
-
-    def __init__(self, service, reactor) -> None:
-        self.service = service
-        self.reactor = reactor
-        self._reports = task.LoopingCall(self.report)
-        self._reports.clock = reactor
-        self._registry = None  # the metrics registry, once asked for
-
-    def connectionMade(self) -> None:
-        self._reports.start(STATS_INTERVAL, now=True)
-
-    def ready(self) -> None:
-        """Tell the supervisor this worker serves and reloads on SIGHUP."""
-        self.transport.write(json.dumps({"ready": True}).encode() + b"\n")
-
-    def report(self) -> None:
-        pairs = parse_stats(self.service.stats_reply([]))
-        self.transport.write(json.dumps({"stats": pairs}).encode() + b"\n")
-
-    def lineReceived(self, line: bytes) -> None:
-        message = json.loads(line)
-        if "workers" in message:
-            self.service.worker_table = message["workers"]
-            self.service.worker_restarts = message.get("restarts", 0)
-        elif "ask" in message:
-            answer = {"answer": message["id"], "body": self.answer(message["ask"])}
-            self.transport.write(json.dumps(answer).encode() + b"\n")
-
-    def answer(self, what: str) -> str | None:
-        """This worker's metrics exposition or status page body, for the
-        supervisor's --metrics endpoint; None (and logged) if it fails."""
-        try:
-            from prometheus_client import generate_latest
-
-            from mcproxy.ops import web  # needs prometheus_client, as --metrics does
-
-            if what == "metrics":
-                if self._registry is None:
-                    self._registry = web.metrics_registry(self.service)
-                return generate_latest(self._registry).decode()
-            if what == "status":
-                return web.status_sections(self.service, time.time(),
-                                           prefix=f"worker-{self.service.worker_id}-")
-            raise ValueError(f"unknown ask {what!r}")
-        except Exception:
-            self.log.failure("worker {slot}: could not answer for {what}",
-                             slot=self.service.worker_id, what=what)
-            return None
-
-    def connectionLost(self, reason=None) -> None:
-        """The supervisor is gone (or stopped listening): stop too."""
-        if self._reports.running:
-            self._reports.stop()
-        if self.reactor.running:
-            self.reactor.stop()
-
-
-def run_worker(worker_id: int, fds: list[tuple[int, str]], argv: list[str]) -> int:
-    """The body of ``python -m mcproxy worker``: serve each inherited socket
-    (descriptor, and the --listen endpoint it was bound for); the exit status."""
-    from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
-    from twisted.python import usage
-
-    from mcproxy.app.tap import Options, makeService
-
-    log = Logger(namespace="mcproxy.app.workers")
-    globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stderr, recordSeparator="")], redirectStandardIO=False)
-    options = Options()
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as e:
-        log.critical("worker {slot}: bad options: {error}", slot=worker_id, error=str(e))
-        return 2
-    options["listen"], options["metrics"], options["workers"] = [], [], 1
-    try:
-        service = makeService(options)
-    except SystemExit as e:
-        log.critical("worker {slot}: {error}", slot=worker_id, error=str(e.code))
-        return 1
-    service.worker_id = worker_id
-    for fd, description in fds:
-        factory = worker_factory(description, service.factory, reactor)
-        AdoptedPort(fd, factory, reactor).setServiceParent(service)
-    control = WorkerControl(service, reactor)
-    stdio.StandardIO(control, reactor=reactor)
-
-    def start() -> None:
-        service.startService()  # installs the SIGHUP handler
-        control.ready()
-
-    # Ctrl-C reaches the whole process group; the supervisor stops us.
-    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-    return 0

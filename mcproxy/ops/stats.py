@@ -1,16 +1,28 @@
-"""Proxy-wide counters and the ``stats``, ``stats proxy`` and ``stats proxybe`` replies.
+"""The proxy's figures as snapshots of plain data, and the ``stats`` replies made from them.
 
-Pure: counters are plain attributes bumped on the hot path; formatting
-happens only when a client asks.
+Counters are plain attributes bumped on the hot path (mcproxy.counters);
+here they are read into snapshots when someone asks: lists of ``(name,
+value)`` pairs with typed values for ``stats`` and ``stats proxy``, records
+for backends and pools, and a :class:`Snapshot` holding it all. Every edge
+formats from these: the ``stats`` text replies (here), Prometheus and the
+status page (mcproxy.ops.web), and under ``--workers`` the supervisor, which
+gets workers' snapshots as JSON data (:meth:`Snapshot.as_data`) and adds up
+``stats workers`` with :func:`workers_stats`. Nothing is formatted as text
+and parsed back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import resource
 import time
+from dataclasses import dataclass
+from typing import Any
 
+from mcproxy._version import __version__
+from mcproxy.backends import latency
 from mcproxy.counters import ProxyStats
 from mcproxy.wire import errors
 from mcproxy.wire.numbers import strtoul32
@@ -38,6 +50,14 @@ from mcproxy.wire.request import (
     COMMAND_NAMES,
 )
 
+#: What ``version`` and ``stats`` answer: the memcached release whose proxy
+#: we follow, so that clients that check for meta-protocol support are satisfied.
+VERSION = f"1.6.15-mcproxy-{__version__}"
+
+#: A stats section: ``(name, value)`` in reply order; values are ints,
+#: floats (seconds, written with six decimals as memcached does) or text.
+Pairs = list[tuple[str, Any]]
+
 #: The commands counted as ``cmd_*`` in ``stats proxy`` (the ids below
 #: CMD_END_STORAGE), in memcached's proxy's order: the ids' order but for
 #: ``prepend`` (id 20), which it lists after ``append``.
@@ -46,27 +66,38 @@ PROXY_CMD_ORDER = [CMD_MG, CMD_MS, CMD_MD, CMD_MN, CMD_MA, CMD_ME, CMD_GET, CMD_
                    CMD_APPEND, CMD_PREPEND, CMD_DELETE, CMD_REPLACE]
 
 
-def format_stats(pairs) -> bytes:
+def stat_value(value: Any) -> str:
+    """A value as a STAT line writes it: floats with six decimals."""
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def format_stats(pairs: Pairs) -> bytes:
     """``STAT name value`` lines plus ``END``, as memcached writes them."""
-    lines = [f"STAT {name} {value}\r\n" for name, value in pairs]
+    lines = [f"STAT {name} {stat_value(value)}\r\n" for name, value in pairs]
     lines.append("END\r\n")
     return "".join(lines).encode()
 
 
-def general_stats(stats: ProxyStats, version: str, store_stats: dict) -> list:
-    """The reply to ``stats``: memcached's general stats and the proxy's."""
+def general_stats(stats: ProxyStats, store_stats: dict, rejected: int,
+                  worker_id: int | None = None) -> Pairs:
+    """The figures of ``stats``: memcached's general stats and the proxy's;
+    ``rejected`` connections (--max-connections), and under ``--workers``
+    the answering worker's slot."""
     now = time.time()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return [
         ("pid", os.getpid()),
+        *([("worker_id", worker_id)] if worker_id is not None else []),
         ("uptime", int(now - stats.started)),
         ("time", int(now)),
-        ("version", version),
+        ("version", VERSION),
         ("pointer_size", 64),
-        ("rusage_user", f"{usage.ru_utime:.6f}"),
-        ("rusage_system", f"{usage.ru_stime:.6f}"),
+        # getrusage counts microseconds: what memcached prints, exactly
+        ("rusage_user", round(usage.ru_utime, 6)),
+        ("rusage_system", round(usage.ru_stime, 6)),
         ("curr_connections", stats.curr_connections),
         ("total_connections", stats.total_connections),
+        ("rejected_connections", rejected),
         ("proxy_conn_requests", stats.conn_requests),
         ("proxy_conn_errors", stats.conn_errors),
         ("proxy_conn_oom", stats.conn_oom),
@@ -82,8 +113,8 @@ def general_stats(stats: ProxyStats, version: str, store_stats: dict) -> list:
     ]
 
 
-def proxy_stats(stats: ProxyStats, user_lines) -> list:
-    """The reply to ``stats proxy``: user stats, then per-command counts."""
+def proxy_stats(stats: ProxyStats, user_lines) -> Pairs:
+    """The figures of ``stats proxy``: user stats, then per-command counts."""
     return [*user_lines,
             *((f"cmd_{COMMAND_NAMES[cmd]}", stats.commands[cmd]) for cmd in PROXY_CMD_ORDER)]
 
@@ -123,11 +154,11 @@ def _token(text: str) -> str:
     return _UNSAFE.sub("_", text) or "_"
 
 
-def backend_stats(backends) -> list:
-    """The reply to ``stats proxybe``: one line per live backend.
+def backend_stats(backends) -> Pairs:
+    """The lines of ``stats proxybe``: one per live backend.
 
     ``backends`` are objects with ``label``, ``host``, ``port``, ``state``,
-    ``failures`` and ``depth`` (mcproxy's Backend). A line reads
+    ``failures`` and ``depth`` (BackendFigures, or mcproxy's Backend). A line reads
     ``STAT <label>:<host>:<port> state=<state>,failures=<n>,depth=<n>``: the
     name is the backend's identity (label, host and port, as in memcached's
     backend cache), the value has no spaces, so every line keeps the
@@ -141,3 +172,149 @@ def backend_stats(backends) -> list:
         lines.append((name, value))
     lines.sort()
     return lines
+
+
+#: ``stats`` lines that are not added up across workers in ``stats workers``.
+NOT_SUMMED = frozenset({"pid", "worker_id", "uptime", "time", "version", "pointer_size"})
+#: ``stats`` lines not shown per worker in ``stats workers``.
+NOT_PER_WORKER = frozenset({"worker_id", "time", "version", "pointer_size"})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def workers_stats(own_id: int, own: Pairs, table: dict[int, Pairs],
+                  restarts: int) -> Pairs:
+    """The lines of ``stats workers``.
+
+    ``workers`` (how many), ``worker_restarts``, then every worker's general
+    stats as ``worker:<id>:<name>``, then each numeric figure added up over
+    the workers under its own name. ``own`` are the answering worker's
+    figures, current; ``table`` holds the others' by slot, as of their last
+    report. A proxy without workers answers as worker 0 of 1.
+    """
+    table = {**table, own_id: own}
+    lines: Pairs = [("workers", len(table)), ("worker_restarts", restarts)]
+    totals: dict[str, int | float] = {}
+    for slot in sorted(table):
+        for name, value in table[slot]:
+            if name not in NOT_PER_WORKER:
+                lines.append((f"worker:{slot}:{name}", value))
+            if name not in NOT_SUMMED and _is_number(value):
+                totals[name] = totals.get(name, 0) + value
+    lines += totals.items()
+    return lines
+
+
+# -- snapshots of one proxy, for the metrics, the status page and the supervisor ---------
+
+
+def _latency(count: int, total: int, figures: dict[float, int] | None) -> dict:
+    quantiles = None if figures is None else [figures[q] for q in latency.QUANTILES]
+    return {"count": count, "total": total, "quantiles": quantiles}
+
+
+@dataclass(frozen=True)
+class BackendFigures:
+    """One live backend. ``quantiles`` are reply times (µs) at
+    latency.QUANTILES over its window, None while it is empty; ``count``
+    and ``total`` (µs) are for ever."""
+
+    label: str
+    host: str
+    port: str
+    state: str
+    failures: int
+    depth: int
+    in_config: bool
+    count: int
+    total: int
+    quantiles: list[int] | None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def of(cls, backend: Any, in_config: bool) -> BackendFigures:
+        window = backend.latency
+        return cls(backend.label, backend.host, backend.port, backend.state,
+                   backend.failures, backend.depth, in_config,
+                   **_latency(window.count, window.total, window.percentiles()))
+
+
+@dataclass(frozen=True)
+class PoolFigures:
+    """One pool of the active routes: its ``members`` as ``(label, state)``,
+    the requests queued on them, and their latency windows taken as one."""
+
+    name: str
+    members: list[tuple[str, str]]
+    depth: int
+    count: int
+    total: int
+    quantiles: list[int] | None
+
+    @classmethod
+    def of(cls, name: str, pool: Any) -> PoolFigures:
+        backends = pool.backends
+        return cls(name, [(b.label, b.state) for b in backends],
+                   sum(b.depth for b in backends),
+                   **_latency(*latency.merged(b.latency for b in backends)))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one proxy process reports, as plain data (JSON-able:
+    :meth:`as_data`, :meth:`from_data`).
+
+    ``general`` and ``proxy`` are the figures of ``stats`` and ``stats
+    proxy``; ``backends`` every live backend, ``pools`` those of the active
+    routes (none without routes: ``routed`` is False); ``reloads`` the last
+    loads of the config as ``(unix time, ok, error)``, oldest first.
+    """
+
+    pid: int
+    started: float
+    general: Pairs
+    proxy: Pairs
+    backends: list[BackendFigures]
+    pools: list[PoolFigures]
+    routed: bool
+    config: str | None
+    config_loaded: float | None
+    reloads: list[tuple[float, bool, str]]
+
+    def as_data(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_data(cls, data: dict) -> Snapshot:
+        """The Snapshot of ``as_data``'s result, also once through JSON
+        (which makes lists of its tuples)."""
+        pools = [PoolFigures(**{**p, "members": [tuple(m) for m in p["members"]]})
+                 for p in data["pools"]]
+        return cls(**{**data,
+                      "general": [tuple(pair) for pair in data["general"]],
+                      "proxy": [tuple(pair) for pair in data["proxy"]],
+                      "backends": [BackendFigures(**b) for b in data["backends"]],
+                      "pools": pools,
+                      "reloads": [tuple(r) for r in data["reloads"]]})
+
+
+def snapshot(stats: ProxyStats, general: Pairs, user_lines: Pairs, live: list,
+             routes: Any, config: str | None, config_loaded: float | None,
+             reloads) -> Snapshot:
+    """A Snapshot of a proxy: its counters, ``general`` (general_stats),
+    its ``live`` backends and its active ``routes`` (routing's Routes, or
+    None), whose ``pools`` name the pools they reach."""
+    in_config = set(routes.backends) if routes is not None else set()
+    return Snapshot(
+        pid=os.getpid(), started=stats.started, general=general,
+        proxy=proxy_stats(stats, user_lines),
+        backends=[BackendFigures.of(b, b in in_config) for b in live],
+        pools=[PoolFigures.of(name, pool)
+               for name, pool in (routes.pools if routes is not None else ())],
+        routed=routes is not None, config=config, config_loaded=config_loaded,
+        reloads=[(r.at, r.ok, r.error) for r in reloads])

@@ -5,13 +5,13 @@
 reply latency, and per-pool latency. ``/`` is a plain HTML page with the
 same figures for a human, and the config's recent reloads.
 
-Both are rendered in the reactor thread, from the live objects, when they
-are requested: prometheus_client's own Twisted resource runs collectors in
-a thread pool, where reading the backend registry or a Lua state would race
-the reactor.
+Both are rendered from a snapshot of the proxy (mcproxy.ops.stats.Snapshot),
+taken in the reactor thread when they are requested: prometheus_client's
+own Twisted resource runs collectors in a thread pool, where reading the
+backend registry would race the reactor.
 
-Under ``--workers`` each worker renders its figures here when the
-supervisor asks, and the supervisor serves them (mcproxy.ops.webworkers).
+Under ``--workers`` the supervisor renders the same from its workers'
+snapshots (mcproxy.ops.webworkers).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import os
 import time
-import weakref
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,13 +34,12 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.application import strports
 from twisted.application.service import Service
-from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from mcproxy.app.service import VERSION, ProxyService
 from mcproxy.backends import backend as backend_module
 from mcproxy.backends import latency
+from mcproxy.ops.stats import VERSION, Snapshot, stat_value
 
 #: Prefix of every metric name; the rest is the memcached stat's name.
 PREFIX = "mcproxy_"
@@ -60,116 +59,13 @@ BACKEND_STATES = (backend_module.IDLE, backend_module.CONNECTING,
 #: Seconds between automatic refreshes of the status page.
 REFRESH = 10
 
-# -- pools -------------------------------------------------------------------
-
-#: Lua, run in a routes state: breadth-first over what the route functions
-#: (and the globals) reach, the pool proxies mcp_config_pools handed to
-#: mcp_config_routes, each with the name it is reached by (``p.cache.main``
-#: in a route is "cache.main"; a local ``main = p.main`` is "main").
-_FIND_POOLS = """
-function(roots, limit)
-    local getupvalue, getmetatable, rawget, next, type, tostring =
-        debug.getupvalue, getmetatable, rawget, next, type, tostring
-    local seen, queue, found = {}, {}, {}
-    local head, tail = 1, 0
-    local function push(value, name, upvalue)
-        local t = type(value)
-        if (t == "table" or t == "function") and not seen[value] and tail < limit then
-            seen[value] = true
-            tail = tail + 1
-            queue[tail] = { value, name, upvalue }
-        end
-    end
-    for _, root in next, roots do push(root) end
-    while head <= tail do
-        local value, name, upvalue = queue[head][1], queue[head][2], queue[head][3]
-        head = head + 1
-        if type(value) == "function" then
-            local i = 1
-            while true do
-                local uname, uvalue = getupvalue(value, i)
-                if uname == nil then break end
-                push(uvalue, uname, true)
-                i = i + 1
-            end
-        else
-            local mt = getmetatable(value)
-            if type(mt) == "table" and rawget(mt, "__name") == "mcp.pool_proxy" then
-                found[#found + 1] = { name or "", rawget(value, "_p") }
-            else
-                -- a table held by an upvalue or a global: its keys name what it holds
-                local prefix = (not upvalue) and name or nil
-                for key, item in next, value do
-                    local kt = type(key)
-                    if kt == "string" or kt == "number" then
-                        key = tostring(key)
-                        push(item, prefix and (prefix .. "." .. key) or key)
-                    end
-                end
-            end
-        end
-    end
-    return found
-end
-"""
-
-#: At most this many Lua tables and functions are visited per config.
-_FIND_POOLS_LIMIT = 50_000
-
-_pools_of: weakref.WeakKeyDictionary[Any, list[tuple[str, Any]]] = weakref.WeakKeyDictionary()
-
-
-def pools(routes: Any) -> list[tuple[str, Any]]:
-    """``(name, Pool)`` of every pool the loaded config's routes can reach.
-
-    Pools have no names of their own (as in memcached); a pool is named by
-    the key the routes reach it by. Found once per loaded config.
-    """
-    if routes is None:
-        return []
-    found = _pools_of.get(routes)
-    if found is None:
-        found = []
-        try:
-            runtime = routes.state.runtime
-            roots = runtime.table_from([*routes.hooks.values(), routes.state.globals])
-            result = runtime.eval(_FIND_POOLS)(roots, _FIND_POOLS_LIMIT)
-            seen: set[int] = set()
-            names: set[str] = set()
-            for i in range(1, len(result) + 1):
-                name, pool = result[i][1], result[i][2]
-                if pool is None or id(pool) in seen or not hasattr(pool, "backends"):
-                    continue
-                seen.add(id(pool))
-                name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-                if not name or name in names:
-                    name = f"{name or 'pool'}#{len(found) + 1}"
-                names.add(name)
-                found.append((name, pool))
-        except Exception:
-            Logger().failure("could not list the pools of {path}", path=routes.path)
-        _pools_of[routes] = found
-    return found
-
+#: What the pages are made from: a callable that takes a Snapshot now.
+TakeSnapshot = Callable[[], Snapshot]
 
 # -- figures shared by both pages ----------------------------------------------
 
 def _seconds(micros: float) -> float:
     return micros / 1e6
-
-
-def stats_lines(service: ProxyService, *args: bytes) -> list[tuple[str, str]]:
-    """``(name, value)`` of what ``stats [args]`` answers a client.
-
-    Taken from the reply itself, so that both pages show exactly the
-    counters the stats command does.
-    """
-    pairs = []
-    for line in service.stats_reply(list(args)).decode().splitlines():
-        parts = line.split(" ", 2)
-        if len(parts) == 3 and parts[0] == "STAT":
-            pairs.append((parts[1], parts[2]))
-    return pairs
 
 
 def _number(value: Any) -> float | None:
@@ -183,95 +79,95 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _address(backend: Any) -> str:
-    return f"{backend.host}:{backend.port}"
-
-
 # -- Prometheus --------------------------------------------------------------
 
-class ProxyCollector:
-    """A prometheus_client collector over a running ProxyService."""
+def proxy_families(snap: Snapshot) -> list[Any]:
+    """The metric families of one proxy's snapshot."""
+    families: list[Any] = [InfoMetricFamily(PREFIX + "build", "mcproxy version",
+                                            value={"version": VERSION})]
+    for name, value in snap.general:
+        number = _number(value)
+        if name in SKIPPED_STATS or number is None:
+            continue
+        doc = f"memcached stat {name}"
+        if name in GAUGE_STATS:
+            families.append(GaugeMetricFamily(PREFIX + name, doc, value=number))
+        else:
+            families.append(CounterMetricFamily(PREFIX + name, doc, value=number))
 
-    def __init__(self, service: ProxyService) -> None:
-        self.service = service
+    commands = CounterMetricFamily(PREFIX + "cmd", "stats proxy cmd_*: requests "
+                                   "routed through Lua, per command", labels=["cmd"])
+    user = GaugeMetricFamily(PREFIX + "user_stat", "stats proxy user_*: the "
+                             "config's mcp.add_stat counters", labels=["name"])
+    for name, value in snap.proxy:
+        number = _number(value)
+        if number is None:
+            continue
+        if name.startswith("cmd_"):
+            commands.add_metric([name.removeprefix("cmd_")], number)
+        elif name.startswith("user_"):
+            user.add_metric([name.removeprefix("user_")], number)
+    families += (commands, user)
+
+    labels = ["backend", "address"]
+    state = GaugeMetricFamily(PREFIX + "backend_state", "1 for the backend's "
+                              "current state, 0 for the others",
+                              labels=[*labels, "state"])
+    failures = GaugeMetricFamily(PREFIX + "backend_failures", "counted failures "
+                                 "since the last successful validation", labels=labels)
+    depth = GaugeMetricFamily(PREFIX + "backend_depth", "requests queued or in "
+                              "flight", labels=labels)
+    replies = SummaryMetricFamily(PREFIX + "backend_latency_seconds", "reply "
+                                  f"latency; quantiles over the last {latency.WINDOW} "
+                                  "replies", labels=labels)
+    seen = set()
+    for backend in snap.backends:
+        values = [backend.label, backend.address]
+        if tuple(values) in seen:  # the same backend marked down and up
+            continue
+        seen.add(tuple(values))
+        current = backend.state
+        for name in BACKEND_STATES:
+            state.add_metric([*values, name], 1 if name == current else 0)
+        failures.add_metric(values, backend.failures)
+        depth.add_metric(values, backend.depth)
+        _add_summary(replies, values, backend)
+    families += (state, failures, depth, replies)
+
+    pool_replies = SummaryMetricFamily(PREFIX + "pool_latency_seconds", "reply "
+                                       "latency of the pool's backends; quantiles over "
+                                       f"their last {latency.WINDOW} replies each",
+                                       labels=["pool"])
+    for pool in snap.pools:
+        _add_summary(pool_replies, [pool.name], pool)
+    families.append(pool_replies)
+    return families
+
+
+class ProxyCollector:
+    """A prometheus_client collector of a proxy's snapshots."""
+
+    def __init__(self, take: TakeSnapshot) -> None:
+        self.take = take
 
     def collect(self):
-        service = self.service
-        yield InfoMetricFamily(PREFIX + "build", "mcproxy version",
-                               value={"version": VERSION})
-        for name, value in stats_lines(service):
-            number = _number(value)
-            if name in SKIPPED_STATS or number is None:
-                continue
-            doc = f"memcached stat {name}"
-            if name in GAUGE_STATS:
-                yield GaugeMetricFamily(PREFIX + name, doc, value=number)
-            else:
-                yield CounterMetricFamily(PREFIX + name, doc, value=number)
-
-        commands = CounterMetricFamily(PREFIX + "cmd", "stats proxy cmd_*: requests "
-                                       "routed through Lua, per command", labels=["cmd"])
-        user = GaugeMetricFamily(PREFIX + "user_stat", "stats proxy user_*: the "
-                                 "config's mcp.add_stat counters", labels=["name"])
-        for name, value in stats_lines(service, b"proxy"):
-            number = _number(value)
-            if number is None:
-                continue
-            if name.startswith("cmd_"):
-                commands.add_metric([name.removeprefix("cmd_")], number)
-            elif name.startswith("user_"):
-                user.add_metric([name.removeprefix("user_")], number)
-        yield from (commands, user)
-
-        labels = ["backend", "address"]
-        state = GaugeMetricFamily(PREFIX + "backend_state", "1 for the backend's "
-                                  "current state, 0 for the others",
-                                  labels=[*labels, "state"])
-        failures = GaugeMetricFamily(PREFIX + "backend_failures", "counted failures "
-                                     "since the last successful validation", labels=labels)
-        depth = GaugeMetricFamily(PREFIX + "backend_depth", "requests queued or in "
-                                  "flight", labels=labels)
-        replies = SummaryMetricFamily(PREFIX + "backend_latency_seconds", "reply "
-                                      f"latency; quantiles over the last {latency.WINDOW} "
-                                      "replies", labels=labels)
-        seen = set()
-        for backend in service.registry.live:
-            values = [backend.label, _address(backend)]
-            if tuple(values) in seen:  # the same backend marked down and up
-                continue
-            seen.add(tuple(values))
-            current = backend.state
-            for name in BACKEND_STATES:
-                state.add_metric([*values, name], 1 if name == current else 0)
-            failures.add_metric(values, backend.failures)
-            depth.add_metric(values, backend.depth)
-            window = backend.latency
-            _add_summary(replies, values, window.count, window.total, window.percentiles())
-        yield from (state, failures, depth, replies)
-
-        pool_replies = SummaryMetricFamily(PREFIX + "pool_latency_seconds", "reply "
-                                           "latency of the pool's backends; quantiles over "
-                                           f"their last {latency.WINDOW} replies each",
-                                           labels=["pool"])
-        for name, pool in pools(service.engine.routes):
-            count, total, figures = latency.merged(b.latency for b in pool.backends)
-            _add_summary(pool_replies, [name], count, total, figures)
-        yield pool_replies
+        return iter(proxy_families(self.take()))
 
 
-def _add_summary(family: SummaryMetricFamily, values: list[str], count: int,
-                 total: int, figures: dict[float, int] | None) -> None:
+def _add_summary(family: SummaryMetricFamily, values: list[str], figures: Any) -> None:
+    """A backend's or pool's latency (BackendFigures, PoolFigures) as samples."""
     labels = dict(zip(family._labelnames, values, strict=True))
-    for q in latency.QUANTILES:
-        value = _seconds(figures[q]) if figures else float("nan")
+    quantiles = figures.quantiles
+    for i, q in enumerate(latency.QUANTILES):
+        value = _seconds(quantiles[i]) if quantiles else float("nan")
         family.add_sample(family.name, {**labels, "quantile": str(q)}, value)
-    family.add_metric(values, count, _seconds(total))
+    family.add_metric(values, figures.count, _seconds(figures.total))
 
 
-def metrics_registry(service: ProxyService) -> CollectorRegistry:
+def metrics_registry(take: TakeSnapshot) -> CollectorRegistry:
     """A registry with the proxy's metrics and the process's."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(service))
+    registry.register(ProxyCollector(take))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
@@ -366,10 +262,11 @@ def _micros(value: int | None) -> str:
     return f"{value / 1e6:.2f} s"
 
 
-def _latency_cells(count: int, figures: dict[float, int] | None) -> str:
-    cells = [f'<td class="num">{count}</td>']
-    for q in latency.QUANTILES:
-        cells.append(f'<td class="num">{_micros(figures[q] if figures else None)}</td>')
+def _latency_cells(figures: Any) -> str:
+    """A backend's or pool's reply count and quantiles as table cells."""
+    quantiles = figures.quantiles or [None] * len(latency.QUANTILES)
+    cells = [f'<td class="num">{figures.count}</td>']
+    cells += [f'<td class="num">{_micros(value)}</td>' for value in quantiles]
     return "".join(cells)
 
 
@@ -402,26 +299,23 @@ def page_sub(pid: int, started: float, now: float) -> str:
             f'&middot; <a href="/metrics">/metrics</a> &middot; refreshes every {REFRESH}s')
 
 
-def status_page(service: ProxyService) -> str:
+def status_page(snap: Snapshot) -> str:
     """The status page's HTML."""
     now = time.time()
-    return page(page_sub(os.getpid(), service.stats.started, now),
-                status_sections(service, now))
+    return page(page_sub(snap.pid, snap.started, now), status_sections(snap, now))
 
 
-def status_sections(service: ProxyService, now: float, prefix: str = "") -> str:
+def status_sections(snap: Snapshot, now: float, prefix: str = "") -> str:
     """The status page's body for one proxy: its verdict, config, backends,
     pools, reloads and traffic. ``prefix`` starts every element id, so that
     one page can hold several proxies (the workers of ``--workers``)."""
-    stats = service.stats
-    routes = service.engine.routes
-    live = service.registry.live
-    in_config = set(routes.backends) if routes is not None else set()
+    live = snap.backends
+    general = dict(snap.general)
     problems = [b for b in live if b.state != backend_module.CONNECTED]
     bad = [b for b in live if b.state in (backend_module.BAD, backend_module.CLOSED)]
 
     if not live:
-        summary = ("ok", "no backends" if routes is not None
+        summary = ("ok", "no backends" if snap.routed
                    else "no route config: every command is served by the embedded cache")
     elif bad:
         summary = ("bad", f"{len(bad)} of {len(live)} backends bad: "
@@ -435,60 +329,57 @@ def status_sections(service: ProxyService, now: float, prefix: str = "") -> str:
     out = [f'<div class="summary {summary[0]}" id="{prefix}summary">{_e(summary[1])}</div>']
 
     out.append("<h2>Config</h2><dl>")
-    out.append(f'<dt>file</dt><dd id="{prefix}config-path">{_e(service.config or "none")}</dd>')
-    out.append(f"<dt>loaded</dt><dd>{_when(service.config_loaded, now)}</dd>")
-    out.append(f"<dt>reloads</dt><dd>{stats.config_reloads} "
-               f"({stats.config_reload_fails} failed)</dd></dl>")
+    out.append(f'<dt>file</dt><dd id="{prefix}config-path">{_e(snap.config or "none")}</dd>')
+    out.append(f"<dt>loaded</dt><dd>{_when(snap.config_loaded, now)}</dd>")
+    out.append(f"<dt>reloads</dt><dd>{general['proxy_config_reloads']} "
+               f"({general['proxy_config_reload_fails']} failed)</dd></dl>")
 
     out.append(f'<h2>Backends</h2><table id="{prefix}backends"><thead><tr><th>backend</th>'
                "<th>address</th><th>state</th><th class=\"num\">failures</th>"
                f"<th class=\"num\">queue</th>{_latency_heads()}</tr></thead><tbody>")
     for b in live:
         state = b.state
-        note = "" if b in in_config else ' <span class="muted">(not in config)</span>'
+        note = "" if b.in_config else ' <span class="muted">(not in config)</span>'
         row_class = ' class="problem"' if state != backend_module.CONNECTED else ""
         out.append(
             f'<tr{row_class} data-backend="{_e(b.label)}" data-state="{_e(state)}">'
-            f"<td>{_e(b.label)}{note}</td><td>{_e(_address(b))}</td>"
+            f"<td>{_e(b.label)}{note}</td><td>{_e(b.address)}</td>"
             f'<td><span class="state state-{_e(state)}">{_e(state)}</span></td>'
             f'<td class="num">{b.failures}</td><td class="num">{b.depth}</td>'
-            f"{_latency_cells(b.latency.count, b.latency.percentiles())}</tr>")
+            f"{_latency_cells(b)}</tr>")
     if not live:
         out.append('<tr><td colspan="9" class="muted">none</td></tr>')
     out.append("</tbody></table>")
 
-    found = pools(routes)
     out.append(f'<h2>Pools</h2><table id="{prefix}pools"><thead><tr><th>pool</th><th>backends</th>'
                f"<th class=\"num\">queue</th>{_latency_heads()}</tr></thead><tbody>")
-    for name, pool in found:
-        count, _total, figures = latency.merged(b.latency for b in pool.backends)
+    for pool in snap.pools:
         members = ", ".join(
-            f'{_e(b.label)} <span class="state state-{_e(b.state)}">{_e(b.state)}</span>'
-            if b.state != backend_module.CONNECTED else _e(b.label)
-            for b in pool.backends)
-        queued = sum(b.depth for b in pool.backends)
+            f'{_e(label)} <span class="state state-{_e(state)}">{_e(state)}</span>'
+            if state != backend_module.CONNECTED else _e(label)
+            for label, state in pool.members)
+        name = pool.name
         out.append(f'<tr data-pool="{_e(name)}"><td>{_e(name)}</td><td>{members}</td>'
-                   f'<td class="num">{queued}</td>{_latency_cells(count, figures)}</tr>')
-    if not found:
+                   f'<td class="num">{pool.depth}</td>{_latency_cells(pool)}</tr>')
+    if not snap.pools:
         out.append('<tr><td colspan="7" class="muted">none</td></tr>')
     out.append("</tbody></table>")
 
     out.append(f'<h2>Recent reloads</h2><table id="{prefix}reloads"><thead><tr><th>when</th>'
                "<th>outcome</th><th>error</th></tr></thead><tbody>")
-    for record in reversed(service.reloads):
-        outcome = '<span class="ok">ok</span>' if record.ok \
+    for at, ok, error in reversed(snap.reloads):
+        outcome = '<span class="ok">ok</span>' if ok \
             else '<span class="failed">failed, old routes kept</span>'
-        out.append(f"<tr><td>{_when(record.at, now)}</td><td>{outcome}</td>"
-                   f'<td class="error">{_e(record.error)}</td></tr>')
-    if not service.reloads:
+        out.append(f"<tr><td>{_when(at, now)}</td><td>{outcome}</td>"
+                   f'<td class="error">{_e(error)}</td></tr>')
+    if not snap.reloads:
         out.append('<tr><td colspan="3" class="muted">none since start</td></tr>')
     out.append("</tbody></table>")
 
-    general = dict(stats_lines(service))
     out.append("<h2>Traffic</h2><dl>")
     for name in _TRAFFIC:
         if name in general:
-            out.append(f"<dt>{_e(name)}</dt><dd>{_e(general[name])}</dd>")
+            out.append(f"<dt>{_e(name)}</dt><dd>{_e(stat_value(general[name]))}</dd>")
     out.append("</dl>")
     return "\n".join(out)
 
@@ -496,9 +387,9 @@ def status_sections(service: ProxyService, now: float, prefix: str = "") -> str:
 class StatusPage(Resource):
     """``/``: the status page; its children (``/metrics``) are put on it."""
 
-    def __init__(self, service: ProxyService) -> None:
+    def __init__(self, take: TakeSnapshot) -> None:
         super().__init__()
-        self.service = service
+        self.take = take
 
     def getChild(self, path: bytes, request) -> Resource:
         if path == b"":
@@ -508,7 +399,7 @@ class StatusPage(Resource):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return status_page(self.service).encode()
+        return status_page(self.take()).encode()
 
 
 class _QuietSite(Site):
@@ -527,12 +418,13 @@ def quiet_site(root: Resource) -> Site:
     return site
 
 
-def metrics_site(service: ProxyService) -> Site:
-    root = StatusPage(service)
-    root.putChild(b"metrics", MetricsPage(metrics_registry(service)))
+def metrics_site(take: TakeSnapshot) -> Site:
+    """The status page and ``/metrics`` of the proxy ``take`` snapshots."""
+    root = StatusPage(take)
+    root.putChild(b"metrics", MetricsPage(metrics_registry(take)))
     return quiet_site(root)
 
 
-def metrics_service(service: ProxyService, endpoint: str) -> Service:
+def metrics_service(take: TakeSnapshot, endpoint: str) -> Service:
     """A service serving the metrics and the status page on ``endpoint``."""
-    return strports.service(endpoint, metrics_site(service))
+    return strports.service(endpoint, metrics_site(take))

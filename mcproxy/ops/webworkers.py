@@ -1,15 +1,22 @@
 """``--metrics`` under ``--workers``: the supervisor's /metrics and status page.
 
 The supervisor proxies nothing; at each request it asks every running
-worker over its control pipe (mcproxy.app.workers) for what mcproxy.ops.web would
-serve in a single process, waits up to ASK_TIMEOUT, and serves what came
-in. A worker that did not answer in time is left out (and counted: see
-``mcproxy_workers_answering``).
+worker over its control pipe (mcproxy.app.workers) for its snapshot
+(mcproxy.ops.stats.Snapshot, sent as JSON data), waits up to its
+``ask_timeout``, and renders from what came in what mcproxy.ops.web renders
+for a single process. A worker that did not answer in time is left out
+(and counted: see ``mcproxy_workers_answering``).
 
 ``/metrics`` holds every worker's samples, each with a ``worker`` label
 (its slot), as Prometheus' multi-process exporters do: ``sum without
-(worker)`` adds them up. ``/`` is one section per worker, as web.py renders
+(worker)`` adds them up. A worker's process metrics are read from its
+/proc entry by its pid. ``/`` is one section per worker, as web.py renders
 a single process, under the supervisor's own line.
+
+``supervisor`` below is what the application runs (WorkerSupervisor): its
+``count`` of slots, running ``workers`` by slot (each with a ``pid``),
+``restarts``, ``started`` (unix time), ``ask_timeout`` and
+``ask_snapshots()``, which fires with ``{slot: (worker, Snapshot or None)}``.
 """
 
 from __future__ import annotations
@@ -22,27 +29,36 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from twisted.application import strports
 from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from mcproxy.app.workers import ASK_TIMEOUT, WorkerSupervisor
 from mcproxy.ops import web
+from mcproxy.ops.stats import Snapshot
 
 #: The label naming the worker a sample came from.
 WORKER_LABEL = "worker"
 
 
-def relabel(expositions: dict[int, str]) -> list[Any]:
-    """Every worker's exposition (text format, by slot) as one list of
-    metric families, each sample labelled with its worker's slot. A
-    family's help and type are those of the first worker that has it."""
+def worker_families(pid: int, snap: Snapshot) -> list[Any]:
+    """What a worker's own /metrics would hold: its proxy's figures, then
+    its process's and the platform's."""
+    process = ProcessCollector(pid=lambda: str(pid), registry=None)
+    return [*web.proxy_families(snap), *process.collect(),
+            *PlatformCollector(registry=None).collect()]
+
+
+def relabel(workers: dict[int, list[Any]]) -> list[Any]:
+    """Every worker's metric families (by slot) as one list, each sample
+    labelled with its worker's slot. A family's help and type are those of
+    the first worker that has it."""
     families: dict[str, Any] = {}
-    for slot, text in sorted(expositions.items()):
-        for family in text_string_to_metric_families(text):
+    for slot, found in sorted(workers.items()):
+        for family in found:
             samples = [s._replace(labels={**s.labels, WORKER_LABEL: str(slot)})
                        for s in family.samples]
             if family.name in families:
@@ -53,7 +69,7 @@ def relabel(expositions: dict[int, str]) -> list[Any]:
     return list(families.values())
 
 
-def supervisor_families(supervisor: WorkerSupervisor, answering: int) -> list[Any]:
+def supervisor_families(supervisor: Any, answering: int) -> list[Any]:
     """The supervisor's own metrics (no worker label)."""
     prefix = web.PREFIX
     return [
@@ -62,8 +78,8 @@ def supervisor_families(supervisor: WorkerSupervisor, answering: int) -> list[An
         GaugeMetricFamily(prefix + "workers_running", "worker processes running",
                           value=len(supervisor.workers)),
         GaugeMetricFamily(prefix + "workers_answering", "workers whose metrics this "
-                          f"scrape holds: those that answered within {ASK_TIMEOUT:g}s",
-                          value=answering),
+                          f"scrape holds: those that answered within "
+                          f"{supervisor.ask_timeout:g}s", value=answering),
         CounterMetricFamily(prefix + "worker_restarts", "workers that ended and were "
                             "started again", value=supervisor.restarts),
     ]
@@ -79,17 +95,18 @@ class _Families:
         return iter(self.families)
 
 
-def metrics_text(supervisor: WorkerSupervisor, answers: dict) -> bytes:
-    """``/metrics``, from the workers' answers (see WorkerSupervisor.ask_workers)."""
-    expositions = {slot: body for slot, (_worker, body) in answers.items() if body is not None}
-    families = supervisor_families(supervisor, len(expositions)) + relabel(expositions)
+def metrics_text(supervisor: Any, answers: dict) -> bytes:
+    """``/metrics``, from the workers' snapshots (see ``ask_snapshots``)."""
+    workers = {slot: worker_families(worker.pid, snap)
+               for slot, (worker, snap) in answers.items() if snap is not None}
+    families = supervisor_families(supervisor, len(workers)) + relabel(workers)
     return generate_latest(_Families(families))
 
 
-def status_page(supervisor: WorkerSupervisor, answers: dict) -> str:
+def status_page(supervisor: Any, answers: dict) -> str:
     """``/``: the supervisor's line, then each worker's section."""
     now = time.time()
-    answering = sum(body is not None for _worker, body in answers.values())
+    answering = sum(snap is not None for _worker, snap in answers.values())
     if answering == supervisor.count:
         verdict = "ok"
     else:
@@ -98,13 +115,17 @@ def status_page(supervisor: WorkerSupervisor, answers: dict) -> str:
            f"{len(supervisor.workers)} of {supervisor.count} workers running, "
            f"{answering} answering; {supervisor.restarts} restarts</div>"]
     for slot in range(supervisor.count):
-        worker, body = answers.get(slot, (None, None))
+        worker, snap = answers.get(slot, (None, None))
+        body = None
         if worker is None:
             heading = f"worker {slot}: not running (restarting)"
         else:
             heading = f"worker {slot} &middot; pid {worker.pid}"
-            if body is None:
-                body = f'<p class="failed">did not answer within {ASK_TIMEOUT:g}s</p>'
+            if snap is None:
+                body = (f'<p class="failed">did not answer within '
+                        f'{supervisor.ask_timeout:g}s</p>')
+            else:
+                body = web.status_sections(snap, now, prefix=f"worker-{slot}-")
         out.append(f'<section class="worker" id="worker-{slot}" data-worker="{slot}">'
                    f'<h2 class="worker">{heading}</h2>{body or ""}</section>')
     return web.page(web.page_sub(os.getpid(), supervisor.started, now), "\n".join(out))
@@ -112,15 +133,14 @@ def status_page(supervisor: WorkerSupervisor, answers: dict) -> str:
 
 class GatheredPage(Resource):
     """A page made by ``render(supervisor, answers)`` from the workers'
-    answers to ``what``, once they are in; ``/`` is this page too."""
+    snapshots, once they are in; ``/`` is this page too."""
 
     log = Logger()
 
-    def __init__(self, supervisor: WorkerSupervisor, what: str, content_type: bytes,
-                 render: Callable[[WorkerSupervisor, dict], bytes]) -> None:
+    def __init__(self, supervisor: Any, content_type: bytes,
+                 render: Callable[[Any, dict], bytes]) -> None:
         super().__init__()
         self.supervisor = supervisor
-        self.what = what
         self.content_type = content_type
         self.render_answers = render
 
@@ -146,16 +166,16 @@ class GatheredPage(Resource):
                 request.setResponseCode(500)
                 request.finish()
 
-        answers = self.supervisor.ask_workers(self.what)
+        answers = self.supervisor.ask_snapshots()
         answers.addCallback(lambda found: self.render_answers(self.supervisor, found))
         answers.addCallback(send).addErrback(failed)
         return NOT_DONE_YET
 
 
-def metrics_service(supervisor: WorkerSupervisor, endpoint: str) -> Service:
+def metrics_service(supervisor: Any, endpoint: str) -> Service:
     """A service serving the workers' metrics and status pages on ``endpoint``."""
-    root = GatheredPage(supervisor, "status", b"text/html; charset=utf-8",
+    root = GatheredPage(supervisor, b"text/html; charset=utf-8",
                         lambda s, answers: status_page(s, answers).encode())
-    root.putChild(b"metrics", GatheredPage(supervisor, "metrics",
-                                           CONTENT_TYPE_LATEST.encode(), metrics_text))
+    root.putChild(b"metrics", GatheredPage(supervisor, CONTENT_TYPE_LATEST.encode(),
+                                           metrics_text))
     return strports.service(endpoint, web.quiet_site(root))

@@ -15,7 +15,7 @@ coroutine from the backend's reply callback.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cached_property, partial
 from importlib.resources import files
 from time import monotonic
 
@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from mcproxy.backends.pool import BackendRegistry, Broadcast
 from mcproxy.counters import ProxyStats
 from mcproxy.routing.host import Host
+from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
 from mcproxy.wire import errors
@@ -212,6 +213,13 @@ class Routes:
     @property
     def backends(self) -> list:
         return self.host.backends
+
+    @cached_property
+    def pools(self) -> list:
+        """``(name, Pool)`` of each pool these routes reach, named as they
+        reach it (mcproxy.routing.poolnames); found once, when first asked."""
+        return named_pools(self.state.runtime, [*self.hooks.values(), self.state.globals],
+                           self.host.pools, self.path)
 
 
 def load(path: str, registry: BackendRegistry, tunables: Tunables,

@@ -12,8 +12,6 @@ from __future__ import annotations
 import struct
 import sys
 from collections import deque
-from time import monotonic
-from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -22,12 +20,11 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
+from mcproxy.server.interfaces import IProxyCore
 from mcproxy.wire import errors
 from mcproxy.wire.request import (
     CMD_MN,
     CMD_QUIT,
-    CMD_STATS,
-    CMD_VERSION,
     CMD_WATCH,
     GET_COMMANDS,
     LOCAL_ONLY_COMMANDS,
@@ -42,9 +39,6 @@ from mcproxy.wire.request import (
     split_multiget,
 )
 from mcproxy.writes import batch, send, tcp_socket
-
-if TYPE_CHECKING:
-    from mcproxy.app.service import ProxyService
 
 #: Requests a client may have in flight before we stop reading from it.
 MAX_CLIENT_INFLIGHT = 4096
@@ -227,11 +221,12 @@ class ProxyServerProtocol(LineReceiver):
     _binary_head = b""
     _binary_wait: IDelayedCall | None = None
 
-    def __init__(self, service: ProxyService,
+    def __init__(self, core: IProxyCore,
                  output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
-        self.service = service
-        self.engine = service.engine
-        self.stats = service.stats
+        self.core = core
+        self.router = core.router
+        self.stats = core.stats
+        self._seconds = core.clock.seconds
         self._slots: deque[Slot] = deque()
         self._buffer = bytearray()
         self._payload_for: Request | None = None
@@ -264,8 +259,8 @@ class ProxyServerProtocol(LineReceiver):
     # -- connection lifecycle -----------------------------------------------
 
     def connectionMade(self) -> None:
-        #: when the client last sent anything (for --idle-timeout)
-        self.last_active = monotonic()
+        #: when the client last sent anything (for --idle-timeout), on the core's clock
+        self.last_active = self._seconds()
         if self.factory is not None:
             self.factory.clients.add(self)
         self.stats.curr_connections += 1
@@ -292,10 +287,7 @@ class ProxyServerProtocol(LineReceiver):
             self._refuse_binary()
             return
         self.dataReceived = self._binary_header
-        clock = getattr(self.service, "reactor", None)
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._binary_wait = clock.callLater(BINARY_HEADER_WAIT, self._refuse_binary)
+        self._binary_wait = self.core.clock.callLater(BINARY_HEADER_WAIT, self._refuse_binary)
 
     def _binary_header(self, data: bytes) -> None:
         """More of a binary header: refuse once it is whole."""
@@ -354,7 +346,7 @@ class ProxyServerProtocol(LineReceiver):
     # -- framing -----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self.last_active = monotonic()
+        self.last_active = self._seconds()
         if self._closing:
             return
         if self._reading_paused:
@@ -373,9 +365,9 @@ class ProxyServerProtocol(LineReceiver):
     def _process(self, data: bytes) -> None:
         pos = 0
         end = len(data)
-        engine = self.engine
-        plain = engine.plain_runs
-        multigets = MAX_MULTIGET_KEYS if plain is not None and engine.plain_multigets else 0
+        router = self.router
+        plain = router.plain_runs
+        multigets = MAX_MULTIGET_KEYS if plain is not None and router.plain_multigets else 0
         while pos < end:
             if self._closing or self._reading_paused:
                 self._buffer += data[pos:]
@@ -447,7 +439,7 @@ class ProxyServerProtocol(LineReceiver):
                 self._expect_payload(None, None, e.vlen)
             return
         cmd = req.command
-        if cmd in LOCAL_ONLY_COMMANDS or not self.engine.hooked(cmd):
+        if cmd in LOCAL_ONLY_COMMANDS or not self.router.hooked(cmd):
             then = self._local
         elif cmd in GET_COMMANDS and b" " in req.tokens[-1]:  # split_multiget's test
             self._multiget(req, split_multiget(req))
@@ -484,18 +476,18 @@ class ProxyServerProtocol(LineReceiver):
                 self._pause_reading()
         self._slots.append(slot)
         self._check_inflight()
-        self.engine.route(req, slot.fill)
+        self.router.route(req, slot.fill)
 
     def _route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
                    sets: list[int], widths: dict[int, int] | None) -> bool:
         """Route a run of plain requests (``scan_plain``) with one slot;
-        False if the engine routes them one by one instead."""
+        False if the router routes them one by one instead."""
         # Its requests, a multiget's keys each and END, less the slot itself.
         extra = len(keys) - 1 + (sum(widths.values()) if widths else 0)
         slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
         slots = self._slots
         slots.append(slot)
-        if self.engine.route_run(data, start, keys, ends, sets, widths, slot.fill,
+        if self.router.route_run(data, start, keys, ends, sets, widths, slot.fill,
                                  sink=slot):
             if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
                     or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
@@ -507,7 +499,7 @@ class ProxyServerProtocol(LineReceiver):
         return False
 
     def _multiget(self, req: Request, keys: list[bytes]) -> None:
-        """Route a hooked multiget: its keys together when the engine can
+        """Route a hooked multiget: its keys together when the router can
         (``get``/``gets``, every key within the length limit), else split
         into one routed request per key."""
         if len(keys) > MAX_MULTIGET_KEYS:
@@ -517,7 +509,7 @@ class ProxyServerProtocol(LineReceiver):
         if prefix in _BATCH_PREFIXES and max(map(len, keys)) <= MAX_KEY_LENGTH:
             slot = GroupSlot(self, len(keys))
             self._slots.append(slot)
-            if self.engine.route_keys(req, keys, slot.fill, sink=slot):
+            if self.router.route_keys(req, keys, slot.fill, sink=slot):
                 self._check_inflight()
                 return
             self._slots.pop()
@@ -537,32 +529,27 @@ class ProxyServerProtocol(LineReceiver):
         self._reply(errors.END)
 
     def _local(self, req: Request) -> None:
-        """Commands the proxy answers itself (no route attached)."""
+        """Commands no route takes: those of the connection itself here,
+        the rest answered by the core (``version``, ``stats``, the cache)."""
         cmd = req.command
         if cmd == CMD_MN:
             self._reply(b"MN\r\n")
-        elif cmd == CMD_VERSION:
-            self._reply(self.service.version_line)
         elif cmd == CMD_QUIT:
             self._close_after_replies()
-        elif cmd == CMD_STATS:
-            self._reply(self.service.stats_reply(req.tokens[1:]))
         elif cmd == CMD_WATCH:
             self._watch(req.tokens[1:])
-        elif self.service.store is not None:
-            reply = self.service.store.execute(req)
+        else:
+            reply = self.core.answer(req)
             if reply:
                 self._reply(reply)
-        else:
-            self._reply(errors.NO_ROUTE)
 
     def _watch(self, streams: list[bytes]) -> None:
-        """``watch STREAM ...``: hand the connection to the service's watch
+        """``watch STREAM ...``: hand the connection to the core's watch
         registry (mcproxy.ops.watch). From its ``OK`` on the connection carries
         only log lines: requests after the ``watch`` are ignored and replies
         still pending are dropped, as in memcached. Watchers do not count as
         client connections (curr_connections, --max-connections, --idle-timeout)."""
-        watchers = getattr(self.service, "watchers", None)
+        watchers = self.core.watchers
         if watchers is None:
             self._reply(errors.NOT_SUPPORTED)
             return
@@ -732,9 +719,9 @@ class ProxyServerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, service: ProxyService, max_connections: int = 0,
+    def __init__(self, core: IProxyCore, max_connections: int = 0,
                  idle_timeout: float = 0, output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
-        self.service = service
+        self.core = core
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.output_limit = output_limit
@@ -748,14 +735,14 @@ class ProxyServerFactory(Factory):
         if self.max_connections and len(self.clients) >= self.max_connections:
             self.rejected += 1
             return _Rejected()
-        proto = ProxyServerProtocol(self.service, self.output_limit)
+        proto = ProxyServerProtocol(self.core, self.output_limit)
         proto.factory = self
         return proto
 
     def startFactory(self) -> None:
         if self.idle_timeout > 0:
             self._sweeper = LoopingCall(self.close_idle)
-            self._sweeper.clock = self.service.reactor
+            self._sweeper.clock = self.core.clock
             self._sweeper.start(min(MAX_IDLE_SWEEP, self.idle_timeout / 4), now=False)
 
     def stopFactory(self) -> None:
@@ -765,7 +752,7 @@ class ProxyServerFactory(Factory):
 
     def close_idle(self) -> None:
         """Close every client idle for idle_timeout with no reply pending."""
-        deadline = monotonic() - self.idle_timeout
+        deadline = self.core.clock.seconds() - self.idle_timeout
         for proto in [p for p in self.clients if p.last_active <= deadline and not p._slots]:
             self.clients.discard(proto)
             proto.transport.loseConnection()

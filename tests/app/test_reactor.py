@@ -69,7 +69,7 @@ def test_twistd_mcproxy_runs_on_it():
     proxy = Proxy(None).start()
     try:
         assert proxy.call(b"version\r\n", b"\r\n").startswith(b"VERSION ")
-        assert "reactor class: mcproxy.app.reactor.ProxyReactor." in proxy.log()
+        assert "switched the reactor to mcproxy.app.reactor.ProxyReactor" in proxy.log()
     finally:
         proxy.stop()
 

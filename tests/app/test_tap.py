@@ -5,9 +5,12 @@ from __future__ import annotations
 import gc
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from mcproxy.app.service import GC_THRESHOLD, ProxyService
+from mcproxy.app import process as process_module
+from mcproxy.app.process import GC_THRESHOLD, ProxyProcess
+from mcproxy.app.service import ProxyService
 from mcproxy.app.tap import Options, makeService
 
 
@@ -44,19 +47,31 @@ def test_make_service_builds_a_multiservice_with_the_listeners(tmp_path):
     config = tmp_path / "route.lua"
     config.write_text("function mcp_config_pools() return {} end\n"
                       "function mcp_config_routes() end\n")
-    service = makeService(parse(f"--config={config}", "--listen=tcp:0:interface=127.0.0.1"))
+    process = makeService(parse(f"--config={config}", "--listen=tcp:0:interface=127.0.0.1"))
+    assert isinstance(process, ProxyProcess)
+    assert list(process) == [process.proxy]
+    service = process.proxy
     assert isinstance(service, ProxyService)
     assert len(list(service)) >= 1
     assert service.engine.routes is not None
 
 
-def test_twistd_mcproxy_runs_the_gc_less_often_an_embedding_app_decides(tmp_path):
+def test_building_changes_nothing_in_the_process_starting_does(monkeypatch):
+    """makeService builds; the ProxyProcess, once started, raises the GC
+    threshold and adopts the epoll reactor; an embedding app decides."""
     before = gc.get_threshold()
+    adopted = []
+    monkeypatch.setattr(process_module, "adopt", adopted.append)
     try:
         ProxyService(None, ["tcp:0:interface=127.0.0.1"])
-        assert gc.get_threshold() == before
-        makeService(parse("--listen=tcp:0:interface=127.0.0.1"))
+        process = makeService(parse("--listen=tcp:0:interface=127.0.0.1"))
+        assert gc.get_threshold() == before and not adopted
+        reactor = MemoryReactorClock()
+        process.reactor = reactor
+        process.proxy.startService = lambda: None  # no listening, no signals
+        process.startService()
         assert gc.get_threshold() == (GC_THRESHOLD, *before[1:])
+        assert adopted == [reactor]
     finally:
         gc.set_threshold(*before)
 

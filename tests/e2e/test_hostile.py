@@ -360,7 +360,7 @@ def test_binary_magic_on_the_first_byte(chunks):
     """An empty first read (none on a real socket) must not use up the check."""
     proto, transport, service = connect()
     feed(proto, *chunks)
-    service.reactor.advance(BINARY_HEADER_WAIT)
+    service.clock.advance(BINARY_HEADER_WAIT)
     assert transport.value().endswith(errors.BINARY_PROTOCOL) and transport.disconnecting
 
 
@@ -372,18 +372,18 @@ def test_unterminated_multiget_line_cap():
     assert not transport.disconnecting
     feed(proto, b"k " * 32768)
     assert transport.value() == errors.REQUEST_TOO_LONG and transport.disconnecting
-    assert not service.engine.routed and not proto._buffer
+    assert not service.router.routed and not proto._buffer
 
 
 def test_multiget_key_cap():
     proto, transport, service = connect()
     keys = b" ".join(b"%d" % i for i in range(MAX_MULTIGET_KEYS))
     feed(proto, b"get " + keys + b"\r\n")
-    assert len(service.engine.routed) == MAX_MULTIGET_KEYS
+    assert len(service.router.routed) == MAX_MULTIGET_KEYS
     proto, transport, service = connect()
     feed(proto, b"get " + keys + b" more\r\n")
     assert transport.value() == errors.REQUEST_TOO_LONG and transport.disconnecting
-    assert not service.engine.routed
+    assert not service.router.routed
 
 
 def test_payload_cap_swallows_and_keeps_the_connection_in_step():
@@ -395,10 +395,10 @@ def test_payload_cap_swallows_and_keeps_the_connection_in_step():
     assert not proto._payload_chunks
     feed(proto, b"x\r\nmn\r\n")
     assert transport.value() == errors.OBJECT_TOO_LARGE + b"MN\r\n"
-    assert not service.engine.routed
+    assert not service.router.routed
     # At the limit, the value goes through.
     feed(proto, b"set k 0 0 %d\r\n" % MAX_PAYLOAD, b"y" * MAX_PAYLOAD, b"\r\n")
-    [(req, _)] = service.engine.routed
+    [(req, _)] = service.router.routed
     assert len(req.value) == MAX_PAYLOAD + 2
 
 
@@ -411,9 +411,9 @@ def test_reading_pauses_on_payload_bytes_in_flight():
     assert transport.producerState == "producing"
     feed(proto, b"set last 0 0 %d\r\n%s\r\nmn\r\n" % (len(value), value))
     assert transport.producerState == "paused"
-    assert len(service.engine.routed) == count  # mn waits in the buffer
-    routed = service.engine.routed[:]
-    del service.engine.routed[:]
+    assert len(service.router.routed) == count  # mn waits in the buffer
+    routed = service.router.routed[:]
+    del service.router.routed[:]
     for _req, done in routed[: count // 2 + 1]:
         done(b"STORED\r\n")
     assert transport.producerState == "producing"

@@ -32,12 +32,22 @@ from mcproxy.app.service import ProxyService
 from mcproxy.app.tap import Options, makeService
 from mcproxy.app.workers import (
     ASK_TIMEOUT,
+    STABLE_AFTER,
     WorkerProcess,
     WorkerSupervisor,
-    parse_stats,
     worker_arguments,
 )
 from tests.servers import Proxy, free_port, read_until
+
+
+def parse_stats(reply: bytes) -> list[list[str]]:
+    """``[name, value]`` of each ``STAT name value`` line of a stats reply."""
+    pairs = []
+    for line in reply.decode().splitlines():
+        fields = line.split(" ", 2)
+        if len(fields) == 3 and fields[0] == "STAT":
+            pairs.append(fields[1:])
+    return pairs
 
 ROUTE = """
 function mcp_config_pools()
@@ -168,7 +178,7 @@ def test_workers_get_every_option_but_the_supervisors(tmp_path):
 
 def test_the_supervisor_serves_the_metrics():
     options = parse("--workers=2", "--metrics=tcp:0:interface=127.0.0.1")
-    supervisor = makeService(options)
+    supervisor = makeService(options).proxy
     assert isinstance(supervisor, WorkerSupervisor)
     assert [type(child).__name__ for child in supervisor] == ["StreamServerEndpointService"]
     assert worker_arguments(options) == []
@@ -178,9 +188,9 @@ def test_stats_workers_adds_up_the_workers():
     service = ProxyService(None, [], reactor=MemoryReactorClock())
     service.worker_id = 1
     service.stats.total_connections = 5
-    service.worker_table = {"0": [["pid", "100"], ["total_connections", "7"],
-                                  ["rusage_user", "0.5"], ["version", "x"]],
-                            "1": [["pid", "stale"], ["total_connections", "1"]]}
+    service.worker_table = {0: [["pid", 100], ["total_connections", 7],
+                                ["rusage_user", 0.5], ["version", "x"]],
+                            1: [["pid", 99], ["total_connections", 1]]}
     service.worker_restarts = 3
     lines = parse_stats(service.stats_reply([b"workers"]))
     values = dict(lines)
@@ -189,6 +199,8 @@ def test_stats_workers_adds_up_the_workers():
     assert values["worker:0:total_connections"] == "7"
     assert values["worker:1:total_connections"] == "5"
     assert values["total_connections"] == "12"
+    assert values["worker:0:rusage_user"] == "0.500000"
+    assert float(values["rusage_user"]) >= 0.5
     assert "pid" not in values and "version" not in values
     assert dict(parse_stats(service.stats_reply([])))["worker_id"] == "1"
 
@@ -203,6 +215,28 @@ class UnspawnableReactor(MemoryReactorClock):
     def spawnProcess(self, *args, **kwargs):
         self.spawns += 1
         raise PermissionError(13, "Permission denied")
+
+
+def test_a_worker_that_ran_long_enough_restarts_without_backoff():
+    """The restart delay doubles for quick exits and starts again after a
+    worker that ran STABLE_AFTER seconds, on the supervisor's clock."""
+    reactor = UnspawnableReactor()
+    supervisor = WorkerSupervisor(1, [], [], reactor=reactor)
+    events: list[dict] = []
+    supervisor.log = Logger(observer=events.append)
+    supervisor.running = True
+    ended = Failure(error.ProcessTerminated(exitCode=1)).value
+
+    def run_for(seconds: float) -> str:
+        worker = WorkerProcess(supervisor, 0)
+        supervisor.workers[0] = worker
+        reactor.advance(seconds)
+        supervisor.worker_ended(worker, ended)
+        supervisor._pending.pop(0).cancel()
+        return formatEvent(events[-1]).rsplit(" ", 1)[-1]
+
+    assert [run_for(1), run_for(1), run_for(STABLE_AFTER), run_for(1)] == \
+        ["1.0s", "2.0s", "1.0s", "2.0s"]
 
 
 def test_a_worker_that_cannot_be_started_is_retried_with_backoff():

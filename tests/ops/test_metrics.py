@@ -8,6 +8,8 @@ Chromium (a screenshot is kept under pytest's tmp dir, and the DOM checked).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,7 @@ from mcproxy.app.service import RELOAD_HISTORY, ProxyService
 from mcproxy.backends import latency
 from mcproxy.backends.latency import LatencyWindow
 from mcproxy.ops import web
+from mcproxy.ops.stats import Snapshot
 from tests.servers import Memcached, Proxy, free_port, read_until, wait_for_port
 
 # -- latency windows ---------------------------------------------------------------
@@ -141,9 +144,21 @@ def service(tmp_path):
 
 def test_pools_are_named_as_the_routes_reach_them(service):
     found = {name: [b.label for b in pool.backends]
-             for name, pool in web.pools(service.engine.routes)}
+             for name, pool in service.engine.routes.pools}
     assert found == {"main": ["m1", "m2"], "near": ["n1"]}
-    assert web.pools(None) == []
+    snap = service.snapshot()
+    assert [(p.name, p.members) for p in snap.pools] == [
+        (name, [(b.label, b.state) for b in pool.backends])
+        for name, pool in service.engine.routes.pools]
+    assert ProxyService(None, [], reactor=Clock()).snapshot().pools == []
+
+
+def test_a_snapshot_goes_through_json_whole(service):
+    """What a worker sends the supervisor is the snapshot itself."""
+    backends = {b.label: b for b in service.registry.live}
+    backends["m1"].latency.record(120)
+    snap = service.snapshot()
+    assert Snapshot.from_data(json.loads(json.dumps(snap.as_data()))) == snap
 
 
 def test_collector_exports_backends_and_pools(service):
@@ -151,7 +166,8 @@ def test_collector_exports_backends_and_pools(service):
     for us in (100, 200, 300, 400):
         backends["m1"].latency.record(us)
     backends["n1"].latency.record(50)
-    families = _parse(prometheus_client.generate_latest(web.metrics_registry(service)))
+    families = _parse(prometheus_client.generate_latest(
+        web.metrics_registry(service.snapshot)))
     assert _value(families, "mcproxy_backend_latency_seconds_count", backend="m1") == 4
     assert _value(families, "mcproxy_backend_latency_seconds", backend="m1",
                   quantile="0.5") == pytest.approx(200e-6)
@@ -176,17 +192,21 @@ def test_reload_history_is_bounded_and_records_errors(service):
     for _ in range(RELOAD_HISTORY + 5):
         service.reload()
     assert len(service.reloads) == RELOAD_HISTORY
-    page = web.status_page(service)
+    page = web.status_page(service.snapshot())
     assert str(path) in page and 'data-backend="m1"' in page
 
 
 def test_workers_metrics_are_one_exposition_labelled_by_worker(service):
-    from mcproxy.app.workers import WorkerSupervisor
+    from mcproxy.app.workers import WorkerProcess, WorkerSupervisor
     from mcproxy.ops import webworkers
 
-    one = prometheus_client.generate_latest(web.metrics_registry(service)).decode()
+    one = prometheus_client.generate_latest(web.metrics_registry(service.snapshot)).decode()
     supervisor = WorkerSupervisor(3, [], [], reactor=Clock())
-    answers = {0: (None, one), 1: (None, one), 2: (None, None)}
+    workers = [WorkerProcess(supervisor, slot) for slot in range(3)]
+    for worker in workers:
+        worker.pid = os.getpid()  # its process metrics come from /proc/<pid>
+    snap = Snapshot.from_data(json.loads(json.dumps(service.snapshot().as_data())))
+    answers = {0: (workers[0], snap), 1: (workers[1], snap), 2: (workers[2], None)}
     text = webworkers.metrics_text(supervisor, answers).decode()
     families = _parse(text)
     assert families.keys() == _parse(one).keys() | {
@@ -208,8 +228,8 @@ def test_workers_status_page_has_a_section_per_worker(service):
     supervisor = WorkerSupervisor(3, [], [], reactor=Clock())
     workers = [WorkerProcess(supervisor, slot) for slot in range(2)]
     workers[0].pid, workers[1].pid = 4242, 4343
-    body = web.status_sections(service, time.time(), prefix="worker-0-")
-    page = webworkers.status_page(supervisor, {0: (workers[0], body), 1: (workers[1], None)})
+    page = webworkers.status_page(supervisor, {0: (workers[0], service.snapshot()),
+                                               1: (workers[1], None)})
     assert '<h2 class="worker">worker 0 &middot; pid 4242</h2>' in page
     assert 'id="worker-0-backends"' in page and 'data-backend="m1"' in page
     assert "worker 1 &middot; pid 4343</h2><p class=\"failed\">did not answer" in page

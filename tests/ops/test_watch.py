@@ -13,11 +13,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogPublisher
 
 from mcproxy.backends.backend import LOG_MARKED_BAD, LOG_RESET
-from mcproxy.counters import ProxyStats
 from mcproxy.ops import watch
 from mcproxy.ops.watch import MAX_WATCHERS, WatchRegistry, render
 from mcproxy.server.protocol import ProxyServerProtocol
 from mcproxy.wire import errors
+from tests.server.memorycore import MemoryCore
 from tests.servers import Memcached, Proxy, read_until
 
 # -- rendering -------------------------------------------------------------------
@@ -76,25 +76,24 @@ def test_parse_streams(args, flags):
 # -- the protocol hand-over ----------------------------------------------------------
 
 
-class Service:
-    """What ProxyServerProtocol needs of a ProxyService, with a real registry
-    on a private log publisher."""
+class Unrouted:
+    """Routes nothing: ``watch`` and the rest are answered locally."""
 
-    def __init__(self) -> None:
-        self.publisher = LogPublisher()
-        self.watchers = WatchRegistry(reactor=object(), publisher=self.publisher)
-        self.log = Logger(observer=self.publisher)
-        self.stats = ProxyStats()
-        self.store = None
-        self.version_line = b"VERSION test\r\n"
+    plain_runs = None
 
-        class Engine:
-            plain_runs = None  # plain requests go one by one
+    def hooked(self, command):
+        return False
 
-            def hooked(self, command):
-                return False
 
-        self.engine = Engine()
+def make_core() -> MemoryCore:
+    """A core with a real watch registry on a private log publisher, and a
+    logger that publishes there."""
+    publisher = LogPublisher()
+    core = MemoryCore(Unrouted(), watchers=WatchRegistry(reactor=object(),
+                                                         publisher=publisher))
+    core.publisher = publisher
+    core.log = Logger(observer=publisher)
+    return core
 
 
 def connect(service):
@@ -111,7 +110,7 @@ def lines(transport) -> list[bytes]:
 
 
 def test_watch_streams_only_its_types():
-    service = Service()
+    service = make_core()
     proto, transport = connect(service)
     proto.dataReceived(b"version\r\nwatch proxyuser proxyevents\r\nversion\r\n")
     assert transport.value() == b"VERSION test\r\nOK\r\n"
@@ -127,7 +126,7 @@ def test_watch_streams_only_its_types():
 
 
 def test_bad_watch_keeps_serving():
-    service = Service()
+    service = make_core()
     proto, transport = connect(service)
     proto.dataReceived(b"watch bogus\r\nwatch\r\nversion\r\n")
     assert transport.value() == b"ERROR\r\nERROR\r\nVERSION test\r\n"
@@ -135,7 +134,7 @@ def test_bad_watch_keeps_serving():
 
 
 def test_gids_count_lines_across_watchers():
-    service = Service()
+    service = make_core()
     (p1, t1), (p2, t2) = connect(service), connect(service)
     p1.dataReceived(b"watch proxyuser\r\n")
     p2.dataReceived(b"watch proxyuser\r\n")
@@ -146,7 +145,7 @@ def test_gids_count_lines_across_watchers():
 
 
 def test_slow_watcher_skips_and_says_how_many():
-    service = Service()
+    service = make_core()
     proto, transport = connect(service)
     proto.dataReceived(b"watch proxyuser\r\n")
     transport.clear()
@@ -160,7 +159,7 @@ def test_slow_watcher_skips_and_says_how_many():
 
 
 def test_hang_up_removes_the_watcher_and_the_observer():
-    service = Service()
+    service = make_core()
     proto, transport = connect(service)
     proto.dataReceived(b"watch proxyevents\r\n")
     assert service.watchers.observe in service.publisher._observers
@@ -171,7 +170,7 @@ def test_hang_up_removes_the_watcher_and_the_observer():
 
 
 def test_too_many_watchers():
-    service = Service()
+    service = make_core()
     for _ in range(MAX_WATCHERS):
         connect(service)[0].dataReceived(b"watch proxyuser\r\n")
     proto, transport = connect(service)

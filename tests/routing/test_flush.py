@@ -3,8 +3,6 @@ default broadcast to every backend, attached routes, and routes.broadcast."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from twisted.internet.testing import StringTransport
 
@@ -13,6 +11,7 @@ from mcproxy.wire import errors
 from mcproxy.wire import request as rq
 from mcproxy.wire.response import BackendProtocolError, Response, check_reply
 from tests.enginekit import FakeBackends, run, start
+from tests.server.memorycore import MemoryCore
 
 #: Three backends, b in both pools; keys are routed to "one".
 POOLS = """
@@ -288,8 +287,7 @@ def _stored(line: bytes, value: bytes) -> rq.Request:
 
 def client(engine, data: bytes) -> bytes:
     """What a client connection to a proxy running ``engine`` gets for ``data``."""
-    service = SimpleNamespace(engine=engine, stats=engine.stats, store=engine.store)
-    proto = ProxyServerProtocol(service)
+    proto = ProxyServerProtocol(MemoryCore(engine, store=engine.store, stats=engine.stats))
     transport = StringTransport()
     proto.makeConnection(transport)
     proto.dataReceived(data)

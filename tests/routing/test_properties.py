@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 
-from mcproxy.counters import ProxyStats
 from mcproxy.server import protocol as server_module
 from mcproxy.server.protocol import BINARY_HEADER, BINARY_MAGIC, ProxyServerProtocol, binary_refusal
 from mcproxy.wire import errors
@@ -60,6 +59,7 @@ from mcproxy.wire.response import (
     parse_response,
 )
 from mcproxy.writes import WriteBatch
+from tests.server.memorycore import MemoryCore
 
 #: Multiplies the example counts for a deeper run (the default takes ~20 s).
 SCALE = int(os.environ.get("MCPROXY_PROPERTY_SCALE", "1"))
@@ -672,14 +672,13 @@ class NumberingStore:
         return b"" if req.noreply else b"<%d>\r\n" % self.counter[0]
 
 
-class NumberingService:
+class NumberingService(MemoryCore):
     def __init__(self, hooked: frozenset[int], later: bool, runs: bool | str = False,
                  multigets: bool = True) -> None:
         self.counter = [0]
         self.engine = NumberingEngine(hooked, self.counter, later, runs, multigets)
-        self.stats = ProxyStats()
-        self.store = NumberingStore(self.counter)
-        self.version_line = b"VERSION test\r\n"
+        super().__init__(self.engine, store=NumberingStore(self.counter),
+                         stats_reply=self.stats_reply)
 
     def stats_reply(self, args: list[bytes]) -> bytes:
         self.counter[0] += 1

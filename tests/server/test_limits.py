@@ -6,44 +6,54 @@ import socket
 import time
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.python import usage
 
 from mcproxy.app.service import ProxyService
 from mcproxy.app.tap import Options
-from mcproxy.counters import ProxyStats
+from mcproxy.ops.watch import WatchRegistry
 from mcproxy.server.protocol import (
     CLIENT_OUTPUT_LIMIT,
     LOG_OUTPUT_LIMIT,
     TOO_MANY_CONNECTIONS,
     ProxyServerFactory,
 )
+from tests.server.memorycore import MemoryCore
 from tests.servers import Proxy, read_until
 
 # -- in process ------------------------------------------------------------------
 
 
-class Service:
-    def __init__(self) -> None:
-        self.stats = ProxyStats()
-        self.events: list[dict] = []
-        self.store = None
-        self.version_line = b"VERSION test\r\n"
+class Engine:
+    """Routes every request, and never answers."""
 
-        class Engine:
-            plain_runs = None  # plain requests go one by one
+    plain_runs = None  # plain requests go one by one
 
-            def hooked(self, command):
-                return True
+    def hooked(self, command):
+        return True
 
-            def route(self, req, done):
-                pass  # never answered
+    def route(self, req, done):
+        pass
 
-            def route_keys(self, req, keys, done, sink=None):
-                return False
+    def route_keys(self, req, keys, done, sink=None):
+        return False
 
-        self.engine = Engine()
+
+class Unrouted:
+    """Routes nothing: every command is answered locally."""
+
+    plain_runs = None
+
+    def hooked(self, command):
+        return False
+
+
+def make_core(router=None, watchers=None) -> MemoryCore:
+    core = MemoryCore(Engine() if router is None else router, watchers=watchers)
+    core.events = []
+    return core
 
 
 def connect(factory):
@@ -54,7 +64,7 @@ def connect(factory):
 
 
 def test_beyond_the_limit_clients_are_told_and_closed():
-    factory = ProxyServerFactory(Service(), max_connections=2)
+    factory = ProxyServerFactory(make_core(), max_connections=2)
     (first, _), (_, t2) = connect(factory), connect(factory)
     _, t3 = connect(factory)
     assert t3.value() == TOO_MANY_CONNECTIONS and t3.disconnecting
@@ -65,14 +75,40 @@ def test_beyond_the_limit_clients_are_told_and_closed():
 
 
 def test_idle_sweep_spares_active_clients_and_pending_replies():
-    factory = ProxyServerFactory(Service(), idle_timeout=10)
+    core = make_core()
+    factory = ProxyServerFactory(core, idle_timeout=10)
     (idle, t_idle), (busy, t_busy), (active, t_active) = (connect(factory) for _ in range(3))
     busy.dataReceived(b"get k\r\n")  # its reply is still pending
-    idle.last_active -= 11
-    busy.last_active -= 11
+    core.clock.advance(9)
+    active.dataReceived(b"version\r\n")
+    core.clock.advance(1)
     factory.close_idle()
     assert t_idle.disconnecting
     assert not t_busy.disconnecting and not t_active.disconnecting
+
+
+def test_idle_clients_are_closed_by_the_sweep_on_the_clock():
+    """--idle-timeout: the sweep runs on the core's clock while the factory
+    listens; a client that keeps sending, and a watcher, stay."""
+    core = make_core(router=Unrouted(), watchers=WatchRegistry(reactor=Clock(),
+                                                             publisher=LogPublisher()))
+    factory = ProxyServerFactory(core, idle_timeout=0.4)
+    factory.doStart()
+    (_, t_idle), (active, t_active), (watcher, t_watcher) = (connect(factory)
+                                                              for _ in range(3))
+    watcher.dataReceived(b"watch proxyevents\r\n")
+    for _ in range(3):
+        core.clock.advance(0.1)
+        active.dataReceived(b"version\r\n")
+    assert not t_idle.disconnecting  # 0.3 s: not idle yet
+    for _ in range(9):
+        core.clock.advance(0.1)
+        active.dataReceived(b"version\r\n")
+    assert t_idle.disconnecting
+    assert not t_active.disconnecting and not t_watcher.disconnecting
+    assert factory.clients == {active}
+    factory.doStop()
+    assert not core.clock.getDelayedCalls()
 
 
 # -- the output limit ----------------------------------------------------------
@@ -104,8 +140,7 @@ class KeysEngine:
 
 
 def output_client(limit: int = LIMIT):
-    service = Service()
-    service.engine = KeysEngine()
+    service = make_core(router=KeysEngine())
     factory = ProxyServerFactory(service, output_limit=limit)
     proto, transport = connect(factory)
     proto.log = Logger(observer=service.events.append)
@@ -115,27 +150,27 @@ def output_client(limit: int = LIMIT):
 def test_replies_waiting_pause_reading_and_resume_once_written():
     proto, transport, service = output_client()
     proto.dataReceived(b"get a\r\nget b\r\nget c\r\n")
-    head, second, third = service.engine.routed
+    head, second, third = service.router.routed
     second(b"x" * 40 * KB)
     assert proto._waiting == 40 * KB and transport.producerState == "producing"
     third(b"y" * 40 * KB)  # 80 KB wait behind the head: past LIMIT / 16
     assert transport.producerState == "paused"
     proto.dataReceived(b"get d\r\n")
-    assert len(service.engine.routed) == 3  # read later
+    assert len(service.router.routed) == 3  # read later
     proto.pauseProducing()  # Twisted's buffer is full: what it gets still waits
     head(b"h")
     assert transport.value().endswith(b"y" * 40 * KB)
     assert proto._waiting == 80 * KB + 1 and transport.producerState == "paused"
     proto.resumeProducing()  # Twisted wrote it all
     assert proto._waiting == 0 and transport.producerState == "producing"
-    assert len(service.engine.routed) == 4
+    assert len(service.router.routed) == 4
     assert service.stats.conn_output_closed == 0
 
 
 def test_past_the_limit_the_client_is_closed_counted_and_logged():
     proto, transport, service = output_client()
     proto.dataReceived(b"get a\r\nget b\r\nget c\r\n")
-    head, second, third = service.engine.routed
+    head, second, third = service.router.routed
     second(b"x" * (LIMIT // 2))
     assert not transport.disconnecting
     third(b"y" * (LIMIT // 2 + 1))
@@ -153,14 +188,14 @@ def test_past_the_limit_the_client_is_closed_counted_and_logged():
 def test_a_multiget_counts_its_reply_while_it_arrives():
     proto, transport, service = output_client()
     proto.dataReceived(b"get a b c\r\n")
-    [(done, sink)] = service.engine.batches
+    [(done, sink)] = service.router.batches
     sink.arriving(100 * KB)
     assert proto._waiting == 100 * KB and transport.producerState == "paused"
     done(b"VALUE a 0 1\r\n1\r\nEND\r\n")  # the real bytes replace the count
     assert proto._waiting == 0 and transport.producerState == "producing"
     assert transport.value() == b"VALUE a 0 1\r\n1\r\nEND\r\n"
     proto.dataReceived(b"get a b c\r\n")
-    done, sink = service.engine.batches[1]
+    done, sink = service.router.batches[1]
     sink.arriving(LIMIT)
     assert sink.wanted and not transport.disconnecting
     sink.arriving(1)
@@ -172,7 +207,7 @@ def test_a_client_that_reads_is_not_cut_off():
     proto, transport, service = output_client()
     for _ in range(64):
         proto.dataReceived(b"get a b\r\n")
-        done, sink = service.engine.batches[-1]
+        done, sink = service.router.batches[-1]
         sink.arriving(LIMIT // 2)
         done(b"v" * (LIMIT // 2))
     assert not transport.disconnecting and proto._waiting == 0
@@ -182,7 +217,7 @@ def test_a_client_that_reads_is_not_cut_off():
 def test_no_output_limit():
     proto, transport, service = output_client(limit=0)
     proto.dataReceived(b"get a b\r\n")
-    done, sink = service.engine.batches[-1]
+    done, sink = service.router.batches[-1]
     sink.arriving(64 * LIMIT)
     assert transport.producerState == "producing" and not transport.disconnecting
 
@@ -267,6 +302,7 @@ def test_max_connections():
 
 @pytest.mark.e2e
 def test_idle_timeout():
+    """--idle-timeout through twistd (the sweep on the real reactor)."""
     proxy = Proxy(None, "--idle-timeout=0.4").start()
     try:
         idle, active = proxy.connect(), proxy.connect()

@@ -68,9 +68,9 @@ def test_proxy_service_listens_with_the_backlog():
 
 def test_backlog_option_reaches_the_endpoints():
     service = makeService(parse("--backlog=2000", "--listen=tcp:0:interface=127.0.0.1",
-                                "--listen=tcp:0:interface=127.0.0.1:backlog=9"))
+                                "--listen=tcp:0:interface=127.0.0.1:backlog=9")).proxy
     assert backlogs(service) == [2000, 9]
-    assert backlogs(makeService(parse("--listen=tcp:0:interface=127.0.0.1"))) == [1024]
+    assert backlogs(makeService(parse("--listen=tcp:0:interface=127.0.0.1")).proxy) == [1024]
 
 
 class RecordingSocket(socket.socket):
@@ -104,4 +104,4 @@ def test_the_supervisor_binds_with_the_backlog(monkeypatch, reuseport):
 def test_workers_are_not_given_the_backlog():
     options = parse("--workers=2", "--backlog=2000", "--listen=tcp:0")
     assert worker_arguments(options) == []
-    assert makeService(options).backlog == 2000
+    assert makeService(options).proxy.backlog == 2000
