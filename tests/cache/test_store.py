@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from mcproxy.cache.store import (
-    BAD_DATA_CHUNK,
-    BAD_FORMAT,
-    ERROR,
-    STAT_NAMES,
-    Store,
-    b64decode_key,
-    item_size,
-    slab_classes,
-)
+from mcproxy.cache.items import STAT_NAMES, item_size, slab_classes
+from mcproxy.cache.metaflags import b64decode_key
+from mcproxy.cache.replies import BAD_DATA_CHUNK, BAD_FORMAT, ERROR
+from mcproxy.cache.store import Store
 from mcproxy.wire.request import (
     CMD_STATS,
     COMMANDS,
