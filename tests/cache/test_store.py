@@ -1,7 +1,7 @@
 """Unit tests for the embedded store: every command, flag and error.
 
 Time comes from a fake clock, so expiry is tested without sleeping.
-tests/test_store_vs_memcached.py checks the same replies against a real
+tests/e2e/test_store_vs_memcached.py checks the same replies against a real
 memcached; these tests pin the behaviour down where that is impractical
 (time, memory, eviction) and document where the store differs.
 """
