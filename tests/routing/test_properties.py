@@ -11,15 +11,23 @@ regression tests at the end of the file.
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.testing import StringTransport
 
-from mcproxy.server import protocol as server_module
-from mcproxy.server.protocol import BINARY_HEADER, BINARY_MAGIC, ProxyServerProtocol, binary_refusal
+from fuzz.checks import (
+    check_output,
+    check_reply_chunks,
+    check_request_line,
+    check_wire,
+    chunked,
+    read_chunks,
+    read_one_piece,
+    read_raw_chunks,
+    reply_fields,
+    run_protocol,
+)
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import (
@@ -54,12 +62,9 @@ from mcproxy.wire.response import (
     MCMC_RESP_NUMERIC,
     BackendProtocolError,
     Response,
-    ResponseReader,
     client_bytes,
     parse_response,
 )
-from mcproxy.writes import WriteBatch
-from tests.server.memorycore import MemoryCore
 
 #: Multiplies the example counts for a deeper run (the default takes ~20 s).
 SCALE = int(os.environ.get("MCPROXY_PROPERTY_SCALE", "1"))
@@ -89,8 +94,6 @@ lengths = st.one_of(st.integers(0, 100), st.integers(0, MAX_VALUE_LENGTH - 2))
 numbers = st.integers(0, 2**64 - 1).map(b"%d".__mod__)
 exptimes = st.integers(-1, 2**31).map(b"%d".__mod__)
 
-#: Tokens indexed for most commands (memcached's MAX_TOKENS, request._DEFAULT_CAP).
-TOKEN_CAP = 24
 STORAGE = [b"set", b"add", b"replace", b"append", b"prepend", b"cas"]
 
 
@@ -159,23 +162,6 @@ any_lines = st.one_of(
 )
 
 
-def check_wire(req: Request) -> None:
-    """What goes to a backend is itself a request for the same thing,
-    one the backend will answer (no noreply, no quiet flag left)."""
-    wire = req.wire_line()
-    assert wire.endswith(b"\r\n") and b"\n" not in wire[:-1]
-    try:
-        again = parse_request(wire)
-    except ParseError:
-        # Past the token cap the flags in the last token were never checked;
-        # without its q flags the line is shorter and they are. (memcached
-        # refuses meta lines with that many flags anyway.)
-        assert req.quiet and len(req.tokens) == TOKEN_CAP
-        return
-    assert (again.command, again.key, again.vlen) == (req.command, req.key, req.vlen)
-    assert not again.noreply and not again.quiet
-
-
 # -- properties: requests ------------------------------------------------------
 
 
@@ -220,17 +206,7 @@ def test_request_spacing_does_not_matter(generated, data):
 @FAST
 @given(any_lines)
 def test_any_line_parses_or_raises_parse_error(line):
-    try:
-        req = parse_request(line)
-    except ParseError:
-        return
-    assert req.line == line and line.endswith(b"\r\n")
-    assert b" " not in req.key and req.vlen >= 0
-    check_wire(req)
-    if req.command in rq.GET_COMMANDS:
-        keys_ = split_multiget(req)
-        assert keys_ is None or all(keys_)
-        assert line.startswith(multiget_prefix(req))
+    check_request_line(line)
 
 
 def _parsed(parse, line: bytes):
@@ -333,42 +309,6 @@ def replies(draw) -> tuple[bytes, tuple]:
     return line + value + b"END\r\n", (MCMC_CODE_OK, MCMC_RESP_GET, line, value)
 
 
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
-def _key(res) -> tuple:
-    return res.code, res.type, res.line, res.value
-
-
-def read_one_piece(data: bytes) -> tuple[list[tuple], str | None]:
-    """Replies parse_response finds in ``data``, and the error that stopped it."""
-    out, pos = [], 0
-    try:
-        while (got := parse_response(data, pos)) is not None:
-            out.append(_key(got[0]))
-            pos = got[1]
-    except BackendProtocolError as e:
-        return out, e.reason
-    return out, None
-
-
-def read_chunks(chunks: list[bytes], multi: bool = False
-                ) -> tuple[list[tuple], str | None, int]:
-    """The same through a ResponseReader fed ``chunks`` (reading items of a
-    multi-key get reply with ``multi``); also what it buffers."""
-    reader, out = ResponseReader(), []
-    try:
-        for chunk in chunks:
-            if reader.feed(chunk):
-                while (res := reader.read(multi=multi)) is not None:
-                    out.append(_key(res))
-    except BackendProtocolError as e:
-        return out, e.reason, -1
-    return out, None, reader.buffered
-
-
 # -- properties: replies -------------------------------------------------------
 
 
@@ -378,7 +318,7 @@ def test_reply_roundtrip(generated):
     wire, expect = generated
     res, end = parse_response(wire)
     assert end == len(wire) and res.ok
-    assert _key(res) == expect
+    assert reply_fields(res) == expect
     assert parse_response(bytearray(wire))[1] == end
     for cut in range(len(wire)):
         assert parse_response(wire[:cut]) is None
@@ -407,33 +347,7 @@ def test_any_bytes_read_the_same_in_any_chunks(data, cuts, multi):
     """Only BackendProtocolError escapes, and the replies before it, the
     error itself and what stays buffered do not depend on the chunking
     (nor, for single replies, on using the reader or parse_response)."""
-    whole = read_chunks([data], multi)
-    assert read_chunks(chunked(data, cuts), multi) == whole
-    if not multi:
-        assert read_one_piece(data) == whole[:2]
-
-
-def read_raw_chunks(chunks: list[bytes], counts: list[int],
-                    widths: dict[int, int] | None = None, keys: list[bytes] | None = None,
-                    sets: frozenset[int] | None = None) -> tuple[bytes, int, str | None]:
-    """The bytes and number of replies ResponseReader.read_raw frames in
-    ``chunks``, asking for ``counts`` replies in turn (``widths``: the key
-    counts of multi-key gets; ``keys`` and ``sets`` the requests, by
-    default gets of ``k``), and the error that stopped it."""
-    if keys is None:
-        widths_ = widths or {}
-        keys = [b" ".join([b"k"] * widths_.get(i, 1)) for i in range(64)]
-    reader, parts, framed, turn = ResponseReader(), [], 0, 0
-    try:
-        for chunk in chunks:
-            if reader.feed(chunk):
-                while got := reader.read_raw(counts[turn % len(counts)], parts, keys, sets,
-                                             widths, framed):
-                    framed += got
-                    turn += 1
-    except BackendProtocolError as e:
-        return b"".join(parts), framed, e.reason
-    return b"".join(parts), framed, None
+    check_reply_chunks(data, chunked(data, cuts), multi)
 
 
 _SET_REPLIES = (b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n", b"NOT_FOUND\r\n")
@@ -444,7 +358,7 @@ def plain_request_for(reply: Response) -> tuple[bytes, bool] | None:
     answer; None if neither can (it answers no request of a run)."""
     if reply.type == MCMC_RESP_GET:
         return reply.line[6:reply.line.index(b" ", 6)], False
-    if reply.type == MCMC_RESP_ERRMSG or reply.line == errors.END:
+    if reply.type in (MCMC_RESP_ERRMSG, MCMC_RESP_END):
         return b"k", False
     if reply.line in _SET_REPLIES:
         return b"k", True
@@ -594,140 +508,6 @@ def test_client_bytes_is_the_reply_or_nothing(generated, req_generated, multiget
 # -- the client protocol -------------------------------------------------------
 
 
-class NumberingEngine:
-    """Answers every routed request with a numbered line, now or later.
-    With ``runs``, takes runs of plain get/set requests (route_run) when
-    both commands are hooked, multi-key gets too with ``multigets``, and
-    records and numbers their requests as if they had come one by one
-    (a multiget key by key)."""
-
-    def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
-                 runs: bool | str = False, multigets: bool = True) -> None:
-        self.hooked_commands = hooked
-        self.counter = counter
-        self.later = later
-        self.routed: list[tuple[bytes, bytes | None, bool]] = []
-        self.pending: list = []
-        self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
-        self.plain_multigets = multigets
-        #: with runs="refuse", route_run declines every run (as it does for
-        #: an active request limit), counted here
-        self.refused = 0 if runs == "refuse" else None
-
-    def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: list[int], widths: dict[int, int] | None, done, sink=None) -> bool:
-        if self.refused is not None:
-            self.refused += 1
-            return False
-        assert widths is None or self.plain_multigets
-        answers = []
-        for index, (end, key) in enumerate(zip(ends, keys, strict=True)):
-            line, newline, value = data[start:end].partition(b"\n")
-            req = parse_request(line + newline)
-            multiget = split_multiget(req)
-            assert key == (b" ".join(multiget) if multiget else req.key)
-            assert (index in sets) == (req.command == rq.CMD_SET)
-            assert (widths or {}).get(index) == (multiget and len(multiget))
-            for one in multiget or [key]:
-                self.routed.append((b"get %s\r\n" % one if multiget else line + newline,
-                                    value or None, bool(multiget)))
-                self.counter[0] += 1
-                answers.append(b"<%d>\r\n" % self.counter[0])
-            if multiget:
-                answers.append(errors.END)
-            start = end
-        self._answer(done, b"".join(answers))
-        return True
-
-    def hooked(self, command: int) -> bool:
-        return command in self.hooked_commands
-
-    def route_keys(self, req: Request, keys: list[bytes], done, sink=None) -> bool:
-        return False  # multigets go key by key
-
-    def route(self, req: Request, done) -> None:
-        self.routed.append((req.line, req.value, req.multiget))
-        self.counter[0] += 1
-        self._answer(done, b"<%d>\r\n" % self.counter[0])
-
-    def _answer(self, done, answer: bytes) -> None:
-        if self.later:
-            self.pending.append((done, answer))
-        else:
-            done(answer)
-
-    def answer_backwards(self, end_of_iteration) -> None:
-        while self.pending:
-            done, answer = self.pending.pop()
-            done(answer)
-            end_of_iteration()
-
-
-class NumberingStore:
-    def __init__(self, counter: list[int]) -> None:
-        self.counter = counter
-
-    def execute(self, req: Request) -> bytes:
-        self.counter[0] += 1
-        return b"" if req.noreply else b"<%d>\r\n" % self.counter[0]
-
-
-class NumberingService(MemoryCore):
-    def __init__(self, hooked: frozenset[int], later: bool, runs: bool | str = False,
-                 multigets: bool = True) -> None:
-        self.counter = [0]
-        self.engine = NumberingEngine(hooked, self.counter, later, runs, multigets)
-        super().__init__(self.engine, store=NumberingStore(self.counter),
-                         stats_reply=self.stats_reply)
-
-    def stats_reply(self, args: list[bytes]) -> bytes:
-        self.counter[0] += 1
-        return b"<%d>\r\nEND\r\n" % self.counter[0]
-
-
-def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False,
-                 runs: bool | str = False, multigets: bool = True):
-    """Feed ``chunks`` to a connection; what was routed, written, and
-    whether it hung up. ``later`` answers routes at the end, backwards;
-    ``runs`` lets the engine take runs of plain requests ("refuse": offers
-    them, and the engine declines each), with ``multigets`` those of
-    several keys too.
-
-    Each chunk, and each late answer, is one reactor iteration: replies are
-    written by a write batch of this run's own, flushed after each (without
-    pytest's ``immediate_writes`` fixture, as under the fuzzer, too).
-    """
-    flushes: list = []
-    writes = WriteBatch()
-    writes.schedule = flushes.append
-
-    def end_of_iteration() -> None:
-        while flushes:
-            flushes.pop(0)()
-
-    saved, server_module.batch = server_module.batch, writes
-    try:
-        service = NumberingService(hooked, later, runs, multigets)
-        proto = ProxyServerProtocol(service)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        for chunk in chunks:
-            proto.dataReceived(chunk)
-            end_of_iteration()
-        service.engine.answer_backwards(end_of_iteration)
-    finally:
-        server_module.batch = saved
-    return service.engine.routed, transport.value(), transport.disconnecting, service
-
-
-#: Everything the proxy writes of its own accord.
-_PROXY_LINES = [errors.PARSING_REQUEST, errors.REQUEST_TOO_LONG, errors.KEY_TOO_LONG,
-                errors.BAD_DATA_CHUNK, errors.NO_ROUTE, errors.NOT_SUPPORTED,
-                errors.BINARY_PROTOCOL, errors.OBJECT_TOO_LARGE, errors.BAD_COMMAND_LINE,
-                errors.OPTIONS_TOO_LONG, errors.ERROR,
-                errors.END, b"MN\r\n", b"VERSION test\r\n"]
-_OUTPUT_ITEM = re.compile(b"<(\\d+)>\r\n|" + b"|".join(map(re.escape, _PROXY_LINES)))
-
 hooked_sets = st.sampled_from([frozenset(rq.COMMANDS.values()), frozenset(),
                                frozenset((rq.CMD_GET, rq.CMD_GAT, rq.CMD_MG, rq.CMD_MS)),
                                frozenset((rq.CMD_SET, rq.CMD_GETS, rq.CMD_DELETE))])
@@ -761,30 +541,6 @@ def client_streams(draw) -> bytes:
     if any(len(line) > MAX_UNTERMINATED for line in stream.split(b"\n")):
         stream = stream[:MAX_UNTERMINATED]
     return stream
-
-
-def check_output(stream: bytes, routed: list, output: bytes, service) -> None:
-    """The output is a sequence of whole replies: every numbered answer
-    exactly once and in order, the rest the proxy's own lines, and no more
-    of those than the input had lines and keys. A stream that starts as a
-    binary-protocol packet gets the binary refusal once its header is in."""
-    if stream.startswith(BINARY_MAGIC):
-        whole = len(stream) >= BINARY_HEADER
-        assert output == (binary_refusal(stream[:BINARY_HEADER]) if whole else b"")
-        return
-    pos, numbers_, own = 0, [], 0
-    while pos < len(output):
-        match = _OUTPUT_ITEM.match(output, pos)
-        assert match, output[pos:pos + 40]
-        if match.group(1):
-            numbers_.append(int(match.group(1)))
-        else:
-            own += 1
-        pos = match.end()
-    assert numbers_ == sorted(numbers_) and len(set(numbers_)) == len(numbers_)
-    assert set(numbers_) <= set(range(1, service.counter[0] + 1))
-    assert len(routed) <= service.counter[0]
-    assert own <= stream.count(b"\n") + stream.count(b" ") + 1
 
 
 @SLOW
