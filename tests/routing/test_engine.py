@@ -277,7 +277,7 @@ def test_routes_that_only_call_a_pool_skip_lua(engine, load, route, direct):
         mcp.attach(mcp.CMD_VERSION, {route})
     end
     """)
-    assert (rq.CMD_GET in routes.direct) is direct
+    assert (rq.CMD_GET in routes.direct.pools) is direct
     fake = FakeBackends(engine, {"b1": b"VALUE k 0 1\r\nx\r\nEND\r\n"})
     assert run(engine, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
     assert fake.sent == [("b1", b"get k\r\n")]
@@ -340,7 +340,7 @@ def value(key: bytes) -> bytes:
 
 def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
     routes = load(SHARDED)
-    pool = routes.direct[rq.CMD_GET]
+    pool = routes.direct.pools[rq.CMD_GET]
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)] + [b"k3"]
     out = []
@@ -422,7 +422,7 @@ def scanned(stream: bytes, multigets: int = 0):
 
 def test_run_is_cut_into_stretches_per_backend(engine, load):
     routes = load(SHARDED)
-    pool = routes.direct[rq.CMD_GET]
+    pool = routes.direct.pools[rq.CMD_GET]
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)]
     lines = [b"set %s 0 0 2\r\nxx\r\n" % k if i % 4 == 0 else b"get %s\r\n" % k
