@@ -145,8 +145,9 @@ class DirectRoutes:
         """Where a run of plain requests (RouteEngine.route_run) goes: the
         backend that takes it all, a list of each request's backend when
         they differ, or None when it is routed request by request instead
-        (a key kept for Lua, a multiget over several backends, a key the
-        pool cannot place, a backend with a depth limit). For a key kept
+        (no direct route for gets, a key kept for Lua, a multiget over
+        several backends, a key the pool cannot place, a backend with a
+        depth limit). For a key kept
         for Lua it looks at all of ``data``: a match outside the run, or
         in a value, only routes the run the slower way."""
         guard = self._run_guard
@@ -154,10 +155,13 @@ class DirectRoutes:
             return None
         backend = self._sole_backend  # serves every key, a multiget's too
         if backend is None:
+            pool = self._plain_pool
+            if pool is None:
+                return None
             if widths is not None:
                 return None  # the keys of a multiget may need several backends
             try:
-                chosen = list(map(self._plain_pool.select, keys))
+                chosen = list(map(pool.select, keys))
             except Exception:
                 return None
             backend = chosen[0]

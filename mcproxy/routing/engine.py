@@ -168,7 +168,7 @@ class _State:
 class Routes:
     """A loaded config: the routes state and its command hooks."""
 
-    def __init__(self, path: str, state: _State, host: Host) -> None:
+    def __init__(self, path: str, state: _State, host: Host, direct: bool = True) -> None:
         self.path = path
         self.state = state
         self.host = host
@@ -185,8 +185,8 @@ class Routes:
         # The default: flush everything a client reads through the proxy.
         defaults = {} if CMD_FLUSH_ALL in self.hooks else {
             CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
-        #: the routes run without Lua
-        self.direct = DirectRoutes.declared(self.shapes, defaults)
+        #: the routes run without Lua (none of those attached unless ``direct``)
+        self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
         #: the commands this config routes (attached, or by default)
         self.routed = frozenset(self.hooks) | frozenset(self.direct.pools)
         self._collect = state.runtime.eval("function() collectgarbage('collect') end")
@@ -207,8 +207,9 @@ class Routes:
 
 
 def load(path: str, registry: BackendRegistry, tunables: Tunables,
-         user_stats: UserStats, store=None) -> Routes:
-    """Load ``path`` through both phases; raise ConfigError on any failure."""
+         user_stats: UserStats, store=None, direct: bool = True) -> Routes:
+    """Load ``path`` through both phases; raise ConfigError on any failure.
+    ``direct``: whether attached routes may take the direct path."""
     host = Host(path, registry, tunables, user_stats, store)
     config = _State(host, "config")
     config.run_file(path)
@@ -220,7 +221,7 @@ def load(path: str, registry: BackendRegistry, tunables: Tunables,
     user_stats.rename(host.stat_names)
     for backend, options in zip(host.backends, host.options, strict=True):
         backend.reconfigure(options)
-    return Routes(path, routes, host)
+    return Routes(path, routes, host, direct)
 
 
 class _Copier:
@@ -258,12 +259,17 @@ class RouteEngine:
     log = Logger()
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
-                 tunables: Tunables, user_stats: UserStats, store=None) -> None:
+                 tunables: Tunables, user_stats: UserStats, store=None,
+                 direct: bool = True) -> None:
         self.stats = stats
         self.registry = registry
         self.tunables = tunables
         self.user_stats = user_stats
         self.store = store
+        #: whether the routes the direct path knows skip Lua, as in
+        #: production; False runs every attached route's Lua body, the
+        #: reference the tests hold the direct path to (read at each load)
+        self.direct_routes = direct
         self.routes: Routes | None = None
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
@@ -278,7 +284,8 @@ class RouteEngine:
 
     def load(self, path: str) -> Routes:
         """Load a config and make it the active one."""
-        routes = load(path, self.registry, self.tunables, self.user_stats, self.store)
+        routes = load(path, self.registry, self.tunables, self.user_stats, self.store,
+                      self.direct_routes)
         self.activate(routes)
         return routes
 
