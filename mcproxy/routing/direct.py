@@ -74,8 +74,7 @@ class DirectRoutes:
         #: has one backend, which then answers every key)
         self.plain_multigets = get is not None and len(get.backends) == 1
         self._plain_pool = get
-        self._sole_backend = get.backends[0] if get is not None and len(get.backends) == 1 \
-            else None
+        self._sole_backend = get.backends[0] if self.plain_multigets else None
         #: command -> what its request line holds where a key kept for Lua
         #: starts (a space comes before every key)
         self._guards = {command: b" " + prefix for command, prefix in lua_keys.items()}
