@@ -21,10 +21,9 @@ splits memcached's answer with its own splitter, and asserts:
 * fed memcached's real answer, the proxy takes it without resetting the
   connection and is left waiting for nothing.
 
-Every input runs through the route library's ``routes.direct`` on the
-engine's direct path (no Lua, runs of plain requests and multigets routed
-together), and through the same route with the direct path off, its Lua body
-run as a coroutine.
+Both the route library's ``routes.direct`` (the engine's direct path: no
+Lua, runs of plain requests and multigets routed together) and a Lua route
+that handles the response run every input.
 """
 
 from __future__ import annotations
@@ -49,8 +48,6 @@ from mcproxy.wire.request import CMD_GET, KeyBatch, PlainRun
 from tests.servers import Memcached, exchange
 
 CONFIG = """
-local routes = require("mcproxy.routes")
-
 function mcp_config_pools()
     return mcp.pool({ mcp.backend("b1", "127.0.0.1", "11211") })
 end
@@ -60,13 +57,15 @@ function mcp_config_routes(pool)
 end
 """
 
-#: The routes every input runs through, and whether on the direct path.
+#: The routes every input runs through (test_crossclient runs them in twistd).
 ROUTES = {
-    # run without Lua by the engine (plain runs, keys routed together), as
-    # a hand-written return pool(r) is (tests/routing/test_properties.py)
-    "direct": ("routes.direct(pool)", True),
-    # the same route's Lua body, run as a coroutine
-    "lua": ("routes.direct(pool)", False),
+    # the route library's form, run without Lua by the engine (plain runs,
+    # keys routed together), as a hand-written return pool(r) is
+    "direct": 'require("mcproxy.routes").direct(pool)',
+    # a route that holds the response before it returns it: run as a Lua
+    # coroutine (tests/routing/test_properties.py holds the direct path to
+    # the Lua body of the direct route itself)
+    "lua": "function(r) local res = pool(r) return res end",
 }
 
 #: A request the test sends to memcached after the proxy's bytes: its reply
@@ -112,7 +111,6 @@ class InProcessProxy:
         self.pending = pending
         clock = MemoryReactorClock()
         self.service = ProxyService(route_file, [], reactor=clock)
-        self.service.engine.direct_routes = direct
         routes = self.service.engine.load(route_file)
         assert (CMD_GET in routes.direct.pools) is direct  # the path this proxy tests
         [self.backend] = self.service.registry.live
@@ -303,10 +301,10 @@ def route_files(tmp_path_factory) -> dict[str, tuple[str, bool]]:
     """ROUTES name -> its config file, and whether on the direct path."""
     directory = tmp_path_factory.mktemp("differential")
     files = {}
-    for name, (route, direct) in ROUTES.items():
+    for name, route in ROUTES.items():
         path = directory / f"{name}.lua"
         path.write_text(CONFIG % route)
-        files[name] = (str(path), direct)
+        files[name] = (str(path), name == "direct")
     return files
 
 
