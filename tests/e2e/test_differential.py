@@ -21,9 +21,9 @@ splits memcached's answer with its own splitter, and asserts:
 * fed memcached's real answer, the proxy takes it without resetting the
   connection and is left waiting for nothing.
 
-Both a direct route (``return pool(r)``: the engine's no-Lua paths, runs of
-plain requests and multigets routed together) and a Lua route that handles
-the response run every input.
+Both the route library's ``routes.direct`` (the engine's direct path: no
+Lua, runs of plain requests and multigets routed together) and a Lua route
+that handles the response run every input.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from mcproxy import writes
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
-from mcproxy.wire.request import KeyBatch, PlainRun
+from mcproxy.wire.request import CMD_GET, KeyBatch, PlainRun
 from tests.servers import Memcached, exchange
 
 CONFIG = """
@@ -57,11 +57,14 @@ function mcp_config_routes(pool)
 end
 """
 
-#: The route configs every input runs through.
+#: The routes every input runs through (test_crossclient runs them in twistd).
 ROUTES = {
-    # run without Lua by the engine (plain runs, keys routed together)
-    "direct": "function(r) return pool(r) end",
-    # run as a Lua coroutine that inspects the result
+    # the route library's form, run without Lua by the engine (plain runs,
+    # keys routed together), as a hand-written return pool(r) is
+    "direct": 'require("mcproxy.routes").direct(pool)',
+    # a route that holds the response before it returns it: run as a Lua
+    # coroutine (tests/routing/test_properties.py holds the direct path to
+    # the Lua body of the direct route itself)
     "lua": "function(r) local res = pool(r) return res end",
 }
 
@@ -104,11 +107,12 @@ class InProcessProxy:
     """The proxy's client-side stack for one route config: one client
     connection, one backend connection (validated), every transport fake."""
 
-    def __init__(self, route_file: str, pending: list) -> None:
+    def __init__(self, route_file: str, pending: list, direct: bool) -> None:
         self.pending = pending
         clock = MemoryReactorClock()
         self.service = ProxyService(route_file, [], reactor=clock)
-        self.service.engine.load(route_file)
+        routes = self.service.engine.load(route_file)
+        assert (CMD_GET in routes.direct.pools) is direct  # the path this proxy tests
         [self.backend] = self.service.registry.live
         self.backend.connect()
         self.connection = clock.tcpClients[-1][2].buildProtocol(None)
@@ -293,13 +297,14 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def route_files(tmp_path_factory) -> dict[str, str]:
+def route_files(tmp_path_factory) -> dict[str, tuple[str, bool]]:
+    """ROUTES name -> its config file, and whether on the direct path."""
     directory = tmp_path_factory.mktemp("differential")
     files = {}
     for name, route in ROUTES.items():
         path = directory / f"{name}.lua"
         path.write_text(CONFIG % route)
-        files[name] = str(path)
+        files[name] = (str(path), name == "direct")
     return files
 
 
@@ -319,12 +324,13 @@ def backend_log() -> Iterator[list[str]]:
         globalLogPublisher.removeObserver(observe)
 
 
-def check(server: Memcached, route_file: str, chunks: list[bytes]) -> None:
+def check(server: Memcached, route: tuple[str, bool], chunks: list[bytes]) -> None:
     """Run the client's chunks through a fresh in-process proxy, hand what it
     forwards to memcached, and compare (see the module docstring)."""
     stream = b"".join(chunks)
     with turn_batched_writes() as pending, backend_log() as logged:
-        proxy = InProcessProxy(route_file, pending)
+        path, direct = route
+        proxy = InProcessProxy(path, pending, direct)
         proxy.receive(chunks)
         forwarded = proxy.forwarded()
         awaited = proxy.awaited()

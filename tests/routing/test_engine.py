@@ -258,26 +258,47 @@ def test_user_stats(engine, load):
 
 
 @pytest.mark.parametrize("route, direct", [
+    # declared by the route library
+    ("routes.direct(pool)", True),
+    ("routes.as_route(pool)", True),
+    ("routes.direct(routes.as_route(pool))", True),
+    ("routes.introspect(pool)", True),
+    ("routes.failover{ pool }", False),
+    ("routes.ttl_cap(pool, 60)", False),
+    ("routes.direct(function(r) local res = pool(r) return res end)", False),
+    ("routes.define(function(r) return pools.main(r) end, 'direct')", False),
+    # written by hand: recognised from debug.getinfo and the source text
     ("function(r) return pool(r) end", True),
     ("function(req) return pool(req) end", True),
+    ("function( r )\n        return pool( r ) ;\n    end", True),
+    ("direct_route", True),
     ("function(r) local res = pool(r) return res end", False),
     ("function(r) return pools.main(r) end", False),
     ("function(r, extra) return pool(r) end", False),
+    ("function(...) return pool(...) end", False),
     ("function(r) mcp.stat(1, 1) return pool(r) end", False),
+    ("function(r) return pool(r) --[[ function ]] end", False),
+    ("function(r) return other(r) end", False),
+    ("load('local pool = ...; return function(r) return pool(r) end')(pool)", True),
+    ("load('local pool = ...; return function(r) return pool(r) end', '=x')(pool)", False),
 ])
 def test_routes_that_only_call_a_pool_skip_lua(engine, load, route, direct):
     routes = load(f"""
+    local routes = require("mcproxy.routes")
     function mcp_config_pools()
         mcp.add_stat(1, "x")
         return {{ main = mcp.pool({{ mcp.backend("b1", "127.0.0.1", "1") }}) }}
     end
     function mcp_config_routes(pools)
         local pool = pools.main
+        local function direct_route(r) return pool(r) end
+        local other = function(r) return pool(r) end
         mcp.attach(mcp.CMD_GET, {route})
         mcp.attach(mcp.CMD_VERSION, {route})
     end
     """)
-    assert (rq.CMD_GET in routes.direct) is direct
+    assert (rq.CMD_GET in routes.direct.pools) is direct
+    assert (rq.CMD_VERSION in routes.direct.pools) is direct
     fake = FakeBackends(engine, {"b1": b"VALUE k 0 1\r\nx\r\nEND\r\n"})
     assert run(engine, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
     assert fake.sent == [("b1", b"get k\r\n")]
@@ -286,6 +307,55 @@ def test_routes_that_only_call_a_pool_skip_lua(engine, load, route, direct):
     assert run(engine, b"version\r\n") == errors.LUA_FAILURE
     assert b"cannot route commands without key" in seen[0]
     assert engine.stats.req_active == 0
+
+
+def test_command_maps_are_direct_for_the_commands_they_send_to_one_pool(engine, load):
+    routes = load("""
+    local routes = require("mcproxy.routes")
+    function mcp_config_pools()
+        return { a = mcp.pool({ mcp.backend("b1", "127.0.0.1", "1") }),
+                 b = mcp.pool({ mcp.backend("b2", "127.0.0.1", "2") }) }
+    end
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_ANY_STORAGE, routes.by_command{
+            reads = p.a, set = routes.direct(p.b), delete = routes.failover{ p.a, p.b },
+            add = { default = p.b }, ms = routes.introspect(p.b) })
+    end
+    """)
+    pools = routes.direct.pools
+    a, b = pools[rq.CMD_GET], pools[rq.CMD_SET]
+    assert a is not b
+    assert {cmd: pools.get(cmd) for cmd in (rq.CMD_GET, rq.CMD_GETS, rq.CMD_MG, rq.CMD_SET,
+                                            rq.CMD_ADD, rq.CMD_MS, rq.CMD_DELETE,
+                                            rq.CMD_INCR)} == {
+        rq.CMD_GET: a, rq.CMD_GETS: a, rq.CMD_MG: a, rq.CMD_SET: b, rq.CMD_ADD: b,
+        rq.CMD_MS: b, rq.CMD_DELETE: None, rq.CMD_INCR: None}
+    assert routes.direct.lua_keys == {}  # introspection is for get only
+    assert routes.direct.plain_runs is False  # gets and sets go to different pools
+    assert run(engine, b"incr k 1\r\n") == b"SERVER_ERROR no route\r\n"
+
+
+def test_introspection_keeps_its_own_gets_in_lua(engine, load):
+    routes = load("""
+    local routes = require("mcproxy.routes")
+    mcp_config_pools, mcp_config_routes = routes.config{
+        pools = { main = { backends = { "127.0.0.1:1" } } }, routes = "main" }
+    """)
+    assert routes.direct.lua_keys == {rq.CMD_GET: b"__mcproxy__.route("}
+    assert routes.direct.plain_runs is True
+    fake = FakeBackends(engine)
+    assert run(engine, b"get __mcproxy__.route(set,k)\r\n") == (
+        b"VALUE __mcproxy__.route(set,k) 0 18\r\nmain > 127.0.0.1:1\r\nEND\r\n")
+    assert run(engine, b"gets __mcproxy__.route(set,k)\r\n") == b"END\r\n"
+    assert run(engine, b"get x__mcproxy__.route(set,k)\r\n") == b"END\r\n"
+    assert fake.sent == [("127.0.0.1:1", b"gets __mcproxy__.route(set,k)\r\n"),
+                         ("127.0.0.1:1", b"get x__mcproxy__.route(set,k)\r\n")]
+    keys = [b"a", b"__mcproxy__.route(get,a)"]
+    assert not engine.route_keys(rq.parse_request(b"get a __mcproxy__.route(get,a)\r\n"),
+                                 keys, [].append)
+    stream = b"get a\r\nget __mcproxy__.route(get,a)\r\n"
+    assert not engine.route_run(stream, 0, *scanned(stream), [].append)
+    assert len(fake.sent) == 2
 
 
 # Client multigets routed whole (RouteEngine.route_keys)
@@ -306,12 +376,13 @@ ONE_BACKEND = (SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
                .replace('mcp.backend("b3", "127.0.0.1", "3")', ""))
 
 
-def declining(config: str, setup: str) -> str:
-    """``config`` changed so that requests must go through the engine one
-    by one: a route that does more than call the pool, an active request
-    limit, or a depth limit on backend b1."""
+def declining(engine, config: str, setup: str) -> str:
+    """``config`` changed, or ``engine`` set, so that requests must go
+    through the engine one by one: routes run in Lua (the engine's direct
+    path off), an active request limit, or a depth limit on backend b1."""
     if setup == "lua route":
-        return config.replace("return pool(r)", "local res = pool(r) return res")
+        engine.direct_routes = False
+        return config
     if setup == "request limit":
         return config.replace("function mcp_config_pools()",
                               "function mcp_config_pools()\n    mcp.active_req_limit(100)")
@@ -340,7 +411,7 @@ def value(key: bytes) -> bytes:
 
 def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
     routes = load(SHARDED)
-    pool = routes.direct[rq.CMD_GET]
+    pool = routes.direct.pools[rq.CMD_GET]
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)] + [b"k3"]
     out = []
@@ -399,7 +470,7 @@ def test_multiget_routed_key_by_key_when_batching_does_not_apply(engine, load, s
         end
         """)
     else:
-        load(declining(SHARDED, setup))
+        load(declining(engine, SHARDED, setup))
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)]
     assert not engine.route_keys(rq.parse_request(b"get " + b" ".join(keys) + b"\r\n"),
@@ -422,7 +493,7 @@ def scanned(stream: bytes, multigets: int = 0):
 
 def test_run_is_cut_into_stretches_per_backend(engine, load):
     routes = load(SHARDED)
-    pool = routes.direct[rq.CMD_GET]
+    pool = routes.direct.pools[rq.CMD_GET]
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)]
     lines = [b"set %s 0 0 2\r\nxx\r\n" % k if i % 4 == 0 else b"get %s\r\n" % k
@@ -483,7 +554,7 @@ def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup, confi
         stream += b"get a b\r\n"  # its keys may need two of the three backends
         load(config)
     else:
-        load(declining(config, setup))
+        load(declining(engine, config, setup))
     recorder = BatchRecorder(engine)
     assert not engine.route_run(stream, 0, *scanned(stream, multigets=10), [].append)
     assert recorder.sent == []

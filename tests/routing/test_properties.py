@@ -15,6 +15,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from fuzz.checks import (
     check_output,
@@ -28,6 +29,13 @@ from fuzz.checks import (
     reply_fields,
     run_protocol,
 )
+from mcproxy.backends.pool import BackendRegistry
+from mcproxy.cache.store import Store
+from mcproxy.counters import ProxyStats
+from mcproxy.routing.engine import RouteEngine
+from mcproxy.routing.tunables import Tunables
+from mcproxy.routing.userstats import UserStats
+from mcproxy.server.protocol import ProxyServerProtocol
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import (
@@ -65,6 +73,8 @@ from mcproxy.wire.response import (
     client_bytes,
     parse_response,
 )
+from mcproxy.writes import batch
+from tests.server.memorycore import MemoryCore
 
 #: Multiplies the example counts for a deeper run (the default takes ~20 s).
 SCALE = int(os.environ.get("MCPROXY_PROPERTY_SCALE", "1"))
@@ -610,6 +620,213 @@ def test_client_any_bytes(data, cuts, hooked):
     replies to requests that were made."""
     routed, output, _, service = run_protocol(chunked(data, cuts), hooked, later=True)
     check_output(data, routed, output, service)
+
+
+# -- the direct path answers as the routes' Lua bodies -----------------------------
+
+#: Route configs whose routes the engine runs on its direct path (``%s``
+#: is the pool's backends as "host:port" strings): written by hand, made by
+#: the route library, and declarative.
+DIRECT_CONFIGS = {
+    "hand-written": """
+function mcp_config_pools()
+    local list = {}
+    for i, address in ipairs({ %s }) do
+        local host, port = address:match("^(.+):(%%d+)$")
+        list[i] = mcp.backend(address, host, port)
+    end
+    return mcp.pool(list)
+end
+function mcp_config_routes(pool)
+    mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return pool(r) end)
+end
+""",
+    **{name: """
+local routes = require("mcproxy.routes")
+mcp_config_pools, mcp_config_routes = routes.config{
+    pools = { main = { backends = { %s } } },
+    introspect = INTROSPECT,
+    routes = ROUTES,
+}
+""".replace("ROUTES", route).replace("INTROSPECT", introspect)
+       for name, route, introspect in [
+           ("routes.direct", 'routes.direct("main")', "false"),
+           ("routes.as_route", 'function(pools) return routes.as_route(pools.main) end', "false"),
+           ("config of a pool", '"main"', "true"),
+           ("config of a command map", '{ reads = "main", writes = "main" }', "true"),
+       ]},
+}
+
+#: Commands the generated streams use, all routed directly by those configs.
+DIRECT_COMMANDS = frozenset((rq.CMD_GET, rq.CMD_GETS, rq.CMD_GAT, rq.CMD_SET, rq.CMD_ADD,
+                             rq.CMD_CAS, rq.CMD_APPEND, rq.CMD_INCR, rq.CMD_TOUCH,
+                             rq.CMD_DELETE, rq.CMD_MG, rq.CMD_MS, rq.CMD_MD, rq.CMD_MA))
+INTROSPECTION = b"__mcproxy__.route("
+
+
+class PipeTransport(StringTransport):
+    """A StringTransport with the TCP option setters a backend calls."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+
+def serve(store, data: bytes) -> bytes:
+    """What a memcached holding ``store`` answers to the requests ``data``
+    (as the proxy forwards them: no noreply, no quiet flags)."""
+    out, pos = [], 0
+    while pos < len(data):
+        newline = data.index(b"\n", pos) + 1
+        req = parse_request(data[pos:newline])
+        pos = newline
+        if req.vlen:
+            req.value = data[pos:pos + req.vlen]
+            pos += req.vlen
+        out.append(store.execute(req))
+    return b"".join(out)
+
+
+class EngineProxy:
+    """The proxy's client side over the real route engine, in-process: its
+    backends' connections on transports, answered by an embedded-cache
+    Store each (fresh for every client, see :meth:`exchange`), with writes
+    batched per turn as under the reactor."""
+
+    def __init__(self, path: str, direct: bool) -> None:
+        clock = MemoryReactorClock()
+        self.stats = ProxyStats()
+        self.store = None
+        self.engine = RouteEngine(self.stats, BackendRegistry(self.stats, reactor=clock),
+                                  Tunables(), UserStats(), direct=direct)
+        self.routes = self.engine.load(path)
+        self.started = 0
+        start = self.routes.start
+
+        def counted(*args):
+            self.started += 1
+            return start(*args)
+
+        self.routes.start = counted
+        self.connections = []
+        for backend in self.engine.registry.live:
+            backend.connect()
+            connection = clock.tcpClients[-1][2].buildProtocol(None)
+            connection.makeConnection(PipeTransport())
+            connection.dataReceived(b"VERSION 1.6.18\r\n")
+            connection.transport.clear()
+            self.connections.append(connection)
+
+    def exchange(self, chunks: list[bytes]) -> bytes:
+        """A new client's chunks, each read in a turn of its own, against
+        empty backends; what the client got back."""
+        stores = [Store(clock=lambda: 1_700_000_000.0) for _ in self.connections]
+        pending: list = []
+        saved, batch.schedule = batch.schedule, pending.append
+        try:
+            client = ProxyServerProtocol(MemoryCore(self.engine, stats=self.stats))
+            client.makeConnection(StringTransport())
+            for chunk in chunks:
+                client.dataReceived(chunk)
+                busy = True
+                while busy:
+                    while pending:
+                        pending.pop(0)()
+                    busy = False
+                    for connection, store in zip(self.connections, stores, strict=True):
+                        sent = connection.transport.value()
+                        if sent:
+                            busy = True
+                            connection.transport.clear()
+                            connection.dataReceived(serve(store, sent))
+        finally:
+            batch.schedule = saved
+        assert self.stats.req_active == 0
+        return client.transport.value()
+
+
+_engine_proxies: dict[tuple[str, int, bool], EngineProxy] = {}
+
+
+def engine_proxy(tmp_path_factory, name: str, backends: int, direct: bool) -> EngineProxy:
+    """The EngineProxy of a DIRECT_CONFIGS config over ``backends`` backends
+    (made once per test session)."""
+    key = (name, backends, direct)
+    if key not in _engine_proxies:
+        addresses = ", ".join(f'"127.0.0.1:{port}"' for port in range(1, backends + 1))
+        path = tmp_path_factory.mktemp("direct") / "route.lua"
+        path.write_text(DIRECT_CONFIGS[name] % addresses)
+        _engine_proxies[key] = EngineProxy(str(path), direct)
+    return _engine_proxies[key]
+
+
+_direct_keys = st.sampled_from([b"a", b"b", b"c", b"n", b"key:000123", b"x" * 250])
+
+
+@st.composite
+def direct_requests(draw) -> bytes:
+    """A well-formed request of DIRECT_COMMANDS, some of them plain gets and
+    sets (runs), multi-key gets, and gets of introspection keys."""
+    key = draw(_direct_keys)
+    kind = draw(st.integers(0, 13))
+    value = draw(st.sampled_from([b"", b"1", b"value", b"12345678901234567890"]))
+    if kind <= 2:
+        return b"get %s\r\n" % key
+    if kind == 3:
+        keys = draw(st.lists(_direct_keys | st.just(INTROSPECTION + b"get,a)"),
+                             min_size=2, max_size=5))
+        return draw(st.sampled_from([b"get ", b"gets "])) + b" ".join(keys) + b"\r\n"
+    if kind <= 5:
+        return b"set %s 5 0 %d\r\n%s\r\n" % (key, len(value), value)
+    if kind == 6:
+        command = draw(st.sampled_from([b"add", b"append", b"cas"]))
+        cas = b" %d" % draw(st.integers(1, 4)) if command == b"cas" else b""
+        return b"%s %s 0 0 %d%s\r\n%s\r\n" % (command, key, len(value), cas, value)
+    if kind == 7:
+        return b"incr %s %d\r\n" % (key, draw(st.integers(0, 2**64 - 1)))
+    if kind == 8:
+        return draw(st.sampled_from([b"delete %s\r\n", b"touch %s 10\r\n", b"gat 10 %s\r\n",
+                                     b"gets %s\r\n"])) % key
+    if kind == 9:
+        return b"mg %s %s\r\n" % (key, draw(st.sampled_from([b"v", b"s t v c", b"k O1 q"])))
+    if kind == 10:
+        return b"ms %s %d T0 F3\r\n%s\r\n" % (key, len(value), value)
+    if kind == 11:
+        return draw(st.sampled_from([b"md %s q\r\n", b"ma %s N0 J5\r\n"])) % key
+    if kind == 12:
+        return b"get %s%s,%s)\r\n" % (INTROSPECTION, draw(st.sampled_from([b"get", b"set"])),
+                                       draw(st.sampled_from([b"a", b"key:000123"])))
+    return b"mn\r\n"
+
+
+def introspection_gets(stream: bytes) -> int:
+    """How many keys of ``get`` requests in ``stream`` ask for introspection."""
+    return sum(token.startswith(INTROSPECTION)
+               for line in stream.split(b"\r\n") if line.startswith(b"get ")
+               for token in line.split(b" ")[1:])
+
+
+@SLOW
+@given(st.sampled_from(sorted(DIRECT_CONFIGS)), st.sampled_from([1, 3]),
+       st.lists(direct_requests(), max_size=14).map(b"".join),
+       st.lists(st.integers(0, 10**6), max_size=6))
+def test_direct_routes_answer_as_their_lua_bodies(tmp_path_factory, name, backends, stream,
+                                                  cuts):
+    """The route library's routes, and a hand-written ``return pool(r)``,
+    take the direct path (plain runs, multigets routed together, requests
+    without Lua), and answer every client the same bytes as their Lua
+    bodies run by the engine; only introspection enters Lua."""
+    direct = engine_proxy(tmp_path_factory, name, backends, True)
+    lua = engine_proxy(tmp_path_factory, name, backends, False)
+    assert DIRECT_COMMANDS <= set(direct.routes.direct.pools)
+    assert direct.engine.plain_runs is True and lua.engine.plain_runs is None
+    chunks = chunked(stream, cuts)
+    started = direct.started
+    assert direct.exchange(chunks) == lua.exchange(chunks)
+    expected = introspection_gets(stream) if "config" in name else 0
+    assert direct.started - started == expected
 
 
 # -- regression tests for what the properties and the fuzzer found --------------
