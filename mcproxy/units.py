@@ -100,7 +100,8 @@ class Unit(Protocol):
 
 class Single:
     """One request; ``done`` gets its Response: the reply, checked against
-    the request (``response.check_reply``), or a failure."""
+    the request (``response.check_reply``), or a failure. ``response`` is
+    set once read."""
 
     __slots__ = ("request", "done", "sent", "response", "merged")
 
@@ -110,7 +111,6 @@ class Single:
     def __init__(self, request: Request, done: Callable[[Response], object]) -> None:
         self.request = request
         self.done = done
-        self.response: Response | None = None
         #: the multi-key get this request was written in, if any
         self.merged: _MergedGets | None = None
 
@@ -119,7 +119,7 @@ class Single:
 
     def write(self, out: list[bytes], batch: list, index: int) -> int:
         req = self.request
-        name = _merge_name(req)
+        name = _merge_name(req) if req.multiget else None
         if name is not None:
             end = index
             stop = min(len(batch), index + MAX_MERGED_KEYS - 1)
