@@ -12,8 +12,9 @@ Between the connection and its owner (a :class:`~mcproxy.backends.backend.
 Backend`) these calls go, and no others:
 
 * owner -> connection: :meth:`BackendConnection.write`,
-  :meth:`BackendConnection.abandon`, and reading ``receiving``,
-  ``answered_at`` and ``validating``; ``on_lost`` may be set.
+  :meth:`BackendConnection.abandon`; reading ``factory`` (the attempt it
+  belongs to), ``validating``, ``answered_at`` and ``receiving`` (which the
+  read timer clears); setting ``on_lost``.
 * connection -> owner: ``connection_made(conn) -> bool`` (False: a stale
   attempt, dropped), ``connection_validated(conn)``,
   ``connection_failed(reason, detail)``, ``connection_lost(conn, reason)``;

@@ -603,8 +603,9 @@ class _KeysReply:
         self.done = done
 
     def answer_all(self, parts: list[bytes]) -> None:
-        """The answer of the one batch that holds every key."""
-        self.stats.req_active -= len(parts)
+        """The answer of the one batch that holds every key: each key's
+        reply (units.KeyBatch), then the multiget's END."""
+        self.stats.req_active -= len(self.parts)
         parts.append(errors.END)
         self.done(_EMPTY.join(parts))
 
