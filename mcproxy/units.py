@@ -68,7 +68,8 @@ class Unit(Protocol):
     ``size``: the client requests it carries (each key of a KeyBatch, each
     request and multiget key of a PlainRun), counted in the backend's depth
     and once each in its latency samples. ``sent``: when the backend queued
-    it (its read deadline and latency run from then). ``sink``: the
+    it (set by ``Backend.send_unit``; its read deadline and latency run
+    from then). ``sink``: the
     ReplySink its reply's bytes are counted against as they arrive, or None.
     ``done``: called once with the unit's result (see the module docstring).
     """
@@ -81,8 +82,9 @@ class Unit(Protocol):
     def write(self, out: list[bytes], batch: list[Unit], index: int) -> int:
         """Append the bytes to send to ``out``. ``batch[index:]`` are the
         units written after this one in the same send; a unit may take
-        some into its own backend request. Returns the index of the first
-        unit it did not take."""
+        some into its own backend request (each still read and settled as
+        a unit of its own). Returns the index of the first unit it did not
+        take."""
 
     def read(self, reader: ResponseReader) -> bool:
         """Consume this unit's replies from ``reader``, as far as they have
