@@ -31,6 +31,7 @@ from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
+from mcproxy.units import KeyBatch, PlainRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
@@ -38,9 +39,6 @@ from mcproxy.wire.request import (
     CMD_GET,
     CMD_SET,
     COMMAND_CONSTANTS,
-    KeyBatch,
-    PlainRun,
-    ReplySink,
     Request,
 )
 from mcproxy.wire.response import MCMC_CODES, Response, client_bytes
@@ -340,7 +338,7 @@ class RouteEngine:
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
         of every key in the client's order and the ``END``. Every key counts
         as a request, as when routed one by one. ``sink`` is told of the
-        reply's bytes as they arrive (request.ReplySink).
+        reply's bytes as they arrive (units.ReplySink).
 
         False, with nothing done, when this does not apply (no direct route,
         an active request limit, a backend with a depth limit, a key the pool
@@ -361,10 +359,10 @@ class RouteEngine:
         reply = _KeysReply(count, len(groups), stats, done)
         for backend, positions in groups.items():
             if positions is None:
-                backend.send(KeyBatch(req.command, name, keys, sink), reply.answer_all)
+                backend.send_unit(KeyBatch(name, keys, reply.answer_all, sink))
             else:
-                backend.send(KeyBatch(req.command, name, [keys[p] for p in positions], sink),
-                             partial(reply.answer, positions))
+                backend.send_unit(KeyBatch(name, [keys[p] for p in positions],
+                                           partial(reply.answer, positions), sink))
         return True
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
@@ -398,8 +396,10 @@ class RouteEngine:
         stop = ends[-1]
         run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
                        keys, sets, widths, sink)
-        self._count_run(run.requests, len(sets))
-        backend.send(run, partial(_run_answered, run, self.stats, done))
+        requests = run.size
+        self._count_run(requests, len(sets))
+        run.done = partial(_run_answered, requests, self.stats, done)
+        backend.send_unit(run)
         return True
 
     def _route_stretches(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
@@ -427,7 +427,8 @@ class RouteEngine:
             end = ends[last - 1]
             run = PlainRun(data[offset:end], keys[first:last],
                            [i - first for i in sets if first <= i < last], sink=sink)
-            backend.send(run, partial(reply.answer, index, run))
+            run.done = partial(reply.answer, index, run.size)
+            backend.send_unit(run)
             offset = end
         return True
 
@@ -545,57 +546,30 @@ class _KeysReply:
         self.stats = stats
         self.done = done
 
-    def answer_all(self, res: Response, hits: list | None = None) -> None:
-        """The answer of the one batch that holds every key."""
+    def answer_all(self, parts: list[bytes]) -> None:
+        """The answer of the one batch that holds every key: each key's
+        reply (units.KeyBatch), then the multiget's END."""
         self.stats.req_active -= len(self.parts)
-        if hits is None:
-            self.done(_EMPTY.join([_failed(res)] * len(self.parts)) + errors.END)
-            return
-        parts = [hit for hit in hits if hit is not None]
         parts.append(errors.END)
         self.done(_EMPTY.join(parts))
 
-    def answer(self, positions: list[int], res: Response, hits: list | None = None) -> None:
+    def answer(self, positions: list[int], parts: list[bytes]) -> None:
         """The answer of the batch of the keys at ``positions``."""
         self.stats.req_active -= len(positions)
-        parts = self.parts
-        if hits is None:
-            part = _failed(res)
-            for position in positions:
-                parts[position] = part
-        else:
-            for position, hit in zip(positions, hits, strict=True):
-                if hit is not None:
-                    parts[position] = hit
+        mine = self.parts
+        for position, part in zip(positions, parts, strict=True):
+            mine[position] = part
         self.pending -= 1
         if not self.pending:
-            parts.append(errors.END)
-            self.done(_EMPTY.join(parts))
+            mine.append(errors.END)
+            self.done(_EMPTY.join(mine))
 
 
-def _run_reply(run: PlainRun, reply) -> bytes:
-    """What the client gets for a PlainRun: the bytes of its replies, or
-    for a failure (a Response) those that came before it and a failure for
-    each request left (each key and the END of a multi-key get)."""
-    if reply.__class__ is bytes:
-        return reply
-    parts = run.parts
-    widths = run.widths
-    if widths is None:
-        parts.append(errors.BACKEND_FAILURE * (run.count - run.answered))
-    else:
-        for index in range(run.answered, run.count):
-            width = widths.get(index)
-            parts.append(errors.BACKEND_FAILURE if width is None
-                         else errors.BACKEND_FAILURE * width + errors.END)
-    return _EMPTY.join(parts)
-
-
-def _run_answered(run: PlainRun, stats: ProxyStats, done: Callable[[bytes], None],
-                  reply) -> None:
+def _run_answered(requests: int, stats: ProxyStats, done: Callable[[bytes], None],
+                  reply: bytes) -> None:
     """The answer of a run that holds every request of the client's run."""
-    stats.req_active -= run.requests
-    done(reply if reply.__class__ is bytes else _run_reply(run, reply))
+    stats.req_active -= requests
+    done(reply)
 
 
 class _RunsReply:
@@ -610,20 +584,12 @@ class _RunsReply:
         self.stats = stats
         self.done = done
 
-    def answer(self, index: int, run: PlainRun, reply) -> None:
-        self.stats.req_active -= run.requests
-        self.parts[index] = _run_reply(run, reply)
+    def answer(self, index: int, requests: int, reply: bytes) -> None:
+        self.stats.req_active -= requests
+        self.parts[index] = reply
         self.pending -= 1
         if not self.pending:
             self.done(_EMPTY.join(self.parts))
-
-
-def _failed(res: Response) -> bytes:
-    """What each key of a batch gets for a failure, or a reply that is not
-    a get's (an error line): what client_bytes gives a key of a multiget."""
-    if not res.ok:
-        return errors.BACKEND_FAILURE
-    return res.line if res.value is None else res.line + res.value
 
 
 def _ignore(response: Response) -> None:

@@ -7,7 +7,7 @@ request the proxy forwards must be read by memcached as exactly one request
 connection goes to the wrong client. For each client byte stream (a fixed
 corpus of hostile requests, then hypothesis-generated ones) the proxy's real
 client-side stack runs in-process (ProxyServerProtocol, the RouteEngine with
-a Lua route config, Backend and BackendProtocol on a fake transport), with
+a Lua route config, Backend and BackendConnection on a fake transport), with
 writes batched per turn as the reactor batches them. The test captures the
 bytes the proxy writes to the backend and the replies it now waits for (read
 from the backend connection's queue), sends those bytes to a real memcached,
@@ -44,7 +44,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from mcproxy import writes
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
-from mcproxy.wire.request import CMD_GET, KeyBatch, PlainRun
+from mcproxy.units import KeyBatch, PlainRun, Single
+from mcproxy.wire.request import CMD_GET
 from tests.servers import Memcached, exchange
 
 CONFIG = """
@@ -153,32 +154,30 @@ class InProcessProxy:
         """One entry per reply the backend connection waits for, in order:
         the keys a ``VALUE`` in that reply may carry (None: no key).
 
-        Read from the connection's queue (``Backend._queue``) and its units
-        (``BackendProtocol._units``: 1 a request, n > 1 the n keys of client
-        multigets merged into one backend get, 0 a KeyBatch, -1 a PlainRun
-        whose requests are answered one by one); this is the one place that
-        knows their shape.
+        Read from the backend's queue of units (``Backend._queue``, the
+        first ``BackendConnection.written`` of them written): a Single is
+        one reply, but Singles merged into one multi-key get
+        (``Single.merged``) share one; a KeyBatch is one reply; a
+        PlainRun's requests are answered one by one. This is the one place
+        that knows their shape.
         """
-        queue = [entry[0] for entry in self.backend._queue]
-        units = list(self.connection._units)
+        queue = list(self.backend._queue)
+        assert self.connection.written == len(queue), (
+            f"{len(queue) - self.connection.written} of {queue} not written")
         out: list[set[bytes] | None] = []
-        i = 0
-        for unit in units:
-            if unit >= 1:
-                entries = queue[i:i + unit]
-                i += unit
-                out.append({req.key for req in entries})
-            elif unit == 0:
-                batch = queue[i]
-                i += 1
-                assert isinstance(batch, KeyBatch), batch
-                out.append(set(batch.keys))
+        merged = None
+        for unit in queue:
+            if isinstance(unit, Single):
+                if unit.merged is None:
+                    out.append({unit.request.key})
+                elif unit.merged is not merged:
+                    merged = unit.merged
+                    out.append(set(merged.keys))
+            elif isinstance(unit, KeyBatch):
+                out.append(set(unit.keys))
             else:
-                run = queue[i]
-                i += 1
-                assert isinstance(run, PlainRun), run
-                out += run_keys(run.data, run.count)
-        assert i == len(queue), f"queue {queue} does not match units {units}"
+                assert isinstance(unit, PlainRun), unit
+                out += run_keys(unit.data, unit.count)
         return out
 
 

@@ -7,13 +7,10 @@ from functools import partial
 import pytest
 
 from mcproxy.routing.engine import ConfigError
+from mcproxy.units import KeyBatch
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
-from mcproxy.wire.response import (
-    MCMC_CODE_END,
-    MCMC_RESP_END,
-    Response,
-)
+from mcproxy.wire.response import ResponseReader
 from tests.enginekit import FakeBackends, run
 
 POOLS = """
@@ -393,20 +390,37 @@ def declining(engine, config: str, setup: str) -> str:
 
 
 class BatchRecorder:
-    """Replaces every backend's send; keeps what was sent, answered by hand."""
+    """Replaces every backend's send_unit; keeps the units sent (and their
+    ``done``), answered by hand."""
 
     def __init__(self, engine):
         self.sent = []
         for backend in engine.registry.live:
-            backend.send = partial(self.record, backend)
+            backend.send_unit = partial(self.record, backend)
 
-    def record(self, backend, req, callback):
-        self.sent.append((backend, req, callback))
+    def record(self, backend, unit):
+        self.sent.append((backend, unit, unit.done))
 
 
 def value(key: bytes) -> bytes:
-    """A hit as a KeyBatch's callback gets it."""
-    return b"VALUE " + key + b" 0 2\r\n" + key[:2] + b"\r\n"
+    """A hit as a backend sends it in the reply to a multi-key get."""
+    data = key[:2]
+    return b"VALUE %s 0 %d\r\n%s\r\n" % (key, len(data), data)
+
+
+def answer(unit, reply: bytes) -> None:
+    """Give ``unit`` the backend's ``reply`` and deliver its result."""
+    reader = ResponseReader()
+    reader.feed(reply)
+    assert unit.read(reader) and not reader.buffered
+    unit.deliver(0)
+
+
+def wire(unit) -> bytes:
+    """The bytes ``unit`` writes to its backend."""
+    out: list[bytes] = []
+    unit.write(out, [], 0)
+    return b"".join(out)
 
 
 def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
@@ -419,20 +433,19 @@ def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
                              keys, out.append)
     assert {b for b, _, _ in recorder.sent} == set(pool.backends)
     for backend, req, _ in recorder.sent:
-        assert isinstance(req, rq.KeyBatch)
+        assert isinstance(req, KeyBatch)
         assert req.keys == [k for k in keys if pool.select(k) is backend]
-        assert req.line == b"get " + b" ".join(req.keys) + b"\r\n"
+        assert wire(req) == b"get " + b" ".join(req.keys) + b"\r\n"
     assert engine.stats.conn_requests == len(keys)
     assert engine.stats.commands[rq.CMD_GET] == len(keys)
     assert engine.stats.req_active == len(keys)
     # Backends answer in any order: odd keys hit; one backend fails, one
     # answers with an error line.
     failed, error, good = recorder.sent
-    good[2](Response(True, MCMC_CODE_END, MCMC_RESP_END, b"END\r\n"),
-            [value(k) if int(k[1:]) % 2 else None for k in good[1].keys])
-    failed[2](Response.failure("timeout"))
+    answer(good[1], b"".join(value(k) for k in good[1].keys if int(k[1:]) % 2) + b"END\r\n")
+    failed[1].fail("timeout", 0)
     assert out == []
-    error[2](Response(True, 23, 108, b"SERVER_ERROR out of memory\r\n"), None)
+    answer(error[1], b"SERVER_ERROR out of memory\r\n")
     expected = []
     for k in keys:
         backend = pool.select(k)
@@ -452,11 +465,10 @@ def test_multiget_on_one_backend_is_one_batch(engine, load):
     keys = [b"a", b"b", b"a", b"c"]
     out = []
     assert engine.route_keys(rq.parse_request(b"gets a b a c\r\n"), keys, out.append)
-    [(_, req, callback)] = recorder.sent
-    assert req.line == b"gets a b a c\r\n" and req.keys == keys
-    callback(Response(True, MCMC_CODE_END, MCMC_RESP_END, b"END\r\n"),
-             [value(b"a"), None, value(b"a"), None])
-    assert out == [b"VALUE a 0 2\r\na\r\n" * 2 + b"END\r\n"]
+    [(_, req, _)] = recorder.sent
+    assert wire(req) == b"gets a b a c\r\n" and req.keys == keys
+    answer(req, value(b"a") * 2 + b"END\r\n")
+    assert out == [value(b"a") * 2 + b"END\r\n"]
     assert engine.stats.commands[rq.CMD_GETS] == 4 and engine.stats.req_active == 0
 
 
@@ -517,9 +529,12 @@ def test_run_is_cut_into_stretches_per_backend(engine, load):
     assert engine.stats.commands[rq.CMD_GET] == len(keys) - len(keys[::4])
     # Answered last to first; the client gets the replies in order, a
     # failed stretch a failure per request.
-    for index, (_, _, callback) in reversed(list(enumerate(recorder.sent))):
+    for index, (_, unit, callback) in reversed(list(enumerate(recorder.sent))):
         assert out == []
-        callback(Response.failure("timeout") if index == 1 else b"<%d>" % index)
+        if index == 1:
+            unit.fail("timeout", 0)
+        else:
+            callback(b"<%d>" % index)
     expected = [b"<%d>" % i for i in range(len(stretches))]
     expected[1] = errors.BACKEND_FAILURE * len(stretches[1][1])
     assert out == [b"".join(expected)]
@@ -535,7 +550,7 @@ def test_run_for_one_backend_is_one_plain_run(engine, load):
     out = []
     assert engine.route_run(stream, 2, keys, ends, sets, widths, out.append)
     [(_, run, callback)] = recorder.sent
-    assert (run.data, run.count, run.widths, run.requests) == \
+    assert (run.data, run.count, run.widths, run.size) == \
         (stream[2:-2], 4, {1: 3}, 6)
     assert engine.stats.conn_requests == engine.stats.req_active == 6
     callback(b"END\r\nEND\r\nSTORED\r\nEND\r\n")
