@@ -220,9 +220,13 @@ class Request:
             first_flag = 3 if self.command == CMD_MS else 2
             # Split the capped last token too: a q flag inside it would
             # still silence the backend.
-            flags = [t for t in b" ".join(self.tokens[first_flag:]).split(b" ")
-                     if t and t[:1] != b"q"]
-            return b" ".join(self.tokens[:first_flag] + flags) + b"\r\n"
+            flags = [t for t in b" ".join(self.tokens[first_flag:]).split(b" ") if t]
+            kept = [t for t in flags if t[:1] != b"q"]
+            if len(flags) - len(kept) > 1:
+                # A repeated q is memcached's "duplicate flag" error, which
+                # quiet mode does not silence: the backend must see it.
+                return self.line
+            return b" ".join(self.tokens[:first_flag] + kept) + b"\r\n"
         return self.line
 
     def wire(self) -> bytes:
