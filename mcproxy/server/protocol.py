@@ -148,7 +148,7 @@ class GroupSlot(Slot):
     limit (those of its requests, and a multiget's ``END``), and its
     ``size`` bytes as in flight.
 
-    It is also the ``sink`` of its backend units (request.ReplySink): the
+    It is also the ``sink`` of its backend units (units.ReplySink): the
     bytes backends send for it count as replies waiting (``credited``)
     until the reply fills it, so that a multiget whose reply is hundreds of
     MB hits the output limit while it arrives, not once it is complete."""
