@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from mcproxy.backends.pool import BackendRegistry, Broadcast
 from mcproxy.counters import ProxyStats
+from mcproxy.routing import rcontext
 from mcproxy.routing.host import Host
 from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.tunables import Tunables
@@ -50,6 +51,7 @@ DONE_BAD = 2
 DONE_ERROR = 3
 YIELD_POOL = 4
 YIELD_AWAIT = 5
+YIELD_WAIT = 6
 
 AWAIT_GOOD = 0
 AWAIT_ANY = 1
@@ -73,12 +75,14 @@ ERROR_LOG_INTERVAL = 1.0
 
 _LUA_DIR = files("mcproxy.routing")
 _MCP_LUA = _LUA_DIR.joinpath("mcp.lua").read_bytes()
+#: The V2 route API, installed by mcp.lua into each routes state.
+_V2_LUA = _LUA_DIR.joinpath("v2.lua").read_bytes()
 #: Lua libraries shipped with mcproxy, available to configs as
 #: ``require("mcproxy.NAME")`` (mcproxy/routing/NAME.lua).
 _LIBRARIES = {
     f"mcproxy.{entry.name[:-4]}".encode(): entry.read_bytes()
     for entry in _LUA_DIR.iterdir()
-    if entry.name.endswith(".lua") and entry.name != "mcp.lua"
+    if entry.name.endswith(".lua") and entry.name not in ("mcp.lua", "v2.lua")
 }
 
 #: Constants every config sees in ``mcp``, beyond the CMD_* ids.
@@ -116,7 +120,8 @@ class _State:
                                         unpack_returned_tuples=True)
         self.globals = self.runtime.globals()
         build = self.runtime.execute(_MCP_LUA, name=b"=mcp.lua", mode=b"t")
-        self.mcp, self.engine = build(host, phase.encode())
+        v2 = self.runtime.execute(_V2_LUA, name=b"=v2.lua", mode=b"t")
+        self.mcp, self.engine = build(host, phase.encode(), v2)
         for name, value in _CONSTANTS.items():
             self.mcp[name.encode()] = value
         self._install_hashing()
@@ -173,6 +178,8 @@ class Routes:
         self.resume = state.engine.resume
         self.resume_error = state.engine.resume_error
         self.resume_await = state.engine.resume_await
+        self.resume_wait = state.engine.resume_wait
+        self.arrived = state.engine.arrived
         self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
         #: command -> pool, for routes that do nothing but call one pool
@@ -507,6 +514,11 @@ class RouteEngine:
                 if step is None:
                     return
                 continue
+            if step[0] == YIELD_WAIT:
+                step = rcontext.dispatch(routes, step, partial(self._resumed, routes, req, done))
+                if step is None:
+                    return
+                continue
             _, co, pool, sent = step
             try:
                 backend = _select(pool, sent)
@@ -536,6 +548,14 @@ class RouteEngine:
         else:
             self._route_error(req, step[1])
             done(errors.LUA_FAILURE)
+
+    def _resumed(self, routes: Routes, req: Request, done: Callable[[bytes], None],
+                 step) -> None:
+        """Go on with a route whose V2 wait a reply ended (rcontext)."""
+        try:
+            self._advance(routes, req, done, step)
+        except Exception:
+            self._internal_error(req, done)
 
     def _await(self, routes: Routes, req: Request, done: Callable[[bytes], None], step):
         """Send one request to several pools; resume when enough answered.

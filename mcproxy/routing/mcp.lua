@@ -36,11 +36,12 @@ local DONE_BAD <const> = 2
 local DONE_ERROR <const> = 3
 local YIELD_POOL <const> = 4
 local YIELD_AWAIT <const> = 5
+local YIELD_WAIT <const> = 6
 
 local AWAIT_GOOD <const> = 0
 local AWAIT_BACKGROUND <const> = 5
 
-return function(host, phase)
+return function(host, phase, v2)
     local mcp = {}
     local in_config = phase == "config"
 
@@ -360,6 +361,19 @@ return function(host, phase)
                            detail and tostring(detail) or "")
     end
 
+    -- The V2 API (v2.lua): funcgens and routers, for the routes phase.
+    local v2_entry, v2_arrived
+    if not in_config then
+        v2_entry, v2_arrived = v2(mcp, {
+            POOL_PROXY = POOL_PROXY,
+            REQUEST = REQUEST,
+            new_response = new_response,
+            routes_only = routes_only,
+            log = host.log,
+            YIELD_WAIT = YIELD_WAIT,
+        })
+    end
+
     local hooks = {}
     local ANY_LAST <const> = 34
     local ANY_STORAGE_LAST <const> = 20
@@ -367,7 +381,10 @@ return function(host, phase)
     function mcp.attach(cmd, func)
         routes_only("mcp.attach")
         if type(func) ~= "function" then
-            error("Must pass a function to mcp.attach", 2)
+            func = v2_entry and v2_entry(func)
+            if func == nil then
+                error("Must pass a function to mcp.attach", 2)
+            end
         end
         if math.type(cmd) ~= "integer" then
             error("mcp.attach: command must be an mcp.CMD_* constant", 2)
@@ -459,6 +476,8 @@ return function(host, phase)
             return YIELD_POOL, co, b, c
         elseif a == YIELD_AWAIT then
             return YIELD_AWAIT, co, b, c, d, e
+        elseif a == YIELD_WAIT then
+            return YIELD_WAIT, co, b, c, d
         end
         return DONE_ERROR, "route yielded outside of a pool call"
     end
@@ -481,6 +500,11 @@ return function(host, phase)
     -- Resume an await with a table of Python responses.
     local function resume_await(co, responses)
         return step(co, coroutine_resume(co, responses))
+    end
+
+    -- Resume a route whose request context wait is over (v2.lua).
+    local function resume_wait(co)
+        return step(co, coroutine_resume(co))
     end
 
     -- Used by the engine when copying mcp_config_pools' result.
@@ -522,6 +546,8 @@ return function(host, phase)
         resume = resume,
         resume_error = resume_error,
         resume_await = resume_await,
+        resume_wait = resume_wait,
+        arrived = v2_arrived,
         kind = kind,
         pool_proxy = pool_proxy,
     }

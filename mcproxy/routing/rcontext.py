@@ -1,0 +1,69 @@
+"""Sending what a V2 request context waits for (see routing/v2.lua).
+
+When a funcgen's function waits (``rctx:wait_cond``, ``enqueue_and_wait``,
+``wait_handle``), its route coroutine yields the handles queued since the
+last wait. :func:`dispatch` sends each request to the backend its pool picks
+and hands every reply to the context (v2.lua's ``arrived``), which says when
+the wait is over; the route then resumes through ``resumed``.
+
+Replies of handles nobody waits for still go to the context: it records them
+for a later wait or result call, and frees itself once its function has
+returned and nothing is outstanding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mcproxy.wire.request import KEYLESS_COMMANDS
+from mcproxy.wire.response import Response
+
+#: What a request gets when its pool cannot place it.
+NO_BACKEND = "nobackend"
+
+
+class _Dispatch:
+    """One wait's sends; defers a resume asked for while still sending (a
+    backend may answer at once, from inside ``send``)."""
+
+    __slots__ = ("routes", "co", "rctx", "resumed", "sending", "resume")
+
+    def __init__(self, routes, co, rctx, resumed: Callable) -> None:
+        self.routes = routes
+        self.co = co
+        self.rctx = rctx
+        self.resumed = resumed
+        self.sending = True
+        self.resume = False
+
+    def arrived(self, handle: int, res: Response) -> None:
+        routes = self.routes
+        if res.value is not None:
+            routes.handed(len(res.value))
+        if routes.arrived(self.rctx, handle, res, res.ok, res.hit):
+            if self.sending:
+                self.resume = True
+            else:
+                self.resumed(routes.resume_wait(self.co))
+
+
+def dispatch(routes, step, resumed: Callable) -> tuple | None:
+    """Send the requests of a YIELD_WAIT ``step``; ``resumed(next_step)``
+    runs when a reply ends the wait. Returns the next step at once instead
+    when the wait is over before any reply is awaited."""
+    _, co, rctx, sends, ready = step
+    wait = _Dispatch(routes, co, rctx, resumed)
+    for index in range(1, len(sends) + 1, 3):
+        handle, pool, req = sends[index], sends[index + 1], sends[index + 2]
+        try:
+            if req.command in KEYLESS_COMMANDS:
+                raise ValueError("cannot route commands without key")
+            backend = pool.select(req.key)
+        except ValueError as e:
+            wait.arrived(handle, Response.failure(f"{NO_BACKEND}: {e}"))
+            continue
+        backend.send(req, lambda res, handle=handle: wait.arrived(handle, res))
+    wait.sending = False
+    if ready or wait.resume:
+        return routes.resume_wait(co)
+    return None

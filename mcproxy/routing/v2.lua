@@ -1,0 +1,603 @@
+-- memcached's V2 route API (1.6.30+): function generators, request
+-- contexts and routers, next to the V1 hooks in the same routes state.
+--
+-- This chunk returns an installer, called by mcp.lua's constructor in the
+-- routes phase with the `mcp` table and the internals it shares:
+-- `install(mcp, internal)` adds mcp.funcgen_new, mcp.funcgenbare_new,
+-- mcp.router_new and the WAIT_*/RES_* constants, and returns
+--   entry(obj)     the route function mcp.attach installs for a funcgen or
+--                  router (nil for anything else),
+--   arrived(...)   what the engine calls with each backend reply of a
+--                  dispatched handle (true: resume the waiting route).
+--
+-- A funcgen's generated function runs inside the route coroutine the engine
+-- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
+-- wait_handle) yields (YIELD_WAIT, rctx, sends, ready) to the engine:
+-- `sends` is a flat list (handle, pool, request, ...) of the handles queued
+-- since the last wait, `ready` whether the wait is satisfied already. The
+-- engine sends them (mcproxy.routing.rcontext) and resumes the coroutine
+-- once arrived() says the wait is over; requests not waited for keep going
+-- and are recorded in the context when they answer.
+--
+-- Each funcgen keeps request contexts ("slots") for reuse: a slot is made by
+-- calling the generator `f(rctx, a)` when no free one is left, serves one
+-- request at a time, and goes back to the free list once its function has
+-- returned and every request it dispatched has answered.
+
+local coroutine_yield = coroutine.yield
+local coroutine_isyieldable = coroutine.isyieldable
+local getmetatable = getmetatable
+local setmetatable = setmetatable
+local type = type
+local error = error
+local pcall = pcall
+local pairs = pairs
+local tostring = tostring
+local math_type = math.type
+local string_find = string.find
+local string_sub = string.sub
+
+-- Handle states within one request.
+local IDLE <const> = 0     -- nothing queued
+local QUEUED <const> = 1   -- enqueued, not yet sent
+local ACTIVE <const> = 2   -- sent, no answer yet
+local COMPLETE <const> = 3 -- answered, not yet counted by a wait
+local WAITED <const> = 4   -- answered and counted by a wait
+
+-- Wait modes (memcached's numbering: mcp.WAIT_ANY ... WAIT_FASTGOOD).
+local WAIT_IDLE <const> = 0
+local WAIT_ANY <const> = 1
+local WAIT_OK <const> = 2
+local WAIT_GOOD <const> = 3
+local WAIT_FASTGOOD <const> = 4
+local WAIT_HANDLE <const> = 5
+
+-- What rctx:result() reports (mcp.RES_*).
+local RES_GOOD <const> = 8
+local RES_OK <const> = 16
+local RES_ANY <const> = 32
+
+-- Longest router start/stop string memcached accepts (KEY_HASH_FILTER_MAX).
+local ROUTER_SEP_MAX <const> = 5
+
+-- What a client gets when a router finds no route and has no default.
+local START_FAILURE <const> = "SERVER_ERROR lua start failure\r\n"
+
+return function(mcp, internal)
+    local POOL_PROXY = internal.POOL_PROXY
+    local REQUEST = internal.REQUEST
+    local new_response = internal.new_response
+    local routes_only = internal.routes_only
+    local log = internal.log
+    local YIELD_WAIT = internal.YIELD_WAIT
+
+    local FUNCGEN = { __name = "mcp.funcgen" }
+    FUNCGEN.__index = FUNCGEN
+    local RCONTEXT = { __name = "mcp.rcontext" }
+    RCONTEXT.__index = RCONTEXT
+    local ROUTER = { __name = "mcp.router" }
+    ROUTER.__index = ROUTER
+
+    mcp.WAIT_ANY = WAIT_ANY
+    mcp.WAIT_OK = WAIT_OK
+    mcp.WAIT_GOOD = WAIT_GOOD
+    mcp.WAIT_FASTGOOD = WAIT_FASTGOOD
+    mcp.WAIT_RESUME = true
+    mcp.RES_GOOD = RES_GOOD
+    mcp.RES_OK = RES_OK
+    mcp.RES_ANY = RES_ANY
+
+    -- Function generators ----------------------------------------------
+
+    function mcp.funcgen_new()
+        routes_only("mcp.funcgen_new")
+        return setmetatable({ pools = {}, count = 0, is_ready = false, free = {},
+                              name = "anonymous" }, FUNCGEN)
+    end
+
+    local function check_fgen(fgen)
+        if getmetatable(fgen) ~= FUNCGEN then
+            error("function generator method called without a function generator", 3)
+        end
+        if fgen.is_ready then
+            error("cannot modify function generator after calling ready", 3)
+        end
+    end
+
+    -- fgen:new_handle(pool): a handle (0, 1, ...) the generated functions
+    -- enqueue requests on.
+    function FUNCGEN:new_handle(pool)
+        check_fgen(self)
+        local mt = getmetatable(pool)
+        if mt == FUNCGEN or mt == ROUTER then
+            -- memcached runs another funcgen as a sub-request here; not yet.
+            error("new_handle: handles to function generators are not supported by mcproxy", 2)
+        elseif mt ~= POOL_PROXY then
+            error("invalid argument to new_handle", 2)
+        end
+        local handle = self.count
+        self.pools[handle] = pool._p
+        self.count = handle + 1
+        return handle
+    end
+
+    local new_slot
+
+    -- fgen:ready{ f = generator, a = argument, n = name }
+    function FUNCGEN:ready(opts)
+        check_fgen(self)
+        if type(opts) ~= "table" then
+            error("fgen:ready: argument must be a table", 2)
+        end
+        if type(opts.f) ~= "function" then
+            error("Must specify generator function ('f') to fgen:ready", 2)
+        end
+        self.generator = opts.f
+        self.argument = opts.a
+        if type(opts.n) == "string" then
+            self.name = opts.n
+        end
+        -- Make the first slot now, so a broken generator fails the load.
+        local free = self.free
+        free[#free + 1] = new_slot(self, 2)
+        self.is_ready = true
+        return self
+    end
+
+    -- mcp.funcgenbare_new(func): a funcgen whose every slot runs func.
+    function mcp.funcgenbare_new(func)
+        routes_only("mcp.funcgenbare_new")
+        if type(func) ~= "function" then
+            error("Must pass a function to mcp.funcgenbare_new", 2)
+        end
+        local fgen = mcp.funcgen_new()
+        return fgen:ready({ f = function() return func end })
+    end
+
+    -- Request contexts -------------------------------------------------
+
+    local function reset(rctx)
+        local state, res, req, flags = rctx.state, rctx.res, rctx.req, rctx.flags
+        for h = 0, rctx.fgen.count - 1 do
+            state[h] = IDLE
+            res[h] = nil
+            req[h] = nil
+            flags[h] = 0
+        end
+        rctx.sends = nil
+        rctx.pending = 0
+        rctx.running = false
+        rctx.wait_mode = WAIT_IDLE
+    end
+
+    -- Make a slot: a context and the function its generator returns.
+    function new_slot(fgen, level)
+        local rctx = setmetatable({ fgen = fgen, state = {}, res = {}, req = {},
+                                    flags = {}, cbs = {}, wait_done = 0,
+                                    wait_count = 0, awaited = -1 }, RCONTEXT)
+        reset(rctx)
+        local func = fgen.generator(rctx, fgen.argument)
+        if type(func) ~= "function" then
+            error("function generator didn't return a function", level + 1)
+        end
+        rctx.func = func
+        return rctx
+    end
+
+    local function release(rctx)
+        reset(rctx)
+        local free = rctx.fgen.free
+        free[#free + 1] = rctx
+    end
+
+    local function check_handle(rctx, handle, what)
+        if math_type(handle) ~= "integer" or handle < 0 or handle >= rctx.fgen.count then
+            error(what, 3)
+        end
+    end
+
+    local function queue(rctx, r, handle)
+        check_handle(rctx, handle, "invalid handle passed to queue")
+        if rctx.state[handle] ~= IDLE then
+            return -- already used by this request: memcached ignores it too
+        end
+        rctx.state[handle] = QUEUED
+        rctx.req[handle] = r
+        local sends = rctx.sends
+        if sends == nil then
+            sends = {}
+            rctx.sends = sends
+        end
+        local n = #sends
+        sends[n + 1] = handle
+        sends[n + 2] = rctx.fgen.pools[handle]
+        sends[n + 3] = r._r
+    end
+
+    local function check_request(rctx, r)
+        if getmetatable(r) ~= REQUEST then
+            error("bad argument #1 (mcp.request expected)", 3)
+        end
+        if r._k == nil or r._k == "" then
+            error("cannot queue requests without a key", 3)
+        end
+    end
+
+    -- rctx:enqueue(r, handle | {handles}): queue without sending yet.
+    function RCONTEXT:enqueue(r, handles)
+        check_request(self, r)
+        if math_type(handles) == "integer" then
+            queue(self, r, handles)
+        elseif type(handles) == "table" then
+            for i = 1, #handles do
+                local handle = handles[i]
+                if math_type(handle) ~= "integer" then
+                    error("invalid handle passed to queue via array table", 2)
+                end
+                queue(self, r, handle)
+            end
+        else
+            error("must pass a handle or a table to queue", 2)
+        end
+    end
+
+    -- Count handle h toward the current wait; true if the wait is over.
+    local function counts(rctx, h, resume)
+        local mode = rctx.wait_mode
+        local flag = rctx.flags[h]
+        local counted
+        if mode == WAIT_ANY then
+            counted = true
+        elseif mode == WAIT_OK then
+            counted = flag == RES_GOOD or flag == RES_OK
+        elseif mode == WAIT_GOOD then
+            counted = flag == RES_GOOD
+        elseif mode == WAIT_FASTGOOD then
+            counted = flag == RES_GOOD or flag == RES_OK
+            resume = resume or flag == RES_GOOD
+        else -- WAIT_HANDLE: only the awaited handle ends the wait
+            return h == rctx.awaited
+        end
+        if counted then
+            rctx.state[h] = WAITED
+            rctx.wait_done = rctx.wait_done + 1
+        end
+        return resume or rctx.wait_done >= rctx.wait_count or rctx.pending == 0
+    end
+
+    -- Start a wait: send what is queued, count what already answered, and
+    -- yield until the wait is over.
+    local function wait(rctx)
+        if not coroutine_isyieldable() then
+            error("request context waits can only be made from inside a route", 3)
+        end
+        local sends = rctx.sends or {}
+        rctx.sends = nil
+        for i = 1, #sends, 3 do
+            rctx.state[sends[i]] = ACTIVE
+        end
+        rctx.pending = rctx.pending + #sends // 3
+        local ready = rctx.wait_count == 0 and rctx.wait_mode ~= WAIT_HANDLE
+        if not ready then
+            local state = rctx.state
+            for h = 0, rctx.fgen.count - 1 do
+                if state[h] == COMPLETE and counts(rctx, h, false) then
+                    ready = true
+                    break
+                end
+            end
+            -- nothing left that could end it: do not wait for ever
+            ready = ready or rctx.pending == 0
+        end
+        if ready then
+            rctx.wait_mode = WAIT_IDLE
+        end
+        coroutine_yield(YIELD_WAIT, rctx, sends, ready)
+    end
+
+    -- rctx:wait_cond(count [, mode]): send what is queued and wait until
+    -- `count` answers pass `mode` (default WAIT_ANY), or nothing is left
+    -- outstanding; returns how many passed.
+    function RCONTEXT:wait_cond(count, mode)
+        if type(count) ~= "number" then
+            error("must pass number to wait_cond", 2)
+        end
+        count = math.tointeger(count) or math.floor(count)
+        if count < 0 then
+            error("wait count for wait_cond must be positive", 2)
+        end
+        mode = mode or WAIT_ANY
+        if mode ~= WAIT_ANY and mode ~= WAIT_OK and mode ~= WAIT_GOOD
+                and mode ~= WAIT_FASTGOOD then
+            error("invalid mode sent to wait_cond", 2)
+        end
+        self.wait_done = 0
+        self.wait_count = count
+        self.wait_mode = mode
+        wait(self)
+        return self.wait_done
+    end
+
+    local function wait_for(rctx, handle)
+        rctx.wait_done = 0
+        rctx.wait_count = 1
+        rctx.wait_mode = WAIT_HANDLE
+        rctx.awaited = handle
+        local state = rctx.state[handle]
+        if state == WAITED then
+            -- answered and waited for before: memcached would wait for ever
+            rctx.wait_mode = WAIT_IDLE
+            return rctx.res[handle]
+        end
+        wait(rctx)
+        rctx.state[handle] = WAITED
+        return rctx.res[handle]
+    end
+
+    -- rctx:enqueue_and_wait(r, handle): queue, send, and return its answer.
+    function RCONTEXT:enqueue_and_wait(r, handle)
+        check_request(self, r)
+        if math_type(handle) ~= "integer" then
+            error("invalid handle passed to wait_handle", 2)
+        end
+        queue(self, r, handle)
+        return wait_for(self, handle)
+    end
+
+    -- rctx:wait_handle(handle): wait for a handle queued before.
+    function RCONTEXT:wait_handle(handle)
+        check_handle(self, handle, "invalid handle passed to wait_handle")
+        if self.state[handle] == IDLE then
+            error("wait_handle called on unqueued handle", 2)
+        end
+        return wait_for(self, handle)
+    end
+
+    -- rctx:handle_set_cb(handle, cb): cb(res, req) runs as each answer of
+    -- the handle arrives; it may return a WAIT_* mode to judge the answer
+    -- by, and a true second value to end the current wait at once.
+    function RCONTEXT:handle_set_cb(handle, cb)
+        check_handle(self, handle, "invalid handle passed to queue_set_cb")
+        if type(cb) ~= "function" then
+            error("bad argument #2 to handle_set_cb (function expected)", 2)
+        end
+        self.cbs[handle] = cb
+    end
+
+    local function result_of(rctx, handle, mask)
+        check_handle(rctx, handle, "invalid queue handle passed to :good/:ok:/:any")
+        local flag = rctx.flags[handle]
+        if flag & mask ~= 0 then
+            return rctx.res[handle], flag
+        end
+        return nil
+    end
+
+    function RCONTEXT:res_good(handle)
+        return (result_of(self, handle, RES_GOOD))
+    end
+
+    function RCONTEXT:res_ok(handle)
+        return (result_of(self, handle, RES_GOOD | RES_OK))
+    end
+
+    function RCONTEXT:res_any(handle)
+        return (result_of(self, handle, RES_GOOD | RES_OK | RES_ANY))
+    end
+
+    -- rctx:result(handle): the answer and its RES_* judgement, or nil, nil.
+    function RCONTEXT:result(handle)
+        local res, flag = result_of(self, handle, RES_GOOD | RES_OK | RES_ANY)
+        return res, flag
+    end
+
+    -- A backend answered handle h of rctx: record it; true if the route
+    -- waiting on it is to resume now.
+    local function arrived(rctx, h, pres, ok, hit)
+        local res = new_response(pres, ok, hit)
+        rctx.res[h] = res
+        rctx.state[h] = COMPLETE
+        rctx.pending = rctx.pending - 1
+        local flag = hit and RES_GOOD or (ok and RES_OK or RES_ANY)
+        local resume = false
+        local cb = rctx.cbs[h]
+        if cb ~= nil then
+            local called, mode, early = pcall(cb, res, rctx.req[h])
+            if not called then
+                log("handle callback failed: " .. tostring(mode))
+            elseif math_type(mode) == "integer" then
+                if mode == WAIT_GOOD then
+                    flag = RES_GOOD
+                elseif mode == WAIT_OK then
+                    flag = RES_OK
+                else
+                    flag = RES_ANY
+                end
+                resume = early and true or false
+            end
+        end
+        rctx.flags[h] = flag
+        if rctx.wait_mode ~= WAIT_IDLE then
+            if counts(rctx, h, resume) then
+                rctx.wait_mode = WAIT_IDLE
+                return true
+            end
+            return false
+        end
+        if not rctx.running and rctx.pending == 0 then
+            release(rctx)
+        end
+        return false
+    end
+
+    -- Run a request through a funcgen, in the route's coroutine.
+    local function run(fgen, r)
+        local free = fgen.free
+        local n = #free
+        local rctx
+        if n > 0 then
+            rctx = free[n]
+            free[n] = nil
+        else
+            rctx = new_slot(fgen, 1)
+        end
+        rctx.running = true
+        local ok, result = pcall(rctx.func, r)
+        rctx.running = false
+        if rctx.pending == 0 then
+            release(rctx)
+        end
+        if not ok then
+            error(result, 0)
+        end
+        return result
+    end
+
+    -- Routers -------------------------------------------------------------
+
+    local function sep_option(opts, name)
+        local value = opts[name]
+        if value == nil then
+            return nil
+        elseif type(value) ~= "string" then
+            error("must pass a string to " .. name .. " in mcp.router_new", 3)
+        elseif #value == 0 then
+            error("must pass a non-zero length string to " .. name .. " in mcp.router_new", 3)
+        elseif #value > ROUTER_SEP_MAX then
+            error(name .. " is too long in mcp.router_new", 3)
+        end
+        return value
+    end
+
+    local function check_map(map)
+        if type(map) ~= "table" then
+            error("Must pass a table to map argument of router_new", 3)
+        end
+        for _, target in pairs(map) do
+            if type(target) == "table" and getmetatable(target) == nil then
+                for cmd, fgen in pairs(target) do
+                    if math_type(cmd) ~= "integer" then
+                        error("Non integer key in router command map in router_new", 3)
+                    end
+                    if (cmd <= 0 or cmd >= mcp.CMD_END_STORAGE) and cmd ~= mcp.CMD_ANY_STORAGE then
+                        error("Bad command in router command map in router_new", 3)
+                    end
+                    if getmetatable(fgen) ~= FUNCGEN then
+                        error("bad argument to router_new (mcp.funcgen expected)", 3)
+                    end
+                end
+            elseif getmetatable(target) ~= FUNCGEN then
+                error("unhandled data in router_new map", 3)
+            end
+        end
+    end
+
+    -- The part of a key before `stop`, found only where memcached finds it
+    -- (a stop of several characters ending the key is not seen).
+    local function before(key, first, stop)
+        local at = string_find(key, stop, first, true)
+        if at == nil or (#stop > 1 and at > #key - #stop) then
+            return nil
+        end
+        return string_sub(key, first, at - 1)
+    end
+
+    -- mcp.router_new{ map = {...}, mode = "prefix"|"anchor", start =,
+    -- stop =, default = funcgen }: picks a funcgen by part of the key.
+    function mcp.router_new(opts)
+        routes_only("mcp.router_new")
+        if type(opts) ~= "table" then
+            error("Must pass a table of arguments to mcp.router_new", 2)
+        end
+        local map = opts.map or {}
+        check_map(map)
+        local start, stop = nil, "/"
+        local mode = opts.mode
+        if mode == "prefix" then
+            stop = sep_option(opts, "stop") or "/"
+        elseif mode == "anchor" then
+            local s, e = sep_option(opts, "start"), sep_option(opts, "stop")
+            if s == nil and e == nil then
+                start, stop = "/", "/"
+            elseif s == nil or e == nil then
+                error("must specify start and stop if mode is anchor in mcp.router_new", 2)
+            else
+                start, stop = s, e
+            end
+        elseif type(mode) == "string" then
+            error("unknown type passed to mcp.router_new", 2)
+        end
+        local default = opts.default
+        if default ~= nil and getmetatable(default) ~= FUNCGEN then
+            error("bad argument to router_new: default must be an mcp.funcgen", 2)
+        end
+        local copy = {}
+        for name, target in pairs(map) do
+            if getmetatable(target) == FUNCGEN then
+                copy[name] = target
+            else
+                local cmap = {}
+                for cmd, fgen in pairs(target) do cmap[cmd] = fgen end
+                copy[name] = cmap
+            end
+        end
+        return setmetatable({ map = copy, start = start, stop = stop,
+                              default = default }, ROUTER)
+    end
+
+    -- The funcgen a router gives request r, or nil.
+    local function route(router, r)
+        local key = r._k
+        if key == nil or key == "" then
+            return nil
+        end
+        local start, stop = router.start, router.stop
+        local name
+        if start == nil then
+            name = before(key, 1, stop)
+        elseif #start == 1 and #stop == 1 then
+            if string_sub(key, 1, 1) == start then
+                name = before(key, 2, stop)
+            end
+        elseif #start + 2 <= #key and string_sub(key, 1, #start) == start then
+            -- memcached always matches a long anchor's stop as a long one
+            local at = string_find(key, stop, #start + 1, true)
+            if at ~= nil and at <= #key - #stop then
+                name = string_sub(key, #start + 1, at - 1)
+            end
+        end
+        if name == nil or name == "" then
+            return router.default
+        end
+        local target = router.map[name]
+        if target == nil then
+            return router.default
+        elseif getmetatable(target) == FUNCGEN then
+            return target
+        end
+        return target[r._c] or target[mcp.CMD_ANY_STORAGE] or router.default
+    end
+
+    -- What mcp.attach installs -----------------------------------------
+
+    local function entry(obj)
+        local mt = getmetatable(obj)
+        if mt == FUNCGEN then
+            if not obj.is_ready then
+                error("cannot attach a function generator before calling ready", 3)
+            end
+            return function(r) return run(obj, r) end
+        elseif mt == ROUTER then
+            return function(r)
+                local fgen = route(obj, r)
+                if fgen == nil then
+                    return START_FAILURE
+                end
+                return run(fgen, r)
+            end
+        end
+        return nil
+    end
+
+    return entry, arrived
+end
