@@ -169,8 +169,10 @@ class _State:
 class Routes:
     """A loaded config: the routes state and its command hooks."""
 
-    def __init__(self, path: str, state: _State, host: Host) -> None:
+    def __init__(self, path: str, state: _State, host: Host, config_pools=None) -> None:
         self.path = path
+        #: what mcp_config_routes was given (the copy of mcp_config_pools' result)
+        self.config_pools = config_pools
         self.state = state
         self.host = host
         self.loaded_at = monotonic()
@@ -225,8 +227,12 @@ class Routes:
     def pools(self) -> list:
         """``(name, Pool)`` of each pool these routes reach, named as they
         reach it (mcproxy.routing.poolnames); found once, when first asked."""
-        return named_pools(self.state.runtime, [*self.hooks.values(), self.state.globals],
-                           self.host.pools, self.path)
+        roots = [*self.hooks.values(), self.state.globals]
+        if self.state.engine.v2_attached():
+            # V2 routes reach pools through handles: name them as
+            # mcp_config_pools did
+            roots.append(self.config_pools)
+        return named_pools(self.state.runtime, roots, self.host.pools, self.path)
 
 
 def load(path: str, registry: BackendRegistry, tunables: Tunables,
@@ -243,7 +249,7 @@ def load(path: str, registry: BackendRegistry, tunables: Tunables,
     user_stats.rename(host.stat_names)
     for backend, options in zip(host.backends, host.options, strict=True):
         backend.reconfigure(options)
-    return Routes(path, routes, host)
+    return Routes(path, routes, host, copied)
 
 
 class _Copier:

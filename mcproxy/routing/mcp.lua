@@ -362,9 +362,9 @@ return function(host, phase, v2)
     end
 
     -- The V2 API (v2.lua): funcgens and routers, for the routes phase.
-    local v2_entry, v2_arrived
+    local v2_entry, v2_arrived, v2_attached
     if not in_config then
-        v2_entry, v2_arrived = v2(mcp, {
+        v2_entry, v2_arrived, v2_attached = v2(mcp, {
             POOL_PROXY = POOL_PROXY,
             REQUEST = REQUEST,
             new_response = new_response,
@@ -548,6 +548,7 @@ return function(host, phase, v2)
         resume_await = resume_await,
         resume_wait = resume_wait,
         arrived = v2_arrived,
+        v2_attached = v2_attached,
         kind = kind,
         pool_proxy = pool_proxy,
     }

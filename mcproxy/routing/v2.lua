@@ -8,7 +8,8 @@
 --   entry(obj)     the route function mcp.attach installs for a funcgen or
 --                  router (nil for anything else),
 --   arrived(...)   what the engine calls with each backend reply of a
---                  dispatched handle (true: resume the waiting route).
+--                  dispatched handle (true: resume the waiting route),
+--   attached()     whether mcp.attach was given a funcgen or router.
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
 -- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
@@ -580,8 +581,13 @@ return function(mcp, internal)
 
     -- What mcp.attach installs -----------------------------------------
 
+    local attached = false
+
     local function entry(obj)
         local mt = getmetatable(obj)
+        if mt == FUNCGEN or mt == ROUTER then
+            attached = true
+        end
         if mt == FUNCGEN then
             if not obj.is_ready then
                 error("cannot attach a function generator before calling ready", 3)
@@ -599,5 +605,5 @@ return function(mcp, internal)
         return nil
     end
 
-    return entry, arrived
+    return entry, arrived, function() return attached end
 end

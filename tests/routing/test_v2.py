@@ -460,3 +460,18 @@ def test_reload_keeps_requests_in_flight_on_their_funcgen(engine, load):
     assert run(engine, b"get k\r\n") == b"SERVER_ERROR new\r\n"
     fake.answer("a", MISS)
     assert out == [b"SERVER_ERROR old\r\n"]
+
+
+def test_pools_are_named_as_mcp_config_pools_named_them(engine, load):
+    routes = load(config("""
+    mcp.attach(mcp.CMD_GET, fg("t", function(rctx, h) return function(r)
+        return rctx:enqueue_and_wait(r, h[1])
+    end end, p.b))
+    """))
+    assert sorted(name for name, _ in routes.pools) == ["a", "b", "c"]
+
+
+def test_v1_pools_are_still_named_by_what_the_routes_reach(engine, load):
+    routes = load(config("local only = p.b\n"
+                         "mcp.attach(mcp.CMD_GET, function(r) return only(r) end)"))
+    assert [name for name, _ in routes.pools] == ["only"]
