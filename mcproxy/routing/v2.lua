@@ -392,6 +392,36 @@ return function(mcp, internal)
         return res, flag
     end
 
+    -- The first answer among `handles` judged best (rank 1) or worst
+    -- (rank -1) by RES_GOOD > RES_OK > RES_ANY, and its judgement.
+    local RANK <const> = { [RES_GOOD] = 3, [RES_OK] = 2, [RES_ANY] = 1 }
+
+    local function pick(rctx, handles, sign, what)
+        if type(handles) ~= "table" then
+            error(what .. ": must pass a table of handles", 3)
+        end
+        local found, found_flag, found_rank
+        for i = 1, #handles do
+            local handle = handles[i]
+            check_handle(rctx, handle, "invalid handle passed to " .. what)
+            local flag = rctx.flags[handle]
+            local rank = RANK[flag]
+            if rank ~= nil and (found_rank == nil or rank * sign > found_rank * sign) then
+                found, found_flag, found_rank = rctx.res[handle], flag, rank
+            end
+        end
+        return found, found_flag
+    end
+
+    -- rctx:best_result({handles}) / rctx:worst_result({handles})
+    function RCONTEXT:best_result(handles)
+        return pick(self, handles, 1, "best_result")
+    end
+
+    function RCONTEXT:worst_result(handles)
+        return pick(self, handles, -1, "worst_result")
+    end
+
     -- A backend answered handle h of rctx: record it; true if the route
     -- waiting on it is to resume now.
     local function arrived(rctx, h, pres, ok, hit)

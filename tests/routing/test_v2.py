@@ -9,6 +9,7 @@ import pytest
 
 from mcproxy.routing.engine import ConfigError
 from mcproxy.wire import errors
+from mcproxy.wire.response import Response
 from tests.enginekit import FakeBackends, run, start
 
 POOLS = """
@@ -174,7 +175,6 @@ def test_failed_backend_is_res_any(engine, load):
     out = start(engine, b"get k\r\n")
     fake.answer("a", MISS)
     _, callback = fake.pending.pop()
-    from mcproxy.wire.response import Response
     callback(Response.failure("test"))
     assert out == [b"SERVER_ERROR n=2 0:16:falsetruetrue 1:32:falsefalsetrue\r\n"]
 
@@ -475,3 +475,33 @@ def test_v1_pools_are_still_named_by_what_the_routes_reach(engine, load):
     routes = load(config("local only = p.b\n"
                          "mcp.attach(mcp.CMD_GET, function(r) return only(r) end)"))
     assert [name for name, _ in routes.pools] == ["only"]
+
+
+def test_best_and_worst_result(engine, load):
+    # memcached 1.6.45: the first of the best (worst) answers, by GOOD > OK > ANY
+    load(attach_get("""
+        rctx:enqueue(r, h)
+        rctx:wait_cond(#h, mcp.WAIT_ANY)
+        local best, bflag = rctx:best_result(h)
+        local worst, wflag = rctx:worst_result(h)
+        if r:key() == "best" then return best end
+        if r:key() == "worst" then return worst end
+        return "SERVER_ERROR " .. tostring(bflag) .. " " .. tostring(wflag) .. "\\r\\n"
+    """, "p.a, p.b, p.c"))
+    fake = FakeBackends(engine, hold=True)
+    for key, answers, want in [
+        (b"flags", [MISS, HIT, MISS], b"SERVER_ERROR 8 16\r\n"),
+        (b"best", [MISS, b"VALUE best 0 1\r\nb\r\nEND\r\n", b"VALUE best 0 1\r\nc\r\nEND\r\n"],
+         b"VALUE best 0 1\r\nb\r\nEND\r\n"),
+        (b"worst", [MISS, MISS, MISS], MISS),
+    ]:
+        out = start(engine, b"get " + key + b"\r\n")
+        for label, data in zip("abc", answers, strict=True):
+            fake.answer(label, data)
+        assert out == [want], key
+    out = start(engine, b"get flags\r\n")
+    fake.answer("a", MISS)
+    fake.answer("b", HIT)
+    _, callback = fake.pending.pop()
+    callback(Response.failure("test"))
+    assert out == [b"SERVER_ERROR 8 32\r\n"]
