@@ -182,6 +182,7 @@ class Routes:
         self.resume_await = state.engine.resume_await
         self.resume_wait = state.engine.resume_wait
         self.arrived = state.engine.arrived
+        self.arrive = state.engine.arrive
         self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
         #: command -> pool, for routes that do nothing but call one pool

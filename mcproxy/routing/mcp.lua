@@ -458,7 +458,7 @@ return function(host, phase, v2)
     -- Driving a route ---------------------------------------------------
 
     -- Turn what resume returned into what the Python driver needs.
-    local function step(co, ok, a, b, c, d, e)
+    local function step(co, ok, a, b, c, d, e, f)
         if coroutine_status(co) == "dead" then
             if not ok then
                 return DONE_ERROR, tostring(a)
@@ -477,7 +477,7 @@ return function(host, phase, v2)
         elseif a == YIELD_AWAIT then
             return YIELD_AWAIT, co, b, c, d, e
         elseif a == YIELD_WAIT then
-            return YIELD_WAIT, co, b, c, d
+            return YIELD_WAIT, co, b, c, d, e, f
         end
         return DONE_ERROR, "route yielded outside of a pool call"
     end
@@ -505,6 +505,15 @@ return function(host, phase, v2)
     -- Resume a route whose request context wait is over (v2.lua).
     local function resume_wait(co)
         return step(co, coroutine_resume(co))
+    end
+
+    -- A reply for a request context's handle; the route's next step if it
+    -- ends the wait the route is in, else nil (v2.lua's arrived).
+    local function arrive(co, rctx, handle, pres, ok, hit)
+        if v2_arrived(rctx, handle, pres, ok, hit) then
+            return step(co, coroutine_resume(co))
+        end
+        return nil
     end
 
     -- Used by the engine when copying mcp_config_pools' result.
@@ -548,6 +557,7 @@ return function(host, phase, v2)
         resume_await = resume_await,
         resume_wait = resume_wait,
         arrived = v2_arrived,
+        arrive = arrive,
         v2_attached = v2_attached,
         kind = kind,
         pool_proxy = pool_proxy,

@@ -40,20 +40,26 @@ class _Dispatch:
         routes = self.routes
         if res.value is not None:
             routes.handed(len(res.value))
-        if routes.arrived(self.rctx, handle, res, res.ok, res.hit):
-            if self.sending:
+        if self.sending:
+            if routes.arrived(self.rctx, handle, res, res.ok, res.hit):
                 self.resume = True
-            else:
-                self.resumed(routes.resume_wait(self.co))
+            return
+        step = routes.arrive(self.co, self.rctx, handle, res, res.ok, res.hit)
+        if step is not None:
+            self.resumed(step)
 
 
 def dispatch(routes, step, resumed: Callable) -> tuple | None:
     """Send the requests of a YIELD_WAIT ``step``; ``resumed(next_step)``
     runs when a reply ends the wait. Returns the next step at once instead
     when the wait is over before any reply is awaited."""
-    _, co, rctx, sends, ready = step
+    _, co, rctx, ready, *sends = step
+    count = 1
+    if sends[0] < 0:  # several: (-1, table of (handle, pool, request), count)
+        _, table, count = sends
+        sends = [table[index] for index in range(1, 3 * count + 1)]
     wait = _Dispatch(routes, co, rctx, resumed)
-    for index in range(1, len(sends) + 1, 3):
+    for index in range(0, 3 * count, 3):
         handle, pool, req = sends[index], sends[index + 1], sends[index + 2]
         try:
             if req.command in KEYLESS_COMMANDS:

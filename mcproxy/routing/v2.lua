@@ -13,9 +13,11 @@
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
 -- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
--- wait_handle) yields (YIELD_WAIT, rctx, sends, ready) to the engine:
--- `sends` is a flat list (handle, pool, request, ...) of the handles queued
--- since the last wait, `ready` whether the wait is satisfied already. The
+-- wait_handle) yields (YIELD_WAIT, rctx, ready, handle, pool, request) to
+-- the engine for one handle queued since the last wait, or (YIELD_WAIT,
+-- rctx, ready, -1, sends, count) for `count` of them, `sends` holding their
+-- (handle, pool, request) flat; `ready` says whether the wait is satisfied
+-- already. The
 -- engine sends them (mcproxy.routing.rcontext) and resumes the coroutine
 -- once arrived() says the wait is over; requests not waited for keep going
 -- and are recorded in the context when they answer.
@@ -165,7 +167,11 @@ return function(mcp, internal)
             req[h] = nil
             flags[h] = 0
         end
-        rctx.sends = nil
+        local sends = rctx.sends
+        for i = 1, rctx.queued * 3 do
+            sends[i] = nil
+        end
+        rctx.queued = 0
         rctx.pending = 0
         rctx.running = false
         rctx.wait_mode = WAIT_IDLE
@@ -174,7 +180,8 @@ return function(mcp, internal)
     -- Make a slot: a context and the function its generator returns.
     function new_slot(fgen, level)
         local rctx = setmetatable({ fgen = fgen, state = {}, res = {}, req = {},
-                                    flags = {}, cbs = {}, wait_done = 0,
+                                    flags = {}, cbs = {}, sends = {}, queued = 0,
+                                    wait_done = 0,
                                     wait_count = 0, awaited = -1 }, RCONTEXT)
         reset(rctx)
         local func = fgen.generator(rctx, fgen.argument)
@@ -205,11 +212,8 @@ return function(mcp, internal)
         rctx.state[handle] = QUEUED
         rctx.req[handle] = r
         local sends = rctx.sends
-        if sends == nil then
-            sends = {}
-            rctx.sends = sends
-        end
-        local n = #sends
+        local n = rctx.queued * 3
+        rctx.queued = rctx.queued + 1
         sends[n + 1] = handle
         sends[n + 2] = rctx.fgen.pools[handle]
         sends[n + 3] = r._r
@@ -272,12 +276,11 @@ return function(mcp, internal)
         if not coroutine_isyieldable() then
             error("request context waits can only be made from inside a route", 3)
         end
-        local sends = rctx.sends or {}
-        rctx.sends = nil
-        for i = 1, #sends, 3 do
+        local sends, queued = rctx.sends, rctx.queued
+        for i = 1, queued * 3, 3 do
             rctx.state[sends[i]] = ACTIVE
         end
-        rctx.pending = rctx.pending + #sends // 3
+        rctx.pending = rctx.pending + queued
         local ready = rctx.wait_count == 0 and rctx.wait_mode ~= WAIT_HANDLE
         if not ready then
             local state = rctx.state
@@ -293,7 +296,17 @@ return function(mcp, internal)
         if ready then
             rctx.wait_mode = WAIT_IDLE
         end
-        coroutine_yield(YIELD_WAIT, rctx, sends, ready)
+        if queued == 1 then
+            -- the common case, without the engine reading a table
+            coroutine_yield(YIELD_WAIT, rctx, ready, sends[1], sends[2], sends[3])
+        else
+            coroutine_yield(YIELD_WAIT, rctx, ready, -1, sends, queued)
+        end
+        -- the engine has sent them: forget them (the table is reused)
+        for i = 1, queued * 3 do
+            sends[i] = nil
+        end
+        rctx.queued = 0
     end
 
     -- rctx:wait_cond(count [, mode]): send what is queued and wait until
