@@ -5,6 +5,8 @@ was asked (noted per test)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mcproxy.routing.engine import ConfigError
@@ -505,3 +507,38 @@ def test_best_and_worst_result(engine, load):
     _, callback = fake.pending.pop()
     callback(Response.failure("test"))
     assert out == [b"SERVER_ERROR 8 32\r\n"]
+
+
+# -- README's worked example ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "v2.lua"
+
+
+def test_readme_shows_the_example_as_it_is():
+    readme = (ROOT / "README.rst").read_text()
+    section = readme.split("\nRoute API V2\n", 1)[1].split("\nRoute library and cookbook\n", 1)[0]
+    shown = []
+    for line in section.split(".. code-block:: lua\n\n", 1)[1].splitlines():
+        if line.strip() and not line.startswith("    "):
+            break  # the first line of text after the block
+        shown.append(line[4:])
+    shown = "\n".join(shown)
+    assert "examples/v2.lua" in section
+    assert shown.strip() == EXAMPLE.read_text().strip()
+
+
+def test_the_example_routes(engine):
+    engine.load(str(EXAMPLE))
+    fake = FakeBackends(engine, {"near": MISS, "far": HIT})
+    assert run(engine, b"get repl/k\r\n") == HIT  # near missed
+    assert [label for label, _ in fake.sent] == ["near", "far"]
+    fake.sent.clear()
+    fake.replies = {"near": b"STORED\r\n", "far": b"STORED\r\n"}
+    assert run(engine, b"set repl/k 0 0 1\r\n", b"x\r\n") == b"STORED\r\n"
+    assert sorted(label for label, _ in fake.sent) == ["far", "near"]
+    fake.sent.clear()
+    fake.replies = {"near": HIT}
+    assert run(engine, b"get main/k\r\n") == HIT
+    assert fake.sent == [("near", b"get main/k\r\n")]
+    assert run(engine, b"get other/k\r\n") == b"SERVER_ERROR no route\r\n"
