@@ -51,7 +51,7 @@ DONE_BAD = 2
 DONE_ERROR = 3
 YIELD_POOL = 4
 YIELD_AWAIT = 5
-YIELD_WAIT = 6
+YIELD_WAIT = rcontext.YIELD_WAIT
 
 AWAIT_GOOD = 0
 AWAIT_ANY = 1
@@ -183,6 +183,8 @@ class Routes:
         self.resume_wait = state.engine.resume_wait
         self.arrived = state.engine.arrived
         self.arrive = state.engine.arrive
+        self.sub_arrived = state.engine.sub_arrived
+        self.sub_arrive = state.engine.sub_arrive
         self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
         #: command -> pool, for routes that do nothing but call one pool

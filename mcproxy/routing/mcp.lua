@@ -362,15 +362,19 @@ return function(host, phase, v2)
     end
 
     -- The V2 API (v2.lua): funcgens and routers, for the routes phase.
-    local v2_entry, v2_arrived, v2_attached
+    local v2_entry, v2_arrived, v2_sub_arrived, v2_attached
     if not in_config then
-        v2_entry, v2_arrived, v2_attached = v2(mcp, {
+        v2_entry, v2_arrived, v2_sub_arrived, v2_attached = v2(mcp, {
             POOL_PROXY = POOL_PROXY,
             REQUEST = REQUEST,
             new_response = new_response,
             routes_only = routes_only,
             log = host.log,
             YIELD_WAIT = YIELD_WAIT,
+            DONE_RESPONSE = DONE_RESPONSE,
+            DONE_STRING = DONE_STRING,
+            DONE_BAD = DONE_BAD,
+            DONE_ERROR = DONE_ERROR,
         })
     end
 
@@ -516,6 +520,14 @@ return function(host, phase, v2)
         return nil
     end
 
+    -- The same for the end of a funcgen handle's route (v2.lua).
+    local function sub_arrive(co, rctx, handle, kind, value, failure)
+        if v2_sub_arrived(rctx, handle, kind, value, failure) then
+            return step(co, coroutine_resume(co))
+        end
+        return nil
+    end
+
     -- Used by the engine when copying mcp_config_pools' result.
     local function kind(value)
         local mt = getmetatable(value)
@@ -558,6 +570,8 @@ return function(host, phase, v2)
         resume_wait = resume_wait,
         arrived = v2_arrived,
         arrive = arrive,
+        sub_arrived = v2_sub_arrived,
+        sub_arrive = sub_arrive,
         v2_attached = v2_attached,
         kind = kind,
         pool_proxy = pool_proxy,

@@ -9,6 +9,7 @@
 --                  router (nil for anything else),
 --   arrived(...)   what the engine calls with each backend reply of a
 --                  dispatched handle (true: resume the waiting route),
+--   sub_arrived(...) the same for the end of a funcgen handle's route,
 --   attached()     whether mcp.attach was given a funcgen or router.
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
@@ -73,6 +74,10 @@ return function(mcp, internal)
     local routes_only = internal.routes_only
     local log = internal.log
     local YIELD_WAIT = internal.YIELD_WAIT
+    local DONE_RESPONSE = internal.DONE_RESPONSE
+    local DONE_STRING = internal.DONE_STRING
+    local DONE_BAD = internal.DONE_BAD
+    local DONE_ERROR = internal.DONE_ERROR
 
     local FUNCGEN = { __name = "mcp.funcgen" }
     FUNCGEN.__index = FUNCGEN
@@ -94,7 +99,7 @@ return function(mcp, internal)
 
     function mcp.funcgen_new()
         routes_only("mcp.funcgen_new")
-        return setmetatable({ pools = {}, count = 0, is_ready = false, free = {},
+        return setmetatable({ targets = {}, count = 0, is_ready = false, free = {},
                               name = "anonymous" }, FUNCGEN)
     end
 
@@ -107,19 +112,29 @@ return function(mcp, internal)
         end
     end
 
-    -- fgen:new_handle(pool): a handle (0, 1, ...) the generated functions
-    -- enqueue requests on.
-    function FUNCGEN:new_handle(pool)
+    local run
+
+    -- fgen:new_handle(pool | funcgen): a handle (0, 1, ...) the generated
+    -- functions enqueue requests on. A request queued on a funcgen's handle
+    -- runs that funcgen's function as a route of its own (the engine starts
+    -- it); what it returns is the handle's answer. The engine tells the two
+    -- apart by what `targets` holds: a pool, or a route function.
+    function FUNCGEN:new_handle(target)
         check_fgen(self)
-        local mt = getmetatable(pool)
-        if mt == FUNCGEN or mt == ROUTER then
-            -- memcached runs another funcgen as a sub-request here; not yet.
-            error("new_handle: handles to function generators are not supported by mcproxy", 2)
-        elseif mt ~= POOL_PROXY then
+        local mt = getmetatable(target)
+        local handle = self.count
+        if mt == POOL_PROXY then
+            self.targets[handle] = target._p
+        elseif mt == FUNCGEN then
+            if not target.is_ready then
+                error("new_handle: the function generator is not ready", 2)
+            end
+            self.targets[handle] = function(r) return run(target, r) end
+        elseif mt == ROUTER then
+            error("cannot assign a router to a handle in new_handle", 2)
+        else
             error("invalid argument to new_handle", 2)
         end
-        local handle = self.count
-        self.pools[handle] = pool._p
         self.count = handle + 1
         return handle
     end
@@ -215,7 +230,7 @@ return function(mcp, internal)
         local n = rctx.queued * 3
         rctx.queued = rctx.queued + 1
         sends[n + 1] = handle
-        sends[n + 2] = rctx.fgen.pools[handle]
+        sends[n + 2] = rctx.fgen.targets[handle]
         sends[n + 3] = r._r
     end
 
@@ -435,17 +450,16 @@ return function(mcp, internal)
         return pick(self, handles, -1, "worst_result")
     end
 
-    -- A backend answered handle h of rctx: record it; true if the route
-    -- waiting on it is to resume now.
-    local function arrived(rctx, h, pres, ok, hit)
-        local res = new_response(pres, ok, hit)
+    -- Handle h of rctx has its answer `res`, judged `flag`: run its
+    -- callback (`callback` false: none, as memcached for a string); true if
+    -- the route waiting on it is to resume now.
+    local function record(rctx, h, res, flag, callback)
         rctx.res[h] = res
         rctx.state[h] = COMPLETE
         rctx.pending = rctx.pending - 1
-        local flag = hit and RES_GOOD or (ok and RES_OK or RES_ANY)
         local resume = false
-        local cb = rctx.cbs[h]
-        if cb ~= nil then
+        local cb = callback and rctx.cbs[h]
+        if cb then
             local called, mode, early = pcall(cb, res, rctx.req[h])
             if not called then
                 log("handle callback failed: " .. tostring(mode))
@@ -474,8 +488,34 @@ return function(mcp, internal)
         return false
     end
 
+    -- A backend answered handle h of rctx (see record).
+    local function arrived(rctx, h, pres, ok, hit)
+        return record(rctx, h, new_response(pres, ok, hit),
+                      hit and RES_GOOD or (ok and RES_OK or RES_ANY), true)
+    end
+
+    -- The route a funcgen handle h of rctx ran is over: its last step's
+    -- kind and value (mcp.lua's DONE_*; a pool call or mcp.await, which
+    -- such a route cannot make, counts as an error), and the response that
+    -- stands for an error (see record).
+    local function sub_arrived(rctx, h, kind, value, failure)
+        if kind == DONE_RESPONSE then
+            local res = new_response(value, value.ok, value.hit)
+            return record(rctx, h, res, value.hit and RES_GOOD or (value.ok and RES_OK or RES_ANY),
+                          true)
+        elseif kind == DONE_STRING then
+            return record(rctx, h, value, RES_ANY, false)
+        end
+        if kind == DONE_ERROR then
+            log("route error in a function generator handle: " .. tostring(value))
+        elseif kind ~= DONE_BAD then
+            log("a function generator used as a handle called a pool or mcp.await")
+        end
+        return record(rctx, h, new_response(failure, false, false), RES_ANY, true)
+    end
+
     -- Run a request through a funcgen, in the route's coroutine.
-    local function run(fgen, r)
+    function run(fgen, r)
         local free = fgen.free
         local n = #free
         local rctx
@@ -648,5 +688,5 @@ return function(mcp, internal)
         return nil
     end
 
-    return entry, arrived, function() return attached end
+    return entry, arrived, sub_arrived, function() return attached end
 end

@@ -83,6 +83,15 @@ CORPUS = [
     b"get zero/k\r\n",
     b"get wh/k\r\n",
     b"get cb/k\r\n",
+    # funcgens as handles
+    b"set b/sub/1k 0 0 1\r\ns\r\n",
+    b"get sub/1k\r\n",
+    b"get sub/2k\r\n",
+    b"set sub/2k 0 0 1\r\nt\r\n",
+    b"get b/sub/2k\r\n",
+    b"get sub/3k\r\n",
+    b"get sub/4k\r\n",
+    b"get sub/all\r\n",
     # what both read as bad requests
     b"set a/bad 0 0 1\r\nxy\r\n",
     b"get\r\n",

@@ -128,7 +128,9 @@ def test_errors_and_bad_returns(engine, load):
      " g:new_handle(p.a)", "cannot modify function generator after calling ready"),
     ("mcp.funcgen_new():new_handle(5)", "invalid argument to new_handle"),
     ("local g = mcp.funcgen_new(); mcp.funcgen_new():new_handle(g)",
-     "handles to function generators are not supported by mcproxy"),
+     "new_handle: the function generator is not ready"),
+    ("mcp.funcgen_new():new_handle(mcp.router_new({ map = {} }))",
+     "cannot assign a router to a handle in new_handle"),
     ("mcp.attach(mcp.CMD_GET, mcp.funcgen_new())",
      "cannot attach a function generator before calling ready"),
     ("mcp.attach(mcp.CMD_GET, {})", "Must pass a function to mcp.attach"),
@@ -340,6 +342,58 @@ def test_multiget_runs_the_funcgen_per_key(engine, load):
     FakeBackends(engine, {"a": HIT})
     reply = run(engine, b"get k\r\n")
     assert reply == HIT
+
+
+# -- funcgens as handles -----------------------------------------------------------
+
+SUBS = """
+    local direct = fg("direct", function(rctx, h) return function(r)
+        return rctx:enqueue_and_wait(r, h[1])
+    end end, p.b)
+    local text = fg("text", function() return function(r)
+        return "SERVER_ERROR text\\r\\n"
+    end end)
+    local broken = fg("broken", function() return function(r) error("sub boom") end end)
+    local parent = mcp.funcgen_new()
+    local hs = { parent:new_handle(p.a), parent:new_handle(direct),
+                 parent:new_handle(text), parent:new_handle(broken) }
+    parent:ready({ n = "parent", f = function(rctx) return function(r)
+        local which = tonumber(string.sub(r:key(), 1, 1))
+        if which then
+            return rctx:enqueue_and_wait(r, hs[which])
+        end
+        rctx:enqueue(r, hs)
+        local n = rctx:wait_cond(#hs, mcp.WAIT_ANY)
+        local parts = { "n=" .. n }
+        for i = 1, #hs do
+            local res, mode = rctx:result(hs[i])
+            parts[#parts + 1] = string.format("%d:%s:%s", hs[i], tostring(mode), type(res))
+        end
+        return "SERVER_ERROR " .. table.concat(parts, " ") .. "\\r\\n"
+    end end })
+    mcp.attach(mcp.CMD_GET, parent)
+"""
+
+
+def test_a_funcgen_handle_answers_with_its_route(engine, load):
+    load(config(SUBS))
+    fake = FakeBackends(engine, {"a": MISS, "b": HIT})
+    assert run(engine, b"get 2k\r\n") == HIT
+    assert fake.sent == [("b", b"get 2k\r\n")]
+    assert run(engine, b"get 3k\r\n") == b"SERVER_ERROR text\r\n"
+    assert run(engine, b"get 4k\r\n") == errors.BACKEND_FAILURE
+
+
+def test_funcgen_handles_in_one_wait(engine, load):
+    # a string answer is RES_ANY and returned as the string, as in memcached
+    load(config(SUBS))
+    fake = FakeBackends(engine, hold=True)
+    out = start(engine, b"get k\r\n")
+    assert out == []
+    fake.answer("b", HIT)
+    assert out == []
+    fake.answer("a", MISS)
+    assert out == [b"SERVER_ERROR n=4 0:16:table 1:8:table 2:32:string 3:32:table\r\n"]
 
 
 # -- routers ---------------------------------------------------------------------

@@ -108,6 +108,30 @@ function mcp_config_routes(p)
             [mcp.CMD_ANY_STORAGE] = funcgen("cmdany", direct, { p.b }),
         },
     }
+    -- funcgens as handles: a pool, a route to a pool, a string, an error
+    local text = funcgen("text", function() return function(r)
+        return "SERVER_ERROR text\r\n"
+    end end)
+    local broken = funcgen("broken", function() return function(r) error("sub boom") end end)
+    local parent = mcp.funcgen_new()
+    local subs = { parent:new_handle(p.a), parent:new_handle(map.b), parent:new_handle(text),
+                   parent:new_handle(broken) }
+    parent:ready({ n = "parent", f = function(rctx) return function(r)
+        local which = tonumber(string.sub(r:key(), 5, 5))
+        if which then
+            return rctx:enqueue_and_wait(r, subs[which])
+        end
+        rctx:enqueue(r, subs)
+        local n = rctx:wait_cond(#subs, mcp.WAIT_ANY)
+        local parts = { "n=" .. n }
+        for i = 1, #subs do
+            local res, mode = rctx:result(subs[i])
+            parts[#parts + 1] = subs[i] .. ":" .. tostring(mode)
+        end
+        return "SERVER_ERROR " .. table.concat(parts, " ") .. "\r\n"
+    end end })
+    map.sub = parent
+
     local default = funcgen("default", function() return function(r)
         return "SERVER_ERROR default " .. r:key() .. "\r\n"
     end end)
