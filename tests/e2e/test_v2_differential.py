@@ -98,6 +98,8 @@ CORPUS = [
     b"bogus\r\n",
     b"get a/" + b"x" * 249 + b"\r\n",
     b"mn\r\n",
+    b"get a/k\n",
+    b"set a/lf 0 0 1\nx\r\n",
 ]
 
 #: Requests whose replies differ, and why mcproxy keeps its own.
@@ -109,6 +111,11 @@ DIFFERENT = {
         b"CLIENT_ERROR bad data chunk\r\nCLIENT_ERROR parsing request\r\n",
         b"CLIENT_ERROR bad data chunk\r\nSERVER_ERROR parsing request\r\n"),
     b"get\r\n": (b"CLIENT_ERROR parsing request\r\n", b"SERVER_ERROR parsing request\r\n"),
+    # From 1.6.22 memcached reads a line ending in a bare \n as memcached
+    # itself does; mcproxy's protocol layer does not yet (same as above).
+    b"get a/k\n": (b"END\r\n", b"SERVER_ERROR parsing request\r\n"),
+    b"set a/lf 0 0 1\nx\r\n": (
+        b"STORED\r\n", b"SERVER_ERROR parsing request\r\nSERVER_ERROR parsing request\r\n"),
     # 1.6.45 closes the connection without a word; mcproxy answers what
     # memcached itself answers an unknown command and keeps serving.
     b"bogus\r\n": (b"", b"ERROR\r\n"),
