@@ -3,7 +3,8 @@ hot-path work that, unlike CPU time on a shared machine, is the same on
 every run.
 
 ``python bench/opcodes.py`` builds the proxy in-process from
-``bench/route.lua`` (one pool of one backend): a ProxyService on a
+``bench/route.lua`` (one pool of one backend; ``--route FILE`` another
+config of one pool of one backend): a ProxyService on a
 MemoryReactorClock, its backend connected to a StringTransport, and
 ``--clients`` client connections on StringTransports. Each round every
 client sends one ``get`` (``--multiget N``: of N keys), the write batch is
@@ -47,16 +48,16 @@ class Transport(StringTransport):
 
 
 class Proxy:
-    """mcproxy in-process: the backend of bench/route.lua and ``clients``
-    client connections, every transport a StringTransport."""
+    """mcproxy in-process: the backend of ``route`` (bench/route.lua) and
+    ``clients`` client connections, every transport a StringTransport."""
 
-    def __init__(self, clients: int, multiget: int) -> None:
+    def __init__(self, clients: int, multiget: int, route: Path = ROUTE) -> None:
         self.after: list = []
         writes.batch.schedule = self.after.append
         os.environ.setdefault("MCPROXY_BENCH_BACKEND_PORT", "11211")
         clock = MemoryReactorClock()
-        service = ProxyService(str(ROUTE), [], reactor=clock)
-        service.engine.load(str(ROUTE))
+        service = ProxyService(str(route), [], reactor=clock)
+        service.engine.load(str(route))
         [backend] = service.registry.live
         backend.connect()
         self.backend = clock.tcpClients[-1][2].buildProtocol(None)
@@ -143,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multiget", type=int, default=1, help="keys per get")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--top", type=int, default=20, help="functions listed")
+    parser.add_argument("--route", type=Path, default=ROUTE,
+                        help="route config (one pool of one backend)")
     args = parser.parse_args(argv)
-    ops = count(Proxy(args.clients, args.multiget), args.rounds)
+    ops = count(Proxy(args.clients, args.multiget, args.route), args.rounds)
     requests = args.clients * args.rounds
     print(f"{sum(ops.values()) / requests:.0f} opcodes per request "
           f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets)")

@@ -1,8 +1,12 @@
--- Route config for the benchmark: one pool of one backend, every command.
+-- Route config for the benchmark: one pool of one backend, every command,
+-- in the route library's form (routes.direct, which the engine runs without
+-- entering Lua).
 --
 -- bench/run.py starts mcproxy with this file and passes the memcached port
 -- in MCPROXY_BENCH_BACKEND_PORT. nutcracker gets the equivalent setup: one
 -- pool, one server, no timeouts that could fire during a run.
+
+local routes = require("mcproxy.routes")
 
 function mcp_config_pools()
     -- The in-flight memory test holds requests against a stopped memcached
@@ -13,5 +17,5 @@ function mcp_config_pools()
 end
 
 function mcp_config_routes(pool)
-    mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return pool(r) end)
+    mcp.attach(mcp.CMD_ANY_STORAGE, routes.direct(pool))
 end

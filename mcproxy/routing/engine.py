@@ -24,11 +24,14 @@ from twisted.logger import Logger
 
 from mcproxy.backends.pool import BackendRegistry, Broadcast
 from mcproxy.counters import ProxyStats
-from mcproxy.routing import rcontext
+from mcproxy.routing import direct, rcontext
+from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
 from mcproxy.routing.poolnames import named_pools
+from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
+from mcproxy.units import KeyBatch, PlainRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
@@ -36,10 +39,6 @@ from mcproxy.wire.request import (
     CMD_GET,
     CMD_SET,
     COMMAND_CONSTANTS,
-    KEYLESS_COMMANDS,
-    KeyBatch,
-    PlainRun,
-    ReplySink,
     Request,
 )
 from mcproxy.wire.response import MCMC_CODES, Response, client_bytes
@@ -130,13 +129,16 @@ class _State:
         self._install_libraries()
 
     def _install_libraries(self) -> None:
-        """Make the bundled Lua libraries loadable with ``require``."""
+        """Make the bundled Lua libraries loadable with ``require``; each
+        chunk gets the engine's ``declare`` (mcp.lua), which configs never
+        see, to declare the shapes of the routes it builds."""
         preload = self.globals.package.preload
         loader = self.runtime.eval(
-            "function(source, name) return function() "
-            "return assert(load(source, '=' .. name, 't'))() end end")
+            "function(source, name, declare) return function() "
+            "return assert(load(source, '=' .. name, 't'))(declare) end end")
         for name, source in _LIBRARIES.items():
-            preload[name] = loader(source, name.replace(b".", b"/") + b".lua")
+            preload[name] = loader(source, name.replace(b".", b"/") + b".lua",
+                                   self.engine.declare)
 
     def _install_hashing(self) -> None:
         """Distribution and hasher markers the pool options refer to."""
@@ -169,7 +171,8 @@ class _State:
 class Routes:
     """A loaded config: the routes state and its command hooks."""
 
-    def __init__(self, path: str, state: _State, host: Host, config_pools=None) -> None:
+    def __init__(self, path: str, state: _State, host: Host, direct: bool = True,
+                 config_pools=None) -> None:
         self.path = path
         #: what mcp_config_routes was given (the copy of mcp_config_pools' result)
         self.config_pools = config_pools
@@ -187,13 +190,16 @@ class Routes:
         self.sub_arrive = state.engine.sub_arrive
         self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
-        #: command -> pool, for routes that do nothing but call one pool
-        self.direct = self._direct_routes(state)
-        if CMD_FLUSH_ALL not in self.hooks:
-            # The default: flush everything a client reads through the proxy.
-            self.direct[CMD_FLUSH_ALL] = Broadcast.of(host.pools, host.store)
+        reader = ShapeReader(state.engine)
+        #: command -> what its route declared itself to be
+        self.shapes = {cmd: reader.route(func) for cmd, func in self.hooks.items()}
+        # The default: flush everything a client reads through the proxy.
+        defaults = {} if CMD_FLUSH_ALL in self.hooks else {
+            CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
+        #: the routes run without Lua (none of those attached unless ``direct``)
+        self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
         #: the commands this config routes (attached, or by default)
-        self.routed = frozenset(self.hooks) | frozenset(self.direct)
+        self.routed = frozenset(self.hooks) | frozenset(self.direct.pools)
         self._collect = state.runtime.eval("function() collectgarbage('collect') end")
         #: bytes of values handed to this state since its last collection
         self._handed = 0
@@ -205,22 +211,6 @@ class Routes:
         if self._handed > LUA_COLLECT_BYTES:
             self._handed = 0
             self._collect()
-
-    def _direct_routes(self, state: _State) -> dict:
-        """Find the hooks that are ``function(r) return pool(r) end``.
-
-        Such a route is run without entering Lua at all: the pool picks
-        the backend and the response goes to the client, exactly as the
-        Lua route would have done, minus two crossings into Lua and a
-        coroutine per request.
-        """
-        reference = _bytecode(state.engine.reference_dump)
-        direct = {}
-        for cmd, func in self.hooks.items():
-            found = state.engine.direct_pool(func)
-            if isinstance(found, tuple) and _bytecode(found[1]) == reference:
-                direct[cmd] = found[0]
-        return direct
 
     @property
     def backends(self) -> list:
@@ -239,8 +229,9 @@ class Routes:
 
 
 def load(path: str, registry: BackendRegistry, tunables: Tunables,
-         user_stats: UserStats, store=None) -> Routes:
-    """Load ``path`` through both phases; raise ConfigError on any failure."""
+         user_stats: UserStats, store=None, direct: bool = True) -> Routes:
+    """Load ``path`` through both phases; raise ConfigError on any failure.
+    ``direct``: whether attached routes may take the direct path."""
     host = Host(path, registry, tunables, user_stats, store)
     config = _State(host, "config")
     config.run_file(path)
@@ -252,7 +243,7 @@ def load(path: str, registry: BackendRegistry, tunables: Tunables,
     user_stats.rename(host.stat_names)
     for backend, options in zip(host.backends, host.options, strict=True):
         backend.reconfigure(options)
-    return Routes(path, routes, host, copied)
+    return Routes(path, routes, host, direct, copied)
 
 
 class _Copier:
@@ -290,29 +281,33 @@ class RouteEngine:
     log = Logger()
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
-                 tunables: Tunables, user_stats: UserStats, store=None) -> None:
+                 tunables: Tunables, user_stats: UserStats, store=None,
+                 direct: bool = True) -> None:
         self.stats = stats
         self.registry = registry
         self.tunables = tunables
         self.user_stats = user_stats
         self.store = store
+        #: whether the routes the direct path knows skip Lua, as in
+        #: production; False runs every attached route's Lua body, the
+        #: reference the tests hold the direct path to (read at each load)
+        self.direct_routes = direct
         self.routes: Routes | None = None
         self._hooks: dict = {}
-        self._direct: dict = {}
+        self._direct = DirectRoutes({}, {})
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
-        #: sets as well as gets: see route_run
+        #: sets as well as gets: see route_run and DirectRoutes.plain_runs
         self.plain_runs: bool | None = None
-        #: whether those runs may hold gets of several keys (their pool
-        #: has one backend, which then answers every key)
+        #: whether those runs may hold gets of several keys
         self.plain_multigets = False
-        self._plain_pool = None
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
     def load(self, path: str) -> Routes:
         """Load a config and make it the active one."""
-        routes = load(path, self.registry, self.tunables, self.user_stats, self.store)
+        routes = load(path, self.registry, self.tunables, self.user_stats, self.store,
+                      self.direct_routes)
         self.activate(routes)
         return routes
 
@@ -321,9 +316,8 @@ class RouteEngine:
         self._hooks = routes.hooks
         self._direct = routes.direct
         self._routed = routes.routed
-        pool = self._plain_pool = routes.direct.get(CMD_GET)
-        self.plain_runs = None if pool is None else routes.direct.get(CMD_SET) is pool
-        self.plain_multigets = pool is not None and len(pool.backends) == 1
+        self.plain_runs = routes.direct.plain_runs
+        self.plain_multigets = routes.direct.plain_multigets
 
     def hooked(self, command: int) -> bool:
         """Whether the active config routes ``command`` (else it is local)."""
@@ -341,74 +335,37 @@ class RouteEngine:
             return
         stats.req_active += 1
         try:
-            pool = self._direct.get(req.command)
+            pool = self._direct.pool(req)
             if pool is None:
                 self._advance(routes, req, done,
                               routes.start(self._hooks[req.command], req, req.key,
                                            req.command))
             else:
-                self._send_direct(pool, req, done)
+                direct.send(pool, req, done, stats, self._route_error)
         except Exception:
             self._internal_error(req, done)
-
-    def _send_direct(self, pool, req: Request, done: Callable[[bytes], None]) -> None:
-        """A ``return pool(r)`` route, without Lua (see Routes.direct)."""
-        try:
-            backend = _select(pool, req)
-        except ValueError as e:
-            self.stats.req_active -= 1
-            self._route_error(req, str(e).encode())
-            done(errors.LUA_FAILURE)
-            return
-        stats = self.stats
-
-        def reply(res: Response) -> None:
-            stats.req_active -= 1
-            done(client_bytes(res, req))
-
-        backend.send(req, reply)
 
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
-        when its route is a direct pool call (see Routes.direct).
+        when its route is a direct pool call (see direct.py).
 
         The pool still picks each key's backend; each backend then gets its
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
         of every key in the client's order and the ``END``. Every key counts
         as a request, as when routed one by one. ``sink`` is told of the
-        reply's bytes as they arrive (request.ReplySink).
+        reply's bytes as they arrive (units.ReplySink).
 
         False, with nothing done, when this does not apply (no direct route,
         an active request limit, a backend with a depth limit, a key the pool
         cannot place): the caller then routes key by key, which answers,
         logs and counts those cases.
         """
-        pool = self._direct.get(req.command)
-        if pool is None or self.tunables.active_req_limit:
+        if self.tunables.active_req_limit:
             return False
-        try:
-            if len(pool.backends) == 1:
-                pool.select(keys[0])  # serves every key if it serves one
-                chosen = None
-            else:
-                select = pool.select
-                chosen = [select(key) for key in keys]
-        except Exception:
-            return False  # routed key by key, each key gets its error
-        if chosen is None or chosen.count(chosen[0]) == len(chosen):
-            groups = {pool.backends[0] if chosen is None else chosen[0]: None}
-        else:
-            groups = {}
-            for position, backend in enumerate(chosen):
-                positions = groups.get(backend)
-                if positions is None:
-                    groups[backend] = [position]
-                else:
-                    positions.append(position)
-        for backend in groups:
-            if backend.options.depth_limit:
-                return False
+        groups = self._direct.key_groups(req, keys)
+        if groups is None:
+            return False
         stats = self.stats
         count = len(keys)
         stats.conn_requests += count
@@ -418,10 +375,10 @@ class RouteEngine:
         reply = _KeysReply(count, len(groups), stats, done)
         for backend, positions in groups.items():
             if positions is None:
-                backend.send(KeyBatch(req.command, name, keys, sink), reply.answer_all)
+                backend.send_unit(KeyBatch(name, keys, reply.answer_all, sink))
             else:
-                backend.send(KeyBatch(req.command, name, [keys[p] for p in positions], sink),
-                             partial(reply.answer, positions))
+                backend.send_unit(KeyBatch(name, [keys[p] for p in positions],
+                                           partial(reply.answer, positions), sink))
         return True
 
     def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
@@ -445,29 +402,20 @@ class RouteEngine:
         an active request limit, a backend with a depth limit, a key the
         pool cannot place): the caller then routes request by request.
         """
-        pool = self._plain_pool
-        if pool is None or self.tunables.active_req_limit:
+        if self.tunables.active_req_limit:
             return False
-        backends = pool.backends
-        if len(backends) == 1:
-            backend = backends[0]  # a pool of one serves every key, a multiget's too
-        elif widths is not None:
-            return False  # the keys of a multiget may need several backends
-        else:
-            try:
-                chosen = list(map(pool.select, keys))
-            except Exception:
-                return False
-            backend = chosen[0]
-            if chosen.count(backend) < len(chosen):
-                return self._route_stretches(data, start, keys, ends, sets, chosen, done, sink)
-        if backend.options.depth_limit:
+        backend = self._direct.run_target(data, start, keys, ends, widths)
+        if backend is None:
             return False
+        if backend.__class__ is list:
+            return self._route_stretches(data, start, keys, ends, sets, backend, done, sink)
         stop = ends[-1]
         run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
                        keys, sets, widths, sink)
-        self._count_run(run.requests, len(sets))
-        backend.send(run, partial(_run_answered, run, self.stats, done))
+        requests = run.size
+        self._count_run(requests, len(sets))
+        run.done = partial(_run_answered, requests, self.stats, done)
+        backend.send_unit(run)
         return True
 
     def _route_stretches(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
@@ -495,7 +443,8 @@ class RouteEngine:
             end = ends[last - 1]
             run = PlainRun(data[offset:end], keys[first:last],
                            [i - first for i in sets if first <= i < last], sink=sink)
-            backend.send(run, partial(reply.answer, index, run))
+            run.done = partial(reply.answer, index, run.size)
+            backend.send_unit(run)
             offset = end
         return True
 
@@ -530,7 +479,7 @@ class RouteEngine:
                 continue
             _, co, pool, sent = step
             try:
-                backend = _select(pool, sent)
+                backend = select_backend(pool, sent)
             except ValueError as e:
                 step = routes.resume_error(co, str(e).encode())
                 continue
@@ -578,7 +527,7 @@ class RouteEngine:
             backends = [Broadcast.of(pools.values())]
         else:
             try:
-                backends = [_select(pool, sent) for pool in pools.values()]
+                backends = [select_backend(pool, sent) for pool in pools.values()]
             except ValueError as e:
                 return routes.resume_error(co, str(e).encode())
         if mode == AWAIT_BACKGROUND:
@@ -613,18 +562,6 @@ class RouteEngine:
         self._errors_unlogged = 0
 
 
-def _select(pool, req: Request):
-    """Where ``pool`` sends ``req``: the backend of its key, or for a
-    broadcast command all its backends (pool.Broadcast); ValueError (a Lua
-    error) if nowhere."""
-    command = req.command
-    if command in KEYLESS_COMMANDS:
-        if command in BROADCAST_COMMANDS:
-            return pool.broadcast()
-        raise ValueError("cannot route commands without key")
-    return pool.select(req.key)
-
-
 class _KeysReply:
     """Collects the answers of the KeyBatches of one client multiget
     (RouteEngine.route_keys) into its reply."""
@@ -638,57 +575,30 @@ class _KeysReply:
         self.stats = stats
         self.done = done
 
-    def answer_all(self, res: Response, hits: list | None = None) -> None:
-        """The answer of the one batch that holds every key."""
+    def answer_all(self, parts: list[bytes]) -> None:
+        """The answer of the one batch that holds every key: each key's
+        reply (units.KeyBatch), then the multiget's END."""
         self.stats.req_active -= len(self.parts)
-        if hits is None:
-            self.done(_EMPTY.join([_failed(res)] * len(self.parts)) + errors.END)
-            return
-        parts = [hit for hit in hits if hit is not None]
         parts.append(errors.END)
         self.done(_EMPTY.join(parts))
 
-    def answer(self, positions: list[int], res: Response, hits: list | None = None) -> None:
+    def answer(self, positions: list[int], parts: list[bytes]) -> None:
         """The answer of the batch of the keys at ``positions``."""
         self.stats.req_active -= len(positions)
-        parts = self.parts
-        if hits is None:
-            part = _failed(res)
-            for position in positions:
-                parts[position] = part
-        else:
-            for position, hit in zip(positions, hits, strict=True):
-                if hit is not None:
-                    parts[position] = hit
+        mine = self.parts
+        for position, part in zip(positions, parts, strict=True):
+            mine[position] = part
         self.pending -= 1
         if not self.pending:
-            parts.append(errors.END)
-            self.done(_EMPTY.join(parts))
+            mine.append(errors.END)
+            self.done(_EMPTY.join(mine))
 
 
-def _run_reply(run: PlainRun, reply) -> bytes:
-    """What the client gets for a PlainRun: the bytes of its replies, or
-    for a failure (a Response) those that came before it and a failure for
-    each request left (each key and the END of a multi-key get)."""
-    if reply.__class__ is bytes:
-        return reply
-    parts = run.parts
-    widths = run.widths
-    if widths is None:
-        parts.append(errors.BACKEND_FAILURE * (run.count - run.answered))
-    else:
-        for index in range(run.answered, run.count):
-            width = widths.get(index)
-            parts.append(errors.BACKEND_FAILURE if width is None
-                         else errors.BACKEND_FAILURE * width + errors.END)
-    return _EMPTY.join(parts)
-
-
-def _run_answered(run: PlainRun, stats: ProxyStats, done: Callable[[bytes], None],
-                  reply) -> None:
+def _run_answered(requests: int, stats: ProxyStats, done: Callable[[bytes], None],
+                  reply: bytes) -> None:
     """The answer of a run that holds every request of the client's run."""
-    stats.req_active -= run.requests
-    done(reply if reply.__class__ is bytes else _run_reply(run, reply))
+    stats.req_active -= requests
+    done(reply)
 
 
 class _RunsReply:
@@ -703,20 +613,12 @@ class _RunsReply:
         self.stats = stats
         self.done = done
 
-    def answer(self, index: int, run: PlainRun, reply) -> None:
-        self.stats.req_active -= run.requests
-        self.parts[index] = _run_reply(run, reply)
+    def answer(self, index: int, requests: int, reply: bytes) -> None:
+        self.stats.req_active -= requests
+        self.parts[index] = reply
         self.pending -= 1
         if not self.pending:
             self.done(_EMPTY.join(self.parts))
-
-
-def _failed(res: Response) -> bytes:
-    """What each key of a batch gets for a failure, or a reply that is not
-    a get's (an error line): what client_bytes gives a key of a multiget."""
-    if not res.ok:
-        return errors.BACKEND_FAILURE
-    return res.line if res.value is None else res.line + res.value
 
 
 def _ignore(response: Response) -> None:
@@ -766,33 +668,3 @@ class _Await:
     def _complete(self, results: list[Response]) -> None:
         self.done = True
         self.finish(results)
-
-
-def _varint(dump: bytes, pos: int) -> tuple[int, int]:
-    """A size as Lua 5.4's ldump.c writes it (7 bits a byte, last byte
-    marked with 0x80)."""
-    value = 0
-    while True:
-        byte = dump[pos]
-        pos += 1
-        value = (value << 7) | (byte & 0x7F)
-        if byte & 0x80:
-            return value, pos
-
-
-#: Length of a Lua 5.4 binary chunk header plus the main closure's
-#: upvalue count byte (ldump.c: signature, version, format, LUAC_DATA,
-#: three sizes, LUAC_INT, LUAC_NUM).
-_DUMP_HEADER = 4 + 1 + 1 + 6 + 3 + 8 + 8 + 1
-
-
-def _bytecode(dump: bytes) -> bytes:
-    """The parameter count, vararg flag and instructions of a stripped
-    function dump: what decides what the function does, given the same
-    upvalues (line numbers and upvalue slots are left out)."""
-    pos = _DUMP_HEADER
-    for _ in range(3):  # source (empty when stripped), first and last line
-        _, pos = _varint(dump, pos)
-    head = dump[pos:pos + 2]  # numparams, is_vararg (maxstacksize skipped)
-    count, pos = _varint(dump, pos + 3)
-    return head + dump[pos:pos + 4 * count]

@@ -540,28 +540,134 @@ return function(host, phase, v2)
         return setmetatable({ _p = p }, POOL_PROXY)
     end
 
-    -- The pool a route calls if the route is exactly
-    -- `function(r) return pool(r) end` (the engine then skips Lua for it):
-    -- one parameter, one upvalue holding a pool, and the same bytecode as
-    -- REFERENCE. Returns the pool and the route's stripped bytecode dump.
-    local REFERENCE_POOL
-    local function REFERENCE(r) return REFERENCE_POOL(r) end
+    -- Route shapes ------------------------------------------------------
+    --
+    -- A route built by the route library declares what it is (as
+    -- memcached's routelib declares its route handles to the C side): a
+    -- table with a `kind` ("direct", "failover", ...), the very tables of
+    -- children its body calls, and its options (see routes.lua). The engine
+    -- reads the declarations of the attached routes once they are built, and
+    -- runs the shapes it knows (mcproxy/routing/direct.py) without entering
+    -- Lua. Routes stay plain functions, so mcp.attach, composition and
+    -- calling a route by hand work as before; the registry is weak-keyed so
+    -- routes nobody holds are collected. Only the library declares:
+    -- `declare` is handed to its chunk when it is loaded, and is neither
+    -- in `mcp` nor a global.
+    local shapes = setmetatable({}, { __mode = "k" })
 
-    local function direct_pool(f)
-        local info = debug.getinfo(f, "u")
-        if info.nups ~= 1 or info.nparams ~= 1 or info.isvararg then
+    local function declare(fn, shape)
+        if type(fn) ~= "function" or type(shape) ~= "table" or type(shape.kind) ~= "string" then
+            error("declare: expected a route function and a table with a kind", 2)
+        end
+        if shapes[fn] ~= nil then
+            error("declare: a route is declared once, where it is built", 2)
+        end
+        shapes[fn] = shape
+        return fn
+    end
+
+    -- A route written by hand as `function(r) return pool(r) end` (any
+    -- names; also `local function f(r) ... end`) is recognised from what
+    -- the debug library says of it and from its source text, never from its
+    -- bytecode: one fixed parameter; one upvalue, holding a pool; the
+    -- source lines the function spans (of its chunk's string, or of the
+    -- file it was loaded from, as that file is now) hold the word
+    -- `function` once, and from there read exactly `function(p) return
+    -- u(p) end`, `p` the parameter and `u` that upvalue's name. Comments or
+    -- a second function on those lines, or a chunk whose text is unknown
+    -- (a name given to load with "="), leave it to Lua.
+    local debug_getinfo = debug.getinfo
+    local debug_getupvalue = debug.getupvalue
+    local io_open = io.open
+    local string_find = string.find
+    local string_match = string.match
+    local string_gmatch = string.gmatch
+    local string_sub = string.sub
+    local table_concat = table.concat
+
+    local FUNCTION_WORD <const> = "%f[%w_]function%f[^%w_]"
+    local NAME <const> = "([%a_][%w_]*)"
+    local HAND_DIRECT <const> = "^function%s*[%a_]?[%w_.]*%s*%(%s*" .. NAME .. "%s*%)%s*return%s+"
+        .. NAME .. "%s*%(%s*" .. NAME .. "%s*%)%s*;?%s*end%f[^%w_]"
+
+    -- The text of lines first..last of a function's chunk, or nil.
+    local function source_lines(source, first, last)
+        local lead = string_sub(source, 1, 1)
+        local text = source
+        if lead == "=" then
+            return nil
+        elseif lead == "@" then
+            local f = io_open(string_sub(source, 2), "rb")
+            if f == nil then
+                return nil
+            end
+            text = f:read("a")
+            f:close()
+            if text == nil then
+                return nil
+            end
+        end
+        local lines, n = {}, 0
+        for line in string_gmatch(text .. "\n", "([^\n]*)\n") do
+            n = n + 1
+            if n > last then
+                break
+            end
+            if n >= first then
+                lines[#lines + 1] = line
+            end
+        end
+        return table_concat(lines, "\n")
+    end
+
+    local function hand_direct(f)
+        local info = debug_getinfo(f, "Su")
+        if info.what ~= "Lua" or info.nparams ~= 1 or info.isvararg or info.nups ~= 1 then
             return nil
         end
-        local _, pool = debug.getupvalue(f, 1)
+        local upvalue, pool = debug_getupvalue(f, 1)
         if getmetatable(pool) ~= POOL_PROXY then
             return nil
         end
-        return pool._p, string.dump(f, true)
+        local text = source_lines(info.source, info.linedefined, info.lastlinedefined)
+        local at = text and string_find(text, FUNCTION_WORD)
+        if at == nil or string_find(text, FUNCTION_WORD, at + 1) then
+            return nil
+        end
+        local param, called, arg = string_match(text, HAND_DIRECT, at)
+        if param == nil or called ~= upvalue or arg ~= param then
+            return nil
+        end
+        return pool
+    end
+
+    -- What the engine knows of a route: its declaration; for a recognised
+    -- hand-written direct route, the declaration routes.direct makes;
+    -- else nil.
+    local function shape(f)
+        local declared = shapes[f]
+        if declared ~= nil then
+            return declared
+        end
+        local pool = hand_direct(f)
+        if pool ~= nil then
+            return { kind = "direct", children = { pool } }
+        end
+        return nil
+    end
+
+    -- The Python pool behind a routes-phase pool, or nil for anything else.
+    local function pool_of(value)
+        if getmetatable(value) == POOL_PROXY then
+            return value._p
+        end
+        return nil
     end
 
     local engine = {
-        direct_pool = direct_pool,
-        reference_dump = string.dump(REFERENCE, true),
+        declare = declare,
+        shape = shape,
+        pool_of = pool_of,
         hooks = hooks,
         start = start,
         resume = resume,

@@ -21,9 +21,19 @@
 -- sending it, and routes.introspect can answer
 -- `get __mcproxy__.route(<command>,<key>)` with that path.
 --
+-- Every route built here also declares its shape to the engine (see
+-- "Shapes" below), so that the engine can run the common shapes, such as
+-- routes.direct and the routes.config of one pool, without entering Lua.
+--
 -- Nothing here is global: the module is this table of functions.
 
 local mcp = mcp
+-- The engine's declare(fn, shape), handed to this chunk when it is loaded
+-- (mcp.lua); configs cannot reach it, so only this file declares routes.
+local declare = ...
+if type(declare) ~= "function" then
+    error("mcproxy.routes must be loaded with require", 2)
+end
 
 local type = type
 local pairs = pairs
@@ -171,10 +181,41 @@ local info = setmetatable({}, { __mode = "k" })
 -- pool -> the name routes.bind/routes.named gave it.
 local pool_names = setmetatable({}, { __mode = "k" })
 
-local function register(fn, name, branches)
+-- Record a route for describe(); with a shape, also declare it to the
+-- engine. Every constructor below passes the shape of the function it
+-- builds in the same call, made of the same tables of children its body
+-- calls, so a declaration cannot say other than what the body does.
+-- routes.define records functions written by hand: it declares nothing.
+local function register(fn, name, branches, shape)
     info[fn] = { name = name, branches = branches }
+    if shape ~= nil then
+        declare(fn, shape)
+    end
     return fn
 end
+
+-- Shapes ----------------------------------------------------------------
+--
+-- A shape is a table: `kind` (the constructor's name), `children` (the
+-- table of children the body calls, pools or routes; filled by bind() when
+-- they were given by name) and the constructor's options; a route with
+-- children in several roles names the other tables too (background,
+-- shadows, cold, warm, default). The engine reads it after
+-- mcp_config_routes, once every name is bound:
+--   direct      { children = { child } }: the child, unchanged
+--   introspect  { children = { child }, command =, prefix = }: the child,
+--               but for requests of `command` whose key starts with prefix
+--   by_command  { children =, choice = { [command id] = children key } }
+--   failover    { children =, miss =, count =, shuffle = }
+--   all_sync    { children =, strict = }     broadcast   { children = }
+--   all_fastest { children =, miss = }
+--   all_async   { children = { first }, background = }
+--   split       { children = { primary }, shadows =, fraction = }
+--   zfailover   { children = zones, local_zone =, miss = }
+--   warmup      { cold = { c }, warm = { w }, ttl =, delete_warm = }
+--   prefix_router { children =, default = { child }, stop = }
+--   ttl_cap     { children = { child }, seconds = }
+--   null, no_route { }
 
 -- Branches over every slot, labelled by slot key (arrays: 1, 2, ...).
 local function all_branches(slots)
@@ -486,7 +527,7 @@ function M.as_route(x)
     must(fill(slots, 1, x, "route", "routes.as_route"))
     return register(function(r)
         return slots[1](r)
-    end, nil, all_branches(slots))
+    end, nil, all_branches(slots), { kind = "direct", children = slots })
 end
 
 --- routes.direct(pool): send every request to the pool.
@@ -495,7 +536,8 @@ function M.direct(pool)
     must(fill(slots, 1, pool, "route", "routes.direct"))
     return register(function(r)
         return slots[1](r)
-    end, "direct", function() return { { nil, slots[1] } } end)
+    end, "direct", function() return { { nil, slots[1] } } end,
+        { kind = "direct", children = slots })
 end
 
 -- Fisher-Yates over a copy: a fresh order per request.
@@ -555,7 +597,7 @@ function M.failover(children, opts)
             out[i] = { tostring(i), slots[i] }
         end
         return out
-    end)
+    end, { kind = "failover", children = slots, miss = miss, count = count, shuffle = shuffle })
 end
 
 -- The first hit, else the first ok answer, else the first answer, of
@@ -685,7 +727,7 @@ function M.all_sync(pools, opts)
             end
         end
         return best_of(results)
-    end, "all_sync", all_branches(slots))
+    end, "all_sync", all_branches(slots), { kind = "all_sync", children = slots, strict = strict })
 end
 
 --- routes.broadcast(pools): for flush_all (and verbosity), which address
@@ -709,7 +751,7 @@ function M.broadcast(pools)
             end
         end
         return results[1]
-    end, "broadcast", all_branches(slots))
+    end, "broadcast", all_branches(slots), { kind = "broadcast", children = slots })
 end
 
 --- routes.all_fastest(pools, { miss= }): send to every pool at once and
@@ -737,7 +779,8 @@ function M.all_fastest(pools, opts)
             results = mcp.await(r, slots, 1, mcp.AWAIT_OK)
         end
         return best_of(results)
-    end, "all_fastest", all_branches(slots))
+    end, "all_fastest", all_branches(slots),
+        { kind = "all_fastest", children = slots, miss = miss })
 end
 
 --- routes.all_async(children): answer from the first child (a pool or a
@@ -775,7 +818,7 @@ function M.all_async(children)
             out[i + 1] = { "background", rest[i] }
         end
         return out
-    end)
+    end, { kind = "all_async", children = first, background = rest })
 end
 
 -- A key's place in [0, 1), the same every time, so that a key is always
@@ -825,7 +868,7 @@ function M.split(primary, shadow, opts)
             end
         end
         return out
-    end)
+    end, { kind = "split", children = main, shadows = shadows, fraction = fraction })
 end
 
 --- routes.zfailover(zones, local_zone, { miss= }): zones is a table of
@@ -892,7 +935,7 @@ function M.zfailover(zones, local_zone, opts)
             end
         end
         return out
-    end)
+    end, { kind = "zfailover", children = slots, local_zone = local_zone, miss = miss })
 end
 
 -- Parse a meta reply's flags ("f30 t-1 s5") into a table: letter -> value.
@@ -993,13 +1036,13 @@ function M.warmup(cold, warm, opts)
             out[2] = { "warm", w[1] }
         end
         return out
-    end)
+    end, { kind = "warmup", cold = c, warm = w, ttl = ttl, delete_warm = delete_warm })
 end
 
 local function no_route()
     return NO_ROUTE
 end
-register(no_route, "no_route", function() return {} end)
+register(no_route, "no_route", function() return {} end, { kind = "no_route" })
 
 -- A prefix map's or command map's value: a route, a pool, a pool name,
 -- or a plain table, taken as a command map.
@@ -1064,7 +1107,7 @@ function M.by_command(map)
             return { { nil, no_route } }
         end
         return { { labels[k], slots[k] } }
-    end)
+    end, { kind = "by_command", children = slots, choice = choice })
 end
 
 --- routes.prefix_router{ map=, default=, stop= }: route by key prefix.
@@ -1130,7 +1173,7 @@ function M.prefix_router(opts)
             return { { prefix, slots[prefix] } }
         end
         return { { "default", fallback[1] } }
-    end)
+    end, { kind = "prefix_router", children = slots, default = fallback, stop = stop })
 end
 
 -- The exptime token of each text command that has one.
@@ -1206,7 +1249,8 @@ function M.ttl_cap(route, seconds)
             end
         end
         return slots[1](r)
-    end, "ttl_cap", function() return { { cap, slots[1] } } end)
+    end, "ttl_cap", function() return { { cap, slots[1] } } end,
+        { kind = "ttl_cap", children = slots, seconds = seconds })
 end
 
 -- What null() answers for commands that cannot be answered with a miss.
@@ -1263,7 +1307,7 @@ function M.null()
             return ""
         end
         return NULL_TEXT[cmd] or "NOT_FOUND\r\n"
-    end, "null", function() return {} end)
+    end, "null", function() return {} end, { kind = "null" })
 end
 
 -- Introspection -----------------------------------------------------------
@@ -1296,7 +1340,8 @@ function M.introspect(route)
             return introspection(slots[1], r:key())
         end
         return slots[1](r)
-    end, nil, function() return { { nil, slots[1] } } end)
+    end, nil, function() return { { nil, slots[1] } } end,
+        { kind = "introspect", children = slots, command = CMD_GET, prefix = INTROSPECTION_PREFIX })
 end
 
 -- The declarative form ----------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from itertools import accumulate
-from typing import Protocol
 
 from mcproxy.wire.errors import (
     BAD_COMMAND_LINE,
@@ -231,64 +230,6 @@ class Request:
         if self.value is None:
             return self.wire_line()
         return self.wire_line() + self.value
-
-
-class ReplySink(Protocol):
-    """Whom the reply of a KeyBatch or PlainRun is for: told of its bytes as
-    they arrive (they count against the client's output limit), and asked
-    whether they are still wanted (if not, they are framed and dropped)."""
-
-    def arriving(self, size: int) -> None: ...
-
-    @property
-    def wanted(self) -> bool: ...
-
-
-class KeyBatch(Request):
-    """Keys of one client ``get``/``gets`` multiget that go to the same
-    backend, sent as one multi-key request and answered as a whole (see
-    ``RouteEngine.route_keys``). ``keys`` keeps duplicates and the client's
-    order; ``key`` is the first. ``sink``: see ReplySink."""
-
-    __slots__ = ("keys", "sink")
-
-    def __init__(self, command: int, name: bytes, keys: list[bytes],
-                 sink: ReplySink | None = None) -> None:
-        joined = b" ".join(keys)
-        super().__init__(command, b"%s %s\r\n" % (name, joined), [name, joined], keys[0])
-        self.keys = keys
-        self.sink = sink
-
-
-class PlainRun:
-    """Consecutive plain ``get``/``set`` requests of one client bound for
-    the same backend (see :func:`scan_plain`), sent as the client sent
-    them and answered as a whole: ``data`` is their bytes, ``keys`` the key
-    of each (a multi-key get's keys as sent, one space between them),
-    ``sets`` the indexes of the sets among them (None: there are none).
-    ``widths`` maps the index of each ``get`` of several keys to its number
-    of keys (None: there are none); ``requests`` counts every key of those
-    as a request, as routing them one by one does. The backend connection
-    collects the replies in ``parts`` as they arrive, ``answered`` of them
-    so far, each checked against its request. ``sink``: see ReplySink."""
-
-    __slots__ = ("data", "keys", "count", "sets", "widths", "requests", "parts", "answered",
-                 "sink")
-
-    def __init__(self, data: bytes, keys: list[bytes], sets: list[int] | None = None,
-                 widths: dict[int, int] | None = None, sink: ReplySink | None = None) -> None:
-        self.sink = sink
-        self.data = data
-        self.keys = keys
-        self.count = count = len(keys)
-        self.sets = frozenset(sets) if sets else None
-        self.widths = widths
-        self.requests = count if widths is None else count + sum(widths.values()) - len(widths)
-        self.parts: list[bytes] = []
-        self.answered = 0
-
-    def __repr__(self) -> str:
-        return f"<PlainRun of {self.count}>"
 
 
 def _tokenize(body: bytes, cap: int) -> list[bytes]:

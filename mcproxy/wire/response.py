@@ -592,7 +592,7 @@ class ResponseReader:
                 parts += held
                 parts.append(buf[pos:end])
             elif rtype == MCMC_RESP_ERRMSG:
-                parts.append(res.line * len(keys) + END)
+                parts.append(every_key(res.line, len(keys)))
             else:
                 raise mismatched("reply of the wrong kind", b"get", res.line)
             held.clear()
@@ -717,23 +717,40 @@ def client_bytes(res: Response, req: Request) -> bytes:
 
     A failure is always sent, also for noreply and meta quiet requests: its
     line (``SERVER_ERROR backend failure``, or a broadcast's count). A
-    ``VALUE`` hit gets the proxy's own ``END``, a miss is ``END`` alone; both
-    lose the ``END`` inside a split multiget. noreply suppresses every
-    backend reply; meta quiet suppresses ``EN`` and ``HD``.
+    ``VALUE`` hit gets the proxy's own ``END``, a miss is ``END`` alone;
+    inside a split multiget both are :func:`key_reply`'s. noreply
+    suppresses every backend reply; meta quiet suppresses ``EN`` and ``HD``.
     """
     if not res.ok:
         return res.line
     if req.noreply:
         return _EMPTY
     rtype = res.type
-    if rtype == MCMC_RESP_GET:
+    if rtype == MCMC_RESP_GET or rtype == MCMC_RESP_END:
         if req.multiget:
-            return res.line + res.value
-        return _EMPTY.join((res.line, res.value, END))
-    if rtype == MCMC_RESP_END:
-        return _EMPTY if req.multiget else END
+            return key_reply(res)
+        return END if rtype == MCMC_RESP_END else _EMPTY.join((res.line, res.value, END))
     if req.quiet and rtype == MCMC_RESP_META and (
             res.code == MCMC_CODE_END or res.line[:2] == b"HD"):
         return _EMPTY
     value = res.value
     return res.line if value is None else res.line + value
+
+
+def key_reply(res: Response) -> bytes:
+    """What one key of a client multiget gets for ``res``: a hit's ``VALUE``
+    line and data, nothing for a miss (``END``; the multiget's one ``END``
+    follows its last key), else the reply itself: an error line, or a
+    failure's line. Whatever route the key took (split and routed alone,
+    merged with its neighbours, batched, in a run), this is its answer."""
+    if res.type == MCMC_RESP_END:
+        return _EMPTY
+    value = res.value
+    return res.line if value is None else res.line + value
+
+
+def every_key(line: bytes, count: int) -> bytes:
+    """What a client multiget of ``count`` keys gets when one line answers
+    all of them (an error line, a failure): :func:`key_reply` of that line
+    for each key, then the ``END``."""
+    return line * count + END

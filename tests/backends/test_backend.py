@@ -14,23 +14,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mcproxy.backends.backend import (
-    VALIDATE_REQUEST,
-    Backend,
-    BackendOptions,
-    BackendProtocol,
-)
+from mcproxy.backends.backend import Backend, BackendOptions
+from mcproxy.backends.connection import VALIDATE_REQUEST, BackendConnection
 from mcproxy.counters import ProxyStats
-from mcproxy.routing.engine import _run_reply
+from mcproxy.units import KeyBatch, PlainRun
 from mcproxy.wire import errors
-from mcproxy.wire.request import (
-    CMD_GET,
-    CMD_GETS,
-    KeyBatch,
-    PlainRun,
-    parse_request,
-    scan_plain,
-)
+from mcproxy.wire.request import parse_request, scan_plain
 from mcproxy.wire.response import (
     FAIL_BADVALIDATE,
     FAIL_CLOSED,
@@ -107,7 +96,7 @@ class Harness:
     def attempts(self) -> int:
         return len(self.clock.tcpClients)
 
-    def accept(self) -> tuple[BackendProtocol, TCPTransport]:
+    def accept(self) -> tuple[BackendConnection, TCPTransport]:
         """Complete the latest connect attempt; the server sees version."""
         _host, _port, factory, _timeout, _bind = self.clock.tcpClients[-1]
         proto = factory.buildProtocol(None)
@@ -115,7 +104,7 @@ class Harness:
         proto.makeConnection(transport)
         return proto, transport
 
-    def connect(self) -> tuple[BackendProtocol, TCPTransport]:
+    def connect(self) -> tuple[BackendConnection, TCPTransport]:
         """Connect and validate; the transport is cleared of ``version``."""
         if self.backend.state == "idle":
             self.backend.connect()
@@ -786,7 +775,8 @@ def test_merged_multiget_error_line_answers_every_key(flushes):
 
 
 def batch_cb(got: list, tag: object):
-    return lambda res, hits=None: got.append((tag, res, hits))
+    """Records (tag, result): a Single's Response, a KeyBatch's key replies."""
+    return lambda result: got.append((tag, result))
 
 
 def test_key_batch_is_one_request_answered_whole(flushes):
@@ -794,10 +784,10 @@ def test_key_batch_is_one_request_answered_whole(flushes):
     proto, transport = h.connect()
     got = []
     h.backend.send(mg(b"x"), batch_cb(got, "x"))  # never merged with a batch
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b", b"a", b"c"]), batch_cb(got, "get"))
-    h.backend.send(KeyBatch(CMD_GETS, b"gets", [b"d", b"e"]), batch_cb(got, "gets"))
+    h.backend.send_unit(KeyBatch(b"get", [b"a", b"b", b"a", b"c"], batch_cb(got, "get")))
+    h.backend.send_unit(KeyBatch(b"gets", [b"d", b"e"], batch_cb(got, "gets")))
     h.backend.send(req(b"get single\r\n"), batch_cb(got, "single"))
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"y"]), batch_cb(got, "y"))
+    h.backend.send_unit(KeyBatch(b"get", [b"y"], batch_cb(got, "y")))
     h.backend.send(mg(b"z"), batch_cb(got, "z"))
     assert h.backend.depth == 1 + 4 + 2 + 1 + 1 + 1
     flushes.pop()()
@@ -809,13 +799,11 @@ def test_key_batch_is_one_request_answered_whole(flushes):
              b"END\r\nEND\r\nEND\r\n")
     for i in range(len(reply)):
         proto.dataReceived(reply[i:i + 1])
-    assert [tag for tag, _, _ in got] == ["x", "get", "gets", "single", "y", "z"]
-    assert got[4][2] == [None]
-    _, end, hits = got[1]
-    assert end.line == b"END\r\n"
-    assert hits == [b"VALUE a 0 1\r\n1\r\n", None, b"VALUE a 0 1\r\n1\r\n",
-                    b"VALUE c 0 1\r\n3\r\n"]
-    assert got[2][2] == [None, b"VALUE e 0 1 77\r\n5\r\n"]
+    assert [tag for tag, _ in got] == ["x", "get", "gets", "single", "y", "z"]
+    assert got[4][1] == [b""]
+    assert got[1][1] == [b"VALUE a 0 1\r\n1\r\n", b"", b"VALUE a 0 1\r\n1\r\n",
+                         b"VALUE c 0 1\r\n3\r\n"]
+    assert got[2][1] == [b"", b"VALUE e 0 1 77\r\n5\r\n"]
     assert h.backend.latency.count == 1 + 4 + 2 + 1 + 1 + 1
     assert h.backend.depth == 0 and h.backend.state == "connected"
 
@@ -824,29 +812,28 @@ def test_key_batch_error_line_and_desync(flushes):
     h = Harness()
     proto, transport = h.connect()
     got = []
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]), batch_cb(got, 1))
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]), batch_cb(got, 2))
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"c"]), batch_cb(got, 3))
+    h.backend.send_unit(KeyBatch(b"get", [b"a", b"b"], batch_cb(got, 1)))
+    h.backend.send_unit(KeyBatch(b"get", [b"a", b"b"], batch_cb(got, 2)))
+    h.backend.send_unit(KeyBatch(b"get", [b"c"], batch_cb(got, 3)))
     flushes.pop()()
     proto.dataReceived(b"SERVER_ERROR out of memory\r\n"
                        b"VALUE b 0 1\r\n2\r\nVALUE a 0 1\r\n1\r\nEND\r\n")
-    assert [(tag, res.line, hits) for tag, res, hits in got] == [
-        (1, b"SERVER_ERROR out of memory\r\n", None),
-        (2, errors.BACKEND_FAILURE, None), (3, errors.BACKEND_FAILURE, None)]
-    assert got[1][1].reason == "mismatch"
+    assert got == [(1, [b"SERVER_ERROR out of memory\r\n"] * 2),
+                   (2, [errors.BACKEND_FAILURE] * 2), (3, [errors.BACKEND_FAILURE])]
+    assert h.stats.backend_mismatches == 1 and transport.disconnected
 
 
 def test_key_batch_fails_whole_when_the_backend_drops_mid_reply(flushes):
     h = Harness()
     proto, transport = h.connect()
     got = []
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b", b"c"]), batch_cb(got, 1))
+    h.backend.send_unit(KeyBatch(b"get", [b"a", b"b", b"c"], batch_cb(got, 1)))
     flushes.pop()()
     proto.dataReceived(b"VALUE a 0 1\r\n1\r\nVALUE b 0 5\r\n12")
     assert got == []
     proto.connectionLost(Failure(error.ConnectionLost()))
-    [(_, res, hits)] = got
-    assert not res.ok and res.reason == "disconnected" and hits is None
+    assert got == [(1, [errors.BACKEND_FAILURE] * 3)]
+    assert h.events[-1]["reason"] == "disconnected"
 
 
 def test_key_batch_sent_before_the_connection_is_written_once_validated(monkeypatch):
@@ -855,24 +842,26 @@ def test_key_batch_sent_before_the_connection_is_written_once_validated(monkeypa
     monkeypatch.setattr(batch, "schedule", lambda f: f())
     h = Harness()
     got = []
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]), batch_cb(got, 1))
+    h.backend.send_unit(KeyBatch(b"get", [b"a", b"b"], batch_cb(got, 1)))
     assert h.backend.state == "connecting" and h.backend.depth == 2
     proto, transport = h.accept()
     transport.clear()
     proto.dataReceived(VERSION_REPLY)
     assert transport.value() == b"get a b\r\n"
     proto.dataReceived(b"VALUE b 0 1\r\n2\r\nEND\r\n")
-    assert [(tag, hits) for tag, _, hits in got] == [(1, [None, b"VALUE b 0 1\r\n2\r\n"])]
+    assert got == [(1, [b"", b"VALUE b 0 1\r\n2\r\n"])]
 
 
 # PlainRun: plain requests of one client, sent as they came, answered as bytes
 
 
-def plain_run(data: bytes) -> PlainRun:
+def plain_run(data: bytes, done) -> PlainRun:
     """The PlainRun of ``data`` as the client protocol finds it (scan_plain)."""
     stop, keys, _, sets, widths = scan_plain(data, 0, True, 1 << 20, multigets=16384)
     assert stop == len(data)
-    return PlainRun(data, keys, sets, widths)
+    run = PlainRun(data, keys, sets, widths)
+    run.done = done
+    return run
 
 
 def test_plain_run_is_sent_as_it_came_and_answered_as_the_bytes_that_came(flushes):
@@ -880,10 +869,10 @@ def test_plain_run_is_sent_as_it_came_and_answered_as_the_bytes_that_came(flushe
     proto, transport = h.connect()
     got = []
     h.backend.send(mg(b"x"), h.results.cb("x"))  # never merged with a run
-    run = plain_run(b"get a\r\nset b 0 0 1\r\n1\r\nget b\r\n")
-    h.backend.send(run, got.append)
+    run = plain_run(b"get a\r\nset b 0 0 1\r\n1\r\nget b\r\n", got.append)
+    h.backend.send_unit(run)
     h.backend.send(mg(b"y"), h.results.cb("y"))
-    h.backend.send(plain_run(b"get c\r\n"), got.append)
+    h.backend.send_unit(plain_run(b"get c\r\n", got.append))
     assert h.backend.depth == 1 + 3 + 1 + 1
     flushes.pop()()
     assert transport.value() == (b"get x\r\nget a\r\nset b 0 0 1\r\n1\r\nget b\r\n"
@@ -909,10 +898,10 @@ def test_plain_runs_of_several_clients_answered_from_one_chunk(flushes):
     def boom(reply):
         raise RuntimeError("route bug")
 
-    h.backend.send(plain_run(b"get a\r\n"), got.append)
-    h.backend.send(plain_run(b"get b\r\nset c 0 0 1\r\nc\r\n"), boom)
-    h.backend.send(plain_run(b"get d\r\n"), got.append)
-    h.backend.send(plain_run(b"get e\r\nget f\r\n"), got.append)
+    h.backend.send_unit(plain_run(b"get a\r\n", got.append))
+    h.backend.send_unit(plain_run(b"get b\r\nset c 0 0 1\r\nc\r\n", boom))
+    h.backend.send_unit(plain_run(b"get d\r\n", got.append))
+    h.backend.send_unit(plain_run(b"get e\r\nget f\r\n", got.append))
     h.backend.send(mg(b"x"), h.results.cb("x"))
     flushes.pop()()
     h.clock.advance(2)
@@ -933,8 +922,8 @@ def sent_run(flushes: list, data: bytes):
     h = Harness()
     proto, _ = h.connect()
     got: list = []
-    run = plain_run(data)
-    h.backend.send(run, got.append)
+    run = plain_run(data, got.append)
+    h.backend.send_unit(run)
     flushes.pop()()
     return proto, run, got
 
@@ -947,33 +936,32 @@ def test_plain_run_reply_in_one_chunk_is_passed_on_whole(flushes):
 
 
 def test_plain_run_keeps_the_replies_before_a_failure(flushes):
-    """A run failed part way gets the replies that came, then the failure
-    (RouteEngine adds one failure per request left)."""
+    """A run failed part way gets the replies that came, then a failure for
+    each request left."""
     proto, run, got = sent_run(flushes, b"get a\r\nget b\r\nget c\r\n")
     proto.dataReceived(b"VALUE a 0 1\r\n1\r\nEND\r\nVALUE b 0 5\r\n12")
     assert got == []
     proto.connectionLost(Failure(error.ConnectionLost()))
-    [res] = got
-    assert not res.ok and res.reason == "disconnected"
-    assert run.parts == [b"VALUE a 0 1\r\n1\r\nEND\r\n"] and run.answered == 1
+    assert got == [b"VALUE a 0 1\r\n1\r\nEND\r\n" + errors.BACKEND_FAILURE * 2]
+    assert run.answered == 1
 
 
 def test_plain_run_garbage_after_good_replies(flushes):
     proto, run, got = sent_run(flushes, b"get a\r\nset b 0 0 1\r\nb\r\nget c\r\n")
     proto.dataReceived(b"END\r\nSTORED\r\nnonsense\r\n")
-    [res] = got
-    assert not res.ok and res.reason == "parsing"
-    assert run.parts == [b"END\r\nSTORED\r\n"] and run.answered == 2
+    assert got == [b"END\r\nSTORED\r\n" + errors.BACKEND_FAILURE]
+    assert run.answered == 2 and proto.owner is None
 
 
 def test_plain_run_with_multigets_is_answered_as_the_bytes_that_came(flushes):
     proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\n")
-    assert run.requests == 6 and proto.backend.depth == 6
+    backend = proto.owner
+    assert run.size == 6 and backend.depth == 6
     reply = b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\nVALUE d 0 1\r\n4\r\nVALUE f 0 1\r\n6\r\nEND\r\n"
     for i in range(len(reply)):
         proto.dataReceived(reply[i:i + 1])
     assert got == [reply]
-    assert proto.backend.latency.count == 6 and proto.backend.depth == 0
+    assert backend.latency.count == 6 and backend.depth == 0
 
 
 def test_plain_run_failed_inside_a_multiget(flushes):
@@ -983,11 +971,10 @@ def test_plain_run_failed_inside_a_multiget(flushes):
     proto, run, got = sent_run(flushes, b"get a b\r\nget c\r\nget d e f\r\nget g h\r\n")
     proto.dataReceived(b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\nVALUE d 0 1\r\n4\r\nVAL")
     proto.connectionLost(Failure(error.ConnectionLost()))
-    [res] = got
-    assert not res.ok and run.answered == 2
-    assert _run_reply(run, res) == (b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\n"
-                                    + errors.BACKEND_FAILURE * 3 + errors.END
-                                    + errors.BACKEND_FAILURE * 2 + errors.END)
+    assert run.answered == 2
+    assert got == [b"VALUE b 0 1\r\n2\r\nEND\r\nEND\r\n"
+                   + errors.BACKEND_FAILURE * 3 + errors.END
+                   + errors.BACKEND_FAILURE * 2 + errors.END]
 
 
 # Every reply is checked against its request (a shifted stream is reset)
@@ -1059,28 +1046,26 @@ def test_merged_and_batched_multigets_check_their_keys(flushes, reply):
         proto, _ = h.connect()
         got = []
         if send == "merged":
-            h.backend.send(mg(b"a"), got.append)
-            h.backend.send(mg(b"b"), got.append)
+            h.backend.send(mg(b"a"), lambda res, got=got: got.append(res.line))
+            h.backend.send(mg(b"b"), lambda res, got=got: got.append(res.line))
         else:
-            h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b"]),
-                           lambda res, hits=None, got=got: got.append(res))
+            h.backend.send_unit(KeyBatch(b"get", [b"a", b"b"], got.extend))
         flushes.pop()()
         proto.dataReceived(reply)
-        assert got and all(r.reason == "mismatch" for r in got), send
+        assert got == [errors.BACKEND_FAILURE] * 2, send
         assert h.stats.backend_mismatches == 1
+        assert h.events[-1]["reason"] == "mismatch"
 
 
 def test_plain_run_reply_of_another_key_fails_the_rest(flushes):
     proto, run, got = sent_run(flushes, b"get a\r\nset b 0 0 1\r\nb\r\nget c\r\n")
-    stats = proto.backend.stats
+    stats = proto.owner.stats
     proto.dataReceived(b"END\r\nSTORED\r\nVALUE a 0 1\r\nx\r\nEND\r\n")
-    [res] = got
-    assert res.reason == "mismatch"
-    assert run.parts == [b"END\r\nSTORED\r\n"] and run.answered == 2
-    assert stats.backend_mismatches == 1
+    assert got == [b"END\r\nSTORED\r\n" + errors.BACKEND_FAILURE]
+    assert run.answered == 2 and stats.backend_mismatches == 1
 
 
-# The client a KeyBatch or PlainRun is for (request.ReplySink)
+# The client a KeyBatch or PlainRun is for (units.ReplySink)
 
 
 class Sink:
@@ -1103,19 +1088,18 @@ def test_key_batch_reply_counted_as_it_arrives_and_dropped_once_unwanted(flushes
     proto, _ = h.connect()
     got = []
     sink = Sink(limit=40)
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a", b"b", b"c"], sink), batch_cb(got, 1))
-    h.backend.send(KeyBatch(CMD_GET, b"get", [b"a"], Sink(limit=100)), batch_cb(got, 2))
+    first = KeyBatch(b"get", [b"a", b"b", b"c"], batch_cb(got, 1), sink)
+    h.backend.send_unit(first)
+    h.backend.send_unit(KeyBatch(b"get", [b"a"], batch_cb(got, 2), Sink(limit=100)))
     flushes.pop()()
     item = b"VALUE a 0 10\r\n0123456789\r\n"
     proto.dataReceived(item)
     assert sink.arrived == len(item) and sink.wanted
-    assert proto._values[0][1] == item
+    assert first._values[0][1] == item
     proto.dataReceived(item.replace(b"a", b"b"))
-    assert not sink.wanted and proto._values == [(b"a", None, 0), (b"b", None, 0)]
+    assert not sink.wanted and first._values == [(b"a", None, 0), (b"b", None, 0)]
     proto.dataReceived(b"VALUE c 0 1\r\n3\r\nEND\r\n" + item + b"END\r\n")
-    (_, end, hits), (_, _, second) = got
-    assert end.line == b"END\r\n" and hits == [None, None, None]  # dropped, still checked
-    assert second == [item]
+    assert got == [(1, [b"", b"", b""]), (2, [item])]  # dropped, still checked
     assert h.backend.state == "connected"
 
 
@@ -1125,7 +1109,8 @@ def test_plain_run_replies_dropped_once_unwanted(flushes):
     got = []
     sink = Sink(limit=10)
     run = PlainRun(b"get a\r\nget b c\r\nget d\r\n", [b"a", b"b c", b"d"], None, {1: 2}, sink)
-    h.backend.send(run, got.append)
+    run.done = got.append
+    h.backend.send_unit(run)
     flushes.pop()()
     proto.dataReceived(b"VALUE a 0 1\r\n1\r\nEND\r\n")
     assert not sink.wanted

@@ -1,7 +1,7 @@
 """Unit tests for the embedded store: every command, flag and error.
 
 Time comes from a fake clock, so expiry is tested without sleeping.
-tests/test_store_vs_memcached.py checks the same replies against a real
+tests/e2e/test_store_vs_memcached.py checks the same replies against a real
 memcached; these tests pin the behaviour down where that is impractical
 (time, memory, eviction) and document where the store differs.
 """
@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from mcproxy.cache.store import (
-    BAD_DATA_CHUNK,
-    BAD_FORMAT,
-    ERROR,
-    STAT_NAMES,
-    Store,
-    b64decode_key,
-    item_size,
-    slab_classes,
-)
+from mcproxy.cache.items import STAT_NAMES, item_size
+from mcproxy.cache.replies import BAD_DATA_CHUNK, BAD_FORMAT, ERROR
+from mcproxy.cache.store import Store
 from mcproxy.wire.request import (
     CMD_STATS,
     COMMANDS,
@@ -584,16 +577,6 @@ def test_binary_keys(mc):
     assert mc("get foo") == b"END\r\n"
 
 
-def test_b64decode_key_follows_memcached():
-    assert b64decode_key(b"Zm9v") == b"foo"
-    assert b64decode_key(b"Zm8=") == b"fo"
-    assert b64decode_key(b"Zg==") == b"f"
-    assert b64decode_key(b"Z!m9v") == b"foo"  # junk is skipped
-    assert b64decode_key(b"YQ==YQ==") == b"a"  # stops after padding
-    for bad in (b"Zm9", b"Z===", b"====", b"", b"!!!!"):
-        assert b64decode_key(bad) is None
-
-
 # -- meta: ms ----------------------------------------------------------------
 
 
@@ -829,12 +812,6 @@ def test_me(mc):
     assert mc.stats()["cmd_meta"] == 5  # errors do not count
 
 
-def test_slab_classes_match_memcached_defaults():
-    classes = slab_classes(2**19)
-    assert classes[:8] == [96, 120, 152, 192, 240, 304, 384, 480]
-    assert (len(classes), classes[-2], classes[-1]) == (39, 394840, 524288)
-
-
 # -- sizes and memory -----------------------------------------------------------
 
 
@@ -937,6 +914,17 @@ def test_stats_shape(mc):
 def test_unserved_command_raises(mc):
     with pytest.raises(ValueError):
         mc.store.execute(Request(CMD_STATS, b"stats\r\n", [b"stats"], b""))
+
+
+#: What the client protocol answers itself, before the cache.
+PROTOCOL_LOCAL = {b"quit", b"stats", b"watch", b"version"}
+
+
+@pytest.mark.parametrize("name", sorted(set(COMMANDS) - PROTOCOL_LOCAL))
+def test_every_other_command_is_served(mc, name):
+    """Whatever the parser lets through to the cache gets a reply (the
+    client protocol calls execute for every command it does not answer)."""
+    assert isinstance(mc(name + b" k 0"), bytes)
 
 
 def test_line_with_nul_stops_there(mc):

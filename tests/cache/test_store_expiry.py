@@ -1,4 +1,4 @@
-"""Expiry in the embedded store, beyond tests/test_store.py: every command
+"""Expiry in the embedded store, beyond test_store.py: every command
 that takes an expiry time, each form of it, on an injected clock.
 
 memcached reads an exptime as relative seconds up to 30 days, as an

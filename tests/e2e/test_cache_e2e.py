@@ -18,7 +18,7 @@ import pytest
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from mcproxy.cache.store import STAT_NAMES, item_size
+from mcproxy.cache.items import STAT_NAMES, item_size
 from tests.servers import Proxy
 
 README = (Path(__file__).resolve().parents[2] / "README.rst").read_text()

@@ -7,7 +7,7 @@ request the proxy forwards must be read by memcached as exactly one request
 connection goes to the wrong client. For each client byte stream (a fixed
 corpus of hostile requests, then hypothesis-generated ones) the proxy's real
 client-side stack runs in-process (ProxyServerProtocol, the RouteEngine with
-a Lua route config, Backend and BackendProtocol on a fake transport), with
+a Lua route config, Backend and BackendConnection on a fake transport), with
 writes batched per turn as the reactor batches them. The test captures the
 bytes the proxy writes to the backend and the replies it now waits for (read
 from the backend connection's queue), sends those bytes to a real memcached,
@@ -21,9 +21,9 @@ splits memcached's answer with its own splitter, and asserts:
 * fed memcached's real answer, the proxy takes it without resetting the
   connection and is left waiting for nothing.
 
-Both a direct route (``return pool(r)``: the engine's no-Lua paths, runs of
-plain requests and multigets routed together) and a Lua route that handles
-the response run every input.
+Both the route library's ``routes.direct`` (the engine's direct path: no
+Lua, runs of plain requests and multigets routed together) and a Lua route
+that handles the response run every input.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from mcproxy import writes
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
-from mcproxy.wire.request import KeyBatch, PlainRun
+from mcproxy.units import KeyBatch, PlainRun, Single
+from mcproxy.wire.request import CMD_GET
 from tests.servers import Memcached, exchange
 
 CONFIG = """
@@ -57,11 +58,14 @@ function mcp_config_routes(pool)
 end
 """
 
-#: The route configs every input runs through.
+#: The routes every input runs through (test_crossclient runs them in twistd).
 ROUTES = {
-    # run without Lua by the engine (plain runs, keys routed together)
-    "direct": "function(r) return pool(r) end",
-    # run as a Lua coroutine that inspects the result
+    # the route library's form, run without Lua by the engine (plain runs,
+    # keys routed together), as a hand-written return pool(r) is
+    "direct": 'require("mcproxy.routes").direct(pool)',
+    # a route that holds the response before it returns it: run as a Lua
+    # coroutine (tests/routing/test_properties.py holds the direct path to
+    # the Lua body of the direct route itself)
     "lua": "function(r) local res = pool(r) return res end",
 }
 
@@ -104,11 +108,12 @@ class InProcessProxy:
     """The proxy's client-side stack for one route config: one client
     connection, one backend connection (validated), every transport fake."""
 
-    def __init__(self, route_file: str, pending: list) -> None:
+    def __init__(self, route_file: str, pending: list, direct: bool) -> None:
         self.pending = pending
         clock = MemoryReactorClock()
         self.service = ProxyService(route_file, [], reactor=clock)
-        self.service.engine.load(route_file)
+        routes = self.service.engine.load(route_file)
+        assert (CMD_GET in routes.direct.pools) is direct  # the path this proxy tests
         [self.backend] = self.service.registry.live
         self.backend.connect()
         self.connection = clock.tcpClients[-1][2].buildProtocol(None)
@@ -149,32 +154,30 @@ class InProcessProxy:
         """One entry per reply the backend connection waits for, in order:
         the keys a ``VALUE`` in that reply may carry (None: no key).
 
-        Read from the connection's queue (``Backend._queue``) and its units
-        (``BackendProtocol._units``: 1 a request, n > 1 the n keys of client
-        multigets merged into one backend get, 0 a KeyBatch, -1 a PlainRun
-        whose requests are answered one by one); this is the one place that
-        knows their shape.
+        Read from the backend's queue of units (``Backend._queue``, the
+        first ``BackendConnection.written`` of them written): a Single is
+        one reply, but Singles merged into one multi-key get
+        (``Single.merged``) share one; a KeyBatch is one reply; a
+        PlainRun's requests are answered one by one. This is the one place
+        that knows their shape.
         """
-        queue = [entry[0] for entry in self.backend._queue]
-        units = list(self.connection._units)
+        queue = list(self.backend._queue)
+        assert self.connection.written == len(queue), (
+            f"{len(queue) - self.connection.written} of {queue} not written")
         out: list[set[bytes] | None] = []
-        i = 0
-        for unit in units:
-            if unit >= 1:
-                entries = queue[i:i + unit]
-                i += unit
-                out.append({req.key for req in entries})
-            elif unit == 0:
-                batch = queue[i]
-                i += 1
-                assert isinstance(batch, KeyBatch), batch
-                out.append(set(batch.keys))
+        merged = None
+        for unit in queue:
+            if isinstance(unit, Single):
+                if unit.merged is None:
+                    out.append({unit.request.key})
+                elif unit.merged is not merged:
+                    merged = unit.merged
+                    out.append(set(merged.keys))
+            elif isinstance(unit, KeyBatch):
+                out.append(set(unit.keys))
             else:
-                run = queue[i]
-                i += 1
-                assert isinstance(run, PlainRun), run
-                out += run_keys(run.data, run.count)
-        assert i == len(queue), f"queue {queue} does not match units {units}"
+                assert isinstance(unit, PlainRun), unit
+                out += run_keys(unit.data, unit.count)
         return out
 
 
@@ -293,13 +296,14 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def route_files(tmp_path_factory) -> dict[str, str]:
+def route_files(tmp_path_factory) -> dict[str, tuple[str, bool]]:
+    """ROUTES name -> its config file, and whether on the direct path."""
     directory = tmp_path_factory.mktemp("differential")
     files = {}
     for name, route in ROUTES.items():
         path = directory / f"{name}.lua"
         path.write_text(CONFIG % route)
-        files[name] = str(path)
+        files[name] = (str(path), name == "direct")
     return files
 
 
@@ -319,12 +323,13 @@ def backend_log() -> Iterator[list[str]]:
         globalLogPublisher.removeObserver(observe)
 
 
-def check(server: Memcached, route_file: str, chunks: list[bytes]) -> None:
+def check(server: Memcached, route: tuple[str, bool], chunks: list[bytes]) -> None:
     """Run the client's chunks through a fresh in-process proxy, hand what it
     forwards to memcached, and compare (see the module docstring)."""
     stream = b"".join(chunks)
     with turn_batched_writes() as pending, backend_log() as logged:
-        proxy = InProcessProxy(route_file, pending)
+        path, direct = route
+        proxy = InProcessProxy(path, pending, direct)
         proxy.receive(chunks)
         forwarded = proxy.forwarded()
         awaited = proxy.awaited()

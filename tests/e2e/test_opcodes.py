@@ -28,7 +28,7 @@ def opcodes(monkeypatch):
 def test_counts_the_path_of_plain_runs(opcodes, multiget, framing):
     ops = opcodes.count(opcodes.Proxy(3, multiget), 2)
     for name in ("server/protocol.py:_process", "wire/request.py:scan_plain",
-                 "routing/engine.py:route_run", "backends/backend.py:_run_reply", framing):
+                 "routing/engine.py:route_run", "units.py:read", framing):
         assert ops[name] > 0, name
     assert not any(name.startswith(("opcodes.py:", "testing.py:")) for name in ops)
     assert 200 < sum(ops.values()) / 6 < 5000

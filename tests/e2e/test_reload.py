@@ -26,7 +26,7 @@ from twisted.logger import Logger, formatEvent
 
 from mcproxy.app.check import check_config
 from mcproxy.app.service import ProxyService
-from mcproxy.backends.backend import VALIDATE_REQUEST
+from mcproxy.backends.connection import VALIDATE_REQUEST
 from mcproxy.wire.request import parse_request
 from tests.servers import Memcached, Proxy, read_until
 

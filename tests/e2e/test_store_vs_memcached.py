@@ -24,7 +24,8 @@ import socket
 
 import pytest
 
-from mcproxy.cache.store import Store, item_size
+from mcproxy.cache.items import item_size
+from mcproxy.cache.store import Store
 from mcproxy.wire.request import ParseError, parse_request
 from tests.servers import read_until
 

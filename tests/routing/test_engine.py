@@ -7,13 +7,10 @@ from functools import partial
 import pytest
 
 from mcproxy.routing.engine import ConfigError
+from mcproxy.units import KeyBatch
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
-from mcproxy.wire.response import (
-    MCMC_CODE_END,
-    MCMC_RESP_END,
-    Response,
-)
+from mcproxy.wire.response import ResponseReader
 from tests.enginekit import FakeBackends, run
 
 POOLS = """
@@ -258,26 +255,47 @@ def test_user_stats(engine, load):
 
 
 @pytest.mark.parametrize("route, direct", [
+    # declared by the route library
+    ("routes.direct(pool)", True),
+    ("routes.as_route(pool)", True),
+    ("routes.direct(routes.as_route(pool))", True),
+    ("routes.introspect(pool)", True),
+    ("routes.failover{ pool }", False),
+    ("routes.ttl_cap(pool, 60)", False),
+    ("routes.direct(function(r) local res = pool(r) return res end)", False),
+    ("routes.define(function(r) return pools.main(r) end, 'direct')", False),
+    # written by hand: recognised from debug.getinfo and the source text
     ("function(r) return pool(r) end", True),
     ("function(req) return pool(req) end", True),
+    ("function( r )\n        return pool( r ) ;\n    end", True),
+    ("direct_route", True),
     ("function(r) local res = pool(r) return res end", False),
     ("function(r) return pools.main(r) end", False),
     ("function(r, extra) return pool(r) end", False),
+    ("function(...) return pool(...) end", False),
     ("function(r) mcp.stat(1, 1) return pool(r) end", False),
+    ("function(r) return pool(r) --[[ function ]] end", False),
+    ("function(r) return other(r) end", False),
+    ("load('local pool = ...; return function(r) return pool(r) end')(pool)", True),
+    ("load('local pool = ...; return function(r) return pool(r) end', '=x')(pool)", False),
 ])
 def test_routes_that_only_call_a_pool_skip_lua(engine, load, route, direct):
     routes = load(f"""
+    local routes = require("mcproxy.routes")
     function mcp_config_pools()
         mcp.add_stat(1, "x")
         return {{ main = mcp.pool({{ mcp.backend("b1", "127.0.0.1", "1") }}) }}
     end
     function mcp_config_routes(pools)
         local pool = pools.main
+        local function direct_route(r) return pool(r) end
+        local other = function(r) return pool(r) end
         mcp.attach(mcp.CMD_GET, {route})
         mcp.attach(mcp.CMD_VERSION, {route})
     end
     """)
-    assert (rq.CMD_GET in routes.direct) is direct
+    assert (rq.CMD_GET in routes.direct.pools) is direct
+    assert (rq.CMD_VERSION in routes.direct.pools) is direct
     fake = FakeBackends(engine, {"b1": b"VALUE k 0 1\r\nx\r\nEND\r\n"})
     assert run(engine, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
     assert fake.sent == [("b1", b"get k\r\n")]
@@ -286,6 +304,55 @@ def test_routes_that_only_call_a_pool_skip_lua(engine, load, route, direct):
     assert run(engine, b"version\r\n") == errors.LUA_FAILURE
     assert b"cannot route commands without key" in seen[0]
     assert engine.stats.req_active == 0
+
+
+def test_command_maps_are_direct_for_the_commands_they_send_to_one_pool(engine, load):
+    routes = load("""
+    local routes = require("mcproxy.routes")
+    function mcp_config_pools()
+        return { a = mcp.pool({ mcp.backend("b1", "127.0.0.1", "1") }),
+                 b = mcp.pool({ mcp.backend("b2", "127.0.0.1", "2") }) }
+    end
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_ANY_STORAGE, routes.by_command{
+            reads = p.a, set = routes.direct(p.b), delete = routes.failover{ p.a, p.b },
+            add = { default = p.b }, ms = routes.introspect(p.b) })
+    end
+    """)
+    pools = routes.direct.pools
+    a, b = pools[rq.CMD_GET], pools[rq.CMD_SET]
+    assert a is not b
+    assert {cmd: pools.get(cmd) for cmd in (rq.CMD_GET, rq.CMD_GETS, rq.CMD_MG, rq.CMD_SET,
+                                            rq.CMD_ADD, rq.CMD_MS, rq.CMD_DELETE,
+                                            rq.CMD_INCR)} == {
+        rq.CMD_GET: a, rq.CMD_GETS: a, rq.CMD_MG: a, rq.CMD_SET: b, rq.CMD_ADD: b,
+        rq.CMD_MS: b, rq.CMD_DELETE: None, rq.CMD_INCR: None}
+    assert routes.direct.lua_keys == {}  # introspection is for get only
+    assert routes.direct.plain_runs is False  # gets and sets go to different pools
+    assert run(engine, b"incr k 1\r\n") == b"SERVER_ERROR no route\r\n"
+
+
+def test_introspection_keeps_its_own_gets_in_lua(engine, load):
+    routes = load("""
+    local routes = require("mcproxy.routes")
+    mcp_config_pools, mcp_config_routes = routes.config{
+        pools = { main = { backends = { "127.0.0.1:1" } } }, routes = "main" }
+    """)
+    assert routes.direct.lua_keys == {rq.CMD_GET: b"__mcproxy__.route("}
+    assert routes.direct.plain_runs is True
+    fake = FakeBackends(engine)
+    assert run(engine, b"get __mcproxy__.route(set,k)\r\n") == (
+        b"VALUE __mcproxy__.route(set,k) 0 18\r\nmain > 127.0.0.1:1\r\nEND\r\n")
+    assert run(engine, b"gets __mcproxy__.route(set,k)\r\n") == b"END\r\n"
+    assert run(engine, b"get x__mcproxy__.route(set,k)\r\n") == b"END\r\n"
+    assert fake.sent == [("127.0.0.1:1", b"gets __mcproxy__.route(set,k)\r\n"),
+                         ("127.0.0.1:1", b"get x__mcproxy__.route(set,k)\r\n")]
+    keys = [b"a", b"__mcproxy__.route(get,a)"]
+    assert not engine.route_keys(rq.parse_request(b"get a __mcproxy__.route(get,a)\r\n"),
+                                 keys, [].append)
+    stream = b"get a\r\nget __mcproxy__.route(get,a)\r\n"
+    assert not engine.route_run(stream, 0, *scanned(stream), [].append)
+    assert len(fake.sent) == 2
 
 
 # Client multigets routed whole (RouteEngine.route_keys)
@@ -306,12 +373,13 @@ ONE_BACKEND = (SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
                .replace('mcp.backend("b3", "127.0.0.1", "3")', ""))
 
 
-def declining(config: str, setup: str) -> str:
-    """``config`` changed so that requests must go through the engine one
-    by one: a route that does more than call the pool, an active request
-    limit, or a depth limit on backend b1."""
+def declining(engine, config: str, setup: str) -> str:
+    """``config`` changed, or ``engine`` set, so that requests must go
+    through the engine one by one: routes run in Lua (the engine's direct
+    path off), an active request limit, or a depth limit on backend b1."""
     if setup == "lua route":
-        return config.replace("return pool(r)", "local res = pool(r) return res")
+        engine.direct_routes = False
+        return config
     if setup == "request limit":
         return config.replace("function mcp_config_pools()",
                               "function mcp_config_pools()\n    mcp.active_req_limit(100)")
@@ -322,25 +390,42 @@ def declining(config: str, setup: str) -> str:
 
 
 class BatchRecorder:
-    """Replaces every backend's send; keeps what was sent, answered by hand."""
+    """Replaces every backend's send_unit; keeps the units sent (and their
+    ``done``), answered by hand."""
 
     def __init__(self, engine):
         self.sent = []
         for backend in engine.registry.live:
-            backend.send = partial(self.record, backend)
+            backend.send_unit = partial(self.record, backend)
 
-    def record(self, backend, req, callback):
-        self.sent.append((backend, req, callback))
+    def record(self, backend, unit):
+        self.sent.append((backend, unit, unit.done))
 
 
 def value(key: bytes) -> bytes:
-    """A hit as a KeyBatch's callback gets it."""
-    return b"VALUE " + key + b" 0 2\r\n" + key[:2] + b"\r\n"
+    """A hit as a backend sends it in the reply to a multi-key get."""
+    data = key[:2]
+    return b"VALUE %s 0 %d\r\n%s\r\n" % (key, len(data), data)
+
+
+def answer(unit, reply: bytes) -> None:
+    """Give ``unit`` the backend's ``reply`` and deliver its result."""
+    reader = ResponseReader()
+    reader.feed(reply)
+    assert unit.read(reader) and not reader.buffered
+    unit.deliver(0)
+
+
+def wire(unit) -> bytes:
+    """The bytes ``unit`` writes to its backend."""
+    out: list[bytes] = []
+    unit.write(out, [], 0)
+    return b"".join(out)
 
 
 def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
     routes = load(SHARDED)
-    pool = routes.direct[rq.CMD_GET]
+    pool = routes.direct.pools[rq.CMD_GET]
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)] + [b"k3"]
     out = []
@@ -348,20 +433,19 @@ def test_multiget_keys_go_to_their_backends_in_one_batch_each(engine, load):
                              keys, out.append)
     assert {b for b, _, _ in recorder.sent} == set(pool.backends)
     for backend, req, _ in recorder.sent:
-        assert isinstance(req, rq.KeyBatch)
+        assert isinstance(req, KeyBatch)
         assert req.keys == [k for k in keys if pool.select(k) is backend]
-        assert req.line == b"get " + b" ".join(req.keys) + b"\r\n"
+        assert wire(req) == b"get " + b" ".join(req.keys) + b"\r\n"
     assert engine.stats.conn_requests == len(keys)
     assert engine.stats.commands[rq.CMD_GET] == len(keys)
     assert engine.stats.req_active == len(keys)
     # Backends answer in any order: odd keys hit; one backend fails, one
     # answers with an error line.
     failed, error, good = recorder.sent
-    good[2](Response(True, MCMC_CODE_END, MCMC_RESP_END, b"END\r\n"),
-            [value(k) if int(k[1:]) % 2 else None for k in good[1].keys])
-    failed[2](Response.failure("timeout"))
+    answer(good[1], b"".join(value(k) for k in good[1].keys if int(k[1:]) % 2) + b"END\r\n")
+    failed[1].fail("timeout", 0)
     assert out == []
-    error[2](Response(True, 23, 108, b"SERVER_ERROR out of memory\r\n"), None)
+    answer(error[1], b"SERVER_ERROR out of memory\r\n")
     expected = []
     for k in keys:
         backend = pool.select(k)
@@ -381,11 +465,10 @@ def test_multiget_on_one_backend_is_one_batch(engine, load):
     keys = [b"a", b"b", b"a", b"c"]
     out = []
     assert engine.route_keys(rq.parse_request(b"gets a b a c\r\n"), keys, out.append)
-    [(_, req, callback)] = recorder.sent
-    assert req.line == b"gets a b a c\r\n" and req.keys == keys
-    callback(Response(True, MCMC_CODE_END, MCMC_RESP_END, b"END\r\n"),
-             [value(b"a"), None, value(b"a"), None])
-    assert out == [b"VALUE a 0 2\r\na\r\n" * 2 + b"END\r\n"]
+    [(_, req, _)] = recorder.sent
+    assert wire(req) == b"gets a b a c\r\n" and req.keys == keys
+    answer(req, value(b"a") * 2 + b"END\r\n")
+    assert out == [value(b"a") * 2 + b"END\r\n"]
     assert engine.stats.commands[rq.CMD_GETS] == 4 and engine.stats.req_active == 0
 
 
@@ -399,7 +482,7 @@ def test_multiget_routed_key_by_key_when_batching_does_not_apply(engine, load, s
         end
         """)
     else:
-        load(declining(SHARDED, setup))
+        load(declining(engine, SHARDED, setup))
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)]
     assert not engine.route_keys(rq.parse_request(b"get " + b" ".join(keys) + b"\r\n"),
@@ -422,7 +505,7 @@ def scanned(stream: bytes, multigets: int = 0):
 
 def test_run_is_cut_into_stretches_per_backend(engine, load):
     routes = load(SHARDED)
-    pool = routes.direct[rq.CMD_GET]
+    pool = routes.direct.pools[rq.CMD_GET]
     recorder = BatchRecorder(engine)
     keys = [b"k%d" % i for i in range(30)]
     lines = [b"set %s 0 0 2\r\nxx\r\n" % k if i % 4 == 0 else b"get %s\r\n" % k
@@ -446,9 +529,12 @@ def test_run_is_cut_into_stretches_per_backend(engine, load):
     assert engine.stats.commands[rq.CMD_GET] == len(keys) - len(keys[::4])
     # Answered last to first; the client gets the replies in order, a
     # failed stretch a failure per request.
-    for index, (_, _, callback) in reversed(list(enumerate(recorder.sent))):
+    for index, (_, unit, callback) in reversed(list(enumerate(recorder.sent))):
         assert out == []
-        callback(Response.failure("timeout") if index == 1 else b"<%d>" % index)
+        if index == 1:
+            unit.fail("timeout", 0)
+        else:
+            callback(b"<%d>" % index)
     expected = [b"<%d>" % i for i in range(len(stretches))]
     expected[1] = errors.BACKEND_FAILURE * len(stretches[1][1])
     assert out == [b"".join(expected)]
@@ -464,7 +550,7 @@ def test_run_for_one_backend_is_one_plain_run(engine, load):
     out = []
     assert engine.route_run(stream, 2, keys, ends, sets, widths, out.append)
     [(_, run, callback)] = recorder.sent
-    assert (run.data, run.count, run.widths, run.requests) == \
+    assert (run.data, run.count, run.widths, run.size) == \
         (stream[2:-2], 4, {1: 3}, 6)
     assert engine.stats.conn_requests == engine.stats.req_active == 6
     callback(b"END\r\nEND\r\nSTORED\r\nEND\r\n")
@@ -483,7 +569,7 @@ def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup, confi
         stream += b"get a b\r\n"  # its keys may need two of the three backends
         load(config)
     else:
-        load(declining(config, setup))
+        load(declining(engine, config, setup))
     recorder = BatchRecorder(engine)
     assert not engine.route_run(stream, 0, *scanned(stream, multigets=10), [].append)
     assert recorder.sent == []

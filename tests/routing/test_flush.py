@@ -195,16 +195,16 @@ def test_client_connection_routes_flush_all_and_answers_verbosity(engine, load):
     assert len(flushes(fake)) == 6
 
 
-@pytest.mark.parametrize("route", [
-    "function(r) return p.two(r) end",  # run without Lua (a direct route)
-    "function(r) local res = p.two(r); return res end",
-])
-def test_pool_call_sends_to_every_backend_of_the_pool(engine, load, route):
-    load(POOLS + f"""
+@pytest.mark.parametrize("direct", [True, False], ids=["direct path", "lua"])
+def test_pool_call_sends_to_every_backend_of_the_pool(engine, load, direct):
+    engine.direct_routes = direct
+    routes = load(POOLS + """
+    local routes = require("mcproxy.routes")
     function mcp_config_routes(p)
-        mcp.attach(mcp.CMD_FLUSH_ALL, {route})
+        mcp.attach(mcp.CMD_FLUSH_ALL, routes.direct(p.two))
     end
     """)
+    assert (rq.CMD_FLUSH_ALL in routes.direct.pools) is direct
     fake = FakeBackends(engine, {"b": b"OK\r\n", "c": b"OK\r\n"})
     assert run(engine, b"flush_all 5\r\n") == b"OK\r\n"
     assert sorted(flushes(fake)) == [("b", b"flush_all 5\r\n"), ("c", b"flush_all 5\r\n")]

@@ -11,15 +11,31 @@ regression tests at the end of the file.
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from mcproxy.server import protocol as server_module
-from mcproxy.server.protocol import BINARY_HEADER, BINARY_MAGIC, ProxyServerProtocol, binary_refusal
+from fuzz.checks import (
+    check_output,
+    check_reply_chunks,
+    check_request_line,
+    check_wire,
+    chunked,
+    read_chunks,
+    read_one_piece,
+    read_raw_chunks,
+    reply_fields,
+    run_protocol,
+)
+from mcproxy.backends.pool import BackendRegistry
+from mcproxy.cache.store import Store
+from mcproxy.counters import ProxyStats
+from mcproxy.routing.engine import RouteEngine
+from mcproxy.routing.tunables import Tunables
+from mcproxy.routing.userstats import UserStats
+from mcproxy.server.protocol import ProxyServerProtocol
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import (
@@ -54,11 +70,10 @@ from mcproxy.wire.response import (
     MCMC_RESP_NUMERIC,
     BackendProtocolError,
     Response,
-    ResponseReader,
     client_bytes,
     parse_response,
 )
-from mcproxy.writes import WriteBatch
+from mcproxy.writes import batch
 from tests.server.memorycore import MemoryCore
 
 #: Multiplies the example counts for a deeper run (the default takes ~20 s).
@@ -89,8 +104,6 @@ lengths = st.one_of(st.integers(0, 100), st.integers(0, MAX_VALUE_LENGTH - 2))
 numbers = st.integers(0, 2**64 - 1).map(b"%d".__mod__)
 exptimes = st.integers(-1, 2**31).map(b"%d".__mod__)
 
-#: Tokens indexed for most commands (memcached's MAX_TOKENS, request._DEFAULT_CAP).
-TOKEN_CAP = 24
 STORAGE = [b"set", b"add", b"replace", b"append", b"prepend", b"cas"]
 
 
@@ -159,23 +172,6 @@ any_lines = st.one_of(
 )
 
 
-def check_wire(req: Request) -> None:
-    """What goes to a backend is itself a request for the same thing,
-    one the backend will answer (no noreply, no quiet flag left)."""
-    wire = req.wire_line()
-    assert wire.endswith(b"\r\n") and b"\n" not in wire[:-1]
-    try:
-        again = parse_request(wire)
-    except ParseError:
-        # Past the token cap the flags in the last token were never checked;
-        # without its q flags the line is shorter and they are. (memcached
-        # refuses meta lines with that many flags anyway.)
-        assert req.quiet and len(req.tokens) == TOKEN_CAP
-        return
-    assert (again.command, again.key, again.vlen) == (req.command, req.key, req.vlen)
-    assert not again.noreply and not again.quiet
-
-
 # -- properties: requests ------------------------------------------------------
 
 
@@ -220,17 +216,7 @@ def test_request_spacing_does_not_matter(generated, data):
 @FAST
 @given(any_lines)
 def test_any_line_parses_or_raises_parse_error(line):
-    try:
-        req = parse_request(line)
-    except ParseError:
-        return
-    assert req.line == line and line.endswith(b"\r\n")
-    assert b" " not in req.key and req.vlen >= 0
-    check_wire(req)
-    if req.command in rq.GET_COMMANDS:
-        keys_ = split_multiget(req)
-        assert keys_ is None or all(keys_)
-        assert line.startswith(multiget_prefix(req))
+    check_request_line(line)
 
 
 def _parsed(parse, line: bytes):
@@ -333,42 +319,6 @@ def replies(draw) -> tuple[bytes, tuple]:
     return line + value + b"END\r\n", (MCMC_CODE_OK, MCMC_RESP_GET, line, value)
 
 
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
-def _key(res) -> tuple:
-    return res.code, res.type, res.line, res.value
-
-
-def read_one_piece(data: bytes) -> tuple[list[tuple], str | None]:
-    """Replies parse_response finds in ``data``, and the error that stopped it."""
-    out, pos = [], 0
-    try:
-        while (got := parse_response(data, pos)) is not None:
-            out.append(_key(got[0]))
-            pos = got[1]
-    except BackendProtocolError as e:
-        return out, e.reason
-    return out, None
-
-
-def read_chunks(chunks: list[bytes], multi: bool = False
-                ) -> tuple[list[tuple], str | None, int]:
-    """The same through a ResponseReader fed ``chunks`` (reading items of a
-    multi-key get reply with ``multi``); also what it buffers."""
-    reader, out = ResponseReader(), []
-    try:
-        for chunk in chunks:
-            if reader.feed(chunk):
-                while (res := reader.read(multi=multi)) is not None:
-                    out.append(_key(res))
-    except BackendProtocolError as e:
-        return out, e.reason, -1
-    return out, None, reader.buffered
-
-
 # -- properties: replies -------------------------------------------------------
 
 
@@ -378,7 +328,7 @@ def test_reply_roundtrip(generated):
     wire, expect = generated
     res, end = parse_response(wire)
     assert end == len(wire) and res.ok
-    assert _key(res) == expect
+    assert reply_fields(res) == expect
     assert parse_response(bytearray(wire))[1] == end
     for cut in range(len(wire)):
         assert parse_response(wire[:cut]) is None
@@ -407,33 +357,7 @@ def test_any_bytes_read_the_same_in_any_chunks(data, cuts, multi):
     """Only BackendProtocolError escapes, and the replies before it, the
     error itself and what stays buffered do not depend on the chunking
     (nor, for single replies, on using the reader or parse_response)."""
-    whole = read_chunks([data], multi)
-    assert read_chunks(chunked(data, cuts), multi) == whole
-    if not multi:
-        assert read_one_piece(data) == whole[:2]
-
-
-def read_raw_chunks(chunks: list[bytes], counts: list[int],
-                    widths: dict[int, int] | None = None, keys: list[bytes] | None = None,
-                    sets: frozenset[int] | None = None) -> tuple[bytes, int, str | None]:
-    """The bytes and number of replies ResponseReader.read_raw frames in
-    ``chunks``, asking for ``counts`` replies in turn (``widths``: the key
-    counts of multi-key gets; ``keys`` and ``sets`` the requests, by
-    default gets of ``k``), and the error that stopped it."""
-    if keys is None:
-        widths_ = widths or {}
-        keys = [b" ".join([b"k"] * widths_.get(i, 1)) for i in range(64)]
-    reader, parts, framed, turn = ResponseReader(), [], 0, 0
-    try:
-        for chunk in chunks:
-            if reader.feed(chunk):
-                while got := reader.read_raw(counts[turn % len(counts)], parts, keys, sets,
-                                             widths, framed):
-                    framed += got
-                    turn += 1
-    except BackendProtocolError as e:
-        return b"".join(parts), framed, e.reason
-    return b"".join(parts), framed, None
+    check_reply_chunks(data, chunked(data, cuts), multi)
 
 
 _SET_REPLIES = (b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n", b"NOT_FOUND\r\n")
@@ -444,7 +368,7 @@ def plain_request_for(reply: Response) -> tuple[bytes, bool] | None:
     answer; None if neither can (it answers no request of a run)."""
     if reply.type == MCMC_RESP_GET:
         return reply.line[6:reply.line.index(b" ", 6)], False
-    if reply.type == MCMC_RESP_ERRMSG or reply.line == errors.END:
+    if reply.type in (MCMC_RESP_ERRMSG, MCMC_RESP_END):
         return b"k", False
     if reply.line in _SET_REPLIES:
         return b"k", True
@@ -594,140 +518,6 @@ def test_client_bytes_is_the_reply_or_nothing(generated, req_generated, multiget
 # -- the client protocol -------------------------------------------------------
 
 
-class NumberingEngine:
-    """Answers every routed request with a numbered line, now or later.
-    With ``runs``, takes runs of plain get/set requests (route_run) when
-    both commands are hooked, multi-key gets too with ``multigets``, and
-    records and numbers their requests as if they had come one by one
-    (a multiget key by key)."""
-
-    def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
-                 runs: bool | str = False, multigets: bool = True) -> None:
-        self.hooked_commands = hooked
-        self.counter = counter
-        self.later = later
-        self.routed: list[tuple[bytes, bytes | None, bool]] = []
-        self.pending: list = []
-        self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
-        self.plain_multigets = multigets
-        #: with runs="refuse", route_run declines every run (as it does for
-        #: an active request limit), counted here
-        self.refused = 0 if runs == "refuse" else None
-
-    def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: list[int], widths: dict[int, int] | None, done, sink=None) -> bool:
-        if self.refused is not None:
-            self.refused += 1
-            return False
-        assert widths is None or self.plain_multigets
-        answers = []
-        for index, (end, key) in enumerate(zip(ends, keys, strict=True)):
-            line, newline, value = data[start:end].partition(b"\n")
-            req = parse_request(line + newline)
-            multiget = split_multiget(req)
-            assert key == (b" ".join(multiget) if multiget else req.key)
-            assert (index in sets) == (req.command == rq.CMD_SET)
-            assert (widths or {}).get(index) == (multiget and len(multiget))
-            for one in multiget or [key]:
-                self.routed.append((b"get %s\r\n" % one if multiget else line + newline,
-                                    value or None, bool(multiget)))
-                self.counter[0] += 1
-                answers.append(b"<%d>\r\n" % self.counter[0])
-            if multiget:
-                answers.append(errors.END)
-            start = end
-        self._answer(done, b"".join(answers))
-        return True
-
-    def hooked(self, command: int) -> bool:
-        return command in self.hooked_commands
-
-    def route_keys(self, req: Request, keys: list[bytes], done, sink=None) -> bool:
-        return False  # multigets go key by key
-
-    def route(self, req: Request, done) -> None:
-        self.routed.append((req.line, req.value, req.multiget))
-        self.counter[0] += 1
-        self._answer(done, b"<%d>\r\n" % self.counter[0])
-
-    def _answer(self, done, answer: bytes) -> None:
-        if self.later:
-            self.pending.append((done, answer))
-        else:
-            done(answer)
-
-    def answer_backwards(self, end_of_iteration) -> None:
-        while self.pending:
-            done, answer = self.pending.pop()
-            done(answer)
-            end_of_iteration()
-
-
-class NumberingStore:
-    def __init__(self, counter: list[int]) -> None:
-        self.counter = counter
-
-    def execute(self, req: Request) -> bytes:
-        self.counter[0] += 1
-        return b"" if req.noreply else b"<%d>\r\n" % self.counter[0]
-
-
-class NumberingService(MemoryCore):
-    def __init__(self, hooked: frozenset[int], later: bool, runs: bool | str = False,
-                 multigets: bool = True) -> None:
-        self.counter = [0]
-        self.engine = NumberingEngine(hooked, self.counter, later, runs, multigets)
-        super().__init__(self.engine, store=NumberingStore(self.counter),
-                         stats_reply=self.stats_reply)
-
-    def stats_reply(self, args: list[bytes]) -> bytes:
-        self.counter[0] += 1
-        return b"<%d>\r\nEND\r\n" % self.counter[0]
-
-
-def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False,
-                 runs: bool | str = False, multigets: bool = True):
-    """Feed ``chunks`` to a connection; what was routed, written, and
-    whether it hung up. ``later`` answers routes at the end, backwards;
-    ``runs`` lets the engine take runs of plain requests ("refuse": offers
-    them, and the engine declines each), with ``multigets`` those of
-    several keys too.
-
-    Each chunk, and each late answer, is one reactor iteration: replies are
-    written by a write batch of this run's own, flushed after each (without
-    pytest's ``immediate_writes`` fixture, as under the fuzzer, too).
-    """
-    flushes: list = []
-    writes = WriteBatch()
-    writes.schedule = flushes.append
-
-    def end_of_iteration() -> None:
-        while flushes:
-            flushes.pop(0)()
-
-    saved, server_module.batch = server_module.batch, writes
-    try:
-        service = NumberingService(hooked, later, runs, multigets)
-        proto = ProxyServerProtocol(service)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        for chunk in chunks:
-            proto.dataReceived(chunk)
-            end_of_iteration()
-        service.engine.answer_backwards(end_of_iteration)
-    finally:
-        server_module.batch = saved
-    return service.engine.routed, transport.value(), transport.disconnecting, service
-
-
-#: Everything the proxy writes of its own accord.
-_PROXY_LINES = [errors.PARSING_REQUEST, errors.REQUEST_TOO_LONG, errors.KEY_TOO_LONG,
-                errors.BAD_DATA_CHUNK, errors.NO_ROUTE, errors.NOT_SUPPORTED,
-                errors.BINARY_PROTOCOL, errors.OBJECT_TOO_LARGE, errors.BAD_COMMAND_LINE,
-                errors.OPTIONS_TOO_LONG, errors.ERROR,
-                errors.END, b"MN\r\n", b"VERSION test\r\n"]
-_OUTPUT_ITEM = re.compile(b"<(\\d+)>\r\n|" + b"|".join(map(re.escape, _PROXY_LINES)))
-
 hooked_sets = st.sampled_from([frozenset(rq.COMMANDS.values()), frozenset(),
                                frozenset((rq.CMD_GET, rq.CMD_GAT, rq.CMD_MG, rq.CMD_MS)),
                                frozenset((rq.CMD_SET, rq.CMD_GETS, rq.CMD_DELETE))])
@@ -761,30 +551,6 @@ def client_streams(draw) -> bytes:
     if any(len(line) > MAX_UNTERMINATED for line in stream.split(b"\n")):
         stream = stream[:MAX_UNTERMINATED]
     return stream
-
-
-def check_output(stream: bytes, routed: list, output: bytes, service) -> None:
-    """The output is a sequence of whole replies: every numbered answer
-    exactly once and in order, the rest the proxy's own lines, and no more
-    of those than the input had lines and keys. A stream that starts as a
-    binary-protocol packet gets the binary refusal once its header is in."""
-    if stream.startswith(BINARY_MAGIC):
-        whole = len(stream) >= BINARY_HEADER
-        assert output == (binary_refusal(stream[:BINARY_HEADER]) if whole else b"")
-        return
-    pos, numbers_, own = 0, [], 0
-    while pos < len(output):
-        match = _OUTPUT_ITEM.match(output, pos)
-        assert match, output[pos:pos + 40]
-        if match.group(1):
-            numbers_.append(int(match.group(1)))
-        else:
-            own += 1
-        pos = match.end()
-    assert numbers_ == sorted(numbers_) and len(set(numbers_)) == len(numbers_)
-    assert set(numbers_) <= set(range(1, service.counter[0] + 1))
-    assert len(routed) <= service.counter[0]
-    assert own <= stream.count(b"\n") + stream.count(b" ") + 1
 
 
 @SLOW
@@ -854,6 +620,213 @@ def test_client_any_bytes(data, cuts, hooked):
     replies to requests that were made."""
     routed, output, _, service = run_protocol(chunked(data, cuts), hooked, later=True)
     check_output(data, routed, output, service)
+
+
+# -- the direct path answers as the routes' Lua bodies -----------------------------
+
+#: Route configs whose routes the engine runs on its direct path (``%s``
+#: is the pool's backends as "host:port" strings): written by hand, made by
+#: the route library, and declarative.
+DIRECT_CONFIGS = {
+    "hand-written": """
+function mcp_config_pools()
+    local list = {}
+    for i, address in ipairs({ %s }) do
+        local host, port = address:match("^(.+):(%%d+)$")
+        list[i] = mcp.backend(address, host, port)
+    end
+    return mcp.pool(list)
+end
+function mcp_config_routes(pool)
+    mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return pool(r) end)
+end
+""",
+    **{name: """
+local routes = require("mcproxy.routes")
+mcp_config_pools, mcp_config_routes = routes.config{
+    pools = { main = { backends = { %s } } },
+    introspect = INTROSPECT,
+    routes = ROUTES,
+}
+""".replace("ROUTES", route).replace("INTROSPECT", introspect)
+       for name, route, introspect in [
+           ("routes.direct", 'routes.direct("main")', "false"),
+           ("routes.as_route", 'function(pools) return routes.as_route(pools.main) end', "false"),
+           ("config of a pool", '"main"', "true"),
+           ("config of a command map", '{ reads = "main", writes = "main" }', "true"),
+       ]},
+}
+
+#: Commands the generated streams use, all routed directly by those configs.
+DIRECT_COMMANDS = frozenset((rq.CMD_GET, rq.CMD_GETS, rq.CMD_GAT, rq.CMD_SET, rq.CMD_ADD,
+                             rq.CMD_CAS, rq.CMD_APPEND, rq.CMD_INCR, rq.CMD_TOUCH,
+                             rq.CMD_DELETE, rq.CMD_MG, rq.CMD_MS, rq.CMD_MD, rq.CMD_MA))
+INTROSPECTION = b"__mcproxy__.route("
+
+
+class PipeTransport(StringTransport):
+    """A StringTransport with the TCP option setters a backend calls."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+
+def serve(store, data: bytes) -> bytes:
+    """What a memcached holding ``store`` answers to the requests ``data``
+    (as the proxy forwards them: no noreply, no quiet flags)."""
+    out, pos = [], 0
+    while pos < len(data):
+        newline = data.index(b"\n", pos) + 1
+        req = parse_request(data[pos:newline])
+        pos = newline
+        if req.vlen:
+            req.value = data[pos:pos + req.vlen]
+            pos += req.vlen
+        out.append(store.execute(req))
+    return b"".join(out)
+
+
+class EngineProxy:
+    """The proxy's client side over the real route engine, in-process: its
+    backends' connections on transports, answered by an embedded-cache
+    Store each (fresh for every client, see :meth:`exchange`), with writes
+    batched per turn as under the reactor."""
+
+    def __init__(self, path: str, direct: bool) -> None:
+        clock = MemoryReactorClock()
+        self.stats = ProxyStats()
+        self.store = None
+        self.engine = RouteEngine(self.stats, BackendRegistry(self.stats, reactor=clock),
+                                  Tunables(), UserStats(), direct=direct)
+        self.routes = self.engine.load(path)
+        self.started = 0
+        start = self.routes.start
+
+        def counted(*args):
+            self.started += 1
+            return start(*args)
+
+        self.routes.start = counted
+        self.connections = []
+        for backend in self.engine.registry.live:
+            backend.connect()
+            connection = clock.tcpClients[-1][2].buildProtocol(None)
+            connection.makeConnection(PipeTransport())
+            connection.dataReceived(b"VERSION 1.6.18\r\n")
+            connection.transport.clear()
+            self.connections.append(connection)
+
+    def exchange(self, chunks: list[bytes]) -> bytes:
+        """A new client's chunks, each read in a turn of its own, against
+        empty backends; what the client got back."""
+        stores = [Store(clock=lambda: 1_700_000_000.0) for _ in self.connections]
+        pending: list = []
+        saved, batch.schedule = batch.schedule, pending.append
+        try:
+            client = ProxyServerProtocol(MemoryCore(self.engine, stats=self.stats))
+            client.makeConnection(StringTransport())
+            for chunk in chunks:
+                client.dataReceived(chunk)
+                busy = True
+                while busy:
+                    while pending:
+                        pending.pop(0)()
+                    busy = False
+                    for connection, store in zip(self.connections, stores, strict=True):
+                        sent = connection.transport.value()
+                        if sent:
+                            busy = True
+                            connection.transport.clear()
+                            connection.dataReceived(serve(store, sent))
+        finally:
+            batch.schedule = saved
+        assert self.stats.req_active == 0
+        return client.transport.value()
+
+
+_engine_proxies: dict[tuple[str, int, bool], EngineProxy] = {}
+
+
+def engine_proxy(tmp_path_factory, name: str, backends: int, direct: bool) -> EngineProxy:
+    """The EngineProxy of a DIRECT_CONFIGS config over ``backends`` backends
+    (made once per test session)."""
+    key = (name, backends, direct)
+    if key not in _engine_proxies:
+        addresses = ", ".join(f'"127.0.0.1:{port}"' for port in range(1, backends + 1))
+        path = tmp_path_factory.mktemp("direct") / "route.lua"
+        path.write_text(DIRECT_CONFIGS[name] % addresses)
+        _engine_proxies[key] = EngineProxy(str(path), direct)
+    return _engine_proxies[key]
+
+
+_direct_keys = st.sampled_from([b"a", b"b", b"c", b"n", b"key:000123", b"x" * 250])
+
+
+@st.composite
+def direct_requests(draw) -> bytes:
+    """A well-formed request of DIRECT_COMMANDS, some of them plain gets and
+    sets (runs), multi-key gets, and gets of introspection keys."""
+    key = draw(_direct_keys)
+    kind = draw(st.integers(0, 13))
+    value = draw(st.sampled_from([b"", b"1", b"value", b"12345678901234567890"]))
+    if kind <= 2:
+        return b"get %s\r\n" % key
+    if kind == 3:
+        keys = draw(st.lists(_direct_keys | st.just(INTROSPECTION + b"get,a)"),
+                             min_size=2, max_size=5))
+        return draw(st.sampled_from([b"get ", b"gets "])) + b" ".join(keys) + b"\r\n"
+    if kind <= 5:
+        return b"set %s 5 0 %d\r\n%s\r\n" % (key, len(value), value)
+    if kind == 6:
+        command = draw(st.sampled_from([b"add", b"append", b"cas"]))
+        cas = b" %d" % draw(st.integers(1, 4)) if command == b"cas" else b""
+        return b"%s %s 0 0 %d%s\r\n%s\r\n" % (command, key, len(value), cas, value)
+    if kind == 7:
+        return b"incr %s %d\r\n" % (key, draw(st.integers(0, 2**64 - 1)))
+    if kind == 8:
+        return draw(st.sampled_from([b"delete %s\r\n", b"touch %s 10\r\n", b"gat 10 %s\r\n",
+                                     b"gets %s\r\n"])) % key
+    if kind == 9:
+        return b"mg %s %s\r\n" % (key, draw(st.sampled_from([b"v", b"s t v c", b"k O1 q"])))
+    if kind == 10:
+        return b"ms %s %d T0 F3\r\n%s\r\n" % (key, len(value), value)
+    if kind == 11:
+        return draw(st.sampled_from([b"md %s q\r\n", b"ma %s N0 J5\r\n"])) % key
+    if kind == 12:
+        return b"get %s%s,%s)\r\n" % (INTROSPECTION, draw(st.sampled_from([b"get", b"set"])),
+                                       draw(st.sampled_from([b"a", b"key:000123"])))
+    return b"mn\r\n"
+
+
+def introspection_gets(stream: bytes) -> int:
+    """How many keys of ``get`` requests in ``stream`` ask for introspection."""
+    return sum(token.startswith(INTROSPECTION)
+               for line in stream.split(b"\r\n") if line.startswith(b"get ")
+               for token in line.split(b" ")[1:])
+
+
+@SLOW
+@given(st.sampled_from(sorted(DIRECT_CONFIGS)), st.sampled_from([1, 3]),
+       st.lists(direct_requests(), max_size=14).map(b"".join),
+       st.lists(st.integers(0, 10**6), max_size=6))
+def test_direct_routes_answer_as_their_lua_bodies(tmp_path_factory, name, backends, stream,
+                                                  cuts):
+    """The route library's routes, and a hand-written ``return pool(r)``,
+    take the direct path (plain runs, multigets routed together, requests
+    without Lua), and answer every client the same bytes as their Lua
+    bodies run by the engine; only introspection enters Lua."""
+    direct = engine_proxy(tmp_path_factory, name, backends, True)
+    lua = engine_proxy(tmp_path_factory, name, backends, False)
+    assert DIRECT_COMMANDS <= set(direct.routes.direct.pools)
+    assert direct.engine.plain_runs is True and lua.engine.plain_runs is None
+    chunks = chunked(stream, cuts)
+    started = direct.started
+    assert direct.exchange(chunks) == lua.exchange(chunks)
+    expected = introspection_gets(stream) if "config" in name else 0
+    assert direct.started - started == expected
 
 
 # -- regression tests for what the properties and the fuzzer found --------------

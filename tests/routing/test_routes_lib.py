@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from lupa.lua54 import LuaError
 
 from mcproxy.backends.pool import Pool
 from mcproxy.routing.engine import ConfigError
+from mcproxy.routing.shapes import Shape
 from mcproxy.wire import errors
-from mcproxy.wire.request import parse_request
+from mcproxy.wire.request import COMMANDS, parse_request
 from mcproxy.wire.response import Response
 from tests.enginekit import FakeBackends, run, start
 
@@ -900,3 +902,138 @@ def test_constructor_misuse(load, route, message):
         load(config(route))
     assert message in str(e.value)
     assert "route.lua:" in str(e.value)  # at the config's line, not the library's
+
+
+# -- shapes: what the library's routes declare to the engine ---------------------
+
+#: One route of each constructor, by the command it is attached to.
+DECLARING = {
+    "get": ("routes.failover{ p.a, p.b }", "failover",
+            {"children": {1: "a", 2: "b"}, "miss": False, "shuffle": False}),
+    "set": ("routes.all_sync{ p.a, p.b }", "all_sync",
+            {"children": {1: "a", 2: "b"}, "strict": False}),
+    "add": ("routes.all_fastest({ p.a, p.b }, { miss = true })", "all_fastest",
+            {"children": {1: "a", 2: "b"}, "miss": True}),
+    "replace": ("routes.all_async{ p.a, p.b }", "all_async",
+                {"children": {1: "a"}, "background": {1: "b"}}),
+    "append": ("routes.split(p.a, p.b, { fraction = 0.5 })", "split",
+               {"children": {1: "a"}, "shadows": {1: "b"}, "fraction": 0.5}),
+    "prepend": ('routes.zfailover({ east = p.a, west = p.b }, "east")', "zfailover",
+                {"children": {b"east": "a", b"west": "b"}, "local_zone": b"east",
+                 "miss": True}),
+    "cas": ("routes.warmup(p.a, p.b, { ttl = 5 })", "warmup",
+            {"cold": {1: "a"}, "warm": {1: "b"}, "ttl": 5, "delete_warm": True}),
+    "incr": ('routes.prefix_router{ map = { x = "a" }, stop = "/" }', "prefix_router",
+             {"children": {b"x": "a"}, "default": {1: "no_route"}, "stop": b"/"}),
+    "decr": ("routes.ttl_cap(p.a, 60)", "ttl_cap", {"children": {1: "a"}, "seconds": 60}),
+    "touch": ("routes.null()", "null", {}),
+    "delete": ('routes.broadcast{ "a", "b" }', "broadcast", {"children": {1: "a", 2: "b"}}),
+    "mg": ("routes.by_command{ mg = p.a }", "by_command", None),
+    "ms": ("routes.introspect(p.a)", "introspect",
+           {"children": {1: "a"}, "command": 7, "prefix": b"__mcproxy__.route("}),
+    "md": ("routes.as_route(p.a)", "direct", {"children": {1: "a"}}),
+    "ma": ('routes.direct("b")', "direct", {"children": {1: "b"}}),
+}
+
+
+def plain(value, pools):
+    """A Shape's field as the DECLARING table writes it: pools by name,
+    routes by kind."""
+    if isinstance(value, dict):
+        return {k: plain(v, pools) for k, v in value.items()}
+    if isinstance(value, Pool):
+        return pools[value]
+    if isinstance(value, Shape):
+        return value.kind
+    return value
+
+
+def test_every_route_of_the_library_declares_its_shape(engine, load):
+    attach = "\n".join(f"    mcp.attach(mcp.CMD_{command.upper()}, {route})"
+                       for command, (route, _, _) in DECLARING.items())
+    routes = load(POOLS + f"""
+function mcp_config_routes(p)
+    routes.bind(p)
+{attach}
+end
+""")
+    pools = {pool: name for name, pool in zip("abcd", routes.host.pools, strict=False)}
+    for command, (_, kind, fields) in DECLARING.items():
+        shape = routes.shapes[COMMANDS[command.encode()]]
+        assert shape.kind == kind, command
+        if fields is not None:
+            assert plain(shape.fields, pools) == fields, command
+    by_command = routes.shapes[COMMANDS[b"mg"]]
+    assert plain(by_command.children, pools) == {COMMANDS[b"mg"]: "a"}
+    assert by_command.fields["choice"] == {COMMANDS[b"mg"]: COMMANDS[b"mg"]}
+
+
+def test_a_route_written_by_hand_declares_nothing(engine, load):
+    """routes.define names a function for describe; the library did not
+    build its body, so it declares no shape, whatever the name."""
+    routes = load(POOLS + """
+function mcp_config_routes(p)
+    mcp.attach(mcp.CMD_GET, routes.define(function(r) return p.a(r) end, "direct", { p.a }))
+    mcp.attach(mcp.CMD_SET, routes.direct(routes.define(function(r) return p.a(r) end, "x")))
+end
+""")
+    assert routes.shapes[COMMANDS[b"get"]].kind == "lua"
+    assert plain(routes.shapes[COMMANDS[b"set"]].children, {}) == {1: "lua"}
+    assert routes.direct.pools.keys() == {COMMANDS[b"flush_all"]}
+
+
+def test_a_route_declares_the_children_its_body_calls_once_bound(engine, load):
+    """Built before its pool names are bound, a route declares the very
+    table its body will call: bound, both reach the pool; never bound,
+    both reach the stand-in that fails."""
+    routes = load(POOLS + """
+local bound = routes.direct("b")
+function mcp_config_routes(p)
+    routes.bind(p)
+    mcp.attach(mcp.CMD_GET, bound)
+end
+""")
+    assert routes.direct.pools[COMMANDS[b"get"]] is routes.host.pools[1]
+    fake = Fakes(engine, {"b": HIT})
+    assert run(engine, b"get k\r\n") == HIT and fake.labels() == ["b"]
+    routes = load(POOLS + """
+local never = routes.direct("b")
+function mcp_config_routes(p)
+    mcp.attach(mcp.CMD_GET, never)
+end
+""")
+    assert COMMANDS[b"get"] not in routes.direct.pools
+    seen = lua_errors(engine)
+    assert run(engine, b"get k\r\n") == errors.LUA_FAILURE
+    assert "pool 'b' is not bound" in seen[0]
+
+
+def test_configs_cannot_reach_the_engines_declare(engine, load):
+    """Only the library's chunk is handed declare: it is in no table a
+    config sees (mcp, the globals, the loaded modules, the library's
+    table), and the engine takes a route's declaration once."""
+    routes = load(POOLS + """
+function mcp_config_routes(p)
+    mcp.attach(mcp.CMD_GET, routes.direct(p.a))
+end
+""")
+    declare = routes.state.engine.declare
+    find = routes.state.runtime.eval("""function(f)
+        local seen, found = {}, {}
+        local function walk(t, path, depth)
+            if seen[t] or depth > 3 then return end
+            seen[t] = true
+            for k, v in pairs(t) do
+                if v == f then found[#found + 1] = path .. "." .. tostring(k) end
+                if type(v) == "table" then walk(v, path .. "." .. tostring(k), depth + 1) end
+            end
+        end
+        walk(_G, "_G", 0)
+        walk(mcp, "mcp", 0)
+        walk(require("mcproxy.routes"), "routes", 0)
+        return #found
+    end""")
+    assert find(declare) == 0
+    route = routes.hooks[COMMANDS[b"get"]]
+    with pytest.raises(LuaError, match="declared once"):
+        declare(route, routes.state.runtime.table_from({b"kind": b"direct"}))

@@ -37,6 +37,8 @@ from mcproxy.wire.response import (
     Response,
     ResponseReader,
     client_bytes,
+    every_key,
+    key_reply,
     parse_response,
 )
 
@@ -350,6 +352,25 @@ def test_meta_quiet(wire, req, sent):
 @pytest.mark.parametrize("wire", [w for w, *_ in TABLE if w not in (b"END\r\n",)])
 def test_other_replies_pass_through(wire):
     assert client_bytes(reply(wire), MG) == wire
+
+
+# key_reply, every_key: what a key of a client multiget gets
+
+
+@pytest.mark.parametrize(("res", "sent"), [
+    (reply(b"VALUE k 0 2 77\r\nhi\r\nEND\r\n"), b"VALUE k 0 2 77\r\nhi\r\n"),
+    (reply(b"END\r\n"), b""),
+    (reply(b"EN\r\n"), b"EN\r\n"),
+    (reply(b"SERVER_ERROR out of memory\r\n"), b"SERVER_ERROR out of memory\r\n"),
+    (Response.failure("timeout"), BACKEND_FAILURE),
+])
+def test_key_reply_is_what_client_bytes_gives_a_key_of_a_multiget(res, sent):
+    assert key_reply(res) == sent == client_bytes(res, SUBGET)
+
+
+def test_every_key_gives_each_key_the_line_then_end():
+    assert every_key(BACKEND_FAILURE, 3) == BACKEND_FAILURE * 3 + b"END\r\n"
+    assert every_key(b"ERROR\r\n", 1) == b"ERROR\r\nEND\r\n"
 
 
 #: A multi-key get's reply: values the fast loop takes (with and without

@@ -1,0 +1,376 @@
+"""The work in flight on a backend connection: units behind one interface.
+
+Pure: no Twisted imports. A backend connection (backends/connection.py)
+holds a queue of units, writes them in per-turn batches and hands the
+replies to the unit at the head; it never asks which kind it holds. Every
+unit implements :class:`Unit`: the bytes to write, consuming its replies
+(each checked against its request), failing, and delivering its result to
+``done``, exactly once either way.
+
+The kinds, and what ``done`` gets:
+
+* :class:`Single`: one request; its Response (the reply, or a failure).
+* :class:`KeyBatch`: the keys of one client multiget bound for one
+  backend, sent as one multi-key get; the client bytes of each key, in
+  order.
+* :class:`PlainRun`: a run of plain requests forwarded as the client sent
+  them; the client bytes of them all.
+* Consecutive Singles that are keys of client multigets, written in one
+  batch, travel as one multi-key get (:class:`_MergedGets`, as nutcracker
+  does) whose reply is split per key: each Single stays a unit of its own,
+  answered with its key's Response.
+
+What a client gets for a key that missed or failed is
+``response.key_reply``/``response.every_key``'s rule, used by every kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from mcproxy.wire.request import CMD_GET, CMD_GETS, Request
+from mcproxy.wire.response import (
+    MCMC_RESP_END,
+    MCMC_RESP_ERRMSG,
+    Response,
+    ResponseReader,
+    check_reply,
+    every_key,
+    key_reply,
+    mismatched,
+)
+
+_EMPTY = b""
+
+#: Keys merged into one backend multiget at most.
+MAX_MERGED_KEYS = 100
+
+
+class ReplySink(Protocol):
+    """Whom the reply of a KeyBatch or PlainRun is for: told of its bytes as
+    they arrive (they count against the client's output limit), and asked
+    whether they are still wanted (if not, they are framed and dropped)."""
+
+    def arriving(self, size: int) -> None: ...
+
+    @property
+    def wanted(self) -> bool: ...
+
+
+@runtime_checkable
+class Unit(Protocol):
+    """What a backend connection knows of the work it carries.
+
+    A Protocol, not a base class: the kinds share no code, and the hot path
+    pays for no inheritance; ``isinstance(unit, Unit)`` checks the shape.
+
+    ``size``: the client requests it carries (each key of a KeyBatch, each
+    request and multiget key of a PlainRun), counted in the backend's depth
+    and once each in its latency samples. ``sent``: when the backend queued
+    it (set by ``Backend.send_unit``; its read deadline and latency run
+    from then). ``sink``: the
+    ReplySink its reply's bytes are counted against as they arrive, or None.
+    ``done``: called once with the unit's result (see the module docstring).
+    """
+
+    size: int
+    sent: float
+    sink: ReplySink | None
+    done: Callable
+
+    def write(self, out: list[bytes], batch: list[Unit], index: int) -> int:
+        """Append the bytes to send to ``out``. ``batch[index:]`` are the
+        units written after this one in the same send; a unit may take
+        some into its own backend request (each still read and settled as
+        a unit of its own). Returns the index of the first unit it did not
+        take."""
+
+    def read(self, reader: ResponseReader) -> bool:
+        """Consume this unit's replies from ``reader``, as far as they have
+        arrived; True once complete. Raises ``BackendProtocolError`` for a
+        reply that does not answer its request, or a garbage stream."""
+
+    def deliver(self, elapsed: int) -> None:
+        """Give ``done`` the result, once ``read`` returned True; ``elapsed``
+        is microseconds since ``sent``."""
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        """Give ``done`` a failure for ``reason`` instead, each request its
+        own (memcached's backend failure names)."""
+
+
+class Single:
+    """One request; ``done`` gets its Response: the reply, checked against
+    the request (``response.check_reply``), or a failure. ``response`` is
+    set once read."""
+
+    __slots__ = ("request", "done", "sent", "response", "merged")
+
+    size = 1
+    sink = None
+
+    def __init__(self, request: Request, done: Callable[[Response], object]) -> None:
+        self.request = request
+        self.done = done
+        #: the multi-key get this request was written in, if any
+        self.merged: _MergedGets | None = None
+
+    def __repr__(self) -> str:
+        return f"<Single {self.request.line!r}>"
+
+    def write(self, out: list[bytes], batch: list, index: int) -> int:
+        req = self.request
+        name = _merge_name(req) if req.multiget else None
+        if name is not None:
+            end = index
+            stop = min(len(batch), index + MAX_MERGED_KEYS - 1)
+            while end < stop and _merge_name_of(batch[end]) == name:
+                end += 1
+            if end > index:
+                out.append(_MergedGets(name, [self, *batch[index:end]]).line)
+                return end
+        out.append(req.wire_line())
+        value = req.value
+        if value is not None:
+            out.append(value)
+        return index
+
+    def read(self, reader: ResponseReader) -> bool:
+        merged = self.merged
+        if merged is not None:
+            return merged.read(reader)
+        res = reader.read()
+        if res is None:
+            return False
+        check_reply(self.request, res)
+        self.response = res
+        return True
+
+    def deliver(self, elapsed: int) -> None:
+        res = self.response
+        res.elapsed = elapsed
+        self.done(res)
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        self.merged = None
+        res = Response.failure(reason)
+        res.elapsed = elapsed
+        self.done(res)
+
+
+_MERGEABLE = {CMD_GET: b"get", CMD_GETS: b"gets"}
+
+
+def _merge_name(req: Request) -> bytes | None:
+    """``get``/``gets`` if ``req`` is one key of a client multiget that can
+    share a backend request with its neighbours (unedited, no noreply)."""
+    if not req.multiget or req.noreply:
+        return None
+    name = _MERGEABLE.get(req.command)
+    tokens = req.tokens
+    if name is None or len(tokens) != 2 or tokens[0] != name or tokens[1] != req.key:
+        return None
+    return name
+
+
+def _merge_name_of(unit: Unit) -> bytes | None:
+    """_merge_name of a unit's request, None for a unit that is not a Single."""
+    return _merge_name(unit.request) if unit.__class__ is Single else None
+
+
+class _MergedGets:
+    """Consecutive Singles, each a key of a client multiget, written as one
+    multi-key ``get``/``gets`` (one backend request and reply instead of
+    one per key). Each Single stays a unit in the queue; the first to read
+    reads the whole reply and gives each its response: its ``VALUE``, a
+    miss, or the error line that answers them all."""
+
+    __slots__ = ("singles", "keys", "line", "values", "complete")
+
+    def __init__(self, name: bytes, singles: list[Single]) -> None:
+        self.singles = singles
+        self.keys = keys = [single.request.key for single in singles]
+        self.line = b"%s %s\r\n" % (name, b" ".join(keys))
+        #: the VALUE items read so far (ResponseReader.read_values)
+        self.values: list[tuple] = []
+        self.complete = False
+        for single in singles:
+            single.merged = self
+
+    def read(self, reader: ResponseReader) -> bool:
+        if self.complete:
+            return True
+        values = self.values
+        res = reader.read_values(values)
+        if res is None:
+            return False
+        _check_multi_end(res)
+        singles = self.singles
+        if res.type == MCMC_RESP_END:
+            for single, value in zip(singles, _align(self.keys, values), strict=True):
+                single.response = Response.miss() if value is None else Response.of_item(value)
+        else:
+            for single in singles:
+                single.response = res
+        self.complete = True
+        self.singles = self.values = None  # no cycle left with the Singles
+        return True
+
+
+class KeyBatch:
+    """The keys of one client ``get``/``gets`` multiget that go to the same
+    backend, sent as one multi-key request (see ``RouteEngine.route_keys``).
+    ``keys`` keeps duplicates and the client's order. ``done`` gets the
+    client bytes of each key (``response.key_reply``), in that order.
+    Values for a ``sink`` that no longer wants them are dropped as they
+    come (their keys are kept: the reply is still checked)."""
+
+    __slots__ = ("name", "keys", "done", "sink", "sent", "size", "_values", "_parts")
+
+    def __init__(self, name: bytes, keys: list[bytes], done: Callable[[list[bytes]], object],
+                 sink: ReplySink | None = None) -> None:
+        self.name = name
+        self.keys = keys
+        self.done = done
+        self.sink = sink
+        self.size = len(keys)
+        #: the VALUE items read so far (ResponseReader.read_values)
+        self._values: list[tuple] = []
+        self._parts: list[bytes] = []
+
+    def __repr__(self) -> str:
+        return f"<KeyBatch {self.name.decode()} of {self.size}>"
+
+    def write(self, out: list[bytes], batch: list, index: int) -> int:
+        out.append(b"%s %s\r\n" % (self.name, b" ".join(self.keys)))
+        return index
+
+    def read(self, reader: ResponseReader) -> bool:
+        values = self._values
+        start = len(values)
+        res = reader.read_values(values)
+        sink = self.sink
+        if sink is not None and not sink.wanted:
+            if values and values[0][1] is not None:
+                start = 0  # the client just went: what came before goes too
+            values[start:] = [(value[0], None, 0) for value in values[start:]]
+        if res is None:
+            return False
+        _check_multi_end(res)
+        if res.type == MCMC_RESP_END:
+            self._parts = [(value and value[1]) or _EMPTY
+                           for value in _align(self.keys, values)]
+        else:
+            self._parts = [key_reply(res)] * self.size
+        self._values = []
+        return True
+
+    def deliver(self, elapsed: int) -> None:
+        self.done(self._parts)
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        self.done([key_reply(Response.failure(reason))] * self.size)
+
+
+class PlainRun:
+    """Consecutive plain ``get``/``set`` requests of one client bound for
+    the same backend (see ``request.scan_plain``), sent as the client sent
+    them: ``data`` is their bytes, ``keys`` the key of each (a multi-key
+    get's keys as sent, one space between them), ``sets`` the indexes of
+    the sets among them (None: there are none). ``widths`` maps the index
+    of each ``get`` of several keys to its number of keys (None: there are
+    none); ``size`` counts every key of those as a request, as routing them
+    one by one does.
+
+    The replies are collected in ``parts`` as they arrive, ``answered`` of
+    them so far, each checked against its request
+    (``ResponseReader.read_raw``). ``done`` (set by the sender) gets the
+    client bytes of them all: the replies as they came, or on a failure
+    those that came and a failure for each request left. Replies for a
+    ``sink`` that no longer wants them are dropped as they come."""
+
+    __slots__ = ("data", "keys", "count", "sets", "widths", "size", "parts", "answered",
+                 "sink", "done", "sent")
+
+    def __init__(self, data: bytes, keys: list[bytes], sets: list[int] | None = None,
+                 widths: dict[int, int] | None = None, sink: ReplySink | None = None) -> None:
+        self.sink = sink
+        self.data = data
+        self.keys = keys
+        self.count = count = len(keys)
+        self.sets = frozenset(sets) if sets else None
+        self.widths = widths
+        self.size = count if widths is None else count + sum(widths.values()) - len(widths)
+        self.parts: list[bytes] = []
+        self.answered = 0
+
+    def __repr__(self) -> str:
+        return f"<PlainRun of {self.count}>"
+
+    def write(self, out: list[bytes], batch: list, index: int) -> int:
+        out.append(self.data)
+        return index
+
+    def read(self, reader: ResponseReader) -> bool:
+        count = self.count
+        answered = self.answered
+        sink = self.sink
+        while answered < count:
+            framed = reader.read_raw(count - answered, self.parts, self.keys, self.sets,
+                                     self.widths, answered)
+            if sink is not None and not sink.wanted:
+                self.parts.clear()
+                reader.drop_held()
+            if not framed:
+                return False
+            answered += framed
+            self.answered = answered
+        return True
+
+    def deliver(self, elapsed: int) -> None:
+        parts = self.parts
+        self.done(parts[0] if len(parts) == 1 else _EMPTY.join(parts))
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        line = Response.failure(reason).line
+        parts = self.parts
+        widths = self.widths
+        if widths is None:
+            parts.append(line * (self.count - self.answered))
+        else:
+            for index in range(self.answered, self.count):
+                width = widths.get(index)
+                parts.append(line if width is None else every_key(line, width))
+        self.done(_EMPTY.join(parts))
+
+
+def _align(keys: list[bytes], values: list[tuple]) -> list[tuple | None]:
+    """The ``VALUE`` items of a multi-key get's reply (as
+    ``ResponseReader.read_values`` gives them), one per key, None for a miss.
+
+    memcached answers the keys in request order and skips misses; a value
+    whose key is out of that order means the stream is desynchronised.
+    """
+    aligned: list[tuple | None] = []
+    size = len(keys)
+    index = 0
+    for value in values:
+        key = value[0]
+        while index < size and keys[index] != key:
+            aligned.append(None)
+            index += 1
+        if index == size:
+            raise mismatched("VALUE of a key not asked for, or out of order",
+                             b" ".join(keys), key)
+        aligned.append(value)
+        index += 1
+    if index < size:
+        aligned.extend([None] * (size - index))
+    return aligned
+
+
+def _check_multi_end(res: Response) -> None:
+    """A multi-key get's reply ends in ``END`` or an error line."""
+    if res.type != MCMC_RESP_END and res.type != MCMC_RESP_ERRMSG:
+        raise mismatched("reply of the wrong kind", b"get", res.line)
