@@ -361,22 +361,9 @@ return function(host, phase, v2)
                            detail and tostring(detail) or "")
     end
 
-    -- The V2 API (v2.lua): funcgens and routers, for the routes phase.
+    -- The V2 API (v2.lua): funcgens and routers, installed for the routes
+    -- phase once the shapes section below is defined.
     local v2_entry, v2_arrived, v2_sub_arrived, v2_attached
-    if not in_config then
-        v2_entry, v2_arrived, v2_sub_arrived, v2_attached = v2(mcp, {
-            POOL_PROXY = POOL_PROXY,
-            REQUEST = REQUEST,
-            new_response = new_response,
-            routes_only = routes_only,
-            log = host.log,
-            YIELD_WAIT = YIELD_WAIT,
-            DONE_RESPONSE = DONE_RESPONSE,
-            DONE_STRING = DONE_STRING,
-            DONE_BAD = DONE_BAD,
-            DONE_ERROR = DONE_ERROR,
-        })
-    end
 
     local hooks = {}
     local ANY_LAST <const> = 34
@@ -654,6 +641,23 @@ return function(host, phase, v2)
             return { kind = "direct", children = { pool } }
         end
         return nil
+    end
+
+    if not in_config then
+        v2_entry, v2_arrived, v2_sub_arrived, v2_attached = v2(mcp, {
+            POOL_PROXY = POOL_PROXY,
+            REQUEST = REQUEST,
+            new_response = new_response,
+            routes_only = routes_only,
+            log = host.log,
+            declare = declare,
+            source_lines = source_lines,
+            YIELD_WAIT = YIELD_WAIT,
+            DONE_RESPONSE = DONE_RESPONSE,
+            DONE_STRING = DONE_STRING,
+            DONE_BAD = DONE_BAD,
+            DONE_ERROR = DONE_ERROR,
+        })
     end
 
     -- The Python pool behind a routes-phase pool, or nil for anything else.

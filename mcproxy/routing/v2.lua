@@ -73,6 +73,8 @@ return function(mcp, internal)
     local new_response = internal.new_response
     local routes_only = internal.routes_only
     local log = internal.log
+    local declare = internal.declare
+    local source_lines = internal.source_lines
     local YIELD_WAIT = internal.YIELD_WAIT
     local DONE_RESPONSE = internal.DONE_RESPONSE
     local DONE_STRING = internal.DONE_STRING
@@ -99,7 +101,7 @@ return function(mcp, internal)
 
     function mcp.funcgen_new()
         routes_only("mcp.funcgen_new")
-        return setmetatable({ targets = {}, count = 0, is_ready = false, free = {},
+        return setmetatable({ targets = {}, proxies = {}, count = 0, is_ready = false, free = {},
                               name = "anonymous" }, FUNCGEN)
     end
 
@@ -125,6 +127,7 @@ return function(mcp, internal)
         local handle = self.count
         if mt == POOL_PROXY then
             self.targets[handle] = target._p
+            self.proxies[handle] = target
         elseif mt == FUNCGEN then
             if not target.is_ready then
                 error("new_handle: the function generator is not ready", 2)
@@ -662,6 +665,66 @@ return function(mcp, internal)
         return target[r._c] or target[mcp.CMD_ANY_STORAGE] or router.default
     end
 
+    -- Direct funcgens ---------------------------------------------------
+    --
+    -- A funcgen whose function is `function(r) return rctx:enqueue_and_wait(r,
+    -- h) end` (any names), `h` a handle to a pool and no callback set, sends
+    -- each request to that pool and answers with its reply: what a route
+    -- declared "direct" does, so its attached route declares that shape and
+    -- the engine runs it without Lua (shapes.py, direct.py). As for a
+    -- hand-written `return pool(r)` (mcp.lua), it is recognised from the
+    -- debug library and the function's source text, never its bytecode: one
+    -- fixed parameter, two upvalues (the slot's context and the handle),
+    -- and lines that read exactly that.
+    local debug_getinfo = debug.getinfo
+    local debug_getupvalue = debug.getupvalue
+    local string_match = string.match
+    local next = next
+
+    local FUNCTION_WORD <const> = "%f[%w_]function%f[^%w_]"
+    local NAME <const> = "([%a_][%w_]*)"
+    local ENQUEUE_AND_WAIT <const> = "^function%s*%(%s*" .. NAME .. "%s*%)%s*return%s+"
+        .. NAME .. "%s*:%s*enqueue_and_wait%s*%(%s*" .. NAME .. "%s*,%s*" .. NAME
+        .. "%s*%)%s*;?%s*end%f[^%w_]"
+
+    -- The pool proxy a ready funcgen's function sends every request to,
+    -- as above, or nil.
+    local function direct_pool(fgen)
+        local rctx = fgen.free[1] -- the slot fgen:ready made
+        if rctx == nil or next(rctx.cbs) ~= nil then
+            return nil
+        end
+        local f = rctx.func
+        local info = debug_getinfo(f, "Su")
+        if info.what ~= "Lua" or info.nparams ~= 1 or info.isvararg or info.nups ~= 2 then
+            return nil
+        end
+        local name1, value1 = debug_getupvalue(f, 1)
+        local name2, value2 = debug_getupvalue(f, 2)
+        local ctx, hname, handle
+        if value1 == rctx then
+            ctx, hname, handle = name1, name2, value2
+        elseif value2 == rctx then
+            ctx, hname, handle = name2, name1, value1
+        else
+            return nil
+        end
+        local proxy = math_type(handle) == "integer" and fgen.proxies[handle]
+        if not proxy then
+            return nil
+        end
+        local text = source_lines(info.source, info.linedefined, info.lastlinedefined)
+        local at = text and string_find(text, FUNCTION_WORD)
+        if at == nil or string_find(text, FUNCTION_WORD, at + 1) then
+            return nil
+        end
+        local param, called_on, arg, passed = string_match(text, ENQUEUE_AND_WAIT, at)
+        if param == nil or called_on ~= ctx or arg ~= param or passed ~= hname then
+            return nil
+        end
+        return proxy
+    end
+
     -- What mcp.attach installs -----------------------------------------
 
     local attached = false
@@ -675,7 +738,12 @@ return function(mcp, internal)
             if not obj.is_ready then
                 error("cannot attach a function generator before calling ready", 3)
             end
-            return function(r) return run(obj, r) end
+            local route = function(r) return run(obj, r) end
+            local pool = direct_pool(obj)
+            if pool ~= nil then
+                declare(route, { kind = "direct", children = { pool } })
+            end
+            return route
         elseif mt == ROUTER then
             return function(r)
                 local fgen = route(obj, r)

@@ -8,9 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
 
-from mcproxy.routing.engine import ConfigError
+from mcproxy.backends.pool import BackendRegistry
+from mcproxy.counters import ProxyStats
+from mcproxy.routing.engine import ConfigError, RouteEngine
+from mcproxy.routing.tunables import Tunables
+from mcproxy.routing.userstats import UserStats
 from mcproxy.wire import errors
+from mcproxy.wire import request as rq
 from mcproxy.wire.response import Response
 from tests.enginekit import FakeBackends, run, start
 
@@ -596,3 +602,72 @@ def test_the_example_routes(engine):
     assert run(engine, b"get main/k\r\n") == HIT
     assert fake.sent == [("near", b"get main/k\r\n")]
     assert run(engine, b"get other/k\r\n") == b"SERVER_ERROR no route\r\n"
+
+
+# -- the direct path ------------------------------------------------------------
+
+DIRECT = POOLS + """
+function mcp_config_routes(p)
+    local fgen = mcp.funcgen_new()
+    local handle = fgen:new_handle(p.b)
+    fgen:ready({ n = "direct", a = handle, f = function(rctx, h)
+        %s
+    end })
+    mcp.attach(mcp.CMD_ANY_STORAGE, fgen)
+end
+"""
+
+RETURNS = "return function(r) return rctx:enqueue_and_wait(r, h) end"
+
+
+def test_a_direct_funcgen_declares_the_direct_shape(engine, load):
+    routes = load(DIRECT % RETURNS)
+    assert routes.shapes[rq.CMD_GET].kind == "direct"
+    assert routes.direct.plain_runs is True
+    fake = FakeBackends(engine, {"b": HIT})
+    assert run(engine, b"get k\r\n") == HIT
+    assert fake.sent == [("b", b"get k\r\n")]
+
+
+@pytest.mark.parametrize("body", [
+    "rctx:handle_set_cb(h, function() end)\n" + RETURNS,
+    "return function(r) return rctx:enqueue_and_wait(r, h) or 1 end",
+    "return function(r) local res = rctx:enqueue_and_wait(r, h); return res end",
+    "return function(r) mcp.stat(1, 1) return rctx:enqueue_and_wait(r, h) end",
+    "local other = h\nreturn function(r) return rctx:enqueue_and_wait(other, h) end",
+    "return function(r) -- a comment\n return rctx:enqueue_and_wait(r, h) end",
+    "return function(r) return rctx:enqueue_and_wait(r, h) end, function() end",
+])
+def test_anything_else_runs_in_lua(load, body):
+    routes = load(DIRECT % body)
+    assert routes.shapes[rq.CMD_GET].kind == "lua"
+    assert rq.CMD_GET not in routes.direct.pools
+
+
+@pytest.mark.parametrize("requests", [
+    [b"get k\r\n", b"set k 0 0 1\r\n", b"delete k\r\n", b"mg k v\r\n", b"incr k 1\r\n"],
+])
+@pytest.mark.parametrize("reply", [HIT, MISS, b"SERVER_ERROR busy\r\n", b"STORED\r\n"])
+def test_direct_and_lua_give_the_same_bytes(tmp_path, requests, reply):
+    results = []
+    for direct in (True, False):
+        stats = ProxyStats()
+        engine = RouteEngine(stats, BackendRegistry(stats, reactor=MemoryReactorClock()),
+                             Tunables(), UserStats())
+        engine.direct_routes = direct
+        path = tmp_path / f"direct-{direct}.lua"
+        path.write_text(DIRECT % RETURNS)
+        engine.load(str(path))
+        FakeBackends(engine, {"b": reply})
+        results.append([run(engine, line, b"x\r\n" if line.startswith(b"set") else None)
+                        for line in requests])
+    assert results[0] == results[1]
+
+
+def test_the_differential_configs_direct_funcgen_runs_without_lua(engine, monkeypatch):
+    for name in ("V2_A", "V2_B", "V2_DOWN"):
+        monkeypatch.setenv(name, "1")
+    routes = engine.load(str(ROOT / "tests" / "e2e" / "v2" / "routes.lua"))
+    assert {command: routes.shapes[command].kind
+            for command in (rq.CMD_GAT, rq.CMD_INCR, rq.CMD_GET)} == {
+        rq.CMD_GAT: "direct", rq.CMD_INCR: "direct", rq.CMD_GET: "lua"}

@@ -139,6 +139,14 @@ function mcp_config_routes(p)
     local anchored = {
         x = funcgen("x", direct, { p.a }),
     }
+    -- memcached's own direct route (routelib's route_direct): mcproxy runs
+    -- it without Lua
+    local plain = mcp.funcgen_new()
+    plain:ready({ n = "plain", a = plain:new_handle(p.a), f = function(rctx, handle)
+        return function(r) return rctx:enqueue_and_wait(r, handle) end
+    end })
+    mcp.attach(mcp.CMD_GAT, plain)
+    mcp.attach(mcp.CMD_INCR, plain)
     mcp.attach(mcp.CMD_TOUCH, mcp.router_new({ map = anchored, mode = "anchor",
                                                start = "=?=", stop = "__", default = default }))
 end
