@@ -14,14 +14,14 @@
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
 -- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
--- wait_handle) yields (YIELD_WAIT, rctx, ready, handle, pool, request) to
+-- wait_handle) yields (YIELD_WAIT, rctx, ready, handle, target, request) to
 -- the engine for one handle queued since the last wait, or (YIELD_WAIT,
 -- rctx, ready, -1, sends, count) for `count` of them, `sends` holding their
--- (handle, pool, request) flat; `ready` says whether the wait is satisfied
--- already. The
+-- (handle, target, request) flat; a target is a pool, or the route of a
+-- funcgen handle; `ready` says whether the wait is satisfied already. The
 -- engine sends them (mcproxy.routing.rcontext) and resumes the coroutine
--- once arrived() says the wait is over; requests not waited for keep going
--- and are recorded in the context when they answer.
+-- once arrived() or sub_arrived() says the wait is over; requests not
+-- waited for keep going and are recorded in the context when they answer.
 --
 -- Each funcgen keeps request contexts ("slots") for reuse: a slot is made by
 -- calling the generator `f(rctx, a)` when no free one is left, serves one
@@ -101,8 +101,11 @@ return function(mcp, internal)
 
     function mcp.funcgen_new()
         routes_only("mcp.funcgen_new")
-        return setmetatable({ targets = {}, proxies = {}, count = 0, is_ready = false, free = {},
-                              name = "anonymous" }, FUNCGEN)
+        -- targets: handle -> Python pool or route function (what is sent);
+        -- proxies: handle -> the pool as Lua sees it, for pool handles;
+        -- free: the slots not serving a request
+        return setmetatable({ targets = {}, proxies = {}, count = 0, is_ready = false,
+                              free = {}, name = "anonymous" }, FUNCGEN)
     end
 
     local function check_fgen(fgen)
@@ -237,7 +240,7 @@ return function(mcp, internal)
         sends[n + 3] = r._r
     end
 
-    local function check_request(rctx, r)
+    local function check_request(r)
         if getmetatable(r) ~= REQUEST then
             error("bad argument #1 (mcp.request expected)", 3)
         end
@@ -248,7 +251,7 @@ return function(mcp, internal)
 
     -- rctx:enqueue(r, handle | {handles}): queue without sending yet.
     function RCONTEXT:enqueue(r, handles)
-        check_request(self, r)
+        check_request(r)
         if math_type(handles) == "integer" then
             queue(self, r, handles)
         elseif type(handles) == "table" then
@@ -368,7 +371,7 @@ return function(mcp, internal)
 
     -- rctx:enqueue_and_wait(r, handle): queue, send, and return its answer.
     function RCONTEXT:enqueue_and_wait(r, handle)
-        check_request(self, r)
+        check_request(r)
         if math_type(handle) ~= "integer" then
             error("invalid handle passed to wait_handle", 2)
         end
@@ -535,7 +538,9 @@ return function(mcp, internal)
             release(rctx)
         end
         if not ok then
-            error(result, 0)
+            -- the log says which funcgen failed (memcached names them in
+            -- `stats proxyfuncs`, which mcproxy does not have)
+            error("funcgen " .. fgen.name .. ": " .. tostring(result), 0)
         end
         return result
     end

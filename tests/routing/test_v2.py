@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 
 from mcproxy.backends.pool import BackendRegistry
 from mcproxy.counters import ProxyStats
@@ -671,3 +672,13 @@ def test_the_differential_configs_direct_funcgen_runs_without_lua(engine, monkey
     assert {command: routes.shapes[command].kind
             for command in (rq.CMD_GAT, rq.CMD_INCR, rq.CMD_GET)} == {
         rq.CMD_GAT: "direct", rq.CMD_INCR: "direct", rq.CMD_GET: "lua"}
+
+
+def test_a_route_error_names_its_funcgen(engine, load):
+    load(config("""
+    mcp.attach(mcp.CMD_GET, fg("named", function() return function(r) error("boom") end end))
+    """))
+    with capturedLogs() as events:
+        assert run(engine, b"get k\r\n") == errors.LUA_FAILURE
+    [error] = [event["error"] for event in events if event.get("type") == "proxy_error"]
+    assert error.startswith("funcgen named: ") and error.endswith("boom")
