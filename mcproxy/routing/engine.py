@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from mcproxy.backends.pool import BackendRegistry, Broadcast
 from mcproxy.counters import ProxyStats
-from mcproxy.routing import direct
+from mcproxy.routing import direct, rcontext
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
 from mcproxy.routing.poolnames import named_pools
@@ -50,6 +50,7 @@ DONE_BAD = 2
 DONE_ERROR = 3
 YIELD_POOL = 4
 YIELD_AWAIT = 5
+YIELD_WAIT = rcontext.YIELD_WAIT
 
 AWAIT_GOOD = 0
 AWAIT_ANY = 1
@@ -73,12 +74,14 @@ ERROR_LOG_INTERVAL = 1.0
 
 _LUA_DIR = files("mcproxy.routing")
 _MCP_LUA = _LUA_DIR.joinpath("mcp.lua").read_bytes()
+#: The V2 route API, installed by mcp.lua into each routes state.
+_V2_LUA = _LUA_DIR.joinpath("v2.lua").read_bytes()
 #: Lua libraries shipped with mcproxy, available to configs as
 #: ``require("mcproxy.NAME")`` (mcproxy/routing/NAME.lua).
 _LIBRARIES = {
     f"mcproxy.{entry.name[:-4]}".encode(): entry.read_bytes()
     for entry in _LUA_DIR.iterdir()
-    if entry.name.endswith(".lua") and entry.name != "mcp.lua"
+    if entry.name.endswith(".lua") and entry.name not in ("mcp.lua", "v2.lua")
 }
 
 #: Constants every config sees in ``mcp``, beyond the CMD_* ids.
@@ -116,7 +119,8 @@ class _State:
                                         unpack_returned_tuples=True)
         self.globals = self.runtime.globals()
         build = self.runtime.execute(_MCP_LUA, name=b"=mcp.lua", mode=b"t")
-        self.mcp, self.engine = build(host, phase.encode())
+        v2 = self.runtime.execute(_V2_LUA, name=b"=v2.lua", mode=b"t")
+        self.mcp, self.engine = build(host, phase.encode(), v2)
         for name, value in _CONSTANTS.items():
             self.mcp[name.encode()] = value
         self._install_hashing()
@@ -167,8 +171,11 @@ class _State:
 class Routes:
     """A loaded config: the routes state and its command hooks."""
 
-    def __init__(self, path: str, state: _State, host: Host, direct: bool = True) -> None:
+    def __init__(self, path: str, state: _State, host: Host, direct: bool = True,
+                 config_pools=None) -> None:
         self.path = path
+        #: what mcp_config_routes was given (the copy of mcp_config_pools' result)
+        self.config_pools = config_pools
         self.state = state
         self.host = host
         self.loaded_at = monotonic()
@@ -176,6 +183,11 @@ class Routes:
         self.resume = state.engine.resume
         self.resume_error = state.engine.resume_error
         self.resume_await = state.engine.resume_await
+        self.resume_wait = state.engine.resume_wait
+        self.arrived = state.engine.arrived
+        self.arrive = state.engine.arrive
+        self.sub_arrived = state.engine.sub_arrived
+        self.sub_arrive = state.engine.sub_arrive
         self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
         reader = ShapeReader(state.engine)
@@ -208,8 +220,12 @@ class Routes:
     def pools(self) -> list:
         """``(name, Pool)`` of each pool these routes reach, named as they
         reach it (mcproxy.routing.poolnames); found once, when first asked."""
-        return named_pools(self.state.runtime, [*self.hooks.values(), self.state.globals],
-                           self.host.pools, self.path)
+        roots = [*self.hooks.values(), self.state.globals]
+        if self.state.engine.v2_attached():
+            # V2 routes reach pools through handles: name them as
+            # mcp_config_pools did
+            roots.append(self.config_pools)
+        return named_pools(self.state.runtime, roots, self.host.pools, self.path)
 
 
 def load(path: str, registry: BackendRegistry, tunables: Tunables,
@@ -227,7 +243,7 @@ def load(path: str, registry: BackendRegistry, tunables: Tunables,
     user_stats.rename(host.stat_names)
     for backend, options in zip(host.backends, host.options, strict=True):
         backend.reconfigure(options)
-    return Routes(path, routes, host, direct)
+    return Routes(path, routes, host, direct, copied)
 
 
 class _Copier:
@@ -456,6 +472,11 @@ class RouteEngine:
                 if step is None:
                     return
                 continue
+            if step[0] == YIELD_WAIT:
+                step = rcontext.dispatch(routes, step, partial(self._resumed, routes, req, done))
+                if step is None:
+                    return
+                continue
             _, co, pool, sent = step
             try:
                 backend = select_backend(pool, sent)
@@ -485,6 +506,14 @@ class RouteEngine:
         else:
             self._route_error(req, step[1])
             done(errors.LUA_FAILURE)
+
+    def _resumed(self, routes: Routes, req: Request, done: Callable[[bytes], None],
+                 step) -> None:
+        """Go on with a route whose V2 wait a reply ended (rcontext)."""
+        try:
+            self._advance(routes, req, done, step)
+        except Exception:
+            self._internal_error(req, done)
 
     def _await(self, routes: Routes, req: Request, done: Callable[[bytes], None], step):
         """Send one request to several pools; resume when enough answered.

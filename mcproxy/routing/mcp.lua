@@ -36,11 +36,12 @@ local DONE_BAD <const> = 2
 local DONE_ERROR <const> = 3
 local YIELD_POOL <const> = 4
 local YIELD_AWAIT <const> = 5
+local YIELD_WAIT <const> = 6
 
 local AWAIT_GOOD <const> = 0
 local AWAIT_BACKGROUND <const> = 5
 
-return function(host, phase)
+return function(host, phase, v2)
     local mcp = {}
     local in_config = phase == "config"
 
@@ -360,6 +361,10 @@ return function(host, phase)
                            detail and tostring(detail) or "")
     end
 
+    -- The V2 API (v2.lua): funcgens and routers, installed for the routes
+    -- phase once the shapes section below is defined.
+    local v2_entry, v2_arrived, v2_sub_arrived, v2_attached
+
     local hooks = {}
     local ANY_LAST <const> = 34
     local ANY_STORAGE_LAST <const> = 20
@@ -367,7 +372,10 @@ return function(host, phase)
     function mcp.attach(cmd, func)
         routes_only("mcp.attach")
         if type(func) ~= "function" then
-            error("Must pass a function to mcp.attach", 2)
+            func = v2_entry and v2_entry(func)
+            if func == nil then
+                error("Must pass a function to mcp.attach", 2)
+            end
         end
         if math.type(cmd) ~= "integer" then
             error("mcp.attach: command must be an mcp.CMD_* constant", 2)
@@ -441,7 +449,7 @@ return function(host, phase)
     -- Driving a route ---------------------------------------------------
 
     -- Turn what resume returned into what the Python driver needs.
-    local function step(co, ok, a, b, c, d, e)
+    local function step(co, ok, a, b, c, d, e, f)
         if coroutine_status(co) == "dead" then
             if not ok then
                 return DONE_ERROR, tostring(a)
@@ -459,6 +467,8 @@ return function(host, phase)
             return YIELD_POOL, co, b, c
         elseif a == YIELD_AWAIT then
             return YIELD_AWAIT, co, b, c, d, e
+        elseif a == YIELD_WAIT then
+            return YIELD_WAIT, co, b, c, d, e, f
         end
         return DONE_ERROR, "route yielded outside of a pool call"
     end
@@ -481,6 +491,28 @@ return function(host, phase)
     -- Resume an await with a table of Python responses.
     local function resume_await(co, responses)
         return step(co, coroutine_resume(co, responses))
+    end
+
+    -- Resume a route whose request context wait is over (v2.lua).
+    local function resume_wait(co)
+        return step(co, coroutine_resume(co))
+    end
+
+    -- A reply for a request context's handle; the route's next step if it
+    -- ends the wait the route is in, else nil (v2.lua's arrived).
+    local function arrive(co, rctx, handle, pres, ok, hit)
+        if v2_arrived(rctx, handle, pres, ok, hit) then
+            return step(co, coroutine_resume(co))
+        end
+        return nil
+    end
+
+    -- The same for the end of a funcgen handle's route (v2.lua).
+    local function sub_arrive(co, rctx, handle, kind, value, failure)
+        if v2_sub_arrived(rctx, handle, kind, value, failure) then
+            return step(co, coroutine_resume(co))
+        end
+        return nil
     end
 
     -- Used by the engine when copying mcp_config_pools' result.
@@ -611,6 +643,23 @@ return function(host, phase)
         return nil
     end
 
+    if not in_config then
+        v2_entry, v2_arrived, v2_sub_arrived, v2_attached = v2(mcp, {
+            POOL_PROXY = POOL_PROXY,
+            REQUEST = REQUEST,
+            new_response = new_response,
+            routes_only = routes_only,
+            log = host.log,
+            declare = declare,
+            source_lines = source_lines,
+            YIELD_WAIT = YIELD_WAIT,
+            DONE_RESPONSE = DONE_RESPONSE,
+            DONE_STRING = DONE_STRING,
+            DONE_BAD = DONE_BAD,
+            DONE_ERROR = DONE_ERROR,
+        })
+    end
+
     -- The Python pool behind a routes-phase pool, or nil for anything else.
     local function pool_of(value)
         if getmetatable(value) == POOL_PROXY then
@@ -628,6 +677,12 @@ return function(host, phase)
         resume = resume,
         resume_error = resume_error,
         resume_await = resume_await,
+        resume_wait = resume_wait,
+        arrived = v2_arrived,
+        arrive = arrive,
+        sub_arrived = v2_sub_arrived,
+        sub_arrive = sub_arrive,
+        v2_attached = v2_attached,
         kind = kind,
         pool_proxy = pool_proxy,
     }
