@@ -48,6 +48,7 @@ from mcproxy.wire.request import CMD_STATS, CMD_VERSION, Request
 __all__ = ["VERSION", "ProxyService", "ReloadRecord"]
 
 # Log events of a reload, one per outcome.
+LOG_RELOAD_START = "reloading route config {path}"
 LOG_RELOADED = "reloaded route config {path} (backends in use: {backends}, open: {total})"
 LOG_RELOAD_FAILED = "reload of {path} failed, old routes kept: {error}"
 
@@ -137,6 +138,7 @@ class ProxyService(MultiService):
         Returns whether the new routes are active.
         """
         self.stats.config_reloads += 1
+        self.log.info(LOG_RELOAD_START, path=self.config, type="proxy_conf", status="start")
         # mcp_config_pools sets tunables as it runs; a failed load must not
         # leave them set (their values are immutable, a shallow copy will do).
         tunables = vars(self.tunables).copy()

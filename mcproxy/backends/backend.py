@@ -71,6 +71,10 @@ LOG_MARKED_BAD = ("backend {label} ({host}:{port}) error={reason}; marked bad "
                   "after {failures} failures, {requests} queued requests failed, "
                   "retrying every {retry}s")
 LOG_RECOVERED = "backend {label} ({host}:{port}) is back after {failures} failures"
+
+#: Bytes of a reset connection's unread input a backend event carries
+#: (``rbuf=`` on watch streams, as memcached 1.6.45's proxy shows it).
+EVENT_RBUF = 64
 LOG_MISMATCH = ("backend {label} ({host}:{port}) sent a reply that does not answer "
                 "its request ({detail}); resetting the connection")
 LOG_TLS_FAILED = "backend {label} ({host}:{port}) TLS failed: {error}"
@@ -344,7 +348,9 @@ class Backend:
         self._cancel_timer()
         self._factory = None
         connection = self._connection
+        rbuf = b""
         if connection is not None:
+            rbuf = connection.reader.unread(EVENT_RBUF)
             self._drop(connection)
         elif state is CONNECTING:
             self._stop_connecting()
@@ -363,13 +369,14 @@ class Backend:
                 self.log.error(LOG_MARKED_BAD, label=self.label, host=self.host,
                                port=self.port, reason=reason,
                                failures=self._failures, requests=requests,
-                               retry=options.retry_timeout, type="proxy_backend")
+                               retry=options.retry_timeout, rbuf=rbuf,
+                               type="proxy_backend")
             self._state = _WAITING
             self._arm(options.retry_timeout, self._retry_timer)
         else:
             self.log.warn(LOG_RESET, label=self.label, host=self.host,
                           port=self.port, reason=reason, requests=requests,
-                          failures=self._failures, type="proxy_backend")
+                          failures=self._failures, rbuf=rbuf, type="proxy_backend")
             if counted:
                 self.stats.backend_failed += 1
             self._connect()

@@ -105,7 +105,8 @@ def _fields(event: dict) -> list[tuple[str, Any]]:
     if kind == "proxy_backend":
         error = _BACKEND_ERROR_OF_FORMAT.get(get("log_format")) or get("reason") or "closed"
         return [("error", error), ("name", get("host", "")), ("port", get("port", "")),
-                ("label", get("label", ""))]
+                ("label", get("label", "")), ("depth", get("requests", 0)),
+                ("rbuf", get("rbuf", b""))]
     if kind == "proxy_req":
         return [("elapsed", get("elapsed", 0)), ("code", get("code", 0)),
                 ("status", get("status", "")), ("detail", get("detail", "")),

@@ -438,6 +438,14 @@ class ResponseReader:
         """Bytes received and not yet returned as a reply."""
         return len(self._buf) - self._pos + self._have
 
+    def unread(self, limit: int) -> bytes:
+        """Up to ``limit`` of the bytes received and not yet returned as a
+        reply (what a backend event shows as ``rbuf``)."""
+        rest = self._buf[self._pos:self._pos + limit]
+        if len(rest) < limit and self._parts:
+            rest += _EMPTY.join(self._parts)[:limit - len(rest)]
+        return rest
+
     def feed(self, data: bytes) -> bool:
         """Add received bytes; False while a pending reply surely is incomplete."""
         need = self._need

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mcproxy.backends.backend import Backend, BackendOptions
+from mcproxy.backends.backend import LOG_RESET, Backend, BackendOptions
 from mcproxy.backends.connection import VALIDATE_REQUEST, BackendConnection
 from mcproxy.counters import ProxyStats
 from mcproxy.units import KeyBatch, PlainRun
@@ -1118,3 +1118,22 @@ def test_plain_run_replies_dropped_once_unwanted(flushes):
     assert proto.reader._held == [b""]
     proto.dataReceived(b"VALUE c 0 1\r\n3\r\nEND\r\nEND\r\n")
     assert got == [b""] and h.backend.state == "connected"
+
+
+@pytest.mark.parametrize(("received", "rbuf"), [
+    (b"VALUE b 0 1\r\n2\r\nEND\r\nVAL", b"VAL"),
+    (b"VALUE b 0 5\r\n12", b"VALUE b 0 5\r\n12"),
+    (b"", b""),
+])
+def test_reset_event_carries_depth_and_unread_bytes(flushes, received, rbuf):
+    """A reset's backend event says how many queued requests it failed
+    (``depth``) and what had arrived unread (``rbuf``), as memcached 1.6.45's
+    proxy's watch lines do."""
+    h = Harness()
+    proto, _ = h.connect()
+    h.backend.send_unit(plain_run(b"get b\r\nget c\r\nget d\r\n", [].append))
+    flushes.pop()()
+    proto.dataReceived(received)
+    proto.connectionLost(Failure(error.ConnectionLost()))
+    [reset] = [e for e in h.events if e.get("log_format") == LOG_RESET]
+    assert reset["requests"] == 3 and reset["rbuf"] == rbuf

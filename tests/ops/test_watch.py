@@ -34,10 +34,15 @@ T = 1700000000.000123
      "type=proxy_conf status=done"),
     ({"type": "proxy_backend", "log_format": LOG_RESET, "reason": "disconnected",
       "label": "b1", "host": "127.0.0.1", "port": "11212"},
-     "type=proxy_backend error=disconnected name=127.0.0.1 port=11212 label=b1"),
+     "type=proxy_backend error=disconnected name=127.0.0.1 port=11212 label=b1 depth=0 rbuf="),
     ({"type": "proxy_backend", "log_format": LOG_MARKED_BAD, "reason": "timeout",
-      "label": "b1", "host": "h", "port": 1},
-     "type=proxy_backend error=markedbad name=h port=1 label=b1"),
+      "label": "b1", "host": "h", "port": 1, "requests": 3},
+     "type=proxy_backend error=markedbad name=h port=1 label=b1 depth=3 rbuf="),
+    ({"type": "proxy_backend", "log_format": LOG_RESET, "reason": "parsing",
+      "label": "b1", "host": "h", "port": 1, "requests": 1, "rbuf": b"VALUE x\r\ngarb"},
+     "type=proxy_backend error=parsing name=h port=1 label=b1 depth=1 rbuf=VALUE x\\r\\ngarb"),
+    ({"type": "proxy_conf", "status": "start", "path": "/x.lua"},
+     "type=proxy_conf status=start"),
     ({"type": "proxy_req", "command": "mg", "key": b"foo", "status": "ok",
       "elapsed": 120, "code": 1, "detail": "d"},
      "type=proxy_req elapsed=120 code=1 status=ok detail=d req=mg foo"),
@@ -298,15 +303,18 @@ def test_route_errors_backend_resets_and_reloads(cluster):
         client.sendall(b"mg c/warm v\r\n")  # c1 is connected
         assert read_until(client, b"\r\n") == b"EN\r\n"
         c.stop()
-        w.expect(rb"type=proxy_backend error=disconnected name=127.0.0.1 port=%d label=c1" % c.port)
+        w.expect(rb"type=proxy_backend error=disconnected name=127.0.0.1 port=%d label=c1 "
+                 rb"depth=0 rbuf=" % c.port)
 
     good = proxy.config.read_text()
     proxy.config.write_text("this is not lua")
     proxy.proc.send_signal(signal.SIGHUP)
+    w.expect(rb"type=proxy_conf status=start")
     w.expect(rb"type=proxy_error msg=.*")
     w.expect(rb"type=proxy_conf status=failed")
     proxy.config.write_text(good)
     proxy.proc.send_signal(signal.SIGHUP)
+    w.expect(rb"type=proxy_conf status=start")
     w.expect(rb"type=proxy_conf status=done")
     w.close()
 
