@@ -369,8 +369,13 @@ return function(host, phase, v2)
     local ANY_LAST <const> = 34
     local ANY_STORAGE_LAST <const> = 20
 
-    function mcp.attach(cmd, func)
+    function mcp.attach(cmd, func, tag)
         routes_only("mcp.attach")
+        if tag ~= nil then
+            -- Ignoring it would serve this route on every listener.
+            error("mcp.attach: listener tags are not supported (tag '" .. tostring(tag)
+                  .. "'); attach without a tag to serve every listener", 2)
+        end
         if type(func) ~= "function" then
             func = v2_entry and v2_entry(func)
             if func == nil then
