@@ -201,12 +201,12 @@ def test_failed_reload_changes_nothing(harness, name, text, error):
     assert "old routes kept" in message
 
 
-def test_successful_reload_logs_one_event(harness):
+def test_successful_reload_logs_its_start_and_its_end(harness):
     assert harness.reload(ONE) is True
     assert (harness.service.stats.config_reloads,
             harness.service.stats.config_reload_fails) == (1, 0)
     reload_events = [e for e in harness.events if e.get("type") == "proxy_conf"]
-    assert [e["status"] for e in reload_events] == ["done", "done"]  # startup, reload
+    assert [e["status"] for e in reload_events] == ["done", "start", "done"]  # startup, reload
     assert "reloaded route config " + str(harness.path) in formatEvent(reload_events[-1])
 
 
