@@ -249,14 +249,10 @@ local function make_pool(name, spec, pool_defaults)
     return mcp.pool(list, opts)
 end
 
-local function is_set(spec)
-    if getmetatable(spec) == POOLSET then return true end
-    -- memcached takes a table without `backends` whose members are pools
-    if type(spec) ~= "table" or spec.backends ~= nil then return false end
-    for _, member in pairs(spec) do
-        if type(member) ~= "table" or member.backends == nil then return false end
-    end
-    return next(spec) ~= nil
+-- A pool set (zone -> pool): made with poolset{}, or named "set_..." as
+-- memcached's route library has them.
+local function is_set(name, spec)
+    return getmetatable(spec) == POOLSET or string.sub(name, 1, 4) == "set_"
 end
 
 local function apply_settings(settings)
@@ -280,7 +276,7 @@ function mcp_config_pools()
     table.sort(c.pool_order)
     for _, name in ipairs(c.pool_order) do
         local spec = c.pools[name]
-        if is_set(spec) then
+        if is_set(name, spec) then
             local set = {}
             for zone, member in pairs(spec) do
                 set[zone] = make_pool(name .. "." .. zone, member, pool_defaults)
