@@ -332,6 +332,13 @@ local function handles(fgen, list)
     return hs
 end
 
+-- Whether `res` is an error: the backend failed, or answered an error line.
+local function is_error(res)
+    local code = res:code()
+    return not res:ok() or code == mcp.MCMC_CODE_SERVER_ERROR
+        or code == mcp.MCMC_CODE_CLIENT_ERROR or code == mcp.MCMC_CODE_ERROR
+end
+
 function BUILD.route_direct(fgen, o, name)
     local h = fgen:new_handle(target(o.child, name))
     fgen:ready{ n = name, f = function(rctx)
@@ -349,7 +356,7 @@ function BUILD.route_allsync(fgen, o, name)
             for _, h in ipairs(hs) do
                 local res = rctx:res_any(h)
                 if res ~= nil then
-                    if not res:ok() then return res end
+                    if is_error(res) then return res end
                     last = res
                 end
             end
@@ -373,7 +380,7 @@ end
 -- error, or with `miss` only on a hit.
 local function good_enough(res, miss)
     if miss then return res:hit() end
-    return res:ok()
+    return not is_error(res)
 end
 
 function BUILD.route_failover(fgen, o, name)

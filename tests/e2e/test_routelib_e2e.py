@@ -153,8 +153,8 @@ def test_sighup_rereads_the_route_file(servers, tmp_path):
     """A reload reads FILE again: a prefix added to it is routed after SIGHUP."""
     a, b, env = servers
     routes = tmp_path / "routes.lua"
-    first = ('pools{ a = { backends = { "127.0.0.1:%s" } }, b = { backends = '
-             '{ "127.0.0.1:%s" } } }\n' % (a.port, b.port))
+    first = (f'pools{{ a = {{ backends = {{ "127.0.0.1:{a.port}" }} }}, b = {{ backends = '
+             f'{{ "127.0.0.1:{b.port}" }} }} }}\n')
     routes.write_text(first + 'routes{ default = route_direct{ child = "a" } }\n')
     proxy = routelib_proxy(env, routes).start()
     try:
@@ -177,8 +177,8 @@ def test_unknown_option_stops_startup(servers, tmp_path):
     """memcached ignores an unknown option; mcproxy refuses it, naming it."""
     a, _, env = servers
     routes = tmp_path / "routes.lua"
-    routes.write_text('pools{ a = { backends = { "127.0.0.1:%s" } } }\n'
-                      'routes{ default = route_direct{ child = "a", chlid = "a" } }\n' % a.port)
+    routes.write_text(f'pools{{ a = {{ backends = {{ "127.0.0.1:{a.port}" }} }} }}\n'
+                      'routes{ default = route_direct{ child = "a", chlid = "a" } }\n')
     proxy = routelib_proxy(env, routes).start(wait=False)
     assert proxy.proc.wait(30) != 0
     output = proxy.proc.stdout.read().decode()
