@@ -147,3 +147,15 @@ def test_unknown_pool_option_fails_the_load(routelib):
 def test_routelib_needs_its_file(engine):  # noqa: F811
     with pytest.raises(ConfigError, match="--config-arg=FILE"):
         engine.load(ROUTELIB_PATH)
+
+
+def test_readme_example_is_examples_routelib(routelib):
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    example = (root / "examples" / "routelib.lua").read_text()
+    readme = (root / "README.rst").read_text()
+    section = readme.split("Route library configs (routelib)\n", 1)[1]
+    block = section.split(".. code-block:: lua\n\n", 1)[1].split("\n.. list-table::", 1)[0]
+    assert "".join(line[4:] if line.strip() else line
+                   for line in block.splitlines(True)) == example
+    routelib(example)
