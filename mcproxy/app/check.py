@@ -20,12 +20,13 @@ from mcproxy.routing.userstats import UserStats
 OK = "OK"
 
 
-def check_config(path: str) -> str | None:
-    """Load ``path`` in a scratch engine; the error (with file:line), or None."""
+def check_config(path: str, arg: str | None = None) -> str | None:
+    """Load ``path`` (``arg``: its mcp.start_arg) in a scratch engine; the
+    error (with file:line), or None."""
     stats = ProxyStats()
     engine = RouteEngine(stats, BackendRegistry(stats), Tunables(), UserStats())
     try:
-        engine.load(path)
+        engine.load(path, arg)
     except ConfigError as e:
         return str(e)
     except Exception as e:  # a bug of ours must still answer "not OK"

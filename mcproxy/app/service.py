@@ -80,12 +80,15 @@ class ProxyService(MultiService):
                  store=None, reactor=None, metrics: list[str] = (),
                  max_connections: int = 0, idle_timeout: float = 0,
                  backlog: int = DEFAULT_BACKLOG,
-                 output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
+                 output_limit: int = CLIENT_OUTPUT_LIMIT,
+                 config_arg: str | None = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = self.clock = reactor
         self.config = config
+        #: what the config reads as mcp.start_arg (a routelib config's file)
+        self.config_arg = config_arg
         self.stats = ProxyStats()
         self.tunables = Tunables()
         self.user_stats = UserStats()
@@ -123,7 +126,7 @@ class ProxyService(MultiService):
     def load_config(self) -> None:
         """Load the config for the first time; ConfigError if it fails."""
         if self.config is not None and self.engine.routes is None:
-            routes = self.engine.load(self.config)
+            routes = self.engine.load(self.config, self.config_arg)
             self.registry.use(routes, routes.backends)
             self.config_loaded = time.time()
             self.log.info("loaded route config {path}", path=self.config,
@@ -143,7 +146,7 @@ class ProxyService(MultiService):
         # leave them set (their values are immutable, a shallow copy will do).
         tunables = vars(self.tunables).copy()
         try:
-            routes = self.engine.load(self.config)
+            routes = self.engine.load(self.config, self.config_arg)
         except Exception as e:
             self.stats.config_reload_fails += 1
             self.reloads.append(ReloadRecord(time.time(), False, str(e) or repr(e)))

@@ -16,7 +16,7 @@ from mcproxy.app.process import ProxyProcess
 from mcproxy.app.service import ProxyService
 from mcproxy.app.workers import WorkerSupervisor, is_tcp_endpoint, worker_arguments
 from mcproxy.cache.store import Store
-from mcproxy.routing.engine import ConfigError
+from mcproxy.routing.engine import ROUTELIB, ROUTELIB_PATH, ConfigError
 from mcproxy.server.protocol import CLIENT_OUTPUT_LIMIT
 
 DEFAULT_LISTEN = "tcp:11211"
@@ -43,7 +43,12 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None,
          "Route config: a Lua file defining mcp_config_pools and "
-         "mcp_config_routes, as for memcached's proxy. SIGHUP reloads it."],
+         "mcp_config_routes, as for memcached's proxy, or 'routelib' for the "
+         "declarative route library (memcached's proxy_config=routelib), which "
+         "reads --config-arg. SIGHUP reloads it."],
+        ["config-arg", None, None,
+         "What the route config reads as mcp.start_arg (memcached's proxy_arg): "
+         "with --config=routelib, the pools{}/routes{} file. SIGHUP re-reads it."],
         ["memory", "m", 64, "Memory for the embedded cache, in megabytes.", int],
         ["max-connections", None, 0,
          "Most client connections open at once; beyond it a new client gets "
@@ -110,6 +115,14 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         config = self["config"]
+        if config == ROUTELIB:
+            if self["config-arg"] is None:
+                raise usage.UsageError("--config=routelib needs --config-arg=FILE")
+            # resolved here, so that workers are started with the same files
+            config = self["config"] = ROUTELIB_PATH
+            if not os.path.isfile(self["config-arg"]):
+                raise usage.UsageError(f"--config-arg: no such file: {self['config-arg']}")
+            self["config-arg"] = os.path.abspath(self["config-arg"])
         if config is not None and not os.path.isfile(config):
             raise usage.UsageError(f"--config: no such file: {config}")
         if self["memory"] <= 0:
@@ -147,7 +160,7 @@ def makeService(options: Options) -> ProxyProcess:
     if options["listen"] and cap is not None and options["backlog"] > cap:
         log.info(LOG_BACKLOG_CAPPED, backlog=options["backlog"], somaxconn=cap)
     if options["workers"] > 1:
-        error = check_config(os.path.abspath(config)) if config else None
+        error = check_config(os.path.abspath(config), options["config-arg"]) if config else None
         if error is not None:
             raise SystemExit(f"mcproxy: {error}")
         return ProxyProcess(WorkerSupervisor(options["workers"], options["listen"],
@@ -160,7 +173,8 @@ def makeService(options: Options) -> ProxyProcess:
                            max_connections=options["max-connections"],
                            idle_timeout=options["idle-timeout"],
                            backlog=options["backlog"],
-                           output_limit=options["client-output-limit"] * 2**20)
+                           output_limit=options["client-output-limit"] * 2**20,
+                           config_arg=options["config-arg"])
     try:
         service.load_config()
     except ConfigError as e:

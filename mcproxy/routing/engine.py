@@ -81,8 +81,12 @@ _V2_LUA = _LUA_DIR.joinpath("v2.lua").read_bytes()
 _LIBRARIES = {
     f"mcproxy.{entry.name[:-4]}".encode(): entry.read_bytes()
     for entry in _LUA_DIR.iterdir()
-    if entry.name.endswith(".lua") and entry.name not in ("mcp.lua", "v2.lua")
+    if entry.name.endswith(".lua") and entry.name not in ("mcp.lua", "v2.lua", "routelib.lua")
 }
+#: The route library (``--config=routelib``): a config that builds its
+#: routes from the declarative file given as its argument (mcp.start_arg).
+ROUTELIB = "routelib"
+ROUTELIB_PATH = str(_LUA_DIR.joinpath("routelib.lua"))
 
 #: Constants every config sees in ``mcp``, beyond the CMD_* ids.
 _CONSTANTS = {
@@ -229,14 +233,19 @@ class Routes:
 
 
 def load(path: str, registry: BackendRegistry, tunables: Tunables,
-         user_stats: UserStats, store=None, direct: bool = True) -> Routes:
+         user_stats: UserStats, store=None, direct: bool = True,
+         arg: str | None = None) -> Routes:
     """Load ``path`` through both phases; raise ConfigError on any failure.
-    ``direct``: whether attached routes may take the direct path."""
+    ``direct``: whether attached routes may take the direct path; ``arg``:
+    what the config reads as ``mcp.start_arg`` (memcached's proxy_arg)."""
     host = Host(path, registry, tunables, user_stats, store)
     config = _State(host, "config")
+    start_arg = None if arg is None else arg.encode()
+    config.mcp.start_arg = start_arg
     config.run_file(path)
     pools = config.call("mcp_config_pools", None)
     routes = _State(host, "routes")
+    routes.mcp.start_arg = start_arg
     routes.run_file(path)
     copied = _Copier(config, routes).copy(pools, 0)
     routes.call("mcp_config_routes", copied)
@@ -304,10 +313,10 @@ class RouteEngine:
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
-    def load(self, path: str) -> Routes:
-        """Load a config and make it the active one."""
+    def load(self, path: str, arg: str | None = None) -> Routes:
+        """Load a config (``arg``: its mcp.start_arg) and make it the active one."""
         routes = load(path, self.registry, self.tunables, self.user_stats, self.store,
-                      self.direct_routes)
+                      self.direct_routes, arg)
         self.activate(routes)
         return routes
 
