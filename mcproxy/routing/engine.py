@@ -41,7 +41,7 @@ from mcproxy.wire.request import (
     COMMAND_CONSTANTS,
     Request,
 )
-from mcproxy.wire.response import MCMC_CODES, Response, client_bytes
+from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, string_reply
 
 # What a route step reports (mirrors mcp.lua).
 DONE_RESPONSE = 0
@@ -509,7 +509,7 @@ class RouteEngine:
         if kind == DONE_RESPONSE:
             done(client_bytes(step[1], req))
         elif kind == DONE_STRING:
-            done(step[1])
+            done(string_reply(step[1], req))
         elif kind == DONE_BAD:
             done(errors.BAD_RESPONSE)
         else:

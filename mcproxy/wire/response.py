@@ -745,6 +745,18 @@ def client_bytes(res: Response, req: Request) -> bytes:
     return res.line if value is None else res.line + value
 
 
+def string_reply(text: bytes, req: Request) -> bytes:
+    """What the client receives for a route's string answer ``text`` to
+    ``req``: the string as it is, but for a key of a split multiget, whose
+    END is the proxy's own after the last key: there ``END`` alone is a
+    miss (nothing) and a ``VALUE ... END`` answer loses its END, as
+    :func:`key_reply` treats a Response. Any other string goes as it is."""
+    if req.multiget and text.endswith(END) and (len(text) == len(END) or
+                                                text.startswith(b"VALUE ")):
+        return text[:-len(END)]
+    return text
+
+
 def key_reply(res: Response) -> bytes:
     """What one key of a client multiget gets for ``res``: a hit's ``VALUE``
     line and data, nothing for a miss (``END``; the multiget's one ``END``

@@ -67,6 +67,7 @@ CORPUS = [
     # null: what nothing answers, per command
     b"set null/k 0 0 1\r\nn\r\n",
     b"get null/k\r\n",
+    b"get null/a null/b null/c\r\n",
     b"delete null/k\r\n",
     b"incr null/k 1\r\n",
     b"touch null/k 1\r\n",
