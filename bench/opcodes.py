@@ -16,14 +16,25 @@ every client got exactly its own reply, so the count is of a right path.
 
 The count covers mcproxy's code and the Python code it calls, less the
 fake transports'; Twisted's per-event code (doRead and the reactor loop)
-and system calls are not in it, as no real socket or reactor is.
+and system calls are not in it, as no real socket or reactor is. Nor is C
+code: lupa's crossings into Lua and the Lua a route runs cost no opcodes.
+
+``--time`` measures those too, as a development tool: it runs the same
+rounds (``--rounds``, best of ``--repeat``) untraced and prints the CPU
+time (``time.process_time``) per request, of the harness included;
+``--profile`` prints cProfile's figures of those rounds instead. Both vary
+with the machine and its load: published figures come from
+``bench/run.py`` only.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -138,6 +149,29 @@ def count(proxy: Proxy, rounds: int) -> Counter:
     return ops
 
 
+def cpu_time(proxy: Proxy, rounds: int, repeat: int) -> float:
+    """The least CPU seconds ``rounds`` rounds took, of ``repeat`` tries."""
+    proxy.round()  # warm-up, as for count
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        for _ in range(rounds):
+            proxy.round()
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def profile(proxy: Proxy, rounds: int, top: int) -> None:
+    """Print cProfile's figures of ``rounds`` rounds, by own time."""
+    proxy.round()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(rounds):
+        proxy.round()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
@@ -146,9 +180,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="functions listed")
     parser.add_argument("--route", type=Path, default=ROUTE,
                         help="route config (one pool of one backend)")
+    parser.add_argument("--time", action="store_true",
+                        help="CPU time per request instead of opcodes (a development tool)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile's figures instead of opcodes (a development tool)")
+    parser.add_argument("--repeat", type=int, default=5, help="tries of --time")
     args = parser.parse_args(argv)
-    ops = count(Proxy(args.clients, args.multiget, args.route), args.rounds)
+    proxy = Proxy(args.clients, args.multiget, args.route)
     requests = args.clients * args.rounds
+    if args.time:
+        seconds = cpu_time(proxy, args.rounds, args.repeat)
+        print(f"{seconds / requests * 1e6:.2f} us CPU per request "
+              f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets, "
+              f"best of {args.repeat})")
+        return 0
+    if args.profile:
+        profile(proxy, args.rounds, args.top)
+        return 0
+    ops = count(proxy, args.rounds)
     print(f"{sum(ops.values()) / requests:.0f} opcodes per request "
           f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets)")
     for name, n in ops.most_common(args.top):
