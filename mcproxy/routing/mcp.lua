@@ -251,7 +251,9 @@ return function(host, phase)
     -- A pool as a route sees it: calling it sends the request to the
     -- backend the pool's distribution picks for the request's key.
     function POOL_PROXY.__call(pool, r)
-        check_request(r, "pool")
+        if getmetatable(r) ~= REQUEST then
+            error("pool must be passed a request object", 2)
+        end
         if not coroutine_isyieldable() then
             error("pools can only be called from inside a route", 2)
         end
@@ -450,8 +452,7 @@ return function(host, phase)
     local MAX_PARKED <const> = 1024
     local finished = nil -- what the route that just returned answered
     local threads = {} -- id -> the coroutine of a route in progress
-    local ids = setmetatable({}, { __mode = "k" }) -- coroutine -> its id
-    local parked, nparked, last_id = {}, 0, 0
+    local parked, parked_ids, nparked, last_id = {}, {}, 0, 0
 
     -- The route is called through pcall, whose frame is C as the bottom
     -- of a coroutine is: `error(message, 2)` in a route adds no position,
@@ -477,6 +478,7 @@ return function(host, phase)
             if nparked < MAX_PARKED then
                 nparked = nparked + 1
                 parked[nparked] = threads[id]
+                parked_ids[nparked] = id
             end
             threads[id] = nil
             if getmetatable(res) == RESPONSE then
@@ -500,17 +502,16 @@ return function(host, phase)
 
     -- Start a route for a client request.
     local function start(handler, preq, key, cmd)
-        local co
+        local co, id
         if nparked > 0 then
-            co = parked[nparked]
+            co, id = parked[nparked], parked_ids[nparked]
             parked[nparked] = nil
             nparked = nparked - 1
         else
             co = coroutine_create(runner)
             last_id = last_id + 1
-            ids[co] = last_id
+            id = last_id
         end
-        local id = ids[co]
         threads[id] = co
         return step(id, coroutine_resume(co, handler, new_request(preq, key, cmd)))
     end
