@@ -17,7 +17,6 @@
 
 local coroutine_create = coroutine.create
 local coroutine_resume = coroutine.resume
-local coroutine_status = coroutine.status
 local coroutine_yield = coroutine.yield
 local coroutine_isyieldable = coroutine.isyieldable
 local pcall = pcall
@@ -449,7 +448,7 @@ return function(host, phase)
     -- Python names a running coroutine by an integer (`threads`), which
     -- crosses lupa for free where a coroutine object would be wrapped.
     local FINISHED <const> = {} -- what only runner yields: the route returned
-    local MAX_PARKED <const> = 1024
+    local MAX_PARKED <const> = 1024 -- coroutines kept idle; more are collected
     local finished = nil -- what the route that just returned answered
     local threads = {} -- id -> the coroutine of a route in progress
     local parked, parked_ids, nparked, last_id = {}, {}, 0, 0
