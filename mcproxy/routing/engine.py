@@ -450,8 +450,6 @@ class RouteEngine:
 
     def _advance(self, routes: Routes, req: Request,
                  done: Callable[[bytes], None], step) -> None:
-        """Act on a route's ``step`` (mcp.lua's step): send what it yielded
-        and resume it from the reply, or answer the client once it is done."""
         while step[0] >= YIELD_POOL:
             if step[0] == YIELD_AWAIT:
                 step = self._await(routes, req, done, step)
@@ -464,28 +462,18 @@ class RouteEngine:
             except ValueError as e:
                 step = routes.resume_error(co, str(e).encode())
                 continue
-            backend.send(sent, partial(self._reply, routes, req, done, co))
+
+            def reply(res, co=co):
+                try:
+                    if res.value is not None:
+                        routes.handed(len(res.value))
+                    self._advance(routes, req, done,
+                                  routes.resume(co, res, res.ok, res.hit))
+                except Exception:
+                    self._internal_error(req, done)
+
+            backend.send(sent, reply)
             return
-        self._finish(req, done, step)
-
-    def _reply(self, routes: Routes, req: Request, done: Callable[[bytes], None],
-               co: int, res: Response) -> None:
-        """A backend's ``res`` to what the route ``co`` (mcp.lua's id of
-        its coroutine) sent: resume it; most routes are then done."""
-        try:
-            value = res.value
-            if value is not None:
-                routes.handed(len(value))
-            step = routes.resume(co, res, res.ok, res.hit)
-            if step[0] < YIELD_POOL:
-                self._finish(req, done, step)
-            else:
-                self._advance(routes, req, done, step)
-        except Exception:
-            self._internal_error(req, done)
-
-    def _finish(self, req: Request, done: Callable[[bytes], None], step) -> None:
-        """Answer the client with what the route's last ``step`` returned."""
         self.stats.req_active -= 1
         kind = step[0]
         if kind == DONE_RESPONSE:

@@ -17,9 +17,9 @@
 
 local coroutine_create = coroutine.create
 local coroutine_resume = coroutine.resume
+local coroutine_status = coroutine.status
 local coroutine_yield = coroutine.yield
 local coroutine_isyieldable = coroutine.isyieldable
-local pcall = pcall
 local getmetatable = getmetatable
 local setmetatable = setmetatable
 local type = type
@@ -250,9 +250,7 @@ return function(host, phase)
     -- A pool as a route sees it: calling it sends the request to the
     -- backend the pool's distribution picks for the request's key.
     function POOL_PROXY.__call(pool, r)
-        if getmetatable(r) ~= REQUEST then
-            error("pool must be passed a request object", 2)
-        end
+        check_request(r, "pool")
         if not coroutine_isyieldable() then
             error("pools can only be called from inside a route", 2)
         end
@@ -441,92 +439,48 @@ return function(host, phase)
     end
 
     -- Driving a route ---------------------------------------------------
-    --
-    -- Each route runs in a coroutine of `runner`, which calls one route
-    -- per turn of its loop and parks between requests, so a request costs
-    -- no coroutine creation; one whose route raised is dead and dropped.
-    -- Python names a running coroutine by an integer (`threads`), which
-    -- crosses lupa for free where a coroutine object would be wrapped.
-    local FINISHED <const> = {} -- what only runner yields: the route returned
-    local MAX_PARKED <const> = 1024 -- coroutines kept idle; more are collected
-    local finished = nil -- what the route that just returned answered
-    local threads = {} -- id -> the coroutine of a route in progress
-    local parked, parked_ids, nparked, last_id = {}, {}, 0, 0
-
-    -- The route is called through pcall, whose frame is C as the bottom
-    -- of a coroutine is: `error(message, 2)` in a route adds no position,
-    -- as in a coroutine of its own; its error is raised again as it was.
-    local function runner(handler, r)
-        while true do
-            local ok, res = pcall(handler, r)
-            if not ok then
-                error(res, 0)
-            end
-            finished = res
-            -- Parked, the coroutine holds neither request, route nor answer.
-            handler, r, res = nil, nil, nil
-            handler, r = coroutine_yield(FINISHED)
-        end
-    end
 
     -- Turn what resume returned into what the Python driver needs.
-    local function step(id, ok, a, b, c, d, e)
-        if a == FINISHED and ok then
-            local res = finished
-            finished = nil
-            if nparked < MAX_PARKED then
-                nparked = nparked + 1
-                parked[nparked] = threads[id]
-                parked_ids[nparked] = id
+    local function step(co, ok, a, b, c, d, e)
+        if coroutine_status(co) == "dead" then
+            if not ok then
+                return DONE_ERROR, tostring(a)
             end
-            threads[id] = nil
-            if getmetatable(res) == RESPONSE then
-                return DONE_RESPONSE, res._p
-            elseif type(res) == "string" then
-                return DONE_STRING, res
+            local mt = getmetatable(a)
+            if mt == RESPONSE then
+                return DONE_RESPONSE, a._p
+            elseif type(a) == "string" then
+                return DONE_STRING, a
             end
             return DONE_BAD, nil
         end
-        if a == YIELD_POOL and ok then
-            return YIELD_POOL, id, b, c
-        elseif a == YIELD_AWAIT and ok then
-            return YIELD_AWAIT, id, b, c, d, e
-        end
-        threads[id] = nil -- raised (dead), or suspended for good
-        if not ok then
-            return DONE_ERROR, tostring(a)
+        -- suspended: a pool call, an await, or a bare yield
+        if a == YIELD_POOL then
+            return YIELD_POOL, co, b, c
+        elseif a == YIELD_AWAIT then
+            return YIELD_AWAIT, co, b, c, d, e
         end
         return DONE_ERROR, "route yielded outside of a pool call"
     end
 
     -- Start a route for a client request.
     local function start(handler, preq, key, cmd)
-        local co, id
-        if nparked > 0 then
-            co, id = parked[nparked], parked_ids[nparked]
-            parked[nparked] = nil
-            nparked = nparked - 1
-        else
-            co = coroutine_create(runner)
-            last_id = last_id + 1
-            id = last_id
-        end
-        threads[id] = co
-        return step(id, coroutine_resume(co, handler, new_request(preq, key, cmd)))
+        local co = coroutine_create(handler)
+        return step(co, coroutine_resume(co, new_request(preq, key, cmd)))
     end
 
     -- Resume a route with a backend's response (or an error to raise).
-    local function resume(id, pres, ok, hit)
-        return step(id, coroutine_resume(threads[id], new_response(pres, ok, hit)))
+    local function resume(co, pres, ok, hit)
+        return step(co, coroutine_resume(co, new_response(pres, ok, hit)))
     end
 
-    local function resume_error(id, message)
-        return step(id, coroutine_resume(threads[id], nil, message))
+    local function resume_error(co, message)
+        return step(co, coroutine_resume(co, nil, message))
     end
 
     -- Resume an await with a table of Python responses.
-    local function resume_await(id, responses)
-        return step(id, coroutine_resume(threads[id], responses))
+    local function resume_await(co, responses)
+        return step(co, coroutine_resume(co, responses))
     end
 
     -- Used by the engine when copying mcp_config_pools' result.

@@ -68,11 +68,11 @@ def test_route_results(engine, load):
     assert engine.stats.commands[rq.CMD_GET] == 6
 
 
-def test_parked_coroutines_serve_every_route_afresh(engine, load):
-    """Routes run in coroutines parked between requests (mcp.lua's
-    runner): one that raised or yielded on its own is not reused, routes in
-    flight at once each keep their own, and an error reads as it would in
-    a coroutine of its own (a level-2 error adds no position)."""
+def test_each_route_runs_in_a_coroutine_of_its_own(engine, load):
+    """Routes in flight at once each keep their own state; one that raised
+    or yielded on its own disturbs none of them nor later requests; an
+    error reads as in a coroutine of its own (a level-2 error adds no
+    position)."""
     routes = load(POOLS + """
     function mcp_config_routes(p)
         mcp.attach(mcp.CMD_GET, function(r)
