@@ -9,27 +9,41 @@ MemoryReactorClock, its backend connected to a StringTransport, and
 ``--clients`` client connections on StringTransports. Each round every
 client sends one ``get`` (``--multiget N``: of N keys), the write batch is
 flushed as the reactor would after a poll, the backend answers every get
-in one read, and the batch is flushed again. After a warm-up round it
+in one read (whatever way the proxy grouped the keys into backend gets),
+and the batch is flushed again. After a warm-up round it
 counts, with ``sys.settrace`` per opcode, what ``--rounds`` rounds run and
 prints opcodes per request, in total and for each function. It checks that
 every client got exactly its own reply, so the count is of a right path.
 
 The count covers mcproxy's code and the Python code it calls, less the
 fake transports'; Twisted's per-event code (doRead and the reactor loop)
-and system calls are not in it, as no real socket or reactor is.
+and system calls are not in it, as no real socket or reactor is. Nor is C
+code: lupa's crossings into Lua and the Lua a route runs cost no opcodes.
+
+``--time`` measures those too, as a development tool: it runs the same
+rounds (``--rounds``, best of ``--repeat``) untraced and prints the CPU
+time (``time.process_time``) per request, of the harness included, with
+the garbage collector's threshold of the ``twistd`` process;
+``--profile`` prints cProfile's figures of those rounds instead. Both vary
+with the machine and its load: published figures come from
+``bench/run.py`` only.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mcproxy import writes
+from mcproxy.app.process import raise_gc_threshold
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
 
@@ -75,8 +89,25 @@ class Proxy:
         keys = [[b"key:%06d" % (i * multiget + k) for k in range(multiget)]
                 for i in range(clients)]
         self.requests = [b"get " + b" ".join(ks) + b"\r\n" for ks in keys]
+        #: every key the clients ask for in a round, in order
+        self.keys = [key for ks in keys for key in ks]
         self.replies = [b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (k, len(VALUE), VALUE)
                                  for k in ks) + b"END\r\n" for ks in keys]
+
+    def answer(self, sent: bytes) -> bytes:
+        """The backend's reply to ``sent``: each of its ``get`` lines
+        answered with a VALUE per key and END. The keys must be those the
+        clients asked for, each once and in order, in lines as the client
+        sent them or as the proxy merges them (keys of one client's
+        multiget, or neighbours in a write batch, in one ``get``)."""
+        lines = sent.split(b"\r\n")
+        if lines.pop() != b"" or not all(line.startswith(b"get ") for line in lines):
+            raise AssertionError(f"the backend was sent {sent[:200]!r}")
+        keys = [line.split(b" ")[1:] for line in lines]
+        if [key for line in keys for key in line] != self.keys:
+            raise AssertionError(f"the backend was sent {sent[:200]!r}")
+        return b"".join(b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (key, len(VALUE), VALUE)
+                                 for key in line) + b"END\r\n" for line in keys)
 
     def flush(self) -> None:
         """What the reactor does once the events of a poll are handled."""
@@ -91,10 +122,8 @@ class Proxy:
             client.dataReceived(request)
         self.flush()
         sent = self.backend_transport.value()
-        if sent != b"".join(self.requests):
-            raise AssertionError(f"the backend was sent {sent[:200]!r}")
         self.backend_transport.clear()
-        self.backend.dataReceived(b"".join(self.replies))
+        self.backend.dataReceived(self.answer(sent))
         self.flush()
         for client, reply in zip(self.clients, self.replies, strict=True):
             got = client.transport.value()
@@ -138,6 +167,29 @@ def count(proxy: Proxy, rounds: int) -> Counter:
     return ops
 
 
+def cpu_time(proxy: Proxy, rounds: int, repeat: int) -> float:
+    """The least CPU seconds ``rounds`` rounds took, of ``repeat`` tries."""
+    proxy.round()  # warm-up, as for count
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        for _ in range(rounds):
+            proxy.round()
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def profile(proxy: Proxy, rounds: int, top: int) -> None:
+    """Print cProfile's figures of ``rounds`` rounds, by own time."""
+    proxy.round()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(rounds):
+        proxy.round()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
@@ -146,9 +198,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="functions listed")
     parser.add_argument("--route", type=Path, default=ROUTE,
                         help="route config (one pool of one backend)")
+    parser.add_argument("--time", action="store_true",
+                        help="CPU time per request instead of opcodes (a development tool)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile's figures instead of opcodes (a development tool)")
+    parser.add_argument("--repeat", type=int, default=5, help="tries of --time")
     args = parser.parse_args(argv)
-    ops = count(Proxy(args.clients, args.multiget, args.route), args.rounds)
+    proxy = Proxy(args.clients, args.multiget, args.route)
     requests = args.clients * args.rounds
+    if args.time or args.profile:
+        raise_gc_threshold()  # as twistd's process runs (mcproxy.app.process)
+    if args.time:
+        seconds = cpu_time(proxy, args.rounds, args.repeat)
+        print(f"{seconds / requests * 1e6:.2f} us CPU per request "
+              f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets, "
+              f"best of {args.repeat})")
+        return 0
+    if args.profile:
+        profile(proxy, args.rounds, args.top)
+        return 0
+    ops = count(proxy, args.rounds)
     print(f"{sum(ops.values()) / requests:.0f} opcodes per request "
           f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets)")
     for name, n in ops.most_common(args.top):

@@ -5,7 +5,9 @@ command to one pool, unchanged, is run here: ``routes.direct(p)``,
 ``routes.as_route(p)``, a pool named as ``routes.config``'s route or in a
 command map (``routes.by_command``, the ``routes`` table of
 ``routes.config``), through ``routes.introspect`` (whose own requests, a
-``get`` of ``__mcproxy__.route(...)``, still run in Lua), and a hand-written
+``get`` of ``__mcproxy__.route(...)``, still run in Lua), ``routes.failover``
+of one child that is one of these (its body answers with the child's
+answer, whatever it is), and a hand-written
 ``function(r) return pool(r) end`` (mcp.lua recognises it). The pool picks
 the backend and the response goes to the client exactly as the Lua route
 would have sent it, minus two crossings into Lua and a coroutine per
@@ -46,6 +48,12 @@ def pool_of(route: Shape | Pool | None, command: int) -> tuple[Pool, bytes | Non
     if kind == "by_command":
         key = route.fields["choice"].get(command)
         return None if key is None else pool_of(route.children.get(key), command)
+    if kind == "failover":
+        # Unshuffled only: shuffling even one child draws a Lua random number.
+        children = route.children
+        if len(children) != 1 or route.fields.get("shuffle"):
+            return None
+        return pool_of(children.get(1), command)
     if kind == "introspect":
         found = pool_of(route.children.get(1), command)
         if found is None or command != route.fields["command"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 from pathlib import Path
 
@@ -41,3 +42,31 @@ def test_a_wrong_reply_stops_the_count(opcodes):
     proxy.backend.dataReceived = lambda data: answer(data.replace(b"key:000000", b"key:000009"))
     with pytest.raises(AssertionError, match="a client got"):
         proxy.round()
+
+
+@pytest.mark.parametrize("multiget", [1, 10])
+def test_counts_the_lua_path(opcodes, multiget):
+    """A route written in Lua: each key is routed by Lua, and the per-key
+    gets the proxy merges into one backend get are answered as sent."""
+    route = _PATH.parent / "route_lua.lua"
+    ops = opcodes.count(opcodes.Proxy(3, multiget, route), 2)
+    assert ops["routing/engine.py:_advance"] > 0
+    assert "routing/engine.py:route_run" not in ops
+
+
+def test_keys_nobody_asked_for_stop_the_count(opcodes):
+    proxy = opcodes.Proxy(3, 1)
+    proxy.keys[1] = b"key:000009"
+    with pytest.raises(AssertionError, match="the backend was sent"):
+        proxy.round()
+
+
+@pytest.mark.parametrize("option", ["--time", "--profile"])
+def test_times_the_rounds(opcodes, capsys, option):
+    threshold = gc.get_threshold()
+    try:
+        assert opcodes.main(["--clients", "2", "--rounds", "2", "--repeat", "1", option]) == 0
+    finally:
+        gc.set_threshold(*threshold)
+    out = capsys.readouterr().out
+    assert ("us CPU per request" in out) if option == "--time" else ("function calls" in out)

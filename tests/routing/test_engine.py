@@ -11,7 +11,7 @@ from mcproxy.units import KeyBatch
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
 from mcproxy.wire.response import ResponseReader
-from tests.enginekit import FakeBackends, run
+from tests.enginekit import FakeBackends, run, start
 
 POOLS = """
 function mcp_config_pools()
@@ -66,6 +66,45 @@ def test_route_results(engine, load):
     assert run(engine, b"get k\r\n") == b"VALUE k 0 1\r\nx\r\nEND\r\n"
     assert engine.stats.req_active == 0
     assert engine.stats.commands[rq.CMD_GET] == 6
+
+
+def test_each_route_runs_in_a_coroutine_of_its_own(engine, load):
+    """Routes in flight at once each keep their own state; one that raised
+    or yielded on its own disturbs none of them nor later requests; an
+    error reads as in a coroutine of its own (a level-2 error adds no
+    position)."""
+    routes = load(POOLS + """
+    function mcp_config_routes(p)
+        mcp.attach(mcp.CMD_GET, function(r)
+            local k = r:key()
+            if k == "err" then error("boom") end
+            if k == "lvl" then error("level two", 2) end
+            if k == "yield" then coroutine.yield() end
+            local res = p.main(r)
+            if k == "after" then error("late") end
+            if res:hit() then return "hit " .. k .. "\\r\\n" end
+            return "miss " .. k .. "\\r\\n"
+        end)
+    end
+    """)
+    fake = FakeBackends(engine, hold=True)
+    held = [start(engine, b"get k%d\r\n" % i) for i in range(3)]
+    assert start(engine, b"get err\r\n") == [errors.LUA_FAILURE]
+    assert start(engine, b"get yield\r\n") == [errors.LUA_FAILURE]
+    late = start(engine, b"get after\r\n")
+    hit = FakeBackends.parse(b"VALUE k 0 1\r\nx\r\nEND\r\n")
+    miss = FakeBackends.parse(b"END\r\n")
+    for (_, callback), res in zip(fake.pending, [hit, miss, hit, miss], strict=True):
+        callback(res)
+    assert held == [[b"hit k0\r\n"], [b"miss k1\r\n"], [b"hit k2\r\n"]]
+    assert late == [errors.LUA_FAILURE]
+    req = rq.parse_request(b"get lvl\r\n")
+    assert routes.start(routes.hooks[rq.CMD_GET], req, req.key, req.command) \
+        == (3, b"level two")
+    fake.hold = False
+    assert [run(engine, b"get k%d\r\n" % i) for i in range(3)] \
+        == [b"miss k%d\r\n" % i for i in range(3)]
+    assert engine.stats.req_active == 0
 
 
 def test_failover_between_pools_in_one_route(engine, load):
@@ -260,7 +299,10 @@ def test_user_stats(engine, load):
     ("routes.as_route(pool)", True),
     ("routes.direct(routes.as_route(pool))", True),
     ("routes.introspect(pool)", True),
-    ("routes.failover{ pool }", False),
+    ("routes.failover{ pool }", True),
+    ("routes.failover({ routes.direct(pool) }, { miss = true, count = 1 })", True),
+    ("routes.failover{ pool, pool }", False),
+    ("routes.failover({ pool }, { shuffle = true })", False),
     ("routes.ttl_cap(pool, 60)", False),
     ("routes.direct(function(r) local res = pool(r) return res end)", False),
     ("routes.define(function(r) return pools.main(r) end, 'direct')", False),

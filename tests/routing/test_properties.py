@@ -654,6 +654,9 @@ mcp_config_pools, mcp_config_routes = routes.config{
            ("routes.as_route", 'function(pools) return routes.as_route(pools.main) end', "false"),
            ("config of a pool", '"main"', "true"),
            ("config of a command map", '{ reads = "main", writes = "main" }', "true"),
+           ("config of a failover", 'routes.failover{ "main" }', "true"),
+           ("failover of a route", 'routes.failover({ routes.direct("main") }, '
+                                   '{ miss = true, count = 1 })', "false"),
        ]},
 }
 
