@@ -8,7 +8,7 @@ from pathlib import Path
 import docutils.core
 import pytest
 
-from mcproxy.routing.engine import ConfigError
+from mcproxy.routing.engine import ROUTELIB_PATH, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.rst").read_text()
@@ -21,9 +21,15 @@ def test_readme_renders_without_warnings():
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.lua")))
 def test_every_example_is_documented_and_loads(example, engine):
+    """Each example loads as what it is: a route config, or (routelib*.lua)
+    a file for the route library (--config=routelib --config-arg=FILE)."""
     assert f"examples/{example}" in README
+    path = str(ROOT / "examples" / example)
     try:
-        engine.load(str(ROOT / "examples" / example))
+        if example.startswith("routelib"):
+            engine.load(ROUTELIB_PATH, path)
+        else:
+            engine.load(path)
     except ConfigError as e:  # pragma: no cover - shows the Lua error
         pytest.fail(str(e))
 

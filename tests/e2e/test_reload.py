@@ -319,12 +319,12 @@ def test_hup_during_a_reload_causes_exactly_one_more(harness, monkeypatch):
     load = engine.load
     calls = []
 
-    def load_while_hupped(path):
+    def load_while_hupped(path, arg=None):
         calls.append(path)
         if len(calls) == 1:
             for _ in range(3):
                 os.kill(os.getpid(), signal.SIGHUP)
-        return load(path)
+        return load(path, arg)
 
     monkeypatch.setattr(engine, "load", load_while_hupped)
     os.kill(os.getpid(), signal.SIGHUP)
