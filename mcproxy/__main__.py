@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Load a route config through both phases in a scratch Lua "
                     "state, without opening backend connections. Prints OK and "
                     "exits 0, or prints the error (with file:line) and exits 1.")
-    check.add_argument("config", help="the route config (Lua) to check")
+    check.add_argument("config", help="the route config (Lua) to check, or 'routelib'")
+    check.add_argument("--config-arg", metavar="FILE",
+                       help="with 'routelib': the route library file to check "
+                            "(as twistd mcproxy --config=routelib --config-arg=FILE)")
     worker = commands.add_parser(
         "worker", help="internal: one worker process of 'twistd mcproxy --workers=N'",
         description="Run one worker of 'twistd mcproxy --workers=N' on listening "
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.worker_id, args.fd, options)
     from mcproxy.app.check import main as check_main
 
-    return check_main(args.config)
+    return check_main(args.config, args.config_arg)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 
 from mcproxy.backends.pool import BackendRegistry
 from mcproxy.counters import ProxyStats
-from mcproxy.routing.engine import ConfigError, RouteEngine
+from mcproxy.routing.engine import ROUTELIB, ROUTELIB_PATH, ConfigError, RouteEngine
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
 
@@ -34,9 +34,15 @@ def check_config(path: str, arg: str | None = None) -> str | None:
     return None
 
 
-def main(path: str) -> int:
-    """Print ``OK`` (stdout) or the error (stderr); the exit status (0 good, 1 bad)."""
-    error = check_config(path)
+def main(path: str, arg: str | None = None) -> int:
+    """Print ``OK`` (stdout) or the error (stderr); the exit status (0 good,
+    1 bad). ``path`` ``routelib`` checks the route library file ``arg``."""
+    if path == ROUTELIB:
+        if arg is None:
+            print("mcproxy check routelib needs --config-arg=FILE", file=sys.stderr)
+            return 1
+        path = ROUTELIB_PATH
+    error = check_config(path, arg)
     if error is None:
         print(OK)
         return 0

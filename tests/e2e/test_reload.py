@@ -381,6 +381,21 @@ def test_check_command_connects_nowhere(tmp_path):
         1, "", "failed to execute mcp_config_pools: bad.lua:4: no pools today\n")
 
 
+def test_check_command_checks_a_route_library_file(tmp_path):
+    """``mcproxy check routelib --config-arg=FILE``, as twistd takes it."""
+    pools = 'pools{ main = { backends = { "127.0.0.1:11211" } } }\n'
+    (tmp_path / "good.lua").write_text(pools + 'routes{ default = route_direct{ child = "main" } }')
+    (tmp_path / "bad.lua").write_text(pools + 'routes{ default = route_direct{ child = "x" } }')
+    ok, failed, missing = (
+        subprocess.run([sys.executable, "-m", "mcproxy", "check", "routelib", *arg],
+                       cwd=tmp_path, capture_output=True, text=True)
+        for arg in (["--config-arg=good.lua"], ["--config-arg=bad.lua"], []))
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "OK\n", "")
+    assert failed.returncode == 1 and "no pool matching: x" in failed.stderr
+    assert (missing.returncode, missing.stderr) == (
+        1, "mcproxy check routelib needs --config-arg=FILE\n")
+
+
 # -- end to end: twistd -n mcproxy and real memcached servers ----------------------
 
 
