@@ -194,6 +194,14 @@ return function(host, phase, v2)
         return host.response_line(self._p)
     end
 
+    -- res:close(), and `local res <close> = ...`: let go of the response
+    -- (its value) before the route ends. A closed response returned from
+    -- a route is a bad response (memcached 1.6.45 sends nothing for it).
+    function RESPONSE:close()
+        self._p = nil
+    end
+    RESPONSE.__close = RESPONSE.close
+
     local function new_response(pres, ok, hit)
         return setmetatable({ _p = pres, _ok = ok, _hit = hit }, RESPONSE)
     end
@@ -287,6 +295,9 @@ return function(host, phase, v2)
         local vtype = getmetatable(value)
         if vtype == RESPONSE then
             value = value._p
+            if value == nil then
+                error("mcp.request: the response is closed", 2)
+            end
         elseif vtype == REQUEST then
             value = value._r
         elseif value ~= nil and type(value) ~= "string" then
@@ -461,7 +472,11 @@ return function(host, phase, v2)
             end
             local mt = getmetatable(a)
             if mt == RESPONSE then
-                return DONE_RESPONSE, a._p
+                local pres = a._p
+                if pres == nil then
+                    return DONE_BAD, nil
+                end
+                return DONE_RESPONSE, pres
             elseif type(a) == "string" then
                 return DONE_STRING, a
             end

@@ -424,3 +424,20 @@ def test_tunables_reach_new_backends(engine, load):
     assert (options.connect_timeout, options.read_timeout, options.retry_timeout,
             options.failure_limit, options.keepalive, options.depth_limit) == (
         1.5, 0.25, 7, 9, True, 100)
+
+
+@pytest.mark.parametrize(("body", "reply"), [
+    # a to-be-closed response the route does not return: closed at the end
+    ('local res <close> = p.z1(r)\nreturn "got " .. res:vlen() .. "\\r\\n"', b"got 2\r\n"),
+    ("local res = p.z1(r)\nres:close()\nres:close()\nreturn \"END\\r\\n\"", b"END\r\n"),
+    # returned once closed (also by <close> at return): a bad response,
+    # where memcached 1.6.45 sends nothing
+    ("local res <close> = p.z1(r)\nreturn res", errors.BAD_RESPONSE),
+    ("local res = p.z1(r)\nres:close()\nreturn res", errors.BAD_RESPONSE),
+    ("local res = p.z1(r)\nres:close()\nreturn mcp.request(\"set k 0 0 2\\r\\n\", res)",
+     errors.LUA_FAILURE),
+])
+def test_response_close(engine, load, body, reply):
+    load(routes(body))
+    FakeBackends(engine, {"z1": b"VALUE k 0 2\r\nhi\r\nEND\r\n"})
+    assert run(engine, b"get k\r\n") == reply
