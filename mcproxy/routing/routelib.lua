@@ -369,9 +369,17 @@ function BUILD.route_allfastest(fgen, o, name)
     local hs = handles(fgen, targets(o.children, name))
     fgen:ready{ n = name, f = function(rctx)
         return function(r)
+            -- The first child, in order, that answered without an error;
+            -- when every child failed, the last one's error.
             rctx:enqueue(r, hs)
-            rctx:wait_cond(1, mcp.WAIT_ANY)
-            return (rctx:best_result(hs))
+            rctx:wait_cond(1, mcp.WAIT_OK)
+            local last
+            for i = 1, #hs do
+                local res, mode = rctx:result(hs[i])
+                if mode == mcp.RES_OK or mode == mcp.RES_GOOD then return res end
+                last = res
+            end
+            return last
         end
     end }
 end

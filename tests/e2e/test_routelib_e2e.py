@@ -49,6 +49,16 @@ CORPUS = [
     b"set syncdown/k 0 0 1\r\ns\r\n",
     b"set fast/k 0 0 1\r\nq\r\n",
     b"mg fast/k v\r\n",
+    b"set fastdown/k 0 0 1\r\nw\r\n",
+    b"mg fastdown/k v\r\n",
+    b"get fastdown/k\r\n",
+    b"get fastnone/k\r\n",
+    # allsync where the children disagree: a hit and a miss, deleted and not found
+    b"set syncm/k 0 0 1\r\nh\r\n",
+    b"get syncm/k\r\n",
+    b"mg syncm/k v\r\n",
+    b"mg syncm/none v\r\n",
+    b"delete syncm/k\r\n",
     # split: both children written, child_a answers
     b"set split/k 0 0 1\r\np\r\n",
     b"get split/k\r\n",
