@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,17 @@ def test_times_the_rounds(opcodes, capsys, option):
         gc.set_threshold(*threshold)
     out = capsys.readouterr().out
     assert ("us CPU per request" in out) if option == "--time" else ("function calls" in out)
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instructions_counts_only_the_measured_rounds():
+    """bench/instructions.py: each two more rounds add the same count, so
+    the difference it divides is the rounds' alone."""
+    spec = importlib.util.spec_from_file_location("bench_instructions",
+                                                  _PATH.parent / "instructions.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    route = _PATH.parent / "route.lua"
+    two, four, six = (tool.collected(3, 1, route, rounds) for rounds in (2, 4, 6))
+    assert 10_000 < four - two < 10_000_000
+    assert abs((six - four) - (four - two)) < (four - two) / 10
