@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python import usage
 
@@ -131,3 +131,28 @@ def test_a_tagged_listener_without_a_config_is_served_locally():
 
 def _transport() -> StringTransport:
     return StringTransport(peerAddress=ADDR)
+
+
+def test_a_tagged_connection_is_answered_by_its_tags_routes(service):
+    answers = {}
+    for tag in ("x", None):
+        proto = service.factory_for(tag).buildProtocol(ADDR)
+        transport = _transport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"get k\r\n")
+        answers[tag] = transport.value()
+    assert answers["x"] == b"SERVER_ERROR x\r\n"
+    assert answers[None] == b"END\r\n"  # no untagged get: the embedded cache
+
+
+def test_the_idle_sweep_runs_once_for_every_listener(tmp_path):
+    clock = MemoryReactorClock()
+    service = ProxyService(None, ["tag_x_:tcp:0", "tcp:0"], reactor=clock, idle_timeout=10)
+    tagged, untagged = service.factory_for("x"), service.factory
+    tagged.doStart()
+    untagged.doStart()
+    assert untagged.numPorts == 2 and len(clock.getDelayedCalls()) == 1
+    tagged.doStop()
+    assert len(clock.getDelayedCalls()) == 1
+    untagged.doStop()
+    assert clock.getDelayedCalls() == []
