@@ -358,26 +358,21 @@ class RouteEngine:
     def view(self, tag: str | None) -> RouteEngine:
         """The router of the listeners tagged ``tag``: the engine itself for
         None (untagged), else one made on first asking and kept. A view is
-        a copy of the engine that shares its stats, backends, tunables and
-        cache, and holds its tag's routes (Routes.for_tag); activate
-        switches the engine and every view at once. Its connections bind
-        its methods, so a tag costs nothing per request."""
+        a copy of the engine that shares its stats, backends, tunables,
+        cache and views, and holds its tag's routes (Routes.for_tag);
+        activate switches the engine and every view at once. Its
+        connections bind its methods, so a tag costs nothing per request
+        (a view rate-limits the logging of its route errors on its own)."""
         if tag is None:
             return self
         view = self._views.get(tag)
         if view is None:
             view = copy(self)
             view.tag = tag
-            view._views = {}
             if self.routes is not None:
                 view._take(self.routes)
             self._views[tag] = view
         return view
-
-    @property
-    def tags(self) -> frozenset[str]:
-        """The listener tags asked for with view."""
-        return frozenset(self._views)
 
     def activate(self, routes: Routes) -> None:
         """Make ``routes`` the active ones, of every tag at once."""

@@ -408,6 +408,9 @@ return function(host, phase, v2)
         if math.type(cmd) ~= "integer" then
             error("mcp.attach: command must be an mcp.CMD_* constant", 2)
         end
+        if cmd ~= mcp.CMD_ANY and cmd ~= mcp.CMD_ANY_STORAGE and (cmd < 1 or cmd > ANY_LAST) then
+            error("mcp.attach: unknown command id " .. cmd, 2)
+        end
         local into = hooks
         if tag ~= nil then
             into = tagged[tag]
@@ -427,10 +430,8 @@ return function(host, phase, v2)
             end
         elseif cmd == mcp.CMD_ANY_STORAGE then
             for i = 1, ANY_STORAGE_LAST do into[i] = func end
-        elseif cmd >= 1 and cmd <= ANY_LAST then
-            into[cmd] = func
         else
-            error("mcp.attach: unknown command id " .. cmd, 2)
+            into[cmd] = func
         end
     end
 

@@ -64,7 +64,7 @@ def test_views_are_kept_and_share_the_counters(engine, load):  # noqa: F811
     run(x, b"get k\r\n")
     run(engine, b"get k\r\n")
     assert x.stats is engine.stats and engine.stats.conn_requests == 2
-    assert engine.tags == {"x"}
+    assert x.view("y") is engine.view("y")
 
 
 def test_a_view_made_before_the_load_routes_once_it_is_loaded(engine, load):  # noqa: F811
@@ -244,3 +244,13 @@ def test_routelib_refuses_what_1_6_45_would_take_silently(routelib, text, messag
     """1.6.45 keeps the last of two trees for one tag; mcproxy refuses."""
     with pytest.raises(ConfigError, match=message):
         routelib(POOLS + text)
+
+
+def test_a_refused_attach_leaves_no_tag_behind(engine, load):  # noqa: F811
+    load(TWO_POOLS + """
+    function mcp_config_routes(p)
+        assert(not pcall(mcp.attach, 99, function(r) return p.a(r) end, "ghost"))
+        assert(not pcall(mcp.attach, mcp.CMD_GET, 42, "ghost"))
+    end
+    """)
+    assert engine.routes.tagged == {}
