@@ -246,3 +246,79 @@ def test_check_accepts_a_tagged_config(servers, tmp_path):
                             [sys.executable, "-m", "mcproxy", "check", "routelib",
                              f"--config-arg={ROUTELIB}"])]
     assert [(c.returncode, c.stdout) for c in checked] == [(0, "OK\n"), (0, "OK\n")]
+
+
+# -- what each refuses at startup, asked of memcached 1.6.45 -----------------------
+
+ATTACH = """
+function mcp_config_pools() return {} end
+function mcp_config_routes()
+    local fg = mcp.funcgen_new()
+    fg:ready{ n = "t", f = function() return function() return "SERVER_ERROR t\\r\\n" end end }
+    mcp.attach(mcp.CMD_GET, fg, %s)
+end
+"""
+
+
+def anchor_startup(tmp_path, listen: str, config: str) -> tuple[int | None, str]:
+    """memcached 1.6.45 started with ``-l listen`` and ``config``: its exit
+    status (None: it serves) and what it printed."""
+    reason = anchor_can_run()
+    if reason is not None:
+        pytest.skip(reason)
+    path = tmp_path / "anchor.lua"
+    path.write_text(config)
+    args = [str(ANCHOR), "-t", "1", "-U", "0", "-p", str(free_port()), "-l", listen,
+            "-o", f"proxy_config={path}"]
+    if os.geteuid() == 0:
+        args += ["-u", "root"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        status = proc.wait(3)
+    except subprocess.TimeoutExpired:
+        status = None
+        proc.kill()
+        proc.wait()
+    output = proc.stdout.read().decode(errors="replace")
+    proc.stdout.close()
+    return status, output
+
+
+def our_startup(listen: str, config: str) -> tuple[int | None, str]:
+    proxy = Proxy(None, f"--listen={listen}", config_text=config).start(wait=False)
+    try:
+        status = proxy.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        status = None
+    output = "" if status is None else proxy.proc.stdout.read().decode() + proxy.log()
+    proxy.stop()
+    return status, output
+
+
+@pytest.mark.parametrize(("listen", "tag", "theirs", "ours"), [
+    ("tag_abcdefghi_:127.0.0.1:%d", '"x"',
+     'Listener tags must be between 1 and 8 characters: "abcdefghi"',
+     "listener tag 'abcdefghi' must be 1 to 8 characters"),
+    ("tag__:127.0.0.1:%d", '"x"',
+     'Listener tags must be between 1 and 8 characters: ""',
+     "listener tag '' must be 1 to 8 characters"),
+    ("tag_x:127.0.0.1:%d", '"x"', 'Invalid tag in socket config: "_x:127.0.0.1:',
+     "bad listener tag in 'tag_x:tcp:"),
+    ("tag_x_:127.0.0.1:%d", '"abcdefghi"', "mcp.attach: tag must be 1 to 8 characters",
+     "mcp.attach: tag must be 1 to 8 characters"),
+    ("tag_x_:127.0.0.1:%d", '""', "mcp.attach: tag must be 1 to 8 characters",
+     "mcp.attach: tag must be 1 to 8 characters"),
+    # 1.6.45 ignores a tag that is not a string: the route serves every listener
+    ("tag_x_:127.0.0.1:%d", "true", None, "mcp.attach: tag must be a string, not a boolean"),
+], ids=["long listener tag", "empty listener tag", "unclosed listener tag",
+        "long attach tag", "empty attach tag", "boolean attach tag"])
+def test_what_stops_startup_as_memcached_1_6_45_does(tmp_path, listen, tag, theirs, ours):
+    port = free_port()
+    status, output = anchor_startup(tmp_path, listen % port, ATTACH % tag)
+    if theirs is None:
+        assert status is None, output
+    else:
+        assert status not in (None, 0) and theirs in output
+    mine = listen.replace("127.0.0.1:%d", "tcp:%d:interface=127.0.0.1") % port
+    status, output = our_startup(mine, ATTACH % tag)
+    assert status not in (None, 0) and ours in output, output
