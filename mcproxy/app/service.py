@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mcproxy.app.listen import DEFAULT_BACKLOG, with_backlog
+from mcproxy.app.listen import DEFAULT_BACKLOG, parse_listen, with_backlog
 from mcproxy.backends.pool import BackendRegistry
 from mcproxy.ops.stats import (
     VERSION,
@@ -51,6 +51,11 @@ __all__ = ["VERSION", "ProxyService", "ReloadRecord"]
 LOG_RELOAD_START = "reloading route config {path}"
 LOG_RELOADED = "reloaded route config {path} (backends in use: {backends}, open: {total})"
 LOG_RELOAD_FAILED = "reload of {path} failed, old routes kept: {error}"
+# Listener tags that the routes and the listeners do not share.
+LOG_TAG_UNHEARD = ("{path} attaches routes for listener tag {tag!r}, which no --listen has: "
+                   "nobody is served by them")
+LOG_TAG_UNROUTED = ("{path} attaches no routes for listener tag {tag!r}: its clients get "
+                    "the untagged routes")
 
 #: Reloads remembered for the status page.
 RELOAD_HISTORY = 10
@@ -69,9 +74,10 @@ class ProxyService(MultiService):
 
     ``config`` is the route config's path (None: no routes, every command
     is served by the embedded cache); ``listen`` holds Twisted server
-    endpoint strings, which listen with ``backlog`` unless they name their
-    own (mcproxy.app.listen). ``max_connections``, ``idle_timeout`` and
-    ``output_limit`` (bytes) are the client limits of ProxyServerFactory.
+    endpoint strings, each perhaps after a listener tag (``tag_x_:``), which
+    listen with ``backlog`` unless they name their own (mcproxy.app.listen).
+    ``max_connections``, ``idle_timeout`` and ``output_limit`` (bytes) are
+    the client limits of ProxyServerFactory.
     """
 
     log = Logger()
@@ -105,9 +111,12 @@ class ProxyService(MultiService):
         self.worker_id: int | None = None
         self.worker_table: dict[int, Pairs] = {}
         self.worker_restarts = 0
+        #: listener tag -> the factory of its listeners (factory_for)
+        self._tagged: dict[str, Any] = {}
         for description in listen:
-            strports.service(with_backlog(description, backlog),
-                             self.factory).setServiceParent(self)
+            tag, endpoint = parse_listen(description)
+            strports.service(with_backlog(endpoint, backlog),
+                             self.factory_for(tag)).setServiceParent(self)
         if metrics:
             from mcproxy.ops.web import metrics_service  # needs prometheus_client
             for description in metrics:
@@ -121,7 +130,29 @@ class ProxyService(MultiService):
         self._previous_hup: Any = None
         self._hup_installed = False
 
+    def factory_for(self, tag: str | None):
+        """The factory of the listeners tagged ``tag`` (None: untagged):
+        their connections route through the engine's view for the tag."""
+        if tag is None:
+            return self.factory
+        factory = self._tagged.get(tag)
+        if factory is None:
+            factory = self._tagged[tag] = self.factory.routed_by(self.engine.view(tag))
+        return factory
+
     # -- config ----------------------------------------------------------------
+
+    def _check_tags(self) -> None:
+        """Log the listener tags that only the routes, or only the
+        listeners, have (memcached serves both cases without a word)."""
+        routes = self.engine.routes
+        if routes is None:
+            return
+        listened = set(self._tagged)
+        for tag in sorted(set(routes.tagged) - listened):
+            self.log.warn(LOG_TAG_UNHEARD, path=self.config, tag=tag)
+        for tag in sorted(listened - set(routes.tagged)):
+            self.log.warn(LOG_TAG_UNROUTED, path=self.config, tag=tag)
 
     def load_config(self) -> None:
         """Load the config for the first time; ConfigError if it fails."""
@@ -162,6 +193,7 @@ class ProxyService(MultiService):
         self.registry.use(routes, routes.backends)
         self.config_loaded = time.time()
         self.reloads.append(ReloadRecord(self.config_loaded, True))
+        self._check_tags()
         self.log.info(LOG_RELOADED, path=self.config,
                       backends=len(set(routes.backends)),
                       total=self.stats.backend_total,
@@ -191,6 +223,7 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         self.load_config()
+        self._check_tags()
         self.registry.start()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._hup)

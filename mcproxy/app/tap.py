@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from mcproxy._version import __version__
 from mcproxy.app.check import check_config
-from mcproxy.app.listen import DEFAULT_BACKLOG, somaxconn
+from mcproxy.app.listen import DEFAULT_BACKLOG, parse_listen, somaxconn
 from mcproxy.app.process import ProxyProcess
 from mcproxy.app.service import ProxyService
 from mcproxy.app.workers import WorkerSupervisor, is_tcp_endpoint, worker_arguments
@@ -80,17 +80,23 @@ class Options(usage.Options):
         self["listen"] = []
         self["metrics"] = []
 
-    def opt_listen(self, endpoint: str) -> None:
+    def opt_listen(self, description: str) -> None:
         """Where to accept clients: a Twisted server endpoint string, e.g.
-        tcp:11211:interface=127.0.0.1 or unix:/run/mcproxy.sock (repeatable;
-        default tcp:11211)."""
+        tcp:11211:interface=127.0.0.1 or unix:/run/mcproxy.sock, perhaps
+        after a listener tag as memcached's -l writes it (tag_api_:tcp:11212
+        or tag[api]:tcp:11212: its clients get the routes attached under
+        that tag, 1 to 8 characters) (repeatable; default tcp:11211)."""
         from twisted.internet import reactor
 
+        try:
+            _, endpoint = parse_listen(description)
+        except ValueError as e:
+            raise usage.UsageError(f"bad --listen {description!r}: {e}") from None
         try:
             serverFromString(reactor, endpoint)
         except (ValueError, KeyError, TypeError) as e:
             raise usage.UsageError(f"bad --listen endpoint {endpoint!r}: {e}") from None
-        self["listen"].append(endpoint)
+        self["listen"].append(description)
 
     opt_l = opt_listen
 
@@ -139,11 +145,11 @@ class Options(usage.Options):
         if self["backlog"] < 1:
             raise usage.UsageError("--backlog must be 1 or more")
         if self["workers"] > 1:
-            for endpoint in self["listen"]:
-                if not is_tcp_endpoint(endpoint):
+            for description in self["listen"]:
+                if not is_tcp_endpoint(parse_listen(description).endpoint):
                     raise usage.UsageError(
                         f"--workers needs TCP --listen endpoints (tcp:, tcp6: or ssl:), "
-                        f"not {endpoint!r}")
+                        f"not {description!r}")
 
 
 def makeService(options: Options) -> ProxyProcess:

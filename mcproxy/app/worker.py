@@ -20,6 +20,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
+from mcproxy.app.listen import parse_listen
 from mcproxy.app.tap import Options, makeService
 from mcproxy.app.workers import ASK_SNAPSHOT, STATS_INTERVAL
 
@@ -120,7 +121,8 @@ class WorkerControl(LineReceiver):
 
 def run_worker(worker_id: int, fds: list[tuple[int, str]], argv: list[str]) -> int:
     """The body of ``python -m mcproxy worker``: serve each inherited socket
-    (descriptor, and the --listen endpoint it was bound for); the exit status."""
+    (descriptor, and the --listen it was bound for, with its listener tag);
+    the exit status."""
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
     from twisted.python import usage
@@ -143,7 +145,8 @@ def run_worker(worker_id: int, fds: list[tuple[int, str]], argv: list[str]) -> i
     service = process.proxy
     service.worker_id = worker_id
     for fd, description in fds:
-        factory = worker_factory(description, service.factory, reactor)
+        tag, endpoint = parse_listen(description)
+        factory = worker_factory(endpoint, service.factory_for(tag), reactor)
         AdoptedPort(fd, factory, reactor).setServiceParent(service)
     control = WorkerControl(service, reactor)
     stdio.StandardIO(control, reactor=reactor)

@@ -14,9 +14,9 @@ port. (A single shared socket would let whichever worker wakes first accept
 a whole burst of connections.) A connection that hashes to a slot whose
 worker is restarting waits in that socket's backlog until the new worker
 adopts it. Elsewhere one socket is shared by all workers. A worker gets its
-sockets as inherited descriptors, each with the ``--listen`` endpoint it was
-bound for, and adopts them with ``reactor.adoptStreamPort`` (wrapping the
-factory in TLS for an ``ssl:`` endpoint).
+sockets as inherited descriptors, each with the ``--listen`` it was bound
+for (its listener tag too), and adopts them with ``reactor.adoptStreamPort``
+(wrapping the factory in TLS for an ``ssl:`` endpoint).
 
 Control. A worker's stdin and stdout are its control pipe: JSON lines. Once
 it serves (its SIGHUP handler installed) a worker reports ``{"ready": true}``.
@@ -71,7 +71,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 
-from mcproxy.app.listen import DEFAULT_BACKLOG, with_backlog
+from mcproxy.app.listen import DEFAULT_BACKLOG, parse_listen, with_backlog
 from mcproxy.ops.stats import Pairs, Snapshot
 
 #: Seconds between a worker's stats reports (and the supervisor's tables).
@@ -332,7 +332,8 @@ class WorkerSupervisor(MultiService):
 
     def _bind(self) -> None:
         for description in self.listen:
-            self.sockets.append(bind_tcp(with_backlog(description, self.backlog),
+            endpoint = parse_listen(description).endpoint
+            self.sockets.append(bind_tcp(with_backlog(endpoint, self.backlog),
                                          self.count, self.reuseport))
 
     def startService(self) -> None:

@@ -15,6 +15,7 @@ coroutine from the backend's reply callback.
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import copy
 from functools import cached_property, partial
 from importlib.resources import files
 from time import monotonic
@@ -172,8 +173,29 @@ class _State:
             raise ConfigError(f"failed to execute {name}: {_message(e)}") from None
 
 
+class RouteTable:
+    """The routes of one listener tag (or of the untagged listeners): its
+    command hooks, what each declared itself to be, the routes run without
+    Lua, and the commands it routes."""
+
+    __slots__ = ("hooks", "shapes", "direct", "routed")
+
+    def __init__(self, hooks: dict, reader: ShapeReader, host: Host, direct: bool) -> None:
+        self.hooks = hooks
+        #: command -> what its route declared itself to be
+        self.shapes = {cmd: reader.route(func) for cmd, func in hooks.items()}
+        # The default: flush everything a client reads through the proxy.
+        defaults = {} if CMD_FLUSH_ALL in hooks else {
+            CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
+        #: the routes run without Lua (none of those attached unless ``direct``)
+        self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
+        #: the commands these routes take (attached, or by default)
+        self.routed = frozenset(hooks) | frozenset(self.direct.pools)
+
+
 class Routes:
-    """A loaded config: the routes state and its command hooks."""
+    """A loaded config: the routes state and its command hooks, untagged
+    and per listener tag (``mcp.attach(cmd, f, tag)``)."""
 
     def __init__(self, path: str, state: _State, host: Host, direct: bool = True,
                  config_pools=None) -> None:
@@ -193,20 +215,27 @@ class Routes:
         self.sub_arrived = state.engine.sub_arrived
         self.sub_arrive = state.engine.sub_arrive
         self.table = state.runtime.table_from
-        self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
         reader = ShapeReader(state.engine)
-        #: command -> what its route declared itself to be
-        self.shapes = {cmd: reader.route(func) for cmd, func in self.hooks.items()}
-        # The default: flush everything a client reads through the proxy.
-        defaults = {} if CMD_FLUSH_ALL in self.hooks else {
-            CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
-        #: the routes run without Lua (none of those attached unless ``direct``)
-        self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
-        #: the commands this config routes (attached, or by default)
-        self.routed = frozenset(self.hooks) | frozenset(self.direct.pools)
+        untagged = RouteTable(dict(state.engine.hooks.items()), reader, host, direct)
+        #: the routes of untagged listeners, and of a tag no route names
+        self.untagged = untagged
+        self.hooks = untagged.hooks
+        self.shapes = untagged.shapes
+        self.direct = untagged.direct
+        self.routed = untagged.routed
+        #: tag -> the routes of listeners with that tag: those attached
+        #: under it, and the untagged route of every other command
+        self.tagged = {
+            tag.decode("utf-8", "surrogateescape"):
+                RouteTable({**untagged.hooks, **dict(hooks.items())}, reader, host, direct)
+            for tag, hooks in state.engine.tagged.items()}
         self._collect = state.runtime.eval("function() collectgarbage('collect') end")
         #: bytes of values handed to this state since its last collection
         self._handed = 0
+
+    def for_tag(self, tag: str | None) -> RouteTable:
+        """The routes of listeners tagged ``tag`` (None: untagged)."""
+        return self.tagged.get(tag, self.untagged) if tag is not None else self.untagged
 
     def handed(self, size: int) -> None:
         """Account for ``size`` bytes of values handed to Lua; collect its
@@ -224,7 +253,9 @@ class Routes:
     def pools(self) -> list:
         """``(name, Pool)`` of each pool these routes reach, named as they
         reach it (mcproxy.routing.poolnames); found once, when first asked."""
-        roots = [*self.hooks.values(), self.state.globals]
+        roots = [*self.hooks.values(),
+                 *(func for table in self.tagged.values() for func in table.hooks.values()),
+                 self.state.globals]
         if self.state.engine.v2_attached():
             # V2 routes reach pools through handles: name them as
             # mcp_config_pools did
@@ -302,6 +333,10 @@ class RouteEngine:
         #: reference the tests hold the direct path to (read at each load)
         self.direct_routes = direct
         self.routes: Routes | None = None
+        #: the listener tag this router serves (None: untagged; see view)
+        self.tag: str | None = None
+        #: tag -> the router of listeners with that tag
+        self._views: dict[str, RouteEngine] = {}
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
         self._routed: frozenset[int] = frozenset()
@@ -320,13 +355,40 @@ class RouteEngine:
         self.activate(routes)
         return routes
 
+    def view(self, tag: str | None) -> RouteEngine:
+        """The router of the listeners tagged ``tag``: the engine itself for
+        None (untagged), else one made on first asking and kept. A view is
+        a copy of the engine that shares its stats, backends, tunables,
+        cache and views, and holds its tag's routes (Routes.for_tag);
+        activate switches the engine and every view at once. Its
+        connections bind its methods, so a tag costs nothing per request
+        (a view rate-limits the logging of its route errors on its own)."""
+        if tag is None:
+            return self
+        view = self._views.get(tag)
+        if view is None:
+            view = copy(self)
+            view.tag = tag
+            if self.routes is not None:
+                view._take(self.routes)
+            self._views[tag] = view
+        return view
+
     def activate(self, routes: Routes) -> None:
+        """Make ``routes`` the active ones, of every tag at once."""
+        self._take(routes)
+        for view in self._views.values():
+            view._take(routes)
+
+    def _take(self, routes: Routes) -> None:
+        """Route with ``routes``: this router's tag's table of them."""
+        table = routes.for_tag(self.tag)
         self.routes = routes
-        self._hooks = routes.hooks
-        self._direct = routes.direct
-        self._routed = routes.routed
-        self.plain_runs = routes.direct.plain_runs
-        self.plain_multigets = routes.direct.plain_multigets
+        self._hooks = table.hooks
+        self._direct = table.direct
+        self._routed = table.routed
+        self.plain_runs = table.direct.plain_runs
+        self.plain_multigets = table.direct.plain_multigets
 
     def hooked(self, command: int) -> bool:
         """Whether the active config routes ``command`` (else it is local)."""

@@ -376,16 +376,28 @@ return function(host, phase, v2)
     -- phase once the shapes section below is defined.
     local v2_entry, v2_arrived, v2_sub_arrived, v2_attached
 
+    -- The routes of untagged listeners, and per listener tag those
+    -- attached under it (a tagged listener falls back to the untagged
+    -- route of a command it has none for, as memcached's proxy does).
     local hooks = {}
+    local tagged = {}
     local ANY_LAST <const> = 34
     local ANY_STORAGE_LAST <const> = 20
+    local MAX_TAG <const> = 8
 
     function mcp.attach(cmd, func, tag)
         routes_only("mcp.attach")
         if tag ~= nil then
-            -- Ignoring it would serve this route on every listener.
-            error("mcp.attach: listener tags are not supported (tag '" .. tostring(tag)
-                  .. "'); attach without a tag to serve every listener", 2)
+            -- memcached takes what Lua reads as a string (numbers too) and
+            -- ignores anything else; mcproxy refuses it rather than serve
+            -- the route on every listener.
+            if type(tag) ~= "string" and type(tag) ~= "number" then
+                error("mcp.attach: tag must be a string, not a " .. type(tag), 2)
+            end
+            tag = tostring(tag)
+            if #tag < 1 or #tag > MAX_TAG then
+                error("mcp.attach: tag must be 1 to 8 characters", 2)
+            end
         end
         if type(func) ~= "function" then
             func = v2_entry and v2_entry(func)
@@ -396,21 +408,30 @@ return function(host, phase, v2)
         if math.type(cmd) ~= "integer" then
             error("mcp.attach: command must be an mcp.CMD_* constant", 2)
         end
+        if cmd ~= mcp.CMD_ANY and cmd ~= mcp.CMD_ANY_STORAGE and (cmd < 1 or cmd > ANY_LAST) then
+            error("mcp.attach: unknown command id " .. cmd, 2)
+        end
+        local into = hooks
+        if tag ~= nil then
+            into = tagged[tag]
+            if into == nil then
+                into = {}
+                tagged[tag] = into
+            end
+        end
         if cmd == mcp.CMD_ANY then
             -- Not flush_all and verbosity: they address whole servers, and
             -- a route written for keys would reach one pool where the
             -- proxy's default reaches all. They are attached by name.
             for i = 1, ANY_LAST do
                 if i ~= mcp.CMD_FLUSH_ALL and i ~= mcp.CMD_VERBOSITY then
-                    hooks[i] = func
+                    into[i] = func
                 end
             end
         elseif cmd == mcp.CMD_ANY_STORAGE then
-            for i = 1, ANY_STORAGE_LAST do hooks[i] = func end
-        elseif cmd >= 1 and cmd <= ANY_LAST then
-            hooks[cmd] = func
+            for i = 1, ANY_STORAGE_LAST do into[i] = func end
         else
-            error("mcp.attach: unknown command id " .. cmd, 2)
+            into[cmd] = func
         end
     end
 
@@ -693,6 +714,7 @@ return function(host, phase, v2)
         shape = shape,
         pool_of = pool_of,
         hooks = hooks,
+        tagged = tagged,
         start = start,
         resume = resume,
         resume_error = resume_error,

@@ -9,7 +9,8 @@
 -- naming it (memcached ignores unknown options; mcproxy refuses them).
 -- mcp_config_pools makes the pools; mcp_config_routes turns each route
 -- description into a V2 function generator (v2.lua) and attaches them,
--- behind a router when a map or command map is given. A route_direct
+-- behind a router when a map or command map is given, each route tree
+-- under its listener tag (routes{ tag = "x", ... }). A route_direct
 -- attached alone is a funcgen of the shape v2.lua declares direct, so it
 -- takes the engine's direct path.
 
@@ -40,7 +41,9 @@ end
 local conf
 
 local function new_conf()
-    return { pools = {}, pool_order = {}, routes = nil, settings = {},
+    -- routes: the route trees, each untagged or with its listener tag
+    -- (routes{ tag = ... }), in the order given
+    return { pools = {}, pool_order = {}, routes = {}, settings = {},
              zone = nil, verbose = false, debug = false }
 end
 
@@ -161,12 +164,18 @@ local function environment()
     function env.routes(t)
         if type(t) ~= "table" then fail("routes takes a table") end
         check_keys(t, set_of("map", "cmap", "default", "conf", "tag"), "routes")
-        if t.tag ~= nil then
-            fail("routes: tagged route trees (tag '" .. tostring(t.tag)
-                 .. "') need listener tags, which mcproxy does not have")
+        local tag = t.tag
+        if tag ~= nil and type(tag) ~= "string" then
+            fail("routes: tag must be a string")
         end
-        if conf.routes ~= nil then fail("routes: only one untagged route tree") end
-        conf.routes = t
+        for _, tree in ipairs(conf.routes) do
+            if tree.tag == tag then
+                -- memcached keeps the last one; a second is a mistake
+                fail(tag and ("routes: two route trees for tag '" .. tag .. "'")
+                     or "routes: only one untagged route tree")
+            end
+        end
+        conf.routes[#conf.routes + 1] = t
     end
 
     function env.settings(t)
@@ -524,11 +533,8 @@ end
 
 local ROUTER_CONF = set_of("mode", "start", "stop")
 
-function mcp_config_routes(pools)
-    local c = read_file()
-    built = { pools = pools.pools, sets = pools.sets, zone = c.zone }
-    local t = c.routes
-    if t == nil then fail("no routes{} in " .. mcp.start_arg) end
+-- Attach the route tree `t` for the listeners tagged `tag` (nil: untagged).
+local function attach_tree(t, tag)
     local default = t.default and entry(t.default, "routes: default")
     if type(default) == "table" and getmetatable(default) == nil then
         fail("routes: default must be a route")
@@ -542,7 +548,7 @@ function mcp_config_routes(pools)
         if default == nil then fail("routes: needs a map, a cmap or a default") end
         -- one route for every key: attached alone, a route_direct is the
         -- direct path
-        mcp.attach(mcp.CMD_ANY_STORAGE, default)
+        mcp.attach(mcp.CMD_ANY_STORAGE, default, tag)
         return
     end
     local map = {}
@@ -555,7 +561,7 @@ function mcp_config_routes(pools)
     local opts = { map = map, mode = rconf.mode or "prefix", start = rconf.start,
                    stop = rconf.stop, default = default }
     if cmap == nil then
-        mcp.attach(mcp.CMD_ANY_STORAGE, mcp.router_new(opts))
+        mcp.attach(mcp.CMD_ANY_STORAGE, mcp.router_new(opts), tag)
         return
     end
     -- per command: the router with the command's route as its default
@@ -563,6 +569,17 @@ function mcp_config_routes(pools)
         local copy = {}
         for k, v in pairs(opts) do copy[k] = v end
         copy.default = cmap[cmd] or default
-        mcp.attach(cmd, mcp.router_new(copy))
+        mcp.attach(cmd, mcp.router_new(copy), tag)
+    end
+end
+
+function mcp_config_routes(pools)
+    local c = read_file()
+    built = { pools = pools.pools, sets = pools.sets, zone = c.zone }
+    if #c.routes == 0 then fail("no routes{} in " .. mcp.start_arg) end
+    -- A tagged tree serves every storage command of its listeners, as
+    -- memcached's does: they never fall back to the untagged tree.
+    for _, t in ipairs(c.routes) do
+        attach_tree(t, t.tag)
     end
 end

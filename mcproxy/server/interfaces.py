@@ -13,7 +13,8 @@ from zope.interface import Attribute, Interface
 
 
 class IRouter(Interface):
-    """The routing of client requests (mcproxy.routing.engine.RouteEngine)."""
+    """The routing of client requests (mcproxy.routing.engine.RouteEngine,
+    or its view for a listener tag)."""
 
     plain_runs = Attribute(
         "None, or whether runs of plain requests (wire.request.scan_plain) may be "
@@ -39,7 +40,9 @@ class IRouter(Interface):
 class IProxyCore(Interface):
     """The proxy as one client connection sees it."""
 
-    router = Attribute("the IRouter requests are routed through")
+    router = Attribute(
+        "the IRouter requests are routed through, unless the connection's "
+        "listener has its own (a tagged listener's, see ProxyServerFactory.routed_by)")
     stats = Attribute("the ProxyStats a connection counts into (mcproxy.counters)")
     clock = Attribute(
         "the IReactorTime of idle times, the idle sweep and the binary header wait")

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from mcproxy.server.interfaces import IProxyCore
+from mcproxy.server.interfaces import IProxyCore, IRouter
 from mcproxy.wire import errors
 from mcproxy.wire.request import (
     CMD_MN,
@@ -222,9 +222,10 @@ class ProxyServerProtocol(LineReceiver):
     _binary_wait: IDelayedCall | None = None
 
     def __init__(self, core: IProxyCore,
-                 output_limit: int = CLIENT_OUTPUT_LIMIT) -> None:
+                 output_limit: int = CLIENT_OUTPUT_LIMIT, router: IRouter | None = None) -> None:
         self.core = core
-        self.router = core.router
+        #: the router of this connection's listener (default: the core's)
+        self.router = core.router if router is None else router
         self.stats = core.stats
         self._seconds = core.clock.seconds
         self._slots: deque[Slot] = deque()
@@ -731,13 +732,19 @@ class ProxyServerFactory(Factory):
         self.clients: set[ProxyServerProtocol] = set()
         self._sweeper: LoopingCall | None = None
 
-    def buildProtocol(self, addr) -> Protocol:
+    def buildProtocol(self, addr, router: IRouter | None = None) -> Protocol:
+        """A connection, routed by ``router`` (default: the core's)."""
         if self.max_connections and len(self.clients) >= self.max_connections:
             self.rejected += 1
             return _Rejected()
-        proto = ProxyServerProtocol(self.core, self.output_limit)
+        proto = ProxyServerProtocol(self.core, self.output_limit, router)
         proto.factory = self
         return proto
+
+    def routed_by(self, router: IRouter) -> ListenerFactory:
+        """The factory of a listener whose connections ``router`` routes
+        (a tagged listener's), under this factory's limits."""
+        return ListenerFactory(self, router)
 
     def startFactory(self) -> None:
         if self.idle_timeout > 0:
@@ -756,3 +763,25 @@ class ProxyServerFactory(Factory):
         for proto in [p for p in self.clients if p.last_active <= deadline and not p._slots]:
             self.clients.discard(proto)
             proto.transport.loseConnection()
+
+
+class ListenerFactory(Factory):
+    """The factory of one listener with a router of its own (a tagged
+    listener: mcproxy.routing.engine.RouteEngine.view). Its connections are
+    built by ``parent``, whose client limits, count and idle sweep they
+    share with every other listener's."""
+
+    noisy = False
+
+    def __init__(self, parent: ProxyServerFactory, router: IRouter) -> None:
+        self.parent = parent
+        self.router = router
+
+    def doStart(self) -> None:
+        self.parent.doStart()
+
+    def doStop(self) -> None:
+        self.parent.doStop()
+
+    def buildProtocol(self, addr) -> Protocol:
+        return self.parent.buildProtocol(addr, self.router)

@@ -616,18 +616,3 @@ def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup, confi
     assert not engine.route_run(stream, 0, *scanned(stream, multigets=10), [].append)
     assert recorder.sent == []
     assert engine.stats.conn_requests == 0 and engine.stats.req_active == 0
-
-
-@pytest.mark.parametrize("route", ["function(r) return p(r) end", "mcp.funcgen_new()"])
-def test_attach_refuses_a_listener_tag(load, route):
-    """Listener tags are not served: a tagged attach must not silently
-    serve every listener, so the config is refused, naming the tag."""
-    with pytest.raises(ConfigError, match="listener tags are not supported \\(tag 'api'\\)"):
-        load(f"""
-            function mcp_config_pools()
-                return mcp.pool({{mcp.backend("b1", "127.0.0.1", 11211)}})
-            end
-            function mcp_config_routes(p)
-                mcp.attach(mcp.CMD_GET, {route}, "api")
-            end
-        """)

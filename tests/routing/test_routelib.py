@@ -123,8 +123,6 @@ def test_null_answers_what_nothing_answers(engine, routelib):  # noqa: F811
      "route_failover: unknown option 'retries'"),
     ('routes{ default = route_direct{ child = "a" }, mpa = {} }',
      "routes: unknown option 'mpa'"),
-    ('routes{ tag = "t", default = route_direct{ child = "a" } }',
-     "tagged route trees (tag 't')"),
     ('routes{ default = route_direct{ child = "nope" } }', "no pool matching: nope"),
     ('routes{ default = route_fanout{ children = { "a" } } }', "route_fanout"),
     ('settings{ no_such_setting = 1 }\nroutes{ default = route_direct{ child = "a" } }',
