@@ -10,7 +10,9 @@
 --   arrived(...)   what the engine calls with each backend reply of a
 --                  dispatched handle (true: resume the waiting route),
 --   sub_arrived(...) the same for the end of a funcgen handle's route,
---   attached()     whether mcp.attach was given a funcgen or router.
+--   attached()     whether mcp.attach was given a funcgen or router,
+--   timed_out(rctx, seq) what the engine calls when the time of wait
+--                  number `seq` of rctx is up (true: resume the route).
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
 -- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
@@ -18,7 +20,9 @@
 -- the engine for one handle queued since the last wait, or (YIELD_WAIT,
 -- rctx, ready, -1, sends, count) for `count` of them, `sends` holding their
 -- (handle, target, request) flat; a target is a pool, or the route of a
--- funcgen handle; `ready` says whether the wait is satisfied already. The
+-- funcgen handle; `ready` says whether the wait is satisfied already, or is
+-- a number: the seconds after which the wait times out (see timed_out;
+-- rctx:sleep is such a wait with nothing to send and nothing to end it). The
 -- engine sends them (mcproxy.routing.rcontext) and resumes the coroutine
 -- once arrived() or sub_arrived() says the wait is over; requests not
 -- waited for keep going and are recorded in the context when they answer.
@@ -55,6 +59,7 @@ local WAIT_OK <const> = 2
 local WAIT_GOOD <const> = 3
 local WAIT_FASTGOOD <const> = 4
 local WAIT_HANDLE <const> = 5
+local WAIT_SLEEP <const> = 6 -- in rctx:sleep: answers are only recorded
 
 -- What rctx:result() reports (mcp.RES_*).
 local RES_GOOD <const> = 8
@@ -200,9 +205,13 @@ return function(mcp, internal)
 
     -- Make a slot: a context and the function its generator returns.
     function new_slot(fgen, level)
+        -- wait_seq counts the waits of the slot (never reset, so that the
+        -- timer of an earlier wait cannot end a later one); waiting: yielded
+        -- in a wait or sleep; timed_out: how the last one ended
         local rctx = setmetatable({ fgen = fgen, state = {}, res = {}, req = {},
                                     flags = {}, cbs = {}, sends = {}, queued = 0,
-                                    wait_done = 0,
+                                    wait_done = 0, wait_seq = 0, waiting = false,
+                                    timed_out = false,
                                     wait_count = 0, awaited = -1 }, RCONTEXT)
         reset(rctx)
         local func = fgen.generator(rctx, fgen.argument)
@@ -291,9 +300,26 @@ return function(mcp, internal)
         return resume or rctx.wait_done >= rctx.wait_count or rctx.pending == 0
     end
 
+    local function check_timeout(timeout)
+        if timeout ~= nil and type(timeout) ~= "number" then
+            error("timeout argument to wait or sleep must be a number", 3)
+        end
+    end
+
+    -- Yield to the engine; true if the wait timed out.
+    local function suspend(rctx, ready, a, b, c)
+        rctx.wait_seq = rctx.wait_seq + 1
+        rctx.waiting = true
+        rctx.timed_out = false
+        coroutine_yield(YIELD_WAIT, rctx, ready, a, b, c)
+        rctx.waiting = false
+        return rctx.timed_out
+    end
+
     -- Start a wait: send what is queued, count what already answered, and
-    -- yield until the wait is over.
-    local function wait(rctx)
+    -- yield until the wait is over or, with a `timeout` (seconds), that
+    -- time is up; true if it was.
+    local function wait(rctx, timeout)
         if not coroutine_isyieldable() then
             error("request context waits can only be made from inside a route", 3)
         end
@@ -316,24 +342,60 @@ return function(mcp, internal)
         end
         if ready then
             rctx.wait_mode = WAIT_IDLE
+        elseif timeout ~= nil then
+            ready = timeout
         end
+        local timed_out
         if queued == 1 then
             -- the common case, without the engine reading a table
-            coroutine_yield(YIELD_WAIT, rctx, ready, sends[1], sends[2], sends[3])
+            timed_out = suspend(rctx, ready, sends[1], sends[2], sends[3])
         else
-            coroutine_yield(YIELD_WAIT, rctx, ready, -1, sends, queued)
+            timed_out = suspend(rctx, ready, -1, sends, queued)
         end
         -- the engine has sent them: forget them (the table is reused)
         for i = 1, queued * 3 do
             sends[i] = nil
         end
         rctx.queued = 0
+        return timed_out
     end
 
-    -- rctx:wait_cond(count [, mode]): send what is queued and wait until
-    -- `count` answers pass `mode` (default WAIT_ANY), or nothing is left
-    -- outstanding; returns how many passed.
-    function RCONTEXT:wait_cond(count, mode)
+    -- The time of wait number `seq` of rctx is up: end it, if it is still
+    -- going on (true: resume the route). A timed-out wait returns its
+    -- count so far (a handle's wait nil) and true; requests still out
+    -- keep going and are recorded when they answer.
+    local function timed_out(rctx, seq)
+        if not rctx.waiting or rctx.wait_seq ~= seq then
+            return false
+        end
+        rctx.wait_mode = WAIT_IDLE
+        rctx.timed_out = true
+        return true
+    end
+
+    -- rctx:sleep(seconds): suspend the request function for that long
+    -- (nothing queued is sent); returns true, as memcached's does.
+    function RCONTEXT:sleep(seconds)
+        if self.wait_mode ~= WAIT_IDLE then
+            error("sleep: cannot call while already in wait mode", 2)
+        end
+        if type(seconds) ~= "number" then
+            error("timeout argument to wait or sleep must be a number", 2)
+        end
+        if not coroutine_isyieldable() then
+            error("rctx:sleep can only be called from inside a route", 2)
+        end
+        self.wait_mode = WAIT_SLEEP
+        suspend(self, seconds, -1, self.sends, 0)
+        self.wait_mode = WAIT_IDLE
+        return true
+    end
+
+    -- rctx:wait_cond(count [, mode [, timeout]]): send what is queued and
+    -- wait until `count` answers pass `mode` (default WAIT_ANY), or nothing
+    -- is left outstanding; returns how many passed (and true if the
+    -- timeout, in seconds, ended the wait).
+    function RCONTEXT:wait_cond(count, mode, timeout)
         if type(count) ~= "number" then
             error("must pass number to wait_cond", 2)
         end
@@ -346,14 +408,17 @@ return function(mcp, internal)
                 and mode ~= WAIT_FASTGOOD then
             error("invalid mode sent to wait_cond", 2)
         end
+        check_timeout(timeout)
         self.wait_done = 0
         self.wait_count = count
         self.wait_mode = mode
-        wait(self)
+        if wait(self, timeout) then
+            return self.wait_done, true
+        end
         return self.wait_done
     end
 
-    local function wait_for(rctx, handle)
+    local function wait_for(rctx, handle, timeout)
         rctx.wait_done = 0
         rctx.wait_count = 1
         rctx.wait_mode = WAIT_HANDLE
@@ -364,28 +429,47 @@ return function(mcp, internal)
             rctx.wait_mode = WAIT_IDLE
             return rctx.res[handle]
         end
-        wait(rctx)
+        if wait(rctx, timeout) then
+            return nil, true
+        end
         rctx.state[handle] = WAITED
         return rctx.res[handle]
     end
 
-    -- rctx:enqueue_and_wait(r, handle): queue, send, and return its answer.
-    function RCONTEXT:enqueue_and_wait(r, handle)
+    -- rctx:enqueue_and_wait(r, handle [, timeout]): queue, send, and return
+    -- its answer (nil and true if `timeout` seconds passed first).
+    function RCONTEXT:enqueue_and_wait(r, handle, timeout)
         check_request(r)
         if math_type(handle) ~= "integer" then
             error("invalid handle passed to wait_handle", 2)
         end
+        check_timeout(timeout)
         queue(self, r, handle)
-        return wait_for(self, handle)
+        return wait_for(self, handle, timeout)
     end
 
-    -- rctx:wait_handle(handle): wait for a handle queued before.
-    function RCONTEXT:wait_handle(handle)
+    -- rctx:wait_handle(handle [, timeout]): wait for a handle queued before.
+    function RCONTEXT:wait_handle(handle, timeout)
         check_handle(self, handle, "invalid handle passed to wait_handle")
         if self.state[handle] == IDLE then
             error("wait_handle called on unqueued handle", 2)
         end
-        return wait_for(self, handle)
+        check_timeout(timeout)
+        return wait_for(self, handle, timeout)
+    end
+
+    -- Names of memcached 1.6.45's request context that mcproxy does not
+    -- have: calling one is an error that says so, not a missing method.
+    local REFUSED <const> = {
+        cfd = "mcproxy does not hand the client connection to routes",
+        tls_peer_cn = "mcproxy does not hand the client connection to routes",
+        request_new = "it serves memcached's request mutators, which mcproxy does not have",
+        response_new = "it serves memcached's response mutators, which mcproxy does not have",
+    }
+    for name, why in pairs(REFUSED) do
+        RCONTEXT[name] = function()
+            error("rctx:" .. name .. " is not supported: " .. why, 2)
+        end
     end
 
     -- rctx:handle_set_cb(handle, cb): cb(res, req) runs as each answer of
@@ -481,7 +565,7 @@ return function(mcp, internal)
             end
         end
         rctx.flags[h] = flag
-        if rctx.wait_mode ~= WAIT_IDLE then
+        if rctx.wait_mode ~= WAIT_IDLE and rctx.wait_mode ~= WAIT_SLEEP then
             if counts(rctx, h, resume) then
                 rctx.wait_mode = WAIT_IDLE
                 return true
@@ -761,5 +845,5 @@ return function(mcp, internal)
         return nil
     end
 
-    return entry, arrived, sub_arrived, function() return attached end
+    return entry, arrived, sub_arrived, function() return attached end, timed_out
 end
