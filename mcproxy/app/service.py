@@ -39,6 +39,7 @@ from mcproxy.ops.stats import (
 )
 from mcproxy.ops.watch import WatchRegistry
 from mcproxy.routing.engine import ConfigError, RouteEngine
+from mcproxy.routing.funcstats import funcgen_stats
 from mcproxy.routing.tunables import Tunables, tunable_settings
 from mcproxy.routing.userstats import UserStats
 from mcproxy.server.interfaces import IProxyCore
@@ -252,6 +253,8 @@ class ProxyService(MultiService):
             return format_stats(proxy_stats(self.stats, self.user_stats.lines()))
         if args == [b"proxybe"]:
             return format_stats(backend_stats(self.registry.live))
+        if args == [b"proxyfuncs"]:
+            return format_stats(funcgen_stats(self.engine.routes))
         if args == [b"settings"]:
             return format_stats([("proxy_enabled", "yes"),
                                  ("proxy_uring_enabled", "no"),

@@ -374,7 +374,7 @@ return function(host, phase, v2)
 
     -- The V2 API (v2.lua): funcgens and routers, installed for the routes
     -- phase once the shapes section below is defined.
-    local v2_entry, v2_arrived, v2_sub_arrived, v2_attached, v2_timed_out
+    local v2_entry, v2_arrived, v2_sub_arrived, v2_attached, v2_timed_out, v2_funcstats
 
     local hooks = {}
     local ANY_LAST <const> = 34
@@ -741,7 +741,7 @@ return function(host, phase, v2)
     end
 
     if not in_config then
-        v2_entry, v2_arrived, v2_sub_arrived, v2_attached, v2_timed_out = v2(mcp, {
+        v2_entry, v2_arrived, v2_sub_arrived, v2_attached, v2_timed_out, v2_funcstats = v2(mcp, {
             POOL_PROXY = POOL_PROXY,
             REQUEST = REQUEST,
             new_response = new_response,
@@ -784,6 +784,7 @@ return function(host, phase, v2)
         pool_proxy = pool_proxy,
         ratelim_proxy = ratelim_proxy,
         timed_out = v2_timed_out,
+        funcstats = v2_funcstats,
     }
     return mcp, engine
 end

@@ -12,7 +12,8 @@
 --   sub_arrived(...) the same for the end of a funcgen handle's route,
 --   attached()     whether mcp.attach was given a funcgen or router,
 --   timed_out(rctx, seq) what the engine calls when the time of wait
---                  number `seq` of rctx is up (true: resume the route).
+--                  number `seq` of rctx is up (true: resume the route),
+--   funcstats()    what `stats proxyfuncs` shows (see there).
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
 -- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
@@ -40,6 +41,7 @@ local type = type
 local error = error
 local pcall = pcall
 local pairs = pairs
+local ipairs = ipairs
 local tostring = tostring
 local math_type = math.type
 local string_find = string.find
@@ -104,13 +106,45 @@ return function(mcp, internal)
 
     -- Function generators ----------------------------------------------
 
+    -- Every funcgen of this state, in creation order, and how many routers
+    -- it made (for `stats proxyfuncs`).
+    local funcgens = {}
+    local routers = 0
+
     function mcp.funcgen_new()
         routes_only("mcp.funcgen_new")
         -- targets: handle -> Python pool or route function (what is sent);
         -- proxies: handle -> the pool as Lua sees it, for pool handles;
-        -- free: the slots not serving a request
-        return setmetatable({ targets = {}, proxies = {}, count = 0, is_ready = false,
-                              free = {}, name = "anonymous" }, FUNCGEN)
+        -- free: the slots not serving a request; slots: how many it made
+        local fgen = setmetatable({ targets = {}, proxies = {}, count = 0, is_ready = false,
+                                    free = {}, slots = 0, name = "anonymous" }, FUNCGEN)
+        funcgens[#funcgens + 1] = fgen
+        return fgen
+    end
+
+    -- `stats proxyfuncs`, as memcached 1.6.45: per funcgen name, how many
+    -- funcgens have it and how many slots they made; routers count as
+    -- funcgens named "mcp_router" without slots. A flat array of (name,
+    -- funcs, slots), names in the order they first appeared.
+    local function funcstats()
+        local out, at = {}, {}
+        local function add(name, slots)
+            local i = at[name]
+            if i == nil then
+                i = #out + 1
+                at[name] = i
+                out[i], out[i + 1], out[i + 2] = name, 0, 0
+            end
+            out[i + 1] = out[i + 1] + 1
+            out[i + 2] = out[i + 2] + slots
+        end
+        for _, fgen in ipairs(funcgens) do
+            add(fgen.name, fgen.slots)
+        end
+        for _ = 1, routers do
+            add("mcp_router", 0)
+        end
+        return out
     end
 
     local function check_fgen(fgen)
@@ -214,6 +248,7 @@ return function(mcp, internal)
                                     timed_out = false,
                                     wait_count = 0, awaited = -1 }, RCONTEXT)
         reset(rctx)
+        fgen.slots = fgen.slots + 1
         local func = fgen.generator(rctx, fgen.argument)
         if type(func) ~= "function" then
             error("function generator didn't return a function", level + 1)
@@ -622,8 +657,8 @@ return function(mcp, internal)
             release(rctx)
         end
         if not ok then
-            -- the log says which funcgen failed (memcached names them in
-            -- `stats proxyfuncs`, which mcproxy does not have)
+            -- the log says which funcgen failed (as `stats proxyfuncs`
+            -- names them)
             error("funcgen " .. fgen.name .. ": " .. tostring(result), 0)
         end
         return result
@@ -717,6 +752,7 @@ return function(mcp, internal)
                 copy[name] = cmap
             end
         end
+        routers = routers + 1
         return setmetatable({ map = copy, start = start, stop = stop,
                               default = default }, ROUTER)
     end
@@ -845,5 +881,5 @@ return function(mcp, internal)
         return nil
     end
 
-    return entry, arrived, sub_arrived, function() return attached end, timed_out
+    return entry, arrived, sub_arrived, function() return attached end, timed_out, funcstats
 end

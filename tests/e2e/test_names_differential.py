@@ -39,6 +39,9 @@ CORPUS = [
     b"mg intime/direct/k\r\n",
 ]
 
+#: Asked after the corpus; its lines come in no set order.
+FUNCSTATS = b"stats proxyfuncs\r\n"
+
 
 class Hole:
     """A backend that accepts connections and never answers."""
@@ -86,29 +89,36 @@ def replies():
     env = {**os.environ, "NAMES_A": str(server.port), "NAMES_HOLE": str(hole.port)}
     proc, port = anchor(env)
     try:
-        theirs = [ask(port, request) for request in CORPUS]
+        theirs = [ask(port, request) for request in CORPUS + [FUNCSTATS]]
     finally:
         proc.kill()
         proc.wait()
     assert server.call(b"flush_all\r\n") == b"OK\r\n"
     proxy = Proxy(CONFIG, env=env).start()
     try:
-        ours = [ask(proxy.port, request) for request in CORPUS]
+        ours = [ask(proxy.port, request) for request in CORPUS + [FUNCSTATS]]
     finally:
         proxy.stop()
         hole.stop()
         server.stop()
-    return list(zip(CORPUS, theirs, ours, strict=True))
+    return list(zip(CORPUS + [FUNCSTATS], theirs, ours, strict=True))
 
 
 def test_same_replies_as_memcached_1_6_45(replies):
+    replies = replies[:-1]
     assert [(request, ours) for request, _, ours in replies] == \
         [(request, theirs) for request, theirs, _ in replies]
 
 
+def test_same_funcgen_stats_as_memcached_1_6_45(replies):
+    _, theirs, ours = replies[-1]
+    assert sorted(ours.split(b"\r\n")) == sorted(theirs.split(b"\r\n"))
+    assert b"STAT funcs_mcp_router 1\r\nSTAT slots_mcp_router 0\r\n" in theirs
+
+
 def test_what_the_names_answered(replies):
     """What 1.6.45 answered, written down (so a change of either shows)."""
-    assert [theirs for _, theirs, _ in replies] == [
+    assert [theirs for _, theirs, _ in replies[:-1]] == [
         b"STORED\r\n", b"VA 2\r\nhi\r\n",
         b"HD ok\r\n", b"HD ok\r\n", b"HD ok\r\n", b"SERVER_ERROR slow down\r\n",
         b"HD true\r\n", b"HD true\r\n", b"HD false\r\n",

@@ -524,3 +524,33 @@ def test_refused_rctx_methods_name_themselves(engine, load, events, call):
     name = call.split("(")[0]
     assert any(f"{name} is not supported" in str(e.get("error", ""))
                for e in events if e.get("type") == "proxy_error")
+
+
+# -- stats proxyfuncs ---------------------------------------------------------------
+
+
+def test_funcgen_stats_count_funcgens_and_slots(engine, load):
+    from mcproxy.routing.funcstats import funcgen_stats
+    routes = load(ONE_POOL + """
+    function mcp_config_routes(p)
+        local function fg(name)
+            local fgen = mcp.funcgen_new()
+            local h = fgen:new_handle(p)
+            fgen:ready({ n = name, f = function(rctx)
+                return function(r) return rctx:enqueue_and_wait(r, h) end
+            end })
+            return fgen
+        end
+        mcp.attach(mcp.CMD_MG, mcp.router_new({ map = { a = fg("one"), b = fg("one"),
+                                                        c = fg("two") } }))
+    end
+    """)
+    assert funcgen_stats(routes) == [("funcs_one", 2), ("slots_one", 2),
+                                     ("funcs_two", 1), ("slots_two", 1),
+                                     ("funcs_mcp_router", 1), ("slots_mcp_router", 0)]
+    backends = FakeBackends(engine, hold=True)
+    start(engine, b"mg c/1\r\n")
+    start(engine, b"mg c/2\r\n")  # the first slot is busy: a second one
+    assert ("slots_two", 2) in funcgen_stats(routes)
+    assert len(backends.pending) == 2
+    assert funcgen_stats(None) == []
