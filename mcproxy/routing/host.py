@@ -57,11 +57,11 @@ REFUSED_NAMES = (
     ("backend_flap_backoff_max", "mcproxy has no flap detection"),
     ("luagc_ratio", "mcproxy collects Lua garbage by the bytes of values handed to Lua"),
     ("buffer_memory_limit", "limit what waits for a client with --client-output-limit"),
-    ("server_stats", "not yet"),
-    ("req_inspector_new", "not yet"),
-    ("res_inspector_new", "not yet"),
-    ("req_mutator_new", "not yet"),
-    ("res_mutator_new", "not yet"),
+    ("server_stats", "ask the proxy with a stats command instead"),
+    ("req_inspector_new", "mcproxy has no request inspectors yet"),
+    ("res_inspector_new", "mcproxy has no response inspectors yet"),
+    ("req_mutator_new", "mcproxy has no request mutators yet"),
+    ("res_mutator_new", "mcproxy has no response mutators yet"),
 )
 
 #: Table-form ``mcp.backend{}`` TLS keys and the kind of value each takes.
@@ -254,6 +254,14 @@ class Host:
             return None, lua_error(str(e))
         self.pools.append(pool)
         return pool, None
+
+    def pool_logs(self, pool: Pool) -> bool:
+        """Whether a backend of ``pool`` has a ``log`` option in this load
+        (a V2 route to it then stays off the direct path, which logs
+        nothing)."""
+        options = {id(backend): opts for backend, opts in zip(self.backends, self.options,
+                                                             strict=True)}
+        return any(options[id(backend)].log is not None for backend in pool.backends)
 
     def pool_backend(self, pool: Pool, key: bytes):
         """``mcp.pool_backend(pool, key)``: the label of the backend for key."""

@@ -747,6 +747,7 @@ return function(host, phase, v2)
             new_response = new_response,
             routes_only = routes_only,
             log = host.log,
+            pool_logs = host.pool_logs,
             declare = declare,
             source_lines = source_lines,
             YIELD_WAIT = YIELD_WAIT,

@@ -87,6 +87,7 @@ return function(mcp, internal)
     local DONE_STRING = internal.DONE_STRING
     local DONE_BAD = internal.DONE_BAD
     local DONE_ERROR = internal.DONE_ERROR
+    local pool_logs = internal.pool_logs
 
     local FUNCGEN = { __name = "mcp.funcgen" }
     FUNCGEN.__index = FUNCGEN
@@ -835,8 +836,8 @@ return function(mcp, internal)
             return nil
         end
         local proxy = math_type(handle) == "integer" and fgen.proxies[handle]
-        if not proxy then
-            return nil
+        if not proxy or pool_logs(proxy._p) then
+            return nil -- (the direct path logs nothing: see backend `log`)
         end
         local text = source_lines(info.source, info.linedefined, info.lastlinedefined)
         local at = text and string_find(text, FUNCTION_WORD)

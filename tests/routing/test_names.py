@@ -225,6 +225,23 @@ def test_backend_log_logs_failed_requests_of_v2_handles(engine, load, events):
                                                                  "127.0.0.1:11211")
 
 
+def test_a_direct_funcgen_to_a_logging_backend_stays_in_lua(engine, load, events):
+    from mcproxy.wire.request import CMD_GET
+    routes = load(V2_LOGGED.replace("""            local res = rctx:enqueue_and_wait(r, h)
+            return res""", "            return rctx:enqueue_and_wait(r, h)"))
+    assert routes.shapes[CMD_GET].kind == "lua"
+    backends = FakeBackends(engine, hold=True)
+    out = start(engine, b"get gone\r\n")
+    from mcproxy.wire.response import Response
+    backends.pending[0][1](Response.failure("timeout"))
+    assert out == [b"SERVER_ERROR backend failure\r\n"]
+    assert [e["detail"] for e in events if e.get("type") == "proxy_req"] == ["be1"]
+    assert load(V2_LOGGED.replace("log = { errors = true, tag = \"be1\" }", "")
+                .replace("""            local res = rctx:enqueue_and_wait(r, h)
+            return res""", "            return rctx:enqueue_and_wait(r, h)")
+                ).shapes[CMD_GET].kind == "direct"
+
+
 # -- crons ---------------------------------------------------------------------------
 
 CRONS = ONE_POOL.replace("function mcp_config_pools()", """function mcp_config_pools()
