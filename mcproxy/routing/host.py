@@ -116,6 +116,23 @@ def backend_log(table) -> tuple[BackendLog | None, str | None]:
     return BackendLog(values["deadline"] * 1000, rate, errors, text(tag)), None
 
 
+class InternalHandler:
+    """``mcp.internal_handler`` as a V2 handle's target: the embedded cache,
+    seen as a pool of one backend that answers at once (as ``mcp.internal``
+    does), so that request contexts send to it like to any pool."""
+
+    options = BackendOptions()
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def select(self, key: bytes) -> InternalHandler:
+        return self
+
+    def send(self, req: Request, callback) -> None:
+        callback(self._host.internal(req)[0])
+
+
 class Host:
     """Services a Lua state's ``mcp`` module asks of Python.
 
@@ -137,6 +154,8 @@ class Host:
         self.schedule_reload = schedule_reload
         #: crons registered by this load's config phase: name -> Cron
         self.crons: dict = {}
+        #: what a handle to mcp.internal_handler sends to
+        self.internal_handler = InternalHandler(self)
         self.registry = registry
         self.tunables = tunables
         self.user_stats = user_stats

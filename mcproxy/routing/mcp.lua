@@ -748,6 +748,7 @@ return function(host, phase, v2)
             routes_only = routes_only,
             log = host.log,
             pool_logs = host.pool_logs,
+            internal_handler = host.internal_handler,
             declare = declare,
             source_lines = source_lines,
             YIELD_WAIT = YIELD_WAIT,

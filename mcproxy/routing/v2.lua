@@ -88,6 +88,7 @@ return function(mcp, internal)
     local DONE_BAD = internal.DONE_BAD
     local DONE_ERROR = internal.DONE_ERROR
     local pool_logs = internal.pool_logs
+    local internal_handler = internal.internal_handler
 
     local FUNCGEN = { __name = "mcp.funcgen" }
     FUNCGEN.__index = FUNCGEN
@@ -104,6 +105,11 @@ return function(mcp, internal)
     mcp.RES_GOOD = RES_GOOD
     mcp.RES_OK = RES_OK
     mcp.RES_ANY = RES_ANY
+
+    -- fgen:new_handle(mcp.internal_handler): a handle to the embedded cache
+    -- (the request runs as mcp.internal(r) runs it).
+    local INTERNAL = setmetatable({}, { __name = "mcp.internal_handler" })
+    mcp.internal_handler = INTERNAL
 
     -- Function generators ----------------------------------------------
 
@@ -171,6 +177,8 @@ return function(mcp, internal)
         if mt == POOL_PROXY then
             self.targets[handle] = target._p
             self.proxies[handle] = target
+        elseif target == INTERNAL then
+            self.targets[handle] = internal_handler
         elseif mt == FUNCGEN then
             if not target.is_ready then
                 error("new_handle: the function generator is not ready", 2)

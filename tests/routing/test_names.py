@@ -571,3 +571,21 @@ def test_funcgen_stats_count_funcgens_and_slots(engine, load):
     assert ("slots_two", 2) in funcgen_stats(routes)
     assert len(backends.pending) == 2
     assert funcgen_stats(None) == []
+
+
+def test_a_handle_to_the_internal_handler_uses_the_embedded_cache(engine, load):
+    load(ONE_POOL + """
+    function mcp_config_routes(p)
+        local fgen = mcp.funcgen_new()
+        local h = fgen:new_handle(mcp.internal_handler)
+        fgen:ready({ f = function(rctx) return function(r)
+            local res = rctx:enqueue_and_wait(r, h)
+            return res
+        end end })
+        mcp.attach(mcp.CMD_ANY_STORAGE, fgen)
+    end
+    """)
+    backends = FakeBackends(engine)
+    assert run(engine, b"set k 0 0 2\r\nhi\r\n", b"hi\r\n") == b"STORED\r\n"
+    assert run(engine, b"get k\r\n") == b"VALUE k 0 2\r\nhi\r\nEND\r\n"
+    assert backends.sent == []

@@ -51,6 +51,9 @@ function mcp_config_routes(c)
             local done, timeout = rctx:wait_cond(1, mcp.WAIT_ANY, 2)
             return line(done, timeout, rctx:res_any(h[1]):hit())
         end),
+        int = funcgen("int", { mcp.internal_handler }, function(rctx, h, r)
+            return rctx:enqueue_and_wait(r, h[1])
+        end),
         direct = funcgen("direct", { c.a }, function(rctx, h, r)
             return rctx:enqueue_and_wait(r, h[1])
         end),
