@@ -586,6 +586,6 @@ def test_a_handle_to_the_internal_handler_uses_the_embedded_cache(engine, load):
     end
     """)
     backends = FakeBackends(engine)
-    assert run(engine, b"set k 0 0 2\r\nhi\r\n", b"hi\r\n") == b"STORED\r\n"
+    assert run(engine, b"set k 0 0 2\r\n", b"hi\r\n") == b"STORED\r\n"
     assert run(engine, b"get k\r\n") == b"VALUE k 0 2\r\nhi\r\nEND\r\n"
     assert backends.sent == []
