@@ -64,6 +64,17 @@ REFUSED_NAMES = (
     ("res_mutator_new", "mcproxy has no response mutators yet"),
 )
 
+#: ``mcp.pool(backends, options)`` keys. ``iothread`` (memcached: the
+#: pool's backends run on the IO thread) is accepted and means nothing
+#: here: one reactor serves clients and backends.
+POOL_OPTION_KEYS = frozenset({"dist", "hash", "seed", "filter", "filter_conf",
+                              "omode", "obuckets", "iothread"})
+
+#: memcached 1.6.45's pool options that mcproxy refuses, and why.
+REFUSED_POOL_KEYS = {
+    "beprefix": "mcproxy keeps one connection per backend label, host and port",
+}
+
 #: Table-form ``mcp.backend{}`` TLS keys and the kind of value each takes.
 _BACKEND_TLS_KEYS = {
     "tls": bool,
@@ -267,6 +278,15 @@ class Host:
         options = {}
         if opts is not None:
             options = {text(k): v for k, v in opts.items()}
+        for key in options:
+            if key not in POOL_OPTION_KEYS:
+                why = REFUSED_POOL_KEYS.get(key)
+                if why is not None:
+                    return None, lua_error(f"mcp.pool: option '{key}' is not supported: {why}")
+                return None, lua_error(f"mcp.pool: unknown option '{key}'")
+        if "iothread" in options:
+            if not isinstance(options.pop("iothread"), bool):
+                return None, lua_error("mcp.pool: 'iothread' must be a boolean")
         try:
             pool = Pool(members, options)
         except (PoolOptionError, ValueError) as e:

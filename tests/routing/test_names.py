@@ -589,3 +589,32 @@ def test_a_handle_to_the_internal_handler_uses_the_embedded_cache(engine, load):
     assert run(engine, b"set k 0 0 2\r\n", b"hi\r\n") == b"STORED\r\n"
     assert run(engine, b"get k\r\n") == b"VALUE k 0 2\r\nhi\r\nEND\r\n"
     assert backends.sent == []
+
+
+# -- pool options -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, message", [
+    ("{ beprefix = 'x' }", "mcp.pool: option 'beprefix' is not supported: mcproxy keeps one "
+                           "connection per backend"),
+    ("{ distribution = 1 }", "mcp.pool: unknown option 'distribution'"),
+    ("{ iothread = 1 }", "mcp.pool: 'iothread' must be a boolean"),
+])
+def test_pool_options_refused_by_name(load, options, message):
+    with pytest.raises(ConfigError, match=message):
+        load(f"""
+        function mcp_config_pools()
+            return mcp.pool({{ mcp.backend("b1", "127.0.0.1", 11211) }}, {options})
+        end
+        function mcp_config_routes(p) end
+        """)
+
+
+def test_pool_iothread_is_accepted(load):
+    routes = load("""
+    function mcp_config_pools()
+        return mcp.pool({ mcp.backend("b1", "127.0.0.1", 11211) }, { iothread = true })
+    end
+    function mcp_config_routes(p) end
+    """)
+    assert len(routes.host.pools) == 1
