@@ -31,6 +31,8 @@ def check_config(path: str, arg: str | None = None) -> str | None:
         return str(e)
     except Exception as e:  # a bug of ours must still answer "not OK"
         return f"internal error loading {path}: {e!r}"
+    finally:
+        engine.stop()  # a checked config's crons never run
     return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import time
 from collections import deque
+from functools import partial
 from typing import Any, NamedTuple
 
 from twisted.application import strports
@@ -38,7 +39,8 @@ from mcproxy.ops.stats import (
 )
 from mcproxy.ops.watch import WatchRegistry
 from mcproxy.routing.engine import ConfigError, RouteEngine
-from mcproxy.routing.tunables import Tunables
+from mcproxy.routing.funcstats import funcgen_stats
+from mcproxy.routing.tunables import Tunables, tunable_settings
 from mcproxy.routing.userstats import UserStats
 from mcproxy.server.interfaces import IProxyCore
 from mcproxy.server.protocol import CLIENT_OUTPUT_LIMIT, ProxyServerFactory
@@ -100,7 +102,9 @@ class ProxyService(MultiService):
         self.user_stats = UserStats()
         self.registry = BackendRegistry(self.stats, reactor=reactor)
         self.engine = self.router = RouteEngine(self.stats, self.registry, self.tunables,
-                                                self.user_stats, store=store)
+                                                self.user_stats, store=store, clock=reactor)
+        # mcp.schedule_config_reload() reloads as a SIGHUP does
+        self.engine.schedule_reload = partial(self._hup, signal.SIGHUP, None)
         self.store = store
         self.version_line = f"VERSION {VERSION}\r\n".encode()
         self.factory = ProxyServerFactory(self, max_connections, idle_timeout, output_limit)
@@ -282,9 +286,12 @@ class ProxyService(MultiService):
             return format_stats(proxy_stats(self.stats, self.user_stats.lines()))
         if args == [b"proxybe"]:
             return format_stats(backend_stats(self.registry.live))
+        if args == [b"proxyfuncs"]:
+            return format_stats(funcgen_stats(self.engine.routes))
         if args == [b"settings"]:
             return format_stats([("proxy_enabled", "yes"),
-                                 ("proxy_uring_enabled", "no")])
+                                 ("proxy_uring_enabled", "no"),
+                                 *tunable_settings(self.tunables)])
         if args in ([b"slabs"], [b"items"]):
             # No slab classes to show; answered (empty) because monitoring
             # such as memcached_exporter asks for both after ``stats``.

@@ -16,7 +16,7 @@ from mcproxy.app.process import ProxyProcess
 from mcproxy.app.service import ProxyService
 from mcproxy.app.workers import WorkerSupervisor, is_tcp_endpoint, worker_arguments
 from mcproxy.cache.store import Store
-from mcproxy.routing.engine import ROUTELIB, ROUTELIB_PATH, ConfigError
+from mcproxy.routing.engine import CONFIG_FILE_SEPARATOR, ROUTELIB, ROUTELIB_PATH, ConfigError
 from mcproxy.server.protocol import CLIENT_OUTPUT_LIMIT
 
 DEFAULT_LISTEN = "tcp:11211"
@@ -43,7 +43,8 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None,
          "Route config: a Lua file defining mcp_config_pools and "
-         "mcp_config_routes, as for memcached's proxy, or 'routelib' for the "
+         "mcp_config_routes, as for memcached's proxy (or several, "
+         "a.lua:b.lua, run in that order), or 'routelib' for the "
          "declarative route library (memcached's proxy_config=routelib), which "
          "reads --config-arg. SIGHUP reloads it."],
         ["config-arg", None, None,
@@ -129,8 +130,13 @@ class Options(usage.Options):
             if not os.path.isfile(self["config-arg"]):
                 raise usage.UsageError(f"--config-arg: no such file: {self['config-arg']}")
             self["config-arg"] = os.path.abspath(self["config-arg"])
-        if config is not None and not os.path.isfile(config):
-            raise usage.UsageError(f"--config: no such file: {config}")
+        if config is not None:
+            files = config.split(CONFIG_FILE_SEPARATOR)
+            for name in files:
+                if not os.path.isfile(name):
+                    raise usage.UsageError(f"--config: no such file: {name}")
+            # absolute, so that reloads and workers find every file
+            self["config"] = CONFIG_FILE_SEPARATOR.join(os.path.abspath(f) for f in files)
         if self["memory"] <= 0:
             raise usage.UsageError("--memory must be a positive number of megabytes")
         if self["max-connections"] < 0:

@@ -10,6 +10,20 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 
+@dataclass(frozen=True)
+class BackendLog:
+    """``mcp.backend{..., log = {...}}``: which of the requests a V2 handle
+    sends to this backend get a ``proxy_req`` log event (memcached 1.6.45's
+    backend logging): those slower than ``deadline_us`` (0: none), one in
+    ``rate`` (1: all, 0: none) and, with ``errors``, every failure; ``tag``
+    is the event's detail."""
+
+    deadline_us: int = 0
+    rate: int = 0
+    errors: bool = False
+    tag: str = ""
+
+
 @dataclass
 class BackendOptions:
     """Per-backend settings; times in seconds, ``depth_limit`` 0 = unlimited.
@@ -22,6 +36,8 @@ class BackendOptions:
     trust store) for the name ``tls_hostname`` (default: the backend's
     host, also sent as SNI), unless ``tls_verify`` is false, which accepts
     any certificate (as memcached's proxy does: insecure).
+
+    ``log``: the backend's request logging (BackendLog), or None.
     """
 
     connect_timeout: float = 5.0
@@ -35,6 +51,7 @@ class BackendOptions:
     tls_ca: str | None = None
     tls_verify: bool = True
     tls_hostname: str | None = None
+    log: BackendLog | None = None
 
 
 class TLSOptionError(ValueError):

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from mcproxy.backends.pool import BackendRegistry, Broadcast
 from mcproxy.counters import ProxyStats
 from mcproxy.routing import direct, rcontext
+from mcproxy.routing.crons import Crons
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
 from mcproxy.routing.poolnames import named_pools
@@ -263,21 +264,32 @@ class Routes:
         return named_pools(self.state.runtime, roots, self.host.pools, self.path)
 
 
+#: What separates the files of a config given as several (``a.lua:b.lua``,
+#: as memcached's proxy_config takes them).
+CONFIG_FILE_SEPARATOR = ":"
+
+
 def load(path: str, registry: BackendRegistry, tunables: Tunables,
          user_stats: UserStats, store=None, direct: bool = True,
-         arg: str | None = None) -> Routes:
+         arg: str | None = None, clock=None, schedule_reload=None) -> Routes:
     """Load ``path`` through both phases; raise ConfigError on any failure.
-    ``direct``: whether attached routes may take the direct path; ``arg``:
-    what the config reads as ``mcp.start_arg`` (memcached's proxy_arg)."""
-    host = Host(path, registry, tunables, user_stats, store)
+    ``path`` may name several files (``a.lua:b.lua``): each phase runs them
+    in that order in its state, so one may define mcp_config_pools and the
+    next mcp_config_routes. ``direct``: whether attached routes may take the
+    direct path; ``arg``: what the config reads as ``mcp.start_arg``
+    (memcached's proxy_arg); ``clock`` and ``schedule_reload``: the Host's."""
+    files = path.split(CONFIG_FILE_SEPARATOR)
+    host = Host(path, registry, tunables, user_stats, store, clock, schedule_reload)
     config = _State(host, "config")
     start_arg = None if arg is None else arg.encode()
     config.mcp.start_arg = start_arg
-    config.run_file(path)
+    for name in files:
+        config.run_file(name)
     pools = config.call("mcp_config_pools", None)
     routes = _State(host, "routes")
     routes.mcp.start_arg = start_arg
-    routes.run_file(path)
+    for name in files:
+        routes.run_file(name)
     copied = _Copier(config, routes).copy(pools, 0)
     routes.call("mcp_config_routes", copied)
     user_stats.rename(host.stat_names)
@@ -292,6 +304,7 @@ class _Copier:
     def __init__(self, source: _State, target: _State) -> None:
         self.kind = source.engine.kind
         self.pool_proxy = target.engine.pool_proxy
+        self.ratelim_proxy = target.engine.ratelim_proxy
         self.table = target.runtime.table
 
     def copy(self, value, depth: int):
@@ -304,6 +317,8 @@ class _Copier:
             kind, pool = marker
             if kind == b"pool":
                 return self.pool_proxy(pool)
+            if kind == b"ratelim":
+                return self.ratelim_proxy(pool)
             raise ConfigError("unhandled userdata type in configuration table")
         if depth >= MAX_COPY_DEPTH:
             raise ConfigError("configuration error: table recursion too deep")
@@ -322,7 +337,16 @@ class RouteEngine:
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
                  tunables: Tunables, user_stats: UserStats, store=None,
-                 direct: bool = True) -> None:
+                 direct: bool = True, clock=None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        #: the clock of crons, rate limits and V2 waits with a timeout
+        self.clock = clock
+        #: the crons of the active routes (see stop)
+        self.crons = Crons(clock)
+        #: what mcp.schedule_config_reload() calls (set by the service that
+        #: reloads; None: the call does nothing, as in ``mcproxy check``)
+        self.schedule_reload: Callable[[], None] | None = None
         self.stats = stats
         self.registry = registry
         self.tunables = tunables
@@ -351,7 +375,7 @@ class RouteEngine:
     def load(self, path: str, arg: str | None = None) -> Routes:
         """Load a config (``arg``: its mcp.start_arg) and make it the active one."""
         routes = load(path, self.registry, self.tunables, self.user_stats, self.store,
-                      self.direct_routes, arg)
+                      self.direct_routes, arg, self.clock, self._schedule_reload)
         self.activate(routes)
         return routes
 
@@ -374,8 +398,18 @@ class RouteEngine:
             self._views[tag] = view
         return view
 
+    def _schedule_reload(self) -> None:
+        if self.schedule_reload is not None:
+            self.schedule_reload()
+
+    def stop(self) -> None:
+        """Stop running the active routes' crons (the engine is done)."""
+        self.crons.stop()
+
     def activate(self, routes: Routes) -> None:
-        """Make ``routes`` the active ones, of every tag at once."""
+        """Make ``routes`` the active ones, of every tag at once, and run
+        their crons."""
+        self.crons.switch(routes.host.crons)
         self._take(routes)
         for view in self._views.values():
             view._take(routes)

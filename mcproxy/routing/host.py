@@ -13,11 +13,14 @@ import random
 import time
 from typing import Any
 
+from lupa.lua54 import lua_type
 from twisted.logger import Logger
 
-from mcproxy.backends.options import BackendOptions, TLSOptionError, client_tls
+from mcproxy.backends.options import BackendLog, BackendOptions, TLSOptionError, client_tls
 from mcproxy.backends.pool import BackendRegistry, Pool, PoolOptionError
-from mcproxy.routing.tunables import TunableError, Tunables
+from mcproxy.routing.crons import CronError, make_cron
+from mcproxy.routing.ratelimits import RateLimitError, TokenBucket
+from mcproxy.routing.tunables import TunableError, Tunables, waittime
 from mcproxy.routing.userstats import UserStatError, UserStats
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import EditError, ParseError, Request, parse_request
@@ -30,11 +33,46 @@ MAX_HOST_LENGTH = 254
 _BACKEND_OPTION_KEYS = {
     "connecttimeout": "connect_timeout",
     "retrytimeout": "retry_timeout",
-    "retrywaittime": "retry_timeout",
     "readtimeout": "read_timeout",
     "failurelimit": "failure_limit",
     "tcpkeepalive": "keepalive",
     "depthlimit": "depth_limit",
+}
+
+#: Table-form ``mcp.backend{}`` keys of memcached 1.6.45 that mcproxy
+#: refuses, and why (accepting them would ignore them).
+REFUSED_BACKEND_KEYS = {
+    "flaptime": "mcproxy has no flap detection (a bad backend is retried every "
+                "retry wait time)",
+    "flapbackofframp": "mcproxy has no flap detection",
+    "flapbackoffmax": "mcproxy has no flap detection",
+}
+
+#: Names of memcached 1.6.45's ``mcp`` that mcproxy does not have, and why:
+#: calling one is a Lua error that says so (mcp.lua), never a silent no-op.
+REFUSED_NAMES = (
+    ("backend_flap_time", "mcproxy has no flap detection (a bad backend is retried "
+                          "every retry wait time)"),
+    ("backend_flap_backoff_ramp", "mcproxy has no flap detection"),
+    ("backend_flap_backoff_max", "mcproxy has no flap detection"),
+    ("luagc_ratio", "mcproxy collects Lua garbage by the bytes of values handed to Lua"),
+    ("buffer_memory_limit", "limit what waits for a client with --client-output-limit"),
+    ("server_stats", "ask the proxy with a stats command instead"),
+    ("req_inspector_new", "mcproxy has no request inspectors yet"),
+    ("res_inspector_new", "mcproxy has no response inspectors yet"),
+    ("req_mutator_new", "mcproxy has no request mutators yet"),
+    ("res_mutator_new", "mcproxy has no response mutators yet"),
+)
+
+#: ``mcp.pool(backends, options)`` keys. ``iothread`` (memcached: the
+#: pool's backends run on the IO thread) is accepted and means nothing
+#: here: one reactor serves clients and backends.
+POOL_OPTION_KEYS = frozenset({"dist", "hash", "seed", "filter", "filter_conf",
+                              "omode", "obuckets", "iothread"})
+
+#: memcached 1.6.45's pool options that mcproxy refuses, and why.
+REFUSED_POOL_KEYS = {
+    "beprefix": "mcproxy keeps one connection per backend label, host and port",
 }
 
 #: Table-form ``mcp.backend{}`` TLS keys and the kind of value each takes.
@@ -58,6 +96,54 @@ def text(value: Any) -> str:
     return str(value)
 
 
+def backend_log(table) -> tuple[BackendLog | None, str | None]:
+    """The ``log = { deadline =, rate =, errors =, tag = }`` option of a
+    backend, checked as memcached 1.6.45 checks it; with none of deadline,
+    rate and errors set, every request is logged (rate 1)."""
+    if lua_type(table) != "table":
+        return None, "backend log option must be a table"
+    fields = {text(k): v for k, v in table.items()}
+    for key in fields:
+        if key not in ("deadline", "rate", "errors", "tag"):
+            return None, f"unknown backend log option '{key}'"
+    values = {}
+    for key in ("deadline", "rate"):
+        value = fields.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None, f"backend log {key} must be an integer"
+        if value < 0:
+            what = "deadline" if key == "deadline" else "sample rate"
+            return None, f"backend log {what} must be >= 0"
+        values[key] = value
+    errors = fields.get("errors", False)
+    if not isinstance(errors, bool):
+        return None, "backend log errors must be a boolean"
+    tag = fields.get("tag", b"")
+    if not isinstance(tag, bytes):
+        return None, "backend log tag must be a string"
+    rate = values["rate"]
+    if not values["deadline"] and not errors and not rate:
+        rate = 1
+    return BackendLog(values["deadline"] * 1000, rate, errors, text(tag)), None
+
+
+class InternalHandler:
+    """``mcp.internal_handler`` as a V2 handle's target: the embedded cache,
+    seen as a pool of one backend that answers at once (as ``mcp.internal``
+    does), so that request contexts send to it like to any pool."""
+
+    options = BackendOptions()
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def select(self, key: bytes) -> InternalHandler:
+        return self
+
+    def send(self, req: Request, callback) -> None:
+        callback(self._host.internal(req)[0])
+
+
 class Host:
     """Services a Lua state's ``mcp`` module asks of Python.
 
@@ -68,8 +154,19 @@ class Host:
     logger = Logger(namespace="mcproxy.routing")
 
     def __init__(self, path: str, registry: BackendRegistry,
-                 tunables: Tunables, user_stats: UserStats, store=None) -> None:
+                 tunables: Tunables, user_stats: UserStats, store=None,
+                 clock=None, schedule_reload=None) -> None:
         self.path = path
+        if clock is None:
+            from twisted.internet import reactor as clock
+        #: the engine's clock (crons, rate limits, rctx:sleep)
+        self.clock = clock
+        #: what mcp.schedule_config_reload() calls (None: nothing to reload)
+        self.schedule_reload = schedule_reload
+        #: crons registered by this load's config phase: name -> Cron
+        self.crons: dict = {}
+        #: what a handle to mcp.internal_handler sends to
+        self.internal_handler = InternalHandler(self)
         self.registry = registry
         self.tunables = tunables
         self.user_stats = user_stats
@@ -122,6 +219,30 @@ class Host:
                     return None, lua_error("mcp.backend: 'down' must be a boolean")
                 overrides["down"] = value
                 continue
+            if key in REFUSED_BACKEND_KEYS:
+                return None, lua_error(f"mcp.backend: option '{key}' is not supported: "
+                                       f"{REFUSED_BACKEND_KEYS[key]}")
+            if key == "retrywaittime":
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    return None, lua_error(f"mcp.backend: '{key}' must be a number")
+                overrides["retry_timeout"] = float(waittime(value))
+                continue
+            if key == "connections":
+                if not isinstance(value, int) or isinstance(value, bool):
+                    return None, lua_error("mcp.backend: 'connections' must be an integer")
+                if not 1 <= value <= 8:
+                    return None, lua_error("mcp.backend: 'connections' must be 1 to 8")
+                if value > 1:
+                    return None, lua_error("mcp.backend: 'connections' above 1 is not "
+                                           "supported: mcproxy pipelines every request "
+                                           "of a backend on one connection")
+                continue
+            if key == "log":
+                log, error = backend_log(value)
+                if error:
+                    return None, lua_error(f"mcp.backend: {error}")
+                overrides["log"] = log
+                continue
             kind = _BACKEND_TLS_KEYS.get(key)
             if kind is not None:
                 if not isinstance(value, kind):
@@ -157,12 +278,29 @@ class Host:
         options = {}
         if opts is not None:
             options = {text(k): v for k, v in opts.items()}
+        for key in options:
+            if key not in POOL_OPTION_KEYS:
+                why = REFUSED_POOL_KEYS.get(key)
+                if why is not None:
+                    return None, lua_error(f"mcp.pool: option '{key}' is not supported: {why}")
+                return None, lua_error(f"mcp.pool: unknown option '{key}'")
+        if "iothread" in options:
+            if not isinstance(options.pop("iothread"), bool):
+                return None, lua_error("mcp.pool: 'iothread' must be a boolean")
         try:
             pool = Pool(members, options)
         except (PoolOptionError, ValueError) as e:
             return None, lua_error(str(e))
         self.pools.append(pool)
         return pool, None
+
+    def pool_logs(self, pool: Pool) -> bool:
+        """Whether a backend of ``pool`` has a ``log`` option in this load
+        (a V2 route to it then stays off the direct path, which logs
+        nothing)."""
+        options = {id(backend): opts for backend, opts in zip(self.backends, self.options,
+                                                             strict=True)}
+        return any(options[id(backend)].log is not None for backend in pool.backends)
 
     def pool_backend(self, pool: Pool, key: bytes):
         """``mcp.pool_backend(pool, key)``: the label of the backend for key."""
@@ -178,6 +316,9 @@ class Host:
             return lua_error("stat index must be a number")
         if not isinstance(name, bytes):
             return lua_error("stat name must be a string")
+        if index > self.tunables.stat_limit:
+            return lua_error(f"stat index must be {self.tunables.stat_limit} or less "
+                             f"(mcp.stat_limit)")
         try:
             self.user_stats.check(index, text(name))
         except UserStatError as e:
@@ -296,18 +437,70 @@ class Host:
         res = parsed[0] if parsed else Response.failure("parsing")
         return res, res.ok, res.hit
 
+    def log_backend(self, req: Request, res: Response, backend) -> None:
+        """A ``proxy_req`` event for a request a V2 handle sent to a backend
+        with a ``log`` option, if that option asks for it (BackendLog)."""
+        policy = backend.options.log
+        if policy.rate == 1 or (policy.errors and not res.ok) \
+                or (policy.deadline_us and res.elapsed > policy.deadline_us) \
+                or (policy.rate and random.random() * policy.rate < 1):
+            self.log_req(req, res, policy.tag.encode(), backend=f"{backend.host}:{backend.port}")
+
+    @staticmethod
+    def refusal(index: int):
+        """The ``index``-th (from 1) of REFUSED_NAMES, or nothing past the end."""
+        if 1 <= index <= len(REFUSED_NAMES):
+            name, why = REFUSED_NAMES[index - 1]
+            return name.encode(), why.encode()
+        return None
+
+    # -- crons and rate limits ---------------------------------------------------
+
+    def register_cron(self, name, table):
+        """``mcp.register_cron(name, { every =, rerun =, func = })``."""
+        if not isinstance(name, bytes):
+            return lua_error("mcp.register_cron: name must be a string")
+        if lua_type(table) != "table":
+            return lua_error("mcp.register_cron: second argument must be a table")
+        try:
+            self.crons[text(name)] = make_cron(text(name), table, self.clock.seconds())
+        except CronError as e:
+            return lua_error(str(e))
+        return None
+
+    def schedule_config_reload(self) -> None:
+        """``mcp.schedule_config_reload()``: reload once this call is over."""
+        if self.schedule_reload is not None:
+            self.schedule_reload()
+
+    def ratelim(self, table, what: bytes):
+        """A TokenBucket for ``mcp.ratelim_tbf{}`` / ``ratelim_global_tbf{}``."""
+        if lua_type(table) != "table":
+            return None, lua_error(f"{text(what)}: argument must be a table")
+        fields = {text(k): v for k, v in table.items()}
+        try:
+            return TokenBucket.of(fields, self.now_ms, text(what)), None
+        except RateLimitError as e:
+            return None, lua_error(str(e))
+
+    def now_ms(self) -> int:
+        """The engine's clock in whole milliseconds."""
+        return int(self.clock.seconds() * 1000)
+
     # -- logging, time and tunables ------------------------------------------------
 
     def log(self, message: bytes) -> None:
         self.logger.info("{msg}", msg=text(message), type="proxy_user")
 
-    def log_req(self, req: Request, res: Response | None, detail: bytes) -> None:
-        """An event for ``watch proxyreqs`` (memcached's proxy_req)."""
+    def log_req(self, req: Request, res: Response | None, detail: bytes,
+                backend: str = "") -> None:
+        """An event for ``watch proxyreqs`` (memcached's proxy_req);
+        ``backend``: host:port of the backend that answered, if known."""
         self.logger.info(
             "proxy_req {command} key={key!r} status={status} elapsed={elapsed} {detail}",
             type="proxy_req", command=rq.COMMAND_NAMES.get(req.command, "?"),
             key=req.key, status=_status(res), elapsed=res.elapsed if res else 0,
-            code=res.code if res else 0, detail=text(detail))
+            code=res.code if res else 0, detail=text(detail), backend=backend)
 
     def log_reqsample(self, ms, rate, allerr, req: Request, res: Response | None,
                       detail: bytes) -> None:

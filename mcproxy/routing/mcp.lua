@@ -374,7 +374,7 @@ return function(host, phase, v2)
 
     -- The V2 API (v2.lua): funcgens and routers, installed for the routes
     -- phase once the shapes section below is defined.
-    local v2_entry, v2_arrived, v2_sub_arrived, v2_attached
+    local v2_entry, v2_arrived, v2_sub_arrived, v2_attached, v2_timed_out, v2_funcstats
 
     -- The routes of untagged listeners, and per listener tag those
     -- attached under it (a tagged listener falls back to the untagged
@@ -463,9 +463,11 @@ return function(host, phase, v2)
     -- Tunables ----------------------------------------------------------
 
     for _, name in pairs({ "backend_connect_timeout", "backend_retry_timeout",
-                           "backend_read_timeout", "backend_failure_limit",
-                           "tcp_keepalive", "backend_depth_limit",
-                           "backend_use_tls", "active_req_limit" }) do
+                           "backend_retry_waittime", "backend_read_timeout",
+                           "backend_failure_limit", "tcp_keepalive",
+                           "backend_depth_limit", "backend_use_tls",
+                           "backend_use_iothread", "active_req_limit",
+                           "stat_limit" }) do
         mcp[name] = function(value)
             local err = host.tunable(name, value)
             if err then
@@ -481,6 +483,75 @@ return function(host, phase, v2)
         if err then
             error(err, 2)
         end
+    end
+
+    -- Names of memcached 1.6.45's API that mcproxy does not have: calling
+    -- one is an error that names it and says why (host.refusal).
+    local index = 1
+    while true do
+        local name, why = host.refusal(index)
+        if name == nil then
+            break
+        end
+        local message = "mcp." .. name .. " is not supported by mcproxy: " .. why
+        mcp[name] = function() error(message, 2) end
+        index = index + 1
+    end
+
+    -- Crons (config) ----------------------------------------------------
+
+    -- mcp.register_cron(name, { every = s, rerun = bool, func = f }):
+    -- run f every s seconds (mcproxy.routing.crons).
+    function mcp.register_cron(name, opts)
+        config_only("mcp.register_cron")
+        local err = host.register_cron(name, opts)
+        if err then
+            error(err, 2)
+        end
+    end
+
+    -- mcp.schedule_config_reload(): reload the config once the running
+    -- code is done, as SIGHUP does.
+    function mcp.schedule_config_reload()
+        config_only("mcp.schedule_config_reload")
+        host.schedule_config_reload()
+    end
+
+    -- Rate limits -------------------------------------------------------
+    --
+    -- A token bucket (mcproxy.routing.ratelimits) is called with the
+    -- tokens to take: `if tbf(15) then ... end`. mcp.ratelim_tbf makes one
+    -- for the routes state; mcp.ratelim_global_tbf one in the config phase,
+    -- returned from mcp_config_pools and callable in the routes.
+    local RATELIM = { __name = "mcp.ratelim_tbf" }
+    local RATELIM_GLOBAL = { __name = "mcp.ratelim_global_tbf" }
+    local RATELIM_PROXY = { __name = "mcp.ratelim_proxy_tbf" }
+
+    local function take(limiter, count)
+        if math.type(count) ~= "integer" or count < 0 then
+            error("rate limit: tokens to take must be an integer >= 0", 2)
+        end
+        return limiter._take(count)
+    end
+    RATELIM.__call = take
+    RATELIM_PROXY.__call = take
+
+    function mcp.ratelim_tbf(opts)
+        routes_only("mcp.ratelim_tbf")
+        local bucket, err = host.ratelim(opts, "mcp.ratelim_tbf")
+        if err then
+            error(err, 2)
+        end
+        return setmetatable({ _take = bucket.take }, RATELIM)
+    end
+
+    function mcp.ratelim_global_tbf(opts)
+        config_only("mcp.ratelim_global_tbf")
+        local bucket, err = host.ratelim(opts, "mcp.ratelim_global_tbf")
+        if err then
+            error(err, 2)
+        end
+        return setmetatable({ _t = bucket }, RATELIM_GLOBAL)
     end
 
     -- Driving a route ---------------------------------------------------
@@ -561,11 +632,17 @@ return function(host, phase, v2)
         local mt = getmetatable(value)
         if mt == POOL then return "pool", value._p end
         if mt == BACKEND then return "backend", nil end
+        if mt == RATELIM_GLOBAL then return "ratelim", value._t end
         return nil
     end
 
     local function pool_proxy(p)
         return setmetatable({ _p = p }, POOL_PROXY)
+    end
+
+    -- A global token bucket as the routes state sees it.
+    local function ratelim_proxy(bucket)
+        return setmetatable({ _take = bucket.take }, RATELIM_PROXY)
     end
 
     -- Route shapes ------------------------------------------------------
@@ -685,12 +762,14 @@ return function(host, phase, v2)
     end
 
     if not in_config then
-        v2_entry, v2_arrived, v2_sub_arrived, v2_attached = v2(mcp, {
+        v2_entry, v2_arrived, v2_sub_arrived, v2_attached, v2_timed_out, v2_funcstats = v2(mcp, {
             POOL_PROXY = POOL_PROXY,
             REQUEST = REQUEST,
             new_response = new_response,
             routes_only = routes_only,
             log = host.log,
+            pool_logs = host.pool_logs,
+            internal_handler = host.internal_handler,
             declare = declare,
             source_lines = source_lines,
             YIELD_WAIT = YIELD_WAIT,
@@ -727,6 +806,9 @@ return function(host, phase, v2)
         v2_attached = v2_attached,
         kind = kind,
         pool_proxy = pool_proxy,
+        ratelim_proxy = ratelim_proxy,
+        timed_out = v2_timed_out,
+        funcstats = v2_funcstats,
     }
     return mcp, engine
 end

@@ -11,6 +11,13 @@ here the same way, and its result is the handle's answer.
 Replies of handles nobody waits for still go to the context: it records them
 for a later wait or result call, and frees itself once its function has
 returned and nothing is outstanding.
+
+A wait with a timeout (and ``rctx:sleep``) also arms a timer on the engine's
+clock; when it fires, v2.lua's ``timed_out`` says whether that wait is still
+going on, and if so the route resumes. A stale timer does nothing.
+
+A request sent to a backend with a ``log`` option (mcp.backend{..., log =
+{...}}) may be logged when it is answered (Host.log_backend).
 """
 
 from __future__ import annotations
@@ -106,8 +113,29 @@ def dispatch(routes, step, resumed: Callable) -> tuple | None:
         except ValueError as e:
             wait.arrived(handle, Response.failure(f"{NO_BACKEND}: {e}"))
             continue
-        backend.send(req, lambda res, handle=handle: wait.arrived(handle, res))
+        if backend.options.log is None:
+            backend.send(req, lambda res, handle=handle: wait.arrived(handle, res))
+        else:
+            backend.send(req, partial(_logged, routes.host, req, backend, wait, handle))
     wait.sending = False
-    if ready or wait.resume:
+    if ready is True or wait.resume:
         return routes.resume_wait(co)
+    if ready is not False:  # seconds until the wait times out
+        routes.host.clock.callLater(max(ready, 0), _timed_out, routes, co, rctx,
+                                    rctx.wait_seq, resumed)
     return None
+
+
+def _logged(host, req, backend, wait: _Dispatch, handle: int, res: Response) -> None:
+    """A reply from a backend that logs requests: log it, then hand it on."""
+    host.log_backend(req, res, backend)
+    wait.arrived(handle, res)
+
+
+def _timed_out(routes, co, rctx, seq: int, resumed: Callable) -> None:
+    """The timer of wait ``seq`` of ``rctx`` fired."""
+    try:
+        if routes.state.engine.timed_out(rctx, seq):
+            resumed(routes.resume_wait(co))
+    except Exception:
+        log.failure("internal error ending a request context wait")

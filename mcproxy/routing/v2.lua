@@ -10,7 +10,10 @@
 --   arrived(...)   what the engine calls with each backend reply of a
 --                  dispatched handle (true: resume the waiting route),
 --   sub_arrived(...) the same for the end of a funcgen handle's route,
---   attached()     whether mcp.attach was given a funcgen or router.
+--   attached()     whether mcp.attach was given a funcgen or router,
+--   timed_out(rctx, seq) what the engine calls when the time of wait
+--                  number `seq` of rctx is up (true: resume the route),
+--   funcstats()    what `stats proxyfuncs` shows (see there).
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
 -- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
@@ -18,7 +21,9 @@
 -- the engine for one handle queued since the last wait, or (YIELD_WAIT,
 -- rctx, ready, -1, sends, count) for `count` of them, `sends` holding their
 -- (handle, target, request) flat; a target is a pool, or the route of a
--- funcgen handle; `ready` says whether the wait is satisfied already. The
+-- funcgen handle; `ready` says whether the wait is satisfied already, or is
+-- a number: the seconds after which the wait times out (see timed_out;
+-- rctx:sleep is such a wait with nothing to send and nothing to end it). The
 -- engine sends them (mcproxy.routing.rcontext) and resumes the coroutine
 -- once arrived() or sub_arrived() says the wait is over; requests not
 -- waited for keep going and are recorded in the context when they answer.
@@ -36,6 +41,7 @@ local type = type
 local error = error
 local pcall = pcall
 local pairs = pairs
+local ipairs = ipairs
 local tostring = tostring
 local math_type = math.type
 local string_find = string.find
@@ -55,6 +61,7 @@ local WAIT_OK <const> = 2
 local WAIT_GOOD <const> = 3
 local WAIT_FASTGOOD <const> = 4
 local WAIT_HANDLE <const> = 5
+local WAIT_SLEEP <const> = 6 -- in rctx:sleep: answers are only recorded
 
 -- What rctx:result() reports (mcp.RES_*).
 local RES_GOOD <const> = 8
@@ -80,6 +87,8 @@ return function(mcp, internal)
     local DONE_STRING = internal.DONE_STRING
     local DONE_BAD = internal.DONE_BAD
     local DONE_ERROR = internal.DONE_ERROR
+    local pool_logs = internal.pool_logs
+    local internal_handler = internal.internal_handler
 
     local FUNCGEN = { __name = "mcp.funcgen" }
     FUNCGEN.__index = FUNCGEN
@@ -97,15 +106,52 @@ return function(mcp, internal)
     mcp.RES_OK = RES_OK
     mcp.RES_ANY = RES_ANY
 
+    -- fgen:new_handle(mcp.internal_handler): a handle to the embedded cache
+    -- (the request runs as mcp.internal(r) runs it).
+    local INTERNAL = setmetatable({}, { __name = "mcp.internal_handler" })
+    mcp.internal_handler = INTERNAL
+
     -- Function generators ----------------------------------------------
+
+    -- Every funcgen of this state, in creation order, and how many routers
+    -- it made (for `stats proxyfuncs`).
+    local funcgens = {}
+    local routers = 0
 
     function mcp.funcgen_new()
         routes_only("mcp.funcgen_new")
         -- targets: handle -> Python pool or route function (what is sent);
         -- proxies: handle -> the pool as Lua sees it, for pool handles;
-        -- free: the slots not serving a request
-        return setmetatable({ targets = {}, proxies = {}, count = 0, is_ready = false,
-                              free = {}, name = "anonymous" }, FUNCGEN)
+        -- free: the slots not serving a request; slots: how many it made
+        local fgen = setmetatable({ targets = {}, proxies = {}, count = 0, is_ready = false,
+                                    free = {}, slots = 0, name = "anonymous" }, FUNCGEN)
+        funcgens[#funcgens + 1] = fgen
+        return fgen
+    end
+
+    -- `stats proxyfuncs`, as memcached 1.6.45: per funcgen name, how many
+    -- funcgens have it and how many slots they made; routers count as
+    -- funcgens named "mcp_router" without slots. A flat array of (name,
+    -- funcs, slots), names in the order they first appeared.
+    local function funcstats()
+        local out, at = {}, {}
+        local function add(name, slots)
+            local i = at[name]
+            if i == nil then
+                i = #out + 1
+                at[name] = i
+                out[i], out[i + 1], out[i + 2] = name, 0, 0
+            end
+            out[i + 1] = out[i + 1] + 1
+            out[i + 2] = out[i + 2] + slots
+        end
+        for _, fgen in ipairs(funcgens) do
+            add(fgen.name, fgen.slots)
+        end
+        for _ = 1, routers do
+            add("mcp_router", 0)
+        end
+        return out
     end
 
     local function check_fgen(fgen)
@@ -131,6 +177,8 @@ return function(mcp, internal)
         if mt == POOL_PROXY then
             self.targets[handle] = target._p
             self.proxies[handle] = target
+        elseif target == INTERNAL then
+            self.targets[handle] = internal_handler
         elseif mt == FUNCGEN then
             if not target.is_ready then
                 error("new_handle: the function generator is not ready", 2)
@@ -200,11 +248,16 @@ return function(mcp, internal)
 
     -- Make a slot: a context and the function its generator returns.
     function new_slot(fgen, level)
+        -- wait_seq counts the waits of the slot (never reset, so that the
+        -- timer of an earlier wait cannot end a later one); waiting: yielded
+        -- in a wait or sleep; timed_out: how the last one ended
         local rctx = setmetatable({ fgen = fgen, state = {}, res = {}, req = {},
                                     flags = {}, cbs = {}, sends = {}, queued = 0,
-                                    wait_done = 0,
+                                    wait_done = 0, wait_seq = 0, waiting = false,
+                                    timed_out = false,
                                     wait_count = 0, awaited = -1 }, RCONTEXT)
         reset(rctx)
+        fgen.slots = fgen.slots + 1
         local func = fgen.generator(rctx, fgen.argument)
         if type(func) ~= "function" then
             error("function generator didn't return a function", level + 1)
@@ -291,9 +344,26 @@ return function(mcp, internal)
         return resume or rctx.wait_done >= rctx.wait_count or rctx.pending == 0
     end
 
+    local function check_timeout(timeout)
+        if timeout ~= nil and type(timeout) ~= "number" then
+            error("timeout argument to wait or sleep must be a number", 3)
+        end
+    end
+
+    -- Yield to the engine; true if the wait timed out.
+    local function suspend(rctx, ready, a, b, c)
+        rctx.wait_seq = rctx.wait_seq + 1
+        rctx.waiting = true
+        rctx.timed_out = false
+        coroutine_yield(YIELD_WAIT, rctx, ready, a, b, c)
+        rctx.waiting = false
+        return rctx.timed_out
+    end
+
     -- Start a wait: send what is queued, count what already answered, and
-    -- yield until the wait is over.
-    local function wait(rctx)
+    -- yield until the wait is over or, with a `timeout` (seconds), that
+    -- time is up; true if it was.
+    local function wait(rctx, timeout)
         if not coroutine_isyieldable() then
             error("request context waits can only be made from inside a route", 3)
         end
@@ -316,24 +386,60 @@ return function(mcp, internal)
         end
         if ready then
             rctx.wait_mode = WAIT_IDLE
+        elseif timeout ~= nil then
+            ready = timeout
         end
+        local timed_out
         if queued == 1 then
             -- the common case, without the engine reading a table
-            coroutine_yield(YIELD_WAIT, rctx, ready, sends[1], sends[2], sends[3])
+            timed_out = suspend(rctx, ready, sends[1], sends[2], sends[3])
         else
-            coroutine_yield(YIELD_WAIT, rctx, ready, -1, sends, queued)
+            timed_out = suspend(rctx, ready, -1, sends, queued)
         end
         -- the engine has sent them: forget them (the table is reused)
         for i = 1, queued * 3 do
             sends[i] = nil
         end
         rctx.queued = 0
+        return timed_out
     end
 
-    -- rctx:wait_cond(count [, mode]): send what is queued and wait until
-    -- `count` answers pass `mode` (default WAIT_ANY), or nothing is left
-    -- outstanding; returns how many passed.
-    function RCONTEXT:wait_cond(count, mode)
+    -- The time of wait number `seq` of rctx is up: end it, if it is still
+    -- going on (true: resume the route). A timed-out wait returns its
+    -- count so far (a handle's wait nil) and true; requests still out
+    -- keep going and are recorded when they answer.
+    local function timed_out(rctx, seq)
+        if not rctx.waiting or rctx.wait_seq ~= seq then
+            return false
+        end
+        rctx.wait_mode = WAIT_IDLE
+        rctx.timed_out = true
+        return true
+    end
+
+    -- rctx:sleep(seconds): suspend the request function for that long
+    -- (nothing queued is sent); returns true, as memcached's does.
+    function RCONTEXT:sleep(seconds)
+        if self.wait_mode ~= WAIT_IDLE then
+            error("sleep: cannot call while already in wait mode", 2)
+        end
+        if type(seconds) ~= "number" then
+            error("timeout argument to wait or sleep must be a number", 2)
+        end
+        if not coroutine_isyieldable() then
+            error("rctx:sleep can only be called from inside a route", 2)
+        end
+        self.wait_mode = WAIT_SLEEP
+        suspend(self, seconds, -1, self.sends, 0)
+        self.wait_mode = WAIT_IDLE
+        return true
+    end
+
+    -- rctx:wait_cond(count [, mode [, timeout]]): send what is queued and
+    -- wait until `count` answers pass `mode` (default WAIT_ANY), or nothing
+    -- is left outstanding; returns how many passed (and true if the
+    -- timeout, in seconds, ended the wait).
+    function RCONTEXT:wait_cond(count, mode, timeout)
         if type(count) ~= "number" then
             error("must pass number to wait_cond", 2)
         end
@@ -346,14 +452,17 @@ return function(mcp, internal)
                 and mode ~= WAIT_FASTGOOD then
             error("invalid mode sent to wait_cond", 2)
         end
+        check_timeout(timeout)
         self.wait_done = 0
         self.wait_count = count
         self.wait_mode = mode
-        wait(self)
+        if wait(self, timeout) then
+            return self.wait_done, true
+        end
         return self.wait_done
     end
 
-    local function wait_for(rctx, handle)
+    local function wait_for(rctx, handle, timeout)
         rctx.wait_done = 0
         rctx.wait_count = 1
         rctx.wait_mode = WAIT_HANDLE
@@ -364,28 +473,47 @@ return function(mcp, internal)
             rctx.wait_mode = WAIT_IDLE
             return rctx.res[handle]
         end
-        wait(rctx)
+        if wait(rctx, timeout) then
+            return nil, true
+        end
         rctx.state[handle] = WAITED
         return rctx.res[handle]
     end
 
-    -- rctx:enqueue_and_wait(r, handle): queue, send, and return its answer.
-    function RCONTEXT:enqueue_and_wait(r, handle)
+    -- rctx:enqueue_and_wait(r, handle [, timeout]): queue, send, and return
+    -- its answer (nil and true if `timeout` seconds passed first).
+    function RCONTEXT:enqueue_and_wait(r, handle, timeout)
         check_request(r)
         if math_type(handle) ~= "integer" then
             error("invalid handle passed to wait_handle", 2)
         end
+        check_timeout(timeout)
         queue(self, r, handle)
-        return wait_for(self, handle)
+        return wait_for(self, handle, timeout)
     end
 
-    -- rctx:wait_handle(handle): wait for a handle queued before.
-    function RCONTEXT:wait_handle(handle)
+    -- rctx:wait_handle(handle [, timeout]): wait for a handle queued before.
+    function RCONTEXT:wait_handle(handle, timeout)
         check_handle(self, handle, "invalid handle passed to wait_handle")
         if self.state[handle] == IDLE then
             error("wait_handle called on unqueued handle", 2)
         end
-        return wait_for(self, handle)
+        check_timeout(timeout)
+        return wait_for(self, handle, timeout)
+    end
+
+    -- Names of memcached 1.6.45's request context that mcproxy does not
+    -- have: calling one is an error that says so, not a missing method.
+    local REFUSED <const> = {
+        cfd = "mcproxy does not hand the client connection to routes",
+        tls_peer_cn = "mcproxy does not hand the client connection to routes",
+        request_new = "it serves memcached's request mutators, which mcproxy does not have",
+        response_new = "it serves memcached's response mutators, which mcproxy does not have",
+    }
+    for name, why in pairs(REFUSED) do
+        RCONTEXT[name] = function()
+            error("rctx:" .. name .. " is not supported: " .. why, 2)
+        end
     end
 
     -- rctx:handle_set_cb(handle, cb): cb(res, req) runs as each answer of
@@ -481,7 +609,7 @@ return function(mcp, internal)
             end
         end
         rctx.flags[h] = flag
-        if rctx.wait_mode ~= WAIT_IDLE then
+        if rctx.wait_mode ~= WAIT_IDLE and rctx.wait_mode ~= WAIT_SLEEP then
             if counts(rctx, h, resume) then
                 rctx.wait_mode = WAIT_IDLE
                 return true
@@ -538,8 +666,8 @@ return function(mcp, internal)
             release(rctx)
         end
         if not ok then
-            -- the log says which funcgen failed (memcached names them in
-            -- `stats proxyfuncs`, which mcproxy does not have)
+            -- the log says which funcgen failed (as `stats proxyfuncs`
+            -- names them)
             error("funcgen " .. fgen.name .. ": " .. tostring(result), 0)
         end
         return result
@@ -633,6 +761,7 @@ return function(mcp, internal)
                 copy[name] = cmap
             end
         end
+        routers = routers + 1
         return setmetatable({ map = copy, start = start, stop = stop,
                               default = default }, ROUTER)
     end
@@ -715,8 +844,8 @@ return function(mcp, internal)
             return nil
         end
         local proxy = math_type(handle) == "integer" and fgen.proxies[handle]
-        if not proxy then
-            return nil
+        if not proxy or pool_logs(proxy._p) then
+            return nil -- (the direct path logs nothing: see backend `log`)
         end
         local text = source_lines(info.source, info.linedefined, info.lastlinedefined)
         local at = text and string_find(text, FUNCTION_WORD)
@@ -761,5 +890,5 @@ return function(mcp, internal)
         return nil
     end
 
-    return entry, arrived, sub_arrived, function() return attached end
+    return entry, arrived, sub_arrived, function() return attached end, timed_out, funcstats
 end
