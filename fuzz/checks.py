@@ -29,6 +29,7 @@ from mcproxy.server.interfaces import IProxyCore
 from mcproxy.server.protocol import BINARY_HEADER, BINARY_MAGIC, ProxyServerProtocol, binary_refusal
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
+from mcproxy.wire.behaviour import WIRE_1_6_15, Wire
 from mcproxy.wire.request import (
     MAX_UNTERMINATED,
     ParseError,
@@ -196,8 +197,10 @@ class NumberingEngine:
     (a multiget key by key)."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
-                 runs: bool | str = False, multigets: bool = True) -> None:
+                 runs: bool | str = False, multigets: bool = True,
+                 wire: Wire = WIRE_1_6_15) -> None:
         self.hooked_commands = hooked
+        self.wire = wire
         self.counter = counter
         self.later = later
         self.routed: list[tuple[bytes, bytes | None, bool]] = []

@@ -33,6 +33,7 @@ from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
 from mcproxy.units import KeyBatch, PlainRun, ReplySink
 from mcproxy.wire import errors
+from mcproxy.wire.behaviour import AUTO, BEHAVIOURS, WIRE_1_6_15, WIRE_1_6_45
 from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
     CMD_FLUSH_ALL,
@@ -194,6 +195,10 @@ class Routes:
         self.sub_arrive = state.engine.sub_arrive
         self.table = state.runtime.table_from
         self.hooks = {cmd: func for cmd, func in state.engine.hooks.items()}
+        #: written for memcached's V2 API: it attaches a function generator
+        #: or a router (every route library config does); its clients get
+        #: 1.6.45's wire behaviour unless --wire says otherwise
+        self.v2 = bool(state.engine.v2_attached())
         reader = ShapeReader(state.engine)
         #: command -> what its route declared itself to be
         self.shapes = {cmd: reader.route(func) for cmd, func in self.hooks.items()}
@@ -291,7 +296,7 @@ class RouteEngine:
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
                  tunables: Tunables, user_stats: UserStats, store=None,
-                 direct: bool = True) -> None:
+                 direct: bool = True, wire: str = AUTO) -> None:
         self.stats = stats
         self.registry = registry
         self.tunables = tunables
@@ -310,6 +315,11 @@ class RouteEngine:
         self.plain_runs: bool | None = None
         #: whether those runs may hold gets of several keys
         self.plain_multigets = False
+        #: ``--wire``: a release whose wire behaviour every config gets, or
+        #: AUTO: 1.6.45's for a V2 config (Routes.v2), else 1.6.15's
+        self._wire_choice = None if wire == AUTO else BEHAVIOURS[wire]
+        #: the wire behaviour of the active config (read by the protocol per chunk)
+        self.wire = self._wire_choice or WIRE_1_6_15
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -327,6 +337,7 @@ class RouteEngine:
         self._routed = routes.routed
         self.plain_runs = routes.direct.plain_runs
         self.plain_multigets = routes.direct.plain_multigets
+        self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
 
     def hooked(self, command: int) -> bool:
         """Whether the active config routes ``command`` (else it is local)."""

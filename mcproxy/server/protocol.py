@@ -200,8 +200,14 @@ def _is_multiget_prefix(buffered: bytes) -> bool:
 class ProxyServerProtocol(LineReceiver):
     """One client connection.
 
-    A ``LineReceiver`` with ``\\n`` as delimiter (a line must end in
-    ``\\r\\n``; a bare ``\\n`` is a parse error, as in memcached's proxy).
+    A ``LineReceiver`` with ``\\n`` as delimiter. What a bad line gets is
+    the router's ``wire`` (mcproxy.wire.behaviour), read per chunk: as
+    memcached's proxy 1.6.15, a line must end in ``\\r\\n`` (a bare ``\\n``
+    is a parse error) and every refusal is answered; as 1.6.45, a bare
+    ``\\n`` ends a line too (re-framed with ``\\r\\n`` before it is parsed,
+    so that what is forwarded is what memcached reads as one request),
+    refusals are worded ``CLIENT_ERROR``, and an unknown command or a routed
+    line too long closes the connection at once (``_refused``).
     ``dataReceived`` is our own: it scans each chunk once with ``bytes.find``
     instead of LineReceiver's re-splitting of its whole buffer (quadratic
     with many lines per chunk, twisted#6357), applies the proxy's 1024-byte
@@ -255,6 +261,8 @@ class ProxyServerProtocol(LineReceiver):
         #: ``_pause_at`` (0: no limit)
         self.output_limit = output_limit or sys.maxsize
         self._pause_at = self.output_limit // OUTPUT_PAUSE_SHARE
+        #: the wire behaviour of the chunk being read (see _process)
+        self._wire = core.router.wire
 
     # -- connection lifecycle -----------------------------------------------
 
@@ -368,6 +376,8 @@ class ProxyServerProtocol(LineReceiver):
         router = self.router
         plain = router.plain_runs
         multigets = MAX_MULTIGET_KEYS if plain is not None and router.plain_multigets else 0
+        wire = self._wire = router.wire
+        receive = self._bare_lf_line if wire.bare_lf else self.lineReceived
         while pos < end:
             if self._closing or self._reading_paused:
                 self._buffer += data[pos:]
@@ -390,7 +400,7 @@ class ProxyServerProtocol(LineReceiver):
                 self._buffer += data[pos:]
                 self._check_unterminated()
                 return
-            self.lineReceived(data[pos:newline])
+            receive(data[pos:newline])
             pos = newline + 1
 
     def _check_unterminated(self) -> None:
@@ -426,6 +436,11 @@ class ProxyServerProtocol(LineReceiver):
         req.value = value
         then(req)
 
+    def _bare_lf_line(self, line: bytes) -> None:
+        """A line as memcached 1.6.22 and later frame it: one that ends in a
+        bare ``\\n`` is the request it would be with ``\\r\\n``."""
+        self.lineReceived(line if line[-1:] == b"\r" else line + b"\r")
+
     def lineReceived(self, line: bytes) -> None:
         try:
             req = parse_request(line + b"\n")
@@ -434,7 +449,11 @@ class ProxyServerProtocol(LineReceiver):
                 self._too_long()
                 return
             self.stats.conn_errors += 1
-            self._reply(e.reply)
+            wire = self._wire
+            if e.unknown and wire.close_refused:
+                self._refused()
+                return
+            self._reply(wire.reply(e.reply))
             if e.vlen:
                 self._expect_payload(None, None, e.vlen)
             return
@@ -517,7 +536,7 @@ class ProxyServerProtocol(LineReceiver):
         command = req.command
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
-                self._slots.append(Slot(self, errors.KEY_TOO_LONG))
+                self._slots.append(Slot(self, self._wire.reply(errors.KEY_TOO_LONG)))
                 continue
             line = prefix + key + b"\r\n"
             if len(line) >= MAX_REQUEST_LINE:
@@ -609,10 +628,23 @@ class ProxyServerProtocol(LineReceiver):
             self._resume_reading()
 
     def _too_long(self) -> None:
-        """``SERVER_ERROR request too long``, then hang up."""
+        """``SERVER_ERROR request too long``, then hang up (as 1.6.45:
+        ``_refused``)."""
         self.stats.conn_errors += 1
+        if self._wire.close_refused:
+            self._refused()
+            return
         self._reply(errors.REQUEST_TOO_LONG)
         self._close_after_replies()
+
+    def _refused(self) -> None:
+        """Close at once, as memcached's proxy 1.6.45 does on a request it
+        will not serve: no reply, nothing more read, and the replies not
+        yet written (those of earlier requests in the same read, or still
+        at the backends) dropped; what was written is still delivered."""
+        self._closing = True
+        self._forget()
+        self.transport.loseConnection()
 
     def _close_after_replies(self) -> None:
         """Stop reading; hang up once every earlier reply is written."""
