@@ -201,7 +201,8 @@ class ProxyServerProtocol(LineReceiver):
     """One client connection.
 
     A ``LineReceiver`` with ``\\n`` as delimiter. What a bad line gets is
-    the router's ``wire`` (mcproxy.wire.behaviour), read per chunk: as
+    the router's ``wire`` (mcproxy.wire.behaviour), read when a line is
+    refused (see lineReceived): as
     memcached's proxy 1.6.15, a line must end in ``\\r\\n`` (a bare ``\\n``
     is a parse error) and every refusal is answered; as 1.6.45, a bare
     ``\\n`` ends a line too (re-framed with ``\\r\\n`` before it is parsed,
@@ -261,8 +262,6 @@ class ProxyServerProtocol(LineReceiver):
         #: ``_pause_at`` (0: no limit)
         self.output_limit = output_limit or sys.maxsize
         self._pause_at = self.output_limit // OUTPUT_PAUSE_SHARE
-        #: the wire behaviour of the chunk being read (see _process)
-        self._wire = core.router.wire
 
     # -- connection lifecycle -----------------------------------------------
 
@@ -376,8 +375,6 @@ class ProxyServerProtocol(LineReceiver):
         router = self.router
         plain = router.plain_runs
         multigets = MAX_MULTIGET_KEYS if plain is not None and router.plain_multigets else 0
-        wire = self._wire = router.wire
-        receive = self._bare_lf_line if wire.bare_lf else self.lineReceived
         while pos < end:
             if self._closing or self._reading_paused:
                 self._buffer += data[pos:]
@@ -400,7 +397,7 @@ class ProxyServerProtocol(LineReceiver):
                 self._buffer += data[pos:]
                 self._check_unterminated()
                 return
-            receive(data[pos:newline])
+            self.lineReceived(data[pos:newline])
             pos = newline + 1
 
     def _check_unterminated(self) -> None:
@@ -436,20 +433,24 @@ class ProxyServerProtocol(LineReceiver):
         req.value = value
         then(req)
 
-    def _bare_lf_line(self, line: bytes) -> None:
-        """A line as memcached 1.6.22 and later frame it: one that ends in a
-        bare ``\\n`` is the request it would be with ``\\r\\n``."""
-        self.lineReceived(line if line[-1:] == b"\r" else line + b"\r")
-
     def lineReceived(self, line: bytes) -> None:
+        """One line, without its ``\\n``. The router's wire behaviour is
+        read only when the line is refused: a line ending in a bare ``\\n``
+        always is (parse_request wants ``\\r\\n``), and where the behaviour
+        reads it as memcached 1.6.22 and later do, it is parsed again as
+        the request it would be with ``\\r\\n``, which is then what a
+        backend receives. Lines that parse pay nothing for the choice."""
         try:
             req = parse_request(line + b"\n")
         except ParseError as e:
+            wire = self.router.wire
+            if wire.bare_lf and line[-1:] != b"\r":
+                self.lineReceived(line + b"\r")
+                return
             if e.reply is errors.REQUEST_TOO_LONG:
                 self._too_long()
                 return
             self.stats.conn_errors += 1
-            wire = self._wire
             if e.unknown and wire.close_refused:
                 self._refused()
                 return
@@ -536,7 +537,7 @@ class ProxyServerProtocol(LineReceiver):
         command = req.command
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
-                self._slots.append(Slot(self, self._wire.reply(errors.KEY_TOO_LONG)))
+                self._slots.append(Slot(self, self.router.wire.reply(errors.KEY_TOO_LONG)))
                 continue
             line = prefix + key + b"\r\n"
             if len(line) >= MAX_REQUEST_LINE:
@@ -631,7 +632,7 @@ class ProxyServerProtocol(LineReceiver):
         """``SERVER_ERROR request too long``, then hang up (as 1.6.45:
         ``_refused``)."""
         self.stats.conn_errors += 1
-        if self._wire.close_refused:
+        if self.router.wire.close_refused:
             self._refused()
             return
         self._reply(errors.REQUEST_TOO_LONG)

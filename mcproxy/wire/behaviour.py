@@ -12,7 +12,9 @@ memcached's proxy changed what a client sees for requests it refuses:
   line that is too long; replies not yet written are dropped with it.
 
 Which one a connection gets is the engine's ``wire`` (RouteEngine: by the
-active config's API unless ``--wire`` names one), read once per chunk.
+active config's API unless ``--wire`` names one), which the protocol reads
+only when it refuses a line (a line ending in a bare ``\n`` is refused by
+the parser first), so that requests that parse pay nothing for it.
 Pure: no Twisted imports.
 """
 

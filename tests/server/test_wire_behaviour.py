@@ -147,7 +147,7 @@ def test_replies_not_yet_written_are_dropped_with_the_connection(turns):
     assert transport.value() == b"" and transport.disconnecting
 
 
-def test_the_behaviour_is_read_per_chunk():
+def test_the_behaviour_follows_the_router():
     proto, transport, core = connect(WIRE_1_6_15)
     feed(proto, b"get\r\n")
     core.router.wire = WIRE_1_6_45  # a reload to a V2 config
