@@ -66,6 +66,9 @@ BINARY_HEADER_WAIT = 2.0
 BINARY_STATUS = 0x0081
 #: magic, opcode, key length, extras length, data type, status, body length
 _BINARY_RESPONSE = struct.Struct(">BBHBBHI")
+#: Bytes before a bare ``\n`` for a line to be a request where one may end so
+#: (1.6.45: ``mn\n``, 3 bytes in all, is too short, as is ``x\r\n``).
+MIN_BARE_LF_LINE = 3
 #: How far a multiget line may be indented and still count as one.
 MAX_MULTIGET_INDENT = 100
 #: What a client beyond --max-connections gets before the hang-up (memcached's words).
@@ -444,7 +447,7 @@ class ProxyServerProtocol(LineReceiver):
             req = parse_request(line + b"\n")
         except ParseError as e:
             wire = self.router.wire
-            if wire.bare_lf and line[-1:] != b"\r":
+            if wire.bare_lf and line[-1:] != b"\r" and len(line) >= MIN_BARE_LF_LINE:
                 self.lineReceived(line + b"\r")
                 return
             if e.reply is errors.REQUEST_TOO_LONG:
@@ -454,7 +457,7 @@ class ProxyServerProtocol(LineReceiver):
             if e.unknown and wire.close_refused:
                 self._refused()
                 return
-            self._reply(wire.reply(e.reply))
+            self._reply(wire.refusal(e))
             if e.vlen:
                 self._expect_payload(None, None, e.vlen)
             return

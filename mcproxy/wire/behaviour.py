@@ -7,9 +7,11 @@ memcached's proxy changed what a client sees for requests it refuses:
   bare ``\\n`` the same way;
 * 1.6.45 (the V2 API and the route library) reads a bare ``\\n`` as the
   end of a request line as memcached itself does (from 1.6.22), words its
-  refusals ``CLIENT_ERROR ...`` (from 1.6.20), and closes the connection
-  at once, without a reply, on a command it does not serve or a routed
-  line that is too long; replies not yet written are dropped with it.
+  refusals ``CLIENT_ERROR ...`` (from 1.6.20), refuses some lines that
+  memcached answers itself (``incr k``: memcached's ``ERROR``, the proxy's
+  ``CLIENT_ERROR parsing request``), and closes the connection at once,
+  without a reply, on a command it does not serve or a routed line that is
+  too long; replies not yet written are dropped with it.
 
 Which one a connection gets is the engine's ``wire`` (RouteEngine: by the
 active config's API unless ``--wire`` names one), which the protocol reads
@@ -28,6 +30,7 @@ from mcproxy.wire.errors import (
     KEY_TOO_LONG,
     PARSING_REQUEST,
 )
+from mcproxy.wire.request import ParseError
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Wire:
     bare_lf: bool
     #: an unknown command, or a routed line too long: close at once, no reply
     close_refused: bool
+    #: lines memcached answers itself and this release cannot parse
+    #: (ParseError.strict) get PARSING_REQUEST, as this release words it
+    strict: bool
     #: the proxy's own error lines (as 1.6.15 words them) -> this release's
     words: dict[bytes, bytes] = field(default_factory=dict)
 
@@ -47,9 +53,13 @@ class Wire:
         """``line``, one of the proxy's own error lines, as this release says it."""
         return self.words.get(line, line)
 
+    def refusal(self, error: ParseError) -> bytes:
+        """What this release answers a line the parser refused."""
+        return self.reply(PARSING_REQUEST if error.strict and self.strict else error.reply)
 
-WIRE_1_6_15 = Wire("1.6.15", bare_lf=False, close_refused=False)
-WIRE_1_6_45 = Wire("1.6.45", bare_lf=True, close_refused=True, words={
+
+WIRE_1_6_15 = Wire("1.6.15", bare_lf=False, close_refused=False, strict=False)
+WIRE_1_6_45 = Wire("1.6.45", bare_lf=True, close_refused=True, strict=True, words={
     PARSING_REQUEST: CLIENT_PARSING_REQUEST,
     KEY_TOO_LONG: CLIENT_KEY_TOO_LONG,
 })

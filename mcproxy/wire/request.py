@@ -167,14 +167,17 @@ class ParseError(ValueError):
     and drops it, so that one refused request gets one reply (memcached
     would read it as a command). ``unknown``: the line's command is none
     the proxy serves (memcached's proxy 1.6.45 closes the connection on it).
+    ``strict``: memcached answers the line ``reply``, where memcached's proxy
+    1.6.45 refuses it as one it cannot parse (mcproxy.wire.behaviour).
     """
 
     def __init__(self, reason: str, reply: bytes = PARSING_REQUEST, vlen: int = 0,
-                 unknown: bool = False) -> None:
+                 unknown: bool = False, strict: bool = False) -> None:
         super().__init__(reason)
         self.reply = reply
         self.vlen = vlen
         self.unknown = unknown
+        self.strict = strict
 
 
 class Request:
@@ -483,6 +486,9 @@ def _parse_tokens(line: bytes) -> Request:
         return Request(command, line, tokens, key, vlen, quiet=quiet)
 
     # incr, decr, touch, delete
+    if ntokens < 3 and command is not CMD_DELETE:
+        # memcached answers ERROR; its proxy 1.6.45 cannot parse it
+        raise ParseError("too few tokens", ERROR, strict=True)
     if len(key) > MAX_KEY_LENGTH:
         raise _key_too_long(line)
     noreply = ntokens > 2 and _is_noreply(tokens[-1])

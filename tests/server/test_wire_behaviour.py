@@ -45,6 +45,11 @@ def routed_wire(core) -> list[bytes]:
      b"CLIENT_ERROR parsing request\r\n"),
     (b"gat 10\r\n", b"SERVER_ERROR parsing request\r\n", b"CLIENT_ERROR parsing request\r\n"),
     (b"mg k 1v\r\n", b"SERVER_ERROR parsing request\r\n", b"CLIENT_ERROR parsing request\r\n"),
+    # memcached answers ERROR itself, where 1.6.45's parser refuses them
+    (b"incr k\r\n", errors.ERROR, b"CLIENT_ERROR parsing request\r\n"),
+    (b"decr k \r\n", errors.ERROR, b"CLIENT_ERROR parsing request\r\n"),
+    (b"touch k\r\n", errors.ERROR, b"CLIENT_ERROR parsing request\r\n"),
+    (b"incr  1\r\n", errors.ERROR, b"CLIENT_ERROR parsing request\r\n"),
     # memcached's own answers stay memcached's in both
     (b"set a\x00b 0 0 1\r\nx\r\n", errors.BAD_COMMAND_LINE, errors.BAD_COMMAND_LINE),
     (b"get " + b"k" * 251 + b"\r\n", errors.BAD_COMMAND_LINE, errors.BAD_COMMAND_LINE),
@@ -189,6 +194,10 @@ def test_a_bare_lf_line_of_a_multiget_is_split_as_any():
     (b"set k 0 0 1\nxy\r\nversion\r\n",
      errors.BAD_DATA_CHUNK + b"CLIENT_ERROR parsing request\r\n" + VERSION_LINE),
     (b"\nversion\r\n", b"CLIENT_ERROR parsing request\r\n" + VERSION_LINE),
+    # a line of 3 bytes with its \n is too short, as x\r\n is
+    (b"mn\nversion\r\n", b"CLIENT_ERROR parsing request\r\n" + VERSION_LINE),
+    (b"ab\nversion\r\n", b"CLIENT_ERROR parsing request\r\n" + VERSION_LINE),
+    (b"incr k\nversion\r\n", b"CLIENT_ERROR parsing request\r\n" + VERSION_LINE),
     (b"version\n", VERSION_LINE),
 ])
 def test_what_follows_a_bare_lf_line_under_1_6_45(request_bytes, want):

@@ -45,3 +45,16 @@ def test_other_refusals_are_not(line):
     with pytest.raises(ParseError) as refused:
         parse_request(line)
     assert not refused.value.unknown
+
+
+@pytest.mark.parametrize("line", [b"incr k\r\n", b"decr k \r\n", b"touch k\r\n", b"incr  1\r\n"])
+def test_lines_memcached_answers_and_1_6_45_cannot_parse(line):
+    with pytest.raises(ParseError) as refused:
+        parse_request(line)
+    assert refused.value.reply == errors.ERROR and refused.value.strict
+    assert WIRE_1_6_15.refusal(refused.value) == b"ERROR\r\n"
+    assert WIRE_1_6_45.refusal(refused.value) == b"CLIENT_ERROR parsing request\r\n"
+
+
+def test_delete_needs_only_its_key():
+    assert parse_request(b"delete k\r\n").key == b"k"
