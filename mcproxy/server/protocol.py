@@ -451,7 +451,7 @@ class ProxyServerProtocol(LineReceiver):
                 self.lineReceived(line + b"\r")
                 return
             if e.reply is errors.REQUEST_TOO_LONG:
-                self._too_long()
+                self._line_too_long()
                 return
             self.stats.conn_errors += 1
             if e.unknown and wire.close_refused:
@@ -468,7 +468,7 @@ class ProxyServerProtocol(LineReceiver):
             self._multiget(req, split_multiget(req))
             return
         elif len(req.line) >= MAX_REQUEST_LINE:
-            self._too_long()
+            self._line_too_long()
             return
         else:
             then = self._route
@@ -544,7 +544,7 @@ class ProxyServerProtocol(LineReceiver):
                 continue
             line = prefix + key + b"\r\n"
             if len(line) >= MAX_REQUEST_LINE:
-                self._too_long()
+                self._line_too_long()
                 return
             sub = Request(command, line, [*req.tokens[:-1], key], key)
             sub.multiget = True
@@ -632,14 +632,21 @@ class ProxyServerProtocol(LineReceiver):
             self._resume_reading()
 
     def _too_long(self) -> None:
-        """``SERVER_ERROR request too long``, then hang up (as 1.6.45:
-        ``_refused``)."""
+        """``SERVER_ERROR request too long``, then hang up: memcached's
+        proxy 1.6.15's answer to a routed line too long, and mcproxy's to a
+        multiget beyond its limits, under either wire behaviour."""
         self.stats.conn_errors += 1
-        if self.router.wire.close_refused:
-            self._refused()
-            return
         self._reply(errors.REQUEST_TOO_LONG)
         self._close_after_replies()
+
+    def _line_too_long(self) -> None:
+        """A routed line of MAX_REQUEST_LINE bytes or more: as 1.6.15
+        (``_too_long``), or as 1.6.45, which closes at once (``_refused``)."""
+        if self.router.wire.close_refused:
+            self.stats.conn_errors += 1
+            self._refused()
+        else:
+            self._too_long()
 
     def _refused(self) -> None:
         """Close at once, as memcached's proxy 1.6.45 does on a request it

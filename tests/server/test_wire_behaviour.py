@@ -221,3 +221,15 @@ def test_a_bare_lf_payload_is_a_bad_chunk_and_what_follows_a_command(turns):
     feed(proto, b"set k 0 0 1\nx\nversion\r\n")
     turns()
     assert transport.value() == b"" and transport.disconnecting
+
+
+@pytest.mark.parametrize("line", [
+    b"get " + b" ".join(b"k%d" % i for i in range(16385)) + b"\r\n",  # MAX_MULTIGET_KEYS
+])
+def test_mcproxy_s_own_limits_are_answered_under_both(line):
+    """1.6.45 has no such limit (it serves 20,000 keys); mcproxy keeps its
+    bound on what one request may hold and says so before it closes."""
+    for wire in (WIRE_1_6_15, WIRE_1_6_45):
+        proto, transport, core = connect(wire)
+        feed(proto, line)
+        assert transport.value() == errors.REQUEST_TOO_LONG and transport.disconnecting
