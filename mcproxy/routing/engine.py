@@ -318,7 +318,8 @@ class RouteEngine:
         #: ``--wire``: a release whose wire behaviour every config gets, or
         #: AUTO: 1.6.45's for a V2 config (Routes.v2), else 1.6.15's
         self._wire_choice = None if wire == AUTO else BEHAVIOURS[wire]
-        #: the wire behaviour of the active config (read by the protocol per chunk)
+        #: the wire behaviour of the active config (the protocol reads it when it
+        #: refuses a line)
         self.wire = self._wire_choice or WIRE_1_6_15
         self._last_error_log = 0.0
         self._errors_unlogged = 0

@@ -15,7 +15,7 @@ memcached's proxy changed what a client sees for requests it refuses:
 
 Which one a connection gets is the engine's ``wire`` (RouteEngine: by the
 active config's API unless ``--wire`` names one), which the protocol reads
-only when it refuses a line (a line ending in a bare ``\n`` is refused by
+only when it refuses a line (a line ending in a bare ``\\n`` is refused by
 the parser first), so that requests that parse pay nothing for it.
 Pure: no Twisted imports.
 """
