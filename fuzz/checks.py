@@ -29,6 +29,7 @@ from mcproxy.server.interfaces import IProxyCore
 from mcproxy.server.protocol import BINARY_HEADER, BINARY_MAGIC, ProxyServerProtocol, binary_refusal
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
+from mcproxy.wire.behaviour import WIRE_1_6_15, WIRE_1_6_45, Wire
 from mcproxy.wire.request import (
     MAX_UNTERMINATED,
     ParseError,
@@ -196,8 +197,10 @@ class NumberingEngine:
     (a multiget key by key)."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
-                 runs: bool | str = False, multigets: bool = True) -> None:
+                 runs: bool | str = False, multigets: bool = True,
+                 wire: Wire = WIRE_1_6_15) -> None:
         self.hooked_commands = hooked
+        self.wire = wire
         self.counter = counter
         self.later = later
         self.routed: list[tuple[bytes, bytes | None, bool]] = []
@@ -274,10 +277,10 @@ class NumberingService:
     router, a numbered line for every local answer but ``version``."""
 
     def __init__(self, hooked: frozenset[int], later: bool, runs: bool | str = False,
-                 multigets: bool = True) -> None:
+                 multigets: bool = True, wire: Wire = WIRE_1_6_15) -> None:
         self.counter = [0]
         self.engine = self.router = NumberingEngine(hooked, self.counter, later, runs,
-                                                    multigets)
+                                                    multigets, wire)
         self.stats = ProxyStats()
         self.clock = Clock()
         self.watchers = None
@@ -293,12 +296,12 @@ class NumberingService:
 
 
 def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False,
-                 runs: bool | str = False, multigets: bool = True):
+                 runs: bool | str = False, multigets: bool = True, wire: Wire = WIRE_1_6_15):
     """Feed ``chunks`` to a connection; what was routed, written, and
     whether it hung up. ``later`` answers routes at the end, backwards;
     ``runs`` lets the engine take runs of plain requests ("refuse": offers
     them, and the engine declines each), with ``multigets`` those of
-    several keys too.
+    several keys too; ``wire``: the behaviour the connection gets.
 
     Each chunk, and each late answer, is one reactor iteration: replies are
     written by a write batch of this run's own, flushed after each (without
@@ -314,7 +317,7 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
 
     saved, server_module.batch = server_module.batch, writes
     try:
-        service = NumberingService(hooked, later, runs, multigets)
+        service = NumberingService(hooked, later, runs, multigets, wire)
         proto = ProxyServerProtocol(service)
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -331,8 +334,8 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
 _PROXY_LINES = [errors.PARSING_REQUEST, errors.REQUEST_TOO_LONG, errors.KEY_TOO_LONG,
                 errors.BAD_DATA_CHUNK, errors.NO_ROUTE, errors.NOT_SUPPORTED,
                 errors.BINARY_PROTOCOL, errors.OBJECT_TOO_LARGE, errors.BAD_COMMAND_LINE,
-                errors.OPTIONS_TOO_LONG, errors.ERROR,
-                errors.END, b"MN\r\n", VERSION_LINE]
+                errors.OPTIONS_TOO_LONG, errors.ERROR, errors.CLIENT_PARSING_REQUEST,
+                errors.CLIENT_KEY_TOO_LONG, errors.END, b"MN\r\n", VERSION_LINE]
 _OUTPUT_ITEM = re.compile(b"<(\\d+)>\r\n|" + b"|".join(map(re.escape, _PROXY_LINES)))
 
 
@@ -375,6 +378,24 @@ def check_client_stream(stream: bytes, chunks: list[bytes], hooked: frozenset[in
         # Longer lines close the connection only when they arrive in pieces
         # (memcached's rule is about buffered bytes), so they may differ.
         assert whole[:3] == split[:3], (whole[:3], split[:3])
+
+
+def check_client_stream_1_6_45(stream: bytes, chunks: list[bytes],
+                               hooked: frozenset[int]) -> None:
+    """Under memcached 1.6.45's wire behaviour, which closes at once on an
+    unknown command and drops the replies not yet written (so what is
+    written depends on when answers come): a client stream fed whole with
+    immediate answers, in ``chunks`` with late answers, and in runs of
+    plain requests, routes the same requests and hangs up the same way,
+    and writes only whole replies to requests that were made."""
+    whole = run_protocol([stream], hooked, wire=WIRE_1_6_45)
+    split = run_protocol(chunks, hooked, later=True, wire=WIRE_1_6_45)
+    runs = run_protocol(chunks, hooked, later=True, runs=True, wire=WIRE_1_6_45)
+    for run in (whole, split, runs):
+        check_output(stream, *run[:2], run[3])
+    assert runs[0] == split[0] and runs[2] == split[2], (runs[:3], split[:3])
+    if all(len(line) <= MAX_UNTERMINATED for line in stream.split(b"\n")):
+        assert whole[0] == split[0] and whole[2] == split[2], (whole[:3], split[:3])
 
 
 # -- the embedded cache --------------------------------------------------------

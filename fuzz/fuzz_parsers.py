@@ -80,6 +80,7 @@ def fuzz_server(data: bytes) -> None:
     stream, chunks = checks.seeded_chunks(data)
     hooked = _hook_sets[data[0] % len(_hook_sets)] if data else frozenset()
     checks.check_client_stream(stream, chunks, hooked)
+    checks.check_client_stream_1_6_45(stream, chunks, hooked)
 
 
 def fuzz_cache(data: bytes) -> None:

@@ -45,6 +45,7 @@ from mcproxy.routing.userstats import UserStats
 from mcproxy.server.interfaces import IProxyCore
 from mcproxy.server.protocol import CLIENT_OUTPUT_LIMIT, ProxyServerFactory
 from mcproxy.wire import errors
+from mcproxy.wire.behaviour import AUTO
 from mcproxy.wire.request import CMD_STATS, CMD_VERSION, Request
 
 __all__ = ["VERSION", "ProxyService", "ReloadRecord"]
@@ -89,7 +90,7 @@ class ProxyService(MultiService):
                  max_connections: int = 0, idle_timeout: float = 0,
                  backlog: int = DEFAULT_BACKLOG,
                  output_limit: int = CLIENT_OUTPUT_LIMIT,
-                 config_arg: str | None = None) -> None:
+                 config_arg: str | None = None, wire: str = AUTO) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -102,7 +103,8 @@ class ProxyService(MultiService):
         self.user_stats = UserStats()
         self.registry = BackendRegistry(self.stats, reactor=reactor)
         self.engine = self.router = RouteEngine(self.stats, self.registry, self.tunables,
-                                                self.user_stats, store=store, clock=reactor)
+                                                self.user_stats, store=store, clock=reactor,
+                                                wire=wire)
         # mcp.schedule_config_reload() reloads as a SIGHUP does
         self.engine.schedule_reload = partial(self._hup, signal.SIGHUP, None)
         self.store = store

@@ -18,6 +18,7 @@ from mcproxy.app.workers import WorkerSupervisor, is_tcp_endpoint, worker_argume
 from mcproxy.cache.store import Store
 from mcproxy.routing.engine import CONFIG_FILE_SEPARATOR, ROUTELIB, ROUTELIB_PATH, ConfigError
 from mcproxy.server.protocol import CLIENT_OUTPUT_LIMIT
+from mcproxy.wire.behaviour import AUTO, BEHAVIOURS
 
 DEFAULT_LISTEN = "tcp:11211"
 LOG_BACKLOG_CAPPED = ("--backlog={backlog} is above net.core.somaxconn ({somaxconn}): "
@@ -67,6 +68,12 @@ class Options(usage.Options):
          "TCP endpoints and runs that many proxy processes on them, restarts "
          "any that dies, passes SIGHUP on to all, and serves their metrics "
          "on --metrics.", int],
+        ["wire", None, AUTO,
+         "What clients get for bad input: as memcached's proxy '1.6.15' "
+         "(SERVER_ERROR parsing request, lines must end in \\r\\n) or "
+         "'1.6.45' (CLIENT_ERROR, a bare \\n ends a line, an unknown command "
+         "closes the connection); 'auto': 1.6.45 for a config that attaches "
+         "a function generator or router (V2 API, routelib), else 1.6.15."],
         ["backlog", "b", DEFAULT_BACKLOG,
          "Listen backlog of the --listen endpoints (memcached's -b), unless an "
          "endpoint string gives its own backlog=; the kernel caps it at "
@@ -148,6 +155,9 @@ class Options(usage.Options):
                                    "megabytes")
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be 1 or more")
+        if self["wire"] != AUTO and self["wire"] not in BEHAVIOURS:
+            raise usage.UsageError(
+                f"--wire must be one of {', '.join(sorted({AUTO, *BEHAVIOURS}))}")
         if self["backlog"] < 1:
             raise usage.UsageError("--backlog must be 1 or more")
         if self["workers"] > 1:
@@ -186,7 +196,7 @@ def makeService(options: Options) -> ProxyProcess:
                            idle_timeout=options["idle-timeout"],
                            backlog=options["backlog"],
                            output_limit=options["client-output-limit"] * 2**20,
-                           config_arg=options["config-arg"])
+                           config_arg=options["config-arg"], wire=options["wire"])
     try:
         service.load_config()
     except ConfigError as e:

@@ -35,6 +35,7 @@ from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
 from mcproxy.units import KeyBatch, PlainRun, ReplySink
 from mcproxy.wire import errors
+from mcproxy.wire.behaviour import AUTO, BEHAVIOURS, WIRE_1_6_15, WIRE_1_6_45
 from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
     CMD_FLUSH_ALL,
@@ -216,6 +217,10 @@ class Routes:
         self.sub_arrived = state.engine.sub_arrived
         self.sub_arrive = state.engine.sub_arrive
         self.table = state.runtime.table_from
+        #: written for memcached's V2 API: it attaches a function generator
+        #: or a router (every route library config does); its clients get
+        #: 1.6.45's wire behaviour unless --wire says otherwise
+        self.v2 = bool(state.engine.v2_attached())
         reader = ShapeReader(state.engine)
         untagged = RouteTable(dict(state.engine.hooks.items()), reader, host, direct)
         #: the routes of untagged listeners, and of a tag no route names
@@ -337,7 +342,7 @@ class RouteEngine:
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
                  tunables: Tunables, user_stats: UserStats, store=None,
-                 direct: bool = True, clock=None) -> None:
+                 direct: bool = True, clock=None, wire: str = AUTO) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         #: the clock of crons, rate limits and V2 waits with a timeout
@@ -369,6 +374,12 @@ class RouteEngine:
         self.plain_runs: bool | None = None
         #: whether those runs may hold gets of several keys
         self.plain_multigets = False
+        #: ``--wire``: a release whose wire behaviour every config gets, or
+        #: AUTO: 1.6.45's for a V2 config (Routes.v2), else 1.6.15's
+        self._wire_choice = None if wire == AUTO else BEHAVIOURS[wire]
+        #: the wire behaviour of the active config (the protocol reads it when it
+        #: refuses a line)
+        self.wire = self._wire_choice or WIRE_1_6_15
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -423,6 +434,7 @@ class RouteEngine:
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
         self.plain_multigets = table.direct.plain_multigets
+        self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
 
     def hooked(self, command: int) -> bool:
         """Whether the active config routes ``command`` (else it is local)."""

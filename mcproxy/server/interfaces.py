@@ -21,6 +21,10 @@ class IRouter(Interface):
         "handed to route_run with sets as well as gets; read per chunk, as it "
         "changes with the routes")
     plain_multigets = Attribute("whether those runs may hold gets of several keys")
+    wire = Attribute(
+        "the wire behaviour (mcproxy.wire.behaviour.Wire) clients get: line ends, "
+        "error words, what closes; read when a line is refused, as it changes "
+        "with the routes")
 
     def hooked(command):
         """Whether the routes take ``command`` (else it is answered locally)."""

@@ -66,6 +66,9 @@ BINARY_HEADER_WAIT = 2.0
 BINARY_STATUS = 0x0081
 #: magic, opcode, key length, extras length, data type, status, body length
 _BINARY_RESPONSE = struct.Struct(">BBHBBHI")
+#: Bytes before a bare ``\n`` for a line to be a request where one may end so
+#: (1.6.45: ``mn\n``, 3 bytes in all, is too short, as is ``x\r\n``).
+MIN_BARE_LF_LINE = 3
 #: How far a multiget line may be indented and still count as one.
 MAX_MULTIGET_INDENT = 100
 #: What a client beyond --max-connections gets before the hang-up (memcached's words).
@@ -200,8 +203,15 @@ def _is_multiget_prefix(buffered: bytes) -> bool:
 class ProxyServerProtocol(LineReceiver):
     """One client connection.
 
-    A ``LineReceiver`` with ``\\n`` as delimiter (a line must end in
-    ``\\r\\n``; a bare ``\\n`` is a parse error, as in memcached's proxy).
+    A ``LineReceiver`` with ``\\n`` as delimiter. What a bad line gets is
+    the router's ``wire`` (mcproxy.wire.behaviour), read when a line is
+    refused (see lineReceived): as
+    memcached's proxy 1.6.15, a line must end in ``\\r\\n`` (a bare ``\\n``
+    is a parse error) and every refusal is answered; as 1.6.45, a bare
+    ``\\n`` ends a line too (re-framed with ``\\r\\n`` before it is parsed,
+    so that what is forwarded is what memcached reads as one request),
+    refusals are worded ``CLIENT_ERROR``, and an unknown command or a routed
+    line too long closes the connection at once (``_refused``).
     ``dataReceived`` is our own: it scans each chunk once with ``bytes.find``
     instead of LineReceiver's re-splitting of its whole buffer (quadratic
     with many lines per chunk, twisted#6357), applies the proxy's 1024-byte
@@ -428,14 +438,27 @@ class ProxyServerProtocol(LineReceiver):
         then(req)
 
     def lineReceived(self, line: bytes) -> None:
+        """One line, without its ``\\n``. The router's wire behaviour is
+        read only when the line is refused: a line ending in a bare ``\\n``
+        always is (parse_request wants ``\\r\\n``), and where the behaviour
+        reads it as memcached 1.6.22 and later do, it is parsed again as
+        the request it would be with ``\\r\\n``, which is then what a
+        backend receives. Lines that parse pay nothing for the choice."""
         try:
             req = parse_request(line + b"\n")
         except ParseError as e:
+            wire = self.router.wire
+            if wire.bare_lf and line[-1:] != b"\r" and len(line) >= MIN_BARE_LF_LINE:
+                self.lineReceived(line + b"\r")
+                return
             if e.reply is errors.REQUEST_TOO_LONG:
-                self._too_long()
+                self._line_too_long()
                 return
             self.stats.conn_errors += 1
-            self._reply(e.reply)
+            if e.unknown and wire.close_refused:
+                self._refused()
+                return
+            self._reply(wire.refusal(e))
             if e.vlen:
                 self._expect_payload(None, None, e.vlen)
             return
@@ -446,7 +469,7 @@ class ProxyServerProtocol(LineReceiver):
             self._multiget(req, split_multiget(req))
             return
         elif len(req.line) >= MAX_REQUEST_LINE:
-            self._too_long()
+            self._line_too_long()
             return
         else:
             then = self._route
@@ -518,11 +541,11 @@ class ProxyServerProtocol(LineReceiver):
         command = req.command
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
-                self._slots.append(Slot(self, errors.KEY_TOO_LONG))
+                self._slots.append(Slot(self, self.router.wire.reply(errors.KEY_TOO_LONG)))
                 continue
             line = prefix + key + b"\r\n"
             if len(line) >= MAX_REQUEST_LINE:
-                self._too_long()
+                self._line_too_long()
                 return
             sub = Request(command, line, [*req.tokens[:-1], key], key)
             sub.multiget = True
@@ -610,10 +633,30 @@ class ProxyServerProtocol(LineReceiver):
             self._resume_reading()
 
     def _too_long(self) -> None:
-        """``SERVER_ERROR request too long``, then hang up."""
+        """``SERVER_ERROR request too long``, then hang up: memcached's
+        proxy 1.6.15's answer to a routed line too long, and mcproxy's to a
+        multiget beyond its limits, under either wire behaviour."""
         self.stats.conn_errors += 1
         self._reply(errors.REQUEST_TOO_LONG)
         self._close_after_replies()
+
+    def _line_too_long(self) -> None:
+        """A routed line of MAX_REQUEST_LINE bytes or more: as 1.6.15
+        (``_too_long``), or as 1.6.45, which closes at once (``_refused``)."""
+        if self.router.wire.close_refused:
+            self.stats.conn_errors += 1
+            self._refused()
+        else:
+            self._too_long()
+
+    def _refused(self) -> None:
+        """Close at once, as memcached's proxy 1.6.45 does on a request it
+        will not serve: no reply, nothing more read, and the replies not
+        yet written (those of earlier requests in the same read, or still
+        at the backends) dropped; what was written is still delivered."""
+        self._closing = True
+        self._forget()
+        self.transport.loseConnection()
 
     def _close_after_replies(self) -> None:
         """Stop reading; hang up once every earlier reply is written."""

@@ -6,6 +6,10 @@ The strings are those of memcached's proxy (mcp-api.md section 2.3).
 PARSING_REQUEST = b"SERVER_ERROR parsing request\r\n"
 REQUEST_TOO_LONG = b"SERVER_ERROR request too long\r\n"
 KEY_TOO_LONG = b"SERVER_ERROR key too long\r\n"
+#: The same two refusals as memcached's proxy words them from 1.6.20 on
+#: (mcproxy.wire.behaviour).
+CLIENT_PARSING_REQUEST = b"CLIENT_ERROR parsing request\r\n"
+CLIENT_KEY_TOO_LONG = b"CLIENT_ERROR key too long\r\n"
 LUA_FAILURE = b"SERVER_ERROR lua failure\r\n"
 BAD_RESPONSE = b"SERVER_ERROR bad response\r\n"
 BACKEND_FAILURE = b"SERVER_ERROR backend failure\r\n"

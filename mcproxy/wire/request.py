@@ -4,7 +4,9 @@ Pure: no Twisted imports. The rules are those of memcached's proxy request
 parser (mcp-api.md section 2.1): commands are recognised by exact lower-case
 spelling, tokens are separated by spaces, a per-command cap limits how many
 tokens are indexed (the last indexed token then runs to the end of the line),
-and a line must end in ``\r\n``.
+and a line must end in ``\r\n`` (a line that ends in a bare ``\n`` reaches
+the parser so only under 1.6.15's wire behaviour, and is refused; under
+1.6.45's the protocol re-frames it with ``\r\n`` first: mcproxy.wire.behaviour).
 
 A request is forwarded on a connection it shares with other clients, whose
 replies are paired with requests by position: it must be one that memcached
@@ -163,13 +165,19 @@ class ParseError(ValueError):
     (``ERROR`` for a command memcached does not know). ``vlen`` (with
     CRLF), when not 0, is the payload that follows the line: the proxy reads
     and drops it, so that one refused request gets one reply (memcached
-    would read it as a command).
+    would read it as a command). ``unknown``: the line's command is none
+    the proxy serves (memcached's proxy 1.6.45 closes the connection on it).
+    ``strict``: memcached answers the line ``reply``, where memcached's proxy
+    1.6.45 refuses it as one it cannot parse (mcproxy.wire.behaviour).
     """
 
-    def __init__(self, reason: str, reply: bytes = PARSING_REQUEST, vlen: int = 0) -> None:
+    def __init__(self, reason: str, reply: bytes = PARSING_REQUEST, vlen: int = 0,
+                 unknown: bool = False, strict: bool = False) -> None:
         super().__init__(reason)
         self.reply = reply
         self.vlen = vlen
+        self.unknown = unknown
+        self.strict = strict
 
 
 class Request:
@@ -424,7 +432,8 @@ def _parse_tokens(line: bytes) -> Request:
     name, _, _ = body.partition(b" ")
     command = COMMANDS.get(name)
     if command is None:
-        raise ParseError("unknown command", PARSING_REQUEST if name in NOT_SERVED else ERROR)
+        raise ParseError("unknown command", PARSING_REQUEST if name in NOT_SERVED else ERROR,
+                         unknown=True)
     tokens = _tokenize(body, _TOKEN_CAPS.get(command, _DEFAULT_CAP))
     ntokens = len(tokens)
 
@@ -477,6 +486,9 @@ def _parse_tokens(line: bytes) -> Request:
         return Request(command, line, tokens, key, vlen, quiet=quiet)
 
     # incr, decr, touch, delete
+    if ntokens < 3 and command is not CMD_DELETE:
+        # memcached answers ERROR; its proxy 1.6.45 cannot parse it
+        raise ParseError("too few tokens", ERROR, strict=True)
     if len(key) > MAX_KEY_LENGTH:
         raise _key_too_long(line)
     noreply = ntokens > 2 and _is_noreply(tokens[-1])

@@ -23,7 +23,9 @@ splits memcached's answer with its own splitter, and asserts:
 
 Both the route library's ``routes.direct`` (the engine's direct path: no
 Lua, runs of plain requests and multigets routed together) and a Lua route
-that handles the response run every input.
+that handles the response run every input, under each wire behaviour
+(WIRES: 1.6.45's reads a line ending in a bare ``\\n``, which must reach
+memcached re-framed as the one request it is).
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ ROUTES = {
     "lua": "function(r) local res = pool(r) return res end",
 }
 
+#: The wire behaviours every input runs under (mcproxy.wire.behaviour).
+WIRES = ("1.6.15", "1.6.45")
+
 #: A request the test sends to memcached after the proxy's bytes: its reply
 #: (``EN O...``) cannot come from anything the proxy forwards.
 SENTINEL_KEY = b"differential/sentinel"
@@ -108,10 +113,10 @@ class InProcessProxy:
     """The proxy's client-side stack for one route config: one client
     connection, one backend connection (validated), every transport fake."""
 
-    def __init__(self, route_file: str, pending: list, direct: bool) -> None:
+    def __init__(self, route_file: str, pending: list, direct: bool, wire: str) -> None:
         self.pending = pending
         clock = MemoryReactorClock()
-        self.service = ProxyService(route_file, [], reactor=clock)
+        self.service = ProxyService(route_file, [], reactor=clock, wire=wire)
         routes = self.service.engine.load(route_file)
         assert (CMD_GET in routes.direct.pools) is direct  # the path this proxy tests
         [self.backend] = self.service.registry.live
@@ -323,13 +328,14 @@ def backend_log() -> Iterator[list[str]]:
         globalLogPublisher.removeObserver(observe)
 
 
-def check(server: Memcached, route: tuple[str, bool], chunks: list[bytes]) -> None:
+def check(server: Memcached, route: tuple[str, bool], chunks: list[bytes],
+          wire: str) -> None:
     """Run the client's chunks through a fresh in-process proxy, hand what it
     forwards to memcached, and compare (see the module docstring)."""
     stream = b"".join(chunks)
     with turn_batched_writes() as pending, backend_log() as logged:
         path, direct = route
-        proxy = InProcessProxy(path, pending, direct)
+        proxy = InProcessProxy(path, pending, direct, wire)
         proxy.receive(chunks)
         forwarded = proxy.forwarded()
         awaited = proxy.awaited()
@@ -639,16 +645,18 @@ TRIGGERS = [(name, data) for name, data in CORPUS if name.startswith("trigger/")
 KNOWN_TRIGGERS = [data for _, data in TRIGGERS]
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name, stream", CORPUS, ids=[name for name, _ in CORPUS])
-def test_corpus(server, route_files, route, name, stream):
-    check(server, route_files[route], [stream])
+def test_corpus(server, route_files, route, name, stream, wire):
+    check(server, route_files[route], [stream], wire)
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name, stream", TRIGGERS, ids=[name for name, _ in TRIGGERS])
-def test_known_triggers_byte_by_byte(server, route_files, route, name, stream):
-    check(server, route_files[route], [bytes([b]) for b in stream])
+def test_known_triggers_byte_by_byte(server, route_files, route, name, stream, wire):
+    check(server, route_files[route], [bytes([b]) for b in stream], wire)
 
 
 # -- generated inputs ------------------------------------------------------------------
@@ -712,6 +720,7 @@ def streams(draw) -> list[bytes]:
 EXAMPLES = int(os.environ.get("MCPROXY_DIFFERENTIAL_EXAMPLES", "600"))
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("route", ROUTES)
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           # function-scoped: conftest's autouse immediate_writes (check() sets
@@ -719,5 +728,5 @@ EXAMPLES = int(os.environ.get("MCPROXY_DIFFERENTIAL_EXAMPLES", "600"))
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(chunks=streams())
-def test_generated(server, route_files, route, chunks):
-    check(server, route_files[route], chunks)
+def test_generated(server, route_files, route, wire, chunks):
+    check(server, route_files[route], chunks, wire)

@@ -17,6 +17,7 @@ from mcproxy.ops import watch
 from mcproxy.ops.watch import MAX_WATCHERS, WatchRegistry, render
 from mcproxy.server.protocol import ProxyServerProtocol
 from mcproxy.wire import errors
+from mcproxy.wire.behaviour import WIRE_1_6_15
 from tests.server.memorycore import MemoryCore
 from tests.servers import Memcached, Proxy, read_until
 
@@ -85,6 +86,7 @@ class Unrouted:
     """Routes nothing: ``watch`` and the rest are answered locally."""
 
     plain_runs = None
+    wire = WIRE_1_6_15
 
     def hooked(self, command):
         return False

@@ -859,7 +859,7 @@ def test_gat_without_key_after_trailing_space():
 
 
 @pytest.mark.parametrize("line", [b"delete noreply\r\n", b"delete noreplyfoo\r\n",
-                                  b"incr noreply_k\r\n", b"touch noreply\r\n"])
+                                  b"incr noreply_k 1\r\n", b"touch noreply 10\r\n"])
 def test_key_that_starts_with_noreply_is_a_key(line):
     """The key was taken for the noreply token and dropped from the wire."""
     req = parse_request(line)

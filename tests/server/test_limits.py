@@ -20,6 +20,7 @@ from mcproxy.server.protocol import (
     TOO_MANY_CONNECTIONS,
     ProxyServerFactory,
 )
+from mcproxy.wire.behaviour import WIRE_1_6_15
 from tests.server.memorycore import MemoryCore
 from tests.servers import Proxy, read_until
 
@@ -30,6 +31,7 @@ class Engine:
     """Routes every request, and never answers."""
 
     plain_runs = None  # plain requests go one by one
+    wire = WIRE_1_6_15
 
     def hooked(self, command):
         return True
@@ -45,6 +47,7 @@ class Unrouted:
     """Routes nothing: every command is answered locally."""
 
     plain_runs = None
+    wire = WIRE_1_6_15
 
     def hooked(self, command):
         return False
@@ -123,6 +126,7 @@ class KeysEngine:
     the test to answer by hand."""
 
     plain_runs = None
+    wire = WIRE_1_6_15
 
     def __init__(self) -> None:
         self.routed: list = []

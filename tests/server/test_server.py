@@ -12,6 +12,7 @@ from mcproxy.server.protocol import (
     ProxyServerProtocol,
 )
 from mcproxy.wire import errors
+from mcproxy.wire.behaviour import WIRE_1_6_15
 from mcproxy.wire.request import CMD_GET, CMD_MG, CMD_SET, COMMANDS
 from tests.server.memorycore import MemoryCore
 
@@ -24,6 +25,7 @@ class FakeEngine:
         self.routed = []
 
     plain_runs = None  # plain requests go one by one
+    wire = WIRE_1_6_15
 
     def hooked(self, command):
         return command in self.hooks
