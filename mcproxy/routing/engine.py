@@ -27,6 +27,7 @@ from mcproxy.counters import ProxyStats
 from mcproxy.routing import direct, rcontext
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
+from mcproxy.routing.native import NativeRoutes
 from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
@@ -202,6 +203,8 @@ class Routes:
             CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
         #: the routes run without Lua (none of those attached unless ``direct``)
         self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
+        #: the routes run natively, over several pools (native.py)
+        self.native = NativeRoutes.declared(self.shapes if direct else {})
         #: the commands this config routes (attached, or by default)
         self.routed = frozenset(self.hooks) | frozenset(self.direct.pools)
         self._collect = state.runtime.eval("function() collectgarbage('collect') end")
@@ -304,6 +307,7 @@ class RouteEngine:
         self.routes: Routes | None = None
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
+        self._native = NativeRoutes({}, {})
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run and DirectRoutes.plain_runs
@@ -324,6 +328,7 @@ class RouteEngine:
         self.routes = routes
         self._hooks = routes.hooks
         self._direct = routes.direct
+        self._native = routes.native
         self._routed = routes.routed
         self.plain_runs = routes.direct.plain_runs
         self.plain_multigets = routes.direct.plain_multigets
@@ -346,6 +351,10 @@ class RouteEngine:
         try:
             pool = self._direct.pool(req)
             if pool is None:
+                runner = self._native.runner(req)
+                if runner is not None:
+                    runner.send(req, done, stats, self._route_error)
+                    return
                 self._advance(routes, req, done,
                               routes.start(self._hooks[req.command], req, req.key,
                                            req.command))
@@ -357,7 +366,8 @@ class RouteEngine:
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
-        when its route is a direct pool call (see direct.py).
+        when its route is a direct pool call (see direct.py) or runs
+        natively (native.py, which answers as below).
 
         The pool still picks each key's backend; each backend then gets its
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
@@ -374,7 +384,9 @@ class RouteEngine:
             return False
         groups = self._direct.key_groups(req, keys)
         if groups is None:
-            return False
+            runner = self._native.keys_runner(req)
+            return runner is not None and runner.send_keys(req, keys, done, self.stats,
+                                                           self._route_error, sink)
         stats = self.stats
         count = len(keys)
         stats.conn_requests += count

@@ -1,0 +1,367 @@
+"""Native runners: route-library shapes over several pools, run without Lua.
+
+The direct path (``direct.py``) runs the shapes that send a command to one
+pool unchanged. The shapes here call several pools, and answer with a fixed
+function of the pools' answers; a runner per shape does what the shape's
+Lua body does (``routes.lua``), sending to the backends itself and calling
+``done(client_bytes)`` once, with the bytes the body would have answered.
+
+* :class:`Failover` runs ``routes.failover`` over pools (given as pools or
+  as routes the direct path would run): the children in order (or a
+  random order per client request, ``shuffle``), at most ``count`` of
+  them, until one answers with a hit, or with any ok answer unless
+  ``miss``; else the last ok answer seen (a miss), else the last failure.
+  The keys of a ``get``/``gets`` multiget go to each child together, one
+  backend multiget per backend: a key answered well by the first child is
+  done, only the others go on to the next child.
+
+A shuffle draws Python's random numbers where the Lua body draws Lua's:
+the client cannot tell which child a draw picked, and each order of the
+children is as likely as in the Lua body (tests/routing/test_native.py
+tests the distribution). A multiget draws one order for all its keys, so
+that they still travel together; each key alone is as likely to go to each
+child as when routed by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from itertools import permutations
+from random import random, sample
+
+from mcproxy.backends.pool import Pool
+from mcproxy.counters import ProxyStats
+from mcproxy.routing.direct import pool_of, select_backend
+from mcproxy.routing.shapes import Shape
+from mcproxy.units import KeyBatch, ReplySink
+from mcproxy.wire import errors
+from mcproxy.wire.request import Request
+from mcproxy.wire.response import MCMC_CODE_END, Response, client_bytes, key_reply
+
+_EMPTY = b""
+
+#: Children up to which a shuffle picks one of all their orders, listed
+#: once (a C-level random() per request); beyond, random.sample.
+_LISTED_ORDERS = 4
+
+Done = Callable[[bytes], None]
+RouteError = Callable[[Request, bytes], None]
+
+
+def native_of(route: Shape | Pool | None, command: int):
+    """The native runner that runs ``command`` requests for ``route`` and
+    the key prefix of the requests it keeps for Lua (introspection's), or
+    None if its route is not one of the shapes run here."""
+    if not isinstance(route, Shape):
+        return None
+    kind = route.kind
+    if kind == "direct":
+        return native_of(route.children.get(1), command)
+    if kind == "by_command":
+        key = route.fields["choice"].get(command)
+        return None if key is None else native_of(route.children.get(key), command)
+    if kind == "introspect":
+        found = native_of(route.children.get(1), command)
+        if found is None or command != route.fields["command"]:
+            return found
+        if found[1] is not None:
+            return None  # two prefixes kept for Lua: leave it all to Lua
+        return found[0], route.fields["prefix"]
+    if kind == "failover":
+        children = route.children
+        pools = []
+        for index in range(1, len(children) + 1):
+            found = pool_of(children.get(index), command)
+            if found is None or found[1] is not None:
+                return None
+            pools.append(found[0])
+        if not pools or len(pools) != len(children):
+            return None
+        fields = route.fields
+        return Failover(pools, bool(fields.get("miss")), fields.get("count"),
+                        bool(fields.get("shuffle"))), None
+    return None
+
+
+class NativeRoutes:
+    """The commands of one load whose routes run natively, and their
+    runners (the direct path's commands are not among them)."""
+
+    __slots__ = ("runners", "lua_keys", "_guards")
+
+    def __init__(self, runners: dict, lua_keys: dict[int, bytes]) -> None:
+        #: command -> the runner of its route
+        self.runners = runners
+        #: command -> key prefix of its requests whose route runs in Lua
+        self.lua_keys = lua_keys
+        #: command -> what its request line holds where a key kept for Lua
+        #: starts (a space comes before every key)
+        self._guards = {command: b" " + prefix for command, prefix in lua_keys.items()}
+
+    @classmethod
+    def declared(cls, shapes: dict[int, Shape]) -> NativeRoutes:
+        """From the shapes of the attached routes, but those the direct
+        path runs."""
+        runners = {}
+        lua_keys = {}
+        for command, shape in shapes.items():
+            found = None if pool_of(shape, command) else native_of(shape, command)
+            if found is not None:
+                runners[command] = found[0]
+                if found[1] is not None:
+                    lua_keys[command] = found[1]
+        return cls(runners, lua_keys)
+
+    def runner(self, req: Request):
+        """The runner of ``req``'s route, or None (Lua runs it)."""
+        runner = self.runners.get(req.command)
+        if runner is not None and self.lua_keys:
+            prefix = self.lua_keys.get(req.command)
+            if prefix is not None and req.key.startswith(prefix):
+                return None
+        return runner
+
+    def keys_runner(self, req: Request):
+        """The runner that takes the keys of the multiget ``req`` together,
+        or None (they go key by key: maybe a key kept for Lua)."""
+        runner = self.runners.get(req.command)
+        if runner is not None and self._guards:
+            guard = self._guards.get(req.command)
+            if guard is not None and guard in req.line:
+                return None
+        return runner
+
+
+class Failover:
+    """``routes.failover`` over ``pools`` (see the module docstring)."""
+
+    __slots__ = ("pools", "tries", "miss", "shuffle", "_orders", "depth_limited")
+
+    def __init__(self, pools: list[Pool], miss: bool, count: int | None,
+                 shuffle: bool) -> None:
+        self.pools = pools
+        tries = len(pools)
+        if count is not None and count < tries:
+            tries = int(count)
+        #: children tried at most per request
+        self.tries = tries
+        self.miss = miss
+        self.shuffle = shuffle
+        #: every order a shuffle may pick, first ``tries`` children of each
+        #: (None: too many to list, or no shuffle)
+        self._orders = None
+        if shuffle and len(pools) <= _LISTED_ORDERS:
+            self._orders = [list(order)[:tries] for order in permutations(pools)]
+        #: whether a backend of a child has a depth limit: its multigets
+        #: then go key by key, each key a unit (as route_keys does)
+        self.depth_limited = any(backend.options.depth_limit
+                                 for pool in pools for backend in pool.backends)
+
+    def order(self) -> list[Pool]:
+        """The children to try for one client request, in order."""
+        if not self.shuffle:
+            return self.pools
+        orders = self._orders
+        if orders is not None:
+            return orders[int(random() * len(orders))]
+        return sample(self.pools, self.tries)
+
+    def send(self, req: Request, done: Done, stats: ProxyStats,
+             route_error: RouteError) -> None:
+        """Route ``req``; ``done(reply)`` once, as the Lua body would."""
+        _Attempt(self, self.order(), req, done, stats, route_error).next()
+
+    def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
+                  route_error: RouteError, sink: ReplySink | None) -> bool:
+        """Route the keys of the client multiget ``req`` (see
+        RouteEngine.route_keys); False, with nothing done, when they go key
+        by key instead (a backend with a depth limit, a key the first child
+        cannot place)."""
+        if self.depth_limited:
+            return False
+        order = self.order()
+        groups, unplaced = _groups(order[0], keys, range(len(keys)))
+        if unplaced:
+            return False  # routed key by key, each key gets its error
+        count = len(keys)
+        stats.conn_requests += count
+        stats.commands[req.command] += count
+        stats.req_active += count
+        _KeysAttempt(self, order, req, keys, done, stats, route_error, sink).round(groups)
+        return True
+
+
+class _Attempt:
+    """One request through a Failover: the children tried so far."""
+
+    __slots__ = ("req", "done", "stats", "route_error", "order", "tries", "miss", "index",
+                 "best")
+
+    def __init__(self, failover: Failover, order: list[Pool], req: Request, done: Done,
+                 stats: ProxyStats, route_error: RouteError) -> None:
+        self.req = req
+        self.done = done
+        self.stats = stats
+        self.route_error = route_error
+        self.order = order
+        self.tries = failover.tries
+        self.miss = failover.miss
+        self.index = 0
+        #: what to answer if no child answers well enough: the last ok
+        #: answer (a miss), else the last failure
+        self.best: Response | None = None
+
+    def next(self) -> None:
+        """Send to the child at ``index``."""
+        req = self.req
+        try:
+            backend = select_backend(self.order[self.index], req)
+        except ValueError as e:  # a Lua error in the body: the route fails
+            self.stats.req_active -= 1
+            self.route_error(req, str(e).encode())
+            self.done(errors.LUA_FAILURE)
+            return
+        backend.send(req, self.answer)
+
+    def answer(self, res: Response) -> None:
+        """A child's answer: the route's, or on to the next child."""
+        if res.ok and (res.code != MCMC_CODE_END or not self.miss):
+            self._finish(res)
+            return
+        best = self.best
+        if best is None or res.ok or not best.ok:
+            self.best = best = res
+        self.index += 1
+        if self.index >= self.tries:
+            self._finish(best)
+        else:
+            self.next()
+
+    def _finish(self, res: Response) -> None:
+        self.stats.req_active -= 1
+        self.done(client_bytes(res, self.req))
+
+
+def _groups(pool: Pool, keys: list[bytes], positions) -> tuple[dict, list]:
+    """Where ``pool`` sends the keys at ``positions``: backend -> their
+    positions, in order; and ``(position, why)`` of each key it cannot
+    place."""
+    groups: dict = {}
+    unplaced = []
+    select = pool.select
+    for position in positions:
+        try:
+            backend = select(keys[position])
+        except ValueError as e:
+            unplaced.append((position, str(e).encode()))
+            continue
+        mine = groups.get(backend)
+        if mine is None:
+            groups[backend] = [position]
+        else:
+            mine.append(position)
+    return groups, unplaced
+
+
+class _Batch(KeyBatch):
+    """A KeyBatch whose failure goes to ``failed(reason)``: a failover
+    must tell a failure from an error line a backend answered."""
+
+    __slots__ = ("failed",)
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        self.failed(reason)
+
+
+class _KeysAttempt:
+    """The keys of one client multiget through a Failover: each round
+    sends the keys still open to the next child, one KeyBatch per backend;
+    ``parts`` holds each key's answer (final, or the best so far)."""
+
+    __slots__ = ("order", "tries", "miss", "req", "keys", "done", "stats", "route_error",
+                 "sink", "parts", "oks", "index", "waiting", "open")
+
+    def __init__(self, failover: Failover, order: list[Pool], req: Request, keys: list[bytes],
+                 done: Done, stats: ProxyStats, route_error: RouteError,
+                 sink: ReplySink | None) -> None:
+        self.order = order
+        self.tries = failover.tries
+        self.miss = failover.miss
+        self.req = req
+        self.keys = keys
+        self.done = done
+        self.stats = stats
+        self.route_error = route_error
+        self.sink = sink
+        self.parts: list[bytes] = [_EMPTY] * len(keys)
+        #: by key: whether its best answer so far is ok (a miss)
+        self.oks = [False] * len(keys)
+        self.index = 0
+        self.waiting = 0
+        #: positions of the keys that go on to the next child
+        self.open: list[int] = []
+
+    def round(self, groups: dict) -> None:
+        """Send each backend of the child at ``index`` its keys."""
+        self.waiting = len(groups)
+        self.open = []
+        name = self.req.tokens[0]
+        keys = self.keys
+        for backend, positions in groups.items():
+            batch = _Batch(name, [keys[p] for p in positions],
+                           partial(self.answered, positions), self.sink)
+            batch.failed = partial(self.failed, positions)
+            backend.send_unit(batch)
+
+    def answered(self, positions: list[int], parts: list[bytes]) -> None:
+        """A backend's answer to its keys: a VALUE or an error line answers
+        a key (ok, and a hit), a miss too unless ``miss``."""
+        if self.miss:
+            mine, oks, still = self.parts, self.oks, self.open
+            for position, part in zip(positions, parts, strict=True):
+                mine[position] = part
+                if not part:
+                    oks[position] = True
+                    still.append(position)
+        else:
+            mine = self.parts
+            for position, part in zip(positions, parts, strict=True):
+                mine[position] = part
+        self._settled()
+
+    def failed(self, positions: list[int], reason: str) -> None:
+        """A backend failed its keys: each goes on, keeping a miss it had."""
+        line = key_reply(Response.failure(reason))
+        mine, oks = self.parts, self.oks
+        for position in positions:
+            if not oks[position]:
+                mine[position] = line
+        self.open.extend(positions)
+        self._settled()
+
+    def _settled(self) -> None:
+        self.waiting -= 1
+        if self.waiting:
+            return
+        still = self.open
+        self.index += 1
+        sink = self.sink
+        if not still or self.index >= self.tries or (sink is not None and not sink.wanted):
+            self._finish()
+            return
+        still.sort()
+        groups, unplaced = _groups(self.order[self.index], self.keys, still)
+        for position, why in unplaced:  # a Lua error in that key's body
+            self.route_error(self.req, why)
+            self.parts[position] = errors.LUA_FAILURE
+        if groups:
+            self.round(groups)
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        parts = self.parts
+        self.stats.req_active -= len(parts)
+        parts.append(errors.END)
+        self.done(_EMPTY.join(parts))
