@@ -24,10 +24,9 @@ from twisted.logger import Logger
 
 from mcproxy.backends.pool import BackendRegistry, Broadcast
 from mcproxy.counters import ProxyStats
-from mcproxy.routing import direct, rcontext
+from mcproxy.routing import direct, native, rcontext
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
-from mcproxy.routing.native import NativeRoutes
 from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
@@ -203,8 +202,8 @@ class Routes:
             CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
         #: the routes run without Lua (none of those attached unless ``direct``)
         self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
-        #: the routes run natively, over several pools (native.py)
-        self.native = NativeRoutes.declared(self.shapes if direct else {})
+        #: command -> the runner of its route, run natively (native.py)
+        self.native = native.declared(self.shapes if direct else {})
         #: the commands this config routes (attached, or by default)
         self.routed = frozenset(self.hooks) | frozenset(self.direct.pools)
         self._collect = state.runtime.eval("function() collectgarbage('collect') end")
@@ -307,7 +306,7 @@ class RouteEngine:
         self.routes: Routes | None = None
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
-        self._native = NativeRoutes({}, {})
+        self._native: dict = {}
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run and DirectRoutes.plain_runs
@@ -351,9 +350,8 @@ class RouteEngine:
         try:
             pool = self._direct.pool(req)
             if pool is None:
-                runner = self._native.runner(req)
-                if runner is not None:
-                    runner.send(req, done, stats, self._route_error)
+                runner = self._native.get(req.command)
+                if runner is not None and runner.send(req, done, stats, self._route_error):
                     return
                 self._advance(routes, req, done,
                               routes.start(self._hooks[req.command], req, req.key,
@@ -384,7 +382,7 @@ class RouteEngine:
             return False
         groups = self._direct.key_groups(req, keys)
         if groups is None:
-            runner = self._native.keys_runner(req)
+            runner = self._native.get(req.command)
             return runner is not None and runner.send_keys(req, keys, done, self.stats,
                                                            self._route_error, sink)
         stats = self.stats

@@ -84,59 +84,25 @@ def native_of(route: Shape | Pool | None, command: int):
     return None
 
 
-class NativeRoutes:
-    """The commands of one load whose routes run natively, and their
-    runners (the direct path's commands are not among them)."""
-
-    __slots__ = ("runners", "lua_keys", "_guards")
-
-    def __init__(self, runners: dict, lua_keys: dict[int, bytes]) -> None:
-        #: command -> the runner of its route
-        self.runners = runners
-        #: command -> key prefix of its requests whose route runs in Lua
-        self.lua_keys = lua_keys
-        #: command -> what its request line holds where a key kept for Lua
-        #: starts (a space comes before every key)
-        self._guards = {command: b" " + prefix for command, prefix in lua_keys.items()}
-
-    @classmethod
-    def declared(cls, shapes: dict[int, Shape]) -> NativeRoutes:
-        """From the shapes of the attached routes, but those the direct
-        path runs."""
-        runners = {}
-        lua_keys = {}
-        for command, shape in shapes.items():
-            found = None if pool_of(shape, command) else native_of(shape, command)
-            if found is not None:
-                runners[command] = found[0]
-                if found[1] is not None:
-                    lua_keys[command] = found[1]
-        return cls(runners, lua_keys)
-
-    def runner(self, req: Request):
-        """The runner of ``req``'s route, or None (Lua runs it)."""
-        runner = self.runners.get(req.command)
-        if runner is not None and self.lua_keys:
-            prefix = self.lua_keys.get(req.command)
-            if prefix is not None and req.key.startswith(prefix):
-                return None
-        return runner
-
-    def keys_runner(self, req: Request):
-        """The runner that takes the keys of the multiget ``req`` together,
-        or None (they go key by key: maybe a key kept for Lua)."""
-        runner = self.runners.get(req.command)
-        if runner is not None and self._guards:
-            guard = self._guards.get(req.command)
-            if guard is not None and guard in req.line:
-                return None
-        return runner
+def declared(shapes: dict[int, Shape]) -> dict:
+    """command -> the runner of its route, from the shapes of the attached
+    routes (but those the direct path runs)."""
+    runners = {}
+    for command, shape in shapes.items():
+        found = None if pool_of(shape, command) else native_of(shape, command)
+        if found is not None:
+            runner, prefix = found
+            if prefix is not None:
+                runner.keep_for_lua(prefix)
+            runners[command] = runner
+    return runners
 
 
 class Failover:
     """``routes.failover`` over ``pools`` (see the module docstring)."""
 
-    __slots__ = ("pools", "tries", "miss", "shuffle", "_orders", "depth_limited")
+    __slots__ = ("pools", "tries", "miss", "shuffle", "_orders", "depth_limited", "prefix",
+                 "guard")
 
     def __init__(self, pools: list[Pool], miss: bool, count: int | None,
                  shuffle: bool) -> None:
@@ -157,6 +123,15 @@ class Failover:
         #: then go key by key, each key a unit (as route_keys does)
         self.depth_limited = any(backend.options.depth_limit
                                  for pool in pools for backend in pool.backends)
+        #: the key prefix of requests kept for Lua (introspection's), and
+        #: what a request line holds where such a key starts
+        self.prefix: bytes | None = None
+        self.guard: bytes | None = None
+
+    def keep_for_lua(self, prefix: bytes) -> None:
+        """Leave requests whose key starts with ``prefix`` to Lua."""
+        self.prefix = prefix
+        self.guard = b" " + prefix  # a space comes before every key
 
     def order(self) -> list[Pool]:
         """The children to try for one client request, in order."""
@@ -168,17 +143,44 @@ class Failover:
         return sample(self.pools, self.tries)
 
     def send(self, req: Request, done: Done, stats: ProxyStats,
-             route_error: RouteError) -> None:
-        """Route ``req``; ``done(reply)`` once, as the Lua body would."""
-        _Attempt(self, self.order(), req, done, stats, route_error).next()
+             route_error: RouteError) -> bool:
+        """Route ``req``; ``done(reply)`` once, as the Lua body would; False,
+        with nothing done, for a request kept for Lua. The first child's
+        answer is most often the route's: an _Attempt, which follows the
+        route from child to child, is made only when it is not."""
+        prefix = self.prefix
+        if prefix is not None and req.key.startswith(prefix):
+            return False
+        order = self.pools if not self.shuffle else self.order()
+        try:
+            backend = select_backend(order[0], req)
+        except ValueError as e:  # a Lua error in the body: the route fails
+            stats.req_active -= 1
+            route_error(req, str(e).encode())
+            done(errors.LUA_FAILURE)
+            return True
+        miss = self.miss
+
+        def first(res: Response) -> None:
+            if res.ok and (not miss or res.code != MCMC_CODE_END):
+                stats.req_active -= 1
+                done(client_bytes(res, req))
+            else:
+                _Attempt(self, order, req, done, stats, route_error).answer(res)
+
+        backend.send(req, first)
+        return True
 
     def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
                   route_error: RouteError, sink: ReplySink | None) -> bool:
         """Route the keys of the client multiget ``req`` (see
         RouteEngine.route_keys); False, with nothing done, when they go key
         by key instead (a backend with a depth limit, a key the first child
-        cannot place)."""
+        cannot place, maybe a key kept for Lua)."""
         if self.depth_limited:
+            return False
+        guard = self.guard
+        if guard is not None and guard in req.line:
             return False
         order = self.order()
         groups, unplaced = _groups(order[0], keys, range(len(keys)))
@@ -250,6 +252,11 @@ def _groups(pool: Pool, keys: list[bytes], positions) -> tuple[dict, list]:
     groups: dict = {}
     unplaced = []
     select = pool.select
+    if len(pool.backends) == 1:  # serves every key if it serves one
+        try:
+            return {select(keys[positions[0]]): list(positions)}, unplaced
+        except ValueError:
+            pass  # each key gets its error
     for position in positions:
         try:
             backend = select(keys[position])
@@ -309,7 +316,8 @@ class _KeysAttempt:
         name = self.req.tokens[0]
         keys = self.keys
         for backend, positions in groups.items():
-            batch = _Batch(name, [keys[p] for p in positions],
+            batch = _Batch(name, keys if len(positions) == len(keys) else
+                           [keys[p] for p in positions],
                            partial(self.answered, positions), self.sink)
             batch.failed = partial(self.failed, positions)
             backend.send_unit(batch)
@@ -324,6 +332,8 @@ class _KeysAttempt:
                 if not part:
                     oks[position] = True
                     still.append(position)
+        elif len(positions) == len(self.parts):  # every key, answered
+            self.parts = parts
         else:
             mine = self.parts
             for position, part in zip(positions, parts, strict=True):

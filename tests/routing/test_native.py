@@ -239,7 +239,7 @@ def test_failover_answers_as_its_lua_body(tmp_path_factory, name, modes, held, s
     text = config(NATIVE_ROUTES[name])
     native = proxy(tmp_path_factory, text, True)
     lua = proxy(tmp_path_factory, text, False)
-    assert rq.CMD_GET in native.routes.native.runners
+    assert rq.CMD_GET in native.routes.native
     chunks = chunked(stream, cuts)
     started = native.started
     assert native.exchange(modes, held, chunks) == lua.exchange(modes, held, chunks)
@@ -271,7 +271,7 @@ def test_shuffled_failover_answers_as_its_lua_body(tmp_path_factory, name, mode,
     text = config(SHUFFLED[name])
     native = proxy(tmp_path_factory, text, True)
     lua = proxy(tmp_path_factory, text, False)
-    assert rq.CMD_GET in native.routes.native.runners
+    assert rq.CMD_GET in native.routes.native
     all_modes = dict.fromkeys(LABELS, mode)
     all_held = dict.fromkeys(LABELS, keys)
     # the stores differ after a write: only reads, so that they stay alike
@@ -348,9 +348,9 @@ def test_shapes_left_to_lua(tmp_path):
     for route in ['routes.failover{ "a", function(r) return "END\\r\\n" end }',
                   'routes.failover{ "a", routes.all_sync{ "b", "c" } }']:
         scripted = _engine(tmp_path, route)
-        assert not scripted.routes.native.runners
+        assert not scripted.routes.native
     scripted = _engine(tmp_path, 'routes.failover{ "a" }')
-    assert not scripted.routes.native.runners
+    assert not scripted.routes.native
     assert rq.CMD_GET in scripted.routes.direct.pools
 
 
@@ -359,7 +359,7 @@ def test_failover_runner_of_each_command(tmp_path, options, tries):
     """Every command of routes.config's failover gets its runner, trying
     at most ``count`` children."""
     scripted = _engine(tmp_path, f'routes.failover({{ "a", "b", "c" }}, {{ {options} }})')
-    runners = scripted.routes.native.runners
+    runners = scripted.routes.native
     assert {rq.CMD_GET, rq.CMD_SET, rq.CMD_MG, rq.CMD_DELETE} <= set(runners)
     assert all(isinstance(runner, Failover) and runner.tries == tries
                for runner in runners.values())
