@@ -154,11 +154,17 @@ class _State:
                                          b"hash": table({b"_hasher": b"md5"})})
 
     def run_file(self, path: str) -> None:
+        """Run the config file; the route library's (ROUTELIB_PATH), which
+        ships with mcproxy, gets the engine's ``declare`` as the bundled
+        libraries do (see _install_libraries)."""
         chunk = self.globals.loadfile(path.encode())
         if isinstance(chunk, tuple):  # nil plus the error message
             raise ConfigError(f"failed to load {path}: {_message(Exception(chunk[1]))}")
         try:
-            chunk()
+            if path == ROUTELIB_PATH:
+                chunk(self.engine.declare)
+            else:
+                chunk()
         except lua54.LuaError as e:
             raise ConfigError(f"error running {path}: {_message(e)}") from None
 

@@ -671,6 +671,7 @@ return function(host, phase, v2)
             routes_only = routes_only,
             log = host.log,
             declare = declare,
+            declared = function(f) return shapes[f] end,
             source_lines = source_lines,
             YIELD_WAIT = YIELD_WAIT,
             DONE_RESPONSE = DONE_RESPONSE,

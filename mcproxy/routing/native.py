@@ -3,14 +3,19 @@
 The direct path (``direct.py``) runs the shapes that send a command to one
 pool unchanged. The shapes here call several pools, and answer with a fixed
 function of the pools' answers; a runner per shape does what the shape's
-Lua body does (``routes.lua``), sending to the backends itself and calling
-``done(client_bytes)`` once, with the bytes the body would have answered.
+Lua body does (``routes.lua``, ``routelib.lua``), sending to the backends
+itself and calling ``done(client_bytes)`` once, with the bytes the body
+would have answered.
 
 * :class:`Failover` runs ``routes.failover`` over pools (given as pools or
   as routes the direct path would run): the children in order (or a
   random order per client request, ``shuffle``), at most ``count`` of
   them, until one answers with a hit, or with any ok answer unless
   ``miss``; else the last ok answer seen (a miss), else the last failure.
+  Also memcached's routelib ``route_failover`` (``lib``), which differs
+  in three ways: without ``miss`` an error line moves on as a failure
+  does, the answer is the last child's, and a request no backend takes
+  is a failure of that child rather than a Lua error.
   The keys of a ``get``/``gets`` multiget go to each child together, one
   backend multiget per backend: a key answered well by the first child is
   done, only the others go on to the next child.
@@ -20,7 +25,8 @@ the client cannot tell which child a draw picked, and each order of the
 children is as likely as in the Lua body (tests/routing/test_native.py
 tests the distribution). A multiget draws one order for all its keys, so
 that they still travel together; each key alone is as likely to go to each
-child as when routed by itself.
+child as when routed by itself. (routelib shuffles once, when the route is
+built: its order is fixed.)
 """
 
 from __future__ import annotations
@@ -37,13 +43,32 @@ from mcproxy.routing.shapes import Shape
 from mcproxy.units import KeyBatch, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.request import Request
-from mcproxy.wire.response import MCMC_CODE_END, Response, client_bytes, key_reply
+from mcproxy.wire.response import (
+    MCMC_CODE_CLIENT_ERROR,
+    MCMC_CODE_END,
+    MCMC_CODE_ERROR,
+    MCMC_CODE_SERVER_ERROR,
+    Response,
+    client_bytes,
+    key_reply,
+)
 
 _EMPTY = b""
 
 #: Children up to which a shuffle picks one of all their orders, listed
 #: once (a C-level random() per request); beyond, random.sample.
 _LISTED_ORDERS = 4
+
+#: Codes of the ok answers a failover moves on from, by (lib, miss).
+_MOVES_ON = {
+    (False, False): frozenset(),
+    (False, True): frozenset([MCMC_CODE_END]),
+    (True, False): frozenset([MCMC_CODE_SERVER_ERROR, MCMC_CODE_CLIENT_ERROR,
+                              MCMC_CODE_ERROR]),
+    (True, True): frozenset([MCMC_CODE_END]),
+}
+#: Why a routelib child got no backend (rcontext's name for it).
+_NO_BACKEND = "nobackend"
 
 Done = Callable[[bytes], None]
 RouteError = Callable[[Request, bytes], None]
@@ -68,7 +93,7 @@ def native_of(route: Shape | Pool | None, command: int):
         if found[1] is not None:
             return None  # two prefixes kept for Lua: leave it all to Lua
         return found[0], route.fields["prefix"]
-    if kind == "failover":
+    if kind == "failover" or kind == "route_failover":
         children = route.children
         pools = []
         for index in range(1, len(children) + 1):
@@ -80,7 +105,7 @@ def native_of(route: Shape | Pool | None, command: int):
             return None
         fields = route.fields
         return Failover(pools, bool(fields.get("miss")), fields.get("count"),
-                        bool(fields.get("shuffle"))), None
+                        bool(fields.get("shuffle")), kind == "route_failover"), None
     return None
 
 
@@ -99,14 +124,18 @@ def declared(shapes: dict[int, Shape]) -> dict:
 
 
 class Failover:
-    """``routes.failover`` over ``pools`` (see the module docstring)."""
+    """``routes.failover`` over ``pools``, or routelib's ``route_failover``
+    (``lib``): see the module docstring."""
 
-    __slots__ = ("pools", "tries", "miss", "shuffle", "_orders", "depth_limited", "prefix",
-                 "guard")
+    __slots__ = ("pools", "tries", "miss", "shuffle", "lib", "moves_on", "_orders",
+                 "depth_limited", "prefix", "guard")
 
     def __init__(self, pools: list[Pool], miss: bool, count: int | None,
-                 shuffle: bool) -> None:
+                 shuffle: bool, lib: bool = False) -> None:
         self.pools = pools
+        self.lib = lib
+        #: codes of the ok answers that go on to the next child
+        self.moves_on = _MOVES_ON[lib, miss]
         tries = len(pools)
         if count is not None and count < tries:
             tries = int(count)
@@ -152,22 +181,25 @@ class Failover:
         if prefix is not None and req.key.startswith(prefix):
             return False
         order = self.pools if not self.shuffle else self.order()
-        try:
-            backend = select_backend(order[0], req)
-        except ValueError as e:  # a Lua error in the body: the route fails
-            stats.req_active -= 1
-            route_error(req, str(e).encode())
-            done(errors.LUA_FAILURE)
-            return True
-        miss = self.miss
+        moves_on = self.moves_on
 
         def first(res: Response) -> None:
-            if res.ok and (not miss or res.code != MCMC_CODE_END):
+            if res.ok and res.code not in moves_on:
                 stats.req_active -= 1
                 done(client_bytes(res, req))
             else:
                 _Attempt(self, order, req, done, stats, route_error).answer(res)
 
+        try:
+            backend = select_backend(order[0], req)
+        except ValueError as e:
+            if self.lib:  # the child failed
+                first(Response.failure(f"{_NO_BACKEND}: {e}"))
+                return True
+            stats.req_active -= 1  # a Lua error in the body: the route fails
+            route_error(req, str(e).encode())
+            done(errors.LUA_FAILURE)
+            return True
         backend.send(req, first)
         return True
 
@@ -197,8 +229,8 @@ class Failover:
 class _Attempt:
     """One request through a Failover: the children tried so far."""
 
-    __slots__ = ("req", "done", "stats", "route_error", "order", "tries", "miss", "index",
-                 "best")
+    __slots__ = ("req", "done", "stats", "route_error", "order", "tries", "moves_on", "lib",
+                 "index", "best")
 
     def __init__(self, failover: Failover, order: list[Pool], req: Request, done: Done,
                  stats: ProxyStats, route_error: RouteError) -> None:
@@ -208,10 +240,11 @@ class _Attempt:
         self.route_error = route_error
         self.order = order
         self.tries = failover.tries
-        self.miss = failover.miss
+        self.moves_on = failover.moves_on
+        self.lib = failover.lib
         self.index = 0
         #: what to answer if no child answers well enough: the last ok
-        #: answer (a miss), else the last failure
+        #: answer (a miss), else the last failure; routelib's: the last
         self.best: Response | None = None
 
     def next(self) -> None:
@@ -219,8 +252,11 @@ class _Attempt:
         req = self.req
         try:
             backend = select_backend(self.order[self.index], req)
-        except ValueError as e:  # a Lua error in the body: the route fails
-            self.stats.req_active -= 1
+        except ValueError as e:
+            if self.lib:  # the child failed
+                self.answer(Response.failure(f"{_NO_BACKEND}: {e}"))
+                return
+            self.stats.req_active -= 1  # a Lua error in the body: the route fails
             self.route_error(req, str(e).encode())
             self.done(errors.LUA_FAILURE)
             return
@@ -228,11 +264,11 @@ class _Attempt:
 
     def answer(self, res: Response) -> None:
         """A child's answer: the route's, or on to the next child."""
-        if res.ok and (res.code != MCMC_CODE_END or not self.miss):
+        if res.ok and res.code not in self.moves_on:
             self._finish(res)
             return
         best = self.best
-        if best is None or res.ok or not best.ok:
+        if best is None or res.ok or not best.ok or self.lib:
             self.best = best = res
         self.index += 1
         if self.index >= self.tries:
@@ -286,8 +322,8 @@ class _KeysAttempt:
     sends the keys still open to the next child, one KeyBatch per backend;
     ``parts`` holds each key's answer (final, or the best so far)."""
 
-    __slots__ = ("order", "tries", "miss", "req", "keys", "done", "stats", "route_error",
-                 "sink", "parts", "oks", "index", "waiting", "open")
+    __slots__ = ("order", "tries", "miss", "lib", "req", "keys", "done", "stats",
+                 "route_error", "sink", "parts", "oks", "index", "waiting", "open")
 
     def __init__(self, failover: Failover, order: list[Pool], req: Request, keys: list[bytes],
                  done: Done, stats: ProxyStats, route_error: RouteError,
@@ -295,6 +331,7 @@ class _KeysAttempt:
         self.order = order
         self.tries = failover.tries
         self.miss = failover.miss
+        self.lib = failover.lib
         self.req = req
         self.keys = keys
         self.done = done
@@ -309,10 +346,11 @@ class _KeysAttempt:
         #: positions of the keys that go on to the next child
         self.open: list[int] = []
 
-    def round(self, groups: dict) -> None:
-        """Send each backend of the child at ``index`` its keys."""
+    def round(self, groups: dict, carried: list[int] | None = None) -> None:
+        """Send each backend of the child at ``index`` its keys; the keys
+        ``carried`` go on to the next child whatever it answers."""
         self.waiting = len(groups)
-        self.open = []
+        self.open = carried or []
         name = self.req.tokens[0]
         keys = self.keys
         for backend, positions in groups.items():
@@ -323,14 +361,22 @@ class _KeysAttempt:
             backend.send_unit(batch)
 
     def answered(self, positions: list[int], parts: list[bytes]) -> None:
-        """A backend's answer to its keys: a VALUE or an error line answers
-        a key (ok, and a hit), a miss too unless ``miss``."""
+        """A backend's answer to its keys (``units.KeyBatch``: a VALUE, a
+        miss, or the error line that answered them all), each ok: with
+        ``miss`` a miss goes on; routelib's failover without ``miss``
+        takes the error line for a failure."""
         if self.miss:
             mine, oks, still = self.parts, self.oks, self.open
             for position, part in zip(positions, parts, strict=True):
                 mine[position] = part
                 if not part:
                     oks[position] = True
+                    still.append(position)
+        elif self.lib:
+            mine, still = self.parts, self.open
+            for position, part in zip(positions, parts, strict=True):
+                mine[position] = part
+                if part and not part.startswith(b"VALUE "):
                     still.append(position)
         elif len(positions) == len(self.parts):  # every key, answered
             self.parts = parts
@@ -341,11 +387,12 @@ class _KeysAttempt:
         self._settled()
 
     def failed(self, positions: list[int], reason: str) -> None:
-        """A backend failed its keys: each goes on, keeping a miss it had."""
+        """A backend failed its keys: each goes on, keeping a miss it had
+        (routelib's: the failure is its answer so far)."""
         line = key_reply(Response.failure(reason))
-        mine, oks = self.parts, self.oks
+        mine, oks, lib = self.parts, self.oks, self.lib
         for position in positions:
-            if not oks[position]:
+            if lib or not oks[position]:
                 mine[position] = line
         self.open.extend(positions)
         self._settled()
@@ -355,20 +402,30 @@ class _KeysAttempt:
         if self.waiting:
             return
         still = self.open
-        self.index += 1
         sink = self.sink
-        if not still or self.index >= self.tries or (sink is not None and not sink.wanted):
-            self._finish()
+        if sink is not None and not sink.wanted:
+            self._finish()  # nobody reads the answer
             return
         still.sort()
-        groups, unplaced = _groups(self.order[self.index], self.keys, still)
-        for position, why in unplaced:  # a Lua error in that key's body
-            self.route_error(self.req, why)
-            self.parts[position] = errors.LUA_FAILURE
-        if groups:
-            self.round(groups)
-        else:
-            self._finish()
+        while still:
+            self.index += 1
+            if self.index >= self.tries:
+                break
+            groups, unplaced = _groups(self.order[self.index], self.keys, still)
+            for position, why in unplaced:
+                if self.lib:  # the child failed that key
+                    self.parts[position] = key_reply(Response.failure(
+                        f"{_NO_BACKEND}: {why.decode()}"))
+                else:  # a Lua error in that key's body: its route fails
+                    self.route_error(self.req, why)
+                    self.parts[position] = errors.LUA_FAILURE
+            if groups:
+                self.round(groups, [position for position, _ in unplaced] if self.lib else None)
+                return
+            if not self.lib:
+                break
+            still = [position for position, _ in unplaced]
+        self._finish()
 
     def _finish(self) -> None:
         parts = self.parts

@@ -11,7 +11,16 @@
 -- description into a V2 function generator (v2.lua) and attaches them,
 -- behind a router when a map or command map is given. A route_direct
 -- attached alone is a funcgen of the shape v2.lua declares direct, so it
--- takes the engine's direct path.
+-- takes the engine's direct path. The generators of route_direct,
+-- route_failover and route_allsync declare their shapes (as routes.lua's
+-- constructors do) to the engine's `declare`, handed to this file when it
+-- is loaded (engine.py): attached alone, they run natively (native.py).
+
+-- Who is told what a route is (mcp.lua): only this file gets it.
+local declare = ...
+if type(declare) ~= "function" then
+    error("routelib: run it as --config=routelib", 0)
+end
 
 local ROUTE = {}      -- metatable of route descriptions
 local CMDMAP = {}     -- metatable of cmdmap{} tables
@@ -300,6 +309,22 @@ local function build_route(route)
     return fgen
 end
 
+-- What a shape names as a child: a pool as it is, a route (funcgen) by
+-- its generator, which declares the route's shape.
+local function shape_children(list)
+    local children = {}
+    for i, t in ipairs(list) do
+        children[i] = rawget(t, "generator") or t
+    end
+    return children
+end
+
+-- fgen:ready with generator `f`, whose routes are of `shape`.
+local function ready(fgen, name, f, shape)
+    fgen:ready{ n = name, f = f }
+    declare(f, shape)
+end
+
 -- A child: a pool name or a route description; what new_handle takes.
 local function target(child, what)
     if type(child) == "string" then
@@ -340,15 +365,17 @@ local function is_error(res)
 end
 
 function BUILD.route_direct(fgen, o, name)
-    local h = fgen:new_handle(target(o.child, name))
-    fgen:ready{ n = name, f = function(rctx)
+    local child = target(o.child, name)
+    local h = fgen:new_handle(child)
+    ready(fgen, name, function(rctx)
         return function(r) return rctx:enqueue_and_wait(r, h) end
-    end }
+    end, { kind = "direct", children = shape_children({ child }) })
 end
 
 function BUILD.route_allsync(fgen, o, name)
-    local hs = handles(fgen, targets(o.children, name))
-    fgen:ready{ n = name, f = function(rctx)
+    local list = targets(o.children, name)
+    local hs = handles(fgen, list)
+    ready(fgen, name, function(rctx)
         return function(r)
             rctx:enqueue(r, hs)
             rctx:wait_cond(#hs, mcp.WAIT_ANY)
@@ -362,7 +389,7 @@ function BUILD.route_allsync(fgen, o, name)
             end
             return last
         end
-    end }
+    end, { kind = "route_allsync", children = shape_children(list) })
 end
 
 function BUILD.route_allfastest(fgen, o, name)
@@ -397,7 +424,7 @@ function BUILD.route_failover(fgen, o, name)
         tries = math.max(o.failover_count, 1)
     end
     local miss = o.miss and true or false
-    fgen:ready{ n = name, f = function(rctx)
+    ready(fgen, name, function(rctx)
         return function(r)
             local res
             for i = 1, tries do
@@ -406,7 +433,8 @@ function BUILD.route_failover(fgen, o, name)
             end
             return res
         end
-    end }
+    end, { kind = "route_failover", children = shape_children(list), count = tries,
+           miss = miss })
 end
 
 function BUILD.route_split(fgen, o, name)

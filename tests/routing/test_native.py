@@ -16,6 +16,7 @@ from __future__ import annotations
 import textwrap
 from collections import Counter
 from functools import partial
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,7 +27,7 @@ from fuzz.checks import chunked
 from mcproxy.backends.pool import BackendRegistry
 from mcproxy.cache.store import Store
 from mcproxy.counters import ProxyStats
-from mcproxy.routing.engine import RouteEngine
+from mcproxy.routing.engine import ROUTELIB_PATH, RouteEngine
 from mcproxy.routing.native import Failover
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
@@ -106,12 +107,12 @@ class ScriptedProxy:
     """The route engine behind a client protocol, in-process; each backend
     settles every unit at once, as its ``modes`` entry says."""
 
-    def __init__(self, path: str, direct: bool) -> None:
+    def __init__(self, path: str, direct: bool, arg: str | None = None) -> None:
         self.stats = ProxyStats()
         self.engine = RouteEngine(self.stats, BackendRegistry(self.stats,
                                                               reactor=MemoryReactorClock()),
                                   Tunables(), UserStats(), direct=direct)
-        self.routes = self.engine.load(path)
+        self.routes = self.engine.load(path, arg)
         self.started = 0
         start = self.routes.start
 
@@ -180,13 +181,15 @@ class ScriptedProxy:
 _proxies: dict[tuple[str, bool], ScriptedProxy] = {}
 
 
-def proxy(tmp_path_factory, text: str, direct: bool) -> ScriptedProxy:
-    """The ScriptedProxy of a config (made once per test session)."""
-    key = (text, direct)
+def proxy(tmp_path_factory, text: str, direct: bool, routelib: bool = False) -> ScriptedProxy:
+    """The ScriptedProxy of a config, or of a route library file (made once
+    per test session)."""
+    key = (text, direct, routelib)
     if key not in _proxies:
-        path = tmp_path_factory.mktemp("native") / "route.lua"
-        path.write_text(text)
-        _proxies[key] = ScriptedProxy(str(path), direct)
+        path = str(tmp_path_factory.mktemp("native") / "route.lua")
+        Path(path).write_text(text)
+        _proxies[key] = (ScriptedProxy(ROUTELIB_PATH, direct, path) if routelib
+                         else ScriptedProxy(path, direct))
     return _proxies[key]
 
 
@@ -246,6 +249,40 @@ def test_failover_answers_as_its_lua_body(tmp_path_factory, name, modes, held, s
     assert native.started - started == sum(  # introspection, of get only
         token.startswith(b"__mcproxy__") for line in stream.split(b"\r\n")
         if line.startswith(b"get ") for token in line.split(b" "))
+    for counter in ("conn_requests", "commands"):
+        assert getattr(native.stats, counter) == getattr(lua.stats, counter)
+
+
+#: Route library files whose route runs natively (memcached's routelib on
+#: the V2 API: its failover differs from routes.failover, see native.py).
+ROUTELIB_ROUTES = {
+    "route_failover": 'route_failover{ children = { "a", "b" } }',
+    "route_failover of three on misses": 'route_failover{ children = { "c", "a", "b" }, '
+                                         'miss = true }',
+    "route_failover of two tries": 'route_failover{ children = { "b", "a", "c" }, '
+                                   'failover_count = 2 }',
+    "route_failover of routes": 'route_failover{ children = { route_direct{ child = "a" }, '
+                                '"c" }, miss = true }',
+    "route_direct of a route_failover": 'route_direct{ child = route_failover{ '
+                                        'children = { "c", "b" } } }',
+}
+
+
+@PROPERTY
+@given(st.sampled_from(sorted(ROUTELIB_ROUTES)), modes, held, streams,
+       st.lists(st.integers(0, 10**6), max_size=4))
+def test_routelib_failover_answers_as_its_lua_body(tmp_path_factory, name, modes, held,
+                                                   stream, cuts):
+    """routelib's route_failover, attached alone, runs without Lua and
+    answers as its V2 body does."""
+    text = "pools{" + POOLS + "}\nroutes{ default = " + ROUTELIB_ROUTES[name] + " }\n"
+    native = proxy(tmp_path_factory, text, True, routelib=True)
+    lua = proxy(tmp_path_factory, text, False, routelib=True)
+    assert rq.CMD_GET in native.routes.native
+    chunks = chunked(stream, cuts)
+    started = native.started
+    assert native.exchange(modes, held, chunks) == lua.exchange(modes, held, chunks)
+    assert native.started == started and lua.started > 0 or not stream
     for counter in ("conn_requests", "commands"):
         assert getattr(native.stats, counter) == getattr(lua.stats, counter)
 
