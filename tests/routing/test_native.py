@@ -410,3 +410,26 @@ def test_failover_runner_of_each_command(tmp_path, options, tries):
     assert {rq.CMD_GET, rq.CMD_SET, rq.CMD_MG, rq.CMD_DELETE} <= set(runners)
     assert all(isinstance(runner, Failover) and runner.tries == tries
                for runner in runners.values())
+
+
+def test_shuffled_multiget_draws_one_order_per_request(tmp_path):
+    """A shuffled failover's multiget tries all its keys on one order of
+    the children, drawn per client request: each child comes first for
+    about half of 4,000 requests (within 4.5 sigma)."""
+    scripted = _engine(tmp_path, 'routes.failover({ "a", "b" }, { shuffle = true })')
+    units: list = []
+    for backend in scripted.engine.registry.live:
+        backend.send_unit = lambda unit, label=backend.label: (
+            units.append((label, unit.keys)), unit.fail(FAIL_TIMEOUT, 0))
+    firsts: Counter = Counter()
+    keys = [b"k1", b"k2", b"k3"]
+    for _ in range(4000):
+        units.clear()
+        out: list[bytes] = []
+        assert scripted.engine.route_keys(parse_request(b"get k1 k2 k3\r\n"), keys, out.append)
+        assert out == [b"SERVER_ERROR backend failure\r\n" * 3 + b"END\r\n"]
+        assert [unit_keys for _, unit_keys in units] == [keys, keys]
+        assert {label for label, _ in units} == set(LABELS[:2])
+        firsts[units[0][0]] += 1
+    sigma = (4000 * 0.25) ** 0.5
+    assert all(abs(count - 2000) < 4.5 * sigma for count in firsts.values()), firsts
