@@ -1,6 +1,6 @@
 """Routes run natively (mcproxy/routing/native.py) against real memcached
-servers, a dead port and a backend that hangs: routes.failover and
-routes.all_sync through twistd, and routelib's lone route_failover and
+servers, a dead port and a backend that hangs: routes.failover,
+routes.all_sync and routes.zfailover through twistd, and routelib's lone route_failover and
 route_allsync compared byte for byte with memcached 1.6.45's proxy running
 the same file (skipped, with the reason, where that binary cannot run).
 """
@@ -87,6 +87,24 @@ def test_failover_past_a_backend_that_hangs(servers, fake):
         assert proxy.call(b"get slow other\r\n", b"END\r\n") == (
             b"VALUE slow 0 1\r\na\r\nVALUE other 0 1\r\no\r\nEND\r\n")
         assert b"get slow other\r\n" in fake.lines()
+    finally:
+        proxy.stop()
+
+
+def test_zfailover_reads_the_far_zone_on_a_miss(servers):
+    a, b = servers
+    for server in servers:
+        assert server.call(b"flush_all\r\n") == b"OK\r\n"
+    assert a.call(b"set near 0 0 1\r\na\r\n") == b"STORED\r\n"
+    assert b.call(b"set far 0 0 1\r\nb\r\n") == b"STORED\r\n"
+    pools = (f'zones = {{ za = {{ backends = {{ "127.0.0.1:{a.port}" }} }}, '
+             f'zb = {{ backends = {{ "127.0.0.1:{b.port}" }} }} }}')
+    proxy = Proxy(None, config_text=v1_config(pools, 'routes.zfailover("zones", "za")')).start()
+    try:
+        assert proxy.call(b"get far\r\n", b"END\r\n") == b"VALUE far 0 1\r\nb\r\nEND\r\n"
+        assert proxy.call(b"get near far none\r\n", b"END\r\n") == (
+            b"VALUE near 0 1\r\na\r\nVALUE far 0 1\r\nb\r\nEND\r\n")
+        assert proxy.call(b"mg none v\r\n") == b"EN\r\n"
     finally:
         proxy.stop()
 

@@ -65,6 +65,11 @@ NATIVE_ROUTES = {
     "all_sync of a set": 'routes.all_sync("c")',
     "all_sync by command": '{ reads = routes.failover{ "b", "a" }, '
                            'writes = routes.all_sync{ "a", "b" } }',
+    "zfailover": 'routes.zfailover({ za = "a", zb = "b", zc = "c" }, "zb")',
+    "zfailover, not on misses": 'routes.zfailover({ za = "a", zb = "b", zc = "c" }, "zc", '
+                                '{ miss = false })',
+    "zfailover by command": '{ reads = routes.zfailover({ z1 = "c", z2 = "a", z3 = "b" }, '
+                            '"z1"), writes = routes.all_sync{ "c", "a", "b" } }',
 }
 
 
@@ -231,8 +236,11 @@ def client_requests(draw) -> bytes:
     return b"get %s\r\n" % INTROSPECTION
 
 
-modes = st.fixed_dictionaries({label: st.sampled_from([OK, OK, FAIL, TIMEOUT, ERROR])
-                               for label in LABELS})
+_mode = st.sampled_from([OK, OK, FAIL, TIMEOUT, ERROR])
+#: Each backend's mode; pool c's two backends mostly share theirs.
+modes = st.builds(lambda a, b, c, other, split: dict(zip(LABELS, [a, b, c, other if split else c],
+                                                         strict=True)),
+                  _mode, _mode, _mode, _mode, st.integers(0, 3).map(lambda n: n == 0))
 held = st.fixed_dictionaries({label: st.lists(_keys, unique=True) for label in LABELS})
 streams = st.lists(client_requests(), max_size=10).map(b"".join)
 
@@ -241,8 +249,9 @@ streams = st.lists(client_requests(), max_size=10).map(b"".join)
 @PROPERTY
 @given(modes=modes, held=held, stream=streams, cuts=st.lists(st.integers(0, 10**6), max_size=4))
 def test_routes_answer_as_their_lua_bodies(tmp_path_factory, name, modes, held, stream, cuts):
-    """routes.failover and routes.all_sync over pools run without Lua (but
-    introspection, and all_sync's requests that use a cas unique) and
+    """routes.failover, routes.all_sync and routes.zfailover over pools run
+    without Lua (but introspection, and all_sync's requests that use a cas
+    unique) and
     answer every client, change every backend and count every request as
     their Lua bodies do, whatever each child answers or fails."""
     text = config(NATIVE_ROUTES[name])
@@ -433,3 +442,22 @@ def test_shuffled_multiget_draws_one_order_per_request(tmp_path):
         firsts[units[0][0]] += 1
     sigma = (4000 * 0.25) ** 0.5
     assert all(abs(count - 2000) < 4.5 * sigma for count in firsts.values()), firsts
+
+
+@pytest.mark.parametrize("miss, expected", [
+    (False, b"END\r\n" * 2),  # the await ends at a's miss: b's hit comes too late
+    (True, b"VALUE k1 3 11\r\n127.0.0.1:2\r\nEND\r\n" * 2),  # ends at the hit
+])
+def test_zfailover_await_over_as_in_lua(tmp_path_factory, miss, expected):
+    """The local zone (c) fails; the far zones answer in order, a with a
+    miss, b with a hit: what the client gets depends on when the body's
+    mcp.await is over, natively as in Lua."""
+    text = config(f'routes.zfailover({{ za = "a", zb = "b", zc = "c" }}, "zc", '
+                  f'{{ miss = {str(miss).lower()} }})')
+    chunks = [b"get k1\r\nget k1 k2\r\n"]
+    modes = {LABELS[2]: FAIL, LABELS[3]: FAIL}
+    held = {LABELS[1]: [b"k1"]}
+    for direct in (True, False):
+        scripted = proxy(tmp_path_factory, text, direct)
+        assert (rq.CMD_GET in scripted.routes.native) is direct
+        assert scripted.exchange(modes, held, chunks)[0] == expected
