@@ -34,6 +34,9 @@ would have answered.
   would have collected them (over at the first hit or once all answered
   ok with ``miss``, else at the first ok answer). A broadcast command goes
   to Lua.
+* :class:`Split` runs ``routes.split`` and routelib's ``route_split``: the
+  shadows get the request in the background, the primary's answer is the
+  route's.
 
 A shuffle draws Python's random numbers where the Lua body draws Lua's:
 the client cannot tell which child a draw picked, and each order of the
@@ -129,6 +132,8 @@ def native_of(route: Shape | Pool | None, command: int):
         return AllSync(pools, bool(route.fields.get("strict")), kind == "route_allsync"), None
     if kind == "zfailover":
         return _zone_failover(route, command)
+    if kind == "split" or kind == "route_split":
+        return _split(route, command, kind == "route_split")
     if kind == "failover" or kind == "route_failover":
         children = route.children
         pools = []
@@ -324,7 +329,7 @@ def _groups(pool: Pool, keys: list[bytes], positions) -> tuple[dict, list]:
     groups: dict = {}
     unplaced = []
     select = pool.select
-    if len(pool.backends) == 1:  # serves every key if it serves one
+    if len(pool.backends) == 1 and positions:  # serves every key if it serves one
         try:
             return {select(keys[positions[0]]): list(positions)}, unplaced
         except ValueError:
@@ -484,6 +489,22 @@ def _zone_failover(route: Shape, command: int):
     if pools is None:
         return None
     return ZoneFailover(pools[0], pools[1:], bool(route.fields.get("miss"))), None
+
+
+def _split(route: Shape, command: int, lib: bool):
+    """The Split of a split shape (the primary is child 1; routes.split's
+    shadows are a table of their own, routelib's child_b is child 2), or
+    None if a child is not a pool."""
+    if lib:
+        pools = _pools(route.children, command, True)
+    else:
+        main = _pools({1: route.children.get(1)}, command, True)
+        shadows = _pools(route.fields.get("shadows", {}), command, False)
+        pools = None if main is None or shadows is None else main + shadows
+    if pools is None or len(pools) < 2:
+        return None
+    fraction = route.fields.get("fraction")
+    return Split(pools[0], pools[1:], None if fraction is None else float(fraction), lib), None
 
 
 def _pools(children: dict, command: int, ordered: bool) -> list[Pool] | None:
@@ -1028,3 +1049,150 @@ def _first_good(answers: list[tuple[bool, bytes]]) -> tuple[bool, bytes]:
             if first_ok is None:
                 first_ok = answer
     return first_ok or answers[0]
+
+
+def key_fraction(key: bytes) -> float:
+    """A key's place in [0, 1), as routes.split's body computes it
+    (FNV-1a, then murmur3's finalizer)."""
+    h = 2166136261
+    for byte in key:
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h / 4294967296.0
+
+
+def _ignore(res: Response) -> None:
+    """The answer of a shadow, which nobody waits for."""
+
+
+def _ignore_keys(parts: list[bytes]) -> None:
+    """The answer of a shadow's keys, which nobody waits for."""
+
+
+class Split:
+    """``routes.split``: the request to the shadows in the background (only
+    for keys under ``fraction``), then to the primary, whose answer is the
+    route's; or routelib's ``route_split`` (``lib``: one shadow, child_b,
+    every request). A broadcast command goes to Lua."""
+
+    __slots__ = ("main", "shadows", "fraction", "lib", "depth_limited", "prefix", "guard")
+
+    def __init__(self, main: Pool, shadows: list[Pool], fraction: float | None,
+                 lib: bool) -> None:
+        self.main = main
+        self.shadows = shadows
+        self.fraction = fraction
+        self.lib = lib
+        self.depth_limited = any(backend.options.depth_limit
+                                 for pool in (main, *shadows) for backend in pool.backends)
+        self.prefix: bytes | None = None
+        self.guard: bytes | None = None
+
+    def keep_for_lua(self, prefix: bytes) -> None:
+        """Leave requests whose key starts with ``prefix`` to Lua."""
+        self.prefix = prefix
+        self.guard = b" " + prefix
+
+    def _shadowed(self, key: bytes) -> bool:
+        fraction = self.fraction
+        return fraction is None or key_fraction(key) < fraction
+
+    def send(self, req: Request, done: Done, stats: ProxyStats,
+             route_error: RouteError) -> bool:
+        """Route ``req``; ``done(reply)`` once, as the body would; False,
+        with nothing done, for a request the body treats apart."""
+        prefix = self.prefix
+        if prefix is not None and req.key.startswith(prefix):
+            return False
+        if self.lib:
+            for pool in self.shadows:
+                target = _lib_backend(pool, req)
+                if target.__class__ is not Response:
+                    target.send(req, _ignore)
+            target = _lib_backend(self.main, req)
+            if target.__class__ is Response:
+                stats.req_active -= 1
+                done(client_bytes(target, req))
+                return True
+        else:
+            if req.command in BROADCAST_COMMANDS:
+                return False
+            try:
+                if self._shadowed(req.key):
+                    for backend in [select_backend(pool, req) for pool in self.shadows]:
+                        backend.send(req, _ignore)
+                target = select_backend(self.main, req)
+            except ValueError as e:
+                _route_failed(req, done, stats, route_error, e)
+                return True
+
+        def reply(res: Response) -> None:
+            stats.req_active -= 1
+            done(client_bytes(res, req))
+
+        target.send(req, reply)
+        return True
+
+    def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
+                  route_error: RouteError, sink: ReplySink | None) -> bool:
+        """Route the keys of the client multiget ``req`` (see
+        RouteEngine.route_keys): those shadowed to each shadow together in
+        the background, all to the primary together; False, with nothing
+        done, when they go key by key instead (a backend with a depth
+        limit, a key a child cannot place, maybe a key kept for Lua)."""
+        if self.depth_limited:
+            return False
+        guard = self.guard
+        if guard is not None and guard in req.line:
+            return False
+        shadowed = [p for p, key in enumerate(keys) if self.lib or self._shadowed(key)]
+        rounds = []
+        for pool in self.shadows:
+            groups, unplaced = _groups(pool, keys, shadowed)
+            if unplaced:
+                return False
+            rounds.append(groups)
+        main, unplaced = _groups(self.main, keys, range(len(keys)))
+        if unplaced:
+            return False
+        count = len(keys)
+        stats.conn_requests += count
+        stats.commands[req.command] += count
+        stats.req_active += count
+        name = req.tokens[0]
+        for groups in rounds:
+            for backend, positions in groups.items():
+                backend.send_unit(KeyBatch(name, [keys[p] for p in positions], _ignore_keys))
+        reply = _SplitReply(count, len(main), stats, done)
+        for backend, positions in main.items():
+            backend.send_unit(KeyBatch(name, keys if len(positions) == count else
+                                       [keys[p] for p in positions],
+                                       partial(reply.answer, positions), sink))
+        return True
+
+
+class _SplitReply:
+    """The primary's answers to the keys of one client multiget through a
+    Split, joined in the client's order."""
+
+    __slots__ = ("parts", "pending", "stats", "done")
+
+    def __init__(self, count: int, batches: int, stats: ProxyStats, done: Done) -> None:
+        self.parts: list[bytes] = [_EMPTY] * count
+        self.pending = batches
+        self.stats = stats
+        self.done = done
+
+    def answer(self, positions: list[int], parts: list[bytes]) -> None:
+        mine = self.parts
+        for position, part in zip(positions, parts, strict=True):
+            mine[position] = part
+        self.pending -= 1
+        if not self.pending:
+            self.stats.req_active -= len(mine)
+            mine.append(errors.END)
+            self.done(_EMPTY.join(mine))

@@ -12,7 +12,7 @@
 -- behind a router when a map or command map is given. A route_direct
 -- attached alone is a funcgen of the shape v2.lua declares direct, so it
 -- takes the engine's direct path. The generators of route_direct,
--- route_failover and route_allsync declare their shapes (as routes.lua's
+-- route_failover, route_allsync and route_split declare their shapes (as routes.lua's
 -- constructors do) to the engine's `declare`, handed to this file when it
 -- is loaded (engine.py): attached alone, they run natively (native.py).
 
@@ -438,14 +438,15 @@ function BUILD.route_failover(fgen, o, name)
 end
 
 function BUILD.route_split(fgen, o, name)
-    local a = fgen:new_handle(target(o.child_a, name))
-    local b = fgen:new_handle(target(o.child_b, name))
-    fgen:ready{ n = name, f = function(rctx)
+    local child_a, child_b = target(o.child_a, name), target(o.child_b, name)
+    local a = fgen:new_handle(child_a)
+    local b = fgen:new_handle(child_b)
+    ready(fgen, name, function(rctx)
         return function(r)
             rctx:enqueue(r, b)
             return rctx:enqueue_and_wait(r, a)
         end
-    end }
+    end, { kind = "route_split", children = shape_children({ child_a, child_b }) })
 end
 
 -- A copy of storage request r with exptime `ttl`, or nil if r cannot have one.

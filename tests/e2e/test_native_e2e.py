@@ -1,8 +1,9 @@
 """Routes run natively (mcproxy/routing/native.py) against real memcached
 servers, a dead port and a backend that hangs: routes.failover,
-routes.all_sync and routes.zfailover through twistd, and routelib's lone route_failover and
-route_allsync compared byte for byte with memcached 1.6.45's proxy running
-the same file (skipped, with the reason, where that binary cannot run).
+routes.all_sync and routes.zfailover through twistd, and routelib's lone
+route_failover, route_allsync and route_split compared byte for byte with
+memcached 1.6.45's proxy running the same file (skipped, with the reason,
+where that binary cannot run).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ ROUTELIB_FILES = {
     "failover on misses": 'route_failover{ children = { "a", "down", "b" }, miss = true }',
     "allsync": 'route_allsync{ children = { "a", "b" } }',
     "allsync with a dead child": 'route_allsync{ children = { "a", "down" } }',
+    "split": 'route_split{ child_a = "b", child_b = "a" }',
+    "split to a dead child": 'route_split{ child_a = "a", child_b = "down" }',
 }
 SETUP = [b"set ka 0 0 1\r\na\r\n", b"set both 0 0 1\r\nA\r\n"], [
     b"set kb 0 0 1\r\nb\r\n", b"set both 0 0 1\r\nB\r\n"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lupa.lua54 import LuaRuntime
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from fuzz.checks import chunked
@@ -29,6 +30,7 @@ from mcproxy.cache.store import Store
 from mcproxy.counters import ProxyStats
 from mcproxy.routing.engine import ROUTELIB_PATH, RouteEngine
 from mcproxy.routing.native import Failover
+from mcproxy.routing.native import key_fraction as native_key_fraction
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
 from mcproxy.server.protocol import ProxyServerProtocol
@@ -70,6 +72,8 @@ NATIVE_ROUTES = {
                                 '{ miss = false })',
     "zfailover by command": '{ reads = routes.zfailover({ z1 = "c", z2 = "a", z3 = "b" }, '
                             '"z1"), writes = routes.all_sync{ "c", "a", "b" } }',
+    "split": 'routes.split("a", "b")',
+    "split of a fraction": 'routes.split(routes.direct("c"), { "a", "b" }, { fraction = 0.5 })',
 }
 
 
@@ -249,8 +253,8 @@ streams = st.lists(client_requests(), max_size=10).map(b"".join)
 @PROPERTY
 @given(modes=modes, held=held, stream=streams, cuts=st.lists(st.integers(0, 10**6), max_size=4))
 def test_routes_answer_as_their_lua_bodies(tmp_path_factory, name, modes, held, stream, cuts):
-    """routes.failover, routes.all_sync and routes.zfailover over pools run
-    without Lua (but introspection, and all_sync's requests that use a cas
+    """routes.failover, routes.all_sync, routes.zfailover and routes.split
+    over pools run without Lua (but introspection, and all_sync's requests that use a cas
     unique) and
     answer every client, change every backend and count every request as
     their Lua bodies do, whatever each child answers or fails."""
@@ -284,6 +288,7 @@ ROUTELIB_ROUTES = {
     "route_allsync": 'route_allsync{ children = { "a", "b", "c" } }',
     "route_allsync of routes": 'route_allsync{ children = { route_direct{ child = "c" }, '
                                '"b" } }',
+    "route_split": 'route_split{ child_a = "c", child_b = route_direct{ child = "a" } }',
 }
 
 
@@ -292,8 +297,8 @@ ROUTELIB_ROUTES = {
 @given(modes=modes, held=held, stream=streams, cuts=st.lists(st.integers(0, 10**6), max_size=4))
 def test_routelib_routes_answer_as_their_lua_bodies(tmp_path_factory, name, modes, held,
                                                    stream, cuts):
-    """routelib's route_failover and route_allsync, attached alone, run
-    without Lua and answer as their V2 bodies do."""
+    """routelib's route_failover, route_allsync and route_split, attached
+    alone, run without Lua and answer as their V2 bodies do."""
     text = "pools{" + POOLS + "}\nroutes{ default = " + ROUTELIB_ROUTES[name] + " }\n"
     native = proxy(tmp_path_factory, text, True, routelib=True)
     lua = proxy(tmp_path_factory, text, False, routelib=True)
@@ -461,3 +466,53 @@ def test_zfailover_await_over_as_in_lua(tmp_path_factory, miss, expected):
         scripted = proxy(tmp_path_factory, text, direct)
         assert (rq.CMD_GET in scripted.routes.native) is direct
         assert scripted.exchange(modes, held, chunks)[0] == expected
+
+
+@given(st.binary(max_size=40))
+def test_key_fraction_is_the_lua_bodys(key):
+    """routes.split's place of a key, in Python as in Lua."""
+    assert native_key_fraction(key) == _lua_key_fraction(key)
+
+
+_LUA = None
+
+
+def _lua_key_fraction(key: bytes) -> float:
+    global _LUA
+    if _LUA is None:
+        source = (Path(ROUTELIB_PATH).parent / "routes.lua").read_text()
+        start = source.index("local function key_fraction(key)")
+        end = source.index("\nend\n", start) + 5
+        _LUA = LuaRuntime(encoding=None).execute(
+            "local string_byte = string.byte\n" + source[start:end] + "\nreturn key_fraction")
+    return _LUA(key)
+
+
+def test_split_multiget_shadows_its_keys(tmp_path):
+    """A split's multiget sends every key to the primary's backends and,
+    in the background, the shadowed keys to the shadow's, one backend
+    multiget each; the answer is the primary's."""
+    scripted = _engine(tmp_path, 'routes.split("a", { "c" }, { fraction = 0.5 })')
+    scripted.modes = {}
+    scripted.stores = {label: Store(clock=lambda: 1.0) for label in LABELS}
+    serve(scripted.stores[LABELS[0]], b"set k1 0 0 1\r\nA\r\n")
+    lines = []
+    for backend in scripted.engine.registry.live:
+        def send_unit(unit, settle=backend.send_unit, label=backend.label):
+            out: list[bytes] = []
+            unit.write(out, [unit], 0)
+            lines.append((label, b"".join(out)))
+            settle(unit)
+        backend.send_unit = send_unit
+    keys = [b"k%d" % n for n in range(1, 9)]
+    shadowed = [key for key in keys if native_key_fraction(key) < 0.5]
+    assert 0 < len(shadowed) < len(keys)
+    out: list[bytes] = []
+    assert scripted.engine.route_keys(parse_request(b"get " + b" ".join(keys) + b"\r\n"),
+                                      keys, out.append)
+    assert out == [b"VALUE k1 0 1\r\nA\r\nEND\r\n"]
+    shadow_lines = [line for label, line in lines if label in LABELS[2:]]
+    assert all(line.startswith(b"get ") for line in shadow_lines)
+    assert sorted(b" ".join(line[4:-2] for line in shadow_lines).split()) == sorted(shadowed)
+    assert (LABELS[0], b"get " + b" ".join(keys) + b"\r\n") in lines
+    assert scripted.stats.req_active == 0
