@@ -208,7 +208,7 @@ class Routes:
             CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
         #: the routes run without Lua (none of those attached unless ``direct``)
         self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
-        #: command -> the runner of its route, run natively (native.py)
+        #: command -> the runner of its route, run natively (routing/native/)
         self.native = native.declared(self.shapes if direct else {})
         #: the commands this config routes (attached, or by default)
         self.routed = frozenset(self.hooks) | frozenset(self.direct.pools)
@@ -371,7 +371,7 @@ class RouteEngine:
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
         when its route is a direct pool call (see direct.py) or runs
-        natively (native.py, which answers as below).
+        natively (routing/native/, which answers as below).
 
         The pool still picks each key's backend; each backend then gets its
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply

@@ -14,7 +14,7 @@
 -- takes the engine's direct path. The generators of route_direct,
 -- route_failover, route_allsync and route_split declare their shapes (as routes.lua's
 -- constructors do) to the engine's `declare`, handed to this file when it
--- is loaded (engine.py): attached alone, they run natively (native.py).
+-- is loaded (engine.py): attached alone, they run natively (routing/native/).
 
 -- Who is told what a route is (mcp.lua): only this file gets it.
 local declare = ...

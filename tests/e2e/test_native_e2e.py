@@ -1,4 +1,4 @@
-"""Routes run natively (mcproxy/routing/native.py) against real memcached
+"""Routes run natively (mcproxy/routing/native/) against real memcached
 servers, a dead port and a backend that hangs: routes.failover,
 routes.all_sync and routes.zfailover through twistd, and routelib's lone
 route_failover, route_allsync and route_split compared byte for byte with

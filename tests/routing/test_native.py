@@ -1,4 +1,4 @@
-"""Native runners (mcproxy/routing/native.py) answer as their Lua bodies.
+"""Native runners (mcproxy/routing/native/) answer as their Lua bodies.
 
 Each property sends the same client stream through two engines over the
 same config: one that runs the route library's shapes natively, and
@@ -274,7 +274,8 @@ def test_routes_answer_as_their_lua_bodies(tmp_path_factory, name, modes, held, 
 
 
 #: Route library files whose route runs natively (memcached's routelib on
-#: the V2 API: its failover differs from routes.failover, see native.py).
+#: the V2 API: its failover differs from routes.failover, see
+#: mcproxy/routing/native/).
 ROUTELIB_ROUTES = {
     "route_failover": 'route_failover{ children = { "a", "b" } }',
     "route_failover of three on misses": 'route_failover{ children = { "c", "a", "b" }, '
