@@ -1,6 +1,8 @@
 -- Route config for the benchmark's memcached-proxy system: memcached's own
 -- proxy (1.6.45, ../shared/anchors/memcached-proxy-1.6.45) with its bundled
--- route library, started with -o proxy_config=routelib,proxy_arg=<this file>.
+-- route library, started with -o proxy_config=routelib,proxy_arg=<this file>;
+-- and for mcproxy-routelib: mcproxy on the same file, started with
+-- --config=routelib --config-arg=<this file>.
 --
 -- One pool of one backend and a direct route for every command, as
 -- route.lua and route_library.lua give mcproxy. bench/run.py passes the

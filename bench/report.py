@@ -8,14 +8,15 @@ import statistics
 from pathlib import Path
 
 SYSTEMS = ("direct", "nutcracker", "memcached-proxy", "mcproxy", "mcproxy-lua",
-           "mcproxy-lib", "mcproxy-2w")
+           "mcproxy-lib", "mcproxy-routelib", "mcproxy-2w")
 #: The proxies mcproxy is compared with: nutcracker (C, no scripting) and
 #: memcached's own proxy (C, Lua routes), the one a user of Lua routing
 #: would pick instead.
 PEERS = ("nutcracker", "memcached-proxy")
 #: mcproxy on the direct route, on a Lua route, on a route-library route,
-#: and on the direct route with --workers=2.
-MCPROXIES = ("mcproxy", "mcproxy-lua", "mcproxy-lib", "mcproxy-2w")
+#: on memcached-proxy's routelib file, and on the direct route with
+#: --workers=2.
+MCPROXIES = ("mcproxy", "mcproxy-lua", "mcproxy-lib", "mcproxy-routelib", "mcproxy-2w")
 PROXIES = PEERS + MCPROXIES
 #: mcproxy --workers=2, compared with one mcproxy process (the workers claim:
 #: throughput scales with cores, CPU per request stays flat).
@@ -32,6 +33,7 @@ CPU_TARGETS = {
     ("mcproxy", "nutcracker"): {"a": 1.3, "b": 1.0, "c": 1.0},
     ("mcproxy-lua", "memcached-proxy"): {"a": 1.5, "b": 1.5, "c": 1.0},
     ("mcproxy-lib", "memcached-proxy"): {"a": 1.5, "b": 1.5, "c": 1.0},
+    ("mcproxy-routelib", "memcached-proxy"): {"a": 1.5, "b": 1.5, "c": 1.0},
 }
 #: Target for workload (d): mcproxy's added p50 over direct memcached, as a
 #: multiple of nutcracker's.
@@ -51,7 +53,7 @@ FIGURES = {
 }
 COLORS = {"direct": "tab:blue", "nutcracker": "tab:orange", "memcached-proxy": "tab:red",
           "mcproxy": "tab:green", "mcproxy-lua": "tab:purple", "mcproxy-lib": "tab:brown",
-          "mcproxy-2w": "tab:olive"}
+          "mcproxy-routelib": "tab:pink", "mcproxy-2w": "tab:olive"}
 #: Median share of the machine's CPU used by other processes above which the
 #: figures are flagged as noisy.
 BACKGROUND_WARNING_PCT = 10

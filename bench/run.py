@@ -3,8 +3,9 @@
 ``python bench/run.py`` starts one memcached and in front of it nutcracker,
 memcached 1.6.45's own proxy (when its binary is there) and mcproxy: on the
 direct route of bench/route.lua once as one process and once with
-``--workers=2`` (``mcproxy-2w``), on a Lua route (``mcproxy-lua``) and on a
-route-library route (``mcproxy-lib``); all on loopback. It runs the same
+``--workers=2`` (``mcproxy-2w``), on a Lua route (``mcproxy-lua``), on a
+route-library route (``mcproxy-lib``) and on memcached-proxy's routelib file
+(``mcproxy-routelib``); all on loopback. It runs the same
 load from bench/loadgen.c against each, rotating the systems' order every
 round, prints a table, writes bench/results/results.json, table.rst and
 chart.png. See bench/README.md for what the figures mean.

@@ -5,7 +5,8 @@ binary is there) and mcproxy: on the direct route of bench/route.lua, once
 as one process and once with ``--workers=2`` (a supervisor and two worker
 processes it spawns; they stay in its session and process tree, so the CPU,
 RSS and descriptor sums over the tree cover them), and as one process on a
-Lua route and on a route-library route. Every process is started in its own
+Lua route, on a route-library route and on memcached-proxy's routelib file
+(``--config=routelib``). Every process is started in its own
 session and stopped by :class:`Cluster` on exit, also on Ctrl-C and
 exceptions.
 """
@@ -35,8 +36,13 @@ MCPROXY_SYSTEMS = {
     "mcproxy": ("route.lua", 1),
     "mcproxy-lua": ("route_lua.lua", 1),
     "mcproxy-lib": ("route_library.lua", 1),
+    "mcproxy-routelib": ("mcp_routelib.lua", 1),
     "mcproxy-2w": ("route.lua", 2),
 }
+#: mcproxy's systems whose route config is a route library file (memcached's
+#: routelib), run as ``--config=routelib --config-arg=FILE``: the file
+#: memcached-proxy runs.
+ROUTELIB_SYSTEMS = frozenset({"mcproxy-routelib"})
 
 
 class SystemUnavailable(Exception):
@@ -418,9 +424,10 @@ class Cluster:
         route, workers = MCPROXY_SYSTEMS[name]
         port = free_port()
         env = dict(os.environ, MCPROXY_BENCH_BACKEND_PORT=str(self.memcached.port))
+        config = ([f"--config={BENCH_DIR / route}"] if name not in ROUTELIB_SYSTEMS
+                  else ["--config=routelib", f"--config-arg={BENCH_DIR / route}"])
         argv = [self.python, "-m", "twisted", "--log-level=warn", "--log-format=text",
-                "mcproxy", f"--config={BENCH_DIR / route}",
-                f"--listen=tcp:{port}:interface={HOST}"]
+                "mcproxy", *config, f"--listen=tcp:{port}:interface={HOST}"]
         if workers > 1:
             argv.append(f"--workers={workers}")
         try:

@@ -13,7 +13,8 @@ the backend and the response goes to the client exactly as the Lua route
 would have sent it, minus two crossings into Lua and a coroutine per
 request. Keys of a multiget, or a run of plain requests, for such a pool
 travel together (``RouteEngine.route_keys``, ``route_run``); this module
-decides where they go.
+decides where they go. Shapes over several pools (failover, all_sync, ...)
+run natively too, by the runners of ``native/``.
 """
 
 from __future__ import annotations

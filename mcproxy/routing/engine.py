@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from mcproxy.backends.pool import BackendRegistry, Broadcast
 from mcproxy.counters import ProxyStats
-from mcproxy.routing import direct, rcontext
+from mcproxy.routing import direct, native, rcontext
 from mcproxy.routing.crons import Crons
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
@@ -157,11 +157,17 @@ class _State:
                                          b"hash": table({b"_hasher": b"md5"})})
 
     def run_file(self, path: str) -> None:
+        """Run the config file; the route library's (ROUTELIB_PATH), which
+        ships with mcproxy, gets the engine's ``declare`` as the bundled
+        libraries do (see _install_libraries)."""
         chunk = self.globals.loadfile(path.encode())
         if isinstance(chunk, tuple):  # nil plus the error message
             raise ConfigError(f"failed to load {path}: {_message(Exception(chunk[1]))}")
         try:
-            chunk()
+            if path == ROUTELIB_PATH:
+                chunk(self.engine.declare)
+            else:
+                chunk()
         except lua54.LuaError as e:
             raise ConfigError(f"error running {path}: {_message(e)}") from None
 
@@ -178,9 +184,9 @@ class _State:
 class RouteTable:
     """The routes of one listener tag (or of the untagged listeners): its
     command hooks, what each declared itself to be, the routes run without
-    Lua, and the commands it routes."""
+    Lua (direct or by a native runner), and the commands it routes."""
 
-    __slots__ = ("hooks", "shapes", "direct", "routed")
+    __slots__ = ("hooks", "shapes", "direct", "native", "routed")
 
     def __init__(self, hooks: dict, reader: ShapeReader, host: Host, direct: bool) -> None:
         self.hooks = hooks
@@ -191,6 +197,8 @@ class RouteTable:
             CMD_FLUSH_ALL: Broadcast.of(host.pools, host.store)}
         #: the routes run without Lua (none of those attached unless ``direct``)
         self.direct = DirectRoutes.declared(self.shapes if direct else {}, defaults)
+        #: command -> the runner of its route, run natively (routing/native/)
+        self.native = native.declared(self.shapes if direct else {})
         #: the commands these routes take (attached, or by default)
         self.routed = frozenset(hooks) | frozenset(self.direct.pools)
 
@@ -228,6 +236,7 @@ class Routes:
         self.hooks = untagged.hooks
         self.shapes = untagged.shapes
         self.direct = untagged.direct
+        self.native = untagged.native
         self.routed = untagged.routed
         #: tag -> the routes of listeners with that tag: those attached
         #: under it, and the untagged route of every other command
@@ -368,6 +377,7 @@ class RouteEngine:
         self._views: dict[str, RouteEngine] = {}
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
+        self._native: dict = {}
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run and DirectRoutes.plain_runs
@@ -431,6 +441,7 @@ class RouteEngine:
         self.routes = routes
         self._hooks = table.hooks
         self._direct = table.direct
+        self._native = table.native
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
         self.plain_multigets = table.direct.plain_multigets
@@ -454,6 +465,9 @@ class RouteEngine:
         try:
             pool = self._direct.pool(req)
             if pool is None:
+                runner = self._native.get(req.command)
+                if runner is not None and runner.send(req, done, stats, self._route_error):
+                    return
                 self._advance(routes, req, done,
                               routes.start(self._hooks[req.command], req, req.key,
                                            req.command))
@@ -465,7 +479,8 @@ class RouteEngine:
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
-        when its route is a direct pool call (see direct.py).
+        when its route is a direct pool call (see direct.py) or runs
+        natively (routing/native/, which answers as below).
 
         The pool still picks each key's backend; each backend then gets its
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
@@ -482,7 +497,9 @@ class RouteEngine:
             return False
         groups = self._direct.key_groups(req, keys)
         if groups is None:
-            return False
+            runner = self._native.get(req.command)
+            return runner is not None and runner.send_keys(req, keys, done, self.stats,
+                                                           self._route_error, sink)
         stats = self.stats
         count = len(keys)
         stats.conn_requests += count

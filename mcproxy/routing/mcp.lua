@@ -771,6 +771,7 @@ return function(host, phase, v2)
             pool_logs = host.pool_logs,
             internal_handler = host.internal_handler,
             declare = declare,
+            declared = function(f) return shapes[f] end,
             source_lines = source_lines,
             YIELD_WAIT = YIELD_WAIT,
             DONE_RESPONSE = DONE_RESPONSE,

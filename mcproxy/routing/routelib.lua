@@ -12,7 +12,16 @@
 -- behind a router when a map or command map is given, each route tree
 -- under its listener tag (routes{ tag = "x", ... }). A route_direct
 -- attached alone is a funcgen of the shape v2.lua declares direct, so it
--- takes the engine's direct path.
+-- takes the engine's direct path. The generators of route_direct,
+-- route_failover, route_allsync and route_split declare their shapes (as routes.lua's
+-- constructors do) to the engine's `declare`, handed to this file when it
+-- is loaded (engine.py): attached alone, they run natively (routing/native/).
+
+-- Who is told what a route is (mcp.lua): only this file gets it.
+local declare = ...
+if type(declare) ~= "function" then
+    error("routelib: run it as --config=routelib", 0)
+end
 
 local ROUTE = {}      -- metatable of route descriptions
 local CMDMAP = {}     -- metatable of cmdmap{} tables
@@ -309,6 +318,22 @@ local function build_route(route)
     return fgen
 end
 
+-- What a shape names as a child: a pool as it is, a route (funcgen) by
+-- its generator, which declares the route's shape.
+local function shape_children(list)
+    local children = {}
+    for i, t in ipairs(list) do
+        children[i] = rawget(t, "generator") or t
+    end
+    return children
+end
+
+-- fgen:ready with generator `f`, whose routes are of `shape`.
+local function ready(fgen, name, f, shape)
+    fgen:ready{ n = name, f = f }
+    declare(f, shape)
+end
+
 -- A child: a pool name or a route description; what new_handle takes.
 local function target(child, what)
     if type(child) == "string" then
@@ -349,15 +374,17 @@ local function is_error(res)
 end
 
 function BUILD.route_direct(fgen, o, name)
-    local h = fgen:new_handle(target(o.child, name))
-    fgen:ready{ n = name, f = function(rctx)
+    local child = target(o.child, name)
+    local h = fgen:new_handle(child)
+    ready(fgen, name, function(rctx)
         return function(r) return rctx:enqueue_and_wait(r, h) end
-    end }
+    end, { kind = "direct", children = shape_children({ child }) })
 end
 
 function BUILD.route_allsync(fgen, o, name)
-    local hs = handles(fgen, targets(o.children, name))
-    fgen:ready{ n = name, f = function(rctx)
+    local list = targets(o.children, name)
+    local hs = handles(fgen, list)
+    ready(fgen, name, function(rctx)
         return function(r)
             rctx:enqueue(r, hs)
             rctx:wait_cond(#hs, mcp.WAIT_ANY)
@@ -371,7 +398,7 @@ function BUILD.route_allsync(fgen, o, name)
             end
             return last
         end
-    end }
+    end, { kind = "route_allsync", children = shape_children(list) })
 end
 
 function BUILD.route_allfastest(fgen, o, name)
@@ -414,7 +441,7 @@ function BUILD.route_failover(fgen, o, name)
         tries = math.max(o.failover_count, 1)
     end
     local miss = o.miss and true or false
-    fgen:ready{ n = name, f = function(rctx)
+    ready(fgen, name, function(rctx)
         return function(r)
             local res
             for i = 1, tries do
@@ -423,18 +450,20 @@ function BUILD.route_failover(fgen, o, name)
             end
             return res
         end
-    end }
+    end, { kind = "route_failover", children = shape_children(list), count = tries,
+           miss = miss })
 end
 
 function BUILD.route_split(fgen, o, name)
-    local a = fgen:new_handle(target(o.child_a, name))
-    local b = fgen:new_handle(target(o.child_b, name))
-    fgen:ready{ n = name, f = function(rctx)
+    local child_a, child_b = target(o.child_a, name), target(o.child_b, name)
+    local a = fgen:new_handle(child_a)
+    local b = fgen:new_handle(child_b)
+    ready(fgen, name, function(rctx)
         return function(r)
             rctx:enqueue(r, b)
             return rctx:enqueue_and_wait(r, a)
         end
-    end }
+    end, { kind = "route_split", children = shape_children({ child_a, child_b }) })
 end
 
 -- A copy of storage request r with exptime `ttl`, or nil if r cannot have one.

@@ -81,6 +81,7 @@ return function(mcp, internal)
     local routes_only = internal.routes_only
     local log = internal.log
     local declare = internal.declare
+    local declared = internal.declared
     local source_lines = internal.source_lines
     local YIELD_WAIT = internal.YIELD_WAIT
     local DONE_RESPONSE = internal.DONE_RESPONSE
@@ -876,6 +877,12 @@ return function(mcp, internal)
             local pool = direct_pool(obj)
             if pool ~= nil then
                 declare(route, { kind = "direct", children = { pool } })
+            else
+                -- the route library declares its generators (routelib.lua)
+                local shape = declared(obj.generator)
+                if shape ~= nil then
+                    declare(route, shape)
+                end
             end
             return route
         elseif mt == ROUTER then

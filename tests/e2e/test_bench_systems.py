@@ -39,7 +39,7 @@ def assert_forwards(system: systems.System, backend: systems.System) -> None:
                      b"VALUE bench:multi:2 0 3\r\ntwo\r\nEND\r\n")
 
 
-@pytest.mark.parametrize("name", ["mcproxy-lua", "mcproxy-lib"])
+@pytest.mark.parametrize("name", ["mcproxy-lua", "mcproxy-lib", "mcproxy-routelib"])
 def test_mcproxy_on_a_lua_route_and_a_library_route_forwards(cluster, name):
     system = cluster.start_mcproxy(name)
     assert_forwards(system, cluster.memcached)
