@@ -13,6 +13,9 @@ The kinds, and what ``done`` gets:
 * :class:`KeyBatch`: the keys of one client multiget bound for one
   backend, sent as one multi-key get; the client bytes of each key, in
   order.
+* :class:`KeyFetch`: the keys of one client multiget that Lua routes sent
+  to one backend, sent as one multi-key get; the unit, from which each
+  key's route gets its own answer.
 * :class:`PlainRun`: a run of plain requests forwarded as the client sent
   them; the client bytes of them all.
 * Consecutive Singles that are keys of client multigets, written in one
@@ -42,6 +45,10 @@ from mcproxy.wire.response import (
 )
 
 _EMPTY = b""
+
+#: KeyFetch.flags of a key that missed, and of one that hit.
+_MISSED = 1
+_HIT = 2
 
 #: Keys merged into one backend multiget at most.
 MAX_MERGED_KEYS = 100
@@ -271,6 +278,95 @@ class KeyBatch:
 
     def fail(self, reason: str, elapsed: int) -> None:
         self.done([key_reply(Response.failure(reason))] * self.size)
+
+
+class KeyFetch:
+    """Keys of one client ``get``/``gets`` multiget that Lua routes sent to
+    the same backend, as one multi-key request (``RouteEngine.route_keys``
+    for a Lua route). Unlike a KeyBatch, each key keeps its own answer for
+    its route to look at: ``done`` gets the unit itself, which gives each
+    key's ``ok``/``hit`` (``flags``), its Response (``response``, made
+    only when asked) and its client bytes (``part``: key_reply's rule).
+    ``keys`` keeps duplicates and the order they were sent in."""
+
+    __slots__ = ("name", "keys", "done", "sink", "sent", "size", "elapsed", "items",
+                 "parts", "error", "_values", "_responses")
+
+    def __init__(self, name: bytes, keys: list[bytes], done: Callable[[KeyFetch], object],
+                 sink: ReplySink | None = None) -> None:
+        self.name = name
+        self.keys = keys
+        self.done = done
+        self.sink = sink
+        self.size = len(keys)
+        self.elapsed = 0
+        #: per key its VALUE item or None (a miss), once read
+        self.items: list[tuple | None] = []
+        #: per key what the client gets for it (key_reply's rule), once read
+        self.parts: list[bytes] = []
+        #: the Response answering every key (an error line, a failure)
+        self.error: Response | None = None
+        self._values: list[tuple] = []
+        self._responses: dict[int, Response] = {}
+
+    def __repr__(self) -> str:
+        return f"<KeyFetch {self.name.decode()} of {self.size}>"
+
+    def write(self, out: list[bytes], batch: list, index: int) -> int:
+        out.append(b"%s %s\r\n" % (self.name, b" ".join(self.keys)))
+        return index
+
+    def read(self, reader: ResponseReader) -> bool:
+        values = self._values
+        res = reader.read_values(values)
+        if res is None:
+            return False
+        _check_multi_end(res)
+        if res.type == MCMC_RESP_END:
+            self.items = items = _align(self.keys, values)
+            self.parts = [_EMPTY if item is None else item[1] for item in items]
+        else:
+            self._answer_all(res)
+        self._values = []
+        return True
+
+    def deliver(self, elapsed: int) -> None:
+        self.elapsed = elapsed
+        self.done(self)
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        self._answer_all(Response.failure(reason))
+        self.elapsed = elapsed
+        self.done(self)
+
+    def _answer_all(self, res: Response) -> None:
+        """``res`` answers every key (an error line, a failure)."""
+        self.error = res
+        self.parts = [key_reply(res)] * self.size
+
+    def flags(self) -> bytes:
+        """Each key's ``ok`` and ``hit`` in one byte: 0 failed (not ok),
+        1 missed, 2 hit (mcp.lua's resume_keys reads them)."""
+        error = self.error
+        if error is not None:
+            return bytes((error.ok + error.hit,)) * self.size
+        return bytes([_MISSED if item is None else _HIT for item in self.items])
+
+    def response(self, index: int) -> Response:
+        """The Response of the key at ``index`` (one object per key)."""
+        res = self._responses.get(index)
+        if res is None:
+            res = self.error
+            if res is None:
+                item = self.items[index]
+                res = Response.miss() if item is None else Response.of_item(item)
+                self._responses[index] = res
+            res.elapsed = self.elapsed
+        return res
+
+    def value_bytes(self) -> int:
+        """Bytes of the values read (with their VALUE lines)."""
+        return sum(map(len, self.parts))
 
 
 class PlainRun:

@@ -31,7 +31,7 @@ from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
-from mcproxy.units import KeyBatch, PlainRun, ReplySink
+from mcproxy.units import KeyBatch, KeyFetch, PlainRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
@@ -39,9 +39,11 @@ from mcproxy.wire.request import (
     CMD_GET,
     CMD_SET,
     COMMAND_CONSTANTS,
+    MultigetKeys,
     Request,
+    multiget_prefix,
 )
-from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, string_reply
+from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, key_reply, string_reply
 
 # What a route step reports (mirrors mcp.lua).
 DONE_RESPONSE = 0
@@ -51,6 +53,9 @@ DONE_ERROR = 3
 YIELD_POOL = 4
 YIELD_AWAIT = 5
 YIELD_WAIT = rcontext.YIELD_WAIT
+# What start_keys/resume_keys report of a key beyond those (mcp.lua).
+KEY_POOL = 7
+KEY_STEP = 8
 
 AWAIT_GOOD = 0
 AWAIT_ANY = 1
@@ -184,6 +189,9 @@ class Routes:
         self.host = host
         self.loaded_at = monotonic()
         self.start = state.engine.start
+        self.start_keys = state.engine.start_keys
+        self.resume_keys = state.engine.resume_keys
+        self.key_full = state.engine.key_full
         self.resume = state.engine.resume
         self.resume_error = state.engine.resume_error
         self.resume_await = state.engine.resume_await
@@ -291,7 +299,7 @@ class RouteEngine:
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
                  tunables: Tunables, user_stats: UserStats, store=None,
-                 direct: bool = True) -> None:
+                 direct: bool = True, batch_keys: bool = True) -> None:
         self.stats = stats
         self.registry = registry
         self.tunables = tunables
@@ -301,6 +309,10 @@ class RouteEngine:
         #: production; False runs every attached route's Lua body, the
         #: reference the tests hold the direct path to (read at each load)
         self.direct_routes = direct
+        #: whether the keys of a multiget whose route runs in Lua are
+        #: routed in one call into Lua (route_keys); False routes them
+        #: one by one, the reference the tests hold that to
+        self.batch_keys = batch_keys
         self.routes: Routes | None = None
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
@@ -357,7 +369,8 @@ class RouteEngine:
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
-        when its route is a direct pool call (see direct.py).
+        when its route is a direct pool call (see direct.py), or runs in Lua
+        (see _LuaKeys).
 
         The pool still picks each key's backend; each backend then gets its
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
@@ -365,16 +378,21 @@ class RouteEngine:
         as a request, as when routed one by one. ``sink`` is told of the
         reply's bytes as they arrive (units.ReplySink).
 
-        False, with nothing done, when this does not apply (no direct route,
-        an active request limit, a backend with a depth limit, a key the pool
-        cannot place): the caller then routes key by key, which answers,
-        logs and counts those cases.
+        False, with nothing done, when this does not apply (an active
+        request limit; for a direct route, a backend with a depth limit or
+        a key the pool cannot place): the caller then routes key by key,
+        which answers, logs and counts those cases.
         """
         if self.tunables.active_req_limit:
             return False
         groups = self._direct.key_groups(req, keys)
         if groups is None:
-            return False
+            command = req.command
+            if not self.batch_keys or command in self._direct.pools \
+                    or command not in self._hooks:
+                return False
+            _LuaKeys(self, req, keys, done, sink).start(self._hooks[command])
+            return True
         stats = self.stats
         count = len(keys)
         stats.conn_requests += count
@@ -569,6 +587,177 @@ class RouteEngine:
             suppressed=self._errors_unlogged, type="proxy_error")
         self._last_error_log = now
         self._errors_unlogged = 0
+
+
+class _LuaKeys:
+    """The keys of one client ``get``/``gets`` multiget whose route runs in
+    Lua, routed together (RouteEngine.route_keys) as they would be one by
+    one, with fewer crossings: one call into Lua starts every key's
+    coroutine (mcp.lua's start_keys, with lazy requests), the keys those
+    send unedited to the same backend go as one KeyFetch, and one call
+    resumes the coroutines of a KeyFetch's keys (resume_keys, with lazy
+    responses). A key whose route does anything else (edits or makes a
+    request, awaits, waits, fails) goes on alone, driven by _advance as any
+    route is. ``done`` gets every key's reply in order and the END."""
+
+    __slots__ = ("engine", "routes", "keys", "names", "name", "sink", "done", "parts",
+                 "pending", "cos")
+
+    def __init__(self, engine: RouteEngine, req: Request, names: list[bytes],
+                 done: Callable[[bytes], None], sink: ReplySink | None) -> None:
+        self.engine = engine
+        self.routes = engine.routes
+        prefix = multiget_prefix(req)
+        self.keys = MultigetKeys(req, prefix, names)
+        self.names = names
+        self.name = prefix[:-1]
+        self.sink = sink
+        self.done = done
+        count = len(names)
+        self.parts: list[bytes | None] = [None] * count
+        self.pending = count
+        stats = engine.stats
+        stats.conn_requests += count
+        stats.commands[req.command] += count
+        stats.req_active += count
+
+    def start(self, handler) -> None:
+        try:
+            started = self.routes.start_keys(handler, self.keys, self.keys.req.command,
+                                             *self.names)
+            self.cos = started[0]
+            self.settle(range(len(self.names)), started[1], started, 2)
+        except Exception:
+            self.internal_error(range(len(self.names)))
+
+    def settle(self, positions, full, steps: tuple, at: int) -> None:
+        """Go on with the keys at ``positions`` after a call into Lua: their
+        steps (three values each) are ``steps[at:]``, ``full`` the full
+        steps kept for some (see mcp.lua's key_step)."""
+        made = self.keys.made
+        parts = self.parts
+        pools = None
+        answered = 0
+        for i, kind, a, b in zip(positions, steps[at::3], steps[at + 1::3], steps[at + 2::3],
+                                 strict=True):
+            if kind == KEY_POOL:
+                if pools is None:
+                    pools = {a: [i, b]}
+                else:
+                    sent = pools.get(a)
+                    if sent is None:
+                        pools[a] = [i, b]
+                    else:
+                        sent += (i, b)
+            elif kind == DONE_RESPONSE:
+                req = made.get(i) if made else None
+                if req is not None:  # made, so maybe edited: as _advance does
+                    data = client_bytes(a if b is False else a.response(b), req)
+                else:  # what client_bytes gives for an unedited key
+                    data = key_reply(a) if b is False else a.parts[b]
+                if parts[i] is None:
+                    parts[i] = data
+                    answered += 1
+            elif kind == DONE_STRING:
+                data = string_reply(a, self.keys.request(i))
+                if parts[i] is None:
+                    parts[i] = data
+                    answered += 1
+            else:
+                self.alone(i, self.routes.key_full(full, i))
+        if answered:
+            self.engine.stats.req_active -= answered
+            self.pending -= answered
+            if not self.pending:
+                self.finish()
+        if pools is not None:
+            for pool, sent in pools.items():
+                self.send(pool, sent)
+
+    def send(self, pool, sent: list[int]) -> None:
+        """Send what the pool calls of some keys' routes sent to ``pool``
+        (``sent``: the index of each route's key, then of the key it
+        sent): each backend its keys as one KeyFetch."""
+        names = self.names
+        routes, indexes = sent[0::2], sent[1::2]
+        if len(pool.backends) == 1:  # serves every key if it serves one
+            try:
+                backend = pool.select(names[indexes[0]])
+            except ValueError:
+                pass  # each key finds out below
+            else:
+                self.fetch(backend, pool, routes, indexes)
+                return
+        groups: dict = {}
+        for i, index in zip(routes, indexes, strict=True):
+            try:
+                backend = pool.select(names[index])
+            except ValueError as e:
+                self.alone(i, self.routes.resume_error(self.cos[i], str(e).encode()))
+                continue
+            group = groups.get(backend)
+            if group is None:
+                groups[backend] = ([i], [index])
+            else:
+                group[0].append(i)
+                group[1].append(index)
+        for backend, (mine, theirs) in groups.items():
+            self.fetch(backend, pool, mine, theirs)
+
+    def fetch(self, backend, pool, routes: list[int], indexes: list[int]) -> None:
+        """Send the keys at ``indexes`` (sent by the routes of the keys at
+        ``routes``) to ``backend``, as one KeyFetch; to a backend with a
+        depth limit (it counts units) each as it would go alone."""
+        if backend.options.depth_limit:
+            for i, index in zip(routes, indexes, strict=True):
+                self.alone(i, (YIELD_POOL, self.cos[i], pool, self.keys.request(index)))
+            return
+        names = self.names
+        backend.send_unit(KeyFetch(self.name, [names[index] for index in indexes],
+                                   partial(self.fetched, routes), self.sink))
+
+    def fetched(self, positions: list[int], fetch: KeyFetch) -> None:
+        """A KeyFetch's answer: resume the coroutines of its keys."""
+        try:
+            routes = self.routes
+            if fetch.error is None:
+                routes.handed(fetch.value_bytes())
+            steps = routes.resume_keys(self.cos, self.keys, fetch, fetch.flags(), *positions)
+            self.settle(positions, steps[0], steps, 1)
+        except Exception:
+            self.internal_error(positions)
+
+    def alone(self, index: int, step) -> None:
+        """Drive key ``index``'s route on its own from ``step``."""
+        req = self.keys.request(index)
+        done = partial(self.answer, index)
+        engine = self.engine
+        try:
+            engine._advance(self.routes, req, done, step)
+        except Exception:
+            engine._internal_error(req, done)
+
+    def internal_error(self, positions) -> None:
+        """A bug of ours: each key at ``positions`` not yet answered gets
+        what _internal_error answers."""
+        for i in positions:
+            if self.parts[i] is None:
+                self.engine._internal_error(self.keys.request(i), partial(self.answer, i))
+
+    def answer(self, index: int, data: bytes) -> None:
+        """Key ``index``'s reply (once; what comes after is a bug's)."""
+        parts = self.parts
+        if parts[index] is not None:
+            return
+        parts[index] = data
+        self.pending -= 1
+        if not self.pending:
+            self.finish()
+
+    def finish(self) -> None:
+        parts = self.parts
+        parts.append(errors.END)
+        self.done(_EMPTY.join(parts))
 
 
 class _KeysReply:

@@ -19,8 +19,9 @@ from mcproxy.backends.options import BackendOptions, TLSOptionError, client_tls
 from mcproxy.backends.pool import BackendRegistry, Pool, PoolOptionError
 from mcproxy.routing.tunables import TunableError, Tunables
 from mcproxy.routing.userstats import UserStatError, UserStats
+from mcproxy.units import KeyFetch
 from mcproxy.wire import request as rq
-from mcproxy.wire.request import EditError, ParseError, Request, parse_request
+from mcproxy.wire.request import EditError, MultigetKeys, ParseError, Request, parse_request
 from mcproxy.wire.response import MCMC_RESP_META, Response, parse_response
 
 #: Longest backend host name memcached accepts.
@@ -219,6 +220,16 @@ class Host:
                 return None, lua_error("mcp.request: value length does not match the request")
             req.value = value
         return req, None
+
+    @staticmethod
+    def key_request(keys: MultigetKeys, index: int) -> Request:
+        """The Request of a lazy request's key (mcp.lua's REQUEST.__index)."""
+        return keys.request(index)
+
+    @staticmethod
+    def key_response(fetch: KeyFetch, index: int) -> Response:
+        """The Response of a lazy response (mcp.lua's RESPONSE.__index)."""
+        return fetch.response(index)
 
     def token(self, req: Request, index: int):
         tokens = req.tokens

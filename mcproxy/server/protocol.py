@@ -33,6 +33,7 @@ from mcproxy.wire.request import (
     MAX_UNTERMINATED,
     ParseError,
     Request,
+    multiget_key,
     multiget_prefix,
     parse_request,
     scan_plain,
@@ -514,7 +515,6 @@ class ProxyServerProtocol(LineReceiver):
                 return
             self._slots.pop()
             self._extra_slots -= slot.extra
-        command = req.command
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
                 self._slots.append(Slot(self, errors.KEY_TOO_LONG))
@@ -523,9 +523,7 @@ class ProxyServerProtocol(LineReceiver):
             if len(line) >= MAX_REQUEST_LINE:
                 self._too_long()
                 return
-            sub = Request(command, line, [*req.tokens[:-1], key], key)
-            sub.multiget = True
-            self._route(sub)
+            self._route(multiget_key(req, prefix, key))
         self._reply(errors.END)
 
     def _local(self, req: Request) -> None:

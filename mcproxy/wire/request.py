@@ -501,6 +501,35 @@ def multiget_prefix(req: Request) -> bytes:
     return req.line[: len(req.line) - 2 - len(keys_token)]
 
 
+def multiget_key(req: Request, prefix: bytes, key: bytes) -> Request:
+    """The request of one key of the multiget ``req`` (whose line begins
+    ``prefix``, see :func:`multiget_prefix`), as it is routed on its own."""
+    sub = Request(req.command, prefix + key + b"\r\n", [*req.tokens[:-1], key], key)
+    sub.multiget = True
+    return sub
+
+
+class MultigetKeys:
+    """The keys of a client multiget as requests of their own, each made
+    (by :func:`multiget_key`) only when first asked for, then kept: a route
+    that only reads a key and sends it on never needs its Request."""
+
+    __slots__ = ("req", "prefix", "keys", "made")
+
+    def __init__(self, req: Request, prefix: bytes, keys: list[bytes]) -> None:
+        self.req = req
+        self.prefix = prefix
+        self.keys = keys
+        #: index -> the Request made for that key
+        self.made: dict[int, Request] = {}
+
+    def request(self, index: int) -> Request:
+        sub = self.made.get(index)
+        if sub is None:
+            sub = self.made[index] = multiget_key(self.req, self.prefix, self.keys[index])
+        return sub
+
+
 # -- Edits made by routes (r:token(i, s), r:ltrimkey(n) ...) -------------------
 
 class EditError(ValueError):
