@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from mcproxy.wire.errors import END
 from mcproxy.wire.request import CMD_GET, CMD_GETS, Request
 from mcproxy.wire.response import (
     MCMC_RESP_END,
@@ -281,10 +282,11 @@ class KeyBatch:
 
 
 class KeyFetch:
-    """Keys of one client ``get``/``gets`` multiget that Lua routes sent to
-    the same backend, as one multi-key request (``RouteEngine.route_keys``
-    for a Lua route). Unlike a KeyBatch, each key keeps its own answer for
-    its route to look at: ``done`` gets the unit itself, which gives each
+    """Keys of one client ``get``/``gets`` multiget, or of a run of plain
+    gets, that Lua routes sent to the same backend, as one multi-key
+    request (``RouteEngine.route_keys`` and ``route_run`` for a Lua
+    route). Unlike a KeyBatch, each key keeps its own answer for its
+    route to look at: ``done`` gets the unit itself, which gives each
     key's ``ok``/``hit`` (``flags``), its Response (``response``, made
     only when asked) and its client bytes (``part``: key_reply's rule).
     ``keys`` keeps duplicates and the order they were sent in."""
@@ -363,6 +365,15 @@ class KeyFetch:
                 self._responses[index] = res
             res.elapsed = self.elapsed
         return res
+
+    def get_reply(self, index: int) -> bytes:
+        """What a plain ``get`` of the key at ``index`` gets for its answer
+        (``response.client_bytes``): a hit and its END, END for a miss, or
+        the line that answers every key."""
+        if self.error is not None:
+            return self.parts[index]
+        item = self.items[index]
+        return END if item is None else item[1] + END
 
     def value_bytes(self) -> int:
         """Bytes of the values read (with their VALUE lines)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cached_property, partial
 from importlib.resources import files
+from itertools import count
 from time import monotonic
 
 from lupa import lua54
@@ -39,9 +40,9 @@ from mcproxy.wire.request import (
     CMD_GET,
     CMD_SET,
     COMMAND_CONSTANTS,
-    MultigetKeys,
+    KeyRequests,
     Request,
-    multiget_prefix,
+    key_request,
 )
 from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, key_reply, string_reply
 
@@ -65,6 +66,9 @@ AWAIT_FASTGOOD = 4
 AWAIT_BACKGROUND = 5
 
 _EMPTY = b""
+
+#: Numbers for the batches of _LuaKeys.
+_batch_ids = count()
 
 #: Bytes of values handed to Lua between two collections of its garbage.
 #: Lua sees a response as a small table and collects at the pace of its own
@@ -192,6 +196,8 @@ class Routes:
         self.start_keys = state.engine.start_keys
         self.resume_keys = state.engine.resume_keys
         self.key_full = state.engine.key_full
+        self.key_alone = state.engine.key_alone
+        self.drop_keys = state.engine.drop_keys
         self.resume = state.engine.resume
         self.resume_error = state.engine.resume_error
         self.resume_await = state.engine.resume_await
@@ -319,9 +325,12 @@ class RouteEngine:
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run and DirectRoutes.plain_runs
+        #: (False also for gets routed in Lua, with ``batch_keys``)
         self.plain_runs: bool | None = None
         #: whether those runs may hold gets of several keys
         self.plain_multigets = False
+        #: whether a run may be of one request alone in its read (IRouter)
+        self.plain_alone = True
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -338,6 +347,11 @@ class RouteEngine:
         self._direct = routes.direct
         self._routed = routes.routed
         self.plain_runs = routes.direct.plain_runs
+        self.plain_alone = True
+        if self.plain_runs is None and self.batch_keys and CMD_GET in routes.hooks:
+            # runs of gets, routed in Lua (_LuaKeys); one alone costs less
+            # parsed as a line
+            self.plain_runs = self.plain_alone = False
         self.plain_multigets = routes.direct.plain_multigets
 
     def hooked(self, command: int) -> bool:
@@ -391,7 +405,8 @@ class RouteEngine:
             if not self.batch_keys or command in self._direct.pools \
                     or command not in self._hooks:
                 return False
-            _LuaKeys(self, req, keys, done, sink).start(self._hooks[command])
+            _LuaKeys(self, KeyRequests(command, keys, True), done, sink).start(
+                self._hooks[command])
             return True
         stats = self.stats
         count = len(keys)
@@ -425,6 +440,10 @@ class RouteEngine:
         multiget together, see route_keys) would have answered. ``sink``
         as for route_keys.
 
+        A run of gets only whose route runs in Lua (``plain_runs`` False)
+        is routed as the keys of a multiget are (see _LuaKeys), each
+        request answered as alone; a run of one get as the request alone.
+
         False, with nothing done, when this does not apply (no such route,
         an active request limit, a backend with a depth limit, a key the
         pool cannot place): the caller then routes request by request.
@@ -433,7 +452,14 @@ class RouteEngine:
             return False
         backend = self._direct.run_target(data, start, keys, ends, widths)
         if backend is None:
-            return False
+            if self.plain_runs is not False or sets or widths or CMD_GET in self._direct.pools:
+                return False
+            if len(keys) == 1:  # costs less alone
+                self.route(key_request(CMD_GET, keys[0], False), done)
+                return True
+            _LuaKeys(self, KeyRequests(CMD_GET, keys, False), done, sink).start(
+                self._hooks[CMD_GET])
+            return True
         if backend.__class__ is list:
             return self._route_stretches(data, start, keys, ends, sets, backend, done, sink)
         stop = ends[-1]
@@ -590,27 +616,31 @@ class RouteEngine:
 
 
 class _LuaKeys:
-    """The keys of one client ``get``/``gets`` multiget whose route runs in
-    Lua, routed together (RouteEngine.route_keys) as they would be one by
+    """The keys of one client ``get``/``gets`` multiget, or the requests of
+    a run of plain gets (``KeyRequests``), whose route runs in Lua, routed
+    together (RouteEngine.route_keys, route_run) as they would be one by
     one, with fewer crossings: one call into Lua starts every key's
     coroutine (mcp.lua's start_keys, with lazy requests), the keys those
     send unedited to the same backend go as one KeyFetch, and one call
     resumes the coroutines of a KeyFetch's keys (resume_keys, with lazy
     responses). A key whose route does anything else (edits or makes a
     request, awaits, waits, fails) goes on alone, driven by _advance as any
-    route is. ``done`` gets every key's reply in order and the END."""
+    route is. ``done`` gets every key's reply in order (and a multiget's
+    END)."""
 
     __slots__ = ("engine", "routes", "keys", "names", "name", "sink", "done", "parts",
-                 "pending", "cos")
+                 "pending", "id")
 
-    def __init__(self, engine: RouteEngine, req: Request, names: list[bytes],
+    def __init__(self, engine: RouteEngine, keys: KeyRequests,
                  done: Callable[[bytes], None], sink: ReplySink | None) -> None:
         self.engine = engine
         self.routes = engine.routes
-        prefix = multiget_prefix(req)
-        self.keys = MultigetKeys(req, prefix, names)
-        self.names = names
-        self.name = prefix[:-1]
+        self.keys = keys
+        self.names = names = keys.keys
+        self.name = keys.name
+        #: the number Lua knows the batch by (Host.batches, while routed)
+        self.id = id = next(_batch_ids)
+        engine.routes.host.batches[id] = keys
         self.sink = sink
         self.done = done
         count = len(names)
@@ -618,15 +648,15 @@ class _LuaKeys:
         self.pending = count
         stats = engine.stats
         stats.conn_requests += count
-        stats.commands[req.command] += count
+        stats.commands[keys.command] += count
         stats.req_active += count
 
     def start(self, handler) -> None:
         try:
-            started = self.routes.start_keys(handler, self.keys, self.keys.req.command,
+            keys = self.keys
+            started = self.routes.start_keys(handler, self.id, keys.command, keys.multiget,
                                              *self.names)
-            self.cos = started[0]
-            self.settle(range(len(self.names)), started[1], started, 2)
+            self.settle(range(len(self.names)), started[0], started, 1)
         except Exception:
             self.internal_error(range(len(self.names)))
 
@@ -635,6 +665,7 @@ class _LuaKeys:
         steps (three values each) are ``steps[at:]``, ``full`` the full
         steps kept for some (see mcp.lua's key_step)."""
         made = self.keys.made
+        multiget = self.keys.multiget
         parts = self.parts
         pools = None
         answered = 0
@@ -653,8 +684,12 @@ class _LuaKeys:
                 req = made.get(i) if made else None
                 if req is not None:  # made, so maybe edited: as _advance does
                     data = client_bytes(a if b is False else a.response(b), req)
-                else:  # what client_bytes gives for an unedited key
+                elif multiget:  # what client_bytes gives for an unedited key
                     data = key_reply(a) if b is False else a.parts[b]
+                elif b is False:
+                    data = client_bytes(a, self.keys.request(i))
+                else:  # what client_bytes gives for an unedited plain get
+                    data = a.get_reply(b)
                 if parts[i] is None:
                     parts[i] = data
                     answered += 1
@@ -693,7 +728,8 @@ class _LuaKeys:
             try:
                 backend = pool.select(names[index])
             except ValueError as e:
-                self.alone(i, self.routes.resume_error(self.cos[i], str(e).encode()))
+                lua = self.routes
+                self.alone(i, lua.resume_error(lua.key_alone(self.id, i), str(e).encode()))
                 continue
             group = groups.get(backend)
             if group is None:
@@ -710,7 +746,8 @@ class _LuaKeys:
         depth limit (it counts units) each as it would go alone."""
         if backend.options.depth_limit:
             for i, index in zip(routes, indexes, strict=True):
-                self.alone(i, (YIELD_POOL, self.cos[i], pool, self.keys.request(index)))
+                self.alone(i, (YIELD_POOL, self.routes.key_alone(self.id, i), pool,
+                               self.keys.request(index)))
             return
         names = self.names
         backend.send_unit(KeyFetch(self.name, [names[index] for index in indexes],
@@ -722,7 +759,7 @@ class _LuaKeys:
             routes = self.routes
             if fetch.error is None:
                 routes.handed(fetch.value_bytes())
-            steps = routes.resume_keys(self.cos, self.keys, fetch, fetch.flags(), *positions)
+            steps = routes.resume_keys(self.id, fetch, fetch.flags(), *positions)
             self.settle(positions, steps[0], steps, 1)
         except Exception:
             self.internal_error(positions)
@@ -740,6 +777,7 @@ class _LuaKeys:
     def internal_error(self, positions) -> None:
         """A bug of ours: each key at ``positions`` not yet answered gets
         what _internal_error answers."""
+        self.routes.drop_keys(self.id)
         for i in positions:
             if self.parts[i] is None:
                 self.engine._internal_error(self.keys.request(i), partial(self.answer, i))
@@ -755,8 +793,10 @@ class _LuaKeys:
             self.finish()
 
     def finish(self) -> None:
+        del self.routes.host.batches[self.id]
         parts = self.parts
-        parts.append(errors.END)
+        if self.keys.multiget:
+            parts.append(errors.END)
         self.done(_EMPTY.join(parts))
 
 

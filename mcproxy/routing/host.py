@@ -21,7 +21,14 @@ from mcproxy.routing.tunables import TunableError, Tunables
 from mcproxy.routing.userstats import UserStatError, UserStats
 from mcproxy.units import KeyFetch
 from mcproxy.wire import request as rq
-from mcproxy.wire.request import EditError, MultigetKeys, ParseError, Request, parse_request
+from mcproxy.wire.request import (
+    EditError,
+    KeyRequests,
+    ParseError,
+    Request,
+    key_request,
+    parse_request,
+)
 from mcproxy.wire.response import MCMC_RESP_META, Response, parse_response
 
 #: Longest backend host name memcached accepts.
@@ -83,6 +90,9 @@ class Host:
         self.pools: list[Pool] = []
         #: stat names added by this load's mcp_config_pools: index -> name
         self.stat_names: dict[int, str] = {}
+        #: the keys of the batches being routed (engine._LuaKeys), by the
+        #: number Lua knows each by
+        self.batches: dict[int, KeyRequests] = {}
 
     # -- backends and pools ------------------------------------------------
 
@@ -221,10 +231,14 @@ class Host:
             req.value = value
         return req, None
 
-    @staticmethod
-    def key_request(keys: MultigetKeys, index: int) -> Request:
-        """The Request of a lazy request's key (mcp.lua's REQUEST.__index)."""
-        return keys.request(index)
+    def key_request(self, batch: int, index: int, key: bytes, command: int,
+                    multiget: bool) -> Request:
+        """The Request of a lazy request (mcp.lua's REQUEST.__index): its
+        batch's, while the batch is routed (``batches``), else its own."""
+        keys = self.batches.get(batch)
+        if keys is not None:
+            return keys.request(index)
+        return key_request(command, key, multiget)
 
     @staticmethod
     def key_response(fetch: KeyFetch, index: int) -> Response:

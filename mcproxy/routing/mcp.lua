@@ -49,11 +49,12 @@ return function(host, phase, v2)
     local RESPONSE = { __name = "mcp.response" }
 
     -- The keys of a client multiget routed in one call (start_keys) get
-    -- lazy requests: { _k, _c, _L = the Python MultigetKeys, _i = index }
-    -- without a Python Request (`_r`) until something asks for it, and
-    -- their answers lazy responses: { _ok, _hit, _B = the Python KeyFetch,
-    -- _j = index } without `_p` until asked. Reading the missing field
-    -- makes the Python object once (the same one Python uses for the key).
+    -- lazy requests: { _k, _c, _L = their batch, _i = index } without a
+    -- Python Request (`_r`) until something asks for it, and their answers
+    -- lazy responses: { _ok, _hit, _B = the Python KeyFetch, _j = index }
+    -- without `_p` until asked. Reading the missing field makes the Python
+    -- object once (the same one Python uses for the key while its batch
+    -- is routed).
     local rawget = rawget
     local rawset = rawset
 
@@ -62,11 +63,12 @@ return function(host, phase, v2)
         if method ~= nil or name ~= "_r" then
             return method
         end
-        local keys = rawget(r, "_L")
-        if keys == nil then
+        local batch = rawget(r, "_L")
+        if batch == nil then
             return nil
         end
-        local preq = host.key_request(keys, rawget(r, "_i"))
+        local preq = host.key_request(batch.id, rawget(r, "_i"), rawget(r, "_k"), rawget(r, "_c"),
+                                      batch.multiget)
         rawset(r, "_r", preq)
         return preq
     end
@@ -536,19 +538,25 @@ return function(host, phase, v2)
         return step(co, coroutine_resume(co, new_request(preq, key, cmd)))
     end
 
-    -- The keys of a client multiget, routed in one call into Lua. Each key
-    -- runs its own coroutine with a lazy request (see REQUEST.__index);
-    -- what each step gives Python is three values per key, in `out`:
+    -- The keys of a client multiget (or the requests of a run of plain
+    -- gets), routed in one call into Lua. Each key runs its own coroutine
+    -- with a lazy request (see REQUEST.__index); the batch is a table
+    -- { id = the number Python knows it by, multiget = ..., cos = the
+    -- coroutines by index from 0, pending = how many wait in a pool call },
+    -- kept in `batches` while any does. What each step gives Python is
+    -- three values per key, in `out`:
     --   KEY_POOL, pool, index: the key's route sent the lazy request of
-    --     key `index` of this multiget, unedited, to the pool;
-    --   DONE_RESPONSE, response, nil, or DONE_RESPONSE, fetch, index for a
-    --     lazy response; DONE_STRING, text; DONE_BAD; DONE_ERROR, message;
-    --   KEY_STEP: anything else; `full[i]` holds the step as `start` would
-    --     have returned it, for Python to drive as it drives any route.
+    --     key `index` of this batch, unedited, to the pool;
+    --   DONE_RESPONSE, response, false, or DONE_RESPONSE, fetch, index for
+    --     a lazy response; DONE_STRING, text, false;
+    --   KEY_STEP, false, false: anything else; `full[i]` holds the step as
+    --     `start` would have returned it, for Python to drive as it drives
+    --     any route (`full` is false while there is none).
     local KEY_POOL <const> = 7
     local KEY_STEP <const> = 8
+    local batches = {}
 
-    local function key_step(out, full, keys, i, co, ok, a, b, c, d, ...)
+    local function key_step(out, full, batch, i, co, ok, a, b, c, d, ...)
         local n = #out
         if coroutine_status(co) == "dead" then
             if ok then
@@ -556,56 +564,89 @@ return function(host, phase, v2)
                     local pres = rawget(a, "_p")
                     if pres ~= nil then
                         out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, pres, false
-                        return
+                        return full
                     end
                     local fetch = rawget(a, "_B")
                     if fetch ~= nil then
                         out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, fetch, rawget(a, "_j")
-                        return
+                        return full
                     end
                 elseif type(a) == "string" then
                     out[n + 1], out[n + 2], out[n + 3] = DONE_STRING, a, false
-                    return
+                    return full
                 end
             end
-        elseif a == YIELD_POOL and c == nil and rawget(d, "_L") == keys then
+        elseif a == YIELD_POOL and c == nil and rawget(d, "_L") == batch then
             out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, rawget(d, "_i")
-            return
+            batch.pending = batch.pending + 1
+            return full
+        end
+        if not full then
+            full = {}
         end
         full[i] = table.pack(step(co, ok, a, b, c, d, ...))
         out[n + 1], out[n + 2], out[n + 3] = KEY_STEP, false, false
+        return full
     end
 
-    -- Start the route `handler` for each key (`keys`: the Python
-    -- MultigetKeys, the keys themselves the varargs); returns the
-    -- coroutines (by index from 0), the full steps, then `out`.
-    local function start_keys(handler, keys, cmd, ...)
-        local cos, full, out = {}, {}, {}
+    -- Keep a batch while any of its keys waits in a pool call.
+    local function keep(batch)
+        if batch.pending > 0 then
+            batches[batch.id] = batch
+        else
+            batches[batch.id] = nil
+        end
+    end
+
+    -- Start the route `handler` for each key (the varargs) of batch `id`
+    -- (whose keys are of command `cmd`); returns `full`, then `out`.
+    local function start_keys(handler, id, cmd, multiget, ...)
+        local cos, full, out = {}, false, {}
+        local batch = { id = id, multiget = multiget, cos = cos, pending = 0 }
         local names = { ... }
         for i = 0, #names - 1 do
-            local r = setmetatable({ _k = names[i + 1], _c = cmd, _L = keys, _i = i }, REQUEST)
+            local r = setmetatable({ _k = names[i + 1], _c = cmd, _L = batch, _i = i }, REQUEST)
             local co = coroutine_create(handler)
             cos[i] = co
-            key_step(out, full, keys, i, co, coroutine_resume(co, r))
+            full = key_step(out, full, batch, i, co, coroutine_resume(co, r))
         end
-        return cos, full, table.unpack(out)
+        keep(batch)
+        return full, table.unpack(out)
     end
 
-    -- Resume the coroutines of the keys a KeyFetch answered: `fetch` the
-    -- unit, `flags` a byte per key (0 failed, 1 missed, 2 hit), then the
-    -- index of each key's coroutine. Returns the full steps, then `out`.
+    -- Resume the coroutines of batch `id` whose keys' pool calls a KeyFetch
+    -- answered: `fetch` the unit, `flags` a byte per key (0 failed,
+    -- 1 missed, 2 hit), then the index of each key's coroutine. Returns
+    -- `full`, then `out`.
     local string_byte = string.byte
-    local function resume_keys(cos, keys, fetch, flags, ...)
-        local full, out = {}, {}
-        local routes = { ... }
-        for j = 1, #routes do
-            local i = routes[j]
+    local function resume_keys(id, fetch, flags, ...)
+        local batch = batches[id]
+        local cos, full, out = batch.cos, false, {}
+        local waiting = { ... }
+        batch.pending = batch.pending - #waiting
+        for j = 1, #waiting do
+            local i = waiting[j]
             local co = cos[i]
             local flag = string_byte(flags, j)
-            key_step(out, full, keys, i, co, coroutine_resume(co, setmetatable(
+            full = key_step(out, full, batch, i, co, coroutine_resume(co, setmetatable(
                 { _ok = flag > 0, _hit = flag == 2, _B = fetch, _j = j - 1 }, RESPONSE)))
         end
+        keep(batch)
         return full, table.unpack(out)
+    end
+
+    -- The coroutine of key `i` of batch `id`, no longer waiting in a pool
+    -- call there (Python drives it on alone).
+    local function key_alone(id, i)
+        local batch = batches[id]
+        batch.pending = batch.pending - 1
+        keep(batch)
+        return batch.cos[i]
+    end
+
+    -- Forget batch `id` (after an internal error).
+    local function drop_keys(id)
+        batches[id] = nil
     end
 
     -- The full step start_keys or resume_keys kept for key `i`.
@@ -812,6 +853,8 @@ return function(host, phase, v2)
         start_keys = start_keys,
         resume_keys = resume_keys,
         key_full = key_full,
+        key_alone = key_alone,
+        drop_keys = drop_keys,
         resume = resume,
         resume_error = resume_error,
         resume_await = resume_await,

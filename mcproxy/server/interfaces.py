@@ -20,6 +20,9 @@ class IRouter(Interface):
         "handed to route_run with sets as well as gets; read per chunk, as it "
         "changes with the routes")
     plain_multigets = Attribute("whether those runs may hold gets of several keys")
+    plain_alone = Attribute(
+        "read when plain_runs is False: whether a request alone in what was read "
+        "is worth handing to route_run (else it is parsed line by line)")
 
     def hooked(command):
         """Whether the routes take ``command`` (else it is answered locally)."""

@@ -378,7 +378,8 @@ class ProxyServerProtocol(LineReceiver):
                 pos += len(take)
                 self.rawDataReceived(take)
                 continue
-            if plain is not None:
+            if plain is not None and (plain or router.plain_alone
+                                      or data.find(b"\n", pos) < end - 1):
                 stop, keys, ends, sets, widths = scan_plain(data, pos, plain, MAX_PAYLOAD,
                                                             multigets=multigets)
                 if keys:

@@ -509,24 +509,44 @@ def multiget_key(req: Request, prefix: bytes, key: bytes) -> Request:
     return sub
 
 
-class MultigetKeys:
-    """The keys of a client multiget as requests of their own, each made
-    (by :func:`multiget_key`) only when first asked for, then kept: a route
-    that only reads a key and sends it on never needs its Request."""
+#: The commands of KeyRequests, by their wire names.
+_KEY_COMMANDS = {CMD_GET: b"get", CMD_GETS: b"gets"}
 
-    __slots__ = ("req", "prefix", "keys", "made")
 
-    def __init__(self, req: Request, prefix: bytes, keys: list[bytes]) -> None:
-        self.req = req
-        self.prefix = prefix
+def key_request(command: int, key: bytes, multiget: bool) -> Request:
+    """The ``get``/``gets`` request of one key, as :func:`parse_request`
+    makes it, or (``multiget``) as :func:`multiget_key` makes a key of a
+    ``get``/``gets`` multiget."""
+    name = _KEY_COMMANDS[command]
+    sub = Request(command, b"%s %s\r\n" % (name, key), [name, key], key)
+    sub.multiget = multiget
+    return sub
+
+
+class KeyRequests:
+    """``get``/``gets`` requests that differ only by their key: the keys
+    of a client multiget, or a run of plain gets (``multiget`` False). Each
+    Request (:func:`key_request`) is made only when first asked for, then
+    kept: a route that only reads a key and sends it on never needs one."""
+
+    __slots__ = ("command", "keys", "multiget", "made")
+
+    def __init__(self, command: int, keys: list[bytes], multiget: bool) -> None:
+        self.command = command
         self.keys = keys
+        self.multiget = multiget
         #: index -> the Request made for that key
         self.made: dict[int, Request] = {}
+
+    @property
+    def name(self) -> bytes:
+        """The command's wire name."""
+        return _KEY_COMMANDS[self.command]
 
     def request(self, index: int) -> Request:
         sub = self.made.get(index)
         if sub is None:
-            sub = self.made[index] = multiget_key(self.req, self.prefix, self.keys[index])
+            sub = self.made[index] = key_request(self.command, self.keys[index], self.multiget)
         return sub
 
 

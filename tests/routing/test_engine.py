@@ -606,9 +606,9 @@ def test_run_for_one_backend_is_one_plain_run(engine, load):
 
 
 @pytest.mark.parametrize(("setup", "config"), [
-    ("lua route", SHARDED), ("request limit", SHARDED), ("depth limit", SHARDED),
+    ("lua keys one by one", SHARDED), ("request limit", SHARDED), ("depth limit", SHARDED),
     ("depth limit", ONE_BACKEND), ("multiget", SHARDED),
-], ids=["lua route", "request limit", "depth limit", "depth limit on a pool of one",
+], ids=["lua keys one by one", "request limit", "depth limit", "depth limit on a pool of one",
         "multiget"])
 def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup, config):
     stream = b"".join(b"get k%d\r\n" % i for i in range(30))

@@ -1,6 +1,7 @@
-"""The keys of a multiget whose route runs in Lua, routed together
-(RouteEngine.route_keys, engine._LuaKeys) answer every client exactly as
-the keys routed one by one (``batch_keys=False``): hits, misses and
+"""The keys of a multiget, and the requests of a run of plain gets, whose
+route runs in Lua, routed together (RouteEngine.route_keys and route_run,
+engine._LuaKeys) answer every client exactly as the keys routed one by
+one (``batch_keys=False``): hits, misses and
 failures, routes that look at the result, edit or make requests, await
 several pools, raise errors, return strings or closed responses, a V2
 request context's route; and the keys that go unedited to one backend
@@ -128,7 +129,8 @@ _keys = st.builds(lambda c, n: (c + n).encode(), st.sampled_from(_letters),
 
 @st.composite
 def streams(draw) -> bytes:
-    """Sets of some keys, then multigets (get and gets) of those and others."""
+    """Sets of some keys, then multigets (get and gets) of those and
+    others, and runs of plain gets."""
     out = []
     for key in draw(st.lists(_keys, max_size=6)):
         value = draw(st.sampled_from([b"", b"v", b"value"]))
@@ -136,8 +138,8 @@ def streams(draw) -> bytes:
     for _ in range(draw(st.integers(1, 3))):
         keys = draw(st.lists(_keys, min_size=2, max_size=12))
         out.append(draw(st.sampled_from([b"get ", b"gets "])) + b" ".join(keys) + b"\r\n")
-        if draw(st.booleans()):
-            out.append(b"get %s\r\n" % draw(_keys))
+        for key in draw(st.lists(_keys, max_size=8)):
+            out.append(b"get %s\r\n" % key)
     return b"".join(out)
 
 

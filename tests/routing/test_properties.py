@@ -702,8 +702,9 @@ class EngineProxy:
         clock = MemoryReactorClock()
         self.stats = ProxyStats()
         self.store = None
+        # the reference (direct off) runs each request's Lua on its own
         self.engine = RouteEngine(self.stats, BackendRegistry(self.stats, reactor=clock),
-                                  Tunables(), UserStats(), direct=direct)
+                                  Tunables(), UserStats(), direct=direct, batch_keys=direct)
         self.routes = self.engine.load(path)
         self.started = 0
         start = self.routes.start
