@@ -16,6 +16,8 @@ The kinds, and what ``done`` gets:
 * :class:`KeyFetch`: the keys of one client multiget that Lua routes sent
   to one backend, sent as one multi-key get; the unit, from which each
   key's route gets its own answer.
+* :class:`GetRun`: plain gets of a run that Lua routes sent to one
+  backend, sent as the client sent them; the unit, as for a KeyFetch.
 * :class:`PlainRun`: a run of plain requests forwarded as the client sent
   them; the client bytes of them all.
 * Consecutive Singles that are keys of client multigets, written in one
@@ -32,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from mcproxy.wire.errors import END
 from mcproxy.wire.request import CMD_GET, CMD_GETS, Request
 from mcproxy.wire.response import (
     MCMC_RESP_END,
@@ -282,10 +283,9 @@ class KeyBatch:
 
 
 class KeyFetch:
-    """Keys of one client ``get``/``gets`` multiget, or of a run of plain
-    gets, that Lua routes sent to the same backend, as one multi-key
-    request (``RouteEngine.route_keys`` and ``route_run`` for a Lua
-    route). Unlike a KeyBatch, each key keeps its own answer for its
+    """Keys of one client ``get``/``gets`` multiget that Lua routes sent to
+    the same backend, as one multi-key request (``RouteEngine.route_keys``
+    for a Lua route). Unlike a KeyBatch, each key keeps its own answer for its
     route to look at: ``done`` gets the unit itself, which gives each
     key's ``ok``/``hit`` (``flags``), its Response (``response``, made
     only when asked) and its client bytes (``part``: key_reply's rule).
@@ -366,18 +366,80 @@ class KeyFetch:
             res.elapsed = self.elapsed
         return res
 
-    def get_reply(self, index: int) -> bytes:
-        """What a plain ``get`` of the key at ``index`` gets for its answer
-        (``response.client_bytes``): a hit and its END, END for a miss, or
-        the line that answers every key."""
-        if self.error is not None:
-            return self.parts[index]
-        item = self.items[index]
-        return END if item is None else item[1] + END
-
     def value_bytes(self) -> int:
         """Bytes of the values read (with their VALUE lines)."""
         return sum(map(len, self.parts))
+
+
+class GetRun:
+    """Plain ``get`` requests of a run (``request.scan_plain``) that Lua
+    routes sent unedited to the same backend: written as the client sent
+    them, each reply read and checked as a Single's is, so the backend
+    sees and answers exactly what it would for those Singles. ``done``
+    gets the unit; its interface for the engine is KeyFetch's. While it
+    is read, ``size`` counts the requests not yet answered (what a reset
+    fails, as it would fail the Singles still queued); once read, all of
+    them (each a latency sample)."""
+
+    __slots__ = ("requests", "done", "sink", "sent", "size", "responses")
+
+    def __init__(self, requests: list[Request], done: Callable[[GetRun], object],
+                 sink: ReplySink | None = None) -> None:
+        self.requests = requests
+        self.done = done
+        self.sink = sink
+        self.size = len(requests)
+        self.responses: list[Response] = []
+
+    def __repr__(self) -> str:
+        return f"<GetRun of {self.size}>"
+
+    def write(self, out: list[bytes], batch: list, index: int) -> int:
+        out.append(_EMPTY.join([req.line for req in self.requests]))
+        return index
+
+    def read(self, reader: ResponseReader) -> bool:
+        requests = self.requests
+        responses = self.responses
+        count = len(requests)
+        while len(responses) < count:
+            res = reader.read()
+            if res is None:
+                return False
+            check_reply(requests[len(responses)], res)
+            responses.append(res)
+            self.size -= 1
+        self.size = count
+        return True
+
+    def deliver(self, elapsed: int) -> None:
+        for res in self.responses:
+            res.elapsed = elapsed
+        self.done(self)
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        """Those read keep their replies; the rest fail, each its own."""
+        responses = self.responses
+        while len(responses) < len(self.requests):
+            responses.append(Response.failure(reason))
+        self.deliver(elapsed)
+
+    def flags(self) -> bytes:
+        """As KeyFetch.flags."""
+        return bytes([res.ok + res.hit for res in self.responses])
+
+    def response(self, index: int) -> Response:
+        return self.responses[index]
+
+    @property
+    def parts(self) -> list[bytes]:
+        """As KeyFetch.parts: each key's reply by key_reply's rule (for a
+        route of a multiget's key that answers with a run's response)."""
+        return [key_reply(res) for res in self.responses]
+
+    def value_bytes(self) -> int:
+        """Bytes of the values read."""
+        return sum([len(res.value) for res in self.responses if res.value is not None])
 
 
 class PlainRun:

@@ -32,7 +32,7 @@ from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
-from mcproxy.units import KeyBatch, KeyFetch, PlainRun, ReplySink
+from mcproxy.units import GetRun, KeyBatch, KeyFetch, PlainRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
@@ -621,7 +621,8 @@ class _LuaKeys:
     together (RouteEngine.route_keys, route_run) as they would be one by
     one, with fewer crossings: one call into Lua starts every key's
     coroutine (mcp.lua's start_keys, with lazy requests), the keys those
-    send unedited to the same backend go as one KeyFetch, and one call
+    send unedited to the same backend go as one KeyFetch (a run's as one
+    GetRun: separate requests stay separate on the wire), and one call
     resumes the coroutines of a KeyFetch's keys (resume_keys, with lazy
     responses). A key whose route does anything else (edits or makes a
     request, awaits, waits, fails) goes on alone, driven by _advance as any
@@ -669,42 +670,43 @@ class _LuaKeys:
         parts = self.parts
         pools = None
         answered = 0
-        for i, kind, a, b in zip(positions, steps[at::3], steps[at + 1::3], steps[at + 2::3],
-                                 strict=True):
-            if kind == KEY_POOL:
-                if pools is None:
-                    pools = {a: [i, b]}
-                else:
-                    sent = pools.get(a)
-                    if sent is None:
-                        pools[a] = [i, b]
+        try:
+            for i, kind, a, b in zip(positions, steps[at::3], steps[at + 1::3], steps[at + 2::3],
+                                     strict=True):
+                if kind == KEY_POOL:
+                    if pools is None:
+                        pools = {a: [i, b]}
                     else:
-                        sent += (i, b)
-            elif kind == DONE_RESPONSE:
-                req = made.get(i) if made else None
-                if req is not None:  # made, so maybe edited: as _advance does
-                    data = client_bytes(a if b is False else a.response(b), req)
-                elif multiget:  # what client_bytes gives for an unedited key
-                    data = key_reply(a) if b is False else a.parts[b]
-                elif b is False:
-                    data = client_bytes(a, self.keys.request(i))
-                else:  # what client_bytes gives for an unedited plain get
-                    data = a.get_reply(b)
-                if parts[i] is None:
-                    parts[i] = data
-                    answered += 1
-            elif kind == DONE_STRING:
-                data = string_reply(a, self.keys.request(i))
-                if parts[i] is None:
-                    parts[i] = data
-                    answered += 1
-            else:
-                self.alone(i, self.routes.key_full(full, i))
-        if answered:
-            self.engine.stats.req_active -= answered
-            self.pending -= answered
-            if not self.pending:
-                self.finish()
+                        sent = pools.get(a)
+                        if sent is None:
+                            pools[a] = [i, b]
+                        else:
+                            sent += (i, b)
+                elif kind == DONE_RESPONSE:
+                    req = made.get(i) if made else None
+                    if req is not None:  # made, so maybe edited: as _advance does
+                        data = client_bytes(a if b is False else a.response(b), req)
+                    elif multiget:  # what client_bytes gives for an unedited key
+                        data = key_reply(a) if b is False else a.parts[b]
+                    else:
+                        data = client_bytes(a if b is False else a.response(b),
+                                            self.keys.request(i))
+                    if parts[i] is None:
+                        parts[i] = data
+                        answered += 1
+                elif kind == DONE_STRING:
+                    data = string_reply(a, self.keys.request(i))
+                    if parts[i] is None:
+                        parts[i] = data
+                        answered += 1
+                else:
+                    self.alone(i, self.routes.key_full(full, i))
+        finally:  # what was answered counts, also after a bug of ours
+            if answered:
+                self.engine.stats.req_active -= answered
+                self.pending -= answered
+                if not self.pending:
+                    self.finish()
         if pools is not None:
             for pool, sent in pools.items():
                 self.send(pool, sent)
@@ -749,16 +751,21 @@ class _LuaKeys:
                 self.alone(i, (YIELD_POOL, self.routes.key_alone(self.id, i), pool,
                                self.keys.request(index)))
             return
-        names = self.names
-        backend.send_unit(KeyFetch(self.name, [names[index] for index in indexes],
-                                   partial(self.fetched, routes), self.sink))
+        done = partial(self.fetched, routes)
+        if self.keys.multiget:
+            names = self.names
+            unit = KeyFetch(self.name, [names[index] for index in indexes], done, self.sink)
+        else:
+            request = self.keys.request
+            unit = GetRun([request(index) for index in indexes], done, self.sink)
+        backend.send_unit(unit)
 
-    def fetched(self, positions: list[int], fetch: KeyFetch) -> None:
-        """A KeyFetch's answer: resume the coroutines of its keys."""
+    def fetched(self, positions: list[int], fetch: KeyFetch | GetRun) -> None:
+        """A KeyFetch's (or GetRun's) answer: resume the coroutines of its
+        keys."""
         try:
             routes = self.routes
-            if fetch.error is None:
-                routes.handed(fetch.value_bytes())
+            routes.handed(fetch.value_bytes())
             steps = routes.resume_keys(self.id, fetch, fetch.flags(), *positions)
             self.settle(positions, steps[0], steps, 1)
         except Exception:

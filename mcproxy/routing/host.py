@@ -19,7 +19,7 @@ from mcproxy.backends.options import BackendOptions, TLSOptionError, client_tls
 from mcproxy.backends.pool import BackendRegistry, Pool, PoolOptionError
 from mcproxy.routing.tunables import TunableError, Tunables
 from mcproxy.routing.userstats import UserStatError, UserStats
-from mcproxy.units import KeyFetch
+from mcproxy.units import GetRun, KeyFetch
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import (
     EditError,
@@ -241,7 +241,7 @@ class Host:
         return key_request(command, key, multiget)
 
     @staticmethod
-    def key_response(fetch: KeyFetch, index: int) -> Response:
+    def key_response(fetch: KeyFetch | GetRun, index: int) -> Response:
         """The Response of a lazy response (mcp.lua's RESPONSE.__index)."""
         return fetch.response(index)
 

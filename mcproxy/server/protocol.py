@@ -443,7 +443,7 @@ class ProxyServerProtocol(LineReceiver):
         cmd = req.command
         if cmd in LOCAL_ONLY_COMMANDS or not self.router.hooked(cmd):
             then = self._local
-        elif cmd in GET_COMMANDS and b" " in req.tokens[-1]:  # split_multiget's test
+        elif cmd in GET_COMMANDS and req.tokens[-1].find(b" ") >= 0:  # split_multiget's test
             self._multiget(req, split_multiget(req))
             return
         elif len(req.line) >= MAX_REQUEST_LINE:

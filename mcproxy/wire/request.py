@@ -143,6 +143,11 @@ _KEY = rb"[^ \r\n\x00]{1,%d}+" % MAX_KEY_LENGTH
 #: Consecutive ``get <key>`` lines that parse_request's fast path takes
 #: (a third faster than one match per line).
 _GET_LINES = re.compile(rb"(?:get %s\r\n)+" % _KEY)
+#: A ``get <key>`` line that parse_request's fast path takes: a key of at
+#: most MAX_KEY_LENGTH bytes without space, LF or NUL (one match costs less
+#: than testing the key for each: ``bytes in bytes`` raises and clears a
+#: TypeError inside CPython before it searches).
+_PLAIN_GET = re.compile(rb"get [^ \n\x00]{1,%d}\r\n" % MAX_KEY_LENGTH)
 #: A ``set <key> <flags> <exptime> <bytes>`` line that parse_request's fast
 #: path takes (numbers in range by their digit count alone); groups: key,
 #: bytes.
@@ -309,9 +314,8 @@ def parse_request(line: bytes) -> Request:
     if line[-2:] == b"\r\n":
         head = line[:4]
         if head == b"get ":
-            key = line[4:-2]
-            if key and len(key) <= MAX_KEY_LENGTH and b" " not in key \
-                    and b"\n" not in key and b"\x00" not in key:
+            if _PLAIN_GET.fullmatch(line) is not None:
+                key = line[4:-2]
                 return Request(CMD_GET, line, [b"get", key], key)
         elif head == b"set ":
             tokens = line[:-2].split(b" ")
