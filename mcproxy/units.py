@@ -289,7 +289,9 @@ class KeyFetch:
     route to look at: ``done`` gets the unit itself, which gives each
     key's ``ok``/``hit`` (``flags``), its Response (``response``, made
     only when asked) and its client bytes (``part``: key_reply's rule).
-    ``keys`` keeps duplicates and the order they were sent in."""
+    ``keys`` keeps duplicates and the order they were sent in. Values for a
+    ``sink`` that no longer wants them are dropped as they come (their keys
+    then read as misses: nobody gets the reply)."""
 
     __slots__ = ("name", "keys", "done", "sink", "sent", "size", "elapsed", "items",
                  "parts", "error", "_values", "_responses")
@@ -320,12 +322,24 @@ class KeyFetch:
 
     def read(self, reader: ResponseReader) -> bool:
         values = self._values
+        start = len(values)
         res = reader.read_values(values)
+        sink = self.sink
+        gone = sink is not None and not sink.wanted
+        if gone:
+            # as KeyBatch: the client is gone, its values go as they come
+            # (their keys stay, the reply is still checked)
+            if values and values[0][1] is not None:
+                start = 0
+            values[start:] = [(value[0], None, 0) for value in values[start:]]
         if res is None:
             return False
         _check_multi_end(res)
         if res.type == MCMC_RESP_END:
-            self.items = items = _align(self.keys, values)
+            items = _align(self.keys, values)
+            if gone:
+                items = [None if item is None or item[1] is None else item for item in items]
+            self.items = items
             self.parts = [_EMPTY if item is None else item[1] for item in items]
         else:
             self._answer_all(res)
@@ -379,7 +393,9 @@ class GetRun:
     gets the unit; its interface for the engine is KeyFetch's. While it
     is read, ``size`` counts the requests not yet answered (what a reset
     fails, as it would fail the Singles still queued); once read, all of
-    them (each a latency sample)."""
+    them (each a latency sample). Values for a ``sink`` that no longer
+    wants them are dropped as they come (those gets then read as misses:
+    nobody gets the reply)."""
 
     __slots__ = ("requests", "done", "sink", "sent", "size", "responses")
 
@@ -407,6 +423,8 @@ class GetRun:
             if res is None:
                 return False
             check_reply(requests[len(responses)], res)
+            if res.value is not None and self.sink is not None and not self.sink.wanted:
+                res = Response.miss()
             responses.append(res)
             self.size -= 1
         self.size = count
