@@ -763,6 +763,9 @@ class _LuaKeys:
     def fetched(self, positions: list[int], fetch: KeyFetch | GetRun) -> None:
         """A KeyFetch's (or GetRun's) answer: resume the coroutines of its
         keys."""
+        # Lua holds the unit (lazy responses) until its next collection:
+        # let go of what leads back to the routes and the client.
+        fetch.done = fetch.sink = None
         try:
             routes = self.routes
             routes.handed(fetch.value_bytes())

@@ -9,6 +9,9 @@ travel as one backend get."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -184,3 +187,23 @@ def test_a_failing_key_fails_alone(tmp_path_factory):
                    b"VALUE v1 0 1\r\nx\r\nSERVER_ERROR bad response\r\n"
                    b"SERVER_ERROR bad response\r\nSERVER_ERROR get 7\r\nEND\r\n")
     assert got == proxy(tmp_path_factory, "v1", False).exchange(stream)
+
+
+def test_routes_done_with_are_not_held_by_lua(tmp_path):
+    """What Lua keeps of a routed batch (lazy responses, until Lua's next
+    collection) leads back to no Routes: an old config goes, and its
+    backends close, once it is replaced and its requests are done, not at
+    Python's next full collection (rare, with twistd's GC threshold)."""
+    path = tmp_path / "route.lua"
+    path.write_text(V1_ROUTE)
+    lua = LuaProxy(str(path), True)
+    gc.collect()
+    gc.disable()
+    try:
+        lua.exchange([b"set a1 0 0 1\r\nx\r\n", b"get a1 a2 f1\r\nget a1\r\nget a2\r\n"])
+        old = weakref.ref(lua.routes)
+        lua.routes = None
+        lua.engine.load(str(path))
+        assert old() is None
+    finally:
+        gc.enable()
