@@ -7,7 +7,8 @@ every run.
 config of one pool of one backend): a ProxyService on a
 MemoryReactorClock, its backend connected to a StringTransport, and
 ``--clients`` client connections on StringTransports. Each round every
-client sends one ``get`` (``--multiget N``: of N keys), the write batch is
+client sends one ``get`` (``--multiget N``: of N keys; ``--pipeline N``:
+N such gets in one read), the write batch is
 flushed as the reactor would after a poll, the backend answers every get
 in one read (whatever way the proxy grouped the keys into backend gets),
 and the batch is flushed again. After a warm-up round it
@@ -65,7 +66,8 @@ class Proxy:
     """mcproxy in-process: the backend of ``route`` (bench/route.lua) and
     ``clients`` client connections, every transport a StringTransport."""
 
-    def __init__(self, clients: int, multiget: int, route: Path = ROUTE) -> None:
+    def __init__(self, clients: int, multiget: int, route: Path = ROUTE,
+                 pipeline: int = 1) -> None:
         self.after: list = []
         writes.batch.schedule = self.after.append
         os.environ.setdefault("MCPROXY_BENCH_BACKEND_PORT", "11211")
@@ -86,13 +88,15 @@ class Proxy:
             client = ProxyServerProtocol(service)
             client.makeConnection(Transport())
             self.clients.append(client)
-        keys = [[b"key:%06d" % (i * multiget + k) for k in range(multiget)]
-                for i in range(clients)]
-        self.requests = [b"get " + b" ".join(ks) + b"\r\n" for ks in keys]
+        gets = [[[b"key:%06d" % ((i * pipeline + g) * multiget + k) for k in range(multiget)]
+                 for g in range(pipeline)] for i in range(clients)]
+        self.requests = [b"".join(b"get " + b" ".join(ks) + b"\r\n" for ks in client)
+                         for client in gets]
         #: every key the clients ask for in a round, in order
-        self.keys = [key for ks in keys for key in ks]
-        self.replies = [b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (k, len(VALUE), VALUE)
-                                 for k in ks) + b"END\r\n" for ks in keys]
+        self.keys = [key for client in gets for ks in client for key in ks]
+        self.replies = [b"".join(b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (k, len(VALUE), VALUE)
+                                          for k in ks) + b"END\r\n" for ks in client)
+                        for client in gets]
 
     def answer(self, sent: bytes) -> bytes:
         """The backend's reply to ``sent``: each of its ``get`` lines
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--multiget", type=int, default=1, help="keys per get")
+    parser.add_argument("--pipeline", type=int, default=1, help="gets per read")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--top", type=int, default=20, help="functions listed")
     parser.add_argument("--route", type=Path, default=ROUTE,
@@ -204,22 +209,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile's figures instead of opcodes (a development tool)")
     parser.add_argument("--repeat", type=int, default=5, help="tries of --time")
     args = parser.parse_args(argv)
-    proxy = Proxy(args.clients, args.multiget, args.route)
-    requests = args.clients * args.rounds
+    proxy = Proxy(args.clients, args.multiget, args.route, args.pipeline)
+    requests = args.clients * args.rounds * args.pipeline
     if args.time or args.profile:
         raise_gc_threshold()  # as twistd's process runs (mcproxy.app.process)
     if args.time:
         seconds = cpu_time(proxy, args.rounds, args.repeat)
         print(f"{seconds / requests * 1e6:.2f} us CPU per request "
-              f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets, "
-              f"best of {args.repeat})")
+              f"({args.clients} clients x {args.rounds} rounds x {args.pipeline}, "
+              f"{args.multiget}-key gets, best of {args.repeat})")
         return 0
     if args.profile:
         profile(proxy, args.rounds, args.top)
         return 0
     ops = count(proxy, args.rounds)
     print(f"{sum(ops.values()) / requests:.0f} opcodes per request "
-          f"({args.clients} clients x {args.rounds} rounds, {args.multiget}-key gets)")
+          f"({args.clients} clients x {args.rounds} rounds x {args.pipeline}, "
+          f"{args.multiget}-key gets)")
     for name, n in ops.most_common(args.top):
         print(f"  {n / requests:8.1f}  {name}")
     return 0

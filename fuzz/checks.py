@@ -194,7 +194,9 @@ class NumberingEngine:
     With ``runs``, takes runs of plain get/set requests (route_run) when
     both commands are hooked, multi-key gets too with ``multigets``, and
     records and numbers their requests as if they had come one by one
-    (a multiget key by key)."""
+    (a multiget key by key); with ``runs="gets"`` runs of gets only, a get
+    alone in its read left to the line path, as the route engine takes
+    gets routed in Lua."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
                  runs: bool | str = False, multigets: bool = True,
@@ -207,6 +209,10 @@ class NumberingEngine:
         self.pending: list = []
         self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
         self.plain_multigets = multigets
+        self.plain_alone = runs != "gets"
+        if runs == "gets":
+            self.plain_runs = False if rq.CMD_GET in hooked else None
+            self.plain_multigets = False
         #: with runs="refuse", route_run declines every run (as it does for
         #: an active request limit), counted here
         self.refused = 0 if runs == "refuse" else None
@@ -217,6 +223,7 @@ class NumberingEngine:
             self.refused += 1
             return False
         assert widths is None or self.plain_multigets
+        assert not sets or self.plain_runs
         answers = []
         for index, (end, key) in enumerate(zip(ends, keys, strict=True)):
             line, newline, value = data[start:end].partition(b"\n")
@@ -374,6 +381,8 @@ def check_client_stream(stream: bytes, chunks: list[bytes], hooked: frozenset[in
     runs = run_protocol(chunks, hooked, later=True, runs=True)
     check_output(stream, *split[:2], split[3])
     assert runs[:3] == split[:3], (runs[:3], split[:3])
+    gets = run_protocol(chunks, hooked, later=True, runs="gets")
+    assert gets[:3] == split[:3], (gets[:3], split[:3])
     if all(len(line) <= MAX_UNTERMINATED for line in stream.split(b"\n")):
         # Longer lines close the connection only when they arrive in pieces
         # (memcached's rule is about buffered bytes), so they may differ.

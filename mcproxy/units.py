@@ -13,6 +13,11 @@ The kinds, and what ``done`` gets:
 * :class:`KeyBatch`: the keys of one client multiget bound for one
   backend, sent as one multi-key get; the client bytes of each key, in
   order.
+* :class:`KeyFetch`: the keys of one client multiget that Lua routes sent
+  to one backend, sent as one multi-key get; the unit, from which each
+  key's route gets its own answer.
+* :class:`GetRun`: plain gets of a run that Lua routes sent to one
+  backend, sent as the client sent them; the unit, as for a KeyFetch.
 * :class:`PlainRun`: a run of plain requests forwarded as the client sent
   them; the client bytes of them all.
 * Consecutive Singles that are keys of client multigets, written in one
@@ -42,6 +47,10 @@ from mcproxy.wire.response import (
 )
 
 _EMPTY = b""
+
+#: KeyFetch.flags of a key that missed, and of one that hit.
+_MISSED = 1
+_HIT = 2
 
 #: Keys merged into one backend multiget at most.
 MAX_MERGED_KEYS = 100
@@ -271,6 +280,184 @@ class KeyBatch:
 
     def fail(self, reason: str, elapsed: int) -> None:
         self.done([key_reply(Response.failure(reason))] * self.size)
+
+
+class KeyFetch:
+    """Keys of one client ``get``/``gets`` multiget that Lua routes sent to
+    the same backend, as one multi-key request (``RouteEngine.route_keys``
+    for a Lua route). Unlike a KeyBatch, each key keeps its own answer for its
+    route to look at: ``done`` gets the unit itself, which gives each
+    key's ``ok``/``hit`` (``flags``), its Response (``response``, made
+    only when asked) and its client bytes (``part``: key_reply's rule).
+    ``keys`` keeps duplicates and the order they were sent in. Values for a
+    ``sink`` that no longer wants them are dropped as they come (their keys
+    then read as misses: nobody gets the reply)."""
+
+    __slots__ = ("name", "keys", "done", "sink", "sent", "size", "elapsed", "items",
+                 "parts", "error", "_values", "_responses")
+
+    def __init__(self, name: bytes, keys: list[bytes], done: Callable[[KeyFetch], object],
+                 sink: ReplySink | None = None) -> None:
+        self.name = name
+        self.keys = keys
+        self.done = done
+        self.sink = sink
+        self.size = len(keys)
+        self.elapsed = 0
+        #: per key its VALUE item or None (a miss), once read
+        self.items: list[tuple | None] = []
+        #: per key what the client gets for it (key_reply's rule), once read
+        self.parts: list[bytes] = []
+        #: the Response answering every key (an error line, a failure)
+        self.error: Response | None = None
+        self._values: list[tuple] = []
+        self._responses: dict[int, Response] = {}
+
+    def __repr__(self) -> str:
+        return f"<KeyFetch {self.name.decode()} of {self.size}>"
+
+    def write(self, out: list[bytes], batch: list, index: int) -> int:
+        out.append(b"%s %s\r\n" % (self.name, b" ".join(self.keys)))
+        return index
+
+    def read(self, reader: ResponseReader) -> bool:
+        values = self._values
+        start = len(values)
+        res = reader.read_values(values)
+        sink = self.sink
+        gone = sink is not None and not sink.wanted
+        if gone:
+            # as KeyBatch: the client is gone, its values go as they come
+            # (their keys stay, the reply is still checked)
+            if values and values[0][1] is not None:
+                start = 0
+            values[start:] = [(value[0], None, 0) for value in values[start:]]
+        if res is None:
+            return False
+        _check_multi_end(res)
+        if res.type == MCMC_RESP_END:
+            items = _align(self.keys, values)
+            if gone:
+                items = [None if item is None or item[1] is None else item for item in items]
+            self.items = items
+            self.parts = [_EMPTY if item is None else item[1] for item in items]
+        else:
+            self._answer_all(res)
+        self._values = []
+        return True
+
+    def deliver(self, elapsed: int) -> None:
+        self.elapsed = elapsed
+        self.done(self)
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        self._answer_all(Response.failure(reason))
+        self.elapsed = elapsed
+        self.done(self)
+
+    def _answer_all(self, res: Response) -> None:
+        """``res`` answers every key (an error line, a failure)."""
+        self.error = res
+        self.parts = [key_reply(res)] * self.size
+
+    def flags(self) -> bytes:
+        """Each key's ``ok`` and ``hit`` in one byte: 0 failed (not ok),
+        1 missed, 2 hit (mcp.lua's resume_keys reads them)."""
+        error = self.error
+        if error is not None:
+            return bytes((error.ok + error.hit,)) * self.size
+        return bytes([_MISSED if item is None else _HIT for item in self.items])
+
+    def response(self, index: int) -> Response:
+        """The Response of the key at ``index`` (one object per key)."""
+        res = self._responses.get(index)
+        if res is None:
+            res = self.error
+            if res is None:
+                item = self.items[index]
+                res = Response.miss() if item is None else Response.of_item(item)
+                self._responses[index] = res
+            res.elapsed = self.elapsed
+        return res
+
+    def value_bytes(self) -> int:
+        """Bytes of the values read (with their VALUE lines)."""
+        return sum(map(len, self.parts))
+
+
+class GetRun:
+    """Plain ``get`` requests of a run (``request.scan_plain``) that Lua
+    routes sent unedited to the same backend: written as the client sent
+    them, each reply read and checked as a Single's is, so the backend
+    sees and answers exactly what it would for those Singles. ``done``
+    gets the unit; its interface for the engine is KeyFetch's. While it
+    is read, ``size`` counts the requests not yet answered (what a reset
+    fails, as it would fail the Singles still queued); once read, all of
+    them (each a latency sample). Values for a ``sink`` that no longer
+    wants them are dropped as they come (those gets then read as misses:
+    nobody gets the reply)."""
+
+    __slots__ = ("requests", "done", "sink", "sent", "size", "responses")
+
+    def __init__(self, requests: list[Request], done: Callable[[GetRun], object],
+                 sink: ReplySink | None = None) -> None:
+        self.requests = requests
+        self.done = done
+        self.sink = sink
+        self.size = len(requests)
+        self.responses: list[Response] = []
+
+    def __repr__(self) -> str:
+        return f"<GetRun of {self.size}>"
+
+    def write(self, out: list[bytes], batch: list, index: int) -> int:
+        out.append(_EMPTY.join([req.line for req in self.requests]))
+        return index
+
+    def read(self, reader: ResponseReader) -> bool:
+        requests = self.requests
+        responses = self.responses
+        count = len(requests)
+        while len(responses) < count:
+            res = reader.read()
+            if res is None:
+                return False
+            check_reply(requests[len(responses)], res)
+            if res.value is not None and self.sink is not None and not self.sink.wanted:
+                res = Response.miss()
+            responses.append(res)
+            self.size -= 1
+        self.size = count
+        return True
+
+    def deliver(self, elapsed: int) -> None:
+        for res in self.responses:
+            res.elapsed = elapsed
+        self.done(self)
+
+    def fail(self, reason: str, elapsed: int) -> None:
+        """Those read keep their replies; the rest fail, each its own."""
+        responses = self.responses
+        while len(responses) < len(self.requests):
+            responses.append(Response.failure(reason))
+        self.deliver(elapsed)
+
+    def flags(self) -> bytes:
+        """As KeyFetch.flags."""
+        return bytes([res.ok + res.hit for res in self.responses])
+
+    def response(self, index: int) -> Response:
+        return self.responses[index]
+
+    @property
+    def parts(self) -> list[bytes]:
+        """As KeyFetch.parts: each key's reply by key_reply's rule (for a
+        route of a multiget's key that answers with a run's response)."""
+        return [key_reply(res) for res in self.responses]
+
+    def value_bytes(self) -> int:
+        """Bytes of the values read."""
+        return sum([len(res.value) for res in self.responses if res.value is not None])
 
 
 class PlainRun:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from copy import copy
 from functools import cached_property, partial
 from importlib.resources import files
+from itertools import count
 from time import monotonic
 
 from lupa import lua54
@@ -33,7 +34,7 @@ from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
-from mcproxy.units import KeyBatch, PlainRun, ReplySink
+from mcproxy.units import GetRun, KeyBatch, KeyFetch, PlainRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.behaviour import AUTO, BEHAVIOURS, WIRE_1_6_15, WIRE_1_6_45
 from mcproxy.wire.request import (
@@ -42,9 +43,11 @@ from mcproxy.wire.request import (
     CMD_GET,
     CMD_SET,
     COMMAND_CONSTANTS,
+    KeyRequests,
     Request,
+    key_request,
 )
-from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, string_reply
+from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, key_reply, string_reply
 
 # What a route step reports (mirrors mcp.lua).
 DONE_RESPONSE = 0
@@ -54,6 +57,9 @@ DONE_ERROR = 3
 YIELD_POOL = 4
 YIELD_AWAIT = 5
 YIELD_WAIT = rcontext.YIELD_WAIT
+# What start_keys/resume_keys report of a key beyond those (mcp.lua).
+KEY_POOL = 7
+KEY_STEP = 8
 
 AWAIT_GOOD = 0
 AWAIT_ANY = 1
@@ -63,6 +69,9 @@ AWAIT_FASTGOOD = 4
 AWAIT_BACKGROUND = 5
 
 _EMPTY = b""
+
+#: Numbers for the batches of _LuaKeys.
+_batch_ids = count()
 
 #: Bytes of values handed to Lua between two collections of its garbage.
 #: Lua sees a response as a small table and collects at the pace of its own
@@ -216,6 +225,11 @@ class Routes:
         self.host = host
         self.loaded_at = monotonic()
         self.start = state.engine.start
+        self.start_keys = state.engine.start_keys
+        self.resume_keys = state.engine.resume_keys
+        self.key_full = state.engine.key_full
+        self.key_alone = state.engine.key_alone
+        self.drop_keys = state.engine.drop_keys
         self.resume = state.engine.resume
         self.resume_error = state.engine.resume_error
         self.resume_await = state.engine.resume_await
@@ -351,7 +365,8 @@ class RouteEngine:
 
     def __init__(self, stats: ProxyStats, registry: BackendRegistry,
                  tunables: Tunables, user_stats: UserStats, store=None,
-                 direct: bool = True, clock=None, wire: str = AUTO) -> None:
+                 direct: bool = True, clock=None, wire: str = AUTO,
+                 batch_keys: bool = True) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         #: the clock of crons, rate limits and V2 waits with a timeout
@@ -370,6 +385,10 @@ class RouteEngine:
         #: production; False runs every attached route's Lua body, the
         #: reference the tests hold the direct path to (read at each load)
         self.direct_routes = direct
+        #: whether the keys of a multiget whose route runs in Lua are
+        #: routed in one call into Lua (route_keys); False routes them
+        #: one by one, the reference the tests hold that to
+        self.batch_keys = batch_keys
         self.routes: Routes | None = None
         #: the listener tag this router serves (None: untagged; see view)
         self.tag: str | None = None
@@ -381,6 +400,7 @@ class RouteEngine:
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run and DirectRoutes.plain_runs
+        #: (False also for gets routed in Lua, with ``batch_keys``)
         self.plain_runs: bool | None = None
         #: whether those runs may hold gets of several keys
         self.plain_multigets = False
@@ -390,6 +410,8 @@ class RouteEngine:
         #: the wire behaviour of the active config (the protocol reads it when it
         #: refuses a line)
         self.wire = self._wire_choice or WIRE_1_6_15
+        #: whether a run may be of one request alone in its read (IRouter)
+        self.plain_alone = True
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -444,6 +466,12 @@ class RouteEngine:
         self._native = table.native
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
+        self.plain_alone = True
+        if (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
+                and CMD_GET not in table.native):
+            # runs of gets, routed in Lua (_LuaKeys); one alone costs less
+            # parsed as a line
+            self.plain_runs = self.plain_alone = False
         self.plain_multigets = table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
 
@@ -479,8 +507,9 @@ class RouteEngine:
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
-        when its route is a direct pool call (see direct.py) or runs
-        natively (routing/native/, which answers as below).
+        when its route is a direct pool call (see direct.py), runs natively
+        (routing/native/, which answers as below) or runs in Lua (see
+        _LuaKeys).
 
         The pool still picks each key's backend; each backend then gets its
         keys as one KeyBatch, and ``done(reply)`` runs once, with the reply
@@ -488,18 +517,25 @@ class RouteEngine:
         as a request, as when routed one by one. ``sink`` is told of the
         reply's bytes as they arrive (units.ReplySink).
 
-        False, with nothing done, when this does not apply (no direct route,
-        an active request limit, a backend with a depth limit, a key the pool
-        cannot place): the caller then routes key by key, which answers,
-        logs and counts those cases.
+        False, with nothing done, when this does not apply (an active
+        request limit; for a direct route, a backend with a depth limit or
+        a key the pool cannot place): the caller then routes key by key,
+        which answers, logs and counts those cases.
         """
         if self.tunables.active_req_limit:
             return False
         groups = self._direct.key_groups(req, keys)
         if groups is None:
-            runner = self._native.get(req.command)
-            return runner is not None and runner.send_keys(req, keys, done, self.stats,
-                                                           self._route_error, sink)
+            command = req.command
+            runner = self._native.get(command)
+            if runner is not None:
+                return runner.send_keys(req, keys, done, self.stats, self._route_error, sink)
+            if not self.batch_keys or command in self._direct.pools \
+                    or command not in self._hooks:
+                return False
+            _LuaKeys(self, KeyRequests(command, keys, True), done, sink).start(
+                self._hooks[command])
+            return True
         stats = self.stats
         count = len(keys)
         stats.conn_requests += count
@@ -532,6 +568,10 @@ class RouteEngine:
         multiget together, see route_keys) would have answered. ``sink``
         as for route_keys.
 
+        A run of gets only whose route runs in Lua (``plain_runs`` False)
+        is routed as the keys of a multiget are (see _LuaKeys), each
+        request answered as alone; a run of one get as the request alone.
+
         False, with nothing done, when this does not apply (no such route,
         an active request limit, a backend with a depth limit, a key the
         pool cannot place): the caller then routes request by request.
@@ -540,7 +580,14 @@ class RouteEngine:
             return False
         backend = self._direct.run_target(data, start, keys, ends, widths)
         if backend is None:
-            return False
+            if self.plain_runs is not False or sets or widths or CMD_GET in self._direct.pools:
+                return False
+            if len(keys) == 1:  # costs less alone
+                self.route(key_request(CMD_GET, keys[0], False), done)
+                return True
+            _LuaKeys(self, KeyRequests(CMD_GET, keys, False), done, sink).start(
+                self._hooks[CMD_GET])
+            return True
         if backend.__class__ is list:
             return self._route_stretches(data, start, keys, ends, sets, backend, done, sink)
         stop = ends[-1]
@@ -694,6 +741,201 @@ class RouteEngine:
             suppressed=self._errors_unlogged, type="proxy_error")
         self._last_error_log = now
         self._errors_unlogged = 0
+
+
+class _LuaKeys:
+    """The keys of one client ``get``/``gets`` multiget, or the requests of
+    a run of plain gets (``KeyRequests``), whose route runs in Lua, routed
+    together (RouteEngine.route_keys, route_run) as they would be one by
+    one, with fewer crossings: one call into Lua starts every key's
+    coroutine (mcp.lua's start_keys, with lazy requests), the keys those
+    send unedited to the same backend go as one KeyFetch (a run's as one
+    GetRun: separate requests stay separate on the wire), and one call
+    resumes the coroutines of a KeyFetch's keys (resume_keys, with lazy
+    responses). A key whose route does anything else (edits or makes a
+    request, awaits, waits, fails) goes on alone, driven by _advance as any
+    route is. ``done`` gets every key's reply in order (and a multiget's
+    END)."""
+
+    __slots__ = ("engine", "routes", "keys", "names", "name", "sink", "done", "parts",
+                 "pending", "id")
+
+    def __init__(self, engine: RouteEngine, keys: KeyRequests,
+                 done: Callable[[bytes], None], sink: ReplySink | None) -> None:
+        self.engine = engine
+        self.routes = engine.routes
+        self.keys = keys
+        self.names = names = keys.keys
+        self.name = keys.name
+        #: the number Lua knows the batch by (Host.batches, while routed)
+        self.id = id = next(_batch_ids)
+        engine.routes.host.batches[id] = keys
+        self.sink = sink
+        self.done = done
+        count = len(names)
+        self.parts: list[bytes | None] = [None] * count
+        self.pending = count
+        stats = engine.stats
+        stats.conn_requests += count
+        stats.commands[keys.command] += count
+        stats.req_active += count
+
+    def start(self, handler) -> None:
+        try:
+            keys = self.keys
+            started = self.routes.start_keys(handler, self.id, keys.command, keys.multiget,
+                                             *self.names)
+            self.settle(range(len(self.names)), started[0], started, 1)
+        except Exception:
+            self.internal_error(range(len(self.names)))
+
+    def settle(self, positions, full, steps: tuple, at: int) -> None:
+        """Go on with the keys at ``positions`` after a call into Lua: their
+        steps (three values each) are ``steps[at:]``, ``full`` the full
+        steps kept for some (see mcp.lua's key_step)."""
+        made = self.keys.made
+        multiget = self.keys.multiget
+        parts = self.parts
+        pools = None
+        answered = 0
+        try:
+            for i, kind, a, b in zip(positions, steps[at::3], steps[at + 1::3], steps[at + 2::3],
+                                     strict=True):
+                if kind == KEY_POOL:
+                    if pools is None:
+                        pools = {a: [i, b]}
+                    else:
+                        sent = pools.get(a)
+                        if sent is None:
+                            pools[a] = [i, b]
+                        else:
+                            sent += (i, b)
+                elif kind == DONE_RESPONSE:
+                    req = made.get(i) if made else None
+                    if req is not None:  # made, so maybe edited: as _advance does
+                        data = client_bytes(a if b is False else a.response(b), req)
+                    elif multiget:  # what client_bytes gives for an unedited key
+                        data = key_reply(a) if b is False else a.parts[b]
+                    else:
+                        data = client_bytes(a if b is False else a.response(b),
+                                            self.keys.request(i))
+                    if parts[i] is None:
+                        parts[i] = data
+                        answered += 1
+                elif kind == DONE_STRING:
+                    data = string_reply(a, self.keys.request(i))
+                    if parts[i] is None:
+                        parts[i] = data
+                        answered += 1
+                else:
+                    self.alone(i, self.routes.key_full(full, i))
+        finally:  # what was answered counts, also after a bug of ours
+            if answered:
+                self.engine.stats.req_active -= answered
+                self.pending -= answered
+                if not self.pending:
+                    self.finish()
+        if pools is not None:
+            for pool, sent in pools.items():
+                self.send(pool, sent)
+
+    def send(self, pool, sent: list[int]) -> None:
+        """Send what the pool calls of some keys' routes sent to ``pool``
+        (``sent``: the index of each route's key, then of the key it
+        sent): each backend its keys as one KeyFetch."""
+        names = self.names
+        routes, indexes = sent[0::2], sent[1::2]
+        if len(pool.backends) == 1:  # serves every key if it serves one
+            try:
+                backend = pool.select(names[indexes[0]])
+            except ValueError:
+                pass  # each key finds out below
+            else:
+                self.fetch(backend, pool, routes, indexes)
+                return
+        groups: dict = {}
+        for i, index in zip(routes, indexes, strict=True):
+            try:
+                backend = pool.select(names[index])
+            except ValueError as e:
+                lua = self.routes
+                self.alone(i, lua.resume_error(lua.key_alone(self.id, i), str(e).encode()))
+                continue
+            group = groups.get(backend)
+            if group is None:
+                groups[backend] = ([i], [index])
+            else:
+                group[0].append(i)
+                group[1].append(index)
+        for backend, (mine, theirs) in groups.items():
+            self.fetch(backend, pool, mine, theirs)
+
+    def fetch(self, backend, pool, routes: list[int], indexes: list[int]) -> None:
+        """Send the keys at ``indexes`` (sent by the routes of the keys at
+        ``routes``) to ``backend``, as one KeyFetch; to a backend with a
+        depth limit (it counts units) each as it would go alone."""
+        if backend.options.depth_limit:
+            for i, index in zip(routes, indexes, strict=True):
+                self.alone(i, (YIELD_POOL, self.routes.key_alone(self.id, i), pool,
+                               self.keys.request(index)))
+            return
+        done = partial(self.fetched, routes)
+        if self.keys.multiget:
+            names = self.names
+            unit = KeyFetch(self.name, [names[index] for index in indexes], done, self.sink)
+        else:
+            request = self.keys.request
+            unit = GetRun([request(index) for index in indexes], done, self.sink)
+        backend.send_unit(unit)
+
+    def fetched(self, positions: list[int], fetch: KeyFetch | GetRun) -> None:
+        """A KeyFetch's (or GetRun's) answer: resume the coroutines of its
+        keys."""
+        # Lua holds the unit (lazy responses) until its next collection:
+        # let go of what leads back to the routes and the client.
+        fetch.done = fetch.sink = None
+        try:
+            routes = self.routes
+            routes.handed(fetch.value_bytes())
+            steps = routes.resume_keys(self.id, fetch, fetch.flags(), *positions)
+            self.settle(positions, steps[0], steps, 1)
+        except Exception:
+            self.internal_error(positions)
+
+    def alone(self, index: int, step) -> None:
+        """Drive key ``index``'s route on its own from ``step``."""
+        req = self.keys.request(index)
+        done = partial(self.answer, index)
+        engine = self.engine
+        try:
+            engine._advance(self.routes, req, done, step)
+        except Exception:
+            engine._internal_error(req, done)
+
+    def internal_error(self, positions) -> None:
+        """A bug of ours: each key at ``positions`` not yet answered gets
+        what _internal_error answers."""
+        self.routes.drop_keys(self.id)
+        for i in positions:
+            if self.parts[i] is None:
+                self.engine._internal_error(self.keys.request(i), partial(self.answer, i))
+
+    def answer(self, index: int, data: bytes) -> None:
+        """Key ``index``'s reply (once; what comes after is a bug's)."""
+        parts = self.parts
+        if parts[index] is not None:
+            return
+        parts[index] = data
+        self.pending -= 1
+        if not self.pending:
+            self.finish()
+
+    def finish(self) -> None:
+        del self.routes.host.batches[self.id]
+        parts = self.parts
+        if self.keys.multiget:
+            parts.append(errors.END)
+        self.done(_EMPTY.join(parts))
 
 
 class _KeysReply:

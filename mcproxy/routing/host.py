@@ -22,8 +22,16 @@ from mcproxy.routing.crons import CronError, make_cron
 from mcproxy.routing.ratelimits import RateLimitError, TokenBucket
 from mcproxy.routing.tunables import TunableError, Tunables, waittime
 from mcproxy.routing.userstats import UserStatError, UserStats
+from mcproxy.units import GetRun, KeyFetch
 from mcproxy.wire import request as rq
-from mcproxy.wire.request import EditError, ParseError, Request, parse_request
+from mcproxy.wire.request import (
+    EditError,
+    KeyRequests,
+    ParseError,
+    Request,
+    key_request,
+    parse_request,
+)
 from mcproxy.wire.response import MCMC_RESP_META, Response, parse_response
 
 #: Longest backend host name memcached accepts.
@@ -179,6 +187,9 @@ class Host:
         self.pools: list[Pool] = []
         #: stat names added by this load's mcp_config_pools: index -> name
         self.stat_names: dict[int, str] = {}
+        #: the keys of the batches being routed (engine._LuaKeys), by the
+        #: number Lua knows each by
+        self.batches: dict[int, KeyRequests] = {}
 
     # -- backends and pools ------------------------------------------------
 
@@ -360,6 +371,20 @@ class Host:
                 return None, lua_error("mcp.request: value length does not match the request")
             req.value = value
         return req, None
+
+    def key_request(self, batch: int, index: int, key: bytes, command: int,
+                    multiget: bool) -> Request:
+        """The Request of a lazy request (mcp.lua's REQUEST.__index): its
+        batch's, while the batch is routed (``batches``), else its own."""
+        keys = self.batches.get(batch)
+        if keys is not None:
+            return keys.request(index)
+        return key_request(command, key, multiget)
+
+    @staticmethod
+    def key_response(fetch: KeyFetch | GetRun, index: int) -> Response:
+        """The Response of a lazy response (mcp.lua's RESPONSE.__index)."""
+        return fetch.response(index)
 
     def token(self, req: Request, index: int):
         tokens = req.tokens

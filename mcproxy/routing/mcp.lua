@@ -46,9 +46,46 @@ return function(host, phase, v2)
     local in_config = phase == "config"
 
     local REQUEST = { __name = "mcp.request" }
-    REQUEST.__index = REQUEST
     local RESPONSE = { __name = "mcp.response" }
-    RESPONSE.__index = RESPONSE
+
+    -- The keys of a client multiget routed in one call (start_keys) get
+    -- lazy requests: { _k, _c, _L = their batch, _i = index } without a
+    -- Python Request (`_r`) until something asks for it, and their answers
+    -- lazy responses: { _ok, _hit, _B = the Python KeyFetch or GetRun, _j }
+    -- without `_p` until asked. Reading the missing field makes the Python
+    -- object once (the same one Python uses for the key while its batch
+    -- is routed).
+    local rawget = rawget
+    local rawset = rawset
+
+    REQUEST.__index = function(r, name)
+        local method = REQUEST[name]
+        if method ~= nil or name ~= "_r" then
+            return method
+        end
+        local batch = rawget(r, "_L")
+        if batch == nil then
+            return nil
+        end
+        local preq = host.key_request(batch.id, rawget(r, "_i"), rawget(r, "_k"), rawget(r, "_c"),
+                                      batch.multiget)
+        rawset(r, "_r", preq)
+        return preq
+    end
+
+    RESPONSE.__index = function(res, name)
+        local method = RESPONSE[name]
+        if method ~= nil or name ~= "_p" then
+            return method
+        end
+        local fetch = rawget(res, "_B")
+        if fetch == nil then
+            return nil
+        end
+        local pres = host.key_response(fetch, rawget(res, "_j"))
+        rawset(res, "_p", pres)
+        return pres
+    end
     local BACKEND = { __name = "mcp.backend" }
     local POOL = { __name = "mcp.pool" }
     local POOL_PROXY = { __name = "mcp.pool_proxy" }
@@ -199,6 +236,7 @@ return function(host, phase, v2)
     -- a route is a bad response (memcached 1.6.45 sends nothing for it).
     function RESPONSE:close()
         self._p = nil
+        self._B = nil
     end
     RESPONSE.__close = RESPONSE.close
 
@@ -263,7 +301,8 @@ return function(host, phase, v2)
         if not coroutine_isyieldable() then
             error("pools can only be called from inside a route", 2)
         end
-        local res, err = coroutine_yield(YIELD_POOL, pool._p, r._r)
+        -- a lazy request goes as itself (see start_keys)
+        local res, err = coroutine_yield(YIELD_POOL, pool._p, rawget(r, "_r"), r)
         if err then
             error(err, 2)
         end
@@ -576,7 +615,7 @@ return function(host, phase, v2)
         end
         -- suspended: a pool call, an await, or a bare yield
         if a == YIELD_POOL then
-            return YIELD_POOL, co, b, c
+            return YIELD_POOL, co, b, c or d._r
         elseif a == YIELD_AWAIT then
             return YIELD_AWAIT, co, b, c, d, e
         elseif a == YIELD_WAIT then
@@ -589,6 +628,123 @@ return function(host, phase, v2)
     local function start(handler, preq, key, cmd)
         local co = coroutine_create(handler)
         return step(co, coroutine_resume(co, new_request(preq, key, cmd)))
+    end
+
+    -- The keys of a client multiget (or the requests of a run of plain
+    -- gets), routed in one call into Lua. Each key runs its own coroutine
+    -- with a lazy request (see REQUEST.__index); the batch is a table
+    -- { id = the number Python knows it by, multiget = ..., cos = the
+    -- coroutines by index from 0, pending = how many wait in a pool call },
+    -- kept in `batches` while any does. What each step gives Python is
+    -- three values per key, in `out`:
+    --   KEY_POOL, pool, index: the key's route sent the lazy request of
+    --     key `index` of this batch, unedited, to the pool;
+    --   DONE_RESPONSE, response, false, or DONE_RESPONSE, fetch, index for
+    --     a lazy response; DONE_STRING, text, false;
+    --   KEY_STEP, false, false: anything else; `full[i]` holds the step as
+    --     `start` would have returned it, for Python to drive as it drives
+    --     any route (`full` is false while there is none).
+    local KEY_POOL <const> = 7
+    local KEY_STEP <const> = 8
+    local batches = {}
+
+    local function key_step(out, full, batch, i, co, ok, a, b, c, d, ...)
+        local n = #out
+        if coroutine_status(co) == "dead" then
+            if ok then
+                if getmetatable(a) == RESPONSE then
+                    local pres = rawget(a, "_p")
+                    if pres ~= nil then
+                        out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, pres, false
+                        return full
+                    end
+                    local fetch = rawget(a, "_B")
+                    if fetch ~= nil then
+                        out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, fetch, rawget(a, "_j")
+                        return full
+                    end
+                elseif type(a) == "string" then
+                    out[n + 1], out[n + 2], out[n + 3] = DONE_STRING, a, false
+                    return full
+                end
+            end
+        elseif a == YIELD_POOL and c == nil and rawget(d, "_L") == batch then
+            out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, rawget(d, "_i")
+            batch.pending = batch.pending + 1
+            return full
+        end
+        if not full then
+            full = {}
+        end
+        full[i] = table.pack(step(co, ok, a, b, c, d, ...))
+        out[n + 1], out[n + 2], out[n + 3] = KEY_STEP, false, false
+        return full
+    end
+
+    -- Keep a batch while any of its keys waits in a pool call.
+    local function keep(batch)
+        if batch.pending > 0 then
+            batches[batch.id] = batch
+        else
+            batches[batch.id] = nil
+        end
+    end
+
+    -- Start the route `handler` for each key (the varargs) of batch `id`
+    -- (whose keys are of command `cmd`); returns `full`, then `out`.
+    local function start_keys(handler, id, cmd, multiget, ...)
+        local cos, full, out = {}, false, {}
+        local batch = { id = id, multiget = multiget, cos = cos, pending = 0 }
+        local names = { ... }
+        for i = 0, #names - 1 do
+            local r = setmetatable({ _k = names[i + 1], _c = cmd, _L = batch, _i = i }, REQUEST)
+            local co = coroutine_create(handler)
+            cos[i] = co
+            full = key_step(out, full, batch, i, co, coroutine_resume(co, r))
+        end
+        keep(batch)
+        return full, table.unpack(out)
+    end
+
+    -- Resume the coroutines of batch `id` whose pool calls a KeyFetch (or GetRun)
+    -- answered: `fetch` the unit, `flags` a byte per key (0 failed,
+    -- 1 missed, 2 hit), then the index of each key's coroutine. Returns
+    -- `full`, then `out`.
+    local string_byte = string.byte
+    local function resume_keys(id, fetch, flags, ...)
+        local batch = batches[id]
+        local cos, full, out = batch.cos, false, {}
+        local waiting = { ... }
+        batch.pending = batch.pending - #waiting
+        for j = 1, #waiting do
+            local i = waiting[j]
+            local co = cos[i]
+            local flag = string_byte(flags, j)
+            full = key_step(out, full, batch, i, co, coroutine_resume(co, setmetatable(
+                { _ok = flag > 0, _hit = flag == 2, _B = fetch, _j = j - 1 }, RESPONSE)))
+        end
+        keep(batch)
+        return full, table.unpack(out)
+    end
+
+    -- The coroutine of key `i` of batch `id`, no longer waiting in a pool
+    -- call there (Python drives it on alone).
+    local function key_alone(id, i)
+        local batch = batches[id]
+        batch.pending = batch.pending - 1
+        keep(batch)
+        return batch.cos[i]
+    end
+
+    -- Forget batch `id` (after an internal error).
+    local function drop_keys(id)
+        batches[id] = nil
+    end
+
+    -- The full step start_keys or resume_keys kept for key `i`.
+    local function key_full(full, i)
+        local packed = full[i]
+        return table.unpack(packed, 1, packed.n)
     end
 
     -- Resume a route with a backend's response (or an error to raise).
@@ -796,6 +952,11 @@ return function(host, phase, v2)
         hooks = hooks,
         tagged = tagged,
         start = start,
+        start_keys = start_keys,
+        resume_keys = resume_keys,
+        key_full = key_full,
+        key_alone = key_alone,
+        drop_keys = drop_keys,
         resume = resume,
         resume_error = resume_error,
         resume_await = resume_await,

@@ -25,6 +25,9 @@ class IRouter(Interface):
         "the wire behaviour (mcproxy.wire.behaviour.Wire) clients get: line ends, "
         "error words, what closes; read when a line is refused, as it changes "
         "with the routes")
+    plain_alone = Attribute(
+        "read when plain_runs is False: whether a request alone in what was read "
+        "is worth handing to route_run (else it is parsed line by line)")
 
     def hooked(command):
         """Whether the routes take ``command`` (else it is answered locally)."""

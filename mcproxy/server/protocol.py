@@ -33,6 +33,7 @@ from mcproxy.wire.request import (
     MAX_UNTERMINATED,
     ParseError,
     Request,
+    multiget_key,
     multiget_prefix,
     parse_request,
     scan_plain,
@@ -388,7 +389,8 @@ class ProxyServerProtocol(LineReceiver):
                 pos += len(take)
                 self.rawDataReceived(take)
                 continue
-            if plain is not None:
+            if plain is not None and (plain or router.plain_alone
+                                      or data.find(b"\n", pos) < end - 1):
                 stop, keys, ends, sets, widths = scan_plain(data, pos, plain, MAX_PAYLOAD,
                                                             multigets=multigets)
                 if keys:
@@ -465,7 +467,7 @@ class ProxyServerProtocol(LineReceiver):
         cmd = req.command
         if cmd in LOCAL_ONLY_COMMANDS or not self.router.hooked(cmd):
             then = self._local
-        elif cmd in GET_COMMANDS and b" " in req.tokens[-1]:  # split_multiget's test
+        elif cmd in GET_COMMANDS and req.tokens[-1].find(b" ") >= 0:  # split_multiget's test
             self._multiget(req, split_multiget(req))
             return
         elif len(req.line) >= MAX_REQUEST_LINE:
@@ -538,7 +540,6 @@ class ProxyServerProtocol(LineReceiver):
                 return
             self._slots.pop()
             self._extra_slots -= slot.extra
-        command = req.command
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
                 self._slots.append(Slot(self, self.router.wire.reply(errors.KEY_TOO_LONG)))
@@ -547,9 +548,7 @@ class ProxyServerProtocol(LineReceiver):
             if len(line) >= MAX_REQUEST_LINE:
                 self._line_too_long()
                 return
-            sub = Request(command, line, [*req.tokens[:-1], key], key)
-            sub.multiget = True
-            self._route(sub)
+            self._route(multiget_key(req, prefix, key))
         self._reply(errors.END)
 
     def _local(self, req: Request) -> None:

@@ -145,6 +145,11 @@ _KEY = rb"[^ \r\n\x00]{1,%d}+" % MAX_KEY_LENGTH
 #: Consecutive ``get <key>`` lines that parse_request's fast path takes
 #: (a third faster than one match per line).
 _GET_LINES = re.compile(rb"(?:get %s\r\n)+" % _KEY)
+#: A ``get <key>`` line that parse_request's fast path takes: a key of at
+#: most MAX_KEY_LENGTH bytes without space, LF or NUL (one match costs less
+#: than testing the key for each: ``bytes in bytes`` raises and clears a
+#: TypeError inside CPython before it searches).
+_PLAIN_GET = re.compile(rb"get [^ \n\x00]{1,%d}\r\n" % MAX_KEY_LENGTH)
 #: A ``set <key> <flags> <exptime> <bytes>`` line that parse_request's fast
 #: path takes (numbers in range by their digit count alone); groups: key,
 #: bytes.
@@ -317,9 +322,8 @@ def parse_request(line: bytes) -> Request:
     if line[-2:] == b"\r\n":
         head = line[:4]
         if head == b"get ":
-            key = line[4:-2]
-            if key and len(key) <= MAX_KEY_LENGTH and b" " not in key \
-                    and b"\n" not in key and b"\x00" not in key:
+            if _PLAIN_GET.fullmatch(line) is not None:
+                key = line[4:-2]
                 return Request(CMD_GET, line, [b"get", key], key)
         elif head == b"set ":
             tokens = line[:-2].split(b" ")
@@ -511,6 +515,55 @@ def multiget_prefix(req: Request) -> bytes:
     """The bytes before the first key (``b"get "``, ``b"gat 10 "``)."""
     keys_token = req.tokens[-1]
     return req.line[: len(req.line) - 2 - len(keys_token)]
+
+
+def multiget_key(req: Request, prefix: bytes, key: bytes) -> Request:
+    """The request of one key of the multiget ``req`` (whose line begins
+    ``prefix``, see :func:`multiget_prefix`), as it is routed on its own."""
+    sub = Request(req.command, prefix + key + b"\r\n", [*req.tokens[:-1], key], key)
+    sub.multiget = True
+    return sub
+
+
+#: The commands of KeyRequests, by their wire names.
+_KEY_COMMANDS = {CMD_GET: b"get", CMD_GETS: b"gets"}
+
+
+def key_request(command: int, key: bytes, multiget: bool) -> Request:
+    """The ``get``/``gets`` request of one key, as :func:`parse_request`
+    makes it, or (``multiget``) as :func:`multiget_key` makes a key of a
+    ``get``/``gets`` multiget."""
+    name = _KEY_COMMANDS[command]
+    sub = Request(command, b"%s %s\r\n" % (name, key), [name, key], key)
+    sub.multiget = multiget
+    return sub
+
+
+class KeyRequests:
+    """``get``/``gets`` requests that differ only by their key: the keys
+    of a client multiget, or a run of plain gets (``multiget`` False). Each
+    Request (:func:`key_request`) is made only when first asked for, then
+    kept: a route that only reads a key and sends it on never needs one."""
+
+    __slots__ = ("command", "keys", "multiget", "made")
+
+    def __init__(self, command: int, keys: list[bytes], multiget: bool) -> None:
+        self.command = command
+        self.keys = keys
+        self.multiget = multiget
+        #: index -> the Request made for that key
+        self.made: dict[int, Request] = {}
+
+    @property
+    def name(self) -> bytes:
+        """The command's wire name."""
+        return _KEY_COMMANDS[self.command]
+
+    def request(self, index: int) -> Request:
+        sub = self.made.get(index)
+        if sub is None:
+            sub = self.made[index] = key_request(self.command, self.keys[index], self.multiget)
+        return sub
 
 
 # -- Edits made by routes (r:token(i, s), r:ltrimkey(n) ...) -------------------

@@ -46,7 +46,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from mcproxy import writes
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
-from mcproxy.units import KeyBatch, PlainRun, Single
+from mcproxy.units import GetRun, KeyBatch, KeyFetch, PlainRun, Single
 from mcproxy.wire.request import CMD_GET
 from tests.servers import Memcached, exchange
 
@@ -162,8 +162,8 @@ class InProcessProxy:
         Read from the backend's queue of units (``Backend._queue``, the
         first ``BackendConnection.written`` of them written): a Single is
         one reply, but Singles merged into one multi-key get
-        (``Single.merged``) share one; a KeyBatch is one reply; a
-        PlainRun's requests are answered one by one. This is the one place
+        (``Single.merged``) share one; a KeyBatch or KeyFetch is one reply;
+        a PlainRun's or GetRun's requests are answered one by one. This is the one place
         that knows their shape.
         """
         queue = list(self.backend._queue)
@@ -178,8 +178,10 @@ class InProcessProxy:
                 elif unit.merged is not merged:
                     merged = unit.merged
                     out.append(set(merged.keys))
-            elif isinstance(unit, KeyBatch):
+            elif isinstance(unit, KeyBatch | KeyFetch):
                 out.append(set(unit.keys))
+            elif isinstance(unit, GetRun):
+                out += [{req.key} for req in unit.requests]
             else:
                 assert isinstance(unit, PlainRun), unit
                 out += run_keys(unit.data, unit.count)

@@ -51,7 +51,9 @@ def test_counts_the_lua_path(opcodes, multiget):
     gets the proxy merges into one backend get are answered as sent."""
     route = _PATH.parent / "route_lua.lua"
     ops = opcodes.count(opcodes.Proxy(3, multiget, route), 2)
-    assert ops["routing/engine.py:_advance"] > 0
+    # a get alone in its read is routed on its own; a multiget's keys together
+    path = "routing/engine.py:_advance" if multiget == 1 else "routing/engine.py:settle"
+    assert ops[path] > 0
     assert "routing/engine.py:route_run" not in ops
 
 

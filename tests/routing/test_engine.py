@@ -418,9 +418,13 @@ ONE_BACKEND = (SHARDED.replace('mcp.backend("b2", "127.0.0.1", "2"),', "")
 def declining(engine, config: str, setup: str) -> str:
     """``config`` changed, or ``engine`` set, so that requests must go
     through the engine one by one: routes run in Lua (the engine's direct
-    path off), an active request limit, or a depth limit on backend b1."""
+    path off; for multigets also its batching of Lua keys), an active
+    request limit, or a depth limit on backend b1."""
     if setup == "lua route":
         engine.direct_routes = False
+        return config
+    if setup == "lua keys one by one":
+        engine.direct_routes = engine.batch_keys = False
         return config
     if setup == "request limit":
         return config.replace("function mcp_config_pools()",
@@ -514,7 +518,8 @@ def test_multiget_on_one_backend_is_one_batch(engine, load):
     assert engine.stats.commands[rq.CMD_GETS] == 4 and engine.stats.req_active == 0
 
 
-@pytest.mark.parametrize("setup", ["lua route", "request limit", "depth limit", "no backend"])
+@pytest.mark.parametrize("setup", ["lua keys one by one", "request limit", "depth limit",
+                                   "no backend"])
 def test_multiget_routed_key_by_key_when_batching_does_not_apply(engine, load, setup):
     if setup == "no backend":
         load("""
@@ -601,9 +606,9 @@ def test_run_for_one_backend_is_one_plain_run(engine, load):
 
 
 @pytest.mark.parametrize(("setup", "config"), [
-    ("lua route", SHARDED), ("request limit", SHARDED), ("depth limit", SHARDED),
+    ("lua keys one by one", SHARDED), ("request limit", SHARDED), ("depth limit", SHARDED),
     ("depth limit", ONE_BACKEND), ("multiget", SHARDED),
-], ids=["lua route", "request limit", "depth limit", "depth limit on a pool of one",
+], ids=["lua keys one by one", "request limit", "depth limit", "depth limit on a pool of one",
         "multiget"])
 def test_run_routed_one_by_one_when_it_does_not_apply(engine, load, setup, config):
     stream = b"".join(b"get k%d\r\n" % i for i in range(30))

@@ -607,6 +607,8 @@ def test_plain_runs_route_and_answer_as_one_by_one(stream, cuts, run_cuts, hooke
     assert runs[:3] == one_by_one[:3]
     assert run_protocol([stream], hooked, runs=True, multigets=multigets)[:3] \
         == one_by_one[:3]
+    gets = run_protocol(chunked(stream, run_cuts), hooked, later=True, runs="gets")
+    assert gets[:3] == one_by_one[:3]  # runs of gets only, as for gets routed in Lua
     refused = run_protocol([stream], hooked, later=True, runs="refuse")
     assert refused[:3] == one_by_one[:3]
     assert refused[3].engine.refused <= 1  # then the rest of the chunk goes line by line
@@ -702,8 +704,9 @@ class EngineProxy:
         clock = MemoryReactorClock()
         self.stats = ProxyStats()
         self.store = None
+        # the reference (direct off) runs each request's Lua on its own
         self.engine = RouteEngine(self.stats, BackendRegistry(self.stats, reactor=clock),
-                                  Tunables(), UserStats(), direct=direct)
+                                  Tunables(), UserStats(), direct=direct, batch_keys=direct)
         self.routes = self.engine.load(path)
         self.started = 0
         start = self.routes.start

@@ -1,0 +1,209 @@
+"""The keys of a multiget, and the requests of a run of plain gets, whose
+route runs in Lua, routed together (RouteEngine.route_keys and route_run,
+engine._LuaKeys) answer every client exactly as the keys routed one by
+one (``batch_keys=False``): hits, misses and
+failures, routes that look at the result, edit or make requests, await
+several pools, raise errors, return strings or closed responses, a V2
+request context's route; and the keys that go unedited to one backend
+travel as one backend get."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fuzz.checks import chunked
+from mcproxy.backends.backend import Backend
+from mcproxy.units import KeyFetch, Single
+from tests.routing.luapaths import POOLS, LuaProxy
+
+#: A route per first letter of the key (the rest: the result of pools.a).
+V1_ROUTE = POOLS + """
+local last
+function mcp_config_routes(p)
+    local function route(r)
+        local key = r:key()
+        local c = key:sub(1, 1)
+        if c == "e" then
+            r:token(r:ntokens(), key .. "x")
+            return p.a(r)
+        elseif c == "n" then
+            return p.b(mcp.request("get " .. key .. "\\r\\n"))
+        elseif c == "z" then
+            error("no " .. key)
+        elseif c == "w" then
+            local rs = mcp.await(r, { p.a, p.b }, 2)
+            return rs[#rs]
+        elseif c == "s" then
+            return "SERVER_ERROR nope\\r\\n"
+        elseif c == "m" then
+            return "END\\r\\n"
+        elseif c == "v" then
+            return "VALUE " .. key .. " 0 1\\r\\nx\\r\\nEND\\r\\n"
+        elseif c == "d" then
+            local res = p.dead(r)
+            if res:ok() then return res end
+            return "SERVER_ERROR dead " .. tostring(res:code()) .. "\\r\\n"
+        elseif c == "D" then
+            return p.dead(r)
+        elseif c == "f" then
+            local res = p.b(r)
+            if not res:hit() then res = p.a(r) end
+            return res
+        elseif c == "c" then
+            local res <close> = p.a(r)
+            return res
+        elseif c == "l" then
+            local res = p.b(r)
+            return "SERVER_ERROR " .. tostring(res:code()) .. " " .. tostring(res:vlen())
+                .. " " .. tostring(res:line()) .. " " .. tostring(res:hit()) .. "\\r\\n"
+        elseif c == "o" and last ~= nil then
+            return last
+        elseif c == "t" then
+            return "SERVER_ERROR " .. r:token(1) .. " " .. r:command() .. "\\r\\n"
+        elseif c == "y" then
+            return 5
+        end
+        local res = p.a(r)
+        last = res
+        return res
+    end
+    mcp.attach(mcp.CMD_GET, route)
+    mcp.attach(mcp.CMD_GETS, route)
+    mcp.attach(mcp.CMD_SET, function(r)
+        local rs = mcp.await(r, { p.a, p.b }, 2)
+        return rs[1]
+    end)
+end
+"""
+
+#: A V2 route: a request context's handles, a fallback on a miss.
+V2_ROUTE = POOLS + """
+function mcp_config_routes(p)
+    local g = mcp.funcgen_new()
+    local a, b, dead = g:new_handle(p.a), g:new_handle(p.b), g:new_handle(p.dead)
+    g:ready({ n = "keys", f = function(rctx)
+        return function(r)
+            local c = r:key():sub(1, 1)
+            if c == "d" then return rctx:enqueue_and_wait(r, dead) end
+            if c == "z" then error("no") end
+            local res = rctx:enqueue_and_wait(r, a)
+            if not res:hit() then return rctx:enqueue_and_wait(r, b) end
+            return res
+        end
+    end })
+    mcp.attach(mcp.CMD_GET, g)
+    mcp.attach(mcp.CMD_GETS, g)
+    local s = mcp.funcgen_new()
+    local sa, sb = s:new_handle(p.a), s:new_handle(p.b)
+    s:ready({ n = "sets", f = function(rctx)
+        return function(r)
+            rctx:enqueue(r, { sa, sb })
+            rctx:wait_cond(2)
+            return rctx:res_any(sa)
+        end
+    end })
+    mcp.attach(mcp.CMD_SET, s)
+end
+"""
+
+CONFIGS = {"v1": V1_ROUTE, "v2": V2_ROUTE}
+
+_proxies: dict[tuple[str, bool], LuaProxy] = {}
+
+
+def proxy(tmp_path_factory, name: str, batch_keys: bool) -> LuaProxy:
+    """The LuaProxy of a config (made once per test session)."""
+    key = (name, batch_keys)
+    if key not in _proxies:
+        path = tmp_path_factory.mktemp("luakeys") / "route.lua"
+        path.write_text(CONFIGS[name])
+        _proxies[key] = LuaProxy(str(path), batch_keys)
+    return _proxies[key]
+
+
+_letters = "aefnzwsmvdDclotyk"
+_keys = st.builds(lambda c, n: (c + n).encode(), st.sampled_from(_letters),
+                  st.sampled_from(["", "1", "2", "33", "key:000123"]))
+
+
+@st.composite
+def streams(draw) -> bytes:
+    """Sets of some keys, then multigets (get and gets) of those and
+    others, and runs of plain gets."""
+    out = []
+    for key in draw(st.lists(_keys, max_size=6)):
+        value = draw(st.sampled_from([b"", b"v", b"value"]))
+        out.append(b"set %s 3 0 %d\r\n%s\r\n" % (key, len(value), value))
+    for _ in range(draw(st.integers(1, 3))):
+        keys = draw(st.lists(_keys, min_size=2, max_size=12))
+        out.append(draw(st.sampled_from([b"get ", b"gets "])) + b" ".join(keys) + b"\r\n")
+        for key in draw(st.lists(_keys, max_size=8)):
+            out.append(b"get %s\r\n" % key)
+    return b"".join(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(CONFIGS)), streams(), st.lists(st.integers(0, 10**4), max_size=4))
+def test_lua_keys_answer_as_one_by_one(tmp_path_factory, name, stream, cuts):
+    batched = proxy(tmp_path_factory, name, True)
+    alone = proxy(tmp_path_factory, name, False)
+    chunks = chunked(stream, cuts)
+    assert batched.exchange(chunks) == alone.exchange(chunks)
+
+
+def test_keys_sent_unedited_travel_as_one_backend_get(tmp_path_factory, monkeypatch):
+    """The keys the routes send unedited to one backend go as one KeyFetch
+    (one queue entry, one ``get`` of them all), where one by one they are
+    a Single each (merged on the wire as they were written together)."""
+    units = []
+    send_unit = Backend.send_unit
+    monkeypatch.setattr(Backend, "send_unit",
+                        lambda self, unit: units.append(unit) or send_unit(self, unit))
+    batched = proxy(tmp_path_factory, "v1", True)
+    alone = proxy(tmp_path_factory, "v1", False)
+    stream = [b"get a1 a2 a33 akey:000123 f1\r\n"]
+    assert batched.exchange(stream) == b"END\r\n"
+    sent, fetches = batched.sent, units[:]
+    units.clear()
+    assert alone.exchange(stream) == b"END\r\n"
+    assert sent == alone.sent  # the same bytes on the wire
+    assert {unit.__class__ for unit in fetches} == {KeyFetch}
+    assert sorted(b"get %s\r\n" % b" ".join(unit.keys) for unit in fetches) == sorted(sent)
+    assert len(units) == 6 and {unit.__class__ for unit in units} == {Single}
+
+
+def test_a_failing_key_fails_alone(tmp_path_factory):
+    """Hits, misses, failures, errors and strings in one multiget."""
+    batched = proxy(tmp_path_factory, "v1", True)
+    stream = [b"set a1 0 0 1\r\nx\r\n", b"get a1 a2 d1 D1 z1 s1 m1 v1 y1 c1 t1\r\n"]
+    got = batched.exchange(stream)
+    assert got == (b"STORED\r\nVALUE a1 0 1\r\nx\r\n"
+                   b"SERVER_ERROR dead 23\r\nSERVER_ERROR backend failure\r\n"
+                   b"SERVER_ERROR lua failure\r\nSERVER_ERROR nope\r\n"
+                   b"VALUE v1 0 1\r\nx\r\nSERVER_ERROR bad response\r\n"
+                   b"SERVER_ERROR bad response\r\nSERVER_ERROR get 7\r\nEND\r\n")
+    assert got == proxy(tmp_path_factory, "v1", False).exchange(stream)
+
+
+def test_routes_done_with_are_not_held_by_lua(tmp_path):
+    """What Lua keeps of a routed batch (lazy responses, until Lua's next
+    collection) leads back to no Routes: an old config goes, and its
+    backends close, once it is replaced and its requests are done, not at
+    Python's next full collection (rare, with twistd's GC threshold)."""
+    path = tmp_path / "route.lua"
+    path.write_text(V1_ROUTE)
+    lua = LuaProxy(str(path), True)
+    gc.collect()
+    gc.disable()
+    try:
+        lua.exchange([b"set a1 0 0 1\r\nx\r\n", b"get a1 a2 f1\r\nget a1\r\nget a2\r\n"])
+        old = weakref.ref(lua.routes)
+        lua.routes = None
+        lua.engine.load(str(path))
+        assert old() is None
+    finally:
+        gc.enable()

@@ -1,0 +1,109 @@
+"""The units of keys whose routes run in Lua (mcproxy.units KeyFetch and
+GetRun, engine._LuaKeys): what they write, what each key gets, how they
+fail, and what they drop for a client that is gone."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcproxy.units import GetRun, KeyFetch, Unit
+from mcproxy.wire.errors import BACKEND_FAILURE, END
+from mcproxy.wire.request import key_request
+from mcproxy.wire.response import MCMC_CODE_END, BackendProtocolError, ResponseReader
+from tests.units.test_units import Got, Sink, answer, written
+
+
+def value(key: bytes, data: bytes) -> bytes:
+    return b"VALUE %s 0 %d\r\n%s\r\n" % (key, len(data), data)
+
+
+def test_both_kinds_have_the_unit_shape():
+    for unit in (KeyFetch(b"get", [b"a"], Got()), GetRun([key_request(7, b"a", False)], Got())):
+        unit.sent = 1.0
+        assert isinstance(unit, Unit), unit
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_key_fetch_gives_each_key_its_answer(chunk):
+    fetch = KeyFetch(b"gets", [b"a", b"b", b"a", b"c"], Got())
+    assert written([fetch]) == [b"gets a b a c\r\n"]
+    assert answer([fetch], value(b"a", b"1") * 2 + value(b"c", b"3") + END, chunk) == []
+    assert fetch.done == [fetch]
+    assert fetch.flags() == bytes([2, 1, 2, 2])
+    assert fetch.parts == [value(b"a", b"1"), b"", value(b"a", b"1"), value(b"c", b"3")]
+    hit, miss = fetch.response(0), fetch.response(1)
+    assert (hit.ok, hit.hit, hit.line, hit.value, hit.elapsed) == (
+        True, True, b"VALUE a 0 1\r\n", b"1\r\n", 7)
+    assert (miss.ok, miss.hit, miss.code) == (True, False, MCMC_CODE_END)
+    assert fetch.response(0) is hit  # made once
+    assert fetch.value_bytes() == 3 * len(value(b"a", b"1"))
+
+
+def test_key_fetch_error_line_and_failure_answer_every_key():
+    fetch = KeyFetch(b"get", [b"a", b"b"], Got())
+    answer([fetch], b"SERVER_ERROR out of memory\r\n")
+    assert fetch.flags() == bytes([2, 2])
+    assert fetch.parts == [b"SERVER_ERROR out of memory\r\n"] * 2
+    failed = KeyFetch(b"get", [b"a", b"b"], Got())
+    failed.fail("timeout", 9)
+    assert failed.done == [failed] and failed.flags() == bytes([0, 0])
+    assert failed.parts == [BACKEND_FAILURE] * 2
+    assert failed.response(1).reason == "timeout" and failed.response(1).elapsed == 9
+
+
+def test_key_fetch_refuses_a_key_out_of_order():
+    fetch = KeyFetch(b"get", [b"a", b"b"], Got())
+    with pytest.raises(BackendProtocolError):
+        answer([fetch], value(b"b", b"2") + value(b"a", b"1") + END)
+    assert fetch.done == []
+
+
+def test_key_fetch_for_a_client_gone_drops_values_but_checks_keys():
+    sink = Sink(limit=0)
+    sink.arriving(1)
+    fetch = KeyFetch(b"get", [b"a", b"b"], Got(), sink)
+    answer([fetch], value(b"a", b"1") + END)
+    assert fetch.flags() == bytes([1, 1]) and fetch.parts == [b"", b""]
+    with pytest.raises(BackendProtocolError):
+        answer([KeyFetch(b"get", [b"a"], Got(), sink)], value(b"z", b"1") + END)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_get_run_writes_and_reads_each_get_as_alone(chunk):
+    run = GetRun([key_request(7, k, False) for k in (b"a", b"b", b"a")], Got())
+    assert written([run]) == [b"get a\r\nget b\r\nget a\r\n"]
+    assert answer([run], value(b"a", b"1") + END + END + b"SERVER_ERROR busy\r\n", chunk) == []
+    assert run.done == [run] and run.flags() == bytes([2, 1, 2])
+    assert [res.line for res in run.responses] == [b"VALUE a 0 1\r\n", END,
+                                                   b"SERVER_ERROR busy\r\n"]
+    assert {res.elapsed for res in run.responses} == {7}
+    assert run.parts == [value(b"a", b"1"), b"", b"SERVER_ERROR busy\r\n"]
+    assert run.value_bytes() == 3
+
+
+def test_get_run_counts_what_is_left_while_read_and_fails_only_that():
+    run = GetRun([key_request(7, k, False) for k in (b"a", b"b", b"c")], Got())
+    reader = ResponseReader()
+    reader.feed(END + value(b"b", b"2"))
+    assert not run.read(reader)
+    assert run.size == 2  # b's reply is not whole: what a reset now fails
+    run.fail("disconnected", 3)
+    assert [res.ok for res in run.responses] == [True, False, False]
+    assert run.responses[2].reason == "disconnected"
+    done = GetRun([key_request(7, b"a", False)], Got())
+    answer([done], END)
+    assert done.size == 1  # once read: each request a latency sample
+
+
+def test_get_run_refuses_another_keys_value():
+    run = GetRun([key_request(7, b"a", False), key_request(7, b"b", False)], Got())
+    with pytest.raises(BackendProtocolError):
+        answer([run], END + value(b"a", b"1") + END)
+
+
+def test_get_run_for_a_client_gone_drops_values():
+    sink = Sink(limit=0)
+    sink.arriving(1)
+    run = GetRun([key_request(7, b"a", False)], Got(), sink)
+    answer([run], value(b"a", b"1") + END)
+    assert run.flags() == bytes([1]) and run.responses[0].value is None
