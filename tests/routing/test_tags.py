@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from mcproxy.routing.engine import ROUTELIB_PATH, ConfigError
+from mcproxy.units import KeyBatch, KeyFetch
 from mcproxy.wire import request as rq
 from tests.enginekit import FakeBackends, engine, load, run  # noqa: F401
 
@@ -104,13 +105,15 @@ def test_a_tagged_pool_call_is_still_the_direct_path(engine, load):  # noqa: F81
     x = engine.view("x")
     assert engine.routes.for_tag("x").shapes[rq.CMD_GET].kind == "direct"
     assert engine.routes.shapes[rq.CMD_GET].kind == "lua"
-    assert x.plain_runs is not None and engine.plain_runs is None
+    # runs of gets: the tag's direct, the untagged ones' routed in Lua
+    assert x.plain_alone and not engine.plain_alone
     sent = []
     for backend in engine.registry.live:
         backend.send_unit = sent.append
     assert x.route_keys(rq.parse_request(b"get k j\r\n"), [b"k", b"j"], [].append)
-    assert not engine.route_keys(rq.parse_request(b"get k j\r\n"), [b"k", b"j"], [].append)
-    assert len(sent) == 1
+    assert [type(unit) for unit in sent] == [KeyBatch]
+    assert engine.route_keys(rq.parse_request(b"get k j\r\n"), [b"k", b"j"], [].append)
+    assert [type(unit) for unit in sent] == [KeyBatch, KeyFetch]
 
 
 def test_flush_all_by_default_per_tag(engine, load):  # noqa: F811
