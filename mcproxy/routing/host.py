@@ -32,7 +32,14 @@ from mcproxy.wire.request import (
     key_request,
     parse_request,
 )
-from mcproxy.wire.response import MCMC_RESP_META, Response, parse_response
+from mcproxy.wire.response import (
+    MCMC_RESP_META,
+    Response,
+    blank_flag,
+    match_reply,
+    parse_response,
+    raw_reply,
+)
 
 #: Longest backend host name memcached accepts.
 MAX_HOST_LENGTH = 254
@@ -438,6 +445,60 @@ class Host:
             return None, None, lua_error(str(e)), None
         return True, token[1:] or None, None, req.key
 
+    # -- memcached 1.6.45's request methods (flags checked by mcp.lua) ----------
+
+    @staticmethod
+    def raw_line(req: Request) -> bytes:
+        """``r:raw_line()``: the request line as it would be sent, without CRLF."""
+        return req.line[:-2]
+
+    @staticmethod
+    def raw_value(req: Request) -> bytes | None:
+        """``r:raw_value()``: the payload with its CRLF, or nil."""
+        return req.value
+
+    @staticmethod
+    def flag_token_int(req: Request, flag: bytes):
+        """``r:flag_token_int(f)``: (found, number or None)."""
+        return rq.flag_int(req, flag[0])
+
+    @staticmethod
+    def flag_add(req: Request, flag: bytes, token):
+        """``r:flag_add(f, token)``: False if the flag is there already or
+        the edited line would not be one request (rq.append_flag); None if
+        ``token`` is False (not a string or number: a Lua error, raised
+        only after the flag was looked for, as memcached's proxy does)."""
+        if rq.find_flag(req, flag) is not None:
+            return False
+        if token is False:
+            return None
+        return rq.append_flag(req, flag, token)
+
+    @staticmethod
+    def flag_set(req: Request, flag: bytes, new: bytes, token: bytes) -> bool:
+        """``r:flag_set(f, token)`` (``new`` is ``f``) and
+        ``r:flag_replace(f, new, token)``: the first flag token of ``f``
+        becomes ``new + token``, or that is added at the end."""
+        index = rq.find_flag(req, flag)
+        if index is None:
+            return rq.append_flag(req, new, token)
+        return rq.render_flag(req, index, new, token)
+
+    @staticmethod
+    def flag_del(req: Request, flag: bytes) -> bool:
+        """``r:flag_del(f)``: remove the first flag token of ``f``."""
+        index = rq.find_flag(req, flag)
+        return index is not None and rq.render_flag(req, index, b"", b"")
+
+    @staticmethod
+    def match_res(req: Request, res: Response | None):
+        """``r:match_res(res)``: (matched, why not); a closed response
+        cannot be parsed."""
+        if res is None:
+            return False, lua_error("failed to parse response")
+        matched, why = match_reply(req, res)
+        return matched, why and lua_error(why)
+
     # -- responses ---------------------------------------------------------------
 
     def response_line(self, res: Response):
@@ -450,6 +511,17 @@ class Host:
             parts = line.split(b" ", skip)
             return parts[skip] if len(parts) > skip else None
         return line
+
+    @staticmethod
+    def raw_string(res: Response | None) -> bytes | None:
+        """``res:raw_string()``: the reply's bytes (``raw_reply``); nil
+        for a failure or a closed response."""
+        return None if res is None else raw_reply(res)
+
+    @staticmethod
+    def flag_blank(res: Response | None, flag: bytes) -> bool:
+        """``res:flag_blank(f)``: blank a meta reply's flag (``blank_flag``)."""
+        return res is not None and blank_flag(res, flag[0])
 
     def internal(self, req: Request):
         """``mcp.internal(r)``: run the request against the embedded cache."""

@@ -205,6 +205,130 @@ return function(host, phase, v2)
         return found, value
     end
 
+    -- memcached 1.6.45's flag methods check their arguments as it does,
+    -- with its messages; a bad one is luaL_checklstring's "bad argument
+    -- #n to 'name' (string expected, got ...)", n counted as in a method
+    -- call (r:flag_add(...)), the way routes call them.
+    local flag_byte = string.byte
+
+    local function bad_argument(n, name, expected, value, absent)
+        return ("bad argument #%d to '%s' (%s expected, got %s)"):format(
+            n, name, expected, absent and "no value" or type(value))
+    end
+
+    -- The flag letter argument `value` (the `n`th of method `name`).
+    local function flag_letter(value, n, name, absent)
+        local kind = type(value)
+        if kind == "number" then
+            value = tostring(value)
+        elseif kind ~= "string" then
+            error(bad_argument(n, name, "string", value, absent), 3)
+        end
+        if #value ~= 1 then
+            error("request: meta flag must be a single character", 3)
+        end
+        local letter = flag_byte(value)
+        if letter < 65 or letter > 122 then
+            error("request: invalid flag, must be A-Z,a-z", 3)
+        end
+        return value
+    end
+
+    -- The token of a flag edit: a string, a number as Lua writes it,
+    -- nothing (""), or false for anything else.
+    local function flag_value(value)
+        local kind = type(value)
+        if kind == "string" then
+            return value
+        elseif kind == "number" then
+            return tostring(value)
+        elseif value == nil then
+            return ""
+        end
+        return false
+    end
+
+    -- r:raw_line(): the request line without its CRLF; r:raw_value(): the
+    -- payload with its CRLF, or nil.
+    function REQUEST:raw_line()
+        return host.raw_line(self._r)
+    end
+
+    function REQUEST:raw_value()
+        return host.raw_value(self._r)
+    end
+
+    -- (false) for a flag that is absent, bare, or over 22 bytes; (true)
+    -- for one whose value is no 64-bit number; (true, number).
+    function REQUEST:flag_token_int(...)
+        local flag = ...
+        local kind = type(flag)
+        if kind == "number" then
+            flag = tostring(flag)
+        elseif kind ~= "string" then
+            error(bad_argument(1, "flag_token_int", "string", flag, select("#", ...) == 0), 2)
+        end
+        if #flag ~= 1 then
+            error("has_flag(): meta flag must be a single character", 2)
+        end
+        local found, value = host.flag_token_int(self._r, flag)
+        if value == nil then
+            return found
+        end
+        return found, value
+    end
+
+    -- Flag edits: true once made; false if the flag is there already
+    -- (flag_add), is not there (flag_del), or the edited line would not be
+    -- one request memcached reads as one (wire/request.py append_flag).
+    function REQUEST:flag_add(...)
+        local flag, token = ...
+        flag = flag_letter(flag, 1, "flag_add", select("#", ...) == 0)
+        local done = host.flag_add(self._r, flag, flag_value(token))
+        if done == nil then
+            error("request: invalid flag argument", 2)
+        end
+        return done
+    end
+
+    function REQUEST:flag_set(...)
+        local flag, token = ...
+        flag = flag_letter(flag, 1, "flag_set", select("#", ...) == 0)
+        token = flag_value(token)
+        if token == false then
+            error("request: invalid flag argument", 2)
+        end
+        return host.flag_set(self._r, flag, flag, token)
+    end
+
+    function REQUEST:flag_replace(...)
+        local flag, new, token = ...
+        local given = select("#", ...)
+        flag = flag_letter(flag, 1, "flag_replace", given == 0)
+        new = flag_letter(new, 2, "flag_replace", given < 2)
+        token = flag_value(token)
+        if token == false then
+            error("request: invalid flag argument", 2)
+        end
+        return host.flag_set(self._r, flag, new, token)
+    end
+
+    function REQUEST:flag_del(...)
+        local flag = flag_letter(..., 1, "flag_del", select("#", ...) == 0)
+        return host.flag_del(self._r, flag)
+    end
+
+    -- (true, nil) when the response's k flag is the request's key and its
+    -- O flag the request's opaque; (false, why) when not; (false, nil)
+    -- when there was nothing to compare.
+    function REQUEST:match_res(...)
+        local res = ...
+        if getmetatable(res) ~= RESPONSE then
+            error(bad_argument(1, "match_res", "mcp.response", res, select("#", ...) == 0), 2)
+        end
+        return host.match_res(self._r, res._p)
+    end
+
     -- Responses ---------------------------------------------------------
 
     function RESPONSE:ok()
@@ -229,6 +353,19 @@ return function(host, phase, v2)
 
     function RESPONSE:line()
         return host.response_line(self._p)
+    end
+
+    -- res:raw_string(): the reply's bytes (a VALUE with its END), nil for
+    -- a failure.
+    function RESPONSE:raw_string()
+        return host.raw_string(self._p)
+    end
+
+    -- res:flag_blank(f): overwrite the first flag token of f in a meta
+    -- reply with spaces (the client gets the line so); false if none.
+    function RESPONSE:flag_blank(...)
+        local flag = flag_letter(..., 1, "flag_blank", select("#", ...) == 0)
+        return host.flag_blank(self._p, flag)
     end
 
     -- res:close(), and `local res <close> = ...`: let go of the response

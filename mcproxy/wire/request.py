@@ -646,3 +646,99 @@ def find_flag(req: Request, flag: bytes) -> int | None:
         if tokens[index][:1] and tokens[index][0] == letter:
             return index
     return None
+
+
+# -- Flag edits of memcached 1.6.45 (r:flag_add/set/replace/del) -------------
+
+#: An edit that adds at most this much to a line is tried (memcached's
+#: proxy: the line, the token and a flag with its space, within 500 bytes).
+_EDIT_ROOM = 500
+#: Longest flag token flag_token_int() reads a number from (mcmc's limit:
+#: a longer one counts as absent).
+_FLAG_INT_DIGITS = 22
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _token_starts(req: Request) -> list[int]:
+    """Where each of ``req.tokens`` starts in ``req.line`` (runs of spaces
+    between tokens kept, as memcached's proxy keeps them when it edits)."""
+    starts = []
+    pos = 0
+    line = req.line
+    for token in req.tokens:
+        pos = line.index(token, pos)
+        starts.append(pos)
+        pos += len(token)
+    return starts
+
+
+def _apply_flag_edit(req: Request, line: bytes) -> bool:
+    """Take the edited ``line`` if it is one request memcached reads as one
+    with the same payload: parse_request's rules, under MAX_REQUEST_LINE,
+    the same command and key, and for the get family still one key (an
+    appended flag would be a second key of a multiget). Else leave ``req``
+    as it was: False, memcached's proxy's answer to an edit it cannot parse."""
+    if len(line) >= MAX_REQUEST_LINE:
+        return False
+    try:
+        edited = parse_request(line)
+    except ParseError:
+        return False
+    if edited.vlen != req.vlen or edited.command != req.command or edited.key != req.key \
+            or (edited.command in GET_COMMANDS and split_multiget(edited) is not None):
+        return False
+    req.line = edited.line
+    req.tokens = edited.tokens
+    req.noreply = edited.noreply
+    req.quiet = edited.quiet
+    return True
+
+
+def append_flag(req: Request, flag: bytes, token: bytes) -> bool:
+    """Add the flag token ``flag + token`` at the end of the line."""
+    return _apply_flag_edit(req, req.line[:-2] + b" " + flag + token + b"\r\n")
+
+
+def render_flag(req: Request, index: int, flag: bytes, token: bytes) -> bool:
+    """Replace token ``index`` (0-based) by ``flag + token``; both empty
+    remove it. As memcached's proxy does it: what follows the token starts
+    at the next token, the spaces before the token stay, and removing the
+    last token drops the spaces it leaves at the end."""
+    line = req.line
+    if len(line) + len(token) + 2 > _EDIT_ROOM:
+        return False
+    starts = _token_starts(req)
+    head = line[:starts[index]] + flag + token
+    if index + 1 < len(starts):
+        if flag or token:
+            head += b" "
+        head += line[starts[index + 1]:-2]
+    else:
+        head = head.rstrip(b" ")
+    return _apply_flag_edit(req, head + b"\r\n")
+
+
+def flag_int(req: Request, letter: int) -> tuple[bool, int | None]:
+    """``r:flag_token_int``: whether the first flag token of ``letter`` has
+    a value, and its value as a signed 64-bit number (None if it is not
+    one). A bare flag, or one whose value is over 22 bytes, is absent."""
+    tokens = req.tokens
+    for index in range(_first_flag(req), len(tokens)):
+        token = tokens[index]
+        if token[:1] and token[0] == letter:
+            value = token[1:]
+            if not value or len(value) > _FLAG_INT_DIGITS:
+                return False, None
+            negative = value[:1] == b"-"
+            digits = value[1:] if negative else value
+            if digits and not digits.isdigit():
+                return True, None
+            # mcmc reads "-" alone as 0
+            number = int(digits or b"0")
+            if negative:
+                number = -number
+            if not _INT64_MIN <= number <= _INT64_MAX:
+                return True, None
+            return True, number
+    return False, None

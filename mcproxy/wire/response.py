@@ -47,6 +47,7 @@ from mcproxy.wire.request import (
     META_COMMANDS,
     STORAGE_COMMANDS,
     Request,
+    key_index,
 )
 
 # Response codes, numbered as in mcmc.h (memcached 1.6.16+).
@@ -774,3 +775,85 @@ def every_key(line: bytes, count: int) -> bytes:
     all of them (an error line, a failure): :func:`key_reply` of that line
     for each key, then the ``END``."""
     return line * count + END
+
+
+# -- Flags of replies, for routes (res:flag_blank, r:match_res) ---------------
+
+#: What ends a flag token that flag_blank() blanks (C's isspace).
+_SPACES = frozenset(b" \t\n\v\f\r")
+#: Most reply tokens memcached's proxy reads flags from (mcmc's 24, less
+#: the code).
+_REPLY_FLAG_TOKENS = 23
+
+
+def raw_reply(res: Response) -> bytes | None:
+    """``res:raw_string()``: the reply as the backend sent it (a ``VALUE``
+    with its ``END``); None for a failure."""
+    if not res.ok:
+        return None
+    if res.type == MCMC_RESP_GET and res.value is not None:
+        return _EMPTY.join((res.line, res.value, END))
+    return res.line if res.value is None else res.line + res.value
+
+
+def blank_flag(res: Response, letter: int) -> bool:
+    """``res:flag_blank(f)``: overwrite with spaces the first flag token of
+    ``letter`` in a meta reply's flags (after the code, and a ``VA``'s
+    size), in place, as memcached's proxy does; False if there is none."""
+    if not res.ok or res.type != MCMC_RESP_META:
+        return False
+    line = res.line
+    end = len(line) - 2
+    start = 0
+    for _ in range(2 if line[:2] == b"VA" else 1):
+        start = line.find(b" ", start, end) + 1
+        if start == 0:
+            return False
+    pos = start
+    while pos < end:
+        if line[pos] == letter and (pos == start or line[pos - 1] == 32):
+            stop = pos
+            while stop < end and line[stop] not in _SPACES:
+                stop += 1
+            res.line = line[:pos] + b" " * (stop - pos) + line[stop:]
+            return True
+        pos += 1
+    return False
+
+
+def _reply_flag(tokens: list[bytes], letter: int) -> bytes | None:
+    for token in tokens:
+        if token[0] == letter:
+            return token[1:]
+    return None
+
+
+def match_reply(req: Request, res: Response) -> tuple[bool, str | None]:
+    """``r:match_res(res)``: whether the reply's ``k`` flag carries the
+    request's key and its ``O`` the request's opaque, as memcached's proxy
+    checks them: (False, why) on a mismatch; (False, None) when there was
+    nothing to compare (no ``k`` in the reply, no ``O`` value in the
+    request); the reply's tokens after the first are read as flags, of any
+    reply."""
+    if not res.ok:
+        return False, "failed to parse response"
+    tokens = [t for t in res.line[:-2].split(b" ")[1:] if t][:_REPLY_FLAG_TOKENS]
+    matched = False
+    key = _reply_flag(tokens, 107)  # k
+    if key is not None:
+        if key != req.key:
+            return False, "key in response does not match request key"
+        matched = True
+    opaque = None
+    for token in req.tokens[3 if req.command == CMD_MS else key_index(req) + 1:]:
+        if token[:1] == b"O":
+            opaque = token[1:] or None
+            break
+    if opaque is not None:
+        theirs = _reply_flag(tokens, 79)  # O
+        if theirs is None:
+            return False, "opaque in request but not in response"
+        if theirs != opaque:
+            return False, "request opaque does not match response opaque"
+        matched = True
+    return matched, None
