@@ -125,7 +125,10 @@ class ScriptedProxy:
         self.stats = ProxyStats()
         self.engine = RouteEngine(self.stats, BackendRegistry(self.stats,
                                                               reactor=MemoryReactorClock()),
-                                  Tunables(), UserStats(), direct=direct)
+                                  Tunables(), UserStats(), direct=direct,
+                                  # the reference routes key by key, request
+                                  # by request, each through routes.start
+                                  batch_keys=direct)
         self.routes = self.engine.load(path, arg)
         self.started = 0
         start = self.routes.start
