@@ -721,6 +721,19 @@ def _check_meta_flags(req: Request, line: bytes) -> None:
             raise mismatched("key of another request", req.line, line)
 
 
+def _quieted(command: int, res: Response) -> bool:
+    """Whether meta quiet mode (``q``) silences ``res``, as memcached does:
+    a miss of ``mg`` (its hit, ``HD`` or ``VA``, is sent), the success of
+    ``ms`` and ``md`` (``HD``), and every success of ``ma`` (``HD``, or
+    ``VA`` with its number); a failure is always sent."""
+    head = res.line[:2]
+    if command == CMD_MG:
+        return res.code == MCMC_CODE_END
+    if command == CMD_MA:
+        return head == b"HD" or head == b"VA"
+    return head == b"HD"
+
+
 def client_bytes(res: Response, req: Request) -> bytes:
     """What the client receives for ``res`` answering ``req``.
 
@@ -728,7 +741,8 @@ def client_bytes(res: Response, req: Request) -> bytes:
     line (``SERVER_ERROR backend failure``, or a broadcast's count). A
     ``VALUE`` hit gets the proxy's own ``END``, a miss is ``END`` alone;
     inside a split multiget both are :func:`key_reply`'s. noreply
-    suppresses every backend reply; meta quiet suppresses ``EN`` and ``HD``.
+    suppresses every backend reply; meta quiet what memcached's does
+    (:func:`_quieted`).
     """
     if not res.ok:
         return res.line
@@ -739,8 +753,7 @@ def client_bytes(res: Response, req: Request) -> bytes:
         if req.multiget:
             return key_reply(res)
         return END if rtype == MCMC_RESP_END else _EMPTY.join((res.line, res.value, END))
-    if req.quiet and rtype == MCMC_RESP_META and (
-            res.code == MCMC_CODE_END or res.line[:2] == b"HD"):
+    if req.quiet and rtype == MCMC_RESP_META and _quieted(req.command, res):
         return _EMPTY
     value = res.value
     return res.line if value is None else res.line + value

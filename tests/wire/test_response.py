@@ -297,6 +297,8 @@ SET_NOREPLY = request(b"set k 0 0 1 noreply\r\n")
 DELETE_NOREPLY = request(b"delete k noreply\r\n")
 MG_QUIET = request(b"mg k v q\r\n")
 MS_QUIET = request(b"ms k 2 q\r\n")
+MD_QUIET = request(b"md k q\r\n")
+MA_QUIET = request(b"ma k q v\r\n")
 MG = request(b"mg k v\r\n")
 
 
@@ -335,7 +337,15 @@ def test_noreply_suppresses_every_backend_reply(wire):
 @pytest.mark.parametrize(("wire", "req", "sent"), [
     (b"EN\r\n", MG_QUIET, b""),
     (b"HD\r\n", MS_QUIET, b""),
-    (b"HD c5\r\n", MG_QUIET, b""),
+    # an mg hit is sent in quiet mode (memcached 1.6.18, and 1.6.45's proxy)
+    (b"HD c5\r\n", MG_QUIET, b"HD c5\r\n"),
+    (b"HD\r\n", MD_QUIET, b""),
+    (b"NF\r\n", MD_QUIET, b"NF\r\n"),
+    (b"EX\r\n", MD_QUIET, b"EX\r\n"),
+    # every success of ma, its number too; its miss is sent
+    (b"HD\r\n", MA_QUIET, b""),
+    (b"VA 1\r\n7\r\n", MA_QUIET, b""),
+    (b"NF\r\n", MA_QUIET, b"NF\r\n"),
     (b"NS\r\n", MS_QUIET, b"NS\r\n"),
     (b"NF\r\n", MS_QUIET, b"NF\r\n"),
     (b"EX\r\n", MS_QUIET, b"EX\r\n"),
