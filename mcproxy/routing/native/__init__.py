@@ -53,11 +53,13 @@ from mcproxy.backends.pool import Pool
 from mcproxy.routing.direct import pool_of
 from mcproxy.routing.native.allsync import AllSync
 from mcproxy.routing.native.failover import Failover
+from mcproxy.routing.native.router import Router
 from mcproxy.routing.native.split import Split, key_fraction
 from mcproxy.routing.native.zones import ZoneFailover
+from mcproxy.routing.routerkey import routes_of
 from mcproxy.routing.shapes import Shape
 
-__all__ = ["AllSync", "Failover", "Split", "ZoneFailover", "declared", "key_fraction",
+__all__ = ["AllSync", "Failover", "Router", "Split", "ZoneFailover", "declared", "key_fraction",
            "native_of"]
 
 
@@ -89,6 +91,8 @@ def native_of(route: Shape | Pool | None, command: int):
         return _zone_failover(route, command)
     if kind == "split" or kind == "route_split":
         return _split(route, command, kind == "route_split")
+    if kind == "router":
+        return _router(route, command)
     if kind == "failover" or kind == "route_failover":
         children = route.children
         pools = []
@@ -117,6 +121,30 @@ def declared(shapes: dict[int, Shape]) -> dict:
                 runner.keep_for_lua(prefix)
             runners[command] = runner
     return runners
+
+
+def _router(route: Shape, command: int):
+    """The Router of a router shape, or None if Lua runs all its routes:
+    each route, its default too, a pool the direct path sends to, or a
+    native runner, or else left to Lua."""
+    found = routes_of(route, command)
+    if found is None:
+        return None
+    routes, default = found
+    targets = {}
+    for name, child in (*routes.items(), (None, default)):
+        target = pool_of(child, command)
+        if target is not None:
+            target = None if target[1] is not None else target[0]
+        else:
+            target = native_of(child, command)
+            target = None if target is None or target[1] is not None else target[0]
+        targets[name] = target
+    default_target = targets.pop(None)
+    if default_target is None and not any(targets.values()):
+        return None
+    return Router(route.fields.get("start"), route.fields["stop"], targets,
+                  default_target), None
 
 
 def _zone_failover(route: Shape, command: int):

@@ -1,0 +1,304 @@
+"""V2 routers (``mcp.router_new``, routelib's ``routes{ map = ... }``) run
+natively: the route name of a key found in Python as v2.lua finds it, and
+every client answered, every backend changed, every request counted as the
+router's Lua body (``RouteEngine(direct=False)``) does."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from lupa.lua54 import LuaRuntime
+
+from fuzz.checks import chunked
+from mcproxy.routing.engine import ROUTELIB_PATH
+from mcproxy.routing.native import Router
+from mcproxy.routing.routerkey import KeyRouter, route_name
+from mcproxy.wire import request as rq
+from mcproxy.wire.request import parse_request
+from tests.routing.test_native import (
+    LABELS,
+    POOLS,
+    PROPERTY,
+    ScriptedProxy,
+    modes,
+    proxy,
+)
+
+V2_PATH = Path(ROUTELIB_PATH).parent / "v2.lua"
+_LUA_ROUTE = None
+
+
+def _lua_route():
+    """v2.lua's own ``before`` and ``route``, over a router whose map
+    records the name it is asked for."""
+    global _LUA_ROUTE
+    if _LUA_ROUTE is None:
+        source = V2_PATH.read_text()
+        start = source.index("    local function before(key, first, stop)")
+        end = source.index("\n    end\n", start) + 9
+        route = source.index("    local function route(router, r)")
+        route_end = source.index("\n    end\n", route) + 9
+        lua = LuaRuntime(encoding=None)
+        _LUA_ROUTE = lua.execute(
+            "local string_find, string_sub = string.find, string.sub\n"
+            "local FUNCGEN = {}\nlocal mcp = { CMD_ANY_STORAGE = 37 }\n"
+            + source[start:end] + source[route:route_end] + """
+            return function(key, start, stop)
+                local asked = false
+                local map = setmetatable({}, { __index = function(_, name)
+                    asked = name
+                    return nil
+                end })
+                local router = { map = map, start = start, stop = stop, default = "default" }
+                local got = route(router, { _k = key, _c = 7 })
+                if asked then return asked end
+                return got
+            end""")
+    return _LUA_ROUTE
+
+
+_alphabet = st.sampled_from(list(b"/:ab-"))
+_text = st.lists(_alphabet, max_size=12).map(bytes)
+_sep = st.lists(_alphabet, min_size=1, max_size=5).map(bytes)
+
+
+@given(key=_text.filter(bool), start=st.none() | _sep, stop=_sep)
+def test_route_name_is_v2_luas(key, start, stop):
+    """The route name of a key (None: the router's default), in Python as
+    in v2.lua, for prefix mode (start None) and anchors of every length."""
+    lua = _lua_route()(key, start, stop)
+    expected = None if lua == b"default" else lua
+    assert route_name(key, start, stop) == expected
+
+
+def test_route_name_examples():
+    assert route_name(b"foo/bar", None, b"/") == b"foo"
+    assert route_name(b"/foo", None, b"/") is None  # an empty name
+    assert route_name(b"foo", None, b"/") is None
+    assert route_name(b"foo::", None, b"::") is None  # a long stop that ends the key
+    assert route_name(b"/foo/x", b"/", b"/") == b"foo"
+    assert route_name(b"foo/x", b"/", b"/") is None
+    assert route_name(b"<<a>>x", b"<<", b">>") == b"a"
+
+
+#: Keys with route names, and without.
+KEYS = [b"foo/1", b"foo/2", b"bar/1", b"baz/1", b"k1", b"/foo", b"foo", b"/bar/x",
+        b"bar/" + b"x" * 246]
+_keys = st.sampled_from(KEYS)
+
+
+@st.composite
+def client_requests(draw) -> bytes:
+    """Gets of one and several keys, writes, meta commands."""
+    key = draw(_keys)
+    kind = draw(st.integers(0, 8))
+    value = draw(st.sampled_from([b"", b"v", b"value"]))
+    if kind <= 1:
+        return b"get %s\r\n" % key
+    if kind <= 3:
+        keys = draw(st.lists(_keys, min_size=2, max_size=6))
+        return draw(st.sampled_from([b"get ", b"gets "])) + b" ".join(keys) + b"\r\n"
+    if kind == 4:
+        return b"set %s 5 0 %d\r\n%s\r\n" % (key, len(value), value)
+    if kind == 5:
+        return draw(st.sampled_from([b"delete %s\r\n", b"touch %s 10\r\n", b"gat 10 %s\r\n",
+                                     b"incr %s 1\r\n", b"mn\r\n"])).replace(b"%s", key)
+    if kind == 6:
+        flags = draw(st.sampled_from([b" v", b" s t v c", b" k O1 q", b""]))
+        return b"mg %s%s\r\n" % (key, flags)
+    if kind == 7:
+        return b"ms %s %d T0\r\n%s\r\n" % (key, len(value), value)
+    return draw(st.sampled_from([b"md %s q\r\n", b"ma %s N0 J5\r\n",
+                                 b"add %s 0 0 1 noreply\r\nz\r\n"])) % key
+
+
+held = st.fixed_dictionaries({label: st.lists(_keys, unique=True) for label in LABELS})
+streams = st.lists(client_requests(), max_size=10).map(b"".join)
+
+#: routelib route trees run natively; the kind of their get route.
+ROUTELIB_TREES = {
+    "map of pools": ('map = { foo = route_direct{ child = "a" }, bar = route_direct{ '
+                     'child = "c" } }, default = route_direct{ child = "b" }', KeyRouter),
+    "map of routes": ('map = { foo = route_failover{ children = { "a", "b" } }, '
+                      'bar = route_direct{ child = "c" }, baz = route_allsync{ children = '
+                      '{ "a", "c" } } }, default = route_failover{ children = { "c", "a" }, '
+                      'miss = true }', Router),
+    "map without default": ('map = { foo = route_direct{ child = "a" }, bar = '
+                            'route_split{ child_a = "c", child_b = "b" } }', Router),
+    "map with a Lua route": ('map = { foo = route_ttl{ ttl = 5, child = "a" }, bar = '
+                             'route_direct{ child = "c" } }, default = route_direct{ '
+                             'child = "b" }', Router),
+    "anchors": ('map = { foo = route_direct{ child = "a" }, bar = route_direct{ '
+                'child = "c" } }, conf = { mode = "anchor", start = "/", stop = "/" }, '
+                'default = route_failover{ children = { "b", "a" } }', Router),
+    "map of cmdmaps": ('map = { foo = cmdmap{ [mcp.CMD_GET] = route_direct{ child = "a" }, '
+                       '[mcp.CMD_SET] = route_allsync{ children = { "a", "b" } } }, '
+                       'bar = route_direct{ child = "c" } }, '
+                       'default = route_direct{ child = "b" }', KeyRouter),
+    "cmap": ('cmap = { [mcp.CMD_SET] = route_allsync{ children = { "a", "b" } }, '
+             '[mcp.CMD_GET] = route_failover{ children = { "b", "c" } } }, '
+             'default = route_direct{ child = "c" }', Router),
+}
+
+
+def _check(native: ScriptedProxy, lua: ScriptedProxy, kind, mode_of, stock, stream, cuts):
+    """Both engines answer, store and count alike; a router of pools
+    never enters Lua."""
+    get = native.routes.direct.pools.get(rq.CMD_GET) or native.routes.native.get(rq.CMD_GET)
+    assert isinstance(get, kind)
+    chunks = chunked(stream, cuts)
+    started = native.started
+    assert native.exchange(mode_of, stock, chunks, keys=KEYS) == \
+        lua.exchange(mode_of, stock, chunks, keys=KEYS)
+    if kind is KeyRouter:
+        assert native.started == started
+    for counter in ("conn_requests", "commands"):
+        assert getattr(native.stats, counter) == getattr(lua.stats, counter)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTELIB_TREES))
+@PROPERTY
+@given(modes=modes, held=held, stream=streams, cuts=st.lists(st.integers(0, 10**6), max_size=4))
+def test_routelib_routers_answer_as_their_lua_bodies(tmp_path_factory, name, modes, held,
+                                                    stream, cuts):
+    """routelib route trees behind a router run without Lua (but the
+    routes Lua runs) and answer as their V2 bodies do."""
+    tree, kind = ROUTELIB_TREES[name]
+    text = "pools{" + POOLS + "}\nroutes{ " + tree + " }\n"
+    native = proxy(tmp_path_factory, text, True, routelib=True)
+    lua = proxy(tmp_path_factory, text, False, routelib=True)
+    _check(native, lua, kind, modes, held, stream, cuts)
+
+
+def _v2_config(body: str) -> str:
+    return textwrap.dedent("""
+        function mcp_config_pools()
+            local b = {}
+            for i = 1, 4 do
+                b[i] = mcp.backend("127.0.0.1:" .. i, "127.0.0.1", tostring(i))
+            end
+            return { a = mcp.pool({ b[1] }), b = mcp.pool({ b[2] }),
+                     c = mcp.pool({ b[3], b[4] }) }
+        end
+
+        local function direct(p)
+            local fgen = mcp.funcgen_new()
+            local h = fgen:new_handle(p)
+            fgen:ready{ n = "direct", f = function(rctx)
+                return function(r) return rctx:enqueue_and_wait(r, h) end
+            end }
+            return fgen
+        end
+
+        local function checked(p)
+            local fgen = mcp.funcgen_new()
+            local h = fgen:new_handle(p)
+            fgen:ready{ n = "checked", f = function(rctx)
+                return function(r)
+                    local res = rctx:enqueue_and_wait(r, h)
+                    if res:hit() then return res end
+                    return "SERVER_ERROR missed\\r\\n"
+                end
+            end }
+            return fgen
+        end
+
+        function mcp_config_routes(p)
+    """) + textwrap.indent(textwrap.dedent(body), "    ") + "end\n"
+
+
+#: V2 configs attaching routers; the kind of their get route.
+V2_ROUTERS = {
+    "prefix": ("""
+        mcp.attach(mcp.CMD_ANY_STORAGE, mcp.router_new{
+            map = { foo = direct(p.a), bar = direct(p.c) }, default = direct(p.b) })
+        """, KeyRouter),
+    "long stop": ("""
+        mcp.attach(mcp.CMD_ANY_STORAGE, mcp.router_new{ mode = "prefix", stop = "o/",
+            map = { f = direct(p.a), ba = direct(p.c) }, default = direct(p.b) })
+        """, KeyRouter),
+    "a Lua child": ("""
+        mcp.attach(mcp.CMD_ANY_STORAGE, mcp.router_new{
+            map = { foo = checked(p.a), bar = direct(p.c) }, default = direct(p.b) })
+        """, Router),
+    "command maps": ("""
+        mcp.attach(mcp.CMD_ANY_STORAGE, mcp.router_new{
+            map = { foo = { [mcp.CMD_GET] = direct(p.a), [mcp.CMD_ANY_STORAGE] = direct(p.b) },
+                    bar = { [mcp.CMD_SET] = direct(p.c) } },
+            default = direct(p.c) })
+        """, KeyRouter),
+    "anchors, no default": ("""
+        mcp.attach(mcp.CMD_ANY_STORAGE, mcp.router_new{ mode = "anchor",
+            map = { foo = direct(p.a), bar = direct(p.c) } })
+        """, Router),
+}
+
+
+@pytest.mark.parametrize("name", sorted(V2_ROUTERS))
+@PROPERTY
+@given(modes=modes, held=held, stream=streams, cuts=st.lists(st.integers(0, 10**6), max_size=4))
+def test_v2_routers_answer_as_their_lua_bodies(tmp_path_factory, name, modes, held, stream,
+                                              cuts):
+    """Routers a V2 config attaches run without Lua where their routes
+    are direct funcgens, and answer as their Lua bodies do."""
+    body, kind = V2_ROUTERS[name]
+    text = _v2_config(body)
+    native = proxy(tmp_path_factory, text, True)
+    lua = proxy(tmp_path_factory, text, False)
+    _check(native, lua, kind, modes, held, stream, cuts)
+
+
+def _scripted(tmp_path, tree: str) -> ScriptedProxy:
+    path = tmp_path / "routes.lua"
+    path.write_text("pools{" + POOLS + "}\nroutes{ " + tree + " }\n")
+    return ScriptedProxy(ROUTELIB_PATH, True, str(path))
+
+
+def test_router_of_pools_takes_plain_runs_and_batches(tmp_path):
+    """A router whose routes are all pools is the direct path: runs of
+    plain gets and sets, and a multiget's keys one backend multiget per
+    backend, never Lua."""
+    scripted = _scripted(tmp_path, ROUTELIB_TREES["map of pools"][0])
+    assert scripted.routes.direct.plain_runs
+    sent = []
+    for backend in scripted.engine.registry.live:
+        def send_unit(unit, settle=backend.send_unit, label=backend.label):
+            out: list[bytes] = []
+            unit.write(out, [unit], 0)
+            sent.append((label, b"".join(out)))
+            settle(unit)
+        backend.send_unit = send_unit
+    client, _ = scripted.exchange({}, {LABELS[0]: [b"foo/1"], LABELS[1]: [b"k1"]},
+                                  [b"get foo/1 k1 foo/2\r\nget foo/1\r\nset k1 0 0 1\r\nz\r\n"],
+                                  keys=KEYS)
+    assert client == (b"VALUE foo/1 3 11\r\n127.0.0.1:1\r\nVALUE k1 3 11\r\n127.0.0.1:2\r\n"
+                      b"END\r\nVALUE foo/1 3 11\r\n127.0.0.1:1\r\nEND\r\nSTORED\r\n")
+    assert (LABELS[0], b"get foo/1 foo/2\r\n") in sent
+    assert scripted.started == 0
+
+
+def test_router_keys_to_one_runner_travel_together(tmp_path):
+    """A multiget whose keys all go to one native runner (a failover) is
+    that runner's multiget; keys for pools and runners at once go key by
+    key."""
+    scripted = _scripted(tmp_path, ROUTELIB_TREES["map of routes"][0])
+    scripted.modes, scripted.stores = {}, {}
+    units = []
+    for backend in scripted.engine.registry.live:
+        backend.send_unit = lambda unit, label=backend.label: units.append((label, unit))
+    req = parse_request(b"get foo/1 foo/2\r\n")
+    assert scripted.engine.route_keys(req, [b"foo/1", b"foo/2"], lambda reply: None)
+    assert [(label, unit.keys) for label, unit in units] == [(LABELS[0], [b"foo/1", b"foo/2"])]
+    req = parse_request(b"get foo/1 bar/1\r\n")
+    assert not scripted.engine.route_keys(req, [b"foo/1", b"bar/1"], lambda reply: None)
+
+
+def test_router_left_to_lua(tmp_path):
+    """A router all of whose routes Lua runs is not native."""
+    scripted = _scripted(tmp_path, 'map = { foo = route_ttl{ ttl = 5, child = "a" } }')
+    assert rq.CMD_GET not in scripted.routes.native
+    assert rq.CMD_GET not in scripted.routes.direct.pools
