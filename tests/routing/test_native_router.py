@@ -15,7 +15,7 @@ from lupa.lua54 import LuaRuntime
 
 from fuzz.checks import chunked
 from mcproxy.routing.engine import ROUTELIB_PATH
-from mcproxy.routing.native import Router
+from mcproxy.routing.native import AllFastest, LibZoneFailover, Router
 from mcproxy.routing.routerkey import KeyRouter, route_name
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import parse_request
@@ -139,10 +139,32 @@ ROUTELIB_TREES = {
                        '[mcp.CMD_SET] = route_allsync{ children = { "a", "b" } } }, '
                        'bar = route_direct{ child = "c" } }, '
                        'default = route_direct{ child = "b" }', KeyRouter),
+    "fastest and zones": ('map = { foo = route_allfastest{ children = { "a", "b", "c" } }, '
+                          'bar = route_zfailover{ children = "set_z", local_zone = "zb" }, '
+                          'baz = route_zfailover{ children = "set_z", local_zone = "zc", '
+                          'miss = true } }, default = route_allfastest{ children = '
+                          '{ "c", "a" } }', Router),
+    "route_allfastest": ('default = route_allfastest{ children = { "a", "b", "c" } }',
+                         AllFastest),
+    "route_zfailover": ('default = route_zfailover{ children = "set_z", local_zone = "zb" }',
+                        LibZoneFailover),
+    "route_zfailover on misses": ('default = route_zfailover{ children = "set_z", '
+                                  'local_zone = "zc", miss = true }', LibZoneFailover),
     "cmap": ('cmap = { [mcp.CMD_SET] = route_allsync{ children = { "a", "b" } }, '
              '[mcp.CMD_GET] = route_failover{ children = { "b", "c" } } }, '
              'default = route_direct{ child = "c" }', Router),
 }
+
+
+#: A pool set of the three pools (zones za, zb, zc).
+ZONES = """
+    set_z = { za = { backends = { "127.0.0.1:1" } }, zb = { backends = { "127.0.0.1:2" } },
+              zc = { backends = { "127.0.0.1:3", "127.0.0.1:4" } } },
+"""
+
+
+def routelib_file(tree: str) -> str:
+    return "pools{" + POOLS + ZONES + "}\nroutes{ " + tree + " }\n"
 
 
 def _check(native: ScriptedProxy, lua: ScriptedProxy, kind, mode_of, stock, stream, cuts):
@@ -168,7 +190,7 @@ def test_routelib_routers_answer_as_their_lua_bodies(tmp_path_factory, name, mod
     """routelib route trees behind a router run without Lua (but the
     routes Lua runs) and answer as their V2 bodies do."""
     tree, kind = ROUTELIB_TREES[name]
-    text = "pools{" + POOLS + "}\nroutes{ " + tree + " }\n"
+    text = routelib_file(tree)
     native = proxy(tmp_path_factory, text, True, routelib=True)
     lua = proxy(tmp_path_factory, text, False, routelib=True)
     _check(native, lua, kind, modes, held, stream, cuts)
@@ -254,7 +276,7 @@ def test_v2_routers_answer_as_their_lua_bodies(tmp_path_factory, name, modes, he
 
 def _scripted(tmp_path, tree: str) -> ScriptedProxy:
     path = tmp_path / "routes.lua"
-    path.write_text("pools{" + POOLS + "}\nroutes{ " + tree + " }\n")
+    path.write_text(routelib_file(tree))
     return ScriptedProxy(ROUTELIB_PATH, True, str(path))
 
 
@@ -302,3 +324,60 @@ def test_router_left_to_lua(tmp_path):
     scripted = _scripted(tmp_path, 'map = { foo = route_ttl{ ttl = 5, child = "a" } }')
     assert rq.CMD_GET not in scripted.routes.native
     assert rq.CMD_GET not in scripted.routes.direct.pools
+
+
+def _held_units(scripted: ScriptedProxy) -> list:
+    """Hold what each backend is sent: (label, unit), to settle later."""
+    held_units: list = []
+    for backend in scripted.engine.registry.live:
+        backend.send_unit = lambda unit, label=backend.label: held_units.append((label, unit))
+    return held_units
+
+
+@pytest.mark.parametrize("tree", ["route_allfastest", "route_zfailover",
+                                  "route_zfailover on misses"])
+@PROPERTY
+@given(modes=modes, held=held, key=_keys, order=st.randoms(use_true_random=False))
+def test_answers_in_any_order_as_lua(tmp_path_factory, tree, modes, held, key, order):
+    """Backends that answer after the request went out, in any order: the
+    native route_allfastest and route_zfailover answer as their bodies'
+    waits would have (over at the first ok answer, or once all answered)."""
+    text = routelib_file(ROUTELIB_TREES[tree][0])
+    path = tmp_path_factory.mktemp("order") / "routes.lua"
+    path.write_text(text)
+    replies = []
+    for direct in (True, False):
+        scripted = ScriptedProxy(ROUTELIB_PATH, direct, str(path))
+        assert (rq.CMD_GET in scripted.routes.native) is direct
+        scripted.exchange(modes, held, [], keys=KEYS)  # the stores, the modes
+        units = _held_units(scripted)
+        out: list[bytes] = []
+        scripted.engine.route(parse_request(b"get %s\r\n" % key), out.append)
+        rounds = order.getstate()
+        while units:
+            order.shuffle(units)
+            label, unit = units.pop()
+            scripted._settle(label, unit)
+        order.setstate(rounds)
+        replies.append(out)
+    assert replies[0] == replies[1] and len(replies[0]) == 1
+
+
+def test_the_differential_routelib_file_runs_natively(monkeypatch):
+    """tests/e2e/test_routelib_e2e.py compares this file's answers with
+    memcached 1.6.45's byte for byte: behind its router, each route of
+    those kinds runs natively (route_ttl and route_null in Lua)."""
+    for name, port in (("RL_A", "1"), ("RL_B", "2"), ("RL_DOWN", "3")):
+        monkeypatch.setenv(name, port)
+    path = Path(__file__).resolve().parents[1] / "e2e" / "routelib" / "routes.lua"
+    scripted = ScriptedProxy(ROUTELIB_PATH, True, str(path))
+    router = scripted.routes.native[rq.CMD_GET]
+    assert isinstance(router, Router)
+    kinds = {name.decode(): type(target).__name__ for name, target in router.routes.items()}
+    assert kinds == {
+        "a": "Pool", "b": "Pool", "fo": "Failover", "fomiss": "Failover",
+        "fonomiss": "Failover", "focount": "Failover", "sync": "AllSync",
+        "syncdown": "AllSync", "fast": "AllFastest", "fastdown": "AllFastest",
+        "fastnone": "AllFastest", "syncm": "AllSync", "split": "Split", "splitsub": "Split",
+        "ttl": "NoneType", "null": "NoneType", "z": "LibZoneFailover", "cmd": "Pool"}
+    assert type(router.default).__name__ == "Pool"

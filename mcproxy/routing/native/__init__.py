@@ -53,14 +53,15 @@ from mcproxy.backends.pool import Pool
 from mcproxy.routing.direct import pool_of
 from mcproxy.routing.native.allsync import AllSync
 from mcproxy.routing.native.failover import Failover
+from mcproxy.routing.native.fastest import AllFastest
 from mcproxy.routing.native.router import Router
 from mcproxy.routing.native.split import Split, key_fraction
-from mcproxy.routing.native.zones import ZoneFailover
+from mcproxy.routing.native.zones import LibZoneFailover, ZoneFailover
 from mcproxy.routing.routerkey import routes_of
 from mcproxy.routing.shapes import Shape
 
-__all__ = ["AllSync", "Failover", "Router", "Split", "ZoneFailover", "declared", "key_fraction",
-           "native_of"]
+__all__ = ["AllFastest", "AllSync", "Failover", "LibZoneFailover", "Router", "Split",
+           "ZoneFailover", "declared", "key_fraction", "native_of"]
 
 
 def native_of(route: Shape | Pool | None, command: int):
@@ -89,6 +90,14 @@ def native_of(route: Shape | Pool | None, command: int):
         return AllSync(pools, bool(route.fields.get("strict")), kind == "route_allsync"), None
     if kind == "zfailover":
         return _zone_failover(route, command)
+    if kind == "route_zfailover":
+        pools = _pools(route.children, command, True)
+        if pools is None:
+            return None
+        return LibZoneFailover(pools[0], pools[1:], bool(route.fields.get("miss"))), None
+    if kind == "route_allfastest":
+        pools = _pools(route.children, command, True)
+        return None if pools is None else (AllFastest(pools), None)
     if kind == "split" or kind == "route_split":
         return _split(route, command, kind == "route_split")
     if kind == "router":
