@@ -57,7 +57,7 @@ def pool_of(route: Shape | Pool | None,
         if len(children) != 1 or route.fields.get("shuffle"):
             return None
         return pool_of(children.get(1), command)
-    if kind == "router":
+    if kind == "router" or kind == "prefix_router":
         return _key_router(route, command)
     if kind == "introspect":
         found = pool_of(route.children.get(1), command)
@@ -70,8 +70,9 @@ def pool_of(route: Shape | Pool | None,
 
 
 def _key_router(router: Shape, command: int) -> tuple[KeyRouter, None] | None:
-    """The KeyRouter of a V2 router whose every route for ``command``, and
-    its default, sends to one pool unchanged; else None."""
+    """The KeyRouter of a router (V2's, routes.prefix_router) whose every
+    route for ``command``, and its default, sends to one pool unchanged;
+    else None."""
     found = routes_of(router, command)
     if found is None or found[1] is None:
         return None
@@ -83,8 +84,7 @@ def _key_router(router: Shape, command: int) -> tuple[KeyRouter, None] | None:
             return None
         pools[name] = target[0]
     default_pool = pools.pop(None)
-    return KeyRouter(router.fields.get("start"), router.fields["stop"], pools,
-                     default_pool), None
+    return KeyRouter(router, pools, default_pool), None
 
 
 class DirectRoutes:

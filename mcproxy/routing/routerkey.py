@@ -6,11 +6,15 @@ prefix mode what comes before its stop string, in anchor mode what comes
 between a leading start string and the stop string after it.
 :func:`route_name` finds that part exactly as v2.lua's ``route`` does
 (tests/routing/test_native_router.py compares the two over generated
-keys); :class:`KeyRouter` is what the direct path (direct.py) sends to
-when each route of a router, its default too, sends to one pool.
+keys), and :func:`prefix_name` what routes.prefix_router (routes.lua)
+finds; :class:`KeyRouter` is what the direct path (direct.py) sends to
+when each route of such a router, its default too, sends to one pool.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 from mcproxy.backends.pool import Pool
 from mcproxy.routing.shapes import Shape
@@ -45,13 +49,52 @@ def route_name(key: bytes, start: bytes | None, stop: bytes) -> bytes | None:
     return key[first - 1:at - 1] or None
 
 
+def prefix_name(key: bytes, prefixes: frozenset, longest: int,
+                stop: bytes | None) -> bytes | None:
+    """The map key routes.prefix_router (routes.lua) picks for ``key``
+    among ``prefixes`` (the longest ``longest`` bytes long), or None: with
+    ``stop`` the key up to its first stop, if a prefix; without, the
+    longest prefix the key starts with."""
+    if stop is not None:
+        at = key.find(stop)
+        if at < 0:
+            return None
+        prefix = key[:at]
+        return prefix if prefix in prefixes else None
+    for size in range(min(len(key), longest), 0, -1):
+        prefix = key[:size]
+        if prefix in prefixes:
+            return prefix
+    return None
+
+
+def name_finder(router: Shape) -> Callable[[bytes], bytes | None]:
+    """How a router shape finds a key's route name: v2.lua's router
+    (``router``) or routes.prefix_router (``prefix_router``)."""
+    if router.kind == "router":
+        return partial(route_name, start=router.fields.get("start"),
+                       stop=router.fields["stop"])
+    prefixes = frozenset(name for name in router.children if isinstance(name, bytes))
+    return partial(prefix_name, prefixes=prefixes,
+                   longest=max(map(len, prefixes), default=0),
+                   stop=router.fields.get("stop"))
+
+
 def routes_of(router: Shape, command: int) -> tuple[dict, Shape | None] | None:
-    """What a router shape does with ``command`` requests: route name ->
-    the route of that name (a Shape; not one: Lua runs it), and the default
-    (None: none, or not a Shape); None for a command without key (the
-    router has no route for it)."""
+    """What a router shape (v2.lua's router, routes.prefix_router) does
+    with ``command`` requests: route name -> the route of that name (a
+    Shape or a Pool; anything else: Lua runs it), and the default (None:
+    none, not a route, or routes.lua's no_route); None for a command
+    without key (the router has no route for it: Lua answers)."""
     if command in KEYLESS_COMMANDS:
         return None
+    if router.kind == "prefix_router":
+        default = router.fields.get("default", {}).get(1)
+        if isinstance(default, Shape) and default.kind == "no_route":
+            default = None
+        routes = {name: route for name, route in router.children.items()
+                  if isinstance(name, bytes)}
+        return routes, default if isinstance(default, (Shape, Pool)) else None
     default = router.fields.get("default")
     routes = {}
     for name, target in router.fields.get("map", {}).items():
@@ -71,12 +114,11 @@ class KeyRouter:
     route name, else the default's. It stands for a pool where direct.py
     takes one (``select``, ``backends``)."""
 
-    __slots__ = ("start", "stop", "pools", "default", "backends", "identity")
+    __slots__ = ("name_of", "pools", "default", "backends", "identity")
 
-    def __init__(self, start: bytes | None, stop: bytes, pools: dict[bytes, Pool],
-                 default: Pool) -> None:
-        self.start = start
-        self.stop = stop
+    def __init__(self, router: Shape, pools: dict[bytes, Pool], default: Pool) -> None:
+        #: key -> its route name, or None (name_finder)
+        self.name_of = name_finder(router)
         #: route name -> its pool
         self.pools = pools
         self.default = default
@@ -84,12 +126,13 @@ class KeyRouter:
         self.backends = list(dict.fromkeys(
             backend for pool in (*pools.values(), default) for backend in pool.backends))
         #: equal for two routers that send every key alike
-        self.identity = (start, stop, id(default),
+        self.identity = (router.kind, router.fields.get("start"), router.fields.get("stop"),
+                         id(default),
                          tuple(sorted((name, id(pool)) for name, pool in pools.items())))
 
     def select(self, key: bytes):
         """The backend that serves ``key``; ValueError if there is none."""
-        name = route_name(key, self.start, self.stop)
+        name = self.name_of(key)
         if name is None:
             return self.default.select(key)
         return self.pools.get(name, self.default).select(key)

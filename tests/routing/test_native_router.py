@@ -15,8 +15,8 @@ from lupa.lua54 import LuaRuntime
 
 from fuzz.checks import chunked
 from mcproxy.routing.engine import ROUTELIB_PATH
-from mcproxy.routing.native import AllFastest, LibZoneFailover, Router
-from mcproxy.routing.routerkey import KeyRouter, route_name
+from mcproxy.routing.native import AllFastest, Fastest, LibZoneFailover, Router
+from mcproxy.routing.routerkey import KeyRouter, prefix_name, route_name
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import parse_request
 from tests.routing.test_native import (
@@ -24,6 +24,7 @@ from tests.routing.test_native import (
     POOLS,
     PROPERTY,
     ScriptedProxy,
+    config,
     modes,
     proxy,
 )
@@ -272,6 +273,76 @@ def test_v2_routers_answer_as_their_lua_bodies(tmp_path_factory, name, modes, he
     native = proxy(tmp_path_factory, text, True)
     lua = proxy(tmp_path_factory, text, False)
     _check(native, lua, kind, modes, held, stream, cuts)
+
+
+#: routes.config routes of routes.prefix_router and routes.all_fastest;
+#: the kind of their get route.
+V1_ROUTES = {
+    "prefix_router of pools": ('routes.prefix_router{ map = { foo = "a", bar = "c" }, '
+                               'default = "b", stop = "/" }', KeyRouter),
+    "prefix_router, longest prefix": ('routes.prefix_router{ map = { foo = "a", '
+                                      '["foo/1"] = "c", b = routes.failover{ "a", "b" } }, '
+                                      'default = "b" }', Router),
+    "prefix_router, no default": ('routes.prefix_router{ map = { foo = routes.all_fastest{ '
+                                  '"a", "b", "c" }, bar = { reads = "a", writes = '
+                                  'routes.all_sync{ "a", "c" } } }, stop = "/" }', Router),
+    "prefix_router of a Lua route": ('routes.prefix_router{ map = { foo = routes.ttl_cap('
+                                     '"a", 100), bar = "c" }, default = "b", stop = "/" }',
+                                     Router),
+    "all_fastest": ('routes.all_fastest{ "a", "b", "c" }', Fastest),
+    "all_fastest on misses": ('routes.all_fastest({ "c", "a" }, { miss = true })', Fastest),
+}
+
+
+@pytest.mark.parametrize("name", sorted(V1_ROUTES))
+@PROPERTY
+@given(modes=modes, held=held, stream=streams, cuts=st.lists(st.integers(0, 10**6), max_size=4))
+def test_v1_routers_answer_as_their_lua_bodies(tmp_path_factory, name, modes, held, stream,
+                                              cuts):
+    """routes.prefix_router and routes.all_fastest run without Lua (but
+    the routes Lua runs, and all_fastest's requests that use a cas unique)
+    and answer as their Lua bodies do."""
+    route, kind = V1_ROUTES[name]
+    text = config(route)
+    native = proxy(tmp_path_factory, text, True)
+    lua = proxy(tmp_path_factory, text, False)
+    _check(native, lua, kind, modes, held, stream, cuts)
+
+
+@given(key=_text, prefixes=st.lists(_text, max_size=5), stop=st.none() | _sep)
+def test_prefix_name_is_routes_luas(key, prefixes, stop):
+    """routes.prefix_router's map key for a key, in Python as in Lua."""
+    map_text = ", ".join(f'["{prefix.decode()}"] = "p"' for prefix in prefixes)
+    stop_text = "nil" if stop is None else f'"{stop.decode()}"'
+    found = _lua_prefix_of()(key, map_text.encode(), stop_text.encode())
+    unique = frozenset(prefixes)
+    assert prefix_name(key, unique, max(map(len, unique), default=0), stop) == found
+
+
+_LUA_PREFIX = None
+
+
+def _lua_prefix_of():
+    """routes.prefix_router's own prefix_of, over a given map and stop."""
+    global _LUA_PREFIX
+    if _LUA_PREFIX is None:
+        source = (V2_PATH.parent / "routes.lua").read_text()
+        start = source.index("    local function prefix_of(key)")
+        end = source.index("\n    end\n", start) + 9
+        lua = LuaRuntime(encoding=None)
+        body = source[start:end]
+        _LUA_PREFIX = lua.eval("""function(key, map_text, stop_text)
+            local string_find, string_sub = string.find, string.sub
+            local slots = load("return {" .. map_text .. "}")()
+            local stop = load("return " .. stop_text)()
+            local longest = 0
+            for prefix in pairs(slots) do
+                if #prefix > longest then longest = #prefix end
+            end
+            """ + body + """
+            return prefix_of(key)
+        end""")
+    return _LUA_PREFIX
 
 
 def _scripted(tmp_path, tree: str) -> ScriptedProxy:

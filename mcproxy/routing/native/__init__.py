@@ -53,14 +53,14 @@ from mcproxy.backends.pool import Pool
 from mcproxy.routing.direct import pool_of
 from mcproxy.routing.native.allsync import AllSync
 from mcproxy.routing.native.failover import Failover
-from mcproxy.routing.native.fastest import AllFastest
+from mcproxy.routing.native.fastest import AllFastest, Fastest
 from mcproxy.routing.native.router import Router
 from mcproxy.routing.native.split import Split, key_fraction
 from mcproxy.routing.native.zones import LibZoneFailover, ZoneFailover
 from mcproxy.routing.routerkey import routes_of
 from mcproxy.routing.shapes import Shape
 
-__all__ = ["AllFastest", "AllSync", "Failover", "LibZoneFailover", "Router", "Split",
+__all__ = ["AllFastest", "AllSync", "Failover", "Fastest", "LibZoneFailover", "Router", "Split",
            "ZoneFailover", "declared", "key_fraction", "native_of"]
 
 
@@ -95,12 +95,15 @@ def native_of(route: Shape | Pool | None, command: int):
         if pools is None:
             return None
         return LibZoneFailover(pools[0], pools[1:], bool(route.fields.get("miss"))), None
+    if kind == "all_fastest":
+        pools = _pools(route.children, command, True)
+        return None if pools is None else (Fastest(pools, bool(route.fields.get("miss"))), None)
     if kind == "route_allfastest":
         pools = _pools(route.children, command, True)
         return None if pools is None else (AllFastest(pools), None)
     if kind == "split" or kind == "route_split":
         return _split(route, command, kind == "route_split")
-    if kind == "router":
+    if kind == "router" or kind == "prefix_router":
         return _router(route, command)
     if kind == "failover" or kind == "route_failover":
         children = route.children
@@ -152,8 +155,7 @@ def _router(route: Shape, command: int):
     default_target = targets.pop(None)
     if default_target is None and not any(targets.values()):
         return None
-    return Router(route.fields.get("start"), route.fields["stop"], targets,
-                  default_target), None
+    return Router(route, targets, default_target), None
 
 
 def _zone_failover(route: Shape, command: int):

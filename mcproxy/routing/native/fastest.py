@@ -1,5 +1,5 @@
-"""The native runner of routelib's ``route_allfastest`` (see
-mcproxy.routing.native)."""
+"""The native runners of ``routes.all_fastest`` and routelib's
+``route_allfastest`` (see mcproxy.routing.native)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,91 @@ from functools import partial
 
 from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
-from mcproxy.routing.native.common import Done, RouteError, Runner, lib_backend
+from mcproxy.routing.direct import select_backend
+from mcproxy.routing.native.allsync import uses_cas
+from mcproxy.routing.native.common import (
+    Done,
+    RouteError,
+    Runner,
+    best_of,
+    lib_backend,
+    route_failed,
+)
+from mcproxy.routing.native.zones import await_done
 from mcproxy.units import ReplySink
-from mcproxy.wire.request import Request
+from mcproxy.wire.request import BROADCAST_COMMANDS, Request
 from mcproxy.wire.response import Response, client_bytes
+
+
+class Fastest(Runner):
+    """``routes.all_fastest`` over ``pools``: the request to every child
+    at once, answered, as its body's mcp.await collects them (over at the
+    first ok answer; with ``miss`` at the first hit or once all answered
+    ok), with the first hit, else the first ok answer, else the first. A
+    request that reads or compares a cas unique (its body's cas_at_primary)
+    and a broadcast command go to Lua."""
+
+    __slots__ = ("pools", "miss")
+
+    def __init__(self, pools: list[Pool], miss: bool) -> None:
+        super().__init__(pools)
+        self.pools = pools
+        self.miss = miss
+
+    def send(self, req: Request, done: Done, stats: ProxyStats,
+             route_error: RouteError) -> bool:
+        """Route ``req``; ``done(reply)`` once, as the body would; False,
+        with nothing done, for a request Lua runs."""
+        prefix = self.prefix
+        if prefix is not None and req.key.startswith(prefix):
+            return False
+        if req.command in BROADCAST_COMMANDS or uses_cas(req) is not False:
+            return False
+        try:
+            backends = [select_backend(pool, req) for pool in self.pools]
+        except ValueError as e:
+            route_failed(req, done, stats, route_error, e)
+            return True
+        gather = _Await(len(backends), self.miss, req, done, stats)
+        for backend in backends:
+            backend.send(req, gather.arrived)
+        return True
+
+    def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
+                  route_error: RouteError, sink: ReplySink | None) -> bool:
+        """False: a multiget's keys go key by key, each through ``send``."""
+        return False
+
+
+class _Await:
+    """The children's answers to one request through a Fastest, until its
+    mcp.await is over (later ones are dropped, as mcp.await drops them)."""
+
+    __slots__ = ("remaining", "wanted", "miss", "req", "done", "stats", "results", "good",
+                 "over")
+
+    def __init__(self, count: int, miss: bool, req: Request, done: Done,
+                 stats: ProxyStats) -> None:
+        self.remaining = count
+        self.wanted = count if miss else 1
+        self.miss = miss
+        self.req = req
+        self.done = done
+        self.stats = stats
+        self.results: list[Response] = []
+        self.good = 0
+        self.over = False
+
+    def arrived(self, res: Response) -> None:
+        self.remaining -= 1
+        if self.over:
+            return
+        self.results.append(res)
+        self.good += res.ok
+        if await_done(self.miss, self.wanted, self.good, res.hit, self.remaining):
+            self.over = True
+            self.stats.req_active -= 1
+            self.done(client_bytes(best_of(self.results, False), self.req))
 
 
 class AllFastest(Runner):

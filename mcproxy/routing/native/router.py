@@ -1,6 +1,7 @@
-"""The native runner of a V2 router (``mcp.router_new``, and routelib's
-``routes{ map = ... }``) whose routes are not all pools (see
-mcproxy.routing.native; a router of pools only is direct.py's KeyRouter)."""
+"""The native runner of a router (V2's ``mcp.router_new``, routelib's
+``routes{ map = ... }``, routes.prefix_router) whose routes are not all
+pools (see mcproxy.routing.native; a router of pools only is direct.py's
+KeyRouter)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
 from mcproxy.routing import direct
 from mcproxy.routing.native.common import Done, RouteError, Runner
-from mcproxy.routing.routerkey import route_name
+from mcproxy.routing.routerkey import name_finder
+from mcproxy.routing.shapes import Shape
 from mcproxy.units import KeyBatch, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.request import Request
@@ -23,13 +25,13 @@ class Router(Runner):
     does), a native runner, or None: Lua runs the request, the router's
     own body included, as it does for a key with no route and no default."""
 
-    __slots__ = ("start", "stop", "routes", "default")
+    __slots__ = ("name_of", "routes", "default")
 
-    def __init__(self, start: bytes | None, stop: bytes, routes: dict, default) -> None:
+    def __init__(self, router: Shape, routes: dict, default) -> None:
         super().__init__([target for target in (*routes.values(), default)
                           if isinstance(target, Pool)])
-        self.start = start
-        self.stop = stop
+        #: key -> its route name, or None (routerkey.name_finder)
+        self.name_of = name_finder(router)
         #: route name -> its target
         self.routes = routes
         self.default = default
@@ -37,7 +39,7 @@ class Router(Runner):
     def target(self, key: bytes):
         """What serves ``key``: the target of its route name, else the
         default."""
-        name = route_name(key, self.start, self.stop)
+        name = self.name_of(key)
         if name is None:
             return self.default
         return self.routes.get(name, self.default)
@@ -45,7 +47,11 @@ class Router(Runner):
     def send(self, req: Request, done: Done, stats: ProxyStats,
              route_error: RouteError) -> bool:
         """Route ``req``; ``done(reply)`` once, as the router's Lua body
-        would; False, with nothing done, when Lua runs it."""
+        would; False, with nothing done, when Lua runs it (a route of Lua,
+        no route, a request kept for Lua)."""
+        prefix = self.prefix
+        if prefix is not None and req.key.startswith(prefix):
+            return False
         target = self.target(req.key)
         if target is None:
             return False
@@ -61,7 +67,10 @@ class Router(Runner):
         multiget per backend) or all to one native runner (which sends them
         together); False, with nothing done, when they go key by key (any
         other mix, a backend of a pool with a depth limit, a key a pool
-        cannot place)."""
+        cannot place, maybe a key kept for Lua)."""
+        guard = self.guard
+        if guard is not None and guard in req.line:
+            return False
         targets = [self.target(key) for key in keys]
         first = targets[0]
         if first is None:

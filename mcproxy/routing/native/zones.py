@@ -28,7 +28,7 @@ from mcproxy.wire.response import Response, client_bytes, key_reply
 _EMPTY = b""
 
 
-def _await_done(mode_miss: bool, wanted: int, good: int, hit: bool, remaining: int) -> bool:
+def await_done(mode_miss: bool, wanted: int, good: int, hit: bool, remaining: int) -> bool:
     """Whether routes.zfailover's mcp.await of the far zones is over
     (engine._Await): with ``miss`` (AWAIT_FASTGOOD, every zone wanted) at a
     hit or once every zone answered ok; else (AWAIT_OK, one wanted) at the
@@ -133,7 +133,7 @@ class _FarGather:
             return  # after the await was over: dropped, as mcp.await drops it
         self.results.append(res)
         self.good += res.ok
-        if not _await_done(self.miss, self.wanted, self.good, res.hit, self.remaining):
+        if not await_done(self.miss, self.wanted, self.good, res.hit, self.remaining):
             return
         self.over = True
         best = best_of(self.results, False)
@@ -264,7 +264,7 @@ class _ZoneKeys:
         self.results[position].append((ok, part))
         self.good[position] += ok
         miss = self.zfailover.miss
-        if _await_done(miss, len(self.zfailover.far) if miss else 1, self.good[position],
+        if await_done(miss, len(self.zfailover.far) if miss else 1, self.good[position],
                        ok and bool(part), self.remaining[position]):
             self.over[position] = True
 
