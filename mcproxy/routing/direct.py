@@ -7,7 +7,9 @@ command map (``routes.by_command``, the ``routes`` table of
 ``routes.config``), through ``routes.introspect`` (whose own requests, a
 ``get`` of ``__mcproxy__.route(...)``, still run in Lua), ``routes.failover``
 of one child that is one of these (its body answers with the child's
-answer, whatever it is), and a hand-written
+answer, whatever it is), a router (V2's, routes.prefix_router) whose every
+route and default is one of these (routerkey.KeyRouter picks the pool by
+the key's route name), and a hand-written
 ``function(r) return pool(r) end`` (mcp.lua recognises it). The pool picks
 the backend and the response goes to the client exactly as the Lua route
 would have sent it, minus two crossings into Lua and a coroutine per

@@ -37,6 +37,14 @@ would have answered.
 * :class:`Split` runs ``routes.split`` and routelib's ``route_split``: the
   shadows get the request in the background, the primary's answer is the
   route's.
+* :class:`Fastest` runs ``routes.all_fastest`` and :class:`AllFastest`
+  routelib's ``route_allfastest``; :class:`LibZoneFailover` routelib's
+  ``route_zfailover`` (fastest.py, zones.py say how each answers).
+* :class:`Router` runs a router (V2's ``mcp.router_new``, routelib's
+  ``routes{ map = ... }`` and ``cmap``, ``routes.prefix_router``) whose
+  routes are pools, runners of this package, or left to Lua: the key's
+  route name picks one (routerkey.py); a request for a Lua route runs the
+  whole router in Lua. A router of pools only is the direct path's.
 
 A shuffle draws Python's random numbers where the Lua body draws Lua's:
 the client cannot tell which child a draw picked, and each order of the
