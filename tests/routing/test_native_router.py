@@ -15,7 +15,7 @@ from lupa.lua54 import LuaRuntime
 
 from fuzz.checks import chunked
 from mcproxy.routing.engine import ROUTELIB_PATH
-from mcproxy.routing.native import AllFastest, Fastest, LibZoneFailover, Router
+from mcproxy.routing.native import AllAsync, AllFastest, Fastest, LibZoneFailover, Router
 from mcproxy.routing.routerkey import KeyRouter, prefix_name, route_name
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import parse_request
@@ -295,6 +295,10 @@ V1_ROUTES = {
     "prefix_router of a Lua route": ('routes.prefix_router{ map = { foo = routes.ttl_cap('
                                      '"a", 100), bar = "c" }, default = "b", stop = "/" }',
                                      Router),
+    "all_async": ('routes.all_async{ "a", "b", "c" }', AllAsync),
+    "all_async behind a prefix router": ('routes.prefix_router{ map = { foo = '
+                                         'routes.all_async{ "c", "a" } }, default = "b", '
+                                         'stop = "/" }', Router),
     "all_fastest": ('routes.all_fastest{ "a", "b", "c" }', Fastest),
     "all_fastest on misses": ('routes.all_fastest({ "c", "a" }, { miss = true })', Fastest),
 }

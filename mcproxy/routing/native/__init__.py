@@ -37,6 +37,8 @@ would have answered.
 * :class:`Split` runs ``routes.split`` and routelib's ``route_split``: the
   shadows get the request in the background, the primary's answer is the
   route's.
+* :class:`AllAsync` runs ``routes.all_async`` as a Split without a
+  fraction (a request that uses a cas unique goes to Lua).
 * :class:`Fastest` runs ``routes.all_fastest`` and :class:`AllFastest`
   routelib's ``route_allfastest``; :class:`LibZoneFailover` routelib's
   ``route_zfailover`` (fastest.py, zones.py say how each answers).
@@ -63,13 +65,13 @@ from mcproxy.routing.native.allsync import AllSync
 from mcproxy.routing.native.failover import Failover
 from mcproxy.routing.native.fastest import AllFastest, Fastest
 from mcproxy.routing.native.router import Router
-from mcproxy.routing.native.split import Split, key_fraction
+from mcproxy.routing.native.split import AllAsync, Split, key_fraction
 from mcproxy.routing.native.zones import LibZoneFailover, ZoneFailover
 from mcproxy.routing.routerkey import routes_of
 from mcproxy.routing.shapes import Shape
 
-__all__ = ["AllFastest", "AllSync", "Failover", "Fastest", "LibZoneFailover", "Router", "Split",
-           "ZoneFailover", "declared", "key_fraction", "native_of"]
+__all__ = ["AllAsync", "AllFastest", "AllSync", "Failover", "Fastest", "LibZoneFailover",
+           "Router", "Split", "ZoneFailover", "declared", "key_fraction", "native_of"]
 
 
 def native_of(route: Shape | Pool | None, command: int):
@@ -109,6 +111,12 @@ def native_of(route: Shape | Pool | None, command: int):
     if kind == "route_allfastest":
         pools = _pools(route.children, command, True)
         return None if pools is None else (AllFastest(pools), None)
+    if kind == "all_async":
+        main = _pools(route.children, command, True)
+        rest = _pools(route.fields.get("background", {}), command, True)
+        if main is None or rest is None:
+            return None
+        return AllAsync(main[0], rest), None
     if kind == "split" or kind == "route_split":
         return _split(route, command, kind == "route_split")
     if kind == "router" or kind == "prefix_router":
