@@ -7,7 +7,9 @@ command map (``routes.by_command``, the ``routes`` table of
 ``routes.config``), through ``routes.introspect`` (whose own requests, a
 ``get`` of ``__mcproxy__.route(...)``, still run in Lua), ``routes.failover``
 of one child that is one of these (its body answers with the child's
-answer, whatever it is), and a hand-written
+answer, whatever it is), a router (V2's, routes.prefix_router) whose every
+route and default is one of these (routerkey.KeyRouter picks the pool by
+the key's route name), and a hand-written
 ``function(r) return pool(r) end`` (mcp.lua recognises it). The pool picks
 the backend and the response goes to the client exactly as the Lua route
 would have sent it, minus two crossings into Lua and a coroutine per
@@ -23,6 +25,7 @@ from collections.abc import Callable
 
 from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
+from mcproxy.routing.routerkey import KeyRouter, routes_of
 from mcproxy.routing.shapes import Shape
 from mcproxy.wire import errors
 from mcproxy.wire.request import (
@@ -35,7 +38,8 @@ from mcproxy.wire.request import (
 from mcproxy.wire.response import Response, client_bytes
 
 
-def pool_of(route: Shape | Pool | None, command: int) -> tuple[Pool, bytes | None] | None:
+def pool_of(route: Shape | Pool | None,
+            command: int) -> tuple[Pool | KeyRouter, bytes | None] | None:
     """The pool ``route`` sends every ``command`` request to, unchanged,
     and the key prefix of the requests it keeps for Lua (introspection's),
     or None if its route does anything else."""
@@ -55,6 +59,8 @@ def pool_of(route: Shape | Pool | None, command: int) -> tuple[Pool, bytes | Non
         if len(children) != 1 or route.fields.get("shuffle"):
             return None
         return pool_of(children.get(1), command)
+    if kind == "router" or kind == "prefix_router":
+        return _key_router(route, command)
     if kind == "introspect":
         found = pool_of(route.children.get(1), command)
         if found is None or command != route.fields["command"]:
@@ -63,6 +69,24 @@ def pool_of(route: Shape | Pool | None, command: int) -> tuple[Pool, bytes | Non
             return None  # two prefixes kept for Lua: leave it all to Lua
         return found[0], route.fields["prefix"]
     return None
+
+
+def _key_router(router: Shape, command: int) -> tuple[KeyRouter, None] | None:
+    """The KeyRouter of a router (V2's, routes.prefix_router) whose every
+    route for ``command``, and its default, sends to one pool unchanged;
+    else None."""
+    found = routes_of(router, command)
+    if found is None or found[1] is None:
+        return None
+    routes, default = found
+    pools = {}
+    for name, route in (*routes.items(), (None, default)):
+        target = pool_of(route, command)
+        if target is None or target[1] is not None:
+            return None
+        pools[name] = target[0]
+    default_pool = pools.pop(None)
+    return KeyRouter(router, pools, default_pool), None
 
 
 class DirectRoutes:
@@ -95,10 +119,14 @@ class DirectRoutes:
         commands the proxy routes to a pool when no route is attached."""
         pools = dict(defaults)
         lua_keys = {}
+        routers: dict = {}
         for command, shape in shapes.items():
             found = pool_of(shape, command)
             if found is not None:
-                pools[command] = found[0]
+                pool = found[0]
+                if isinstance(pool, KeyRouter):  # one for the commands it routes alike
+                    pool = routers.setdefault(pool.identity, pool)
+                pools[command] = pool
                 if found[1] is not None:
                     lua_keys[command] = found[1]
         return cls(pools, lua_keys)

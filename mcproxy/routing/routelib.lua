@@ -13,9 +13,11 @@
 -- under its listener tag (routes{ tag = "x", ... }). A route_direct
 -- attached alone is a funcgen of the shape v2.lua declares direct, so it
 -- takes the engine's direct path. The generators of route_direct,
--- route_failover, route_allsync and route_split declare their shapes (as routes.lua's
--- constructors do) to the engine's `declare`, handed to this file when it
--- is loaded (engine.py): attached alone, they run natively (routing/native/).
+-- route_failover, route_allsync, route_allfastest, route_split and
+-- route_zfailover declare their shapes (as routes.lua's constructors do) to
+-- the engine's `declare`, handed to this file when it is loaded
+-- (engine.py): attached alone or behind a router (whose shape v2.lua
+-- declares), they run natively (routing/native/).
 
 -- Who is told what a route is (mcp.lua): only this file gets it.
 local declare = ...
@@ -402,8 +404,9 @@ function BUILD.route_allsync(fgen, o, name)
 end
 
 function BUILD.route_allfastest(fgen, o, name)
-    local hs = handles(fgen, targets(o.children, name))
-    fgen:ready{ n = name, f = function(rctx)
+    local list = targets(o.children, name)
+    local hs = handles(fgen, list)
+    ready(fgen, name, function(rctx)
         return function(r)
             -- The first child, in order, that answered without an error;
             -- when every child failed, the last one's error.
@@ -417,7 +420,7 @@ function BUILD.route_allfastest(fgen, o, name)
             end
             return last
         end
-    end }
+    end, { kind = "route_allfastest", children = shape_children(list) })
 end
 
 -- Whether a failover route stops at `res`: on any answer that is not an
@@ -507,15 +510,23 @@ function BUILD.route_zfailover(fgen, o, name)
     end
     local near
     local far = {}
+    -- the zones' pools, the local one first (the shape's children)
+    local order = { false }
     for i, z in ipairs(zones) do
         local h = fgen:new_handle(list[i])
-        if z == zone then near = h else far[#far + 1] = h end
+        if z == zone then
+            near = h
+            order[1] = list[i]
+        else
+            far[#far + 1] = h
+            order[#order + 1] = list[i]
+        end
     end
     if near == nil then
         fail(name .. ": pool set '" .. o.children .. "' has no zone '" .. zone .. "'")
     end
     local miss = o.miss and true or false
-    fgen:ready{ n = name, f = function(rctx)
+    ready(fgen, name, function(rctx)
         return function(r)
             local res = rctx:enqueue_and_wait(r, near)
             if good_enough(res, miss) or #far == 0 then return res end
@@ -523,7 +534,7 @@ function BUILD.route_zfailover(fgen, o, name)
             rctx:wait_cond(#far, miss and mcp.WAIT_GOOD or mcp.WAIT_OK)
             return rctx:best_result(far) or res
         end
-    end }
+    end, { kind = "route_zfailover", children = order, miss = miss })
 end
 
 -- What memcached answers for a command that nothing served.

@@ -864,6 +864,53 @@ return function(mcp, internal)
 
     local attached = false
 
+    -- The route that runs ready funcgen fgen, declared as what it is: direct
+    -- when its function is, else its generator's shape (routelib.lua
+    -- declares its generators); undeclared (Lua) for any other.
+    local function fgen_route(fgen)
+        local route = function(r) return run(fgen, r) end
+        local pool = direct_pool(fgen)
+        if pool ~= nil then
+            declare(route, { kind = "direct", children = { pool } })
+        else
+            local shape = declared(fgen.generator)
+            if shape ~= nil then
+                declare(route, shape)
+            end
+        end
+        return route
+    end
+
+    -- A router's shape: how it finds a key's route name (start nil: prefix
+    -- mode; see route above), and the routes of its map (name -> route, or
+    -- name -> { command -> route }) and default, each declared as
+    -- fgen_route declares it. The engine runs the router natively
+    -- (routerkey.py, routing/native/router.py); these child routes are
+    -- never called, only read. A funcgen not ready yet is false: Lua runs it.
+    local function router_shape(router)
+        local routes = {}
+        local function child(fgen)
+            local route = routes[fgen]
+            if route == nil then
+                route = fgen.is_ready and fgen_route(fgen) or false
+                routes[fgen] = route
+            end
+            return route
+        end
+        local map = {}
+        for name, target in pairs(router.map) do
+            if getmetatable(target) == FUNCGEN then
+                map[name] = child(target)
+            else
+                local cmap = {}
+                for cmd, fgen in pairs(target) do cmap[cmd] = child(fgen) end
+                map[name] = cmap
+            end
+        end
+        return { kind = "router", start = router.start, stop = router.stop, map = map,
+                 default = router.default and child(router.default) }
+    end
+
     local function entry(obj)
         local mt = getmetatable(obj)
         if mt == FUNCGEN or mt == ROUTER then
@@ -873,26 +920,15 @@ return function(mcp, internal)
             if not obj.is_ready then
                 error("cannot attach a function generator before calling ready", 3)
             end
-            local route = function(r) return run(obj, r) end
-            local pool = direct_pool(obj)
-            if pool ~= nil then
-                declare(route, { kind = "direct", children = { pool } })
-            else
-                -- the route library declares its generators (routelib.lua)
-                local shape = declared(obj.generator)
-                if shape ~= nil then
-                    declare(route, shape)
-                end
-            end
-            return route
+            return fgen_route(obj)
         elseif mt == ROUTER then
-            return function(r)
+            return declare(function(r)
                 local fgen = route(obj, r)
                 if fgen == nil then
                     return START_FAILURE
                 end
                 return run(fgen, r)
-            end
+            end, router_shape(obj))
         end
         return nil
     end

@@ -554,7 +554,10 @@ def test_funcgen_stats_count_funcgens_and_slots(engine, load):
             local fgen = mcp.funcgen_new()
             local h = fgen:new_handle(p)
             fgen:ready({ n = name, f = function(rctx)
-                return function(r) return rctx:enqueue_and_wait(r, h) end
+                return function(r)  -- not a direct funcgen: Lua runs it
+                    local res = rctx:enqueue_and_wait(r, h)
+                    return res
+                end
             end })
             return fgen
         end

@@ -167,11 +167,11 @@ class ScriptedProxy:
 
     def exchange(self, modes: dict[str, str], held: dict[str, list[bytes]],
                  chunks: list[bytes], value: bytes | None = None,
-                 ) -> tuple[bytes, dict[str, bytes]]:
+                 keys: list[bytes] | None = None) -> tuple[bytes, dict[str, bytes]]:
         """A new client's chunks against backends in ``modes`` holding the
         keys ``held`` (label -> keys; their value ``value``, else the
         backend's label); what the client got back and what each backend
-        holds of every key afterwards."""
+        holds of every key (``keys``, else KEYS) afterwards."""
         self.modes = modes
         self.stores = {label: Store(clock=lambda: 1_700_000_000.0) for label in LABELS}
         for label, keys in held.items():
@@ -190,7 +190,7 @@ class ScriptedProxy:
         finally:
             batch.schedule = saved
         assert self.stats.req_active == 0
-        everything = b"get " + b" ".join(KEYS) + b"\r\n"
+        everything = b"get " + b" ".join(keys or KEYS) + b"\r\n"
         return client.transport.value(), {
             label: serve(store, everything) for label, store in self.stores.items()}
 

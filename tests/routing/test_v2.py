@@ -671,7 +671,7 @@ def test_the_differential_configs_direct_funcgen_runs_without_lua(engine, monkey
     routes = engine.load(str(ROOT / "tests" / "e2e" / "v2" / "routes.lua"))
     assert {command: routes.shapes[command].kind
             for command in (rq.CMD_GAT, rq.CMD_INCR, rq.CMD_GET)} == {
-        rq.CMD_GAT: "direct", rq.CMD_INCR: "direct", rq.CMD_GET: "lua"}
+        rq.CMD_GAT: "direct", rq.CMD_INCR: "direct", rq.CMD_GET: "router"}
 
 
 def test_a_route_error_names_its_funcgen(engine, load):

@@ -37,6 +37,16 @@ would have answered.
 * :class:`Split` runs ``routes.split`` and routelib's ``route_split``: the
   shadows get the request in the background, the primary's answer is the
   route's.
+* :class:`AllAsync` runs ``routes.all_async`` as a Split without a
+  fraction (a request that uses a cas unique goes to Lua).
+* :class:`Fastest` runs ``routes.all_fastest`` and :class:`AllFastest`
+  routelib's ``route_allfastest``; :class:`LibZoneFailover` routelib's
+  ``route_zfailover`` (fastest.py, zones.py say how each answers).
+* :class:`Router` runs a router (V2's ``mcp.router_new``, routelib's
+  ``routes{ map = ... }`` and ``cmap``, ``routes.prefix_router``) whose
+  routes are pools, runners of this package, or left to Lua: the key's
+  route name picks one (routerkey.py); a request for a Lua route runs the
+  whole router in Lua. A router of pools only is the direct path's.
 
 A shuffle draws Python's random numbers where the Lua body draws Lua's:
 the client cannot tell which child a draw picked, and each order of the
@@ -53,12 +63,15 @@ from mcproxy.backends.pool import Pool
 from mcproxy.routing.direct import pool_of
 from mcproxy.routing.native.allsync import AllSync
 from mcproxy.routing.native.failover import Failover
-from mcproxy.routing.native.split import Split, key_fraction
-from mcproxy.routing.native.zones import ZoneFailover
+from mcproxy.routing.native.fastest import AllFastest, Fastest
+from mcproxy.routing.native.router import Router
+from mcproxy.routing.native.split import AllAsync, Split, key_fraction
+from mcproxy.routing.native.zones import LibZoneFailover, ZoneFailover
+from mcproxy.routing.routerkey import routes_of
 from mcproxy.routing.shapes import Shape
 
-__all__ = ["AllSync", "Failover", "Split", "ZoneFailover", "declared", "key_fraction",
-           "native_of"]
+__all__ = ["AllAsync", "AllFastest", "AllSync", "Failover", "Fastest", "LibZoneFailover",
+           "Router", "Split", "ZoneFailover", "declared", "key_fraction", "native_of"]
 
 
 def native_of(route: Shape | Pool | None, command: int):
@@ -87,8 +100,27 @@ def native_of(route: Shape | Pool | None, command: int):
         return AllSync(pools, bool(route.fields.get("strict")), kind == "route_allsync"), None
     if kind == "zfailover":
         return _zone_failover(route, command)
+    if kind == "route_zfailover":
+        pools = _pools(route.children, command, True)
+        if pools is None:
+            return None
+        return LibZoneFailover(pools[0], pools[1:], bool(route.fields.get("miss"))), None
+    if kind == "all_fastest":
+        pools = _pools(route.children, command, True)
+        return None if pools is None else (Fastest(pools, bool(route.fields.get("miss"))), None)
+    if kind == "route_allfastest":
+        pools = _pools(route.children, command, True)
+        return None if pools is None else (AllFastest(pools), None)
+    if kind == "all_async":
+        main = _pools(route.children, command, True)
+        rest = _pools(route.fields.get("background", {}), command, True)
+        if main is None or rest is None:
+            return None
+        return AllAsync(main[0], rest), None
     if kind == "split" or kind == "route_split":
         return _split(route, command, kind == "route_split")
+    if kind == "router" or kind == "prefix_router":
+        return _router(route, command)
     if kind == "failover" or kind == "route_failover":
         children = route.children
         pools = []
@@ -117,6 +149,29 @@ def declared(shapes: dict[int, Shape]) -> dict:
                 runner.keep_for_lua(prefix)
             runners[command] = runner
     return runners
+
+
+def _router(route: Shape, command: int):
+    """The Router of a router shape, or None if Lua runs all its routes:
+    each route, its default too, a pool the direct path sends to, or a
+    native runner, or else left to Lua."""
+    found = routes_of(route, command)
+    if found is None:
+        return None
+    routes, default = found
+    targets = {}
+    for name, child in (*routes.items(), (None, default)):
+        target = pool_of(child, command)
+        if target is not None:
+            target = None if target[1] is not None else target[0]
+        else:
+            target = native_of(child, command)
+            target = None if target is None or target[1] is not None else target[0]
+        targets[name] = target
+    default_target = targets.pop(None)
+    if default_target is None and not any(targets.values()):
+        return None
+    return Router(route, targets, default_target), None
 
 
 def _zone_failover(route: Shape, command: int):

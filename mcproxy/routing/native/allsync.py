@@ -40,7 +40,7 @@ from mcproxy.wire.response import Response, client_bytes, key_reply
 _EMPTY = b""
 
 
-def _uses_cas(req: Request) -> bool | None:
+def uses_cas(req: Request) -> bool | None:
     """Whether ``req`` reads or compares a cas unique (routes.lua's
     cas_use); None when its flags cannot be read (the Lua body says why)."""
     command = req.command
@@ -79,7 +79,7 @@ class AllSync(Runner):
         if self.lib:
             targets = [lib_backend(pool, req) for pool in self.pools]
         else:
-            if req.command in BROADCAST_COMMANDS or _uses_cas(req) is not False:
+            if req.command in BROADCAST_COMMANDS or uses_cas(req) is not False:
                 return False
             try:
                 targets = [select_backend(pool, req) for pool in self.pools]

@@ -8,6 +8,7 @@ from functools import partial
 from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
 from mcproxy.routing.direct import select_backend
+from mcproxy.routing.native.allsync import uses_cas
 from mcproxy.routing.native.common import (
     Done,
     RouteError,
@@ -161,3 +162,26 @@ class _SplitReply:
             self.stats.req_active -= len(mine)
             mine.append(errors.END)
             self.done(_EMPTY.join(mine))
+
+
+class AllAsync(Split):
+    """``routes.all_async`` of a first pool and background pools: its body
+    is routes.split's without a fraction, but for a request that uses a
+    cas unique (its cas_use), which goes to Lua."""
+
+    __slots__ = ()
+
+    def __init__(self, main: Pool, shadows: list[Pool]) -> None:
+        super().__init__(main, shadows, None, False)
+
+    def send(self, req: Request, done: Done, stats: ProxyStats,
+             route_error: RouteError) -> bool:
+        if uses_cas(req) is not False:
+            return False
+        return super().send(req, done, stats, route_error)
+
+    def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
+                  route_error: RouteError, sink: ReplySink | None) -> bool:
+        if uses_cas(req) is not False:
+            return False
+        return super().send_keys(req, keys, done, stats, route_error, sink)

@@ -1,4 +1,5 @@
-"""The native runner of ``routes.zfailover`` (see mcproxy.routing.native)."""
+"""The native runners of ``routes.zfailover`` and routelib's
+``route_zfailover`` (see mcproxy.routing.native)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
 from mcproxy.routing.direct import select_backend
 from mcproxy.routing.native.common import (
+    ERROR_CODES,
     Done,
     FailBatch,
     RouteError,
@@ -15,6 +17,7 @@ from mcproxy.routing.native.common import (
     best_of,
     first_good,
     key_groups,
+    lib_backend,
     route_failed,
 )
 from mcproxy.units import ReplySink
@@ -25,7 +28,7 @@ from mcproxy.wire.response import Response, client_bytes, key_reply
 _EMPTY = b""
 
 
-def _await_done(mode_miss: bool, wanted: int, good: int, hit: bool, remaining: int) -> bool:
+def await_done(mode_miss: bool, wanted: int, good: int, hit: bool, remaining: int) -> bool:
     """Whether routes.zfailover's mcp.await of the far zones is over
     (engine._Await): with ``miss`` (AWAIT_FASTGOOD, every zone wanted) at a
     hit or once every zone answered ok; else (AWAIT_OK, one wanted) at the
@@ -130,7 +133,7 @@ class _FarGather:
             return  # after the await was over: dropped, as mcp.await drops it
         self.results.append(res)
         self.good += res.ok
-        if not _await_done(self.miss, self.wanted, self.good, res.hit, self.remaining):
+        if not await_done(self.miss, self.wanted, self.good, res.hit, self.remaining):
             return
         self.over = True
         best = best_of(self.results, False)
@@ -261,7 +264,7 @@ class _ZoneKeys:
         self.results[position].append((ok, part))
         self.good[position] += ok
         miss = self.zfailover.miss
-        if _await_done(miss, len(self.zfailover.far) if miss else 1, self.good[position],
+        if await_done(miss, len(self.zfailover.far) if miss else 1, self.good[position],
                        ok and bool(part), self.remaining[position]):
             self.over[position] = True
 
@@ -283,3 +286,85 @@ class _ZoneKeys:
         self.stats.req_active -= len(parts)
         parts.append(errors.END)
         self.done(_EMPTY.join(parts))
+
+
+#: RES_* judgements of an answer, ranked as rctx:best_result ranks them.
+_GOOD, _OK, _ANY = 3, 2, 1
+
+
+def _rank(res: Response) -> int:
+    return _GOOD if res.hit else _OK if res.ok else _ANY
+
+
+class LibZoneFailover(Runner):
+    """routelib's ``route_zfailover``: the local zone's pool; unless it
+    answers a hit (with ``miss``) or an answer that is no error (without),
+    every other zone at once, the answer once all have answered being the
+    first of them, in the order of their names, judged best (a hit, else an
+    ok answer, else any)."""
+
+    __slots__ = ("near", "far", "miss")
+
+    def __init__(self, near: Pool, far: list[Pool], miss: bool) -> None:
+        super().__init__([near, *far])
+        self.near = near
+        self.far = far
+        self.miss = miss
+
+    def send(self, req: Request, done: Done, stats: ProxyStats,
+             route_error: RouteError) -> bool:
+        """Route ``req``; ``done(reply)`` once, as the body would."""
+        miss = self.miss
+        far = self.far
+
+        def near(res: Response) -> None:
+            good = res.hit if miss else res.ok and res.code not in ERROR_CODES
+            if good or not far:
+                stats.req_active -= 1
+                done(client_bytes(res, req))
+                return
+            gather = _AllFar(len(far), req, done, stats)
+            for index, pool in enumerate(far):
+                target = lib_backend(pool, req)
+                if target.__class__ is Response:
+                    gather.arrived(index, target)
+                else:
+                    target.send(req, partial(gather.arrived, index))
+
+        target = lib_backend(self.near, req)
+        if target.__class__ is Response:
+            near(target)
+        else:
+            target.send(req, near)
+        return True
+
+    def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
+                  route_error: RouteError, sink: ReplySink | None) -> bool:
+        """False: a multiget's keys go key by key, each through ``send``."""
+        return False
+
+
+class _AllFar:
+    """The far zones' answers to one request through a LibZoneFailover:
+    its body waits for them all (``wait_cond(#far, ...)`` ends no sooner)."""
+
+    __slots__ = ("results", "pending", "req", "done", "stats")
+
+    def __init__(self, count: int, req: Request, done: Done, stats: ProxyStats) -> None:
+        self.results: list[Response | None] = [None] * count
+        self.pending = count
+        self.req = req
+        self.done = done
+        self.stats = stats
+
+    def arrived(self, index: int, res: Response) -> None:
+        self.results[index] = res
+        self.pending -= 1
+        if self.pending:
+            return
+        best = None
+        for res in self.results:
+            if best is None or _rank(res) > _rank(best):
+                best = res
+        self.stats.req_active -= 1
+        self.done(client_bytes(best, self.req))
