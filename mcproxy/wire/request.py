@@ -581,6 +581,11 @@ def _first_flag(req: Request) -> int:
     return 3 if req.command == CMD_MS else key_index(req) + 1
 
 
+def _words(line: bytes) -> int:
+    """How many space-separated words memcached reads in ``line``."""
+    return sum(1 for word in line.rstrip(b"\r\n").split(b" ") if word)
+
+
 def _rerender(req: Request, tokens: list[bytes]) -> None:
     """Re-parse ``req`` from edited tokens, keeping its payload.
 
@@ -597,6 +602,10 @@ def _rerender(req: Request, tokens: list[bytes]) -> None:
         raise EditError("token(): request malformed after edit") from None
     if edited.vlen != req.vlen:
         # The line would declare a payload other than the one it carries.
+        raise EditError("token(): request malformed after edit")
+    if edited.command in GET_COMMANDS and _words(line) != _words(req.line):
+        # A space in a get's key makes more keys: memcached would answer
+        # each, where the proxy awaits one reply per key it sent.
         raise EditError("token(): request malformed after edit")
     req.command = edited.command
     req.line = edited.line

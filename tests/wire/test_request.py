@@ -302,3 +302,33 @@ def test_scan_plain_longest_line_and_limit():
     assert rq.scan_plain(b"get k" + longest[4:], 0, True, 100)[1] == []
     stop, keys, _, _, _ = rq.scan_plain(b"get x\r\n" * 10, 0, True, 100, limit=4)
     assert stop == 28 and len(keys) == 4
+
+
+@pytest.mark.parametrize(("line", "index", "token"), [
+    (b"get k\r\n", 2, b"a b"),
+    (b"gets k\r\n", 2, b"a b c"),
+    (b"gat 10 k\r\n", 3, b"x y"),
+    (b"gats 10 k\r\n", 3, b" x y"),
+    (b"get k\r\n", 1, b"get a"),
+])
+def test_an_edit_that_makes_a_get_of_more_keys_is_refused(line, index, token):
+    """memcached would answer every key of the edited line, where the proxy
+    awaits the reply of the one it sent: the backend's replies would go out
+    of step for every request behind it."""
+    req = parse_request(line)
+    with pytest.raises(rq.EditError, match="malformed after edit"):
+        rq.set_token(req, index, token)
+    assert req.line == line
+
+
+@pytest.mark.parametrize(("line", "index", "token", "edited"), [
+    (b"get k\r\n", 2, b"a", b"get a\r\n"),
+    (b"get k\r\n", 1, b"gets", b"gets k\r\n"),
+    (b"gat 10 k\r\n", 3, b"x", b"gat 10 x\r\n"),
+    (b"get  k\r\n", 2, b"z", b"get z\r\n"),
+    (b"get k\r\n", 2, b"a\tb", b"get a\tb\r\n"),  # memcached splits on spaces only
+])
+def test_an_edit_of_a_get_with_as_many_keys_goes_through(line, index, token, edited):
+    req = parse_request(line)
+    rq.set_token(req, index, token)
+    assert req.line == edited
