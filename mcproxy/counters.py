@@ -35,3 +35,10 @@ class ProxyStats:
         #: per command id, hooked requests routed through Lua (every id, so
         #: the hot path needs no membership test; only PROXY_CMD_ORDER shows)
         self.commands = dict.fromkeys(COMMAND_NAMES, 0)
+
+    def count_keys(self, command: int, count: int) -> None:
+        """Count the ``count`` keys of a multiget routed together as the
+        requests routing them one by one would, active until answered."""
+        self.conn_requests += count
+        self.commands[command] += count
+        self.req_active += count

@@ -538,9 +538,7 @@ class RouteEngine:
             return True
         stats = self.stats
         count = len(keys)
-        stats.conn_requests += count
-        stats.commands[req.command] += count
-        stats.req_active += count
+        stats.count_keys(req.command, count)
         name = req.tokens[0]
         reply = _KeysReply(count, len(groups), stats, done)
         for backend, positions in groups.items():
@@ -776,9 +774,7 @@ class _LuaKeys:
         self.parts: list[bytes | None] = [None] * count
         self.pending = count
         stats = engine.stats
-        stats.conn_requests += count
-        stats.commands[keys.command] += count
-        stats.req_active += count
+        stats.count_keys(keys.command, count)
 
     def start(self, handler) -> None:
         try:

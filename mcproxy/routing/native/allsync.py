@@ -116,9 +116,7 @@ class AllSync(Runner):
                 return False
             rounds.append(groups)
         count = len(keys)
-        stats.conn_requests += count
-        stats.commands[req.command] += count
-        stats.req_active += count
+        stats.count_keys(req.command, count)
         gather = _KeysGather(self, req, keys, done, stats,
                              sum(len(groups) for groups in rounds))
         name = req.tokens[0]

@@ -123,9 +123,7 @@ class Failover(Runner):
         if unplaced:
             return False  # routed key by key, each key gets its error
         count = len(keys)
-        stats.conn_requests += count
-        stats.commands[req.command] += count
-        stats.req_active += count
+        stats.count_keys(req.command, count)
         _KeysAttempt(self, order, req, keys, done, stats, route_error, sink).round(groups)
         return True
 

@@ -95,9 +95,7 @@ class Router(Runner):
         except ValueError:
             return False  # routed key by key, each key gets its error
         count = len(keys)
-        stats.conn_requests += count
-        stats.commands[req.command] += count
-        stats.req_active += count
+        stats.count_keys(req.command, count)
         reply = _Keys(count, len(groups), stats, done)
         name = req.tokens[0]
         for backend, positions in groups.items():

@@ -126,9 +126,7 @@ class Split(Runner):
         if unplaced:
             return False
         count = len(keys)
-        stats.conn_requests += count
-        stats.commands[req.command] += count
-        stats.req_active += count
+        stats.count_keys(req.command, count)
         name = req.tokens[0]
         for groups in rounds:
             for backend, positions in groups.items():

@@ -100,9 +100,7 @@ class ZoneFailover(Runner):
         if unplaced:
             return False
         count = len(keys)
-        stats.conn_requests += count
-        stats.commands[req.command] += count
-        stats.req_active += count
+        stats.count_keys(req.command, count)
         _ZoneKeys(self, req, keys, done, stats, route_error, sink).near(groups)
         return True
 
