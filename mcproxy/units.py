@@ -227,6 +227,23 @@ class _MergedGets:
         return True
 
 
+def _read_values(reader: ResponseReader, values: list[tuple],
+                 sink: ReplySink | None) -> tuple[Response | None, bool]:
+    """Read a multi-key get's VALUE items into ``values`` (what
+    ResponseReader.read_values returns, and whether the client is gone).
+    For a ``sink`` that no longer wants the reply the values go as they
+    come (their keys stay, the reply is still checked); when the client
+    just went, those read before go too."""
+    start = len(values)
+    res = reader.read_values(values)
+    gone = sink is not None and not sink.wanted
+    if gone:
+        if values and values[0][1] is not None:
+            start = 0
+        values[start:] = [(value[0], None, 0) for value in values[start:]]
+    return res, gone
+
+
 class KeyBatch:
     """The keys of one client ``get``/``gets`` multiget that go to the same
     backend, sent as one multi-key request (see ``RouteEngine.route_keys``).
@@ -257,13 +274,7 @@ class KeyBatch:
 
     def read(self, reader: ResponseReader) -> bool:
         values = self._values
-        start = len(values)
-        res = reader.read_values(values)
-        sink = self.sink
-        if sink is not None and not sink.wanted:
-            if values and values[0][1] is not None:
-                start = 0  # the client just went: what came before goes too
-            values[start:] = [(value[0], None, 0) for value in values[start:]]
+        res, _ = _read_values(reader, values, self.sink)
         if res is None:
             return False
         _check_multi_end(res)
@@ -322,16 +333,7 @@ class KeyFetch:
 
     def read(self, reader: ResponseReader) -> bool:
         values = self._values
-        start = len(values)
-        res = reader.read_values(values)
-        sink = self.sink
-        gone = sink is not None and not sink.wanted
-        if gone:
-            # as KeyBatch: the client is gone, its values go as they come
-            # (their keys stay, the reply is still checked)
-            if values and values[0][1] is not None:
-                start = 0
-            values[start:] = [(value[0], None, 0) for value in values[start:]]
+        res, gone = _read_values(reader, values, self.sink)
         if res is None:
             return False
         _check_multi_end(res)
