@@ -14,7 +14,7 @@ backend's gets, the fake transports) is in the figure, the same for every
 route: compare routes and builds with each other, never with peers; those
 figures come from ``bench/run.py``.
 
-``python bench/instructions.py [--multiget N] [--route FILE]``; needs
+``python bench/instructions.py [--multiget N] [--pipeline N] [--route FILE]``; needs
 ``valgrind`` (Debian package ``valgrind``).
 """
 
@@ -33,12 +33,12 @@ HERE = Path(__file__).resolve().parent
 CHILD = "MCPROXY_INSTRUCTIONS_CHILD"
 
 
-def child(clients: int, multiget: int, route: Path, rounds: int) -> None:
+def child(clients: int, multiget: int, pipeline: int, route: Path, rounds: int) -> None:
     """Run under callgrind: instrument only the measured rounds."""
     sys.path.insert(0, str(HERE))
     import opcodes
 
-    proxy = opcodes.Proxy(clients, multiget, route)
+    proxy = opcodes.Proxy(clients, multiget, route, pipeline)
     for _ in range(3):
         proxy.round()
     control = ["callgrind_control", "--instr"]
@@ -49,7 +49,7 @@ def child(clients: int, multiget: int, route: Path, rounds: int) -> None:
     subprocess.run([*control, "off", pid], check=True, capture_output=True)
 
 
-def collected(clients: int, multiget: int, route: Path, rounds: int) -> int:
+def collected(clients: int, multiget: int, pipeline: int, route: Path, rounds: int) -> int:
     """Instructions callgrind counted over ``rounds`` rounds (and the two
     switches)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +59,7 @@ def collected(clients: int, multiget: int, route: Path, rounds: int) -> int:
             ["valgrind", "--tool=callgrind", "--instr-atstart=no",
              f"--callgrind-out-file={out}", sys.executable, __file__,
              "--clients", str(clients), "--multiget", str(multiget),
+             "--pipeline", str(pipeline),
              "--route", str(route), "--rounds", str(rounds)],
             env=env, capture_output=True, text=True, check=True)
     for line in done.stderr.splitlines():
@@ -71,21 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--multiget", type=int, default=1, help="keys per get")
+    parser.add_argument("--pipeline", type=int, default=1, help="gets per read")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--route", type=Path, default=HERE / "route.lua",
                         help="route config (one pool of one backend)")
     args = parser.parse_args(argv)
     if os.environ.get(CHILD):
-        child(args.clients, args.multiget, args.route, args.rounds)
+        child(args.clients, args.multiget, args.pipeline, args.route, args.rounds)
         return 0
     if shutil.which("valgrind") is None:
         print("valgrind is not installed", file=sys.stderr)
         return 1
-    few = collected(args.clients, args.multiget, args.route, args.rounds)
-    many = collected(args.clients, args.multiget, args.route, 3 * args.rounds)
-    requests = 2 * args.rounds * args.clients
+    run = (args.clients, args.multiget, args.pipeline, args.route)
+    few = collected(*run, args.rounds)
+    many = collected(*run, 3 * args.rounds)
+    requests = 2 * args.rounds * args.clients * args.pipeline
     print(f"{(many - few) / requests:,.0f} instructions per request "
-          f"({args.clients} clients, {args.multiget}-key gets, route {args.route.name})")
+          f"({args.clients} clients x {args.pipeline}, {args.multiget}-key gets, "
+          f"route {args.route.name})")
     return 0
 
 

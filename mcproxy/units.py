@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from mcproxy.wire.errors import END
 from mcproxy.wire.request import CMD_GET, CMD_GETS, Request
 from mcproxy.wire.response import (
     MCMC_RESP_END,
@@ -388,78 +389,100 @@ class KeyFetch:
 
 
 class GetRun:
-    """Plain ``get`` requests of a run (``request.scan_plain``) that Lua
-    routes sent unedited to the same backend: written as the client sent
-    them, each reply read and checked as a Single's is, so the backend
-    sees and answers exactly what it would for those Singles. ``done``
-    gets the unit; its interface for the engine is KeyFetch's. While it
-    is read, ``size`` counts the requests not yet answered (what a reset
-    fails, as it would fail the Singles still queued); once read, all of
-    them (each a latency sample). Values for a ``sink`` that no longer
-    wants them are dropped as they come (those gets then read as misses:
-    nobody gets the reply)."""
+    """Plain ``get`` requests (``get <key>``) that Lua routes sent unedited
+    to the same backend: written one line each, as the client sent them,
+    each reply read as the bytes that came and checked against its key as a
+    PlainRun's are, so the backend sees and answers exactly what it would
+    for those requests alone. ``done`` gets the unit; its interface for the
+    engine is KeyFetch's, and ``reply(index)`` is what the client of an
+    unedited request gets (the backend's bytes, as for a PlainRun): no
+    Request or Response is made unless a route asks (``response``). While
+    it is read, ``size`` counts the requests not yet answered (what a reset
+    fails); once read, all of them (each a latency sample). Values for a
+    ``sink`` that no longer wants them are dropped as they come (those gets
+    then read as misses: nobody gets the reply)."""
 
-    __slots__ = ("requests", "done", "sink", "sent", "size", "responses")
+    __slots__ = ("keys", "done", "sink", "sent", "size", "elapsed", "replies", "failure",
+                 "_responses")
 
-    def __init__(self, requests: list[Request], done: Callable[[GetRun], object],
+    def __init__(self, keys: list[bytes], done: Callable[[GetRun], object],
                  sink: ReplySink | None = None) -> None:
-        self.requests = requests
+        self.keys = keys
         self.done = done
         self.sink = sink
-        self.size = len(requests)
-        self.responses: list[Response] = []
+        self.size = len(keys)
+        self.elapsed = 0
+        #: each request's reply as it came, for those read
+        self.replies: list[bytes] = []
+        #: what answers the requests left unread when the unit failed
+        self.failure: Response | None = None
+        self._responses: dict[int, Response] = {}
 
     def __repr__(self) -> str:
-        return f"<GetRun of {self.size}>"
+        return f"<GetRun of {len(self.keys)}>"
 
     def write(self, out: list[bytes], batch: list, index: int) -> int:
-        out.append(_EMPTY.join([req.line for req in self.requests]))
+        out.append(b"get %s\r\n" % b"\r\nget ".join(self.keys))
         return index
 
     def read(self, reader: ResponseReader) -> bool:
-        requests = self.requests
-        responses = self.responses
-        count = len(requests)
-        while len(responses) < count:
-            res = reader.read()
-            if res is None:
+        keys = self.keys
+        replies = self.replies
+        count = len(keys)
+        sink = self.sink
+        while len(replies) < count:
+            if not reader.read_raw(1, replies, keys, None, None, len(replies)):
                 return False
-            check_reply(requests[len(responses)], res)
-            if res.value is not None and self.sink is not None and not self.sink.wanted:
-                res = Response.miss()
-            responses.append(res)
+            if sink is not None and not sink.wanted and replies[-1].startswith(b"VALUE "):
+                replies[-1] = END
             self.size -= 1
         self.size = count
         return True
 
     def deliver(self, elapsed: int) -> None:
-        for res in self.responses:
-            res.elapsed = elapsed
+        self.elapsed = elapsed
         self.done(self)
 
     def fail(self, reason: str, elapsed: int) -> None:
         """Those read keep their replies; the rest fail, each its own."""
-        responses = self.responses
-        while len(responses) < len(self.requests):
-            responses.append(Response.failure(reason))
+        self.failure = Response.failure(reason)
         self.deliver(elapsed)
 
     def flags(self) -> bytes:
-        """As KeyFetch.flags."""
-        return bytes([res.ok + res.hit for res in self.responses])
+        """As KeyFetch.flags: 2 for a hit (an error line is one, as for a
+        Response), 1 for a miss, 0 for a request the failure answers."""
+        flags = bytes([_MISSED if reply == END else _HIT for reply in self.replies])
+        return flags + bytes(len(self.keys) - len(flags))
+
+    def reply(self, index: int) -> bytes:
+        """What the client of request ``index``, unedited, gets."""
+        replies = self.replies
+        return replies[index] if index < len(replies) else self.failure.line
 
     def response(self, index: int) -> Response:
-        return self.responses[index]
+        """The Response of request ``index`` (one object per request)."""
+        res = self._responses.get(index)
+        if res is None:
+            replies = self.replies
+            if index < len(replies):
+                reader = ResponseReader()
+                reader.feed(replies[index])
+                res = reader.read()
+            else:
+                res = Response.failure(self.failure.reason)
+            res.elapsed = self.elapsed
+            self._responses[index] = res
+        return res
 
     @property
     def parts(self) -> list[bytes]:
-        """As KeyFetch.parts: each key's reply by key_reply's rule (for a
-        route of a multiget's key that answers with a run's response)."""
-        return [key_reply(res) for res in self.responses]
+        """As KeyFetch.parts: each request's reply by key_reply's rule (for
+        a route of a multiget's key that answers with a run's response)."""
+        return [key_reply(self.response(index)) for index in range(len(self.keys))]
 
     def value_bytes(self) -> int:
-        """Bytes of the values read."""
-        return sum([len(res.value) for res in self.responses if res.value is not None])
+        """Bytes of the replies read."""
+        return sum(map(len, self.replies))
 
 
 class PlainRun:

@@ -810,11 +810,17 @@ class _LuaKeys:
                     req = made.get(i) if made else None
                     if req is not None:  # made, so maybe edited: as _advance does
                         data = client_bytes(a if b is False else a.response(b), req)
-                    elif multiget:  # what client_bytes gives for an unedited key
-                        data = key_reply(a) if b is False else a.parts[b]
+                    elif b is not False:
+                        # a unit's lazy response to an unedited key: what
+                        # client_bytes would give, without a Response
+                        if multiget:
+                            data = a.parts[b]
+                        elif a.__class__ is GetRun:
+                            data = a.reply(b)
+                        else:
+                            data = client_bytes(a.response(b), self.keys.request(i))
                     else:
-                        data = client_bytes(a if b is False else a.response(b),
-                                            self.keys.request(i))
+                        data = key_reply(a) if multiget else client_bytes(a, self.keys.request(i))
                     if parts[i] is None:
                         parts[i] = data
                         answered += 1
@@ -876,12 +882,12 @@ class _LuaKeys:
                                self.keys.request(index)))
             return
         done = partial(self.fetched, routes)
+        names = self.names
+        keys = [names[index] for index in indexes]
         if self.keys.multiget:
-            names = self.names
-            unit = KeyFetch(self.name, [names[index] for index in indexes], done, self.sink)
+            unit = KeyFetch(self.name, keys, done, self.sink)
         else:
-            request = self.keys.request
-            unit = GetRun([request(index) for index in indexes], done, self.sink)
+            unit = GetRun(keys, done, self.sink)
         backend.send_unit(unit)
 
     def fetched(self, positions: list[int], fetch: KeyFetch | GetRun) -> None:

@@ -183,7 +183,7 @@ class InProcessProxy:
             elif isinstance(unit, KeyBatch | KeyFetch):
                 out.append(set(unit.keys))
             elif isinstance(unit, GetRun):
-                out += [{req.key} for req in unit.requests]
+                out += [{key} for key in unit.keys]
             else:
                 assert isinstance(unit, PlainRun), unit
                 out += run_keys(unit.data, unit.count)

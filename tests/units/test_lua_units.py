@@ -8,7 +8,6 @@ import pytest
 
 from mcproxy.units import GetRun, KeyFetch, Unit
 from mcproxy.wire.errors import BACKEND_FAILURE, END
-from mcproxy.wire.request import key_request
 from mcproxy.wire.response import MCMC_CODE_END, BackendProtocolError, ResponseReader
 from tests.units.test_units import Got, Sink, answer, written
 
@@ -18,7 +17,7 @@ def value(key: bytes, data: bytes) -> bytes:
 
 
 def test_both_kinds_have_the_unit_shape():
-    for unit in (KeyFetch(b"get", [b"a"], Got()), GetRun([key_request(7, b"a", False)], Got())):
+    for unit in (KeyFetch(b"get", [b"a"], Got()), GetRun([b"a"], Got())):
         unit.sent = 1.0
         assert isinstance(unit, Unit), unit
 
@@ -70,40 +69,60 @@ def test_key_fetch_for_a_client_gone_drops_values_but_checks_keys():
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_get_run_writes_and_reads_each_get_as_alone(chunk):
-    run = GetRun([key_request(7, k, False) for k in (b"a", b"b", b"a")], Got())
+    run = GetRun([b"a", b"b", b"a"], Got())
     assert written([run]) == [b"get a\r\nget b\r\nget a\r\n"]
     assert answer([run], value(b"a", b"1") + END + END + b"SERVER_ERROR busy\r\n", chunk) == []
     assert run.done == [run] and run.flags() == bytes([2, 1, 2])
-    assert [res.line for res in run.responses] == [b"VALUE a 0 1\r\n", END,
-                                                   b"SERVER_ERROR busy\r\n"]
-    assert {res.elapsed for res in run.responses} == {7}
+    assert [run.reply(i) for i in range(3)] == [value(b"a", b"1") + END, END,
+                                                 b"SERVER_ERROR busy\r\n"]
+    assert [run.response(i).line for i in range(3)] == [b"VALUE a 0 1\r\n", END,
+                                                         b"SERVER_ERROR busy\r\n"]
+    hit = run.response(0)
+    assert (hit.ok, hit.hit, hit.value, hit.elapsed) == (True, True, b"1\r\n", 7)
+    assert run.response(0) is hit  # made once
     assert run.parts == [value(b"a", b"1"), b"", b"SERVER_ERROR busy\r\n"]
-    assert run.value_bytes() == 3
+    assert run.value_bytes() == len(value(b"a", b"1") + END + END + b"SERVER_ERROR busy\r\n")
+
+
+def test_get_run_reads_the_replies_the_fast_framing_leaves_to_the_parser():
+    # a VALUE with a cas, a reply split before its END: framed by _parse
+    run = GetRun([b"a", b"b"], Got())
+    answer([run], b"VALUE a 0 1 5\r\n1\r\nEND\r\nCLIENT_ERROR bad\r\n", 3)
+    assert run.flags() == bytes([2, 2])
+    assert run.reply(0) == b"VALUE a 0 1 5\r\n1\r\nEND\r\n"
+    assert run.response(1).line == b"CLIENT_ERROR bad\r\n"
 
 
 def test_get_run_counts_what_is_left_while_read_and_fails_only_that():
-    run = GetRun([key_request(7, k, False) for k in (b"a", b"b", b"c")], Got())
+    run = GetRun([b"a", b"b", b"c"], Got())
     reader = ResponseReader()
     reader.feed(END + value(b"b", b"2"))
     assert not run.read(reader)
     assert run.size == 2  # b's reply is not whole: what a reset now fails
     run.fail("disconnected", 3)
-    assert [res.ok for res in run.responses] == [True, False, False]
-    assert run.responses[2].reason == "disconnected"
-    done = GetRun([key_request(7, b"a", False)], Got())
+    assert run.flags() == bytes([1, 0, 0])
+    assert [run.reply(i) for i in range(3)] == [END, BACKEND_FAILURE, BACKEND_FAILURE]
+    assert [run.response(i).ok for i in range(3)] == [True, False, False]
+    assert run.response(2).reason == "disconnected" and run.response(2).elapsed == 3
+    done = GetRun([b"a"], Got())
     answer([done], END)
     assert done.size == 1  # once read: each request a latency sample
 
 
-def test_get_run_refuses_another_keys_value():
-    run = GetRun([key_request(7, b"a", False), key_request(7, b"b", False)], Got())
+@pytest.mark.parametrize("reply", [
+    END + value(b"a", b"1") + END,        # b's reply is a's value
+    b"STORED\r\n",                        # a set's reply
+    b"VALUE a 0 1\r\n1\r\nVALUE a 0 1\r\n",   # no END after the value
+])
+def test_get_run_refuses_a_reply_that_is_not_its_requests(reply):
+    run = GetRun([b"a", b"b"], Got())
     with pytest.raises(BackendProtocolError):
-        answer([run], END + value(b"a", b"1") + END)
+        answer([run], reply + END * 3)
 
 
 def test_get_run_for_a_client_gone_drops_values():
     sink = Sink(limit=0)
     sink.arriving(1)
-    run = GetRun([key_request(7, b"a", False)], Got(), sink)
+    run = GetRun([b"a"], Got(), sink)
     answer([run], value(b"a", b"1") + END)
-    assert run.flags() == bytes([1]) and run.responses[0].value is None
+    assert run.flags() == bytes([1]) and run.reply(0) == END
