@@ -121,14 +121,18 @@ class Proxy:
             call()
 
     def round(self) -> None:
-        """Every client sends its get; the backend answers all in one read."""
+        """Every client sends its get (one poll of that many events); the
+        backend answers all in one read (a poll of its own)."""
+        writes.batch.crowded = len(self.clients) > 1
         for client, request in zip(self.clients, self.requests, strict=True):
             client.dataReceived(request)
         self.flush()
         sent = self.backend_transport.value()
         self.backend_transport.clear()
+        writes.batch.crowded = False
         self.backend.dataReceived(self.answer(sent))
         self.flush()
+        writes.batch.crowded = True  # the default, for whatever runs next
         for client, reply in zip(self.clients, self.replies, strict=True):
             got = client.transport.value()
             if got != reply:

@@ -195,8 +195,9 @@ class NumberingEngine:
     both commands are hooked, multi-key gets too with ``multigets``, and
     records and numbers their requests as if they had come one by one
     (a multiget key by key); with ``runs="gets"`` runs of gets only, a get
-    alone in its read left to the line path, as the route engine takes
-    gets routed in Lua."""
+    alone in its read left to the line path and gathered (routed when
+    ``batch``, the connection's write batch, flushes), as the route engine
+    takes gets routed in Lua."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
                  runs: bool | str = False, multigets: bool = True,
@@ -210,9 +211,14 @@ class NumberingEngine:
         self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
         self.plain_multigets = multigets
         self.plain_alone = runs != "gets"
+        self.gathers = False
         if runs == "gets":
             self.plain_runs = False if rq.CMD_GET in hooked else None
             self.plain_multigets = False
+            self.gathers = self.plain_runs is False
+        #: the write batch gathered requests are routed at (set by run_protocol)
+        self.batch = None
+        self._gathered: list = []
         #: with runs="refuse", route_run declines every run (as it does for
         #: an active request limit), counted here
         self.refused = 0 if runs == "refuse" else None
@@ -245,6 +251,21 @@ class NumberingEngine:
 
     def hooked(self, command: int) -> bool:
         return command in self.hooked_commands
+
+    def gather(self, req: Request, done, release) -> bool:
+        if req.command != rq.CMD_GET or len(req.line) != len(req.key) + 6 or req.multiget:
+            return False
+        self._gathered.append((req, done, release))
+        if len(self._gathered) == 1:
+            self.batch.call_first(self._route_gathered)
+        return True
+
+    def _route_gathered(self) -> None:
+        gathered, self._gathered = self._gathered, []
+        for req, done, _ in gathered:
+            self.route(req, done)
+        for _, _, release in gathered:
+            release()
 
     def route_keys(self, req: Request, keys: list[bytes], done, sink=None) -> bool:
         return False  # multigets go key by key
@@ -303,14 +324,16 @@ class NumberingService:
 
 
 def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = False,
-                 runs: bool | str = False, multigets: bool = True, wire: Wire = WIRE_1_6_15):
+                 runs: bool | str = False, multigets: bool = True, wire: Wire = WIRE_1_6_15,
+                 per_turn: int = 1):
     """Feed ``chunks`` to a connection; what was routed, written, and
     whether it hung up. ``later`` answers routes at the end, backwards;
     ``runs`` lets the engine take runs of plain requests ("refuse": offers
     them, and the engine declines each), with ``multigets`` those of
     several keys too; ``wire``: the behaviour the connection gets.
 
-    Each chunk, and each late answer, is one reactor iteration: replies are
+    Each ``per_turn`` chunks (as a TLS connection reads several records in
+    one poll), and each late answer, are one reactor iteration: replies are
     written by a write batch of this run's own, flushed after each (without
     pytest's ``immediate_writes`` fixture, as under the fuzzer, too).
     """
@@ -325,12 +348,15 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
     saved, server_module.batch = server_module.batch, writes
     try:
         service = NumberingService(hooked, later, runs, multigets, wire)
+        service.engine.batch = writes
         proto = ProxyServerProtocol(service)
         transport = StringTransport()
         proto.makeConnection(transport)
-        for chunk in chunks:
+        for index, chunk in enumerate(chunks):
             proto.dataReceived(chunk)
-            end_of_iteration()
+            if index % per_turn == per_turn - 1:
+                end_of_iteration()
+        end_of_iteration()
         service.engine.answer_backwards(end_of_iteration)
     finally:
         server_module.batch = saved

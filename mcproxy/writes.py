@@ -41,10 +41,16 @@ class WriteBatch:
     replace it with one that calls at once.
     """
 
-    __slots__ = ("pending", "scheduled", "schedule")
+    __slots__ = ("pending", "first", "scheduled", "schedule", "crowded")
 
     def __init__(self) -> None:
         self.pending: list = []
+        #: what call_first was given since the last flush
+        self.first: list[Callable[[], object]] = []
+        #: whether the current poll brought more than one I/O event, so
+        #: that work gathered until the flush may be joined (set by
+        #: mcproxy.app.reactor.ProxyReactor; always True under another)
+        self.crowded = True
         self.scheduled = False
         self.schedule: Callable[[Callable[[], None]], object] | None = None
 
@@ -57,10 +63,36 @@ class WriteBatch:
                 schedule = self.schedule = _scheduler()
             schedule(self.flush)
 
+    def call_first(self, call: Callable[[], object]) -> None:
+        """Have ``call()`` run at the next flush, before the protocols
+        registered by then write: what it makes them write (the requests
+        the router gathered over this poll, mcproxy.routing.engine) goes
+        in the same sends."""
+        self.first.append(call)
+        if not self.scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self.scheduled = True
+        schedule = self.schedule
+        if schedule is None:
+            schedule = self.schedule = _scheduler()
+        schedule(self.flush)
+
     def flush(self) -> None:
         try:
-            while self.pending:
+            while True:
+                first = self.first
+                if first:
+                    self.first = []
+                    for call in first:
+                        try:
+                            call()
+                        except Exception:
+                            log.failure("{call!r} before the writes failed", call=call)
                 pending = self.pending
+                if not pending:
+                    break
                 self.pending = []
                 for proto in pending:
                     try:

@@ -48,6 +48,7 @@ from mcproxy.wire.request import (
     key_request,
 )
 from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, key_reply, string_reply
+from mcproxy.writes import batch
 
 # What a route step reports (mirrors mcp.lua).
 DONE_RESPONSE = 0
@@ -412,6 +413,10 @@ class RouteEngine:
         self.wire = self._wire_choice or WIRE_1_6_15
         #: whether a run may be of one request alone in its read (IRouter)
         self.plain_alone = True
+        #: whether gather may take a request (IRouter): gets routed in Lua
+        self.gathers = False
+        #: what gather took this poll: (request, done, release) each
+        self._gathered: list[tuple] = []
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -436,6 +441,7 @@ class RouteEngine:
         if view is None:
             view = copy(self)
             view.tag = tag
+            view._gathered = []
             if self.routes is not None:
                 view._take(self.routes)
             self._views[tag] = view
@@ -467,11 +473,13 @@ class RouteEngine:
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
         self.plain_alone = True
+        self.gathers = False
         if (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
                 and CMD_GET not in table.native):
-            # runs of gets, routed in Lua (_LuaKeys); one alone costs less
-            # parsed as a line
+            # runs of gets, routed in Lua (_LuaKeys); one alone is parsed
+            # as a line, and gathered with the other connections'
             self.plain_runs = self.plain_alone = False
+            self.gathers = True
         self.plain_multigets = table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
 
@@ -503,6 +511,44 @@ class RouteEngine:
                 direct.send(pool, req, done, stats, self._route_error)
         except Exception:
             self._internal_error(req, done)
+
+    def gather(self, req: Request, done: Callable[[bytes], None],
+               release: Callable[[], None]) -> bool:
+        """Take a plain ``get <key>`` whose route runs in Lua (``gathers``)
+        to route once this poll's events are handled, with those other
+        connections sent in the same poll: one call into Lua starts all of
+        their routes and the keys they send unedited to one backend go as
+        one GetRun (see _LuaKeys), each answered as if routed alone.
+        ``done(reply)`` once; ``release()`` once it is routed: until then
+        the connection holds back what it reads after it, so that nothing
+        it sent later is routed before it. False, with nothing done, for
+        any other request (the caller routes it). The protocol asks only in
+        a poll of several events (``WriteBatch.crowded``): one connection's
+        read alone has nothing to join."""
+        gathered = self._gathered
+        if req.command != CMD_GET or len(req.line) != len(req.key) + 6 or req.multiget \
+                or self.tunables.active_req_limit:
+            return False
+        gathered.append((req, done, release))
+        if len(gathered) == 1:
+            batch.call_first(self._route_gathered)
+        return True
+
+    def _route_gathered(self) -> None:
+        """Route what gather took this poll, then release its connections."""
+        gathered = self._gathered
+        self._gathered = []
+        try:
+            if len(gathered) == 1 or not self.gathers:  # alone; or routes reloaded since
+                for req, done, _ in gathered:
+                    self.route(req, done)
+            else:
+                keys = KeyRequests(CMD_GET, [req.key for req, _, _ in gathered], False)
+                _LuaKeys(self, keys, [done for _, done, _ in gathered], None).start(
+                    self._hooks[CMD_GET])
+        finally:
+            for _, _, release in gathered:
+                release()
 
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
@@ -753,13 +799,15 @@ class _LuaKeys:
     responses). A key whose route does anything else (edits or makes a
     request, awaits, waits, fails) goes on alone, driven by _advance as any
     route is. ``done`` gets every key's reply in order (and a multiget's
-    END)."""
+    END); or, a list of one per key (the requests RouteEngine.gather took
+    from many connections), each gets its key's reply once it has it."""
 
-    __slots__ = ("engine", "routes", "keys", "names", "name", "sink", "done", "parts",
-                 "pending", "id")
+    __slots__ = ("engine", "routes", "keys", "names", "name", "sink", "done", "dones",
+                 "parts", "pending", "id")
 
     def __init__(self, engine: RouteEngine, keys: KeyRequests,
-                 done: Callable[[bytes], None], sink: ReplySink | None) -> None:
+                 done: Callable[[bytes], None] | list[Callable[[bytes], None]],
+                 sink: ReplySink | None) -> None:
         self.engine = engine
         self.routes = engine.routes
         self.keys = keys
@@ -770,6 +818,7 @@ class _LuaKeys:
         engine.routes.host.batches[id] = keys
         self.sink = sink
         self.done = done
+        self.dones = done if done.__class__ is list else None
         count = len(names)
         self.parts: list[bytes | None] = [None] * count
         self.pending = count
@@ -792,6 +841,7 @@ class _LuaKeys:
         made = self.keys.made
         multiget = self.keys.multiget
         parts = self.parts
+        dones = self.dones
         pools = None
         answered = 0
         try:
@@ -824,11 +874,15 @@ class _LuaKeys:
                     if parts[i] is None:
                         parts[i] = data
                         answered += 1
+                        if dones is not None:
+                            dones[i](data)
                 elif kind == DONE_STRING:
                     data = string_reply(a, self.keys.request(i))
                     if parts[i] is None:
                         parts[i] = data
                         answered += 1
+                        if dones is not None:
+                            dones[i](data)
                 else:
                     self.alone(i, self.routes.key_full(full, i))
         finally:  # what was answered counts, also after a bug of ours
@@ -929,11 +983,15 @@ class _LuaKeys:
             return
         parts[index] = data
         self.pending -= 1
+        if self.dones is not None:
+            self.dones[index](data)
         if not self.pending:
             self.finish()
 
     def finish(self) -> None:
         del self.routes.host.batches[self.id]
+        if self.dones is not None:
+            return
         parts = self.parts
         if self.keys.multiget:
             parts.append(errors.END)

@@ -29,11 +29,20 @@ class IRouter(Interface):
         "read when plain_runs is False: whether a request alone in what was read "
         "is worth handing to route_run (else it is parsed line by line)")
 
+    gathers = Attribute(
+        "whether gather may take a request: read for each request routed alone")
+
     def hooked(command):
         """Whether the routes take ``command`` (else it is answered locally)."""
 
     def route(req, done):
         """Route one request; ``done(client_bytes)`` exactly once."""
+
+    def gather(req, done, release):
+        """Take ``req`` to route at the end of this poll, with other
+        connections' requests; ``done(client_bytes)`` once, ``release()``
+        once routed (the connection reads nothing on until then). False
+        (nothing done) if the caller must route it."""
 
     def route_keys(req, keys, done, sink=None):
         """Route a ``get``/``gets`` of several ``keys`` with one reply;

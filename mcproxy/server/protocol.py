@@ -246,6 +246,9 @@ class ProxyServerProtocol(LineReceiver):
         self._payload_chunks: list[bytes] = []
         self._payload_needed = 0
         self._reading_paused = False
+        #: requests of ours the router holds to route at the end of the
+        #: poll (IRouter.gather): what we read meanwhile waits in _buffer
+        self._held = 0
         self._writing_paused = False
         #: the client shut down its write side: nothing more will arrive
         self._read_closed = False
@@ -326,7 +329,7 @@ class ProxyServerProtocol(LineReceiver):
         self._read_closed = True
         if self._gone:  # a watcher: its stream ends with the client's
             self.transport.loseConnection()
-        elif not self._reading_paused:
+        elif not self._reading_paused and not self._held:
             self._close_after_replies()
 
     def writeConnectionLost(self) -> None:
@@ -361,7 +364,7 @@ class ProxyServerProtocol(LineReceiver):
         self.last_active = self._seconds()
         if self._closing:
             return
-        if self._reading_paused:
+        if self._reading_paused or self._held:
             self._buffer += data
             return
         if self._buffer:
@@ -381,7 +384,7 @@ class ProxyServerProtocol(LineReceiver):
         plain = router.plain_runs
         multigets = MAX_MULTIGET_KEYS if plain is not None and router.plain_multigets else 0
         while pos < end:
-            if self._closing or self._reading_paused:
+            if self._closing or self._reading_paused or self._held:
                 self._buffer += data[pos:]
                 return
             if self._payload_needed:
@@ -502,7 +505,20 @@ class ProxyServerProtocol(LineReceiver):
                 self._pause_reading()
         self._slots.append(slot)
         self._check_inflight()
-        self.router.route(req, slot.fill)
+        router = self.router
+        if router.gathers and batch.crowded:  # else no other connection's to join
+            self._held += 1  # before: a router may route and release at once
+            if router.gather(req, slot.fill, self._release):
+                return
+            self._held -= 1
+        router.route(req, slot.fill)
+
+    def _release(self) -> None:
+        """The router routed a request it gathered: once it routed every
+        one, read on."""
+        self._held -= 1
+        if not self._held and not self._reading_paused:
+            self._read_buffered()
 
     def _route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
                    sets: list[int], widths: dict[int, int] | None) -> bool:
@@ -710,11 +726,18 @@ class ProxyServerProtocol(LineReceiver):
         if not self._read_closed:
             # After the client's EOF, reading again would only meet it again.
             self.transport.resumeProducing()
+        if not self._held:
+            self._read_buffered()
+
+    def _read_buffered(self) -> None:
+        """Read what was held back while reading was paused or the router
+        held a request of ours; after the client's EOF, then close."""
         if self._buffer and not self._closing:
             data = bytes(self._buffer)
             self._buffer.clear()
             self._process(data)
-        if self._read_closed and not self._reading_paused and not self._closing:
+        if self._read_closed and not self._reading_paused and not self._held \
+                and not self._closing:
             self._close_after_replies()  # what was held is read: now close
 
     def pauseProducing(self) -> None:

@@ -8,6 +8,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.testing import MemoryReactor
 
+from mcproxy import writes
 from mcproxy.app import reactor as mcreactor
 from tests.servers import Proxy
 
@@ -103,3 +104,39 @@ def test_call_after_events_runs_once_the_polls_events_are_handled():
     reactor.callLater(10, reactor.stop)
     reactor.run(installSignalHandlers=False)
     assert order == [("read", b"x"), ("after", b"x"), ("timer", None), ("later", None)]
+
+
+def test_the_write_batch_learns_whether_a_poll_brought_several_events():
+    """WriteBatch.crowded: True for a poll of two reads (two connections
+    written to at once), False for a poll of one."""
+    reactor = mcreactor.ProxyReactor()
+    seen = []
+
+    class Reader(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            seen.append((data, writes.batch.crowded))
+            if len(seen) == 3:
+                reactor.stop()
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Reader), interface="127.0.0.1")
+    clients = []
+
+    class Writer(Protocol):
+        def connectionMade(self) -> None:
+            clients.append(self)
+            if len(clients) == 2:
+                reactor.callLater(0.2, both)
+
+    def both() -> None:  # one poll sees both reads, then one alone
+        for client in clients:
+            client.transport.write(b"x")
+        reactor.callLater(0.2, clients[0].transport.write, b"y")
+
+    for _ in range(2):
+        reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(Writer))
+    reactor.callLater(10, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        writes.batch.crowded = True
+    assert seen == [(b"x", True), (b"x", True), (b"y", False)]

@@ -86,6 +86,7 @@ class Unrouted:
     """Routes nothing: ``watch`` and the rest are answered locally."""
 
     plain_runs = None
+    gathers = False
     wire = WIRE_1_6_15
 
     def hooked(self, command):

@@ -84,15 +84,26 @@ class LuaProxy:
     def exchange(self, chunks: list[bytes]) -> bytes:
         """A new client's chunks, each read in a turn of its own, against
         empty backends; what the client got back."""
+        return self.exchange_many([chunks])[0]
+
+    def exchange_many(self, streams: list[list[bytes]]) -> list[bytes]:
+        """New clients, one per list of chunks: in turn ``i`` each reads its
+        chunk ``i`` (as one poll's events), against empty backends; what
+        each client got back."""
         stores = [Store(clock=lambda: 1_700_000_000.0) for _ in self.connections]
         pending: list = []
         self.sent = []
         saved, batch.schedule = batch.schedule, pending.append
         try:
-            client = ProxyServerProtocol(MemoryCore(self.engine, stats=self.stats))
-            client.makeConnection(StringTransport())
-            for chunk in chunks:
-                client.dataReceived(chunk)
+            clients = []
+            for _ in streams:
+                client = ProxyServerProtocol(MemoryCore(self.engine, stats=self.stats))
+                client.makeConnection(StringTransport())
+                clients.append(client)
+            for turn in range(max(map(len, streams))):
+                for client, chunks in zip(clients, streams, strict=True):
+                    if turn < len(chunks):
+                        client.dataReceived(chunks[turn])
                 busy = True
                 while busy:
                     self.clock.advance(0)
@@ -111,4 +122,4 @@ class LuaProxy:
         finally:
             batch.schedule = saved
         assert self.stats.req_active == 0
-        return client.transport.value()
+        return [client.transport.value() for client in clients]

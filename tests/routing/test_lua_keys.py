@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fuzz.checks import chunked
 from mcproxy.backends.backend import Backend
-from mcproxy.units import KeyFetch, Single
+from mcproxy.units import GetRun, KeyFetch, Single
 from tests.routing.luapaths import POOLS, LuaProxy
 
 #: A route per first letter of the key (the rest: the result of pools.a).
@@ -207,3 +207,58 @@ def test_routes_done_with_are_not_held_by_lua(tmp_path):
         assert old() is None
     finally:
         gc.enable()
+
+
+#: Keys of routes that keep nothing from one request to the next (not "o").
+_own_keys = st.builds(lambda c, n: (c + n).encode(), st.sampled_from(_letters.replace("o", "")),
+                      st.sampled_from(["", "1", "2", "33", "key:000123"]))
+
+
+@st.composite
+def poll_streams(draw) -> list[list[bytes]]:
+    """Clients of one poll: one sets keys first (a turn of its own), then
+    each sends a get alone, or a get followed by more in the same read (on
+    a key of its own: between connections no order holds)."""
+    sets = [b"set %s 3 0 1\r\nv\r\n" % key for key in draw(st.lists(_keys, max_size=4))]
+    clients = [[b"".join(sets)]]
+    for i in range(draw(st.integers(1, 8))):
+        read = b"get %s\r\n" % draw(_own_keys)
+        more = draw(st.sampled_from([b"", b"get a%d\r\n", b"set a%d 0 0 1\r\nw\r\nget a%d\r\n",
+                                     b"mn\r\n", b"gets a%d f2\r\n"]))
+        clients.append([b"", read + more.replace(b"%d", b"-%d" % i)])
+    return clients
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(CONFIGS)), poll_streams())
+def test_gets_of_many_connections_answer_as_alone(tmp_path_factory, name, clients):
+    """Lone gets that several connections send in one poll are routed
+    together (RouteEngine.gather), and each connection gets what it gets
+    with every request routed on its own; what a connection sent after its
+    get in the same read waits for it (a set after it is not seen by it)."""
+    batched = proxy(tmp_path_factory, name, True)
+    alone = proxy(tmp_path_factory, name, False)
+    assert batched.exchange_many(clients) == alone.exchange_many(clients)
+
+
+def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_factory,
+                                                                      monkeypatch):
+    """One call into Lua starts the routes of every connection's get, and the
+    gets bound for one backend travel as one GetRun."""
+    batched = proxy(tmp_path_factory, "v1", True)
+    units = []
+    send_unit = Backend.send_unit
+    monkeypatch.setattr(Backend, "send_unit",
+                        lambda self, unit: units.append(unit) or send_unit(self, unit))
+    starts = []
+    routes = batched.engine.routes
+    monkeypatch.setattr(routes, "start_keys",
+                        lambda *args: starts.append(args[3:]) or routes.state.engine.start_keys(
+                            *args))
+    got = batched.exchange_many([[b"get a%d\r\n" % i] for i in range(5)])
+    assert got == [b"END\r\n"] * 5
+    assert starts == [(False, b"a0", b"a1", b"a2", b"a3", b"a4")]
+    # one GetRun per backend of pool a, each written in one send
+    assert {unit.__class__ for unit in units} == {GetRun} and len(units) == len(batched.sent)
+    assert sorted(b"".join(batched.sent).splitlines(keepends=True)) == [
+        b"get a%d\r\n" % i for i in range(5)]

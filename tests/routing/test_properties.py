@@ -609,6 +609,9 @@ def test_plain_runs_route_and_answer_as_one_by_one(stream, cuts, run_cuts, hooke
         == one_by_one[:3]
     gets = run_protocol(chunked(stream, run_cuts), hooked, later=True, runs="gets")
     assert gets[:3] == one_by_one[:3]  # runs of gets only, as for gets routed in Lua
+    # and a get alone gathered, what is read after it in the same turn held
+    held = run_protocol(chunked(stream, run_cuts), hooked, later=True, runs="gets", per_turn=3)
+    assert held[:3] == one_by_one[:3]
     refused = run_protocol([stream], hooked, later=True, runs="refuse")
     assert refused[:3] == one_by_one[:3]
     assert refused[3].engine.refused <= 1  # then the rest of the chunk goes line by line

@@ -31,6 +31,7 @@ class Engine:
     """Routes every request, and never answers."""
 
     plain_runs = None  # plain requests go one by one
+    gathers = False
     wire = WIRE_1_6_15
 
     def hooked(self, command):
@@ -47,6 +48,7 @@ class Unrouted:
     """Routes nothing: every command is answered locally."""
 
     plain_runs = None
+    gathers = False
     wire = WIRE_1_6_15
 
     def hooked(self, command):
@@ -126,6 +128,7 @@ class KeysEngine:
     the test to answer by hand."""
 
     plain_runs = None
+    gathers = False
     wire = WIRE_1_6_15
 
     def __init__(self) -> None:

@@ -25,6 +25,7 @@ class FakeEngine:
         self.routed = []
 
     plain_runs = None  # plain requests go one by one
+    gathers = False
     wire = WIRE_1_6_15
 
     def hooked(self, command):

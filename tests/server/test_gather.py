@@ -1,0 +1,122 @@
+"""A request the router gathers (IRouter.gather: routed at the end of the
+poll with other connections'): the connection routes nothing it read after
+it until the router releases it, so its requests still reach the routes in
+the order sent, and it answers and closes as for any request."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+
+from mcproxy.server.protocol import ProxyServerProtocol
+from mcproxy.wire.request import CMD_GET, CMD_VERSION
+from tests.server.memorycore import MemoryCore
+from tests.server.test_server import ALL, FakeEngine, FakeStore
+
+
+class GatheringEngine(FakeEngine):
+    """Gathers every get alone; ``flush()`` routes what it holds, then
+    releases the connections (as RouteEngine does at the end of a poll)."""
+
+    gathers = True
+
+    def __init__(self, hooked=ALL - {CMD_VERSION}) -> None:
+        super().__init__(hooked)
+        self.held: list = []
+
+    def gather(self, req, done, release):
+        if req.command != CMD_GET:  # multiget keys too, unlike RouteEngine
+            return False
+        self.held.append((req, done, release))
+        return True
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        for req, done, _ in held:
+            self.route(req, done)
+        for _, _, release in held:
+            release()
+
+    def flush_all(self) -> None:
+        """As the write batch does: flush until nothing is gathered."""
+        while self.held:
+            self.flush()
+
+
+def connect():
+    core = MemoryCore(GatheringEngine(), store=FakeStore())
+    proto = ProxyServerProtocol(core)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, core.router
+
+
+def lines(engine) -> list[bytes]:
+    return [req.line for req, _ in engine.routed]
+
+
+def answer(engine) -> None:
+    routed, engine.routed = engine.routed, []
+    for req, done in routed:
+        done(b"<" + req.line.rstrip() + b">\r\n")
+
+
+def test_what_comes_after_a_gathered_get_waits_for_its_release():
+    proto, transport, engine = connect()
+    proto.dataReceived(b"get a\r\n")
+    proto.dataReceived(b"set b 0 0 1\r\nx\r\nget c\r\n")  # e.g. the next TLS record
+    assert lines(engine) == [] and [req.line for req, _, _ in engine.held] == [b"get a\r\n"]
+    engine.flush()
+    # released: the set is routed, and the get after it gathered again
+    assert lines(engine) == [b"get a\r\n", b"set b 0 0 1\r\n"]
+    engine.flush()
+    assert lines(engine) == [b"get a\r\n", b"set b 0 0 1\r\n", b"get c\r\n"]
+    answer(engine)
+    assert transport.value() == b"<get a>\r\n<set b 0 0 1>\r\n<get c>\r\n"
+
+
+def test_a_local_command_after_a_gathered_get_waits_too():
+    proto, transport, engine = connect()
+    proto.dataReceived(b"get a\r\nversion\r\n")
+    assert transport.value() == b""
+    engine.flush()
+    answer(engine)
+    assert transport.value() == b"<get a>\r\nVERSION test\r\n"
+
+
+def test_eof_while_held_answers_everything_then_closes():
+    proto, transport, engine = connect()
+    proto.dataReceived(b"get a\r\n")
+    proto.dataReceived(b"get b\r\nget c\r\n")
+    proto.readConnectionLost()
+    assert not transport.disconnecting
+    engine.flush_all()
+    answer(engine)
+    assert transport.value() == b"<get a>\r\n<get b>\r\n<get c>\r\n"
+    assert transport.disconnecting
+
+
+def test_a_connection_gone_while_held_is_released_quietly():
+    proto, transport, engine = connect()
+    proto.dataReceived(b"get a\r\n")
+    proto.dataReceived(b"get b\r\n")
+    proto.connectionLost()
+    engine.flush()
+    answer(engine)
+    assert lines(engine) == [] and engine.held == []
+    assert transport.value() == b""
+
+
+def test_a_multiget_split_into_gathered_keys_is_released_after_its_last():
+    proto, transport, engine = connect()
+    engine.route_keys = lambda *args, **kwargs: False  # split key by key
+    proto.dataReceived(b"get a b\r\nget c\r\n")
+    assert [req.line for req, _, _ in engine.held] == [b"get a\r\n", b"get b\r\n"]
+    engine.flush_all()
+    assert lines(engine) == [b"get a\r\n", b"get b\r\n", b"get c\r\n"]
+
+
+def test_a_get_not_gathered_is_routed_at_once():
+    proto, transport, engine = connect()
+    proto.dataReceived(b"set a 0 0 1\r\nx\r\n")
+    assert lines(engine) == [b"set a 0 0 1\r\n"]
+    assert not proto._held
