@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from mcproxy.wire.request import COMMAND_NAMES
+from mcproxy.wire.request import CMD_GET, CMD_SET, COMMAND_NAMES
 
 
 class ProxyStats:
@@ -35,6 +35,15 @@ class ProxyStats:
         #: per command id, hooked requests routed through Lua (every id, so
         #: the hot path needs no membership test; only PROXY_CMD_ORDER shows)
         self.commands = dict.fromkeys(COMMAND_NAMES, 0)
+
+    def count_run(self, requests: int, sets: int) -> None:
+        """Count a run's requests (``sets`` of them sets, the rest gets) as
+        routing them one by one would, active until answered."""
+        self.conn_requests += requests
+        commands = self.commands
+        commands[CMD_GET] += requests - sets
+        commands[CMD_SET] += sets
+        self.req_active += requests
 
     def count_keys(self, command: int, count: int) -> None:
         """Count the ``count`` keys of a multiget routed together as the

@@ -16,8 +16,10 @@ The kinds, and what ``done`` gets:
 * :class:`KeyFetch`: the keys of one client multiget that Lua routes sent
   to one backend, sent as one multi-key get; the unit, from which each
   key's route gets its own answer.
-* :class:`GetRun`: plain gets of a run that Lua routes sent to one
-  backend, sent as the client sent them; the unit, as for a KeyFetch.
+* :class:`ReplyRun`: plain gets and sets sent to one backend as the
+  client sent them, each reply kept apart (the gets Lua routes sent
+  unedited to it, a stretch of a run a native runner sends); the unit, as
+  for a KeyFetch.
 * :class:`PlainRun`: a run of plain requests forwarded as the client sent
   them; the client bytes of them all.
 * Consecutive Singles that are keys of client multigets, written in one
@@ -388,26 +390,32 @@ class KeyFetch:
         return sum(map(len, self.parts))
 
 
-class GetRun:
-    """Plain ``get`` requests (``get <key>``) that Lua routes sent unedited
-    to the same backend: written one line each, as the client sent them,
-    each reply read as the bytes that came and checked against its key as a
-    PlainRun's are, so the backend sees and answers exactly what it would
-    for those requests alone. ``done`` gets the unit; its interface for the
-    engine is KeyFetch's, and ``reply(index)`` is what the client of an
-    unedited request gets (the backend's bytes, as for a PlainRun): no
-    Request or Response is made unless a route asks (``response``). While
-    it is read, ``size`` counts the requests not yet answered (what a reset
+class ReplyRun:
+    """Plain ``get <key>`` and ``set`` requests sent to one backend as the
+    client sent them (``data``; None: gets of ``keys``, one line each),
+    each reply kept as the bytes that came (``replies``) and checked against
+    its request as a PlainRun's are (``sets``: the indexes of the sets), so
+    the backend sees and answers exactly what it would for the requests
+    alone. The unit of the gets Lua routes sent unedited to one backend
+    (engine._LuaKeys) and of a stretch of a client's run a native runner
+    sends to one backend (native/failover.py): ``done`` gets the unit, and
+    each request its own answer: ``flags`` (KeyFetch's), ``reply(index)``
+    (what the client of the request unedited gets: the backend's bytes),
+    ``response(index)`` (a Response, made only when asked). While it is
+    read, ``size`` counts the requests not yet answered (what a reset
     fails); once read, all of them (each a latency sample). Values for a
     ``sink`` that no longer wants them are dropped as they come (those gets
     then read as misses: nobody gets the reply)."""
 
-    __slots__ = ("keys", "done", "sink", "sent", "size", "elapsed", "replies", "failure",
-                 "_responses")
+    __slots__ = ("keys", "data", "sets", "done", "sink", "sent", "size", "elapsed", "replies",
+                 "failure", "_responses")
 
-    def __init__(self, keys: list[bytes], done: Callable[[GetRun], object],
-                 sink: ReplySink | None = None) -> None:
+    def __init__(self, keys: list[bytes], done: Callable[[ReplyRun], object],
+                 sink: ReplySink | None = None, data: bytes | None = None,
+                 sets: list[int] | None = None) -> None:
         self.keys = keys
+        self.data = data
+        self.sets = frozenset(sets) if sets else None
         self.done = done
         self.sink = sink
         self.size = len(keys)
@@ -419,19 +427,21 @@ class GetRun:
         self._responses: dict[int, Response] = {}
 
     def __repr__(self) -> str:
-        return f"<GetRun of {len(self.keys)}>"
+        return f"<ReplyRun of {len(self.keys)}>"
 
     def write(self, out: list[bytes], batch: list, index: int) -> int:
-        out.append(b"get %s\r\n" % b"\r\nget ".join(self.keys))
+        data = self.data
+        out.append(b"get %s\r\n" % b"\r\nget ".join(self.keys) if data is None else data)
         return index
 
     def read(self, reader: ResponseReader) -> bool:
         keys = self.keys
+        sets = self.sets
         replies = self.replies
         count = len(keys)
         sink = self.sink
         while len(replies) < count:
-            if not reader.read_raw(1, replies, keys, None, None, len(replies)):
+            if not reader.read_raw(1, replies, keys, sets, None, len(replies)):
                 return False
             if sink is not None and not sink.wanted and replies[-1].startswith(b"VALUE "):
                 replies[-1] = END

@@ -34,14 +34,13 @@ from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
-from mcproxy.units import GetRun, KeyBatch, KeyFetch, PlainRun, ReplySink
+from mcproxy.units import KeyBatch, KeyFetch, PlainRun, ReplyRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.behaviour import AUTO, BEHAVIOURS, WIRE_1_6_15, WIRE_1_6_45
 from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
     CMD_FLUSH_ALL,
     CMD_GET,
-    CMD_SET,
     COMMAND_CONSTANTS,
     KeyRequests,
     Request,
@@ -518,7 +517,7 @@ class RouteEngine:
         to route once this poll's events are handled, with those other
         connections sent in the same poll: one call into Lua starts all of
         their routes and the keys they send unedited to one backend go as
-        one GetRun (see _LuaKeys), each answered as if routed alone.
+        one ReplyRun (see _LuaKeys), each answered as if routed alone.
         ``done(reply)`` once; ``release()`` once it is routed: until then
         the connection holds back what it reads after it, so that nothing
         it sent later is routed before it. False, with nothing done, for
@@ -638,7 +637,7 @@ class RouteEngine:
         run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
                        keys, sets, widths, sink)
         requests = run.size
-        self._count_run(requests, len(sets))
+        self.stats.count_run(requests, len(sets))
         run.done = partial(_run_answered, requests, self.stats, done)
         backend.send_unit(run)
         return True
@@ -659,7 +658,7 @@ class RouteEngine:
         for backend in backends:
             if backend.options.depth_limit:
                 return False
-        self._count_run(len(chosen), len(sets))
+        self.stats.count_run(len(chosen), len(sets))
         reply = _RunsReply(len(backends), self.stats, done)
         starts.append(len(chosen))
         offset = start
@@ -672,16 +671,6 @@ class RouteEngine:
             backend.send_unit(run)
             offset = end
         return True
-
-    def _count_run(self, requests: int, sets: int) -> None:
-        """Count a run's requests (``sets`` of them sets, the rest gets) as
-        routing them one by one would, as active until answered."""
-        stats = self.stats
-        stats.conn_requests += requests
-        commands = stats.commands
-        commands[CMD_GET] += requests - sets
-        commands[CMD_SET] += sets
-        stats.req_active += requests
 
     def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
         """A bug of ours, not the config's: log it, answer, keep serving."""
@@ -794,7 +783,7 @@ class _LuaKeys:
     one, with fewer crossings: one call into Lua starts every key's
     coroutine (mcp.lua's start_keys, with lazy requests), the keys those
     send unedited to the same backend go as one KeyFetch (a run's as one
-    GetRun: separate requests stay separate on the wire), and one call
+    ReplyRun: separate requests stay separate on the wire), and one call
     resumes the coroutines of a KeyFetch's keys (resume_keys, with lazy
     responses). A key whose route does anything else (edits or makes a
     request, awaits, waits, fails) goes on alone, driven by _advance as any
@@ -865,7 +854,7 @@ class _LuaKeys:
                         # client_bytes would give, without a Response
                         if multiget:
                             data = a.parts[b]
-                        elif a.__class__ is GetRun:
+                        elif a.__class__ is ReplyRun:
                             data = a.reply(b)
                         else:
                             data = client_bytes(a.response(b), self.keys.request(i))
@@ -941,11 +930,11 @@ class _LuaKeys:
         if self.keys.multiget:
             unit = KeyFetch(self.name, keys, done, self.sink)
         else:
-            unit = GetRun(keys, done, self.sink)
+            unit = ReplyRun(keys, done, self.sink)
         backend.send_unit(unit)
 
-    def fetched(self, positions: list[int], fetch: KeyFetch | GetRun) -> None:
-        """A KeyFetch's (or GetRun's) answer: resume the coroutines of its
+    def fetched(self, positions: list[int], fetch: KeyFetch | ReplyRun) -> None:
+        """A KeyFetch's (or ReplyRun's) answer: resume the coroutines of its
         keys."""
         # Lua holds the unit (lazy responses) until its next collection:
         # let go of what leads back to the routes and the client.

@@ -22,7 +22,7 @@ from mcproxy.routing.crons import CronError, make_cron
 from mcproxy.routing.ratelimits import RateLimitError, TokenBucket
 from mcproxy.routing.tunables import TunableError, Tunables, waittime
 from mcproxy.routing.userstats import UserStatError, UserStats
-from mcproxy.units import GetRun, KeyFetch
+from mcproxy.units import KeyFetch, ReplyRun
 from mcproxy.wire import request as rq
 from mcproxy.wire.request import (
     EditError,
@@ -389,7 +389,7 @@ class Host:
         return key_request(command, key, multiget)
 
     @staticmethod
-    def key_response(fetch: KeyFetch | GetRun, index: int) -> Response:
+    def key_response(fetch: KeyFetch | ReplyRun, index: int) -> Response:
         """The Response of a lazy response (mcp.lua's RESPONSE.__index)."""
         return fetch.response(index)
 

@@ -51,7 +51,7 @@ return function(host, phase, v2)
     -- The keys of a client multiget routed in one call (start_keys) get
     -- lazy requests: { _k, _c, _L = their batch, _i = index } without a
     -- Python Request (`_r`) until something asks for it, and their answers
-    -- lazy responses: { _ok, _hit, _B = the Python KeyFetch or GetRun, _j }
+    -- lazy responses: { _ok, _hit, _B = the Python KeyFetch or ReplyRun, _j }
     -- without `_p` until asked. Reading the missing field makes the Python
     -- object once (the same one Python uses for the key while its batch
     -- is routed).
@@ -843,7 +843,7 @@ return function(host, phase, v2)
         return full, table.unpack(out)
     end
 
-    -- Resume the coroutines of batch `id` whose pool calls a KeyFetch (or GetRun)
+    -- Resume the coroutines of batch `id` whose pool calls a KeyFetch (or ReplyRun)
     -- answered: `fetch` the unit, `flags` a byte per key (0 failed,
     -- 1 missed, 2 hit), then the index of each key's coroutine. Returns
     -- `full`, then `out`.

@@ -48,7 +48,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from mcproxy import writes
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
-from mcproxy.units import GetRun, KeyBatch, KeyFetch, PlainRun, Single
+from mcproxy.units import KeyBatch, KeyFetch, PlainRun, ReplyRun, Single
 from mcproxy.wire.request import CMD_GET
 from tests.servers import Memcached, exchange
 
@@ -165,7 +165,7 @@ class InProcessProxy:
         first ``BackendConnection.written`` of them written): a Single is
         one reply, but Singles merged into one multi-key get
         (``Single.merged``) share one; a KeyBatch or KeyFetch is one reply;
-        a PlainRun's or GetRun's requests are answered one by one. This is the one place
+        a PlainRun's or ReplyRun's requests are answered one by one. This is the one place
         that knows their shape.
         """
         queue = list(self.backend._queue)
@@ -182,7 +182,7 @@ class InProcessProxy:
                     out.append(set(merged.keys))
             elif isinstance(unit, KeyBatch | KeyFetch):
                 out.append(set(unit.keys))
-            elif isinstance(unit, GetRun):
+            elif isinstance(unit, ReplyRun):
                 out += [{key} for key in unit.keys]
             else:
                 assert isinstance(unit, PlainRun), unit

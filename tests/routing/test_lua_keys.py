@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fuzz.checks import chunked
 from mcproxy.backends.backend import Backend
-from mcproxy.units import GetRun, KeyFetch, Single
+from mcproxy.units import KeyFetch, ReplyRun, Single
 from tests.routing.luapaths import POOLS, LuaProxy
 
 #: A route per first letter of the key (the rest: the result of pools.a).
@@ -244,7 +244,7 @@ def test_gets_of_many_connections_answer_as_alone(tmp_path_factory, name, client
 def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_factory,
                                                                       monkeypatch):
     """One call into Lua starts the routes of every connection's get, and the
-    gets bound for one backend travel as one GetRun."""
+    gets bound for one backend travel as one ReplyRun."""
     batched = proxy(tmp_path_factory, "v1", True)
     units = []
     send_unit = Backend.send_unit
@@ -258,7 +258,7 @@ def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_fa
     got = batched.exchange_many([[b"get a%d\r\n" % i] for i in range(5)])
     assert got == [b"END\r\n"] * 5
     assert starts == [(False, b"a0", b"a1", b"a2", b"a3", b"a4")]
-    # one GetRun per backend of pool a, each written in one send
-    assert {unit.__class__ for unit in units} == {GetRun} and len(units) == len(batched.sent)
+    # one ReplyRun per backend of pool a, each written in one send
+    assert {unit.__class__ for unit in units} == {ReplyRun} and len(units) == len(batched.sent)
     assert sorted(b"".join(batched.sent).splitlines(keepends=True)) == [
         b"get a%d\r\n" % i for i in range(5)]

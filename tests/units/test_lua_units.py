@@ -1,12 +1,12 @@
 """The units of keys whose routes run in Lua (mcproxy.units KeyFetch and
-GetRun, engine._LuaKeys): what they write, what each key gets, how they
+ReplyRun, engine._LuaKeys): what they write, what each key gets, how they
 fail, and what they drop for a client that is gone."""
 
 from __future__ import annotations
 
 import pytest
 
-from mcproxy.units import GetRun, KeyFetch, Unit
+from mcproxy.units import KeyFetch, ReplyRun, Unit
 from mcproxy.wire.errors import BACKEND_FAILURE, END
 from mcproxy.wire.response import MCMC_CODE_END, BackendProtocolError, ResponseReader
 from tests.units.test_units import Got, Sink, answer, written
@@ -17,7 +17,7 @@ def value(key: bytes, data: bytes) -> bytes:
 
 
 def test_both_kinds_have_the_unit_shape():
-    for unit in (KeyFetch(b"get", [b"a"], Got()), GetRun([b"a"], Got())):
+    for unit in (KeyFetch(b"get", [b"a"], Got()), ReplyRun([b"a"], Got())):
         unit.sent = 1.0
         assert isinstance(unit, Unit), unit
 
@@ -69,7 +69,7 @@ def test_key_fetch_for_a_client_gone_drops_values_but_checks_keys():
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_get_run_writes_and_reads_each_get_as_alone(chunk):
-    run = GetRun([b"a", b"b", b"a"], Got())
+    run = ReplyRun([b"a", b"b", b"a"], Got())
     assert written([run]) == [b"get a\r\nget b\r\nget a\r\n"]
     assert answer([run], value(b"a", b"1") + END + END + b"SERVER_ERROR busy\r\n", chunk) == []
     assert run.done == [run] and run.flags() == bytes([2, 1, 2])
@@ -86,7 +86,7 @@ def test_get_run_writes_and_reads_each_get_as_alone(chunk):
 
 def test_get_run_reads_the_replies_the_fast_framing_leaves_to_the_parser():
     # a VALUE with a cas, a reply split before its END: framed by _parse
-    run = GetRun([b"a", b"b"], Got())
+    run = ReplyRun([b"a", b"b"], Got())
     answer([run], b"VALUE a 0 1 5\r\n1\r\nEND\r\nCLIENT_ERROR bad\r\n", 3)
     assert run.flags() == bytes([2, 2])
     assert run.reply(0) == b"VALUE a 0 1 5\r\n1\r\nEND\r\n"
@@ -94,7 +94,7 @@ def test_get_run_reads_the_replies_the_fast_framing_leaves_to_the_parser():
 
 
 def test_get_run_counts_what_is_left_while_read_and_fails_only_that():
-    run = GetRun([b"a", b"b", b"c"], Got())
+    run = ReplyRun([b"a", b"b", b"c"], Got())
     reader = ResponseReader()
     reader.feed(END + value(b"b", b"2"))
     assert not run.read(reader)
@@ -104,7 +104,7 @@ def test_get_run_counts_what_is_left_while_read_and_fails_only_that():
     assert [run.reply(i) for i in range(3)] == [END, BACKEND_FAILURE, BACKEND_FAILURE]
     assert [run.response(i).ok for i in range(3)] == [True, False, False]
     assert run.response(2).reason == "disconnected" and run.response(2).elapsed == 3
-    done = GetRun([b"a"], Got())
+    done = ReplyRun([b"a"], Got())
     answer([done], END)
     assert done.size == 1  # once read: each request a latency sample
 
@@ -115,7 +115,7 @@ def test_get_run_counts_what_is_left_while_read_and_fails_only_that():
     b"VALUE a 0 1\r\n1\r\nVALUE a 0 1\r\n",   # no END after the value
 ])
 def test_get_run_refuses_a_reply_that_is_not_its_requests(reply):
-    run = GetRun([b"a", b"b"], Got())
+    run = ReplyRun([b"a", b"b"], Got())
     with pytest.raises(BackendProtocolError):
         answer([run], reply + END * 3)
 
@@ -123,6 +123,6 @@ def test_get_run_refuses_a_reply_that_is_not_its_requests(reply):
 def test_get_run_for_a_client_gone_drops_values():
     sink = Sink(limit=0)
     sink.arriving(1)
-    run = GetRun([b"a"], Got(), sink)
+    run = ReplyRun([b"a"], Got(), sink)
     answer([run], value(b"a", b"1") + END)
     assert run.flags() == bytes([1]) and run.reply(0) == END
