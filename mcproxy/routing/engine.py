@@ -41,6 +41,7 @@ from mcproxy.wire.request import (
     BROADCAST_COMMANDS,
     CMD_FLUSH_ALL,
     CMD_GET,
+    CMD_SET,
     COMMAND_CONSTANTS,
     KeyRequests,
     Request,
@@ -397,6 +398,9 @@ class RouteEngine:
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
         self._native: dict = {}
+        #: the native runner that takes runs of plain requests (route_run):
+        #: a Failover that runs gets and sets alike (Failover.runs_like)
+        self._run_runner = None
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run and DirectRoutes.plain_runs
@@ -473,7 +477,14 @@ class RouteEngine:
         self.plain_runs = table.direct.plain_runs
         self.plain_alone = True
         self.gathers = False
-        if (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
+        self._run_runner = None
+        get = table.native.get(CMD_GET)
+        if self.plain_runs is None and isinstance(get, native.Failover) \
+                and get.runs_like(table.native.get(CMD_SET)):
+            # runs of gets and sets through the failover (Failover.send_run)
+            self.plain_runs = True
+            self._run_runner = get
+        elif (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
                 and CMD_GET not in table.native):
             # runs of gets, routed in Lua (_LuaKeys); one alone is parsed
             # as a line, and gathered with the other connections'
@@ -614,6 +625,9 @@ class RouteEngine:
         A run of gets only whose route runs in Lua (``plain_runs`` False)
         is routed as the keys of a multiget are (see _LuaKeys), each
         request answered as alone; a run of one get as the request alone.
+        A run through ``routes.failover`` (or routelib's route_failover)
+        goes to its first child as it came, only the requests whose answer
+        there is not the route's on to the next (Failover.send_run).
 
         False, with nothing done, when this does not apply (no such route,
         an active request limit, a backend with a depth limit, a key the
@@ -623,6 +637,10 @@ class RouteEngine:
             return False
         backend = self._direct.run_target(data, start, keys, ends, widths)
         if backend is None:
+            runner = self._run_runner
+            if runner is not None:
+                return runner.send_run(data, start, keys, ends, sets, done, self.stats,
+                                       self._route_error, sink)
             if self.plain_runs is not False or sets or widths or CMD_GET in self._direct.pools:
                 return False
             if len(keys) == 1:  # costs less alone

@@ -407,6 +407,37 @@ def test_multiget_keys_travel_together(tmp_path):
     assert scripted.stats.req_active == 0 and scripted.stats.conn_requests == 4
 
 
+def test_a_run_goes_to_the_first_child_as_sent(tmp_path):
+    """A client's run of plain gets and sets goes to the first child's
+    backend as it came (one ReplyRun); only the get it missed goes on, alone,
+    and the client gets every reply in order."""
+    scripted = _engine(tmp_path, 'routes.failover({ "a", "b" }, { miss = true })')
+    scripted.modes = {}
+    scripted.stores = {label: Store(clock=lambda: 1.0) for label in LABELS}
+    serve(scripted.stores[LABELS[0]], b"set k1 0 0 1\r\nA\r\n")
+    serve(scripted.stores[LABELS[1]], b"set k2 0 0 1\r\nB\r\n")
+    lines = []
+    for backend in scripted.engine.registry.live:
+        settle = backend.send_unit
+
+        def send_unit(unit, settle=settle, label=backend.label):
+            out: list[bytes] = []
+            unit.write(out, [unit], 0)
+            lines.append((label, unit.__class__.__name__, b"".join(out)))
+            settle(unit)
+        backend.send_unit = send_unit
+    run = b"get k1\r\nget k2\r\nset k3 0 0 1\r\nC\r\nget k3\r\n"
+    keys, ends = [b"k1", b"k2", b"k3", b"k3"], [8, 16, 37, 45]
+    out: list[bytes] = []
+    assert scripted.engine.route_run(run, 0, keys, ends, [2], None, out.append)
+    assert out == [b"VALUE k1 0 1\r\nA\r\nEND\r\nVALUE k2 0 1\r\nB\r\nEND\r\n"
+                   b"STORED\r\nVALUE k3 0 1\r\nC\r\nEND\r\n"]
+    assert lines == [(LABELS[0], "ReplyRun", run), (LABELS[1], "Single", b"get k2\r\n")]
+    stats = scripted.stats
+    assert stats.req_active == 0 and stats.conn_requests == 4
+    assert stats.commands[rq.CMD_GET] == 3 and stats.commands[rq.CMD_SET] == 1
+
+
 def test_shapes_left_to_lua(tmp_path):
     """A failover whose child is not a pool (a hand-written route, a route
     of another shape) runs in Lua; one of one pool is the direct path."""

@@ -19,9 +19,9 @@ from mcproxy.routing.native.common import (
     Runner,
     key_groups,
 )
-from mcproxy.units import ReplySink
+from mcproxy.units import ReplyRun, ReplySink
 from mcproxy.wire import errors
-from mcproxy.wire.request import Request
+from mcproxy.wire.request import Request, parse_request
 from mcproxy.wire.response import MCMC_CODE_END, Response, client_bytes, key_reply
 
 _EMPTY = b""
@@ -107,6 +107,60 @@ class Failover(Runner):
         backend.send(req, first)
         return True
 
+    def runs_like(self, other: object) -> bool:
+        """Whether ``other`` is a Failover that routes as this one does (the
+        runner of another command of the same route): a run of both
+        commands' requests may then go through this one. It may keep no
+        keys for Lua, or the same as this one (send_run leaves a run with
+        such a key to be routed one by one, whatever its command)."""
+        return (other.__class__ is Failover and other.pools == self.pools
+                and other.moves_on == self.moves_on and other.tries == self.tries
+                and other.shuffle == self.shuffle and other.lib == self.lib
+                and other.prefix in (None, self.prefix))
+
+    def send_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                 sets: list[int], done: Done, stats: ProxyStats, route_error: RouteError,
+                 sink: ReplySink | None) -> bool:
+        """Route a run of plain gets and sets (RouteEngine.route_run; its
+        requests are ``data[start:ends[-1]]``): each stretch of requests
+        whose first child places on the same backend goes to it as the
+        client sent them (a ReplyRun), and a request whose answer there is
+        not the route's goes on alone, as ``send`` takes it on; ``done``
+        gets every reply in order. False, with nothing done, when they go
+        one by one instead (a backend with a depth limit, a key kept for
+        Lua, a key the first child cannot place)."""
+        if self.depth_limited:
+            return False
+        prefix = self.prefix
+        if prefix is not None:
+            for key in keys:
+                if key.startswith(prefix):
+                    return False
+        orders = [self.order() for _ in keys] if self.shuffle else None
+        try:
+            if orders is None:
+                select = self.pools[0].select
+                chosen = [select(key) for key in keys]
+            else:
+                chosen = [order[0].select(key) for order, key in zip(orders, keys, strict=True)]
+        except ValueError:
+            return False
+        count = len(keys)
+        stats.count_run(count, len(sets))
+        run = _RunAttempt(self, orders, data, start, ends, sets, done, stats, route_error)
+        first = 0
+        offset = start
+        backend = chosen[0]
+        for index in range(1, count + 1):
+            if index == count or chosen[index] is not backend:
+                end = ends[index - 1]
+                mine = [i - first for i in sets if first <= i < index] if sets else None
+                backend.send_unit(ReplyRun(keys[first:index], partial(run.settle, first), sink,
+                                           data[offset:end], mine))
+                if index < count:
+                    first, offset, backend = index, end, chosen[index]
+        return True
+
     def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
                   route_error: RouteError, sink: ReplySink | None) -> bool:
         """Route the keys of the client multiget ``req`` (see
@@ -181,6 +235,74 @@ class _Attempt:
     def _finish(self, res: Response) -> None:
         self.stats.req_active -= 1
         self.done(client_bytes(res, self.req))
+
+
+class _RunAttempt:
+    """A run of plain requests through a Failover (Failover.send_run): the
+    replies of the first child's ReplyRuns, and the requests that go on,
+    each as an _Attempt; ``done`` gets every request's reply, in order."""
+
+    __slots__ = ("failover", "orders", "data", "start", "ends", "sets", "done", "stats",
+                 "route_error", "parts", "pending")
+
+    def __init__(self, failover: Failover, orders: list[list[Pool]] | None, data: bytes,
+                 start: int, ends: list[int], sets: list[int], done: Done, stats: ProxyStats,
+                 route_error: RouteError) -> None:
+        self.failover = failover
+        #: each request's order of the children (None: the failover's own)
+        self.orders = orders
+        self.data = data
+        self.start = start
+        self.ends = ends
+        self.sets = sets
+        self.done = done
+        self.stats = stats
+        self.route_error = route_error
+        self.parts: list[bytes] = [_EMPTY] * len(ends)
+        self.pending = len(ends)
+
+    def settle(self, first: int, unit: ReplyRun) -> None:
+        """The first child's answers to the requests from ``first`` on: each
+        reply the route's is final (the backend's bytes are then the
+        client's, as for any plain request), the others go on."""
+        moves_on = self.failover.moves_on
+        parts = self.parts
+        replies = unit.replies
+        final = 0
+        for j in range(len(unit.keys)):
+            if j < len(replies):
+                reply = replies[j]
+                if not moves_on or reply.startswith(b"VALUE ") \
+                        or unit.response(j).code not in moves_on:
+                    parts[first + j] = reply
+                    final += 1
+                    continue
+            self._go_on(first + j, unit.response(j))
+        if final:
+            self.stats.req_active -= final
+            self.pending -= final
+            if not self.pending:
+                self.done(_EMPTY.join(parts))
+
+    def _go_on(self, index: int, res: Response) -> None:
+        """Request ``index`` goes on from its first child's answer ``res``."""
+        data = self.data
+        begin = self.start if index == 0 else self.ends[index - 1]
+        request = data[begin:self.ends[index]]
+        line = request.index(b"\n") + 1
+        req = parse_request(request[:line])
+        if req.vlen:
+            req.value = request[line:]
+        failover = self.failover
+        order = failover.pools if self.orders is None else self.orders[index]
+        _Attempt(failover, order, req, partial(self._answer, index), self.stats,
+                 self.route_error).answer(res)
+
+    def _answer(self, index: int, reply: bytes) -> None:
+        self.parts[index] = reply
+        self.pending -= 1
+        if not self.pending:
+            self.done(_EMPTY.join(self.parts))
 
 
 class _KeysAttempt:
