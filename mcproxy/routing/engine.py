@@ -227,6 +227,7 @@ class Routes:
         self.loaded_at = monotonic()
         self.start = state.engine.start
         self.start_keys = state.engine.start_keys
+        self.start_mixed = state.engine.start_mixed
         self.resume_keys = state.engine.resume_keys
         self.key_full = state.engine.key_full
         self.key_alone = state.engine.key_alone
@@ -418,6 +419,8 @@ class RouteEngine:
         self.plain_alone = True
         #: whether gather may take a request (IRouter): gets routed in Lua
         self.gathers = False
+        #: whether plain sets are routed in Lua too (gathered, in runs)
+        self._lua_sets = False
         #: what gather took this poll: (request, done, release) each
         self._gathered: list[tuple] = []
         self._last_error_log = 0.0
@@ -476,7 +479,7 @@ class RouteEngine:
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
         self.plain_alone = True
-        self.gathers = False
+        self.gathers = self._lua_sets = False
         self._run_runner = None
         get = table.native.get(CMD_GET)
         if self.plain_runs is None and isinstance(get, native.Failover) \
@@ -486,9 +489,13 @@ class RouteEngine:
             self._run_runner = get
         elif (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
                 and CMD_GET not in table.native):
-            # runs of gets, routed in Lua (_LuaKeys); one alone is parsed
-            # as a line, and gathered with the other connections'
-            self.plain_runs = self.plain_alone = False
+            # runs of gets, routed in Lua (_LuaKeys), of plain sets too when
+            # theirs runs in Lua; one alone is parsed as a line, and
+            # gathered with the other connections'
+            self._lua_sets = (CMD_SET in table.hooks and CMD_SET not in table.native
+                              and CMD_SET not in table.direct.pools)
+            self.plain_runs = self._lua_sets
+            self.plain_alone = False
             self.gathers = True
         self.plain_multigets = table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
@@ -536,8 +543,13 @@ class RouteEngine:
         a poll of several events (``WriteBatch.crowded``): one connection's
         read alone has nothing to join."""
         gathered = self._gathered
-        if req.command != CMD_GET or len(req.line) != len(req.key) + 6 or req.multiget \
-                or self.tunables.active_req_limit:
+        command = req.command
+        if command == CMD_GET:
+            if len(req.line) != len(req.key) + 6 or req.multiget:
+                return False
+        elif command != CMD_SET or req.noreply or not self._lua_sets:
+            return False
+        if self.tunables.active_req_limit:
             return False
         gathered.append((req, done, release))
         if len(gathered) == 1:
@@ -553,7 +565,14 @@ class RouteEngine:
                 for req, done, _ in gathered:
                     self.route(req, done)
             else:
-                keys = KeyRequests(CMD_GET, [req.key for req, _, _ in gathered], False)
+                names = [req.key for req, _, _ in gathered]
+                sets = [i for i, (req, _, _) in enumerate(gathered) if req.command == CMD_SET]
+                if sets:
+                    keys = KeyRequests(CMD_GET, names, False, sets, [
+                        req.line if req.value is None else req.line + req.value
+                        for req, _, _ in gathered])
+                else:
+                    keys = KeyRequests(CMD_GET, names, False)
                 _LuaKeys(self, keys, [done for _, done, _ in gathered], None).start(
                     self._hooks[CMD_GET])
         finally:
@@ -641,13 +660,21 @@ class RouteEngine:
             if runner is not None:
                 return runner.send_run(data, start, keys, ends, sets, done, self.stats,
                                        self._route_error, sink)
-            if self.plain_runs is not False or sets or widths or CMD_GET in self._direct.pools:
+            if not self.gathers or widths or CMD_GET in self._direct.pools \
+                    or (sets and not self._lua_sets):
                 return False
-            if len(keys) == 1:  # costs less alone
+            if len(keys) == 1:  # costs less alone; a set alone is gathered
+                if sets:
+                    return False
                 self.route(key_request(CMD_GET, keys[0], False), done)
                 return True
-            _LuaKeys(self, KeyRequests(CMD_GET, keys, False), done, sink).start(
-                self._hooks[CMD_GET])
+            if sets:
+                begins = [start, *ends[:-1]]
+                requests = KeyRequests(CMD_GET, keys, False, sets, [
+                    data[begin:end] for begin, end in zip(begins, ends, strict=True)])
+            else:
+                requests = KeyRequests(CMD_GET, keys, False)
+            _LuaKeys(self, requests, done, sink).start(self._hooks[CMD_GET])
             return True
         if backend.__class__ is list:
             return self._route_stretches(data, start, keys, ends, sets, backend, done, sink)
@@ -829,14 +856,24 @@ class _LuaKeys:
         count = len(names)
         self.parts: list[bytes | None] = [None] * count
         self.pending = count
-        stats = engine.stats
-        stats.count_keys(keys.command, count)
+        if keys.sets:
+            engine.stats.count_run(count, len(keys.sets))
+        else:
+            engine.stats.count_keys(keys.command, count)
 
     def start(self, handler) -> None:
         try:
             keys = self.keys
-            started = self.routes.start_keys(handler, self.id, keys.command, keys.multiget,
-                                             *self.names)
+            if keys.sets:  # and the sets' route
+                kinds = bytearray(len(self.names))
+                for i in keys.sets:
+                    kinds[i] = 1
+                started = self.routes.start_mixed(handler, self.engine._hooks[CMD_SET],
+                                                  self.id, keys.command, CMD_SET, bytes(kinds),
+                                                  *self.names)
+            else:
+                started = self.routes.start_keys(handler, self.id, keys.command, keys.multiget,
+                                                 *self.names)
             self.settle(range(len(self.names)), started[0], started, 1)
         except Exception:
             self.internal_error(range(len(self.names)))
@@ -844,7 +881,9 @@ class _LuaKeys:
     def settle(self, positions, full, steps: tuple, at: int) -> None:
         """Go on with the keys at ``positions`` after a call into Lua: their
         steps (three values each) are ``steps[at:]``, ``full`` the full
-        steps kept for some (see mcp.lua's key_step)."""
+        steps kept for some (see mcp.lua's key_step). What the routes send
+        reaches each backend in the keys' order, as one by one: the keys
+        sent unedited before a key that goes on alone are sent before it."""
         made = self.keys.made
         multiget = self.keys.multiget
         parts = self.parts
@@ -891,6 +930,10 @@ class _LuaKeys:
                         if dones is not None:
                             dones[i](data)
                 else:
+                    if pools is not None:
+                        for pool, sent in pools.items():
+                            self.send(pool, sent)
+                        pools = None
                     self.alone(i, self.routes.key_full(full, i))
         finally:  # what was answered counts, also after a bug of ours
             if answered:
@@ -945,8 +988,14 @@ class _LuaKeys:
         done = partial(self.fetched, routes)
         names = self.names
         keys = [names[index] for index in indexes]
-        if self.keys.multiget:
+        requests = self.keys
+        if requests.multiget:
             unit = KeyFetch(self.name, keys, done, self.sink)
+        elif requests.sets:  # as sent, the sets' payloads too
+            sets = frozenset(requests.sets)
+            sent = requests.sent
+            unit = ReplyRun(keys, done, self.sink, b"".join([sent[i] for i in indexes]),
+                            [at for at, i in enumerate(indexes) if i in sets])
         else:
             unit = ReplyRun(keys, done, self.sink)
         backend.send_unit(unit)

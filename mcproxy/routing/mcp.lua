@@ -784,6 +784,7 @@ return function(host, phase, v2)
     local KEY_POOL <const> = 7
     local KEY_STEP <const> = 8
     local batches = {}
+    local string_byte = string.byte
 
     local function key_step(out, full, batch, i, co, ok, a, b, c, d, ...)
         local n = #out
@@ -843,11 +844,34 @@ return function(host, phase, v2)
         return full, table.unpack(out)
     end
 
+    -- start_keys for a batch of requests of two commands: each key's is
+    -- `cmd` (routed by `handler`), or `other_cmd` (by `other`) where its
+    -- byte in `kinds` is 1.
+    local function start_mixed(handler, other, id, cmd, other_cmd, kinds, ...)
+        local cos, full, out = {}, false, {}
+        local batch = { id = id, multiget = false, cos = cos, pending = 0 }
+        local names = { ... }
+        for i = 0, #names - 1 do
+            local co, r
+            if string_byte(kinds, i + 1) == 1 then
+                r = setmetatable({ _k = names[i + 1], _c = other_cmd, _L = batch, _i = i },
+                                 REQUEST)
+                co = coroutine_create(other)
+            else
+                r = setmetatable({ _k = names[i + 1], _c = cmd, _L = batch, _i = i }, REQUEST)
+                co = coroutine_create(handler)
+            end
+            cos[i] = co
+            full = key_step(out, full, batch, i, co, coroutine_resume(co, r))
+        end
+        keep(batch)
+        return full, table.unpack(out)
+    end
+
     -- Resume the coroutines of batch `id` whose pool calls a KeyFetch (or ReplyRun)
     -- answered: `fetch` the unit, `flags` a byte per key (0 failed,
     -- 1 missed, 2 hit), then the index of each key's coroutine. Returns
     -- `full`, then `out`.
-    local string_byte = string.byte
     local function resume_keys(id, fetch, flags, ...)
         local batch = batches[id]
         local cos, full, out = batch.cos, false, {}
@@ -1090,6 +1114,7 @@ return function(host, phase, v2)
         tagged = tagged,
         start = start,
         start_keys = start_keys,
+        start_mixed = start_mixed,
         resume_keys = resume_keys,
         key_full = key_full,
         key_alone = key_alone,

@@ -26,7 +26,7 @@ class IRouter(Interface):
         "error words, what closes; read when a line is refused, as it changes "
         "with the routes")
     plain_alone = Attribute(
-        "read when plain_runs is False: whether a request alone in what was read "
+        "read when plain_runs is not None: whether a request alone in what was read "
         "is worth handing to route_run (else it is parsed line by line)")
 
     gathers = Attribute(

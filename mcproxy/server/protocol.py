@@ -392,7 +392,7 @@ class ProxyServerProtocol(LineReceiver):
                 pos += len(take)
                 self.rawDataReceived(take)
                 continue
-            if plain is not None and (plain or router.plain_alone
+            if plain is not None and (router.plain_alone
                                       or data.find(b"\n", pos) < end - 1):
                 stop, keys, ends, sets, widths = scan_plain(data, pos, plain, MAX_PAYLOAD,
                                                             multigets=multigets)

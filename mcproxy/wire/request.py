@@ -541,18 +541,24 @@ def key_request(command: int, key: bytes, multiget: bool) -> Request:
 
 class KeyRequests:
     """``get``/``gets`` requests that differ only by their key: the keys
-    of a client multiget, or a run of plain gets (``multiget`` False). Each
-    Request (:func:`key_request`) is made only when first asked for, then
-    kept: a route that only reads a key and sends it on never needs one."""
+    of a client multiget, or a run of plain gets (``multiget`` False); or
+    plain gets and sets (``sets``: the indexes of the sets), each the bytes
+    of ``sent`` as the client sent it (its line, a set's payload too). Each
+    Request (:func:`key_request`, or parsed from what was sent) is made
+    only when first asked for, then kept: a route that only reads a key and
+    sends it on never needs one."""
 
-    __slots__ = ("command", "keys", "multiget", "made")
+    __slots__ = ("command", "keys", "multiget", "made", "sets", "sent")
 
-    def __init__(self, command: int, keys: list[bytes], multiget: bool) -> None:
+    def __init__(self, command: int, keys: list[bytes], multiget: bool,
+                 sets: list[int] | None = None, sent: list[bytes] | None = None) -> None:
         self.command = command
         self.keys = keys
         self.multiget = multiget
         #: index -> the Request made for that key
         self.made: dict[int, Request] = {}
+        self.sets = sets
+        self.sent = sent
 
     @property
     def name(self) -> bytes:
@@ -562,7 +568,16 @@ class KeyRequests:
     def request(self, index: int) -> Request:
         sub = self.made.get(index)
         if sub is None:
-            sub = self.made[index] = key_request(self.command, self.keys[index], self.multiget)
+            sent = self.sent
+            if sent is None:
+                sub = key_request(self.command, self.keys[index], self.multiget)
+            else:
+                request = sent[index]
+                line = request.index(b"\n") + 1
+                sub = parse_request(request[:line])
+                if sub.vlen:
+                    sub.value = request[line:]
+            self.made[index] = sub
         return sub
 
 

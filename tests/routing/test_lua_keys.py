@@ -110,7 +110,30 @@ function mcp_config_routes(p)
 end
 """
 
-CONFIGS = {"v1": V1_ROUTE, "v2": V2_ROUTE}
+#: V1's gets, and sets whose route mostly sends them on unedited (so that
+#: they travel with the gets), else edits, answers itself or fails.
+SETS_ROUTE = V1_ROUTE.replace("""    mcp.attach(mcp.CMD_SET, function(r)
+        local rs = mcp.await(r, { p.a, p.b }, 2)
+        return rs[1]
+    end)""", """    mcp.attach(mcp.CMD_SET, function(r)
+        local c = r:key():sub(1, 1)
+        if c == "w" then
+            local rs = mcp.await(r, { p.a, p.b }, 2)
+            return rs[1]
+        elseif c == "e" then
+            r:token(2, r:key() .. "x")
+        elseif c == "s" then
+            return "SERVER_ERROR nope\\r\\n"
+        elseif c == "z" then
+            error("no set")
+        elseif c == "l" then
+            local res = p.b(r)
+            return "SERVER_ERROR " .. tostring(res:ok()) .. " " .. res:line()
+        end
+        return p.a(r)
+    end)""")
+
+CONFIGS = {"v1": V1_ROUTE, "v2": V2_ROUTE, "sets": SETS_ROUTE}
 
 _proxies: dict[tuple[str, bool], LuaProxy] = {}
 
@@ -130,19 +153,20 @@ _keys = st.builds(lambda c, n: (c + n).encode(), st.sampled_from(_letters),
                   st.sampled_from(["", "1", "2", "33", "key:000123"]))
 
 
+_sets = st.builds(lambda key, value: b"set %s 3 0 %d\r\n%s\r\n" % (key, len(value), value),
+                 _keys, st.sampled_from([b"", b"v", b"value"]))
+
+
 @st.composite
 def streams(draw) -> bytes:
     """Sets of some keys, then multigets (get and gets) of those and
-    others, and runs of plain gets."""
-    out = []
-    for key in draw(st.lists(_keys, max_size=6)):
-        value = draw(st.sampled_from([b"", b"v", b"value"]))
-        out.append(b"set %s 3 0 %d\r\n%s\r\n" % (key, len(value), value))
+    others, and runs of plain gets with sets among them."""
+    out = draw(st.lists(_sets, max_size=6))
     for _ in range(draw(st.integers(1, 3))):
         keys = draw(st.lists(_keys, min_size=2, max_size=12))
         out.append(draw(st.sampled_from([b"get ", b"gets "])) + b" ".join(keys) + b"\r\n")
-        for key in draw(st.lists(_keys, max_size=8)):
-            out.append(b"get %s\r\n" % key)
+        out += draw(st.lists(_keys.map(lambda key: b"get %s\r\n" % key) | _sets,
+                             max_size=8))
     return b"".join(out)
 
 
@@ -223,6 +247,10 @@ def poll_streams(draw) -> list[list[bytes]]:
     clients = [[b"".join(sets)]]
     for i in range(draw(st.integers(1, 8))):
         read = b"get %s\r\n" % draw(_own_keys)
+        if draw(st.booleans()):
+            read = draw(st.sampled_from([b"set %s 0 0 1\r\nw\r\n", b"set %s 0 0 1 noreply\r\nw\r\n",
+                                         b"set %s 5 0 2\r\nxy\r\nget %s\r\n"]))
+            read = read.replace(b"%s", draw(_own_keys) + b"-%d" % i)
         more = draw(st.sampled_from([b"", b"get a%d\r\n", b"set a%d 0 0 1\r\nw\r\nget a%d\r\n",
                                      b"mn\r\n", b"gets a%d f2\r\n"]))
         clients.append([b"", read + more.replace(b"%d", b"-%d" % i)])
@@ -262,3 +290,13 @@ def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_fa
     assert {unit.__class__ for unit in units} == {ReplyRun} and len(units) == len(batched.sent)
     assert sorted(b"".join(batched.sent).splitlines(keepends=True)) == [
         b"get a%d\r\n" % i for i in range(5)]
+
+
+def test_what_a_run_sends_reaches_the_backend_in_its_order(tmp_path_factory):
+    """A set sent on unedited (its key's batch) and a set whose route edits
+    it (alone) reach the backend in the client's order, as one by one: the
+    cas uniques a later gets shows are the same."""
+    stream = [b"set m 3 0 0\r\n\r\nset e1 3 0 0\r\n\r\ngets a e1\r\n"]  # e1: e1x
+    batched = proxy(tmp_path_factory, "sets", True).exchange(stream)
+    assert batched == proxy(tmp_path_factory, "sets", False).exchange(stream)
+    assert batched.endswith(b"VALUE e1x 3 0 2\r\n\r\nEND\r\n")
