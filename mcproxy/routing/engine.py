@@ -531,11 +531,12 @@ class RouteEngine:
 
     def gather(self, req: Request, done: Callable[[bytes], None],
                release: Callable[[], None]) -> bool:
-        """Take a plain ``get <key>`` whose route runs in Lua (``gathers``)
-        to route once this poll's events are handled, with those other
-        connections sent in the same poll: one call into Lua starts all of
-        their routes and the keys they send unedited to one backend go as
-        one ReplyRun (see _LuaKeys), each answered as if routed alone.
+        """Take a plain ``get <key>`` whose route runs in Lua (``gathers``),
+        or a set without noreply when its route does too, to route once
+        this poll's events are handled, with those other connections sent
+        in the same poll: one call into Lua starts all of their routes and
+        the requests they send unedited to one backend go as one ReplyRun
+        (see _LuaKeys), each answered as if routed alone.
         ``done(reply)`` once; ``release()`` once it is routed: until then
         the connection holds back what it reads after it, so that nothing
         it sent later is routed before it. False, with nothing done, for
@@ -641,9 +642,10 @@ class RouteEngine:
         multiget together, see route_keys) would have answered. ``sink``
         as for route_keys.
 
-        A run of gets only whose route runs in Lua (``plain_runs`` False)
-        is routed as the keys of a multiget are (see _LuaKeys), each
-        request answered as alone; a run of one get as the request alone.
+        A run whose routes run in Lua (``gathers``; of gets only unless the
+        route of sets runs in Lua too) is routed as the keys of a multiget
+        are (see _LuaKeys), each request answered as alone; a run of one get
+        as the request alone, of one set on the line path (gathered).
         A run through ``routes.failover`` (or routelib's route_failover)
         goes to its first child as it came, only the requests whose answer
         there is not the route's on to the next (Failover.send_run).
