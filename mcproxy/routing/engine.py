@@ -227,7 +227,6 @@ class Routes:
         self.loaded_at = monotonic()
         self.start = state.engine.start
         self.start_keys = state.engine.start_keys
-        self.start_mixed = state.engine.start_mixed
         self.resume_keys = state.engine.resume_keys
         self.key_full = state.engine.key_full
         self.key_alone = state.engine.key_alone
@@ -870,12 +869,12 @@ class _LuaKeys:
                 kinds = bytearray(len(self.names))
                 for i in keys.sets:
                     kinds[i] = 1
-                started = self.routes.start_mixed(handler, self.engine._hooks[CMD_SET],
-                                                  self.id, keys.command, CMD_SET, bytes(kinds),
-                                                  *self.names)
+                started = self.routes.start_keys(handler, self.engine._hooks[CMD_SET],
+                                                 self.id, keys.command, CMD_SET, False,
+                                                 bytes(kinds), *self.names)
             else:
-                started = self.routes.start_keys(handler, self.id, keys.command, keys.multiget,
-                                                 *self.names)
+                started = self.routes.start_keys(handler, None, self.id, keys.command, None,
+                                                 keys.multiget, False, *self.names)
             self.settle(range(len(self.names)), started[0], started, 1)
         except Exception:
             self.internal_error(range(len(self.names)))

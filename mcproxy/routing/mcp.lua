@@ -828,39 +828,22 @@ return function(host, phase, v2)
         end
     end
 
-    -- Start the route `handler` for each key (the varargs) of batch `id`
-    -- (whose keys are of command `cmd`); returns `full`, then `out`.
-    local function start_keys(handler, id, cmd, multiget, ...)
+    -- Start a route for each key (the varargs) of batch `id`: the key's
+    -- command is `cmd`, routed by `handler`, or where its byte in `kinds`
+    -- is 1 (`kinds` false: none), `other_cmd`, routed by `other`. Returns
+    -- `full`, then `out`.
+    local function start_keys(handler, other, id, cmd, other_cmd, multiget, kinds, ...)
         local cos, full, out = {}, false, {}
         local batch = { id = id, multiget = multiget, cos = cos, pending = 0 }
         local names = { ... }
         for i = 0, #names - 1 do
-            local r = setmetatable({ _k = names[i + 1], _c = cmd, _L = batch, _i = i }, REQUEST)
-            local co = coroutine_create(handler)
-            cos[i] = co
-            full = key_step(out, full, batch, i, co, coroutine_resume(co, r))
-        end
-        keep(batch)
-        return full, table.unpack(out)
-    end
-
-    -- start_keys for a batch of requests of two commands: each key's is
-    -- `cmd` (routed by `handler`), or `other_cmd` (by `other`) where its
-    -- byte in `kinds` is 1.
-    local function start_mixed(handler, other, id, cmd, other_cmd, kinds, ...)
-        local cos, full, out = {}, false, {}
-        local batch = { id = id, multiget = false, cos = cos, pending = 0 }
-        local names = { ... }
-        for i = 0, #names - 1 do
-            local co, r
-            if string_byte(kinds, i + 1) == 1 then
-                r = setmetatable({ _k = names[i + 1], _c = other_cmd, _L = batch, _i = i },
-                                 REQUEST)
-                co = coroutine_create(other)
-            else
-                r = setmetatable({ _k = names[i + 1], _c = cmd, _L = batch, _i = i }, REQUEST)
-                co = coroutine_create(handler)
+            local route, command = handler, cmd
+            if kinds and string_byte(kinds, i + 1) == 1 then
+                route, command = other, other_cmd
             end
+            local r = setmetatable({ _k = names[i + 1], _c = command, _L = batch, _i = i },
+                                   REQUEST)
+            local co = coroutine_create(route)
             cos[i] = co
             full = key_step(out, full, batch, i, co, coroutine_resume(co, r))
         end
@@ -1114,7 +1097,6 @@ return function(host, phase, v2)
         tagged = tagged,
         start = start,
         start_keys = start_keys,
-        start_mixed = start_mixed,
         resume_keys = resume_keys,
         key_full = key_full,
         key_alone = key_alone,

@@ -381,6 +381,22 @@ def test_shuffle_tries_each_order_alike(tmp_path, count, tries):
         assert abs(seen_count - expected) < 4.5 * sigma, (order, seen_count)
 
 
+def _record_sends(scripted: ScriptedProxy) -> list[tuple[str, str, bytes]]:
+    """What each backend of ``scripted`` is sent from now on: its label, the
+    unit's kind and the unit's bytes, in order."""
+    sends = []
+    for backend in scripted.engine.registry.live:
+        settle = backend.send_unit
+
+        def send_unit(unit, settle=settle, label=backend.label):
+            out: list[bytes] = []
+            unit.write(out, [unit], 0)
+            sends.append((label, unit.__class__.__name__, b"".join(out)))
+            settle(unit)
+        backend.send_unit = send_unit
+    return sends
+
+
 def test_multiget_keys_travel_together(tmp_path):
     """The keys of a multiget go to each child's backends as one backend
     multiget each; only the keys the first child missed go on."""
@@ -389,20 +405,12 @@ def test_multiget_keys_travel_together(tmp_path):
     scripted.stores = {label: Store(clock=lambda: 1.0) for label in LABELS}
     serve(scripted.stores[LABELS[0]], b"set k1 0 0 1\r\nA\r\nset k3 0 0 1\r\nA\r\n")
     serve(scripted.stores[LABELS[1]], b"set k2 0 0 1\r\nB\r\nset k1 0 0 1\r\nB\r\n")
-    lines = []
-    for backend in scripted.engine.registry.live:
-        settle = backend.send_unit
-
-        def send_unit(unit, settle=settle, label=backend.label):
-            out: list[bytes] = []
-            unit.write(out, [unit], 0)
-            lines.append((label, b"".join(out)))
-            settle(unit)
-        backend.send_unit = send_unit
+    sends = _record_sends(scripted)
     out: list[bytes] = []
     req = parse_request(b"get k1 k2 k3 k4\r\n")
     assert scripted.engine.route_keys(req, [b"k1", b"k2", b"k3", b"k4"], out.append)
     assert out == [b"VALUE k1 0 1\r\nA\r\nVALUE k2 0 1\r\nB\r\nVALUE k3 0 1\r\nA\r\nEND\r\n"]
+    lines = [(label, sent) for label, _, sent in sends]
     assert lines == [(LABELS[0], b"get k1 k2 k3 k4\r\n"), (LABELS[1], b"get k2 k4\r\n")]
     assert scripted.stats.req_active == 0 and scripted.stats.conn_requests == 4
 
@@ -416,16 +424,7 @@ def test_a_run_goes_to_the_first_child_as_sent(tmp_path):
     scripted.stores = {label: Store(clock=lambda: 1.0) for label in LABELS}
     serve(scripted.stores[LABELS[0]], b"set k1 0 0 1\r\nA\r\n")
     serve(scripted.stores[LABELS[1]], b"set k2 0 0 1\r\nB\r\n")
-    lines = []
-    for backend in scripted.engine.registry.live:
-        settle = backend.send_unit
-
-        def send_unit(unit, settle=settle, label=backend.label):
-            out: list[bytes] = []
-            unit.write(out, [unit], 0)
-            lines.append((label, unit.__class__.__name__, b"".join(out)))
-            settle(unit)
-        backend.send_unit = send_unit
+    lines = _record_sends(scripted)
     run = b"get k1\r\nget k2\r\nset k3 0 0 1\r\nC\r\nget k3\r\n"
     keys, ends = [b"k1", b"k2", b"k3", b"k3"], [8, 16, 37, 45]
     out: list[bytes] = []
