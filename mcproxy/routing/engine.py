@@ -848,9 +848,8 @@ class _LuaKeys:
         self.keys = keys
         self.names = names = keys.keys
         self.name = keys.name
-        #: the number Lua knows the batch by (Host.batches, while routed)
-        self.id = id = next(_batch_ids)
-        engine.routes.host.batches[id] = keys
+        #: the number Lua knows the batch by
+        self.id = next(_batch_ids)
         self.sink = sink
         self.done = done
         self.dones = done if done.__class__ is list else None
@@ -865,16 +864,19 @@ class _LuaKeys:
     def start(self, handler) -> None:
         try:
             keys = self.keys
+            routes = self.routes
             if keys.sets:  # and the sets' route
                 kinds = bytearray(len(self.names))
                 for i in keys.sets:
                     kinds[i] = 1
-                started = self.routes.start_keys(handler, self.engine._hooks[CMD_SET],
-                                                 self.id, keys.command, CMD_SET, False,
-                                                 bytes(kinds), *self.names)
+                # Lua holds them (the sets' payloads too) until it collects
+                routes.handed(sum(map(len, keys.sent)))
+                started = routes.start_keys(handler, self.engine._hooks[CMD_SET], self.id,
+                                            keys, keys.command, CMD_SET, False, bytes(kinds),
+                                            *self.names)
             else:
-                started = self.routes.start_keys(handler, None, self.id, keys.command, None,
-                                                 keys.multiget, False, *self.names)
+                started = routes.start_keys(handler, None, self.id, keys, keys.command, None,
+                                            keys.multiget, False, *self.names)
             self.settle(range(len(self.names)), started[0], started, 1)
         except Exception:
             self.internal_error(range(len(self.names)))
@@ -1046,7 +1048,6 @@ class _LuaKeys:
             self.finish()
 
     def finish(self) -> None:
-        del self.routes.host.batches[self.id]
         if self.dones is not None:
             return
         parts = self.parts

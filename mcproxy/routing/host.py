@@ -29,7 +29,6 @@ from mcproxy.wire.request import (
     KeyRequests,
     ParseError,
     Request,
-    key_request,
     parse_request,
 )
 from mcproxy.wire.response import (
@@ -194,9 +193,6 @@ class Host:
         self.pools: list[Pool] = []
         #: stat names added by this load's mcp_config_pools: index -> name
         self.stat_names: dict[int, str] = {}
-        #: the keys of the batches being routed (engine._LuaKeys), by the
-        #: number Lua knows each by
-        self.batches: dict[int, KeyRequests] = {}
 
     # -- backends and pools ------------------------------------------------
 
@@ -379,14 +375,11 @@ class Host:
             req.value = value
         return req, None
 
-    def key_request(self, batch: int, index: int, key: bytes, command: int,
-                    multiget: bool) -> Request:
-        """The Request of a lazy request (mcp.lua's REQUEST.__index): its
-        batch's, while the batch is routed (``batches``), else its own."""
-        keys = self.batches.get(batch)
-        if keys is not None:
-            return keys.request(index)
-        return key_request(command, key, multiget)
+    @staticmethod
+    def key_request(requests: KeyRequests, index: int) -> Request:
+        """The Request of a lazy request (mcp.lua's REQUEST.__index): the
+        one its batch's ``requests`` make for it."""
+        return requests.request(index)
 
     @staticmethod
     def key_response(fetch: KeyFetch | ReplyRun, index: int) -> Response:

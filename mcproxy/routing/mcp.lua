@@ -53,8 +53,9 @@ return function(host, phase, v2)
     -- Python Request (`_r`) until something asks for it, and their answers
     -- lazy responses: { _ok, _hit, _B = the Python KeyFetch or ReplyRun, _j }
     -- without `_p` until asked. Reading the missing field makes the Python
-    -- object once (the same one Python uses for the key while its batch
-    -- is routed).
+    -- object once, from the batch's Python requests (`requests`, held as
+    -- long as a request of the batch is: the same object Python uses for
+    -- the key while its batch is routed).
     local rawget = rawget
     local rawset = rawset
 
@@ -67,8 +68,7 @@ return function(host, phase, v2)
         if batch == nil then
             return nil
         end
-        local preq = host.key_request(batch.id, rawget(r, "_i"), rawget(r, "_k"), rawget(r, "_c"),
-                                      batch.multiget)
+        local preq = host.key_request(batch.requests, rawget(r, "_i"))
         rawset(r, "_r", preq)
         return preq
     end
@@ -828,13 +828,14 @@ return function(host, phase, v2)
         end
     end
 
-    -- Start a route for each key (the varargs) of batch `id`: the key's
-    -- command is `cmd`, routed by `handler`, or where its byte in `kinds`
-    -- is 1 (`kinds` false: none), `other_cmd`, routed by `other`. Returns
-    -- `full`, then `out`.
-    local function start_keys(handler, other, id, cmd, other_cmd, multiget, kinds, ...)
+    -- Start a route for each key (the varargs) of batch `id`, whose Python
+    -- requests are `requests`: the key's command is `cmd`, routed by
+    -- `handler`, or where its byte in `kinds` is 1 (`kinds` false: none),
+    -- `other_cmd`, routed by `other`. Returns `full`, then `out`.
+    local function start_keys(handler, other, id, requests, cmd, other_cmd, multiget, kinds, ...)
         local cos, full, out = {}, false, {}
-        local batch = { id = id, multiget = multiget, cos = cos, pending = 0 }
+        local batch = { id = id, requests = requests, multiget = multiget, cos = cos,
+                        pending = 0 }
         local names = { ... }
         for i = 0, #names - 1 do
             local route, command = handler, cmd

@@ -283,7 +283,7 @@ def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_fa
     start_keys = routes.start_keys
 
     def recorded(*args):  # the batch's multiget flag and keys
-        starts.append(args[5:6] + args[7:])
+        starts.append(args[6:7] + args[8:])
         return start_keys(*args)
     monkeypatch.setattr(routes, "start_keys", recorded)
     got = batched.exchange_many([[b"get a%d\r\n" % i] for i in range(5)])
@@ -303,3 +303,37 @@ def test_what_a_run_sends_reaches_the_backend_in_its_order(tmp_path_factory):
     batched = proxy(tmp_path_factory, "sets", True).exchange(stream)
     assert batched == proxy(tmp_path_factory, "sets", False).exchange(stream)
     assert batched.endswith(b"VALUE e1x 3 0 2\r\n\r\nEND\r\n")
+
+
+#: Routes that keep a request and read it in a later route.
+STASH_ROUTE = POOLS + """
+function mcp_config_routes(p)
+    local saved = {}
+    local function route(r)
+        local key = r:key()
+        if key == "peek" then
+            local out = {}
+            for _, old in ipairs(saved) do
+                out[#out + 1] = old:token(1) .. ":" .. old:key() .. ":" .. old:ntokens()
+            end
+            return "SERVER_ERROR " .. table.concat(out, ",") .. "\\r\\n"
+        end
+        saved[#saved + 1] = r
+        return p.a(r)
+    end
+    mcp.attach(mcp.CMD_GET, route)
+    mcp.attach(mcp.CMD_SET, route)
+end
+"""
+
+
+def test_a_request_kept_past_its_batch_reads_as_alone(tmp_path_factory):
+    """A route may keep a request of a batch (a run's get or set) and read it
+    in a later route, once its batch is done: it reads as it would have,
+    routed alone."""
+    path = tmp_path_factory.mktemp("stash") / "route.lua"
+    path.write_text(STASH_ROUTE)
+    stream = [b"set a1 0 0 2\r\nxy\r\nget a2\r\nset a3 0 0 1\r\nz\r\n", b"get peek\r\n"]
+    batched = LuaProxy(str(path), True).exchange(stream)
+    assert batched == LuaProxy(str(path), False).exchange(stream)
+    assert batched.endswith(b"SERVER_ERROR set:a1:5,get:a2:2,set:a3:5\r\n")
