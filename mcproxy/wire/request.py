@@ -529,6 +529,16 @@ def multiget_key(req: Request, prefix: bytes, key: bytes) -> Request:
 _KEY_COMMANDS = {CMD_GET: b"get", CMD_GETS: b"gets"}
 
 
+def sent_request(sent: bytes) -> Request:
+    """The Request of a plain request (``scan_plain``'s) from the bytes the
+    client sent: its line, and a set's payload."""
+    line = sent.index(b"\n") + 1
+    req = parse_request(sent[:line])
+    if req.vlen:
+        req.value = sent[line:]
+    return req
+
+
 def key_request(command: int, key: bytes, multiget: bool) -> Request:
     """The ``get``/``gets`` request of one key, as :func:`parse_request`
     makes it, or (``multiget``) as :func:`multiget_key` makes a key of a
@@ -572,11 +582,7 @@ class KeyRequests:
             if sent is None:
                 sub = key_request(self.command, self.keys[index], self.multiget)
             else:
-                request = sent[index]
-                line = request.index(b"\n") + 1
-                sub = parse_request(request[:line])
-                if sub.vlen:
-                    sub.value = request[line:]
+                sub = sent_request(sent[index])
             self.made[index] = sub
         return sub
 

@@ -332,3 +332,19 @@ def test_an_edit_of_a_get_with_as_many_keys_goes_through(line, index, token, edi
     req = parse_request(line)
     rq.set_token(req, index, token)
     assert req.line == edited
+
+
+@pytest.mark.parametrize("sent, value", [
+    (b"get foo\r\n", None),
+    (b"set foo 5 0 3\r\nabc\r\n", b"abc\r\n"),
+    (b"set foo 0 0 0\r\n\r\n", b"\r\n"),
+])
+def test_a_request_from_what_was_sent_is_its_parse(sent, value):
+    """sent_request and KeyRequests made from what was sent give the Request
+    parse_request gives for the line, with a set's payload."""
+    line = sent[:sent.index(b"\n") + 1]
+    want = parse_request(line)
+    for req in (rq.sent_request(sent), rq.KeyRequests(rq.CMD_GET, [b"foo"], False, [0] if value
+                                                      else None, [sent]).request(0)):
+        assert (req.command, req.line, req.tokens, req.key, req.value) == (
+            want.command, want.line, want.tokens, want.key, value)

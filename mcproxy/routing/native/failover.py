@@ -21,7 +21,7 @@ from mcproxy.routing.native.common import (
 )
 from mcproxy.units import ReplyRun, ReplySink
 from mcproxy.wire import errors
-from mcproxy.wire.request import Request, parse_request
+from mcproxy.wire.request import Request, sent_request
 from mcproxy.wire.response import MCMC_CODE_END, Response, client_bytes, key_reply
 
 _EMPTY = b""
@@ -147,7 +147,7 @@ class Failover(Runner):
             return False
         count = len(keys)
         stats.count_run(count, len(sets))
-        run = _RunAttempt(self, orders, data, start, ends, sets, done, stats, route_error)
+        run = _RunAttempt(self, orders, data, start, ends, done, stats, route_error)
         first = 0
         offset = start
         backend = chosen[0]
@@ -242,11 +242,11 @@ class _RunAttempt:
     replies of the first child's ReplyRuns, and the requests that go on,
     each as an _Attempt; ``done`` gets every request's reply, in order."""
 
-    __slots__ = ("failover", "orders", "data", "start", "ends", "sets", "done", "stats",
+    __slots__ = ("failover", "orders", "data", "start", "ends", "done", "stats",
                  "route_error", "parts", "pending")
 
     def __init__(self, failover: Failover, orders: list[list[Pool]] | None, data: bytes,
-                 start: int, ends: list[int], sets: list[int], done: Done, stats: ProxyStats,
+                 start: int, ends: list[int], done: Done, stats: ProxyStats,
                  route_error: RouteError) -> None:
         self.failover = failover
         #: each request's order of the children (None: the failover's own)
@@ -254,7 +254,6 @@ class _RunAttempt:
         self.data = data
         self.start = start
         self.ends = ends
-        self.sets = sets
         self.done = done
         self.stats = stats
         self.route_error = route_error
@@ -286,13 +285,8 @@ class _RunAttempt:
 
     def _go_on(self, index: int, res: Response) -> None:
         """Request ``index`` goes on from its first child's answer ``res``."""
-        data = self.data
         begin = self.start if index == 0 else self.ends[index - 1]
-        request = data[begin:self.ends[index]]
-        line = request.index(b"\n") + 1
-        req = parse_request(request[:line])
-        if req.vlen:
-            req.value = request[line:]
+        req = sent_request(self.data[begin:self.ends[index]])
         failover = self.failover
         order = failover.pools if self.orders is None else self.orders[index]
         _Attempt(failover, order, req, partial(self._answer, index), self.stats,
