@@ -30,6 +30,7 @@ from mcproxy.routing import direct, native, rcontext
 from mcproxy.routing.crons import Crons
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
+from mcproxy.routing.native.common import KeysReply
 from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
@@ -615,7 +616,7 @@ class RouteEngine:
         count = len(keys)
         stats.count_keys(req.command, count)
         name = req.tokens[0]
-        reply = _KeysReply(count, len(groups), stats, done)
+        reply = KeysReply(count, len(groups), stats, done)
         for backend, positions in groups.items():
             if positions is None:
                 backend.send_unit(KeyBatch(name, keys, reply.answer_all, sink))
@@ -1054,38 +1055,6 @@ class _LuaKeys:
         if self.keys.multiget:
             parts.append(errors.END)
         self.done(_EMPTY.join(parts))
-
-
-class _KeysReply:
-    """Collects the answers of the KeyBatches of one client multiget
-    (RouteEngine.route_keys) into its reply."""
-
-    __slots__ = ("parts", "pending", "stats", "done")
-
-    def __init__(self, count: int, batches: int, stats: ProxyStats,
-                 done: Callable[[bytes], None]) -> None:
-        self.parts: list[bytes] = [_EMPTY] * count
-        self.pending = batches
-        self.stats = stats
-        self.done = done
-
-    def answer_all(self, parts: list[bytes]) -> None:
-        """The answer of the one batch that holds every key: each key's
-        reply (units.KeyBatch), then the multiget's END."""
-        self.stats.req_active -= len(self.parts)
-        parts.append(errors.END)
-        self.done(_EMPTY.join(parts))
-
-    def answer(self, positions: list[int], parts: list[bytes]) -> None:
-        """The answer of the batch of the keys at ``positions``."""
-        self.stats.req_active -= len(positions)
-        mine = self.parts
-        for position, part in zip(positions, parts, strict=True):
-            mine[position] = part
-        self.pending -= 1
-        if not self.pending:
-            mine.append(errors.END)
-            self.done(_EMPTY.join(mine))
 
 
 def _run_answered(requests: int, stats: ProxyStats, done: Callable[[bytes], None],

@@ -1,5 +1,6 @@
 """What the native runners share: the keys of a multiget grouped per
-backend, a KeyBatch that tells failures apart, routelib's rule for a
+backend and their answers collected (also the direct path's), a KeyBatch
+that tells failures apart, routelib's rule for a
 request no backend takes, and the answers picked from several children."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from mcproxy.wire.response import (
     MCMC_CODE_SERVER_ERROR,
     Response,
 )
+
+_EMPTY = b""
 
 Done = Callable[[bytes], None]
 RouteError = Callable[[Request, bytes], None]
@@ -83,6 +86,37 @@ class FailBatch(KeyBatch):
 
     def fail(self, reason: str, elapsed: int) -> None:
         self.failed(reason)
+
+
+class KeysReply:
+    """Collects the answers of the KeyBatches of one client multiget
+    (RouteEngine.route_keys, a Router's keys) into its reply."""
+
+    __slots__ = ("parts", "pending", "stats", "done")
+
+    def __init__(self, count: int, batches: int, stats: ProxyStats, done: Done) -> None:
+        self.parts: list[bytes] = [_EMPTY] * count
+        self.pending = batches
+        self.stats = stats
+        self.done = done
+
+    def answer_all(self, parts: list[bytes]) -> None:
+        """The answer of the one batch that holds every key: each key's
+        reply (units.KeyBatch), then the multiget's END."""
+        self.stats.req_active -= len(self.parts)
+        parts.append(errors.END)
+        self.done(_EMPTY.join(parts))
+
+    def answer(self, positions: list[int], parts: list[bytes]) -> None:
+        """The answer of the batch of the keys at ``positions``."""
+        self.stats.req_active -= len(positions)
+        mine = self.parts
+        for position, part in zip(positions, parts, strict=True):
+            mine[position] = part
+        self.pending -= 1
+        if not self.pending:
+            mine.append(errors.END)
+            self.done(_EMPTY.join(mine))
 
 
 def lib_backend(pool: Pool, req: Request):

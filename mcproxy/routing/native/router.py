@@ -10,11 +10,10 @@ from functools import partial
 from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
 from mcproxy.routing import direct
-from mcproxy.routing.native.common import Done, RouteError, Runner
+from mcproxy.routing.native.common import Done, KeysReply, RouteError, Runner
 from mcproxy.routing.routerkey import name_finder
 from mcproxy.routing.shapes import Shape
 from mcproxy.units import KeyBatch, ReplySink
-from mcproxy.wire import errors
 from mcproxy.wire.request import Request
 
 _EMPTY = b""
@@ -96,31 +95,9 @@ class Router(Runner):
             return False  # routed key by key, each key gets its error
         count = len(keys)
         stats.count_keys(req.command, count)
-        reply = _Keys(count, len(groups), stats, done)
+        reply = KeysReply(count, len(groups), stats, done)
         name = req.tokens[0]
         for backend, positions in groups.items():
             backend.send_unit(KeyBatch(name, [keys[p] for p in positions],
                                        partial(reply.answer, positions), sink))
         return True
-
-
-class _Keys:
-    """The answers of one client multiget's KeyBatches, into its reply."""
-
-    __slots__ = ("parts", "pending", "stats", "done")
-
-    def __init__(self, count: int, batches: int, stats: ProxyStats, done: Done) -> None:
-        self.parts: list[bytes] = [_EMPTY] * count
-        self.pending = batches
-        self.stats = stats
-        self.done = done
-
-    def answer(self, positions: list[int], parts: list[bytes]) -> None:
-        self.stats.req_active -= len(positions)
-        mine = self.parts
-        for position, part in zip(positions, parts, strict=True):
-            mine[position] = part
-        self.pending -= 1
-        if not self.pending:
-            mine.append(errors.END)
-            self.done(_EMPTY.join(mine))
