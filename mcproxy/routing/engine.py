@@ -878,7 +878,11 @@ class _LuaKeys:
             else:
                 started = routes.start_keys(handler, None, self.id, keys, keys.command, None,
                                             keys.multiget, False, *self.names)
-            self.settle(range(len(self.names)), started[0], started, 1)
+            if len(started) == 2:  # every key sent its own request to one pool
+                every = range(len(self.names))
+                self.send(started[1], every, every)
+            else:
+                self.settle(range(len(self.names)), started[0], started, 1)
         except Exception:
             self.internal_error(range(len(self.names)))
 
@@ -936,25 +940,52 @@ class _LuaKeys:
                 else:
                     if pools is not None:
                         for pool, sent in pools.items():
-                            self.send(pool, sent)
+                            self.send(pool, sent[0::2], sent[1::2])
                         pools = None
                     self.alone(i, self.routes.key_full(full, i))
         finally:  # what was answered counts, also after a bug of ours
-            if answered:
-                self.engine.stats.req_active -= answered
-                self.pending -= answered
-                if not self.pending:
-                    self.finish()
+            self._answered(answered)
         if pools is not None:
             for pool, sent in pools.items():
-                self.send(pool, sent)
+                self.send(pool, sent[0::2], sent[1::2])
 
-    def send(self, pool, sent: list[int]) -> None:
+    def _answered(self, count: int) -> None:
+        if count:
+            self.engine.stats.req_active -= count
+            self.pending -= count
+            if not self.pending:
+                self.finish()
+
+    def settle_own(self, positions: list[int], fetch: KeyFetch | ReplyRun) -> None:
+        """Go on with the keys at ``positions`` after each returned the
+        response ``fetch`` gave it (mcp.lua's resume_keys): what settle
+        does for those steps, without them."""
+        if self.keys.made:  # a route made a key's request: maybe edited
+            steps = []
+            for j in range(len(positions)):
+                steps += (DONE_RESPONSE, fetch, j)
+            self.settle(positions, False, steps, 0)
+            return
+        parts = self.parts
+        dones = self.dones
+        # a multiget's keys went as KeyFetches, a run's as ReplyRuns
+        datas = fetch.parts if self.keys.multiget else map(fetch.reply, range(len(positions)))
+        answered = 0
+        try:
+            for i, data in zip(positions, datas, strict=True):
+                if parts[i] is None:
+                    parts[i] = data
+                    answered += 1
+                    if dones is not None:
+                        dones[i](data)
+        finally:
+            self._answered(answered)
+
+    def send(self, pool, routes, indexes) -> None:
         """Send what the pool calls of some keys' routes sent to ``pool``
-        (``sent``: the index of each route's key, then of the key it
-        sent): each backend its keys as one KeyFetch."""
+        (``routes``: the index of each route's key, ``indexes``: of the key
+        it sent): each backend its keys as one KeyFetch."""
         names = self.names
-        routes, indexes = sent[0::2], sent[1::2]
         if len(pool.backends) == 1:  # serves every key if it serves one
             try:
                 backend = pool.select(names[indexes[0]])
@@ -1014,7 +1045,10 @@ class _LuaKeys:
             routes = self.routes
             routes.handed(fetch.value_bytes())
             steps = routes.resume_keys(self.id, fetch, fetch.flags(), *positions)
-            self.settle(positions, steps[0], steps, 1)
+            if len(steps) == 2:  # every key returned the response it was given
+                self.settle_own(positions, fetch)
+            else:
+                self.settle(positions, steps[0], steps, 1)
         except Exception:
             self.internal_error(positions)
 

@@ -17,7 +17,6 @@
 
 local coroutine_create = coroutine.create
 local coroutine_resume = coroutine.resume
-local coroutine_status = coroutine.status
 local coroutine_yield = coroutine.yield
 local coroutine_isyieldable = coroutine.isyieldable
 local getmetatable = getmetatable
@@ -732,23 +731,74 @@ return function(host, phase, v2)
 
     -- Driving a route ---------------------------------------------------
 
+    -- Route coroutines are reused: each runs `body`, which runs a handler
+    -- for a request, leaves what it returned in `returned` and yields
+    -- FINISHED, idle until resumed with the next handler and request. A
+    -- coroutine whose route failed is dead, and one that stopped elsewhere
+    -- (a pool call never answered) is left to the collector; only idle ones
+    -- wait in `idle` (at most IDLE_MAX of them).
+    local FINISHED = {}
+    local IDLE_MAX <const> = 128
+    local idle, idle_count = {}, 0
+    local returned = {}
+
+    -- `body` comes from a chunk without line information: a route's
+    -- error(message, 2) then adds no position, as when the route is the
+    -- coroutine's own function.
+    local body = load(string.dump(function(yield, finished_mark, out)
+        return function(handler, r)
+            while true do
+                out[1] = handler(r)
+                -- idle coroutines hold no request or handler
+                handler, r = nil, nil
+                handler, r = yield(finished_mark)
+            end
+        end
+    end, true), "=route", "b")(coroutine_yield, FINISHED, returned)
+
+    local function route_coroutine()
+        local n = idle_count
+        if n == 0 then
+            return coroutine_create(body)
+        end
+        local co = idle[n]
+        idle[n] = nil
+        idle_count = n - 1
+        return co
+    end
+
+    -- What the route of coroutine `co` returned (it has yielded FINISHED).
+    local function finished(co)
+        local a = returned[1]
+        returned[1] = nil
+        if idle_count < IDLE_MAX then
+            idle_count = idle_count + 1
+            idle[idle_count] = co
+        end
+        return a
+    end
+
+    -- What a route returned, as the Python driver needs it.
+    local function done(a)
+        if getmetatable(a) == RESPONSE then
+            local pres = a._p
+            if pres == nil then
+                return DONE_BAD, nil
+            end
+            return DONE_RESPONSE, pres
+        elseif type(a) == "string" then
+            return DONE_STRING, a
+        end
+        return DONE_BAD, nil
+    end
+
     -- Turn what resume returned into what the Python driver needs.
     local function step(co, ok, a, b, c, d, e, f)
-        if coroutine_status(co) == "dead" then
-            if not ok then
-                return DONE_ERROR, tostring(a)
-            end
-            local mt = getmetatable(a)
-            if mt == RESPONSE then
-                local pres = a._p
-                if pres == nil then
-                    return DONE_BAD, nil
-                end
-                return DONE_RESPONSE, pres
-            elseif type(a) == "string" then
-                return DONE_STRING, a
-            end
-            return DONE_BAD, nil
+        if not ok then
+            return DONE_ERROR, tostring(a)
+        end
+        if a == FINISHED then
+            return done(finished(co))
         end
         -- suspended: a pool call, an await, or a bare yield
         if a == YIELD_POOL then
@@ -763,8 +813,8 @@ return function(host, phase, v2)
 
     -- Start a route for a client request.
     local function start(handler, preq, key, cmd)
-        local co = coroutine_create(handler)
-        return step(co, coroutine_resume(co, new_request(preq, key, cmd)))
+        local co = route_coroutine()
+        return step(co, coroutine_resume(co, handler, new_request(preq, key, cmd)))
     end
 
     -- The keys of a client multiget (or the requests of a run of plain
@@ -788,33 +838,36 @@ return function(host, phase, v2)
 
     local function key_step(out, full, batch, i, co, ok, a, b, c, d, ...)
         local n = #out
-        if coroutine_status(co) == "dead" then
-            if ok then
-                if getmetatable(a) == RESPONSE then
-                    local pres = rawget(a, "_p")
-                    if pres ~= nil then
-                        out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, pres, false
-                        return full
-                    end
-                    local fetch = rawget(a, "_B")
-                    if fetch ~= nil then
-                        out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, fetch, rawget(a, "_j")
-                        return full
-                    end
-                elseif type(a) == "string" then
-                    out[n + 1], out[n + 2], out[n + 3] = DONE_STRING, a, false
+        local packed
+        if ok and a == FINISHED then
+            a = finished(co)
+            if getmetatable(a) == RESPONSE then
+                local pres = rawget(a, "_p")
+                if pres ~= nil then
+                    out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, pres, false
                     return full
                 end
+                local fetch = rawget(a, "_B")
+                if fetch ~= nil then
+                    out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, fetch, rawget(a, "_j")
+                    return full
+                end
+            elseif type(a) == "string" then
+                out[n + 1], out[n + 2], out[n + 3] = DONE_STRING, a, false
+                return full
             end
+            packed = table.pack(done(a))
         elseif a == YIELD_POOL and c == nil and rawget(d, "_L") == batch then
             out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, rawget(d, "_i")
             batch.pending = batch.pending + 1
             return full
+        else
+            packed = table.pack(step(co, ok, a, b, c, d, ...))
         end
         if not full then
             full = {}
         end
-        full[i] = table.pack(step(co, ok, a, b, c, d, ...))
+        full[i] = packed
         out[n + 1], out[n + 2], out[n + 3] = KEY_STEP, false, false
         return full
     end
@@ -828,10 +881,37 @@ return function(host, phase, v2)
         end
     end
 
+    -- The pool every key of `out` (steps of `count` keys) sent its own
+    -- request to, unedited; nil when they did anything else.
+    local function one_pool(out, count)
+        local pool = out[2]
+        for k = 0, count - 1 do
+            local at = 3 * k
+            if out[at + 1] ~= KEY_POOL or out[at + 2] ~= pool or out[at + 3] ~= k then
+                return nil
+            end
+        end
+        return pool
+    end
+
+    -- Whether every key of `out` (steps of `count` keys) returned its own
+    -- lazy response from `fetch`, the j-th key the j-th.
+    local function own_answers(out, count, fetch)
+        for k = 0, count - 1 do
+            local at = 3 * k
+            if out[at + 1] ~= DONE_RESPONSE or out[at + 2] ~= fetch or out[at + 3] ~= k then
+                return false
+            end
+        end
+        return true
+    end
+
     -- Start a route for each key (the varargs) of batch `id`, whose Python
     -- requests are `requests`: the key's command is `cmd`, routed by
     -- `handler`, or where its byte in `kinds` is 1 (`kinds` false: none),
-    -- `other_cmd`, routed by `other`. Returns `full`, then `out`.
+    -- `other_cmd`, routed by `other`. Returns `full`, then `out`; or, when
+    -- every key sent its own request to one pool, unedited, false and
+    -- that pool (most routes, in two values instead of three per key).
     local function start_keys(handler, other, id, requests, cmd, other_cmd, multiget, kinds, ...)
         local cos, full, out = {}, false, {}
         local batch = { id = id, requests = requests, multiget = multiget, cos = cos,
@@ -844,18 +924,25 @@ return function(host, phase, v2)
             end
             local r = setmetatable({ _k = names[i + 1], _c = command, _L = batch, _i = i },
                                    REQUEST)
-            local co = coroutine_create(route)
+            local co = route_coroutine()
             cos[i] = co
-            full = key_step(out, full, batch, i, co, coroutine_resume(co, r))
+            full = key_step(out, full, batch, i, co, coroutine_resume(co, route, r))
         end
         keep(batch)
+        if not full then
+            local pool = one_pool(out, #names)
+            if pool ~= nil then
+                return false, pool
+            end
+        end
         return full, table.unpack(out)
     end
 
     -- Resume the coroutines of batch `id` whose pool calls a KeyFetch (or ReplyRun)
     -- answered: `fetch` the unit, `flags` a byte per key (0 failed,
     -- 1 missed, 2 hit), then the index of each key's coroutine. Returns
-    -- `full`, then `out`.
+    -- `full`, then `out`; or, when every key returned the response it was
+    -- given, false and true.
     local function resume_keys(id, fetch, flags, ...)
         local batch = batches[id]
         local cos, full, out = batch.cos, false, {}
@@ -869,6 +956,9 @@ return function(host, phase, v2)
                 { _ok = flag > 0, _hit = flag == 2, _B = fetch, _j = j - 1 }, RESPONSE)))
         end
         keep(batch)
+        if not full and own_answers(out, #waiting, fetch) then
+            return false, true
+        end
         return full, table.unpack(out)
     end
 
