@@ -204,8 +204,8 @@ class _MergedGets:
         self.singles = singles
         self.keys = keys = [single.request.key for single in singles]
         self.line = b"%s %s\r\n" % (name, b" ".join(keys))
-        #: the VALUE items read so far (ResponseReader.read_values)
-        self.values: list[tuple] = []
+        #: the VALUE items read so far (ResponseReader.read_aligned)
+        self.values: list[bytes | None] = []
         self.complete = False
         for single in singles:
             single.merged = self
@@ -214,13 +214,13 @@ class _MergedGets:
         if self.complete:
             return True
         values = self.values
-        res = reader.read_values(values)
+        res = reader.read_aligned(self.keys, values)
         if res is None:
             return False
         _check_multi_end(res)
         singles = self.singles
         if res.type == MCMC_RESP_END:
-            for single, value in zip(singles, _align(self.keys, values), strict=True):
+            for single, value in zip(singles, values, strict=True):
                 single.response = Response.miss() if value is None else Response.of_item(value)
         else:
             for single in singles:
@@ -230,21 +230,15 @@ class _MergedGets:
         return True
 
 
-def _read_values(reader: ResponseReader, values: list[tuple],
-                 sink: ReplySink | None) -> tuple[Response | None, bool]:
-    """Read a multi-key get's VALUE items into ``values`` (what
-    ResponseReader.read_values returns, and whether the client is gone).
-    For a ``sink`` that no longer wants the reply the values go as they
-    come (their keys stay, the reply is still checked); when the client
-    just went, those read before go too."""
-    start = len(values)
-    res = reader.read_values(values)
-    gone = sink is not None and not sink.wanted
-    if gone:
-        if values and values[0][1] is not None:
-            start = 0
-        values[start:] = [(value[0], None, 0) for value in values[start:]]
-    return res, gone
+def _read_parts(reader: ResponseReader, keys: list[bytes], parts: list[bytes | None],
+                sink: ReplySink | None) -> Response | None:
+    """ResponseReader.read_aligned, for a ``sink`` that no longer wants the
+    reply dropping the values as they come (their keys read as misses:
+    nobody gets the reply, which is still checked)."""
+    res = reader.read_aligned(keys, parts)
+    if sink is not None and not sink.wanted:
+        parts[:] = [None] * len(parts)
+    return res
 
 
 class KeyBatch:
@@ -264,8 +258,8 @@ class KeyBatch:
         self.done = done
         self.sink = sink
         self.size = len(keys)
-        #: the VALUE items read so far (ResponseReader.read_values)
-        self._values: list[tuple] = []
+        #: the VALUE items read so far (ResponseReader.read_aligned)
+        self._values: list[bytes | None] = []
         self._parts: list[bytes] = []
 
     def __repr__(self) -> str:
@@ -277,13 +271,12 @@ class KeyBatch:
 
     def read(self, reader: ResponseReader) -> bool:
         values = self._values
-        res, _ = _read_values(reader, values, self.sink)
+        res = _read_parts(reader, self.keys, values, self.sink)
         if res is None:
             return False
         _check_multi_end(res)
         if res.type == MCMC_RESP_END:
-            self._parts = [(value and value[1]) or _EMPTY
-                           for value in _align(self.keys, values)]
+            self._parts = [value or _EMPTY for value in values]
         else:
             self._parts = [key_reply(res)] * self.size
         self._values = []
@@ -308,7 +301,7 @@ class KeyFetch:
     then read as misses: nobody gets the reply)."""
 
     __slots__ = ("name", "keys", "done", "sink", "sent", "size", "elapsed", "items",
-                 "parts", "error", "_values", "_responses")
+                 "parts", "error", "_responses")
 
     def __init__(self, name: bytes, keys: list[bytes], done: Callable[[KeyFetch], object],
                  sink: ReplySink | None = None) -> None:
@@ -319,12 +312,11 @@ class KeyFetch:
         self.size = len(keys)
         self.elapsed = 0
         #: per key its VALUE item or None (a miss), once read
-        self.items: list[tuple | None] = []
+        self.items: list[bytes | None] = []
         #: per key what the client gets for it (key_reply's rule), once read
         self.parts: list[bytes] = []
         #: the Response answering every key (an error line, a failure)
         self.error: Response | None = None
-        self._values: list[tuple] = []
         self._responses: dict[int, Response] = {}
 
     def __repr__(self) -> str:
@@ -335,20 +327,15 @@ class KeyFetch:
         return index
 
     def read(self, reader: ResponseReader) -> bool:
-        values = self._values
-        res, gone = _read_values(reader, values, self.sink)
+        items = self.items
+        res = _read_parts(reader, self.keys, items, self.sink)
         if res is None:
             return False
         _check_multi_end(res)
         if res.type == MCMC_RESP_END:
-            items = _align(self.keys, values)
-            if gone:
-                items = [None if item is None or item[1] is None else item for item in items]
-            self.items = items
-            self.parts = [_EMPTY if item is None else item[1] for item in items]
+            self.parts = [item or _EMPTY for item in items]
         else:
             self._answer_all(res)
-        self._values = []
         return True
 
     def deliver(self, elapsed: int) -> None:
@@ -565,31 +552,6 @@ class PlainRun:
                 width = widths.get(index)
                 parts.append(line if width is None else every_key(line, width))
         self.done(_EMPTY.join(parts))
-
-
-def _align(keys: list[bytes], values: list[tuple]) -> list[tuple | None]:
-    """The ``VALUE`` items of a multi-key get's reply (as
-    ``ResponseReader.read_values`` gives them), one per key, None for a miss.
-
-    memcached answers the keys in request order and skips misses; a value
-    whose key is out of that order means the stream is desynchronised.
-    """
-    aligned: list[tuple | None] = []
-    size = len(keys)
-    index = 0
-    for value in values:
-        key = value[0]
-        while index < size and keys[index] != key:
-            aligned.append(None)
-            index += 1
-        if index == size:
-            raise mismatched("VALUE of a key not asked for, or out of order",
-                             b" ".join(keys), key)
-        aligned.append(value)
-        index += 1
-    if index < size:
-        aligned.extend([None] * (size - index))
-    return aligned
 
 
 def _check_multi_end(res: Response) -> None:

@@ -8,7 +8,7 @@ A backend connection is pipelined. The reply to a single-key request is
 one line, one line plus a value (``VA``), or ``VALUE`` + data + ``END``;
 the reply to a multi-key get (the keys of client multigets sent together)
 is its ``VALUE`` items and one ``END``, read with
-:meth:`ResponseReader.read_values`. Replies that the client receives as
+:meth:`ResponseReader.read_aligned`. Replies that the client receives as
 they came (runs of plain requests) are only framed
 (:meth:`ResponseReader.read_raw`). Anything else desynchronises the stream
 and is raised as :class:`BackendProtocolError`, whose reason is one of
@@ -190,11 +190,11 @@ class Response:
         return cls(True, MCMC_CODE_END, MCMC_RESP_END, END)
 
     @classmethod
-    def of_item(cls, item: tuple[bytes, bytes, int]) -> Response:
-        """The response of one ``VALUE`` item of a multi-key get's reply
-        (see :meth:`ResponseReader.read_values`)."""
-        _key, data, line_length = item
-        return cls(True, MCMC_CODE_OK, MCMC_RESP_GET, data[:line_length], data[line_length:])
+    def of_item(cls, item: bytes) -> Response:
+        """The response of one ``VALUE`` item (line and data) of a multi-key
+        get's reply (see :meth:`ResponseReader.read_aligned`)."""
+        line_length = item.index(b"\n") + 1
+        return cls(True, MCMC_CODE_OK, MCMC_RESP_GET, item[:line_length], item[line_length:])
 
     @property
     def hit(self) -> bool:
@@ -608,35 +608,52 @@ class ResponseReader:
             self._held_next = 0
             return end
 
-    def read_values(self, items: list[tuple[bytes, bytes, int]]) -> Response | None:
-        """Read on in the reply to a multi-key get: for each complete
-        ``VALUE`` append ``(key, item, length of its line)``, ``item`` being
-        its line and data as a client receives them; return the line that
-        ends the reply (``END``, or an error line), or None until it has
-        arrived.
+    def read_aligned(self, keys: list[bytes], parts: list[bytes | None]) -> Response | None:
+        """Read on in the reply to a multi-key get of ``keys``: append to
+        ``parts``, for each key the reply has got past, its ``VALUE`` item
+        (line and data, as a client receives them) or None (a miss); return
+        the line that ends the reply (``END``, after which ``parts`` has one
+        entry per key; or an error line), or None until it has arrived.
 
-        Plain ``VALUE`` items are parsed here in one loop, without a Response
-        each (they are the bulk of a multiget's reply); anything else goes
-        through :meth:`read`.
+        memcached answers the keys in their order and skips misses; a value
+        of a key not asked for, or out of that order, is another request's
+        (BackendProtocolError). Plain ``VALUE`` items are framed here in one
+        loop, without a Response each (they are the bulk of a multiget's
+        reply); anything else goes through :meth:`read`.
         """
         buf = self._buf
         pos = self._pos
         match = _VALUE_LINE.match
+        find = keys.index
+        index = len(parts)
         while True:
             line = match(buf, pos)
             if line is not None:
-                end = line.end()
-                vend = end + int(line[2]) + 2
+                vend = line.end() + int(line[2]) + 2
                 if buf.startswith(b"\r\n", vend - 2):
-                    items.append((line[1], buf[pos:vend], end - pos))
+                    try:
+                        found = find(line[1], index)
+                    except ValueError:
+                        _next_key(keys, index, line[1])  # raises the mismatch
+                    if found > index:
+                        parts += [None] * (found - index)
+                    parts.append(buf[pos:vend])
+                    index = found + 1
                     pos = vend
                     continue
             self._pos = pos
             res = self.read(multi=True)
-            if res is None or res.type != MCMC_RESP_GET:
+            if res is None:
+                return None
+            if res.type != MCMC_RESP_GET:
+                if res.type == MCMC_RESP_END and index < len(keys):
+                    parts += [None] * (len(keys) - index)
                 return res
-            head = res.line
-            items.append((head[6:].partition(b" ")[0], head + res.value, len(head)))
+            found = _next_key(keys, index, value_key(res.line))
+            if found - index > 1:
+                parts += [None] * (found - index - 1)
+            parts.append(res.line + res.value)
+            index = found
             buf = self._buf
             pos = self._pos
 

@@ -399,40 +399,62 @@ def read_multi_item_by_item(reader):
         values.append(res)
 
 
+#: the keys of MULTI_VALUES's get, with misses before, among and after them
+MULTI_KEYS = [b"m", b"a", b"b", b"m", b"c", b"d", b"d", b"k" * 250, b"m"]
+
+
 @pytest.mark.parametrize("end", [b"END\r\n", b"SERVER_ERROR out of memory\r\n"])
-def test_read_values_equals_reading_item_by_item(end):
+def test_read_aligned_equals_reading_item_by_item(end):
+    """Arriving in any pieces, the fast loop gives what read() gives: each
+    key's item, or None for a miss, in the keys' order."""
     stream = MULTI_VALUES + end + b"STORED\r\n"
     for size in (1, 7, len(stream)):
         chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
         for fast in (True, False):
             reader = ResponseReader()
-            values, res = [], None
+            parts, res = [], None
             for chunk in chunks:
                 if reader.feed(chunk):
                     if fast:
-                        res = reader.read_values(values)
+                        res = reader.read_aligned(MULTI_KEYS, parts)
                     else:
                         got, res = read_multi_item_by_item(reader)
-                        values += [(v.line.split()[1], v.line + v.value, len(v.line))
-                                   for v in got]
+                        parts += [v.line + v.value for v in got]
                 if res is not None:
                     break
-            assert all(v[1] == Response.of_item(v).line + Response.of_item(v).value
-                       for v in values)
-            assert [(v[0], Response.of_item(v).line, Response.of_item(v).value)
-                    for v in values] == [
-                (b"a", b"VALUE a 0 3\r\n", b"abc\r\n"), (b"b", b"VALUE b 5 0 99\r\n", b"\r\n"),
-                (b"c", b"VALUE c 0 002\r\n", b"x\r\r\n"),
-                (b"d", b"VALUE d 0 000000000001\r\n", b"1\r\n"),
-                (b"k" * 250, b"VALUE " + b"k" * 250 + b" 4294967295 2\r\n", b"zz\r\n"),
+            items = [(Response.of_item(p).line, Response.of_item(p).value)
+                     for p in parts if p is not None]
+            assert items == [
+                (b"VALUE a 0 3\r\n", b"abc\r\n"), (b"VALUE b 5 0 99\r\n", b"\r\n"),
+                (b"VALUE c 0 002\r\n", b"x\r\r\n"),
+                (b"VALUE d 0 000000000001\r\n", b"1\r\n"),
+                (b"VALUE " + b"k" * 250 + b" 4294967295 2\r\n", b"zz\r\n"),
             ], (size, fast)
+            if fast:
+                hits = [False, True, True, False, True, True, False, True]
+                if end == b"END\r\n":  # the misses after the last value too
+                    hits.append(False)
+                assert [p is not None for p in parts] == hits, size
             assert res.line == end
+
+
+@pytest.mark.parametrize("wire", [b"VALUE x 0 1\r\na\r\nEND\r\n",
+                                  b"VALUE b 0 1\r\nb\r\nVALUE a 0 1\r\na\r\nEND\r\n",
+                                  b"VALUE a 0 1\r\na\r\nVALUE a 0 1\r\na\r\nEND\r\n",
+                                  b"VALUE a 0 2 9\r\nab\r\nVALUE x 0 2 9\r\nab\r\nEND\r\n"])
+def test_read_aligned_refuses_keys_out_of_order(wire):
+    """A value of a key not asked for, asked for once but answered twice,
+    or out of order, is another request's reply."""
+    reader = ResponseReader()
+    reader.feed(wire)
+    with pytest.raises(BackendProtocolError):
+        reader.read_aligned([b"a", b"b"], [])
 
 
 @pytest.mark.parametrize("wire", [b"VALUE a 0 2\r\nabc\r\nEND\r\n", b"VALUE a 0 x\r\n",
                                   b"VALUE a 0 1\r\n" + b"x" * (MAX_LINE + 10)])
-def test_read_values_refuses_what_read_refuses(wire):
+def test_read_aligned_refuses_what_read_refuses(wire):
     reader = ResponseReader()
     reader.feed(wire)
     with pytest.raises(BackendProtocolError):
-        reader.read_values([])
+        reader.read_aligned([b"a"], [])
