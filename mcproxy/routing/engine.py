@@ -969,7 +969,17 @@ class _LuaKeys:
         parts = self.parts
         dones = self.dones
         # a multiget's keys went as KeyFetches, a run's as ReplyRuns
-        datas = fetch.parts if self.keys.multiget else map(fetch.reply, range(len(positions)))
+        if self.keys.multiget:
+            datas = fetch.parts
+        elif len(fetch.replies) == len(positions):  # each request has its reply
+            datas = fetch.replies
+        else:
+            datas = map(fetch.reply, range(len(positions)))
+        if positions.__class__ is range and dones is None and self.pending == len(parts):
+            # every key, in order (start sent them all as one): all at once
+            self.parts = list(datas)
+            self._answered(len(parts))
+            return
         answered = 0
         try:
             for i, data in zip(positions, datas, strict=True):

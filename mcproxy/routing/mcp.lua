@@ -822,7 +822,7 @@ return function(host, phase, v2)
     -- gets), routed in one call into Lua. Each key runs its own coroutine
     -- with a lazy request (see REQUEST.__index); the batch is a table
     -- { id = the number Python knows it by, multiget = ..., cos = the
-    -- coroutines by index from 0, pending = how many wait in a pool call },
+    -- coroutines by index from 1, pending = how many wait in a pool call },
     -- kept in `batches` while any does. What each step gives Python is
     -- three values per key, in `out`:
     --   KEY_POOL, pool, index: the key's route sent the lazy request of
@@ -914,7 +914,8 @@ return function(host, phase, v2)
     -- every key sent its own request to one pool, unedited, false and
     -- that pool (most routes, in two values instead of three per key).
     local function start_keys(handler, other, id, requests, cmd, other_cmd, multiget, kinds, ...)
-        local cos, full, out = {}, false, {}
+        -- `cos` starts as a copy of the keys: sized once, then overwritten
+        local cos, full, out = { ... }, false, {}
         local batch = { id = id, requests = requests, multiget = multiget, cos = cos,
                         pending = 0 }
         local names = { ... }
@@ -926,7 +927,7 @@ return function(host, phase, v2)
             local r = setmetatable({ _k = names[i + 1], _c = command, _L = batch, _i = i },
                                    REQUEST)
             local co = route_coroutine()
-            cos[i] = co
+            cos[i + 1] = co
             full = key_step(out, full, batch, i, co, coroutine_resume(co, route, r))
         end
         keep(batch)
@@ -951,7 +952,7 @@ return function(host, phase, v2)
         batch.pending = batch.pending - #waiting
         for j = 1, #waiting do
             local i = waiting[j]
-            local co = cos[i]
+            local co = cos[i + 1]
             local flag = string_byte(flags, j)
             full = key_step(out, full, batch, i, co, coroutine_resume(co, setmetatable(
                 { _ok = flag > 0, _hit = flag == 2, _B = fetch, _j = j - 1 }, RESPONSE)))
@@ -969,7 +970,7 @@ return function(host, phase, v2)
         local batch = batches[id]
         batch.pending = batch.pending - 1
         keep(batch)
-        return batch.cos[i]
+        return batch.cos[i + 1]
     end
 
     -- Forget batch `id` (after an internal error).
