@@ -894,8 +894,6 @@ class _LuaKeys:
         sent unedited before a key that goes on alone are sent before it."""
         made = self.keys.made
         multiget = self.keys.multiget
-        parts = self.parts
-        dones = self.dones
         pools = None
         answered = 0
         try:
@@ -925,18 +923,9 @@ class _LuaKeys:
                             data = client_bytes(a.response(b), self.keys.request(i))
                     else:
                         data = key_reply(a) if multiget else client_bytes(a, self.keys.request(i))
-                    if parts[i] is None:
-                        parts[i] = data
-                        answered += 1
-                        if dones is not None:
-                            dones[i](data)
+                    answered += self._keep(i, data)
                 elif kind == DONE_STRING:
-                    data = string_reply(a, self.keys.request(i))
-                    if parts[i] is None:
-                        parts[i] = data
-                        answered += 1
-                        if dones is not None:
-                            dones[i](data)
+                    answered += self._keep(i, string_reply(a, self.keys.request(i)))
                 else:
                     if pools is not None:
                         for pool, sent in pools.items():
@@ -966,8 +955,6 @@ class _LuaKeys:
                 steps += (DONE_RESPONSE, fetch, j)
             self.settle(positions, False, steps, 0)
             return
-        parts = self.parts
-        dones = self.dones
         # a multiget's keys went as KeyFetches, a run's as ReplyRuns
         if self.keys.multiget:
             datas = fetch.parts
@@ -975,21 +962,29 @@ class _LuaKeys:
             datas = fetch.replies
         else:
             datas = map(fetch.reply, range(len(positions)))
-        if positions.__class__ is range and dones is None and self.pending == len(parts):
+        count = len(self.parts)
+        if positions.__class__ is range and self.dones is None and self.pending == count:
             # every key, in order (start sent them all as one): all at once
             self.parts = list(datas)
-            self._answered(len(parts))
+            self._answered(count)
             return
         answered = 0
         try:
             for i, data in zip(positions, datas, strict=True):
-                if parts[i] is None:
-                    parts[i] = data
-                    answered += 1
-                    if dones is not None:
-                        dones[i](data)
+                answered += self._keep(i, data)
         finally:
             self._answered(answered)
+
+    def _keep(self, index: int, data: bytes) -> int:
+        """Key ``index``'s reply, kept (1) unless it has one (0: what comes
+        after is a bug's); counted by the caller (_answered)."""
+        parts = self.parts
+        if parts[index] is not None:
+            return 0
+        parts[index] = data
+        if self.dones is not None:
+            self.dones[index](data)
+        return 1
 
     def send(self, pool, routes, indexes) -> None:
         """Send what the pool calls of some keys' routes sent to ``pool``

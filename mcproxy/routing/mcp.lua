@@ -882,25 +882,14 @@ return function(host, phase, v2)
         end
     end
 
-    -- The pool every key of `out` (steps of `count` keys) sent its own
-    -- request to, unedited; nil when they did anything else.
-    local function one_pool(out, count)
-        local pool = out[2]
+    -- Whether every key of `out` (steps of `count` keys) took step `kind`
+    -- with `value` and its own index: sent its own request, unedited, to
+    -- the pool `value` (KEY_POOL); returned the response it was given by
+    -- the unit `value` (DONE_RESPONSE).
+    local function all_own(out, count, kind, value)
         for k = 0, count - 1 do
             local at = 3 * k
-            if out[at + 1] ~= KEY_POOL or out[at + 2] ~= pool or out[at + 3] ~= k then
-                return nil
-            end
-        end
-        return pool
-    end
-
-    -- Whether every key of `out` (steps of `count` keys) returned its own
-    -- lazy response from `fetch`, the j-th key the j-th.
-    local function own_answers(out, count, fetch)
-        for k = 0, count - 1 do
-            local at = 3 * k
-            if out[at + 1] ~= DONE_RESPONSE or out[at + 2] ~= fetch or out[at + 3] ~= k then
+            if out[at + 1] ~= kind or out[at + 2] ~= value or out[at + 3] ~= k then
                 return false
             end
         end
@@ -931,11 +920,9 @@ return function(host, phase, v2)
             full = key_step(out, full, batch, i, co, coroutine_resume(co, route, r))
         end
         keep(batch)
-        if not full then
-            local pool = one_pool(out, #names)
-            if pool ~= nil then
-                return false, pool
-            end
+        local pool = out[2]
+        if not full and pool ~= nil and all_own(out, #names, KEY_POOL, pool) then
+            return false, pool
         end
         return full, table.unpack(out)
     end
@@ -958,7 +945,7 @@ return function(host, phase, v2)
                 { _ok = flag > 0, _hit = flag == 2, _B = fetch, _j = j - 1 }, RESPONSE)))
         end
         keep(batch)
-        if not full and own_answers(out, #waiting, fetch) then
+        if not full and all_own(out, #waiting, DONE_RESPONSE, fetch) then
             return false, true
         end
         return full, table.unpack(out)
