@@ -433,7 +433,9 @@ return function(host, phase, v2)
     -- A pool as a route sees it: calling it sends the request to the
     -- backend the pool's distribution picks for the request's key.
     function POOL_PROXY.__call(pool, r)
-        check_request(r, "pool")
+        if getmetatable(r) ~= REQUEST then  -- check_request, inlined: every route calls this
+            error("pool must be passed a request object", 2)
+        end
         if not coroutine_isyieldable() then
             error("pools can only be called from inside a route", 2)
         end
@@ -858,8 +860,9 @@ return function(host, phase, v2)
                 return full
             end
             packed = table.pack(done(a))
-        elseif a == YIELD_POOL and c == nil and rawget(d, "_L") == batch then
-            out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, rawget(d, "_i")
+        elseif a == YIELD_POOL and c == nil and d._L == batch then
+            -- (a request without `_r` is a lazy one: its fields are its own)
+            out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, d._i
             batch.pending = batch.pending + 1
             return full
         else
