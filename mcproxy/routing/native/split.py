@@ -11,6 +11,7 @@ from mcproxy.routing.direct import select_backend
 from mcproxy.routing.native.allsync import uses_cas
 from mcproxy.routing.native.common import (
     Done,
+    KeysReply,
     RouteError,
     Runner,
     key_groups,
@@ -18,11 +19,8 @@ from mcproxy.routing.native.common import (
     route_failed,
 )
 from mcproxy.units import KeyBatch, ReplySink
-from mcproxy.wire import errors
 from mcproxy.wire.request import BROADCAST_COMMANDS, Request
 from mcproxy.wire.response import Response, client_bytes
-
-_EMPTY = b""
 
 
 def key_fraction(key: bytes) -> float:
@@ -131,35 +129,12 @@ class Split(Runner):
         for groups in rounds:
             for backend, positions in groups.items():
                 backend.send_unit(KeyBatch(name, [keys[p] for p in positions], _ignore_keys))
-        reply = _SplitReply(count, len(main), stats, done)
+        reply = KeysReply(count, len(main), stats, done)
         for backend, positions in main.items():
             backend.send_unit(KeyBatch(name, keys if len(positions) == count else
                                        [keys[p] for p in positions],
                                        partial(reply.answer, positions), sink))
         return True
-
-
-class _SplitReply:
-    """The primary's answers to the keys of one client multiget through a
-    Split, joined in the client's order."""
-
-    __slots__ = ("parts", "pending", "stats", "done")
-
-    def __init__(self, count: int, batches: int, stats: ProxyStats, done: Done) -> None:
-        self.parts: list[bytes] = [_EMPTY] * count
-        self.pending = batches
-        self.stats = stats
-        self.done = done
-
-    def answer(self, positions: list[int], parts: list[bytes]) -> None:
-        mine = self.parts
-        for position, part in zip(positions, parts, strict=True):
-            mine[position] = part
-        self.pending -= 1
-        if not self.pending:
-            self.stats.req_active -= len(mine)
-            mine.append(errors.END)
-            self.done(_EMPTY.join(mine))
 
 
 class AllAsync(Split):
