@@ -397,14 +397,24 @@ def _record_sends(scripted: ScriptedProxy) -> list[tuple[str, str, bytes]]:
     return sends
 
 
-def test_multiget_keys_travel_together(tmp_path):
-    """The keys of a multiget go to each child's backends as one backend
-    multiget each; only the keys the first child missed go on."""
+def _failover_over_stores(tmp_path, first: bytes, second: bytes):
+    """``routes.failover`` of two children (missed keys go on), each backend
+    an embedded store, the first filled by the requests ``first``, the
+    second by ``second``."""
     scripted = _engine(tmp_path, 'routes.failover({ "a", "b" }, { miss = true })')
     scripted.modes = {}
     scripted.stores = {label: Store(clock=lambda: 1.0) for label in LABELS}
-    serve(scripted.stores[LABELS[0]], b"set k1 0 0 1\r\nA\r\nset k3 0 0 1\r\nA\r\n")
-    serve(scripted.stores[LABELS[1]], b"set k2 0 0 1\r\nB\r\nset k1 0 0 1\r\nB\r\n")
+    serve(scripted.stores[LABELS[0]], first)
+    serve(scripted.stores[LABELS[1]], second)
+    return scripted
+
+
+def test_multiget_keys_travel_together(tmp_path):
+    """The keys of a multiget go to each child's backends as one backend
+    multiget each; only the keys the first child missed go on."""
+    scripted = _failover_over_stores(
+        tmp_path, b"set k1 0 0 1\r\nA\r\nset k3 0 0 1\r\nA\r\n",
+        b"set k2 0 0 1\r\nB\r\nset k1 0 0 1\r\nB\r\n")
     sends = _record_sends(scripted)
     out: list[bytes] = []
     req = parse_request(b"get k1 k2 k3 k4\r\n")
@@ -419,11 +429,8 @@ def test_a_run_goes_to_the_first_child_as_sent(tmp_path):
     """A client's run of plain gets and sets goes to the first child's
     backend as it came (one ReplyRun); only the get it missed goes on, alone,
     and the client gets every reply in order."""
-    scripted = _engine(tmp_path, 'routes.failover({ "a", "b" }, { miss = true })')
-    scripted.modes = {}
-    scripted.stores = {label: Store(clock=lambda: 1.0) for label in LABELS}
-    serve(scripted.stores[LABELS[0]], b"set k1 0 0 1\r\nA\r\n")
-    serve(scripted.stores[LABELS[1]], b"set k2 0 0 1\r\nB\r\n")
+    scripted = _failover_over_stores(tmp_path, b"set k1 0 0 1\r\nA\r\n",
+                                     b"set k2 0 0 1\r\nB\r\n")
     lines = _record_sends(scripted)
     run = b"get k1\r\nget k2\r\nset k3 0 0 1\r\nC\r\nget k3\r\n"
     keys, ends = [b"k1", b"k2", b"k3", b"k3"], [8, 16, 37, 45]
