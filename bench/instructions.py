@@ -3,7 +3,8 @@
 ``bench/opcodes.py`` counts Python opcodes, which leave out C: lupa's
 crossings into Lua, the Lua a route runs, the interpreter's own work per
 opcode, allocation. This tool runs the same in-process harness (opcodes.py's
-``Proxy``: clients and a backend on fake transports) under callgrind with
+``Proxy``: clients and a backend on fake transports, with the garbage
+collector's threshold of the ``twistd`` process) under callgrind with
 instrumentation off, switches it on for ``--rounds`` rounds after a
 warm-up, and again for three times as many; the difference divided by the
 extra requests is the instructions per request, without the start-up and
@@ -38,6 +39,9 @@ def child(clients: int, multiget: int, pipeline: int, route: Path, rounds: int) 
     sys.path.insert(0, str(HERE))
     import opcodes
 
+    from mcproxy.app.process import raise_gc_threshold
+
+    raise_gc_threshold()  # as twistd's process runs (mcproxy.app.process)
     proxy = opcodes.Proxy(clients, multiget, route, pipeline)
     for _ in range(3):
         proxy.round()
