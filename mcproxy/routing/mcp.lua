@@ -37,6 +37,23 @@ local YIELD_POOL <const> = 4
 local YIELD_AWAIT <const> = 5
 local YIELD_WAIT <const> = 6
 
+-- The slots of a request table: its key and command (as Lua reads them
+-- most), its Python Request, and for a lazy one (see start_keys) its batch
+-- and index there. Array slots: a table of them is built without hashing.
+local R_KEY <const> = 1
+local R_CMD <const> = 2
+local R_REQ <const> = 3
+local R_BATCH <const> = 4
+local R_INDEX <const> = 5
+
+-- The slots of a response table: ok, hit, its Python Response, and for a
+-- lazy one the unit that answered it and its position there.
+local S_OK <const> = 1
+local S_HIT <const> = 2
+local S_RES <const> = 3
+local S_UNIT <const> = 4
+local S_POS <const> = 5
+
 local AWAIT_GOOD <const> = 0
 local AWAIT_BACKGROUND <const> = 5
 
@@ -48,11 +65,11 @@ return function(host, phase, v2)
     local RESPONSE = { __name = "mcp.response" }
 
     -- The keys of a client multiget routed in one call (start_keys) get
-    -- lazy requests: { _k, _c, _L = their batch, _i = index } without a
-    -- Python Request (`_r`) until something asks for it, and their answers
-    -- lazy responses: { _ok, _hit, _B = the Python KeyFetch or ReplyRun, _j }
-    -- without `_p` until asked. Reading the missing field makes the Python
-    -- object once, from the batch's Python requests (`requests`, held as
+    -- lazy requests: { key, command, nil, their batch, index } without a
+    -- Python Request (R_REQ) until something asks for it, and their answers
+    -- lazy responses: { ok, hit, nil, the Python KeyFetch or ReplyRun,
+    -- position } without a Python Response (S_RES) until asked. Reading
+    -- the missing slot makes the Python object once, from the batch's Python requests (`requests`, held as
     -- long as a request of the batch is: the same object Python uses for
     -- the key while its batch is routed).
     local rawget = rawget
@@ -60,29 +77,29 @@ return function(host, phase, v2)
 
     REQUEST.__index = function(r, name)
         local method = REQUEST[name]
-        if method ~= nil or name ~= "_r" then
+        if method ~= nil or name ~= R_REQ then
             return method
         end
-        local batch = rawget(r, "_L")
+        local batch = rawget(r, R_BATCH)
         if batch == nil then
             return nil
         end
-        local preq = host.key_request(batch.requests, rawget(r, "_i"))
-        rawset(r, "_r", preq)
+        local preq = host.key_request(batch.requests, rawget(r, R_INDEX))
+        rawset(r, R_REQ, preq)
         return preq
     end
 
     RESPONSE.__index = function(res, name)
         local method = RESPONSE[name]
-        if method ~= nil or name ~= "_p" then
+        if method ~= nil or name ~= S_RES then
             return method
         end
-        local fetch = rawget(res, "_B")
+        local fetch = rawget(res, S_UNIT)
         if fetch == nil then
             return nil
         end
-        local pres = host.key_response(fetch, rawget(res, "_j"))
-        rawset(res, "_p", pres)
+        local pres = host.key_response(fetch, rawget(res, S_POS))
+        rawset(res, S_RES, pres)
         return pres
     end
     local BACKEND = { __name = "mcp.backend" }
@@ -105,7 +122,7 @@ return function(host, phase, v2)
     -- Requests ----------------------------------------------------------
 
     local function new_request(preq, key, cmd)
-        return setmetatable({ _r = preq, _k = key, _c = cmd }, REQUEST)
+        return setmetatable({ key, cmd, preq }, REQUEST)
     end
 
     local function check_request(r, what)
@@ -119,22 +136,22 @@ return function(host, phase, v2)
         if err then
             error(err, 3)
         end
-        r._k = key
+        r[R_KEY] = key
     end
 
     function REQUEST:key()
-        return self._k
+        return self[R_KEY]
     end
 
     function REQUEST:command()
-        return self._c
+        return self[R_CMD]
     end
 
     function REQUEST:ltrimkey(n)
         if math.type(n) ~= "integer" then
             error("ltrimkey: argument must be an integer", 2)
         end
-        edit(self, host.ltrimkey(self._r, n))
+        edit(self, host.ltrimkey(self[R_REQ], n))
         return n
     end
 
@@ -142,7 +159,7 @@ return function(host, phase, v2)
         if math.type(n) ~= "integer" then
             error("rtrimkey: argument must be an integer", 2)
         end
-        edit(self, host.rtrimkey(self._r, n))
+        edit(self, host.rtrimkey(self[R_REQ], n))
         return n
     end
 
@@ -154,12 +171,12 @@ return function(host, phase, v2)
             error("token: index must be an integer", 2)
         end
         if replacement == nil then
-            return host.token(self._r, i)
+            return host.token(self[R_REQ], i)
         end
         if type(replacement) ~= "string" and type(replacement) ~= "number" then
             error("token: replacement must be a string", 2)
         end
-        edit(self, host.set_token(self._r, i, tostring(replacement)))
+        edit(self, host.set_token(self[R_REQ], i, tostring(replacement)))
     end
 
     function REQUEST:token_int(i)
@@ -169,16 +186,16 @@ return function(host, phase, v2)
         if math.type(i) ~= "integer" then
             error("token_int: index must be an integer", 2)
         end
-        local token = host.token(self._r, i)
+        local token = host.token(self[R_REQ], i)
         return token and math.tointeger(tonumber(token))
     end
 
     function REQUEST:ntokens()
-        return host.ntokens(self._r)
+        return host.ntokens(self[R_REQ])
     end
 
     function REQUEST:has_flag(flag)
-        local found, err = host.has_flag(self._r, flag)
+        local found, err = host.has_flag(self[R_REQ], flag)
         if err then
             error(err, 2)
         end
@@ -191,12 +208,12 @@ return function(host, phase, v2)
         if replacement ~= nil and type(replacement) ~= "string" then
             error("flag_token: replacement must be a string", 2)
         end
-        local found, value, err, key = host.flag_token(self._r, flag, replacement)
+        local found, value, err, key = host.flag_token(self[R_REQ], flag, replacement)
         if err then
             error(err, 2)
         end
         if replacement ~= nil and found then
-            self._k = key
+            self[R_KEY] = key
         end
         if value == nil then
             return found
@@ -250,11 +267,11 @@ return function(host, phase, v2)
     -- r:raw_line(): the request line without its CRLF; r:raw_value(): the
     -- payload with its CRLF, or nil.
     function REQUEST:raw_line()
-        return host.raw_line(self._r)
+        return host.raw_line(self[R_REQ])
     end
 
     function REQUEST:raw_value()
-        return host.raw_value(self._r)
+        return host.raw_value(self[R_REQ])
     end
 
     -- (false) for a flag that is absent, bare, or over 22 bytes; (true)
@@ -270,7 +287,7 @@ return function(host, phase, v2)
         if #flag ~= 1 then
             error("has_flag(): meta flag must be a single character", 2)
         end
-        local found, value = host.flag_token_int(self._r, flag)
+        local found, value = host.flag_token_int(self[R_REQ], flag)
         if value == nil then
             return found
         end
@@ -283,7 +300,7 @@ return function(host, phase, v2)
     function REQUEST:flag_add(...)
         local flag, token = ...
         flag = flag_letter(flag, 1, "flag_add", select("#", ...) == 0)
-        local done = host.flag_add(self._r, flag, flag_value(token))
+        local done = host.flag_add(self[R_REQ], flag, flag_value(token))
         if done == nil then
             error("request: invalid flag argument", 2)
         end
@@ -297,7 +314,7 @@ return function(host, phase, v2)
         if token == false then
             error("request: invalid flag argument", 2)
         end
-        return host.flag_set(self._r, flag, flag, token)
+        return host.flag_set(self[R_REQ], flag, flag, token)
     end
 
     function REQUEST:flag_replace(...)
@@ -309,12 +326,12 @@ return function(host, phase, v2)
         if token == false then
             error("request: invalid flag argument", 2)
         end
-        return host.flag_set(self._r, flag, new, token)
+        return host.flag_set(self[R_REQ], flag, new, token)
     end
 
     function REQUEST:flag_del(...)
         local flag = flag_letter(..., 1, "flag_del", select("#", ...) == 0)
-        return host.flag_del(self._r, flag)
+        return host.flag_del(self[R_REQ], flag)
     end
 
     -- (true, nil) when the response's k flag is the request's key and its
@@ -325,59 +342,59 @@ return function(host, phase, v2)
         if getmetatable(res) ~= RESPONSE then
             error(bad_argument(1, "match_res", "mcp.response", res, select("#", ...) == 0), 2)
         end
-        return host.match_res(self._r, res._p)
+        return host.match_res(self[R_REQ], res[S_RES])
     end
 
     -- Responses ---------------------------------------------------------
 
     function RESPONSE:ok()
-        return self._ok
+        return self[S_OK]
     end
 
     function RESPONSE:hit()
-        return self._hit
+        return self[S_HIT]
     end
 
     function RESPONSE:code()
-        return self._p.code
+        return self[S_RES].code
     end
 
     function RESPONSE:vlen()
-        return self._p.vlen
+        return self[S_RES].vlen
     end
 
     function RESPONSE:elapsed()
-        return self._p.elapsed
+        return self[S_RES].elapsed
     end
 
     function RESPONSE:line()
-        return host.response_line(self._p)
+        return host.response_line(self[S_RES])
     end
 
     -- res:raw_string(): the reply's bytes (a VALUE with its END), nil for
     -- a failure.
     function RESPONSE:raw_string()
-        return host.raw_string(self._p)
+        return host.raw_string(self[S_RES])
     end
 
     -- res:flag_blank(f): overwrite the first flag token of f in a meta
     -- reply with spaces (the client gets the line so); false if none.
     function RESPONSE:flag_blank(...)
         local flag = flag_letter(..., 1, "flag_blank", select("#", ...) == 0)
-        return host.flag_blank(self._p, flag)
+        return host.flag_blank(self[S_RES], flag)
     end
 
     -- res:close(), and `local res <close> = ...`: let go of the response
     -- (its value) before the route ends. A closed response returned from
     -- a route is a bad response (memcached 1.6.45 sends nothing for it).
     function RESPONSE:close()
-        self._p = nil
-        self._B = nil
+        self[S_RES] = nil
+        self[S_UNIT] = nil
     end
     RESPONSE.__close = RESPONSE.close
 
     local function new_response(pres, ok, hit)
-        return setmetatable({ _p = pres, _ok = ok, _hit = hit }, RESPONSE)
+        return setmetatable({ ok, hit, pres }, RESPONSE)
     end
 
     -- Backends and pools (config phase) ---------------------------------
@@ -440,7 +457,7 @@ return function(host, phase, v2)
             error("pools can only be called from inside a route", 2)
         end
         -- a lazy request goes as itself (see start_keys)
-        local res, err = coroutine_yield(YIELD_POOL, pool._p, rawget(r, "_r"), r)
+        local res, err = coroutine_yield(YIELD_POOL, pool._p, rawget(r, R_REQ), r)
         if err then
             error(err, 2)
         end
@@ -471,12 +488,12 @@ return function(host, phase, v2)
         end
         local vtype = getmetatable(value)
         if vtype == RESPONSE then
-            value = value._p
+            value = value[S_RES]
             if value == nil then
                 error("mcp.request: the response is closed", 2)
             end
         elseif vtype == REQUEST then
-            value = value._r
+            value = value[R_REQ]
         elseif value ~= nil and type(value) ~= "string" then
             error("mcp.request: value must be a string, request or response", 2)
         end
@@ -515,7 +532,7 @@ return function(host, phase, v2)
         if not coroutine_isyieldable() then
             error("mcp.await can only be called from inside a route", 2)
         end
-        local raw, err = coroutine_yield(YIELD_AWAIT, r._r, list,
+        local raw, err = coroutine_yield(YIELD_AWAIT, r[R_REQ], list,
                                          math.tointeger(wait_for) or 0, mode)
         if err then
             error(err, 2)
@@ -532,20 +549,20 @@ return function(host, phase, v2)
     function mcp.internal(r)
         routes_only("mcp.internal")
         check_request(r, "mcp.internal")
-        local p, ok, hit = host.internal(r._r)
+        local p, ok, hit = host.internal(r[R_REQ])
         return new_response(p, ok, hit)
     end
 
     function mcp.log_req(r, res, detail)
         routes_only("mcp.log_req")
         check_request(r, "mcp.log_req")
-        host.log_req(r._r, res and res._p, detail and tostring(detail) or "")
+        host.log_req(r[R_REQ], res and res[S_RES], detail and tostring(detail) or "")
     end
 
     function mcp.log_reqsample(ms, rate, allerr, r, res, detail)
         routes_only("mcp.log_reqsample")
         check_request(r, "mcp.log_reqsample")
-        host.log_reqsample(ms, rate, allerr, r._r, res and res._p,
+        host.log_reqsample(ms, rate, allerr, r[R_REQ], res and res[S_RES],
                            detail and tostring(detail) or "")
     end
 
@@ -784,7 +801,7 @@ return function(host, phase, v2)
     -- What a route returned, as the Python driver needs it.
     local function done(a)
         if getmetatable(a) == RESPONSE then
-            local pres = a._p
+            local pres = a[S_RES]
             if pres == nil then
                 return DONE_BAD, nil
             end
@@ -805,7 +822,7 @@ return function(host, phase, v2)
         end
         -- suspended: a pool call, an await, or a bare yield
         if a == YIELD_POOL then
-            return YIELD_POOL, co, b, c or d._r
+            return YIELD_POOL, co, b, c or d[R_REQ]
         elseif a == YIELD_AWAIT then
             return YIELD_AWAIT, co, b, c, d, e
         elseif a == YIELD_WAIT then
@@ -839,20 +856,20 @@ return function(host, phase, v2)
     local batches = {}
     local string_byte = string.byte
 
-    local function key_step(out, full, batch, i, co, ok, a, b, c, d, ...)
+    local function key_step(out, full, batch, i, co, ok, a, b, c, d, e, f)
         local n = #out
         local packed
         if ok and a == FINISHED then
             a = finished(co)
             if getmetatable(a) == RESPONSE then
-                local pres = rawget(a, "_p")
+                local pres = rawget(a, S_RES)
                 if pres ~= nil then
                     out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, pres, false
                     return full
                 end
-                local fetch = rawget(a, "_B")
+                local fetch = rawget(a, S_UNIT)
                 if fetch ~= nil then
-                    out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, fetch, rawget(a, "_j")
+                    out[n + 1], out[n + 2], out[n + 3] = DONE_RESPONSE, fetch, rawget(a, S_POS)
                     return full
                 end
             elseif type(a) == "string" then
@@ -860,13 +877,13 @@ return function(host, phase, v2)
                 return full
             end
             packed = table.pack(done(a))
-        elseif a == YIELD_POOL and c == nil and d._L == batch then
-            -- (a request without `_r` is a lazy one: its fields are its own)
-            out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, d._i
+        elseif a == YIELD_POOL and c == nil and d[R_BATCH] == batch then
+            -- (a request without a Python Request is a lazy one: its slots are its own)
+            out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, d[R_INDEX]
             batch.pending = batch.pending + 1
             return full
         else
-            packed = table.pack(step(co, ok, a, b, c, d, ...))
+            packed = table.pack(step(co, ok, a, b, c, d, e, f))
         end
         if not full then
             full = {}
@@ -874,6 +891,17 @@ return function(host, phase, v2)
         full[i] = packed
         out[n + 1], out[n + 2], out[n + 3] = KEY_STEP, false, false
         return full
+    end
+
+    -- Write into `out` the steps of the first `count` keys, which all took
+    -- step `kind` with `value` and their own index: sent their own request,
+    -- unedited, to the pool `value` (KEY_POOL); returned the response the
+    -- unit `value` gave them (DONE_RESPONSE).
+    local function all_took(out, count, kind, value)
+        for k = 0, count - 1 do
+            local at = 3 * k
+            out[at + 1], out[at + 2], out[at + 3] = kind, value, k
+        end
     end
 
     -- Keep a batch while any of its keys waits in a pool call.
@@ -885,46 +913,42 @@ return function(host, phase, v2)
         end
     end
 
-    -- Whether every key of `out` (steps of `count` keys) took step `kind`
-    -- with `value` and its own index: sent its own request, unedited, to
-    -- the pool `value` (KEY_POOL); returned the response it was given by
-    -- the unit `value` (DONE_RESPONSE).
-    local function all_own(out, count, kind, value)
-        for k = 0, count - 1 do
-            local at = 3 * k
-            if out[at + 1] ~= kind or out[at + 2] ~= value or out[at + 3] ~= k then
-                return false
-            end
-        end
-        return true
-    end
-
     -- Start a route for each key (the varargs) of batch `id`, whose Python
     -- requests are `requests`: the key's command is `cmd`, routed by
     -- `handler`, or where its byte in `kinds` is 1 (`kinds` false: none),
     -- `other_cmd`, routed by `other`. Returns `full`, then `out`; or, when
     -- every key sent its own request to one pool, unedited, false and
-    -- that pool (most routes, in two values instead of three per key).
+    -- that pool (most routes: then `out` is never written).
     local function start_keys(handler, other, id, requests, cmd, other_cmd, multiget, kinds, ...)
         -- `cos` starts as a copy of the keys: sized once, then overwritten
         local cos, full, out = { ... }, false, {}
         local batch = { id = id, requests = requests, multiget = multiget, cos = cos,
                         pending = 0 }
         local names = { ... }
+        local own, pool = true, nil
         for i = 0, #names - 1 do
             local route, command = handler, cmd
             if kinds and string_byte(kinds, i + 1) == 1 then
                 route, command = other, other_cmd
             end
-            local r = setmetatable({ _k = names[i + 1], _c = command, _L = batch, _i = i },
+            local r = setmetatable({ names[i + 1], command, nil, batch, i },
                                    REQUEST)
             local co = route_coroutine()
             cos[i + 1] = co
-            full = key_step(out, full, batch, i, co, coroutine_resume(co, route, r))
+            local ok, a, b, c, d, e, f = coroutine_resume(co, route, r)
+            if own and a == YIELD_POOL and c == nil and d == r and (b == pool or pool == nil) then
+                pool = b
+                batch.pending = batch.pending + 1
+            else
+                if own then
+                    own = false
+                    all_took(out, i, KEY_POOL, pool)
+                end
+                full = key_step(out, full, batch, i, co, ok, a, b, c, d, e, f)
+            end
         end
         keep(batch)
-        local pool = out[2]
-        if not full and pool ~= nil and all_own(out, #names, KEY_POOL, pool) then
+        if own and pool ~= nil then
             return false, pool
         end
         return full, table.unpack(out)
@@ -934,21 +958,33 @@ return function(host, phase, v2)
     -- answered: `fetch` the unit, `flags` a byte per key (0 failed,
     -- 1 missed, 2 hit), then the index of each key's coroutine. Returns
     -- `full`, then `out`; or, when every key returned the response it was
-    -- given, false and true.
+    -- given (`out` never written), false and true.
     local function resume_keys(id, fetch, flags, ...)
         local batch = batches[id]
         local cos, full, out = batch.cos, false, {}
         local waiting = { ... }
+        local own = true
         batch.pending = batch.pending - #waiting
         for j = 1, #waiting do
             local i = waiting[j]
             local co = cos[i + 1]
             local flag = string_byte(flags, j)
-            full = key_step(out, full, batch, i, co, coroutine_resume(co, setmetatable(
-                { _ok = flag > 0, _hit = flag == 2, _B = fetch, _j = j - 1 }, RESPONSE)))
+            local res = setmetatable({ flag > 0, flag == 2, nil, fetch, j - 1 },
+                                     RESPONSE)
+            local ok, a, b, c, d, e, f = coroutine_resume(co, res)
+            if own and ok and a == FINISHED and returned[1] == res and rawget(res, S_RES) == nil
+                    and rawget(res, S_UNIT) ~= nil then
+                finished(co)
+            else
+                if own then
+                    own = false
+                    all_took(out, j - 1, DONE_RESPONSE, fetch)
+                end
+                full = key_step(out, full, batch, i, co, ok, a, b, c, d, e, f)
+            end
         end
         keep(batch)
-        if not full and all_own(out, #waiting, DONE_RESPONSE, fetch) then
+        if own then
             return false, true
         end
         return full, table.unpack(out)

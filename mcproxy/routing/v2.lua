@@ -75,6 +75,8 @@ local ROUTER_SEP_MAX <const> = 5
 local START_FAILURE <const> = "SERVER_ERROR lua start failure\r\n"
 
 return function(mcp, internal)
+    -- the slots of a request table (mcp.lua)
+    local R_KEY <const>, R_CMD <const>, R_REQ <const> = 1, 2, 3
     local POOL_PROXY = internal.POOL_PROXY
     local REQUEST = internal.REQUEST
     local new_response = internal.new_response
@@ -291,14 +293,14 @@ return function(mcp, internal)
         rctx.queued = rctx.queued + 1
         sends[n + 1] = handle
         sends[n + 2] = rctx.fgen.targets[handle]
-        sends[n + 3] = r._r
+        sends[n + 3] = r[R_REQ]
     end
 
     local function check_request(r)
         if getmetatable(r) ~= REQUEST then
             error("bad argument #1 (mcp.request expected)", 3)
         end
-        if r._k == nil or r._k == "" then
+        if r[R_KEY] == nil or r[R_KEY] == "" then
             error("cannot queue requests without a key", 3)
         end
     end
@@ -769,7 +771,7 @@ return function(mcp, internal)
 
     -- The funcgen a router gives request r, or nil.
     local function route(router, r)
-        local key = r._k
+        local key = r[R_KEY]
         if key == nil or key == "" then
             return nil
         end
@@ -797,7 +799,7 @@ return function(mcp, internal)
         elseif getmetatable(target) == FUNCGEN then
             return target
         end
-        return target[r._c] or target[mcp.CMD_ANY_STORAGE] or router.default
+        return target[r[R_CMD]] or target[mcp.CMD_ANY_STORAGE] or router.default
     end
 
     -- Direct funcgens ---------------------------------------------------

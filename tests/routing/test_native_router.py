@@ -47,6 +47,7 @@ def _lua_route():
         _LUA_ROUTE = lua.execute(
             "local string_find, string_sub = string.find, string.sub\n"
             "local FUNCGEN = {}\nlocal mcp = { CMD_ANY_STORAGE = 37 }\n"
+            "local R_KEY <const>, R_CMD <const> = 1, 2\n"
             + source[start:end] + source[route:route_end] + """
             return function(key, start, stop)
                 local asked = false
@@ -55,7 +56,7 @@ def _lua_route():
                     return nil
                 end })
                 local router = { map = map, start = start, stop = stop, default = "default" }
-                local got = route(router, { _k = key, _c = 7 })
+                local got = route(router, { key, 7 })  -- a request's slots
                 if asked then return asked end
                 return got
             end""")
