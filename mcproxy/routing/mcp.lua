@@ -69,9 +69,10 @@ return function(host, phase, v2)
     -- Python Request (R_REQ) until something asks for it, and their answers
     -- lazy responses: { ok, hit, nil, the Python KeyFetch or ReplyRun,
     -- position } without a Python Response (S_RES) until asked. Reading
-    -- the missing slot makes the Python object once, from the batch's Python requests (`requests`, held as
-    -- long as a request of the batch is: the same object Python uses for
-    -- the key while its batch is routed).
+    -- the missing slot makes the Python object once, from the batch's
+    -- Python requests (`requests`, held as long as a request of the batch
+    -- is: the same object Python uses for the key while its batch is
+    -- routed).
     local rawget = rawget
     local rawset = rawset
 
@@ -877,7 +878,7 @@ return function(host, phase, v2)
                 return full
             end
             packed = table.pack(done(a))
-        elseif a == YIELD_POOL and c == nil and d[R_BATCH] == batch then
+        elseif a == YIELD_POOL and c == nil and rawget(d, R_BATCH) == batch then
             -- (a request without a Python Request is a lazy one: its slots are its own)
             out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, d[R_INDEX]
             batch.pending = batch.pending + 1
@@ -931,8 +932,7 @@ return function(host, phase, v2)
             if kinds and string_byte(kinds, i + 1) == 1 then
                 route, command = other, other_cmd
             end
-            local r = setmetatable({ names[i + 1], command, nil, batch, i },
-                                   REQUEST)
+            local r = setmetatable({ names[i + 1], command, nil, batch, i }, REQUEST)
             local co = route_coroutine()
             cos[i + 1] = co
             local ok, a, b, c, d, e, f = coroutine_resume(co, route, r)
