@@ -208,7 +208,8 @@ def format_table(report: dict) -> str:
         f"{settings['rounds']} round(s) x {settings['duration_s']} s per workload and "
         f"system, medians (ratios: the median of each round's); proxy/memcached "
         f"CPU = user+sys us per request, 'of it user' the proxy's user-mode part "
-        f"({report['machine']['cpus']} CPUs; mcproxy on {report['machine']['python']}; "
+        f"({report['machine']['cpus']} CPUs; mcproxy on {report['machine']['python']}, "
+        f"framing {report['machine'].get('mcproxy_framing', 'unknown')}; "
         f"memcached-proxy: {report['machine'].get('memcached_proxy', 'unknown')})")
     header = (f"  {'system':<{width}}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}"
               f"{'proxy cpu':>11}{'of it user':>11}{'mc cpu':>9}  errors")

@@ -68,3 +68,27 @@ def immediate_writes(monkeypatch):
     """In-process tests drive protocols by hand: write at once instead of
     at the end of a reactor iteration that never comes."""
     monkeypatch.setattr(batch, "schedule", lambda f: f())
+
+
+#: The framing loops mcproxy/wire/_frames.pyx compiles, by their names in
+#: mcproxy.wire.response (None there when the module is not built).
+COMPILED_FRAMING = ("plain_run", "multi_end", "aligned_values")
+
+
+@pytest.fixture(scope="module", params=["compiled", "pure"])
+def framing(request):
+    """Run a test with the compiled framing loops, then with the pure-Python
+    code alone (what mcproxy runs where no compiler built them): both must
+    frame every reply alike. Module-scoped, so hypothesis's tests take it."""
+    from mcproxy.wire import response
+
+    saved = {name: getattr(response, name) for name in COMPILED_FRAMING}
+    if request.param == "compiled":
+        if response.plain_run is None:
+            pytest.skip("mcproxy.wire._frames is not built (no C compiler or Cython)")
+    else:
+        for name in COMPILED_FRAMING:
+            setattr(response, name, None)
+    yield request.param
+    for name, value in saved.items():
+        setattr(response, name, value)

@@ -29,6 +29,10 @@ from __future__ import annotations
 
 import re
 
+try:  # the compiled framing loops (setup.py builds them where a compiler is)
+    from mcproxy.wire._frames import aligned_values, multi_end, plain_run
+except ImportError:
+    aligned_values = multi_end = plain_run = None
 from mcproxy.wire.errors import BACKEND_FAILURE, END
 from mcproxy.wire.request import (
     CMD_DECR,
@@ -519,15 +523,23 @@ class ResponseReader:
         """
         buf = self._buf
         start = pos = self._pos
-        if count == 1 and widths is None:
-            # One plain reply, most often: framed without the loop below.
-            end = _plain_end(buf, pos, keys[first], sets is not None and first in sets)
-            if end:
-                parts.append(buf[pos:end])
-                self._pos = end
-                return 1
-        size = len(buf)
         framed = 0
+        if widths is None:
+            if plain_run is not None:
+                # the plain replies in C; the first other one below
+                pos, framed = plain_run(buf, pos, keys, first, count, sets)
+                if framed == count:
+                    parts.append(buf[start:pos])
+                    self._pos = pos
+                    return framed
+            elif count == 1:
+                # One plain reply, most often: framed without the loop below.
+                end = _plain_end(buf, pos, keys[first], sets is not None and first in sets)
+                if end:
+                    parts.append(buf[pos:end])
+                    self._pos = end
+                    return 1
+        size = len(buf)
         result = 0
         try:
             while framed < count and pos < size:
@@ -545,7 +557,7 @@ class ResponseReader:
                         _check_plain(result[0], key, is_set)
                 else:
                     wanted = keys[index].split(b" ")
-                    end = 0 if self._held else _multi_end(buf, pos, wanted)
+                    end = 0 if self._held else (multi_end or _multi_end)(buf, pos, wanted)
                     if not end:
                         if pos > start:
                             parts.append(buf[start:pos])
@@ -623,6 +635,8 @@ class ResponseReader:
         """
         buf = self._buf
         pos = self._pos
+        if aligned_values is not None:  # the plain items in C; the rest below
+            pos = aligned_values(buf, pos, keys, parts)
         match = _VALUE_LINE.match
         find = keys.index
         index = len(parts)

@@ -71,6 +71,8 @@ def test_twistd_mcproxy_runs_on_it():
     try:
         assert proxy.call(b"version\r\n", b"\r\n").startswith(b"VERSION ")
         assert "switched the reactor to mcproxy.app.reactor.ProxyReactor" in proxy.log()
+        # this checkout's install builds the compiled framing (gcc, Cython from PyPI)
+        assert "backend replies framed by compiled code (mcproxy.wire._frames)" in proxy.log()
     finally:
         proxy.stop()
 

@@ -375,6 +375,7 @@ def plain_request_for(reply: Response) -> tuple[bytes, bool] | None:
     return None
 
 
+@pytest.mark.usefixtures("framing")
 @FAST
 @given(st.one_of(st.lists(replies(), max_size=8).map(lambda g: b"".join(w for w, _ in g)),
                  _noisy_streams, st.binary(max_size=100)),
@@ -403,6 +404,7 @@ def test_raw_replies_are_the_replies_as_they_came(data, cuts, counts):
                            frozenset(sets)) == (data[:end], len(keys), error)
 
 
+@pytest.mark.usefixtures("framing")
 @FAST
 @given(st.lists(st.integers(0, 10**6), max_size=6))
 def test_raw_reply_of_another_request_is_a_mismatch(cuts):
@@ -478,6 +480,7 @@ def run_replies(draw) -> tuple[bytes, bytes, int, dict[int, int], list[bytes], f
     return (b"".join(wire), b"".join(expect), len(wire), widths, keys, frozenset(sets))
 
 
+@pytest.mark.usefixtures("framing")
 @FAST
 @given(run_replies(), st.lists(st.integers(0, 10**6), max_size=12),
        st.lists(st.integers(1, 4), min_size=1, max_size=5))
@@ -487,6 +490,7 @@ def test_raw_multi_key_replies_in_any_chunks(generated, cuts, counts):
         == (expect, count, None)
 
 
+@pytest.mark.usefixtures("framing")
 @FAST
 @given(st.lists(st.integers(0, 10**6), max_size=6))
 def test_raw_multi_key_reply_with_more_values_than_keys(cuts):
@@ -592,6 +596,7 @@ def plain_streams(draw) -> bytes:
     return stream
 
 
+@pytest.mark.usefixtures("framing")
 @SLOW
 @given(plain_streams(), st.lists(st.integers(0, 10**6), max_size=12),
        st.lists(st.integers(0, 10**6), max_size=12), st.sampled_from(

@@ -15,6 +15,9 @@ from mcproxy.wire.errors import BACKEND_FAILURE, END
 from mcproxy.wire.request import parse_request, scan_plain
 from mcproxy.wire.response import FAIL_MISMATCH, BackendProtocolError, ResponseReader
 
+#: every test with the compiled framing loops and with pure Python alone
+pytestmark = pytest.mark.usefixtures("framing")
+
 
 def req(line: bytes, value: bytes | None = None, multiget: bool = False):
     r = parse_request(line)

@@ -42,6 +42,9 @@ from mcproxy.wire.response import (
     parse_response,
 )
 
+#: every test with the compiled framing loops and with pure Python alone
+pytestmark = pytest.mark.usefixtures("framing")
+
 # wire bytes, code, type, hit, value
 TABLE = [
     (b"2\r\n", MCMC_CODE_OK, MCMC_RESP_NUMERIC, True, None),

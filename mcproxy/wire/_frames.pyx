@@ -1,0 +1,190 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The framing loop of ``ResponseReader.read_raw``, compiled (optional).
+
+Framing the replies of a run of plain gets and sets is most of the Python
+a pipelined request costs (``bench/opcodes.py``: ~95 of the direct path's
+161 opcodes per request at 16 in flight). This module frames the replies
+that are plain and complete in C; the first one that is not (a reply
+``_plain_end`` would refuse or raise for, an error line, an incomplete
+reply) ends the loop, and ``read_raw`` goes on from there in Python,
+which answers it exactly as without this module. So the module only ever
+takes replies the pure-Python code would take the same way, and mcproxy
+runs the same without it (it is built only where a C compiler is; see
+setup.py).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from libc.string cimport memcmp
+
+# The longest key, the digits of flags and cas, and of a size memcached's
+# _VALUE_LINE (mcproxy/wire/response.py) accepts.
+cdef enum:
+    MAX_KEY = 250
+    MAX_NUMBER = 20
+    MAX_SIZE_DIGITS = 9
+
+
+cdef inline Py_ssize_t _digits(const char *b, Py_ssize_t p, Py_ssize_t size,
+                               Py_ssize_t most) noexcept:
+    """How many ASCII digits (at most ``most``) start at ``b[p]``."""
+    cdef Py_ssize_t n = 0
+    while p + n < size and n < most and b"0"[0] <= b[p + n] <= b"9"[0]:
+        n += 1
+    return n
+
+
+cdef Py_ssize_t _value_item(const char *b, Py_ssize_t pos, Py_ssize_t size,
+                            Py_ssize_t *key_at, Py_ssize_t *key_len) noexcept:
+    """Where the complete plain ``VALUE`` item (its line as _VALUE_LINE
+    matches it, its data and CRLF) at ``b[pos]`` ends, its key's offset and
+    length in ``key_at`` and ``key_len``; 0 for anything else."""
+    cdef Py_ssize_t p, start, n, vlen, vend
+    cdef int i
+    if size - pos < 6 or memcmp(b + pos, b"VALUE ", 6) != 0:
+        return 0
+    p = pos + 6
+    start = p
+    while p < size and p - start < MAX_KEY and b[p] != b" "[0] and b[p] != b"\r"[0] \
+            and b[p] != b"\n"[0]:
+        p += 1
+    if p == start or p >= size or b[p] != b" "[0]:
+        return 0
+    key_at[0] = start
+    key_len[0] = p - start
+    p += 1
+    n = _digits(b, p, size, MAX_NUMBER)  # flags
+    if n == 0 or p + n >= size or b[p + n] != b" "[0]:
+        return 0
+    p += n + 1
+    n = _digits(b, p, size, MAX_SIZE_DIGITS)
+    if n == 0:
+        return 0
+    vlen = 0
+    for i in range(n):
+        vlen = vlen * 10 + (b[p + i] - b"0"[0])
+    p += n
+    if p < size and b[p] == b" "[0]:  # a cas
+        n = _digits(b, p + 1, size, MAX_NUMBER)
+        if n == 0:
+            return 0
+        p += n + 1
+    if size - p < 2 or b[p] != b"\r"[0] or b[p + 1] != b"\n"[0]:
+        return 0
+    vend = p + 2 + vlen + 2
+    if vend > size or b[vend - 2] != b"\r"[0] or b[vend - 1] != b"\n"[0]:
+        return 0
+    return vend
+
+
+cdef Py_ssize_t _plain_reply(const char *b, Py_ssize_t pos, Py_ssize_t size,
+                             const char *key, Py_ssize_t klen, bint is_set) noexcept:
+    """Where the plain, complete reply at ``b[pos]`` to a plain ``get`` of
+    ``key`` (with ``is_set``, a plain ``set``) ends; 0 for any other
+    reply, which Python judges. The same rules as ``_plain_end`` and its
+    ``_VALUE_LINE`` for what they accept."""
+    cdef Py_ssize_t end, key_at = 0, key_len = 0
+    if is_set:
+        if size - pos >= 8 and memcmp(b + pos, b"STORED\r\n", 8) == 0:
+            return pos + 8
+        if size - pos >= 12 and memcmp(b + pos, b"NOT_STORED\r\n", 12) == 0:
+            return pos + 12
+        if size - pos >= 8 and memcmp(b + pos, b"EXISTS\r\n", 8) == 0:
+            return pos + 8
+        if size - pos >= 11 and memcmp(b + pos, b"NOT_FOUND\r\n", 11) == 0:
+            return pos + 11
+        return 0
+    if size - pos >= 5 and memcmp(b + pos, b"END\r\n", 5) == 0:
+        return pos + 5
+    end = _value_item(b, pos, size, &key_at, &key_len)
+    if end == 0 or key_len != klen or memcmp(b + key_at, key, klen) != 0 \
+            or size - end < 5 or memcmp(b + end, b"END\r\n", 5) != 0:
+        return 0
+    return end + 5
+
+
+cdef Py_ssize_t _find_key(list keys, Py_ssize_t index, const char *b, Py_ssize_t key_at,
+                          Py_ssize_t key_len):
+    """The index of the first of ``keys[index:]`` that is ``b[key_at:]``'s
+    key, or -1."""
+    cdef bytes key
+    cdef Py_ssize_t i
+    for i in range(index, len(keys)):
+        key = keys[i]
+        if PyBytes_GET_SIZE(key) == key_len \
+                and memcmp(PyBytes_AS_STRING(key), b + key_at, key_len) == 0:
+            return i
+    return -1
+
+
+def plain_run(buf, Py_ssize_t pos, list keys, Py_ssize_t first, Py_ssize_t count, sets):
+    """Frame up to ``count`` plain, complete replies at ``buf[pos]``, to the
+    requests ``first``, ``first + 1``, ... of a run (``keys`` their keys,
+    ``sets`` None or the indexes of the sets); return ``(end, framed)``:
+    where the framed replies end and how many there were. (Python frames
+    anything but bytes, such as a bytearray fed by a test.)"""
+    if not PyBytes_CheckExact(buf):
+        return pos, 0
+    cdef const char *b = PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t framed = 0, end
+    cdef bytes key
+    cdef bint is_set
+    while framed < count and pos < size:
+        key = keys[first + framed]
+        is_set = sets is not None and (first + framed) in sets
+        end = _plain_reply(b, pos, size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                           is_set)
+        if end == 0:
+            break
+        pos = end
+        framed += 1
+    return pos, framed
+
+
+def multi_end(buf, Py_ssize_t pos, list keys):
+    """``_multi_end`` for the replies it frames: where the complete, plain
+    reply to a get of ``keys`` at ``buf[pos]`` ends (plain ``VALUE`` items
+    of those keys in their order, then ``END``); 0 for anything else, which
+    Python judges (and raises for: a key not asked for, or out of order)."""
+    if not PyBytes_CheckExact(buf):
+        return 0
+    cdef const char *b = PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t index = 0, end, key_at = 0, key_len = 0
+    while True:
+        end = _value_item(b, pos, size, &key_at, &key_len)
+        if end == 0:
+            break
+        index = _find_key(keys, index, b, key_at, key_len)
+        if index < 0:
+            return 0
+        index += 1
+        pos = end
+    if size - pos >= 5 and memcmp(b + pos, b"END\r\n", 5) == 0:
+        return pos + 5
+    return 0
+
+
+def aligned_values(buf, Py_ssize_t pos, list keys, list parts):
+    """The plain ``VALUE`` items of ``read_aligned``'s loop: append to
+    ``parts`` each complete plain item at ``buf[pos]`` that is of one of
+    ``keys[len(parts):]`` in order (None for each key it skips) and return
+    where they end; the first other reply is Python's."""
+    if not PyBytes_CheckExact(buf):
+        return pos
+    cdef const char *b = PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t index = len(parts), found, end, key_at = 0, key_len = 0
+    while True:
+        end = _value_item(b, pos, size, &key_at, &key_len)
+        if end == 0:
+            return pos
+        found = _find_key(keys, index, b, key_at, key_len)
+        if found < 0:
+            return pos
+        while index < found:
+            parts.append(None)
+            index += 1
+        parts.append(buf[pos:end])
+        index += 1
+        pos = end

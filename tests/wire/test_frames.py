@@ -1,0 +1,165 @@
+"""The compiled framing loops (mcproxy/wire/_frames.pyx) against the
+pure-Python code they stand in for: on any bytes, each takes exactly the
+replies that code takes as plain, and stops where that code would judge
+(refuse, raise, wait for more) or where an error line is, which the Python
+loop after it answers. The rest of the suite runs with them (and, through
+the ``framing`` fixture, the wire tests also without them)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from mcproxy.wire import response
+from mcproxy.wire.response import (
+    _ANY,
+    _PLAIN_ANSWERS,
+    _VALUE_LINE,
+    BackendProtocolError,
+    _multi_end,
+    _plain_end,
+)
+
+frames = pytest.importorskip("mcproxy.wire._frames",
+                             reason="mcproxy.wire._frames is not built (no C compiler)")
+
+#: mostly two short keys, so that many replies are the ones asked for
+KEYS = [b"a", b"b"] * 4 + [b"ab", b"key:1", b"k" * 249, b"k" * 250, b"k" * 251, b"\x80\x00z"]
+
+#: the keys of a multiget: those of the replies, and keys one byte off
+NEAR_KEYS = [b"a", b"b"] * 4 + [b"ab", b"a\x00", b"", b"k" * 249, b"k" * 250]
+
+
+@st.composite
+def items(draw) -> tuple[bytes, bytes, bool]:
+    """A reply a get or set may get, well formed or nearly, with the key of
+    the request it answers and whether that is a set (mostly as it fits)."""
+    key = draw(st.sampled_from(KEYS))
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        reply = draw(st.sampled_from([b"STORED\r\n", b"NOT_STORED\r\n", b"EXISTS\r\n",
+                                      b"NOT_FOUND\r\n", b"ERROR\r\n", b"SERVER_ERROR x\r\n",
+                                      b"HD\r\n", b"END\r\n", b"END\n"]))
+        return reply, key, reply[-8:] != b"END\r\n" and draw(st.integers(0, 4)) > 0
+    value = draw(st.binary(max_size=12) | st.sampled_from([b"x\r\nEND\r\n", b"0123456789ab"]))
+    flags = draw(st.sampled_from([b"0"] * 6 + [b"1" * 20, b"1" * 21, b"", b"-1", b"9"]))
+    size = str(len(value) + draw(st.sampled_from([0] * 8 + [1, -1]))).encode()
+    # 9 digits at most: zeros up to 9, and to 10
+    size = draw(st.sampled_from([size] * 5 + [b"0" * (9 - len(size)) + size,
+                                              b"0" * (10 - len(size)) + size, b"1" * 10]))
+    cas = draw(st.sampled_from([b""] * 4 + [b" 7", b" " + b"2" * 20, b" " + b"2" * 21, b" "]))
+    line = b"VALUE " + key + b" " + flags + b" " + size + cas + b"\r\n"
+    end = b"END\r\n" if kind < 8 else b""
+    if draw(st.integers(0, 3)) == 0:  # maybe another request's, maybe nearly this one
+        key = draw(st.sampled_from([*KEYS, key + b"b", key[:-1] or b"z", key[1:] or b"z"]))
+    return line + value + b"\r\n" + end, key, draw(st.integers(0, 9)) == 0
+
+
+def spoilt(draw, data: bytes) -> bytes:
+    """``data``, maybe with one byte changed, maybe cut short."""
+    if data and draw(st.integers(0, 3)) == 0:
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1:]
+    if data and draw(st.integers(0, 3)) == 0:
+        data = data[:draw(st.integers(0, len(data)))]
+    return data
+
+
+@st.composite
+def runs(draw) -> tuple[bytes, list[bytes], frozenset[int] | None]:
+    """The replies to a run of plain requests: the bytes, each request's
+    key, the indexes of the sets."""
+    got = draw(st.lists(items(), max_size=6))
+    keys = [key for _, key, _ in got] + [b"a"] * 6
+    sets = frozenset(i for i, (_, _, is_set) in enumerate(got) if is_set)
+    return spoilt(draw, b"".join(reply for reply, _, _ in got)), keys, sets or None
+
+
+@st.composite
+def streams(draw) -> bytes:
+    return spoilt(draw, b"".join(reply for reply, _, _ in draw(st.lists(items(), max_size=6))))
+
+
+def reference_run(buf, pos, keys, first, count, sets):
+    """read_raw's plain framing in Python, stopping where the compiled loop
+    must: at a reply _plain_end refuses or raises for, or an error line."""
+    framed = 0
+    while framed < count and pos < len(buf):
+        index = first + framed
+        line = buf[pos:buf.find(b"\n", pos) + 1]
+        if _PLAIN_ANSWERS.get(line) is _ANY:
+            break
+        try:
+            end = _plain_end(buf, pos, keys[index], sets is not None and index in sets)
+        except BackendProtocolError:
+            break
+        if not end:
+            break
+        pos = end
+        framed += 1
+    return pos, framed
+
+
+def reference_aligned(buf, pos, keys, parts):
+    """read_aligned's regex loop, stopping where it would read or raise."""
+    index = len(parts)
+    while (line := _VALUE_LINE.match(buf, pos)) is not None:
+        vend = line.end() + int(line[2]) + 2
+        if not buf.startswith(b"\r\n", vend - 2) or line[1] not in keys[index:]:
+            break
+        found = keys.index(line[1], index)
+        parts += [None] * (found - index)
+        parts.append(buf[pos:vend])
+        index = found + 1
+        pos = vend
+    return pos
+
+
+@settings(max_examples=600, deadline=None)
+@given(runs(), st.integers(1, 6), st.integers(0, 3))
+@example((b"VALUE a 0 1\r\nx\r\nEND\r\nSTORED\r\n", [b"a", b"b"], frozenset([1])), 2, 0)
+@example((b"VALUE ab 0 1\r\nx\r\nEND\r\n", [b"a"], None), 1, 0)  # a key's prefix
+def test_plain_run_takes_what_plain_end_takes(run, count, pos):
+    data, keys, sets = run
+    pos = min(pos, len(data))
+    assert frames.plain_run(data, pos, keys, 0, count, sets) \
+        == reference_run(data, pos, keys, 0, count, sets)
+
+
+@settings(max_examples=600, deadline=None)
+@given(streams(), st.lists(st.sampled_from(NEAR_KEYS), max_size=6), st.integers(0, 3))
+@example(b"VALUE a 0 1\r\nx\r\nVALUE b 0 0\r\n\r\nEND\r\n", [b"a", b"b"], 0)
+@example(b"VALUE a 0 1\r\nx\r\nEND\r\n", [b"ab"], 0)  # a prefix of a key
+def test_multi_end_is_python_s_or_leaves_it_to_python(data, keys, pos):
+    pos = min(pos, len(data))
+    try:
+        expected = _multi_end(data, pos, keys)
+    except BackendProtocolError:
+        expected = 0  # Python's _read_multi raises it
+    assert frames.multi_end(data, pos, keys) == expected
+
+
+@settings(max_examples=600, deadline=None)
+@given(streams(), st.lists(st.sampled_from(NEAR_KEYS), max_size=6), st.integers(0, 2))
+@example(b"VALUE b 0 1\r\nx\r\nEND\r\n", [b"a", b"b"], 0)
+def test_aligned_values_take_what_read_aligned_s_loop_takes(data, keys, held):
+    held = min(held, len(keys))
+    parts, expected = [b"held"] * held, [b"held"] * held
+    assert frames.aligned_values(data, 0, keys, parts) \
+        == reference_aligned(data, 0, keys, expected)
+    assert parts == expected
+
+
+def test_anything_but_bytes_is_left_to_python():
+    for buf in (bytearray(b"END\r\n"), memoryview(b"END\r\n")):
+        assert frames.plain_run(buf, 0, [b"a"], 0, 1, None) == (0, 0)
+        assert frames.multi_end(buf, 0, []) == 0
+        assert frames.aligned_values(buf, 0, [], []) == 0
+
+
+def test_the_reader_uses_them():
+    """Built, they are what ResponseReader calls (else the fallback runs)."""
+    assert response.plain_run is frames.plain_run
+    assert response.multi_end is frames.multi_end
+    assert response.aligned_values is frames.aligned_values
