@@ -116,12 +116,41 @@ cdef Py_ssize_t _find_key(list keys, Py_ssize_t index, const char *b, Py_ssize_t
     return -1
 
 
-def plain_run(buf, Py_ssize_t pos, list keys, Py_ssize_t first, Py_ssize_t count, sets):
+cdef Py_ssize_t _joined_reply(const char *b, Py_ssize_t pos, Py_ssize_t size,
+                              const char *keys, Py_ssize_t length) noexcept:
+    """``_multi_end`` for a get of the keys ``keys`` joins with spaces (a
+    run's multi-key get): where its complete, plain reply at ``b[pos]``
+    ends, or 0 for anything else (Python's to judge)."""
+    cdef Py_ssize_t end, key_at = 0, key_len = 0, at = 0, stop
+    while True:
+        end = _value_item(b, pos, size, &key_at, &key_len)
+        if end == 0:
+            break
+        while True:  # the first of the keys from `at` that is this one
+            if at > length:
+                return 0
+            stop = at
+            while stop < length and keys[stop] != b" "[0]:
+                stop += 1
+            if stop - at == key_len and memcmp(keys + at, b + key_at, key_len) == 0:
+                at = stop + 1
+                break
+            at = stop + 1
+        pos = end
+    if size - pos >= 5 and memcmp(b + pos, b"END\r\n", 5) == 0:
+        return pos + 5
+    return 0
+
+
+def plain_run(buf, Py_ssize_t pos, list keys, Py_ssize_t first, Py_ssize_t count, sets,
+              widths):
     """Frame up to ``count`` plain, complete replies at ``buf[pos]``, to the
-    requests ``first``, ``first + 1``, ... of a run (``keys`` their keys,
-    ``sets`` None or the indexes of the sets); return ``(end, framed)``:
-    where the framed replies end and how many there were. (Python frames
-    anything but bytes, such as a bytearray fed by a test.)"""
+    requests ``first``, ``first + 1``, ... of a run (``keys`` their keys, a
+    multi-key get's joined by spaces; ``sets`` None or the indexes of the
+    sets, ``widths`` None or a dict whose keys are the indexes of the
+    multi-key gets); return ``(end, framed)``: where the framed replies end
+    and how many there were. (Python frames anything but bytes, such as a
+    bytearray fed by a test.)"""
     if not PyBytes_CheckExact(buf):
         return pos, 0
     cdef const char *b = PyBytes_AS_STRING(buf)
@@ -131,6 +160,13 @@ def plain_run(buf, Py_ssize_t pos, list keys, Py_ssize_t first, Py_ssize_t count
     cdef bint is_set
     while framed < count and pos < size:
         key = keys[first + framed]
+        if widths is not None and (first + framed) in widths:
+            end = _joined_reply(b, pos, size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+            if end == 0:
+                break
+            pos = end
+            framed += 1
+            continue
         is_set = sets is not None and (first + framed) in sets
         end = _plain_reply(b, pos, size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
                            is_set)

@@ -524,21 +524,22 @@ class ResponseReader:
         buf = self._buf
         start = pos = self._pos
         framed = 0
-        if widths is None:
-            if plain_run is not None:
-                # the plain replies in C; the first other one below
-                pos, framed = plain_run(buf, pos, keys, first, count, sets)
+        if plain_run is not None:
+            # The plain replies in C, the first other one below (and all of a
+            # multi-key reply whose first items are held).
+            if not (widths and self._held):
+                pos, framed = plain_run(buf, pos, keys, first, count, sets, widths)
                 if framed == count:
                     parts.append(buf[start:pos])
                     self._pos = pos
                     return framed
-            elif count == 1:
-                # One plain reply, most often: framed without the loop below.
-                end = _plain_end(buf, pos, keys[first], sets is not None and first in sets)
-                if end:
-                    parts.append(buf[pos:end])
-                    self._pos = end
-                    return 1
+        elif count == 1 and widths is None:
+            # One plain reply, most often: framed without the loop below.
+            end = _plain_end(buf, pos, keys[first], sets is not None and first in sets)
+            if end:
+                parts.append(buf[pos:end])
+                self._pos = end
+                return 1
         size = len(buf)
         result = 0
         try:

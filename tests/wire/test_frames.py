@@ -67,13 +67,36 @@ def spoilt(draw, data: bytes) -> bytes:
 
 
 @st.composite
-def runs(draw) -> tuple[bytes, list[bytes], frozenset[int] | None]:
+def multi(draw) -> tuple[bytes, bytes, None]:
+    """The reply to a multi-key get and its keys joined by spaces (mostly
+    those of its values, in their order, with misses between)."""
+    plain = st.tuples(st.sampled_from([b"a", b"b", b"ab"]), st.binary(max_size=4)).map(
+        lambda kv: (b"VALUE %s 0 %d\r\n%s\r\n" % (kv[0], len(kv[1]), kv[1]), kv[0], False))
+    values = draw(st.lists(plain | items().filter(lambda got: got[0].startswith(b"VALUE ")),
+                           max_size=3))
+    reply = b"".join(got[0][:-5] if got[0].endswith(b"END\r\n") else got[0]
+                     for got in values) + draw(st.sampled_from([b"END\r\n"] * 5 + [b"ERROR\r\n"]))
+    keys = []
+    for _, key, _ in values:
+        keys += draw(st.lists(st.sampled_from([b"a", b"b", b"ab", b"k" * 249]), max_size=1))
+        if draw(st.integers(0, 4)):
+            keys.append(key)
+    keys = draw(st.permutations(keys)) if draw(st.integers(0, 5)) == 0 else keys
+    return reply, b" ".join(keys + draw(st.lists(st.just(b"zz"), max_size=1))) or b"zz", None
+
+
+@st.composite
+def runs(draw) -> tuple[bytes, list[bytes], frozenset[int] | None, dict[int, int] | None]:
     """The replies to a run of plain requests: the bytes, each request's
-    key, the indexes of the sets."""
-    got = draw(st.lists(items(), max_size=6))
+    key (a multi-key get's joined), the indexes of the sets and the key
+    counts of the multi-key gets."""
+    got = draw(st.lists(items() | multi(), max_size=6))
     keys = [key for _, key, _ in got] + [b"a"] * 6
     sets = frozenset(i for i, (_, _, is_set) in enumerate(got) if is_set)
-    return spoilt(draw, b"".join(reply for reply, _, _ in got)), keys, sets or None
+    widths = {i: key.count(b" ") + 1 for i, (_, key, is_set) in enumerate(got)
+              if is_set is None}
+    return (spoilt(draw, b"".join(reply for reply, _, _ in got)), keys, sets or None,
+            widths or None)
 
 
 @st.composite
@@ -81,12 +104,23 @@ def streams(draw) -> bytes:
     return spoilt(draw, b"".join(reply for reply, _, _ in draw(st.lists(items(), max_size=6))))
 
 
-def reference_run(buf, pos, keys, first, count, sets):
+def reference_run(buf, pos, keys, first, count, sets, widths):
     """read_raw's plain framing in Python, stopping where the compiled loop
-    must: at a reply _plain_end refuses or raises for, or an error line."""
+    must: at a reply _plain_end or _multi_end refuses or raises for, or an
+    error line."""
     framed = 0
     while framed < count and pos < len(buf):
         index = first + framed
+        if widths is not None and index in widths:
+            try:
+                end = _multi_end(buf, pos, keys[index].split(b" "))
+            except BackendProtocolError:
+                break
+            if not end:
+                break
+            pos = end
+            framed += 1
+            continue
         line = buf[pos:buf.find(b"\n", pos) + 1]
         if _PLAIN_ANSWERS.get(line) is _ANY:
             break
@@ -118,13 +152,21 @@ def reference_aligned(buf, pos, keys, parts):
 
 @settings(max_examples=600, deadline=None)
 @given(runs(), st.integers(1, 6), st.integers(0, 3))
-@example((b"VALUE a 0 1\r\nx\r\nEND\r\nSTORED\r\n", [b"a", b"b"], frozenset([1])), 2, 0)
-@example((b"VALUE ab 0 1\r\nx\r\nEND\r\n", [b"a"], None), 1, 0)  # a key's prefix
-def test_plain_run_takes_what_plain_end_takes(run, count, pos):
-    data, keys, sets = run
+@example((b"VALUE a 0 1\r\nx\r\nEND\r\nSTORED\r\n", [b"a", b"b"], frozenset([1]), None),
+         2, 0)
+@example((b"VALUE ab 0 1\r\nx\r\nEND\r\n", [b"a"], None, None), 1, 0)  # a key's prefix
+@example((b"VALUE b 0 1\r\nx\r\nEND\r\nEND\r\n", [b"a b", b"c"], None, {0: 2}), 2, 0)
+@example((b"VALUE a 0 1\r\nx\r\nEND\r\n", [b"ab a"], None, {0: 2}), 1, 0)
+@example((b"VALUE b 0 1\r\nx\r\nVALUE a 0 0\r\n\r\nEND\r\n", [b"a b"], None, {0: 2}),
+         1, 0)  # out of order
+@example((b"VALUE a 0 1\r\nx\r\nEND\r\n", [b"ab b"], None, {0: 2}), 1, 0)  # not asked for
+@example((b"VALUE a 0 1\r\nx\r\nVALUE a 0 1\r\nx\r\nEND\r\n", [b"a b"], None, {0: 2}),
+         1, 0)  # twice
+def test_plain_run_takes_what_plain_end_and_multi_end_take(run, count, pos):
+    data, keys, sets, widths = run
     pos = min(pos, len(data))
-    assert frames.plain_run(data, pos, keys, 0, count, sets) \
-        == reference_run(data, pos, keys, 0, count, sets)
+    assert frames.plain_run(data, pos, keys, 0, count, sets, widths) \
+        == reference_run(data, pos, keys, 0, count, sets, widths)
 
 
 @settings(max_examples=600, deadline=None)
@@ -153,7 +195,7 @@ def test_aligned_values_take_what_read_aligned_s_loop_takes(data, keys, held):
 
 def test_anything_but_bytes_is_left_to_python():
     for buf in (bytearray(b"END\r\n"), memoryview(b"END\r\n")):
-        assert frames.plain_run(buf, 0, [b"a"], 0, 1, None) == (0, 0)
+        assert frames.plain_run(buf, 0, [b"a"], 0, 1, None, None) == (0, 0)
         assert frames.multi_end(buf, 0, []) == 0
         assert frames.aligned_values(buf, 0, [], []) == 0
 
