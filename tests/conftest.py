@@ -70,9 +70,10 @@ def immediate_writes(monkeypatch):
     monkeypatch.setattr(batch, "schedule", lambda f: f())
 
 
-#: The framing loops mcproxy/wire/_frames.pyx compiles, by their names in
-#: mcproxy.wire.response (None there when the module is not built).
-COMPILED_FRAMING = ("plain_run", "multi_end", "aligned_values")
+#: The framing loops mcproxy/wire/_frames.pyx compiles, by their modules and
+#: their names there (None when the module is not built).
+COMPILED_FRAMING = (("response", "plain_run"), ("response", "multi_end"),
+                    ("response", "aligned_values"), ("request", "scan_compiled"))
 
 
 @pytest.fixture(scope="module", params=["compiled", "pure"])
@@ -80,15 +81,18 @@ def framing(request):
     """Run a test with the compiled framing loops, then with the pure-Python
     code alone (what mcproxy runs where no compiler built them): both must
     frame every reply alike. Module-scoped, so hypothesis's tests take it."""
+    from mcproxy.wire import request as request_module
     from mcproxy.wire import response
 
-    saved = {name: getattr(response, name) for name in COMPILED_FRAMING}
+    modules = {"request": request_module, "response": response}
+    saved = {(module, name): getattr(modules[module], name)
+             for module, name in COMPILED_FRAMING}
     if request.param == "compiled":
         if response.plain_run is None:
             pytest.skip("mcproxy.wire._frames is not built (no C compiler or Cython)")
     else:
-        for name in COMPILED_FRAMING:
-            setattr(response, name, None)
+        for module, name in COMPILED_FRAMING:
+            setattr(modules[module], name, None)
     yield request.param
-    for name, value in saved.items():
-        setattr(response, name, value)
+    for (module, name), value in saved.items():
+        setattr(modules[module], name, value)

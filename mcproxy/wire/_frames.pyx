@@ -1,16 +1,18 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The framing loop of ``ResponseReader.read_raw``, compiled (optional).
+"""The framing loops of the wire layer, compiled (optional).
 
-Framing the replies of a run of plain gets and sets is most of the Python
-a pipelined request costs (``bench/opcodes.py``: ~95 of the direct path's
-161 opcodes per request at 16 in flight). This module frames the replies
-that are plain and complete in C; the first one that is not (a reply
-``_plain_end`` would refuse or raise for, an error line, an incomplete
-reply) ends the loop, and ``read_raw`` goes on from there in Python,
-which answers it exactly as without this module. So the module only ever
-takes replies the pure-Python code would take the same way, and mcproxy
+Framing the replies of a run of plain gets and sets was most of the Python
+a pipelined request cost (``bench/opcodes.py``: ~95 of the direct path's
+161 opcodes per request at 16 in flight), and scanning a client's run of
+plain requests the largest part of a lone get's. This module frames in C
+the replies that are plain and complete (``ResponseReader.read_raw``,
+``_multi_end``, ``read_aligned``): the first one that is not (a reply the
+Python code would refuse or raise for, an error line, an incomplete reply)
+ends the loop, and the Python code goes on from there, answering it
+exactly as without this module; and it scans runs of plain requests
+(``request.scan_plain``) to the same result as the Python code. So mcproxy
 runs the same without it (it is built only where a C compiler is; see
-setup.py).
+setup.py); tests/wire/test_frames.py compares the two.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
@@ -224,3 +226,92 @@ def aligned_values(buf, Py_ssize_t pos, list keys, list parts):
         parts.append(buf[pos:end])
         index += 1
         pos = end
+
+
+cdef inline bint _key_byte(char c) noexcept:
+    """A byte of a key as the fast paths take it (request.py's _KEY)."""
+    return c != b" "[0] and c != b"\r"[0] and c != b"\n"[0] and c != 0
+
+
+def scan_plain(bytes data, Py_ssize_t pos, bint sets, Py_ssize_t max_payload,
+               Py_ssize_t limit, Py_ssize_t multigets):
+    """request.py's ``scan_plain``, compiled: the same run of plain
+    requests in ``data`` (bytes), the same result."""
+    cdef const char *b = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef list keys = [], ends = [], set_at = []
+    cdef object widths = None
+    cdef Py_ssize_t p, start, tokens, n, vlen, end
+    cdef int i
+    while pos < size and len(keys) < limit:
+        if size - pos >= 4 and memcmp(b + pos, b"get ", 4) == 0:
+            # "get" and keys of 1 to MAX_KEY bytes, one space between them
+            p = pos + 4
+            tokens = 0
+            while True:
+                start = p
+                while p < size and p - start < MAX_KEY and _key_byte(b[p]):
+                    p += 1
+                if p == start or p >= size:
+                    tokens = 0
+                    break
+                tokens += 1
+                if b[p] == b" "[0]:
+                    p += 1
+                    continue
+                if b[p] == b"\r"[0] and p + 1 < size and b[p + 1] == b"\n"[0]:
+                    p += 2
+                else:
+                    tokens = 0
+                break
+            if tokens == 1:
+                keys.append(data[pos + 4:p - 2])
+                ends.append(p)
+                pos = p
+                continue
+            if tokens > 1:
+                if tokens > multigets:  # (none, without multigets)
+                    break
+                if widths is None:
+                    widths = {}
+                widths[len(keys)] = tokens
+                keys.append(data[pos + 4:p - 2])
+                ends.append(p)
+                pos = p
+                continue
+            break
+        if not sets or size - pos < 4 or memcmp(b + pos, b"set ", 4) != 0:
+            break
+        # "set <key> <flags> <exptime> <bytes>" and the payload
+        p = pos + 4
+        start = p
+        while p < size and p - start < MAX_KEY and _key_byte(b[p]):
+            p += 1
+        if p == start or p >= size or b[p] != b" "[0]:
+            break
+        end = p
+        p += 1
+        n = _digits(b, p, size, 19)
+        if n == 0 or p + n >= size or b[p + n] != b" "[0]:
+            break
+        p += n + 1
+        n = _digits(b, p, size, 18)
+        if n == 0 or p + n >= size or b[p + n] != b" "[0]:
+            break
+        p += n + 1
+        n = _digits(b, p, size, MAX_SIZE_DIGITS)
+        if n == 0 or size - (p + n) < 2 or b[p + n] != b"\r"[0] or b[p + n + 1] != b"\n"[0]:
+            break
+        vlen = 0
+        for i in range(n):
+            vlen = vlen * 10 + (b[p + i] - b"0"[0])
+        vlen += 2
+        p += n + 2
+        if vlen > max_payload + 2 or p + vlen > size \
+                or b[p + vlen - 2] != b"\r"[0] or b[p + vlen - 1] != b"\n"[0]:
+            break
+        set_at.append(len(keys))
+        keys.append(data[start:end])
+        ends.append(p + vlen)
+        pos = p + vlen
+    return pos, keys, ends, set_at, widths

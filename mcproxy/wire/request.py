@@ -35,6 +35,11 @@ from mcproxy.wire.errors import (
 )
 from mcproxy.wire.numbers import strtol, strtoull
 
+try:  # compiled (setup.py builds it where a compiler is): scan_plain's result, faster
+    from mcproxy.wire._frames import scan_plain as scan_compiled
+except ImportError:
+    scan_compiled = None
+
 # Command ids, exactly as memcached's proxy numbers them (mcp.CMD_*).
 CMD_MG = 1
 CMD_MS = 2
@@ -365,6 +370,8 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
     get by its index. The run stops before anything else, which the caller
     parses line by line.
     """
+    if scan_compiled is not None and data.__class__ is bytes:
+        return scan_compiled(data, pos, sets, max_payload, limit, multigets)
     keys: list[bytes] = []
     ends: list[int] = []
     widths: dict[int, int] | None = None

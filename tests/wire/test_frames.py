@@ -1,9 +1,10 @@
 """The compiled framing loops (mcproxy/wire/_frames.pyx) against the
-pure-Python code they stand in for: on any bytes, each takes exactly the
-replies that code takes as plain, and stops where that code would judge
-(refuse, raise, wait for more) or where an error line is, which the Python
-loop after it answers. The rest of the suite runs with them (and, through
-the ``framing`` fixture, the wire tests also without them)."""
+pure-Python code they stand in for: on any bytes, each reply loop takes
+exactly the replies that code takes as plain, and stops where that code
+would judge (refuse, raise, wait for more) or where an error line is, which
+the Python loop after it answers; the request scan gives Python's result.
+The rest of the suite runs with them (and, through the ``framing`` fixture,
+the wire tests also without them)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mcproxy.wire import response
+from mcproxy.wire import request, response
 from mcproxy.wire.response import (
     _ANY,
     _PLAIN_ANSWERS,
@@ -200,8 +201,73 @@ def test_anything_but_bytes_is_left_to_python():
         assert frames.aligned_values(buf, 0, [], []) == 0
 
 
-def test_the_reader_uses_them():
-    """Built, they are what ResponseReader calls (else the fallback runs)."""
+def test_the_wire_layer_uses_them():
+    """Built, they are what ResponseReader and scan_plain call (else the
+    fallback runs)."""
+    assert request.scan_compiled is frames.scan_plain
     assert response.plain_run is frames.plain_run
     assert response.multi_end is frames.multi_end
     assert response.aligned_values is frames.aligned_values
+
+
+#: keys of requests: plain, the longest, too long, and bytes the fast paths refuse
+REQUEST_KEYS = [b"a", b"b", b"key:1", b"k" * 250, b"k" * 251, b"a\x00", b"a\rb", b"", b"\x80"]
+
+
+@st.composite
+def request_lines(draw) -> bytes:
+    """A request a client may send: mostly plain, else nearly."""
+    if draw(st.integers(0, 2)):
+        key = draw(st.sampled_from([b"a", b"b", b"key:1", b"k" * 250]))
+        kind = draw(st.integers(0, 2))
+        if kind == 0:
+            return b"get " + key + b"\r\n"
+        if kind == 1:
+            return b"get " + b" ".join([key] * draw(st.integers(2, 5))) + b"\r\n"
+        value = draw(st.binary(max_size=6))
+        return b"set %s 0 0 %d\r\n%s\r\n" % (key, len(value), value)
+    kind = draw(st.integers(0, 5))
+    if kind <= 1:
+        return b"get " + draw(st.sampled_from(REQUEST_KEYS)) + draw(
+            st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r", b" \r\n", b""]))
+    if kind == 2:
+        keys = draw(st.lists(st.sampled_from(REQUEST_KEYS[:5]), min_size=2, max_size=5))
+        return b"get " + draw(st.sampled_from([b" ", b" ", b"  "])).join(keys) + draw(
+            st.sampled_from([b"\r\n"] * 4 + [b" \r\n", b"\n"]))
+    if kind <= 4:
+        value = draw(st.binary(max_size=6))
+        size = len(value) + draw(st.sampled_from([0] * 6 + [1, -1]))
+        numbers = [draw(st.sampled_from([b"0"] * 4 + [b"9" * 19, b"9" * 20, b"-1", b""])),
+                   draw(st.sampled_from([b"0"] * 4 + [b"9" * 18, b"9" * 19, b"-1"])),
+                   draw(st.sampled_from([str(size).encode()] * 6 + [b"0" * 9 + b"1",
+                                                                   b"0" * 8 + b"1"]))]
+        return (b"set " + draw(st.sampled_from(REQUEST_KEYS)) + b" " + b" ".join(numbers)
+                + b"\r\n" + value + draw(st.sampled_from([b"\r\n"] * 6 + [b"\n", b"xx"])))
+    return draw(st.sampled_from([b"gets a\r\n", b"delete a\r\n", b"get\r\n", b"set a\r\n",
+                                 b"GET a\r\n", b"\r\n"]))
+
+
+@st.composite
+def request_streams(draw) -> bytes:
+    return spoilt(draw, b"".join(draw(st.lists(request_lines(), max_size=8))))
+
+
+def python_scan(*args):
+    """request.scan_plain without its compiled twin."""
+    compiled = request.scan_compiled
+    request.scan_compiled = None
+    try:
+        return request.scan_plain(*args)
+    finally:
+        request.scan_compiled = compiled
+
+
+@settings(max_examples=1500, deadline=None)
+@given(request_streams(), st.integers(0, 3), st.booleans(), st.integers(0, 8),
+       st.integers(1, 9), st.integers(0, 4))
+@example(b"get a\r\nget b c\r\nset k 0 0 1\r\nx\r\n", 0, True, 8, 9, 2)
+def test_scan_plain_is_python_s(data, pos, sets, max_payload, limit, multigets):
+    pos = min(pos, len(data))
+    args = (data, pos, sets, max_payload, limit, multigets)
+    assert frames.scan_plain(*args) == python_scan(*args)
+    assert request.scan_plain(*args) == python_scan(*args)
