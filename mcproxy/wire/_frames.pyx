@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
 """The framing loops of the wire layer, compiled (optional).
 
 Framing the replies of a run of plain gets and sets was most of the Python
@@ -18,12 +18,15 @@ setup.py); tests/wire/test_frames.py compares the two.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from libc.string cimport memcmp
 
-# The longest key, the digits of flags and cas, and of a size memcached's
-# _VALUE_LINE (mcproxy/wire/response.py) accepts.
+# The longest key; the most digits of a VALUE line's flags and cas, and of
+# a size (response.py's _VALUE_LINE, request.py's _SET_LINE); of a set
+# line's flags and exptime (_SET_LINE).
 cdef enum:
     MAX_KEY = 250
     MAX_NUMBER = 20
     MAX_SIZE_DIGITS = 9
+    SET_FLAGS_DIGITS = 19
+    SET_EXPTIME_DIGITS = 18
 
 
 cdef inline Py_ssize_t _digits(const char *b, Py_ssize_t p, Py_ssize_t size,
@@ -291,11 +294,11 @@ def scan_plain(bytes data, Py_ssize_t pos, bint sets, Py_ssize_t max_payload,
             break
         end = p
         p += 1
-        n = _digits(b, p, size, 19)
+        n = _digits(b, p, size, SET_FLAGS_DIGITS)
         if n == 0 or p + n >= size or b[p + n] != b" "[0]:
             break
         p += n + 1
-        n = _digits(b, p, size, 18)
+        n = _digits(b, p, size, SET_EXPTIME_DIGITS)
         if n == 0 or p + n >= size or b[p + n] != b" "[0]:
             break
         p += n + 1
