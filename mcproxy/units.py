@@ -427,13 +427,19 @@ class ReplyRun:
         replies = self.replies
         count = len(keys)
         sink = self.sink
-        while len(replies) < count:
-            if not reader.read_raw(1, replies, keys, sets, None, len(replies)):
-                return False
-            if sink is not None and not sink.wanted and replies[-1].startswith(b"VALUE "):
-                replies[-1] = END
-            self.size -= 1
-        self.size = count
+        try:
+            while len(replies) < count:
+                had = len(replies)
+                read = reader.read_each(count - had, replies, keys, sets)
+                if not read:
+                    return False
+                if sink is not None and not sink.wanted:  # nobody gets the values
+                    for i in range(had, had + read):
+                        if replies[i].startswith(b"VALUE "):
+                            replies[i] = END
+        finally:  # the requests still waiting (all of them once answered)
+            left = count - len(replies)
+            self.size = left if left else count
         return True
 
     def deliver(self, elapsed: int) -> None:

@@ -148,14 +148,14 @@ cdef Py_ssize_t _joined_reply(const char *b, Py_ssize_t pos, Py_ssize_t size,
 
 
 def plain_run(buf, Py_ssize_t pos, list keys, Py_ssize_t first, Py_ssize_t count, sets,
-              widths):
+              widths, list each=None):
     """Frame up to ``count`` plain, complete replies at ``buf[pos]``, to the
     requests ``first``, ``first + 1``, ... of a run (``keys`` their keys, a
     multi-key get's joined by spaces; ``sets`` None or the indexes of the
     sets, ``widths`` None or a dict whose keys are the indexes of the
     multi-key gets); return ``(end, framed)``: where the framed replies end
-    and how many there were. (Python frames anything but bytes, such as a
-    bytearray fed by a test.)"""
+    and how many there were, each appended to ``each`` unless it is None.
+    (Python frames anything but bytes, such as a bytearray fed by a test.)"""
     if not PyBytes_CheckExact(buf):
         return pos, 0
     cdef const char *b = PyBytes_AS_STRING(buf)
@@ -167,16 +167,14 @@ def plain_run(buf, Py_ssize_t pos, list keys, Py_ssize_t first, Py_ssize_t count
         key = keys[first + framed]
         if widths is not None and (first + framed) in widths:
             end = _joined_reply(b, pos, size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
-            if end == 0:
-                break
-            pos = end
-            framed += 1
-            continue
-        is_set = sets is not None and (first + framed) in sets
-        end = _plain_reply(b, pos, size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
-                           is_set)
+        else:
+            is_set = sets is not None and (first + framed) in sets
+            end = _plain_reply(b, pos, size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                               is_set)
         if end == 0:
             break
+        if each is not None:
+            each.append(buf[pos:end])
         pos = end
         framed += 1
     return pos, framed

@@ -581,6 +581,19 @@ class ResponseReader:
             self._pos = pos
         return framed
 
+    def read_each(self, count: int, replies: list[bytes], keys: list[bytes],
+                  sets: frozenset[int] | None) -> int:
+        """:meth:`read_raw` of plain single-key requests, each reply
+        appended to ``replies`` as its own bytes (the next is that of
+        request ``len(replies)``); return how many were read."""
+        read = 0
+        if plain_run is not None:
+            self._pos, read = plain_run(self._buf, self._pos, keys, len(replies), count, sets,
+                                        None, replies)
+        while read < count and self.read_raw(1, replies, keys, sets, None, len(replies)):
+            read += 1
+        return read
+
     def drop_held(self) -> None:
         """Forget the items held for the multi-key reply being read (its
         client is gone); the reply is still framed and its items counted."""

@@ -70,6 +70,7 @@ from mcproxy.wire.response import (
     MCMC_RESP_NUMERIC,
     BackendProtocolError,
     Response,
+    ResponseReader,
     client_bytes,
     parse_response,
 )
@@ -402,6 +403,49 @@ def test_raw_replies_are_the_replies_as_they_came(data, cuts, counts):
         pass
     assert read_raw_chunks(chunked(data, cuts), counts, None, keys + [b"k"] * 8,
                            frozenset(sets)) == (data[:end], len(keys), error)
+
+
+def read_each_chunks(chunks: list[bytes], counts: list[int], keys: list[bytes],
+                     sets: frozenset[int]) -> tuple[list[bytes], str | None]:
+    """The replies ResponseReader.read_each reads from ``chunks``, asked
+    for ``counts`` at a time in turn, and the error that stopped it."""
+    reader, replies, turn = ResponseReader(), [], 0
+    try:
+        for chunk in chunks:
+            if reader.feed(chunk):
+                while reader.read_each(counts[turn % len(counts)], replies, keys, sets):
+                    turn += 1
+    except BackendProtocolError as e:
+        return replies, e.reason
+    return replies, None
+
+
+@pytest.mark.usefixtures("framing")
+@FAST
+@given(st.one_of(st.lists(replies(), max_size=8).map(lambda g: b"".join(w for w, _ in g)),
+                 _noisy_streams, st.binary(max_size=100)),
+       st.lists(st.integers(0, 10**6), max_size=12),
+       st.lists(st.integers(1, 4), min_size=1, max_size=5))
+def test_replies_read_each_are_those_read_raw_frames(data, cuts, counts):
+    """read_each gives, one by one, the replies read_raw frames in one
+    piece, and stops with the same error, however the bytes arrive."""
+    keys, sets, end = [], set(), 0
+    try:
+        while (got := parse_response(data, end)) is not None:
+            request = plain_request_for(got[0])
+            if request is None:
+                break
+            if request[1]:
+                sets.add(len(keys))
+            keys.append(request[0])
+            end = got[1]
+    except BackendProtocolError:
+        pass
+    keys += [b"k"] * 8
+    framed, count, error = read_raw_chunks([data], [64], None, keys, frozenset(sets))
+    replies, each_error = read_each_chunks(chunked(data, cuts), counts, keys, frozenset(sets))
+    assert (b"".join(replies), len(replies), each_error) == (framed, count, error)
+    assert all(parse_response(reply, 0)[1] == len(reply) for reply in replies)
 
 
 @pytest.mark.usefixtures("framing")

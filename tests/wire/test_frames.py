@@ -166,8 +166,14 @@ def reference_aligned(buf, pos, keys, parts):
 def test_plain_run_takes_what_plain_end_and_multi_end_take(run, count, pos):
     data, keys, sets, widths = run
     pos = min(pos, len(data))
-    assert frames.plain_run(data, pos, keys, 0, count, sets, widths) \
-        == reference_run(data, pos, keys, 0, count, sets, widths)
+    end, framed = reference_run(data, pos, keys, 0, count, sets, widths)
+    assert frames.plain_run(data, pos, keys, 0, count, sets, widths) == (end, framed)
+    each = [b"before"]
+    assert frames.plain_run(data, pos, keys, 0, count, sets, widths, each) == (end, framed)
+    assert len(each) == 1 + framed and b"".join(each[1:]) == data[pos:end]
+    assert all(reference_run(reply, 0, keys[i:], 0, 1, None if sets is None else frozenset(
+        j - i for j in sets), None if widths is None else {j - i: w for j, w in widths.items()})
+        == (len(reply), 1) for i, reply in enumerate(each[1:]))
 
 
 @settings(max_examples=600, deadline=None)
