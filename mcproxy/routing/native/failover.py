@@ -148,6 +148,10 @@ class Failover(Runner):
         count = len(keys)
         stats.count_run(count, len(sets))
         run = _RunAttempt(self, orders, data, start, ends, done, stats, route_error)
+        if count == 1:  # most often, with one request in flight: no stretches
+            chosen[0].send_unit(ReplyRun(keys, partial(run.settle, 0), sink,
+                                         data[start:ends[0]], sets or None))
+            return True
         first = 0
         offset = start
         backend = chosen[0]
