@@ -46,12 +46,15 @@ class LatencyWindow:
         else:
             # The slots count, count + 1, ... modulo the window, by slices.
             samples = self.samples
-            size = len(samples)
             start = count & self._mask
-            first = min(times, size - start)
-            samples[start:start + first] = [micros] * first
-            rest = min(times - first, start)
-            samples[:rest] = [micros] * rest
+            stop = start + times
+            if stop <= len(samples):  # most often: a multiget's keys, no wrap
+                samples[start:stop] = [micros] * times
+            else:
+                first = len(samples) - start
+                samples[start:] = [micros] * first
+                rest = min(times - first, start)
+                samples[:rest] = [micros] * rest
         self.count = count + times
         self.total += micros * times
 
