@@ -494,7 +494,10 @@ def _parse_tokens(line: bytes) -> Request:
                 raise ParseError("bad meta flag")
             if first == 113:  # q
                 quiet = True
-        return Request(command, line, tokens, key, vlen, quiet=quiet)
+        # memcached's me has no quiet mode: a q there silences nothing, and
+        # the line must reach the backend as sent (only its first flag is
+        # read: "me <key> q b" looks up the key as it is, "me <key> b" decodes it)
+        return Request(command, line, tokens, key, vlen, quiet=quiet and command != CMD_ME)
 
     # incr, decr, touch, delete
     if ntokens < 3 and command is not CMD_DELETE:

@@ -220,6 +220,15 @@ def test_meta_quiet_flags_are_removed_on_the_wire():
     assert req.quiet and req.wire_line() == b"ms key 2 T1\r\n"
 
 
+@pytest.mark.parametrize("line", [b"me a q b\r\n", b"me a q\r\n", b"me YQ== b q\r\n"])
+def test_me_has_no_quiet_mode_and_goes_as_sent(line):
+    """memcached's me reads only its first flag and answers also with q
+    ("me a q b" looks "a" up, EN; "me a b" fails to decode it): a q is
+    neither removed nor a reason to silence anything."""
+    req = parse_request(line)
+    assert not req.quiet and req.wire_line() == line
+
+
 def test_unmodified_requests_are_forwarded_byte_for_byte():
     line = b"set  k   0 0 1\r\n"
     assert parse_request(line).wire_line() is not None
