@@ -21,11 +21,23 @@ MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
+#: Every port free_port has handed out in this test process.
+_HANDED: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that
+    this process has not handed out before: the kernel may give the same
+    free port twice while the first taker has yet to bind it (proxies
+    started without waiting), and the second process would then fail to
+    bind while a test talks to the first, unaware."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED:
+            _HANDED.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 10.0, proc=None,
