@@ -72,8 +72,8 @@ def immediate_writes(monkeypatch):
 
 #: The framing loops mcproxy/wire/_frames.pyx compiles, by their modules and
 #: their names there (None when the module is not built).
-COMPILED_FRAMING = (("response", "plain_run"), ("response", "multi_end"),
-                    ("response", "aligned_values"), ("request", "scan_compiled"))
+COMPILED_FRAMING = (("response", "plain_run"), ("response", "aligned_values"),
+                    ("request", "scan_compiled"))
 
 
 @pytest.fixture(scope="module", params=["compiled", "pure"])

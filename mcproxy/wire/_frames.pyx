@@ -5,8 +5,8 @@ Framing the replies of a run of plain gets and sets was most of the Python
 a pipelined request cost (``bench/opcodes.py``: ~95 of the direct path's
 161 opcodes per request at 16 in flight), and scanning a client's run of
 plain requests the largest part of a lone get's. This module frames in C
-the replies that are plain and complete (``ResponseReader.read_raw``,
-``_multi_end``, ``read_aligned``): the first one that is not (a reply the
+the replies that are plain and complete (``ResponseReader.read_raw`` and
+``read_each``, also a run's multi-key gets; ``read_aligned``): the first one that is not (a reply the
 Python code would refuse or raise for, an error line, an incomplete reply)
 ends the loop, and the Python code goes on from there, answering it
 exactly as without this module; and it scans runs of plain requests
@@ -123,9 +123,10 @@ cdef Py_ssize_t _find_key(list keys, Py_ssize_t index, const char *b, Py_ssize_t
 
 cdef Py_ssize_t _joined_reply(const char *b, Py_ssize_t pos, Py_ssize_t size,
                               const char *keys, Py_ssize_t length) noexcept:
-    """``_multi_end`` for a get of the keys ``keys`` joins with spaces (a
-    run's multi-key get): where its complete, plain reply at ``b[pos]``
-    ends, or 0 for anything else (Python's to judge)."""
+    """``_multi_end`` for a get of the keys that ``keys`` joins with spaces
+    (a run's multi-key get): where its complete, plain reply at ``b[pos]``
+    ends, or 0 for anything else (Python's to judge, and to raise for: a
+    key not asked for, or out of order)."""
     cdef Py_ssize_t end, key_at = 0, key_len = 0, at = 0, stop
     while True:
         end = _value_item(b, pos, size, &key_at, &key_len)
@@ -178,30 +179,6 @@ def plain_run(buf, Py_ssize_t pos, list keys, Py_ssize_t first, Py_ssize_t count
         pos = end
         framed += 1
     return pos, framed
-
-
-def multi_end(buf, Py_ssize_t pos, list keys):
-    """``_multi_end`` for the replies it frames: where the complete, plain
-    reply to a get of ``keys`` at ``buf[pos]`` ends (plain ``VALUE`` items
-    of those keys in their order, then ``END``); 0 for anything else, which
-    Python judges (and raises for: a key not asked for, or out of order)."""
-    if not PyBytes_CheckExact(buf):
-        return 0
-    cdef const char *b = PyBytes_AS_STRING(buf)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(buf)
-    cdef Py_ssize_t index = 0, end, key_at = 0, key_len = 0
-    while True:
-        end = _value_item(b, pos, size, &key_at, &key_len)
-        if end == 0:
-            break
-        index = _find_key(keys, index, b, key_at, key_len)
-        if index < 0:
-            return 0
-        index += 1
-        pos = end
-    if size - pos >= 5 and memcmp(b + pos, b"END\r\n", 5) == 0:
-        return pos + 5
-    return 0
 
 
 def aligned_values(buf, Py_ssize_t pos, list keys, list parts):

@@ -30,9 +30,9 @@ from __future__ import annotations
 import re
 
 try:  # the compiled framing loops (setup.py builds them where a compiler is)
-    from mcproxy.wire._frames import aligned_values, multi_end, plain_run
+    from mcproxy.wire._frames import aligned_values, plain_run
 except ImportError:
-    aligned_values = multi_end = plain_run = None
+    aligned_values = plain_run = None
 from mcproxy.wire.errors import BACKEND_FAILURE, END
 from mcproxy.wire.request import (
     CMD_DECR,
@@ -558,7 +558,7 @@ class ResponseReader:
                         _check_plain(result[0], key, is_set)
                 else:
                     wanted = keys[index].split(b" ")
-                    end = 0 if self._held else (multi_end or _multi_end)(buf, pos, wanted)
+                    end = 0 if self._held else _multi_end(buf, pos, wanted)
                     if not end:
                         if pos > start:
                             parts.append(buf[start:pos])

@@ -177,19 +177,6 @@ def test_plain_run_takes_what_plain_end_and_multi_end_take(run, count, pos):
 
 
 @settings(max_examples=600, deadline=None)
-@given(streams(), st.lists(st.sampled_from(NEAR_KEYS), max_size=6), st.integers(0, 3))
-@example(b"VALUE a 0 1\r\nx\r\nVALUE b 0 0\r\n\r\nEND\r\n", [b"a", b"b"], 0)
-@example(b"VALUE a 0 1\r\nx\r\nEND\r\n", [b"ab"], 0)  # a prefix of a key
-def test_multi_end_is_python_s_or_leaves_it_to_python(data, keys, pos):
-    pos = min(pos, len(data))
-    try:
-        expected = _multi_end(data, pos, keys)
-    except BackendProtocolError:
-        expected = 0  # Python's _read_multi raises it
-    assert frames.multi_end(data, pos, keys) == expected
-
-
-@settings(max_examples=600, deadline=None)
 @given(streams(), st.lists(st.sampled_from(NEAR_KEYS), max_size=6), st.integers(0, 2))
 @example(b"VALUE b 0 1\r\nx\r\nEND\r\n", [b"a", b"b"], 0)
 def test_aligned_values_take_what_read_aligned_s_loop_takes(data, keys, held):
@@ -203,7 +190,6 @@ def test_aligned_values_take_what_read_aligned_s_loop_takes(data, keys, held):
 def test_anything_but_bytes_is_left_to_python():
     for buf in (bytearray(b"END\r\n"), memoryview(b"END\r\n")):
         assert frames.plain_run(buf, 0, [b"a"], 0, 1, None, None) == (0, 0)
-        assert frames.multi_end(buf, 0, []) == 0
         assert frames.aligned_values(buf, 0, [], []) == 0
 
 
@@ -212,7 +198,6 @@ def test_the_wire_layer_uses_them():
     fallback runs)."""
     assert request.scan_compiled is frames.scan_plain
     assert response.plain_run is frames.plain_run
-    assert response.multi_end is frames.multi_end
     assert response.aligned_values is frames.aligned_values
 
 
