@@ -69,9 +69,9 @@ def seeded_chunks(data: bytes) -> tuple[bytes, list[bytes]]:
 
 def check_wire(req: Request) -> None:
     """What goes to a backend is itself a request for the same thing,
-    one the backend will answer (no noreply, no quiet flag left; a line
-    that repeats ``q`` goes as it came, for memcached's duplicate-flag
-    error, which is never silent)."""
+    one the backend will answer (no noreply, no quiet mode left: ``me``,
+    which has none, keeps its ``q``; a line that repeats ``q`` goes as it
+    came, for memcached's duplicate-flag error, which is never silent)."""
     wire = req.wire_line()
     assert wire.endswith(b"\r\n") and b"\n" not in wire[:-1]
     flags = b" ".join(req.tokens[2:]).split(b" ")

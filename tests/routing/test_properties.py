@@ -146,7 +146,8 @@ def requests(draw) -> tuple[list[bytes], dict]:
             head.append(b"%d" % length)
             expect["vlen"] = length + 2
         tokens = head + flags
-        expect.update(key=key, quiet=any(f[:1] == b"q" for f in flags))
+        # (me has no quiet mode)
+        expect.update(key=key, quiet=kind != b"me" and any(f[:1] == b"q" for f in flags))
     else:
         args = draw(st.lists(words, max_size=3)) if kind in (b"stats", b"watch") else []
         tokens = [kind, *args]
