@@ -389,21 +389,28 @@ def test_raw_replies_are_the_replies_as_they_came(data, cuts, counts):
     stops with the same error, however the bytes arrive; a reply that
     answers neither is a mismatch."""
     _, error = read_one_piece(data)
+    keys, sets, end, mismatch = plain_requests_answered(data)
+    assert read_raw_chunks(chunked(data, cuts), counts, None, keys + [b"k"] * 8,
+                           sets) == (data[:end], len(keys), "mismatch" if mismatch else error)
+
+
+def plain_requests_answered(data: bytes) -> tuple[list[bytes], frozenset[int], int, bool]:
+    """The plain gets and sets whose replies ``data`` starts with, as
+    parse_response finds them: their keys, the indexes of the sets, where
+    their replies end, and whether a reply after them answers neither."""
     keys, sets, end = [], set(), 0
     try:
         while (got := parse_response(data, end)) is not None:
             request = plain_request_for(got[0])
             if request is None:
-                error = "mismatch"
-                break
+                return keys, frozenset(sets), end, True
             if request[1]:
                 sets.add(len(keys))
             keys.append(request[0])
             end = got[1]
     except BackendProtocolError:
         pass
-    assert read_raw_chunks(chunked(data, cuts), counts, None, keys + [b"k"] * 8,
-                           frozenset(sets)) == (data[:end], len(keys), error)
+    return keys, frozenset(sets), end, False
 
 
 def read_each_chunks(chunks: list[bytes], counts: list[int], keys: list[bytes],
@@ -430,21 +437,10 @@ def read_each_chunks(chunks: list[bytes], counts: list[int], keys: list[bytes],
 def test_replies_read_each_are_those_read_raw_frames(data, cuts, counts):
     """read_each gives, one by one, the replies read_raw frames in one
     piece, and stops with the same error, however the bytes arrive."""
-    keys, sets, end = [], set(), 0
-    try:
-        while (got := parse_response(data, end)) is not None:
-            request = plain_request_for(got[0])
-            if request is None:
-                break
-            if request[1]:
-                sets.add(len(keys))
-            keys.append(request[0])
-            end = got[1]
-    except BackendProtocolError:
-        pass
+    keys, sets, _, _ = plain_requests_answered(data)
     keys += [b"k"] * 8
-    framed, count, error = read_raw_chunks([data], [64], None, keys, frozenset(sets))
-    replies, each_error = read_each_chunks(chunked(data, cuts), counts, keys, frozenset(sets))
+    framed, count, error = read_raw_chunks([data], [64], None, keys, sets)
+    replies, each_error = read_each_chunks(chunked(data, cuts), counts, keys, sets)
     assert (b"".join(replies), len(replies), each_error) == (framed, count, error)
     assert all(parse_response(reply, 0)[1] == len(reply) for reply in replies)
 

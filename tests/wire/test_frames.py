@@ -112,21 +112,14 @@ def reference_run(buf, pos, keys, first, count, sets, widths):
     framed = 0
     while framed < count and pos < len(buf):
         index = first + framed
-        if widths is not None and index in widths:
-            try:
-                end = _multi_end(buf, pos, keys[index].split(b" "))
-            except BackendProtocolError:
-                break
-            if not end:
-                break
-            pos = end
-            framed += 1
-            continue
-        line = buf[pos:buf.find(b"\n", pos) + 1]
-        if _PLAIN_ANSWERS.get(line) is _ANY:
+        multi = widths is not None and index in widths
+        if not multi and _PLAIN_ANSWERS.get(buf[pos:buf.find(b"\n", pos) + 1]) is _ANY:
             break
         try:
-            end = _plain_end(buf, pos, keys[index], sets is not None and index in sets)
+            if multi:
+                end = _multi_end(buf, pos, keys[index].split(b" "))
+            else:
+                end = _plain_end(buf, pos, keys[index], sets is not None and index in sets)
         except BackendProtocolError:
             break
         if not end:
