@@ -54,6 +54,8 @@ _EMPTY = b""
 #: KeyFetch.flags of a key that missed, and of one that hit.
 _MISSED = 1
 _HIT = 2
+#: one key's hit, as ``flags`` gives it
+_ALL_HIT = bytes((_HIT,))
 
 #: Keys merged into one backend multiget at most.
 MAX_MERGED_KEYS = 100
@@ -333,7 +335,8 @@ class KeyFetch:
             return False
         _check_multi_end(res)
         if res.type == MCMC_RESP_END:
-            self.parts = [item or _EMPTY for item in items]
+            # (every key a hit, most often: the items are the parts)
+            self.parts = items if None not in items else [item or _EMPTY for item in items]
         else:
             self._answer_all(res)
         return True
@@ -358,7 +361,10 @@ class KeyFetch:
         error = self.error
         if error is not None:
             return bytes((error.ok + error.hit,)) * self.size
-        return bytes([_MISSED if item is None else _HIT for item in self.items])
+        items = self.items
+        if None not in items:
+            return _ALL_HIT * len(items)
+        return bytes([_MISSED if item is None else _HIT for item in items])
 
     def response(self, index: int) -> Response:
         """The Response of the key at ``index`` (one object per key)."""

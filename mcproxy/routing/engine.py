@@ -1027,7 +1027,8 @@ class _LuaKeys:
             return
         done = partial(self.fetched, routes)
         names = self.names
-        keys = [names[index] for index in indexes]
+        # every key, in order (start sent them all as one): the names themselves
+        keys = names if indexes == range(len(names)) else [names[index] for index in indexes]
         requests = self.keys
         if requests.multiget:
             unit = KeyFetch(self.name, keys, done, self.sink)
