@@ -377,12 +377,17 @@ def plain_request_for(reply: Response) -> tuple[bytes, bool] | None:
     return None
 
 
+#: Reply streams a backend may send (plain replies, noise, any bytes), the
+#: cuts they arrive in, and how many replies a reader asks for in turn.
+_reply_streams = st.one_of(st.lists(replies(), max_size=8).map(lambda g: b"".join(w for w, _ in g)),
+                           _noisy_streams, st.binary(max_size=100))
+_cuts = st.lists(st.integers(0, 10**6), max_size=12)
+_read_counts = st.lists(st.integers(1, 4), min_size=1, max_size=5)
+
+
 @pytest.mark.usefixtures("framing")
 @FAST
-@given(st.one_of(st.lists(replies(), max_size=8).map(lambda g: b"".join(w for w, _ in g)),
-                 _noisy_streams, st.binary(max_size=100)),
-       st.lists(st.integers(0, 10**6), max_size=12),
-       st.lists(st.integers(1, 4), min_size=1, max_size=5))
+@given(_reply_streams, _cuts, _read_counts)
 def test_raw_replies_are_the_replies_as_they_came(data, cuts, counts):
     """read_raw frames the replies parse_response finds, as the very bytes
     that came, each checked against the plain get or set it answers, and
@@ -430,10 +435,7 @@ def read_each_chunks(chunks: list[bytes], counts: list[int], keys: list[bytes],
 
 @pytest.mark.usefixtures("framing")
 @FAST
-@given(st.one_of(st.lists(replies(), max_size=8).map(lambda g: b"".join(w for w, _ in g)),
-                 _noisy_streams, st.binary(max_size=100)),
-       st.lists(st.integers(0, 10**6), max_size=12),
-       st.lists(st.integers(1, 4), min_size=1, max_size=5))
+@given(_reply_streams, _cuts, _read_counts)
 def test_replies_read_each_are_those_read_raw_frames(data, cuts, counts):
     """read_each gives, one by one, the replies read_raw frames in one
     piece, and stops with the same error, however the bytes arrive."""
