@@ -444,6 +444,38 @@ def test_a_run_goes_to_the_first_child_as_sent(tmp_path):
     assert stats.commands[rq.CMD_GET] == 3 and stats.commands[rq.CMD_SET] == 1
 
 
+@pytest.mark.parametrize("run, key, sent, expected", [
+    (b"get k1\r\n", b"k1", [], b"VALUE k1 0 1\r\nA\r\nEND\r\n"),  # a hit: final
+    (b"get k2\r\n", b"k2", [b"get k2\r\n"], b"VALUE k2 0 1\r\nB\r\nEND\r\n"),  # missed
+    (b"get k3\r\n", b"k3", [b"get k3\r\n"], b"END\r\n"),  # missed by both
+    (b"set k3 0 0 1\r\nC\r\n", b"k3", [], b"STORED\r\n"),
+])
+def test_a_run_of_one_request(tmp_path, run, key, sent, expected):
+    """A run of one request (one in flight) goes to the first child as it
+    came; a miss goes on to the next child, alone."""
+    scripted = _failover_over_stores(tmp_path, b"set k1 0 0 1\r\nA\r\n",
+                                     b"set k2 0 0 1\r\nB\r\n")
+    lines = _record_sends(scripted)
+    out: list[bytes] = []
+    sets = [0] if run.startswith(b"set") else []
+    assert scripted.engine.route_run(run, 0, [key], [len(run)], sets, None, out.append)
+    assert out == [expected]
+    assert lines == [(LABELS[0], "ReplyRun", run)] + [(LABELS[1], "Single", s) for s in sent]
+    assert scripted.stats.req_active == 0 and scripted.stats.conn_requests == 1
+
+
+def test_a_run_of_one_request_whose_first_child_fails(tmp_path):
+    """The first child's backend fails the run of one: the request goes on
+    to the next child, which answers it."""
+    scripted = _failover_over_stores(tmp_path, b"", b"set k2 0 0 1\r\nB\r\n")
+    first = next(b for b in scripted.engine.registry.live if b.label == LABELS[0])
+    first.send_unit = lambda unit: unit.fail(FAIL_TIMEOUT, 0)
+    out: list[bytes] = []
+    assert scripted.engine.route_run(b"get k2\r\n", 0, [b"k2"], [8], [], None, out.append)
+    assert out == [b"VALUE k2 0 1\r\nB\r\nEND\r\n"]
+    assert scripted.stats.req_active == 0
+
+
 def test_shapes_left_to_lua(tmp_path):
     """A failover whose child is not a pool (a hand-written route, a route
     of another shape) runs in Lua; one of one pool is the direct path."""

@@ -136,6 +136,16 @@ class Failover(Runner):
             for key in keys:
                 if key.startswith(prefix):
                     return False
+        if len(keys) == 1 and not self.shuffle:  # most often, with one request in flight
+            try:
+                backend = self.pools[0].select(keys[0])
+            except ValueError:
+                return False
+            stats.count_run(1, len(sets))
+            sent = data[start:ends[0]]
+            backend.send_unit(ReplyRun(keys, partial(self._settle_one, sent, done, stats,
+                                                     route_error), sink, sent, sets or None))
+            return True
         orders = [self.order() for _ in keys] if self.shuffle else None
         try:
             if orders is None:
@@ -148,10 +158,6 @@ class Failover(Runner):
         count = len(keys)
         stats.count_run(count, len(sets))
         run = _RunAttempt(self, orders, data, start, ends, done, stats, route_error)
-        if count == 1:  # most often, with one request in flight: no stretches
-            chosen[0].send_unit(ReplyRun(keys, partial(run.settle, 0), sink,
-                                         data[start:ends[0]], sets or None))
-            return True
         first = 0
         offset = start
         backend = chosen[0]
@@ -164,6 +170,23 @@ class Failover(Runner):
                 if index < count:
                     first, offset, backend = index, end, chosen[index]
         return True
+
+    def _settle_one(self, sent: bytes, done: Done, stats: ProxyStats, route_error: RouteError,
+                    unit: ReplyRun) -> None:
+        """The first child's answer to a run of one request (``sent``):
+        what _RunAttempt.settle does, without a _RunAttempt unless the
+        request goes on."""
+        replies = unit.replies
+        if replies:
+            reply = replies[0]
+            moves_on = self.moves_on
+            if not moves_on or reply.startswith(b"VALUE ") \
+                    or unit.response(0).code not in moves_on:
+                stats.req_active -= 1
+                done(reply)
+                return
+        _RunAttempt(self, None, sent, 0, [len(sent)], done, stats, route_error)._go_on(
+            0, unit.response(0))
 
     def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
                   route_error: RouteError, sink: ReplySink | None) -> bool:
