@@ -194,10 +194,9 @@ class NumberingEngine:
     With ``runs``, takes runs of plain get/set requests (route_run) when
     both commands are hooked, multi-key gets too with ``multigets``, and
     records and numbers their requests as if they had come one by one
-    (a multiget key by key); with ``runs="gets"`` runs of gets only, a get
-    alone in its read left to the line path and gathered (routed when
-    ``batch``, the connection's write batch, flushes), as the route engine
-    takes gets routed in Lua."""
+    (a multiget key by key); with ``runs="gets"`` runs of gets only, a run
+    of one get gathered (routed when ``batch``, the connection's write
+    batch, flushes), as the route engine takes gets routed in Lua."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
                  runs: bool | str = False, multigets: bool = True,
@@ -210,7 +209,6 @@ class NumberingEngine:
         self.pending: list = []
         self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
         self.plain_multigets = multigets
-        self.plain_alone = runs != "gets"
         self.gathers = False
         if runs == "gets":
             self.plain_runs = False if rq.CMD_GET in hooked else None
@@ -255,7 +253,13 @@ class NumberingEngine:
     def gather(self, req: Request, done, release) -> bool:
         if req.command != rq.CMD_GET or len(req.line) != len(req.key) + 6 or req.multiget:
             return False
-        self._gathered.append((req, done, release))
+        return self.gather_plain(req.key, None, done, release, req)
+
+    def gather_plain(self, key: bytes, sent: bytes | None, done, release, req=None) -> bool:
+        assert self.gathers and (sent is None or self.plain_runs)
+        if sent is not None:
+            return False
+        self._gathered.append((req or rq.key_request(rq.CMD_GET, key, False), done, release))
         if len(self._gathered) == 1:
             self.batch.call_first(self._route_gathered)
         return True

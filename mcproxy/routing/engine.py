@@ -47,6 +47,7 @@ from mcproxy.wire.request import (
     KeyRequests,
     Request,
     key_request,
+    sent_request,
 )
 from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, key_reply, string_reply
 from mcproxy.writes import batch
@@ -415,13 +416,12 @@ class RouteEngine:
         #: the wire behaviour of the active config (the protocol reads it when it
         #: refuses a line)
         self.wire = self._wire_choice or WIRE_1_6_15
-        #: whether a run may be of one request alone in its read (IRouter)
-        self.plain_alone = True
         #: whether gather may take a request (IRouter): gets routed in Lua
         self.gathers = False
         #: whether plain sets are routed in Lua too (gathered, in runs)
         self._lua_sets = False
-        #: what gather took this poll: (request, done, release) each
+        #: what gather and gather_plain took this poll: (request or None,
+        #: key, a set's bytes or None, done, release) each
         self._gathered: list[tuple] = []
         self._last_error_log = 0.0
         self._errors_unlogged = 0
@@ -478,7 +478,6 @@ class RouteEngine:
         self._native = table.native
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
-        self.plain_alone = True
         self.gathers = self._lua_sets = False
         self._run_runner = None
         get = table.native.get(CMD_GET)
@@ -490,12 +489,11 @@ class RouteEngine:
         elif (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
                 and CMD_GET not in table.native):
             # runs of gets, routed in Lua (_LuaKeys), of plain sets too when
-            # theirs runs in Lua; one alone is parsed as a line, and
-            # gathered with the other connections'
+            # theirs runs in Lua; one alone is gathered with the other
+            # connections' (gather_plain)
             self._lua_sets = (CMD_SET in table.hooks and CMD_SET not in table.native
                               and CMD_SET not in table.direct.pools)
             self.plain_runs = self._lua_sets
-            self.plain_alone = False
             self.gathers = True
         self.plain_multigets = table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
@@ -542,17 +540,29 @@ class RouteEngine:
         it sent later is routed before it. False, with nothing done, for
         any other request (the caller routes it). The protocol asks only in
         a poll of several events (``WriteBatch.crowded``): one connection's
-        read alone has nothing to join."""
-        gathered = self._gathered
+        read alone has nothing to join. Most such requests come through
+        gather_plain, without a Request; these are those scan_plain left
+        to the line parser."""
         command = req.command
         if command == CMD_GET:
             if len(req.line) != len(req.key) + 6 or req.multiget:
                 return False
+            sent = None
         elif command != CMD_SET or req.noreply or not self._lua_sets:
             return False
-        if self.tunables.active_req_limit:
+        else:
+            sent = req.line + req.value
+        return self.gather_plain(req.key, sent, done, release, req)
+
+    def gather_plain(self, key: bytes, sent: bytes | None, done: Callable[[bytes], None],
+                     release: Callable[[], None], req: Request | None = None) -> bool:
+        """gather for the plain request (``scan_plain``'s) of a run of
+        one: a get of ``key`` (``sent`` None), or the set ``sent``; ``req``
+        its Request when the caller has one (gather)."""
+        if sent is not None and not self._lua_sets or self.tunables.active_req_limit:
             return False
-        gathered.append((req, done, release))
+        gathered = self._gathered
+        gathered.append((req, key, sent, done, release))
         if len(gathered) == 1:
             batch.call_first(self._route_gathered)
         return True
@@ -563,22 +573,25 @@ class RouteEngine:
         self._gathered = []
         try:
             if len(gathered) == 1 or not self.gathers:  # alone; or routes reloaded since
-                for req, done, _ in gathered:
+                for req, key, sent, done, _ in gathered:
+                    if req is None:
+                        req = key_request(CMD_GET, key, False) if sent is None \
+                            else sent_request(sent)
                     self.route(req, done)
             else:
-                names = [req.key for req, _, _ in gathered]
-                sets = [i for i, (req, _, _) in enumerate(gathered) if req.command == CMD_SET]
+                names = [key for _, key, _, _, _ in gathered]
+                sets = [i for i, entry in enumerate(gathered) if entry[2] is not None]
                 if sets:
                     keys = KeyRequests(CMD_GET, names, False, sets, [
-                        req.line if req.value is None else req.line + req.value
-                        for req, _, _ in gathered])
+                        b"get %s\r\n" % key if sent is None else sent
+                        for _, key, sent, _, _ in gathered])
                 else:
                     keys = KeyRequests(CMD_GET, names, False)
-                _LuaKeys(self, keys, [done for _, done, _ in gathered], None).start(
+                _LuaKeys(self, keys, [entry[3] for entry in gathered], None).start(
                     self._hooks[CMD_GET])
         finally:
-            for _, _, release in gathered:
-                release()
+            for entry in gathered:
+                entry[4]()
 
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
@@ -665,7 +678,7 @@ class RouteEngine:
             if not self.gathers or widths or CMD_GET in self._direct.pools \
                     or (sets and not self._lua_sets):
                 return False
-            if len(keys) == 1:  # costs less alone; a set alone is gathered
+            if len(keys) == 1:  # not gathered (gather_plain): alone; a set as a line
                 if sets:
                     return False
                 self.route(key_request(CMD_GET, keys[0], False), done)

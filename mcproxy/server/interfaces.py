@@ -25,10 +25,6 @@ class IRouter(Interface):
         "the wire behaviour (mcproxy.wire.behaviour.Wire) clients get: line ends, "
         "error words, what closes; read when a line is refused, as it changes "
         "with the routes")
-    plain_alone = Attribute(
-        "read when plain_runs is not None: whether a request alone in what was read "
-        "is worth handing to route_run (else it is parsed line by line)")
-
     gathers = Attribute(
         "whether gather may take a request: read for each request routed alone")
 
@@ -43,6 +39,11 @@ class IRouter(Interface):
         connections' requests; ``done(client_bytes)`` once, ``release()``
         once routed (the connection reads nothing on until then). False
         (nothing done) if the caller must route it."""
+
+    def gather_plain(key, sent, done, release):
+        """``gather`` for a run of one plain request (wire.request.scan_plain):
+        a ``get`` of ``key`` when ``sent`` is None, else the set ``sent``
+        (its line and payload)."""
 
     def route_keys(req, keys, done, sink=None):
         """Route a ``get``/``gets`` of several ``keys`` with one reply;

@@ -392,8 +392,7 @@ class ProxyServerProtocol(LineReceiver):
                 pos += len(take)
                 self.rawDataReceived(take)
                 continue
-            if plain is not None and (router.plain_alone
-                                      or data.find(b"\n", pos) < end - 1):
+            if plain is not None:
                 stop, keys, ends, sets, widths = scan_plain(data, pos, plain, MAX_PAYLOAD,
                                                             multigets=multigets)
                 if keys:
@@ -529,8 +528,16 @@ class ProxyServerProtocol(LineReceiver):
         slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
         slots = self._slots
         slots.append(slot)
-        if self.router.route_run(data, start, keys, ends, sets, widths, slot.fill,
-                                 sink=slot):
+        router = self.router
+        routed = False
+        if not extra and router.gathers and batch.crowded:  # one request: join others'
+            self._held += 1  # before: a router may route and release at once
+            routed = router.gather_plain(keys[0], data[start:ends[0]] if sets else None,
+                                         slot.fill, self._release)
+            if not routed:
+                self._held -= 1
+        if routed or router.route_run(data, start, keys, ends, sets, widths, slot.fill,
+                                      sink=slot):
             if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
                     or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
                 self._pause_reading()

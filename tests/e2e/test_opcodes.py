@@ -57,7 +57,9 @@ def test_counts_the_lua_path(opcodes, multiget):
     # key's route returns the answer it got, so both settle as one
     assert ops["routing/engine.py:settle_own"] > 0
     assert "routing/engine.py:settle" not in ops
-    assert ("routing/engine.py:gather" in ops) == (multiget == 1)
+    assert ("routing/engine.py:gather_plain" in ops) == (multiget == 1)
+    # a get alone is scanned, not parsed
+    assert ("wire/request.py:parse_request" in ops) == (multiget > 1)
     assert "routing/engine.py:route_run" not in ops
 
 

@@ -262,9 +262,13 @@ def poll_streams(draw) -> list[list[bytes]]:
 @given(st.sampled_from(sorted(CONFIGS)), poll_streams())
 @example("sets", [[b""], [b"", b"set a-1 0 0 1\r\nw\r\n"],
                   [b"", b"set a-4 0 0 1 noreply\r\nw\r\ngets a-4 f2\r\n"]])
+# runs of one (gather_plain) and a set scan_plain leaves to the line parser
+# (gather), in one poll
+@example("sets", [[b"", b"get a-1\r\n"], [b"", b"set a-2 0 -1 1\r\nw\r\n"],
+                  [b"", b"set a-3 0 0 1\r\nw\r\n"], [b"", b"get a-4\r\nget a-4\r\n"]])
 def test_gets_of_many_connections_answer_as_alone(tmp_path_factory, name, clients):
     """Lone gets that several connections send in one poll are routed
-    together (RouteEngine.gather), and each connection gets what it gets
+    together (RouteEngine.gather_plain, gather), and each connection gets what it gets
     with every request routed on its own; what a connection sent after its
     get in the same read waits for it (a set after it is not seen by it)."""
     batched = proxy(tmp_path_factory, name, True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.internet.testing import StringTransport
 
 from mcproxy.server.protocol import ProxyServerProtocol
-from mcproxy.wire.request import CMD_GET, CMD_VERSION
+from mcproxy.wire.request import CMD_GET, CMD_VERSION, key_request
 from tests.server.memorycore import MemoryCore
 from tests.server.test_server import ALL, FakeEngine, FakeStore
 
@@ -18,6 +18,7 @@ class GatheringEngine(FakeEngine):
     releases the connections (as RouteEngine does at the end of a poll)."""
 
     gathers = True
+    plain_multigets = False
 
     def __init__(self, hooked=ALL - {CMD_VERSION}) -> None:
         super().__init__(hooked)
@@ -27,6 +28,12 @@ class GatheringEngine(FakeEngine):
         if req.command != CMD_GET:  # multiget keys too, unlike RouteEngine
             return False
         self.held.append((req, done, release))
+        return True
+
+    def gather_plain(self, key, sent, done, release):
+        """A run of one plain get (plain_runs False: sets come as lines)."""
+        assert sent is None
+        self.held.append((key_request(CMD_GET, key, False), done, release))
         return True
 
     def flush(self) -> None:
@@ -42,8 +49,11 @@ class GatheringEngine(FakeEngine):
             self.flush()
 
 
-def connect():
-    core = MemoryCore(GatheringEngine(), store=FakeStore())
+def connect(plain_runs=None):
+    engine = GatheringEngine()
+    engine.plain_runs = plain_runs
+    engine.route_run = lambda *args, **kwargs: False  # runs of several: one by one
+    core = MemoryCore(engine, store=FakeStore())
     proto = ProxyServerProtocol(core)
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -120,3 +130,16 @@ def test_a_get_not_gathered_is_routed_at_once():
     proto.dataReceived(b"set a 0 0 1\r\nx\r\n")
     assert lines(engine) == [b"set a 0 0 1\r\n"]
     assert not proto._held
+
+
+def test_a_run_of_one_plain_get_is_gathered_without_its_line_parsed():
+    """With runs of plain gets (plain_runs False), a get alone in its read
+    goes to gather_plain; what comes after it still waits for its release."""
+    proto, transport, engine = connect(plain_runs=False)
+    proto.dataReceived(b"get a\r\n")
+    proto.dataReceived(b"set b 0 0 1\r\nx\r\nget c\r\n")
+    assert lines(engine) == [] and [req.line for req, _, _ in engine.held] == [b"get a\r\n"]
+    engine.flush_all()
+    assert lines(engine) == [b"get a\r\n", b"set b 0 0 1\r\n", b"get c\r\n"]
+    answer(engine)
+    assert transport.value() == b"<get a>\r\n<set b 0 0 1>\r\n<get c>\r\n"
