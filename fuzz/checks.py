@@ -253,11 +253,12 @@ class NumberingEngine:
     def gather(self, req: Request, done, release) -> bool:
         if req.command != rq.CMD_GET or len(req.line) != len(req.key) + 6 or req.multiget:
             return False
-        return self.gather_plain(req.key, None, done, release, req)
+        return self.gather_plain(req.key, req.line, False, done, release, req)
 
-    def gather_plain(self, key: bytes, sent: bytes | None, done, release, req=None) -> bool:
-        assert self.gathers and (sent is None or self.plain_runs)
-        if sent is not None:
+    def gather_plain(self, key: bytes, sent: bytes, is_set: bool, done, release,
+                     req=None) -> bool:
+        assert self.gathers and (not is_set or self.plain_runs)
+        if is_set:
             return False
         self._gathered.append((req or rq.key_request(rq.CMD_GET, key, False), done, release))
         if len(self._gathered) == 1:

@@ -417,11 +417,16 @@ class RouteEngine:
         #: refuses a line)
         self.wire = self._wire_choice or WIRE_1_6_15
         #: whether gather may take a request (IRouter): gets routed in Lua
+        #: (``_lua_runs``) or on the direct path to a pool (``plain_runs``)
         self.gathers = False
+        #: whether runs of plain gets are routed in Lua (_LuaKeys)
+        self._lua_runs = False
         #: whether plain sets are routed in Lua too (gathered, in runs)
         self._lua_sets = False
+        #: whether gather may take plain sets too
+        self._gather_sets = False
         #: what gather and gather_plain took this poll: (request or None,
-        #: key, a set's bytes or None, done, release) each
+        #: key, the bytes sent, whether a set, done, release) each
         self._gathered: list[tuple] = []
         self._last_error_log = 0.0
         self._errors_unlogged = 0
@@ -478,14 +483,19 @@ class RouteEngine:
         self._native = table.native
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
-        self.gathers = self._lua_sets = False
+        # lone plain requests of the direct path, gathered: one ReplyRun a backend
+        self.gathers = self.batch_keys and self.plain_runs is not None
+        self._gather_sets = self.gathers and self.plain_runs
+        self._lua_runs = self._lua_sets = False
         self._run_runner = None
         get = table.native.get(CMD_GET)
         if self.plain_runs is None and isinstance(get, native.Failover) \
                 and get.runs_like(table.native.get(CMD_SET)):
-            # runs of gets and sets through the failover (Failover.send_run)
+            # runs of gets and sets through the failover (Failover.send_run),
+            # lone ones of many connections joined (Failover.send_joined)
             self.plain_runs = True
             self._run_runner = get
+            self.gathers = self._gather_sets = self.batch_keys
         elif (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
                 and CMD_GET not in table.native):
             # runs of gets, routed in Lua (_LuaKeys), of plain sets too when
@@ -493,8 +503,8 @@ class RouteEngine:
             # connections' (gather_plain)
             self._lua_sets = (CMD_SET in table.hooks and CMD_SET not in table.native
                               and CMD_SET not in table.direct.pools)
-            self.plain_runs = self._lua_sets
-            self.gathers = True
+            self.plain_runs = self._gather_sets = self._lua_sets
+            self.gathers = self._lua_runs = True
         self.plain_multigets = table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
 
@@ -529,40 +539,38 @@ class RouteEngine:
 
     def gather(self, req: Request, done: Callable[[bytes], None],
                release: Callable[[], None]) -> bool:
-        """Take a plain ``get <key>`` whose route runs in Lua (``gathers``),
-        or a set without noreply when its route does too, to route once
-        this poll's events are handled, with those other connections sent
-        in the same poll: one call into Lua starts all of their routes and
-        the requests they send unedited to one backend go as one ReplyRun
-        (see _LuaKeys), each answered as if routed alone.
-        ``done(reply)`` once; ``release()`` once it is routed: until then
-        the connection holds back what it reads after it, so that nothing
-        it sent later is routed before it. False, with nothing done, for
-        any other request (the caller routes it). The protocol asks only in
-        a poll of several events (``WriteBatch.crowded``): one connection's
-        read alone has nothing to join. Most such requests come through
-        gather_plain, without a Request; these are those scan_plain left
-        to the line parser."""
+        """Take a plain ``get <key>`` whose route runs in Lua or is a pool
+        call (``gathers``), or a set without noreply when its route does
+        the same, to route once this poll's events are handled, with those
+        other connections sent in the same poll: the requests bound
+        unedited for one backend go to it as one ReplyRun, each answered as
+        if routed alone (for Lua routes one call into Lua starts all of
+        their routes, see _LuaKeys). ``done(reply)`` once; ``release()``
+        once it is routed: until then the connection holds back what it
+        reads after it, so that nothing it sent later is routed before it.
+        False, with nothing done, for any other request (the caller routes
+        it). The protocol asks only in a poll of several events
+        (``WriteBatch.crowded``): one connection's read alone has nothing
+        to join. Most such requests come through gather_plain, without a
+        Request; these are those scan_plain left to the line parser."""
         command = req.command
         if command == CMD_GET:
             if len(req.line) != len(req.key) + 6 or req.multiget:
                 return False
-            sent = None
-        elif command != CMD_SET or req.noreply or not self._lua_sets:
+            return self.gather_plain(req.key, req.line, False, done, release, req)
+        if command != CMD_SET or req.noreply:
             return False
-        else:
-            sent = req.line + req.value
-        return self.gather_plain(req.key, sent, done, release, req)
+        return self.gather_plain(req.key, req.line + req.value, True, done, release, req)
 
-    def gather_plain(self, key: bytes, sent: bytes | None, done: Callable[[bytes], None],
+    def gather_plain(self, key: bytes, sent: bytes, is_set: bool, done: Callable[[bytes], None],
                      release: Callable[[], None], req: Request | None = None) -> bool:
         """gather for the plain request (``scan_plain``'s) of a run of
-        one: a get of ``key`` (``sent`` None), or the set ``sent``; ``req``
-        its Request when the caller has one (gather)."""
-        if sent is not None and not self._lua_sets or self.tunables.active_req_limit:
+        one: the get of ``key``, or the set, ``sent``; ``req`` its Request
+        when the caller has one (gather)."""
+        if is_set and not self._gather_sets or self.tunables.active_req_limit:
             return False
         gathered = self._gathered
-        gathered.append((req, key, sent, done, release))
+        gathered.append((req, key, sent, is_set, done, release))
         if len(gathered) == 1:
             batch.call_first(self._route_gathered)
         return True
@@ -572,26 +580,85 @@ class RouteEngine:
         gathered = self._gathered
         self._gathered = []
         try:
-            if len(gathered) == 1 or not self.gathers:  # alone; or routes reloaded since
-                for req, key, sent, done, _ in gathered:
-                    if req is None:
-                        req = key_request(CMD_GET, key, False) if sent is None \
-                            else sent_request(sent)
-                    self.route(req, done)
-            else:
-                names = [key for _, key, _, _, _ in gathered]
-                sets = [i for i, entry in enumerate(gathered) if entry[2] is not None]
+            sets = [i for i, entry in enumerate(gathered) if entry[3]]
+            if len(gathered) == 1 or sets and not self._gather_sets:
+                # alone; or the routes reloaded since (so also below)
+                for req, key, sent, is_set, done, _ in gathered:
+                    self._route_alone(req, key, sent, is_set, done)
+            elif self._lua_runs:
+                names = [entry[1] for entry in gathered]
                 if sets:
-                    keys = KeyRequests(CMD_GET, names, False, sets, [
-                        b"get %s\r\n" % key if sent is None else sent
-                        for _, key, sent, _, _ in gathered])
+                    keys = KeyRequests(CMD_GET, names, False, sets,
+                                       [entry[2] for entry in gathered])
                 else:
                     keys = KeyRequests(CMD_GET, names, False)
-                _LuaKeys(self, keys, [entry[3] for entry in gathered], None).start(
+                _LuaKeys(self, keys, [entry[4] for entry in gathered], None).start(
                     self._hooks[CMD_GET])
+            elif self._run_runner is not None:
+                if not self._run_runner.send_joined(
+                        [entry[1] for entry in gathered], [entry[2] for entry in gathered],
+                        sets, [entry[4] for entry in gathered], self.stats,
+                        self._route_error):
+                    for req, key, sent, is_set, done, _ in gathered:
+                        self._route_alone(req, key, sent, is_set, done)
+            elif self.gathers:
+                self._route_joined(gathered, len(sets))
+            else:
+                for req, key, sent, is_set, done, _ in gathered:
+                    self._route_alone(req, key, sent, is_set, done)
         finally:
             for entry in gathered:
-                entry[4]()
+                entry[5]()
+
+    def _route_alone(self, req: Request | None, key: bytes, sent: bytes, is_set: bool,
+                     done: Callable[[bytes], None]) -> None:
+        """Route one gathered request as its connection would have."""
+        if req is None:
+            if self.route_run(sent, 0, [key], [len(sent)], [0] if is_set else [], None, done):
+                return
+            req = sent_request(sent)
+        self.route(req, done)
+
+    def _route_joined(self, gathered: list[tuple], sets: int) -> None:
+        """Route gathered requests of the direct path (``sets`` of them
+        sets): those its pool sends to the same backend go to it as one
+        ReplyRun, each connection answered the reply to its own request
+        (the backend's bytes, as route_run answers them); one the direct
+        path would not take as a run goes alone."""
+        target = self._direct.run_target
+        runs: dict = {}
+        alone = None
+        for entry in gathered:
+            sent = entry[2]
+            backend = target(sent, 0, [entry[1]], [len(sent)], None)
+            if backend is None:
+                if alone is None:
+                    alone = []
+                alone.append(entry)
+                continue
+            run = runs.get(backend)
+            if run is None:
+                runs[backend] = [entry]
+            else:
+                run.append(entry)
+        if alone is not None:
+            sets -= sum(1 for entry in alone if entry[3])
+        self.stats.count_run(len(gathered) - (len(alone) if alone else 0), sets)
+        for backend, entries in runs.items():
+            if len(entries) == 1:
+                data = entries[0][2]
+                keys = [entries[0][1]]
+                mine = [0] if entries[0][3] else None
+            else:
+                data = _EMPTY.join([entry[2] for entry in entries])
+                keys = [entry[1] for entry in entries]
+                mine = [i for i, entry in enumerate(entries) if entry[3]] if sets else None
+            backend.send_unit(ReplyRun(keys, partial(_joined_answer, self.stats,
+                                                     [entry[4] for entry in entries]),
+                                       None, data, mine))
+        if alone is not None:
+            for req, key, sent, is_set, done, _ in alone:
+                self._route_alone(req, key, sent, is_set, done)
 
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
@@ -675,7 +742,7 @@ class RouteEngine:
             if runner is not None:
                 return runner.send_run(data, start, keys, ends, sets, done, self.stats,
                                        self._route_error, sink)
-            if not self.gathers or widths or CMD_GET in self._direct.pools \
+            if not self._lua_runs or widths or CMD_GET in self._direct.pools \
                     or (sets and not self._lua_sets):
                 return False
             if len(keys) == 1:  # not gathered (gather_plain): alone; a set as a line
@@ -1108,6 +1175,19 @@ class _LuaKeys:
         if self.keys.multiget:
             parts.append(errors.END)
         self.done(_EMPTY.join(parts))
+
+
+def _joined_answer(stats: ProxyStats, dones: list[Callable[[bytes], None]],
+                   unit: ReplyRun) -> None:
+    """Each connection of a joined ReplyRun (RouteEngine._route_joined) its reply."""
+    stats.req_active -= len(dones)
+    replies = unit.replies
+    if len(replies) == len(dones):
+        for done, reply in zip(dones, replies, strict=True):
+            done(reply)
+    else:
+        for index, done in enumerate(dones):
+            done(unit.reply(index))
 
 
 def _run_answered(requests: int, stats: ProxyStats, done: Callable[[bytes], None],

@@ -40,10 +40,10 @@ class IRouter(Interface):
         once routed (the connection reads nothing on until then). False
         (nothing done) if the caller must route it."""
 
-    def gather_plain(key, sent, done, release):
+    def gather_plain(key, sent, is_set, done, release):
         """``gather`` for a run of one plain request (wire.request.scan_plain):
-        a ``get`` of ``key`` when ``sent`` is None, else the set ``sent``
-        (its line and payload)."""
+        the ``get`` of ``key``, or the set, ``sent`` (its line, a set's
+        payload too)."""
 
     def route_keys(req, keys, done, sink=None):
         """Route a ``get``/``gets`` of several ``keys`` with one reply;

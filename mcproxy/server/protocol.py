@@ -532,8 +532,8 @@ class ProxyServerProtocol(LineReceiver):
         routed = False
         if not extra and router.gathers and batch.crowded:  # one request: join others'
             self._held += 1  # before: a router may route and release at once
-            routed = router.gather_plain(keys[0], data[start:ends[0]] if sets else None,
-                                         slot.fill, self._release)
+            routed = router.gather_plain(keys[0], data[start:ends[0]], bool(sets), slot.fill,
+                                         self._release)
             if not routed:
                 self._held -= 1
         if routed or router.route_run(data, start, keys, ends, sets, widths, slot.fill,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fuzz.checks import chunked
 from mcproxy.backends.backend import Backend
-from mcproxy.units import KeyFetch, ReplyRun, Single
+from mcproxy.units import KeyFetch, PlainRun, ReplyRun, Single
 from tests.routing.luapaths import POOLS, LuaProxy
 
 #: A route per first letter of the key (the rest: the result of pools.a).
@@ -134,7 +134,33 @@ SETS_ROUTE = V1_ROUTE.replace("""    mcp.attach(mcp.CMD_SET, function(r)
         return p.a(r)
     end)""")
 
-CONFIGS = {"v1": V1_ROUTE, "v2": V2_ROUTE, "sets": SETS_ROUTE}
+#: Every command to one pool, one of whose backends is down: the direct
+#: path (RouteEngine.gather_plain joins lone requests of many connections).
+DIRECT_ROUTE = """
+function mcp_config_pools()
+    local function b(n) return mcp.backend("b" .. n, "127.0.0.1", 10 + n) end
+    return mcp.pool({ b(1), b(2), mcp.backend{ label = "down", host = "127.0.0.1",
+                                              port = 19, down = true } })
+end
+function mcp_config_routes(pool)
+    mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return pool(r) end)
+end
+"""
+
+#: routes.failover of pools, run natively (Failover.send_joined joins lone
+#: requests of many connections): misses go on through the down pool.
+FAILOVER_ROUTE = POOLS + """
+local routes = require("mcproxy.routes")
+function mcp_config_routes(p)
+    local route = routes.failover({ p.a, p.dead, p.b }, { miss = true })
+    mcp.attach(mcp.CMD_GET, route)
+    mcp.attach(mcp.CMD_SET, route)
+end
+"""
+
+CONFIGS = {"v1": V1_ROUTE, "v2": V2_ROUTE, "sets": SETS_ROUTE, "direct": DIRECT_ROUTE,
+           "failover": FAILOVER_ROUTE,
+           "failover-dead": FAILOVER_ROUTE.replace("p.a, p.dead, p.b", "p.dead, p.a")}
 
 _proxies: dict[tuple[str, bool], LuaProxy] = {}
 
@@ -310,6 +336,25 @@ def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_fa
     assert {unit.__class__ for unit in units} == {ReplyRun} and len(units) == len(batched.sent)
     assert sorted(b"".join(batched.sent).splitlines(keepends=True)) == [
         b"get a%d\r\n" % i for i in range(5)]
+
+
+def test_lone_requests_of_the_direct_path_join_one_backend_run(tmp_path_factory,
+                                                                 monkeypatch):
+    """On the direct path too, the lone gets and sets of many connections
+    in one poll go to each backend as one ReplyRun (one unit per backend,
+    where one by one each connection's request is a PlainRun of its own)."""
+    clients = [[b"get a%d\r\n" % i] for i in range(6)] + [[b"set s 0 0 1\r\nv\r\n"]]
+    units = []
+    send_unit = Backend.send_unit
+    monkeypatch.setattr(Backend, "send_unit",
+                        lambda self, unit: units.append(unit) or send_unit(self, unit))
+    batched = proxy(tmp_path_factory, "direct", True).exchange_many(clients)
+    joined, units[:] = units[:], []
+    assert batched == proxy(tmp_path_factory, "direct", False).exchange_many(clients)
+    assert {unit.__class__ for unit in joined} == {ReplyRun} and len(joined) <= 3
+    assert sum(len(unit.keys) for unit in joined) == 7
+    assert {unit.__class__ for unit in units} == {PlainRun} and len(units) == 7
+    assert b"SERVER_ERROR backend failure\r\n" in batched  # some go to the down backend
 
 
 def test_what_a_run_sends_reaches_the_backend_in_its_order(tmp_path_factory):

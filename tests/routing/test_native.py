@@ -476,6 +476,48 @@ def test_a_run_of_one_request_whose_first_child_fails(tmp_path):
     assert scripted.stats.req_active == 0
 
 
+def _gathered(scripted, monkeypatch, requests, fail_first=False) -> list[list[bytes]]:
+    """What each of ``requests`` (plain, each a connection's lone one) gets,
+    gathered in one poll (RouteEngine.gather_plain) and routed at its end."""
+    pending: list = []
+    monkeypatch.setattr(batch, "schedule", pending.append)
+    if fail_first:
+        first = next(b for b in scripted.engine.registry.live if b.label == LABELS[0])
+        first.send_unit = lambda unit: unit.fail(FAIL_TIMEOUT, 0)
+    outs: list[list[bytes]] = [[] for _ in requests]
+    released: list[int] = []
+    for index, sent in enumerate(requests):
+        key = sent.split(b" ")[1].split(b"\r")[0]
+        assert scripted.engine.gather_plain(key, sent, sent.startswith(b"set"),
+                                            outs[index].append, partial(released.append, index))
+    while pending:
+        pending.pop(0)()
+    assert sorted(released) == list(range(len(requests)))
+    assert scripted.stats.req_active == 0 and scripted.stats.conn_requests == len(requests)
+    return outs
+
+
+def test_lone_requests_of_many_connections_join_one_run(tmp_path, monkeypatch):
+    """The lone requests of several connections in one poll go to the first
+    child's backend as one ReplyRun; only those it missed go on, each
+    alone, and each connection gets its own reply."""
+    scripted = _failover_over_stores(tmp_path, b"set k1 0 0 1\r\nA\r\n",
+                                     b"set k2 0 0 1\r\nB\r\n")
+    lines = _record_sends(scripted)
+    requests = [b"get k1\r\n", b"get k2\r\n", b"set k3 0 0 1\r\nC\r\n", b"get k4\r\n"]
+    assert _gathered(scripted, monkeypatch, requests) == [
+        [b"VALUE k1 0 1\r\nA\r\nEND\r\n"], [b"VALUE k2 0 1\r\nB\r\nEND\r\n"],
+        [b"STORED\r\n"], [b"END\r\n"]]
+    assert lines == [(LABELS[0], "ReplyRun", b"".join(requests)),
+                     (LABELS[1], "Single", b"get k2\r\n"), (LABELS[1], "Single", b"get k4\r\n")]
+
+
+def test_joined_requests_whose_first_child_fails_go_on(tmp_path, monkeypatch):
+    scripted = _failover_over_stores(tmp_path, b"", b"set k2 0 0 1\r\nB\r\n")
+    assert _gathered(scripted, monkeypatch, [b"get k2\r\n", b"set k5 0 0 1\r\nE\r\n"],
+                     fail_first=True) == [[b"VALUE k2 0 1\r\nB\r\nEND\r\n"], [b"STORED\r\n"]]
+
+
 def test_shapes_left_to_lua(tmp_path):
     """A failover whose child is not a pool (a hand-written route, a route
     of another shape) runs in Lua; one of one pool is the direct path."""

@@ -106,7 +106,7 @@ def test_a_tagged_pool_call_is_still_the_direct_path(engine, load):  # noqa: F81
     assert engine.routes.for_tag("x").shapes[rq.CMD_GET].kind == "direct"
     assert engine.routes.shapes[rq.CMD_GET].kind == "lua"
     # runs of gets: the tag's direct, the untagged ones' routed in Lua
-    assert not x.gathers and engine.gathers
+    assert x.plain_runs is not None and not x._lua_runs and engine._lua_runs
     sent = []
     for backend in engine.registry.live:
         backend.send_unit = sent.append

@@ -30,9 +30,9 @@ class GatheringEngine(FakeEngine):
         self.held.append((req, done, release))
         return True
 
-    def gather_plain(self, key, sent, done, release):
+    def gather_plain(self, key, sent, is_set, done, release):
         """A run of one plain get (plain_runs False: sets come as lines)."""
-        assert sent is None
+        assert not is_set and sent == b"get %s\r\n" % key
         self.held.append((key_request(CMD_GET, key, False), done, release))
         return True
 

@@ -171,6 +171,65 @@ class Failover(Runner):
                     first, offset, backend = index, end, chosen[index]
         return True
 
+    def send_joined(self, keys: list[bytes], sents: list[bytes], sets: list[int],
+                    dones: list[Done], stats: ProxyStats, route_error: RouteError) -> bool:
+        """Route the lone plain requests of several connections (``sents``,
+        of ``keys``; ``sets`` the indexes of the sets; RouteEngine.gather_plain):
+        those the first child places on the same backend go to it as one
+        ReplyRun, each settled as send_run settles a run of one, its reply
+        to ``dones[i]``. False, with nothing done, when they go one by one
+        instead (shuffled children, a backend with a depth limit, a key
+        kept for Lua, a key the first child cannot place)."""
+        if self.depth_limited or self.shuffle:
+            return False
+        prefix = self.prefix
+        select = self.pools[0].select
+        runs: dict = {}
+        try:
+            for index, key in enumerate(keys):
+                if prefix is not None and key.startswith(prefix):
+                    return False
+                backend = select(key)
+                run = runs.get(backend)
+                if run is None:
+                    runs[backend] = [index]
+                else:
+                    run.append(index)
+        except ValueError:
+            return False
+        stats.count_run(len(keys), len(sets))
+        for backend, mine in runs.items():
+            if len(runs) == 1:
+                keys_of, sents_of, dones_of, data = keys, sents, dones, _EMPTY.join(sents)
+            else:
+                keys_of = [keys[i] for i in mine]
+                sents_of = [sents[i] for i in mine]
+                dones_of = [dones[i] for i in mine]
+                data = _EMPTY.join(sents_of)
+            sets_of = [at for at, i in enumerate(mine) if i in sets] if sets else None
+            backend.send_unit(ReplyRun(keys_of, partial(self._settle_joined, sents_of, dones_of,
+                                                         stats, route_error),
+                                       None, data, sets_of))
+        return True
+
+    def _settle_joined(self, sents: list[bytes], dones: list[Done], stats: ProxyStats,
+                       route_error: RouteError, unit: ReplyRun) -> None:
+        """The first child's answers to joined lone requests (send_joined):
+        each as _settle_one settles its one."""
+        replies = unit.replies
+        moves_on = self.moves_on
+        for index, done in enumerate(dones):
+            if index < len(replies):
+                reply = replies[index]
+                if not moves_on or reply.startswith(b"VALUE ") \
+                        or unit.response(index).code not in moves_on:
+                    stats.req_active -= 1
+                    done(reply)
+                    continue
+            sent = sents[index]
+            _RunAttempt(self, None, sent, 0, [len(sent)], done, stats, route_error)._go_on(
+                0, unit.response(index))
+
     def _settle_one(self, sent: bytes, done: Done, stats: ProxyStats, route_error: RouteError,
                     unit: ReplyRun) -> None:
         """The first child's answer to a run of one request (``sent``):
