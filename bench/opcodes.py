@@ -123,16 +123,16 @@ class Proxy:
     def round(self) -> None:
         """Every client sends its get (one poll of that many events); the
         backend answers all in one read (a poll of its own)."""
-        writes.batch.crowded = len(self.clients) > 1
+        writes.batch.events = len(self.clients)
         for client, request in zip(self.clients, self.requests, strict=True):
             client.dataReceived(request)
         self.flush()
         sent = self.backend_transport.value()
         self.backend_transport.clear()
-        writes.batch.crowded = False
+        writes.batch.events = 1
         self.backend.dataReceived(self.answer(sent))
         self.flush()
-        writes.batch.crowded = True  # the default, for whatever runs next
+        writes.batch.events = writes.MANY_EVENTS  # the default, for whatever runs next
         for client, reply in zip(self.clients, self.replies, strict=True):
             got = client.transport.value()
             if got != reply:

@@ -209,11 +209,11 @@ class NumberingEngine:
         self.pending: list = []
         self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
         self.plain_multigets = multigets
-        self.gathers = False
+        self.gathers = 0
         if runs == "gets":
             self.plain_runs = False if rq.CMD_GET in hooked else None
             self.plain_multigets = False
-            self.gathers = self.plain_runs is False
+            self.gathers = 2 if self.plain_runs is False else 0
         #: the write batch gathered requests are routed at (set by run_protocol)
         self.batch = None
         self._gathered: list = []

@@ -26,6 +26,8 @@ from twisted.logger import Logger
 
 log = Logger()
 
+#: WriteBatch.events when no ProxyReactor counts them: as many as gathering wants.
+MANY_EVENTS = 1 << 30
 #: Buffers handed to one sendmsg call at most (below Linux's IOV_MAX).
 MAX_IOV = 512
 
@@ -41,16 +43,16 @@ class WriteBatch:
     replace it with one that calls at once.
     """
 
-    __slots__ = ("pending", "first", "scheduled", "schedule", "crowded")
+    __slots__ = ("pending", "first", "scheduled", "schedule", "events")
 
     def __init__(self) -> None:
         self.pending: list = []
         #: what call_first was given since the last flush
         self.first: list[Callable[[], object]] = []
-        #: whether the current poll brought more than one I/O event, so
-        #: that work gathered until the flush may be joined (set by
-        #: mcproxy.app.reactor.ProxyReactor; always True under another)
-        self.crowded = True
+        #: how many I/O events the current poll brought, of which work
+        #: gathered until the flush may be joined (set by
+        #: mcproxy.app.reactor.ProxyReactor; under another, MANY_EVENTS)
+        self.events = MANY_EVENTS
         self.scheduled = False
         self.schedule: Callable[[Callable[[], None]], object] | None = None
 

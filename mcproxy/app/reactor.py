@@ -14,9 +14,9 @@ handling an event are still logged and still close the connection
 
 It also offers :meth:`ProxyReactor.call_after_events`, with which the
 write batches (mcproxy.writes) run once the events of a poll are
-handled without a DelayedCall each, and tells the batch whether a poll
-brought more than one event (``WriteBatch.crowded``): the router gathers
-requests of several connections only then.
+handled without a DelayedCall each, and tells the batch how many events
+a poll brought (``WriteBatch.events``): the router gathers requests of
+several connections only from a poll of enough of them.
 
 ``twistd mcproxy`` switches the running epoll reactor to
 :class:`ProxyReactor` (:func:`adopt`) when its ProxyProcess starts
@@ -56,7 +56,7 @@ class ProxyReactor(EPollReactor):
             return
         handle = self._doReadOrWrite
         after = self._after_events = []
-        writes.batch.crowded = len(events) > 1
+        writes.batch.events = len(events)
         try:
             for fd, event in events:
                 # An earlier event of this poll may have removed it.

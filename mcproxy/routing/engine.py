@@ -18,7 +18,7 @@ from collections.abc import Callable
 from copy import copy
 from functools import cached_property, partial
 from importlib.resources import files
-from itertools import count
+from itertools import compress, count
 from time import monotonic
 
 from lupa import lua54
@@ -72,6 +72,15 @@ AWAIT_FASTGOOD = 4
 AWAIT_BACKGROUND = 5
 
 _EMPTY = b""
+
+#: The fewest events a poll must bring (writes.WriteBatch.events) for the
+#: lone requests of its connections to be gathered: those routed in Lua
+#: (one call into Lua for all saves more than the gathering costs from
+#: two), those of the direct path or a native failover (joined into one
+#: backend run a backend: from four; with fewer, the requests are too few
+#: for the joining to pay for the gathering).
+GATHER_LUA = 2
+GATHER_JOINED = 4
 
 #: Numbers for the batches of _LuaKeys.
 _batch_ids = count()
@@ -416,9 +425,10 @@ class RouteEngine:
         #: the wire behaviour of the active config (the protocol reads it when it
         #: refuses a line)
         self.wire = self._wire_choice or WIRE_1_6_15
-        #: whether gather may take a request (IRouter): gets routed in Lua
-        #: (``_lua_runs``) or on the direct path to a pool (``plain_runs``)
-        self.gathers = False
+        #: from how many events of a poll gather may take a request, 0:
+        #: never (IRouter): gets routed in Lua (``_lua_runs``), on the direct
+        #: path to a pool (``plain_runs``) or through a native failover
+        self.gathers = 0
         #: whether runs of plain gets are routed in Lua (_LuaKeys)
         self._lua_runs = False
         #: whether plain sets are routed in Lua too (gathered, in runs)
@@ -484,8 +494,8 @@ class RouteEngine:
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
         # lone plain requests of the direct path, gathered: one ReplyRun a backend
-        self.gathers = self.batch_keys and self.plain_runs is not None
-        self._gather_sets = self.gathers and self.plain_runs
+        self.gathers = GATHER_JOINED if self.batch_keys and self.plain_runs is not None else 0
+        self._gather_sets = bool(self.gathers and self.plain_runs)
         self._lua_runs = self._lua_sets = False
         self._run_runner = None
         get = table.native.get(CMD_GET)
@@ -495,7 +505,8 @@ class RouteEngine:
             # lone ones of many connections joined (Failover.send_joined)
             self.plain_runs = True
             self._run_runner = get
-            self.gathers = self._gather_sets = self.batch_keys
+            self.gathers = GATHER_JOINED if self.batch_keys else 0
+            self._gather_sets = self.batch_keys
         elif (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
                 and CMD_GET not in table.native):
             # runs of gets, routed in Lua (_LuaKeys), of plain sets too when
@@ -504,7 +515,8 @@ class RouteEngine:
             self._lua_sets = (CMD_SET in table.hooks and CMD_SET not in table.native
                               and CMD_SET not in table.direct.pools)
             self.plain_runs = self._gather_sets = self._lua_sets
-            self.gathers = self._lua_runs = True
+            self.gathers = GATHER_LUA
+            self._lua_runs = True
         self.plain_multigets = table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
 
@@ -549,9 +561,9 @@ class RouteEngine:
         once it is routed: until then the connection holds back what it
         reads after it, so that nothing it sent later is routed before it.
         False, with nothing done, for any other request (the caller routes
-        it). The protocol asks only in a poll of several events
-        (``WriteBatch.crowded``): one connection's read alone has nothing
-        to join. Most such requests come through gather_plain, without a
+        it). The protocol asks only in a poll of ``gathers`` events or more
+        (``WriteBatch.events``): one connection's read alone has nothing to
+        join. Most such requests come through gather_plain, without a
         Request; these are those scan_plain left to the line parser."""
         command = req.command
         if command == CMD_GET:
@@ -579,36 +591,31 @@ class RouteEngine:
         """Route what gather took this poll, then release its connections."""
         gathered = self._gathered
         self._gathered = []
+        _, keys, sents, is_sets, dones, releases = zip(*gathered, strict=True)
         try:
-            sets = [i for i, entry in enumerate(gathered) if entry[3]]
+            sets = list(compress(range(len(is_sets)), is_sets)) if True in is_sets else []
             if len(gathered) == 1 or sets and not self._gather_sets:
                 # alone; or the routes reloaded since (so also below)
-                for req, key, sent, is_set, done, _ in gathered:
-                    self._route_alone(req, key, sent, is_set, done)
+                self._route_each(gathered)
             elif self._lua_runs:
-                names = [entry[1] for entry in gathered]
-                if sets:
-                    keys = KeyRequests(CMD_GET, names, False, sets,
-                                       [entry[2] for entry in gathered])
-                else:
-                    keys = KeyRequests(CMD_GET, names, False)
-                _LuaKeys(self, keys, [entry[4] for entry in gathered], None).start(
-                    self._hooks[CMD_GET])
+                requests = KeyRequests(CMD_GET, list(keys), False, sets, list(sents)) if sets \
+                    else KeyRequests(CMD_GET, list(keys), False)
+                _LuaKeys(self, requests, list(dones), None).start(self._hooks[CMD_GET])
             elif self._run_runner is not None:
-                if not self._run_runner.send_joined(
-                        [entry[1] for entry in gathered], [entry[2] for entry in gathered],
-                        sets, [entry[4] for entry in gathered], self.stats,
-                        self._route_error):
-                    for req, key, sent, is_set, done, _ in gathered:
-                        self._route_alone(req, key, sent, is_set, done)
+                if not self._run_runner.send_joined(list(keys), sents, sets, dones, self.stats,
+                                                    self._route_error):
+                    self._route_each(gathered)
             elif self.gathers:
                 self._route_joined(gathered, len(sets))
             else:
-                for req, key, sent, is_set, done, _ in gathered:
-                    self._route_alone(req, key, sent, is_set, done)
+                self._route_each(gathered)
         finally:
-            for entry in gathered:
-                entry[5]()
+            for release in releases:
+                release()
+
+    def _route_each(self, gathered: list[tuple]) -> None:
+        for req, key, sent, is_set, done, _ in gathered:
+            self._route_alone(req, key, sent, is_set, done)
 
     def _route_alone(self, req: Request | None, key: bytes, sent: bytes, is_set: bool,
                      done: Callable[[bytes], None]) -> None:

@@ -26,7 +26,8 @@ class IRouter(Interface):
         "error words, what closes; read when a line is refused, as it changes "
         "with the routes")
     gathers = Attribute(
-        "whether gather may take a request: read for each request routed alone")
+        "the fewest I/O events (writes.WriteBatch.events) a poll must bring for gather "
+        "and gather_plain to be asked, 0: never; read for each request routed alone")
 
     def hooked(command):
         """Whether the routes take ``command`` (else it is answered locally)."""

@@ -505,7 +505,7 @@ class ProxyServerProtocol(LineReceiver):
         self._slots.append(slot)
         self._check_inflight()
         router = self.router
-        if router.gathers and batch.crowded:  # else no other connection's to join
+        if router.gathers and batch.events >= router.gathers:  # else too few to join
             self._held += 1  # before: a router may route and release at once
             if router.gather(req, slot.fill, self._release):
                 return
@@ -530,7 +530,7 @@ class ProxyServerProtocol(LineReceiver):
         slots.append(slot)
         router = self.router
         routed = False
-        if not extra and router.gathers and batch.crowded:  # one request: join others'
+        if not extra and router.gathers and batch.events >= router.gathers:  # join others'
             self._held += 1  # before: a router may route and release at once
             routed = router.gather_plain(keys[0], data[start:ends[0]], bool(sets), slot.fill,
                                          self._release)

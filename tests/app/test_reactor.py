@@ -109,14 +109,14 @@ def test_call_after_events_runs_once_the_polls_events_are_handled():
 
 
 def test_the_write_batch_learns_whether_a_poll_brought_several_events():
-    """WriteBatch.crowded: True for a poll of two reads (two connections
-    written to at once), False for a poll of one."""
+    """WriteBatch.events: 2 for a poll of two reads (two connections
+    written to at once), 1 for a poll of one."""
     reactor = mcreactor.ProxyReactor()
     seen = []
 
     class Reader(Protocol):
         def dataReceived(self, data: bytes) -> None:
-            seen.append((data, writes.batch.crowded))
+            seen.append((data, writes.batch.events))
             if len(seen) == 3:
                 reactor.stop()
 
@@ -140,5 +140,5 @@ def test_the_write_batch_learns_whether_a_poll_brought_several_events():
     try:
         reactor.run(installSignalHandlers=False)
     finally:
-        writes.batch.crowded = True
-    assert seen == [(b"x", True), (b"x", True), (b"y", False)]
+        writes.batch.events = writes.MANY_EVENTS
+    assert seen == [(b"x", 2), (b"x", 2), (b"y", 1)]

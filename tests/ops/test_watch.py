@@ -86,7 +86,7 @@ class Unrouted:
     """Routes nothing: ``watch`` and the rest are answered locally."""
 
     plain_runs = None
-    gathers = False
+    gathers = 0
     wire = WIRE_1_6_15
 
     def hooked(self, command):

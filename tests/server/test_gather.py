@@ -17,7 +17,7 @@ class GatheringEngine(FakeEngine):
     """Gathers every get alone; ``flush()`` routes what it holds, then
     releases the connections (as RouteEngine does at the end of a poll)."""
 
-    gathers = True
+    gathers = 2  # from a poll of two events
     plain_multigets = False
 
     def __init__(self, hooked=ALL - {CMD_VERSION}) -> None:

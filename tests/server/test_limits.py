@@ -31,7 +31,7 @@ class Engine:
     """Routes every request, and never answers."""
 
     plain_runs = None  # plain requests go one by one
-    gathers = False
+    gathers = 0
     wire = WIRE_1_6_15
 
     def hooked(self, command):
@@ -48,7 +48,7 @@ class Unrouted:
     """Routes nothing: every command is answered locally."""
 
     plain_runs = None
-    gathers = False
+    gathers = 0
     wire = WIRE_1_6_15
 
     def hooked(self, command):
@@ -128,7 +128,7 @@ class KeysEngine:
     the test to answer by hand."""
 
     plain_runs = None
-    gathers = False
+    gathers = 0
     wire = WIRE_1_6_15
 
     def __init__(self) -> None:

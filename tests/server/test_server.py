@@ -25,7 +25,7 @@ class FakeEngine:
         self.routed = []
 
     plain_runs = None  # plain requests go one by one
-    gathers = False
+    gathers = 0
     wire = WIRE_1_6_15
 
     def hooked(self, command):
