@@ -77,8 +77,8 @@ _EMPTY = b""
 #: lone requests of its connections to be gathered: those routed in Lua
 #: (one call into Lua for all saves more than the gathering costs from
 #: two), those of the direct path or a native failover (joined into one
-#: backend run a backend: from four; with fewer, the requests are too few
-#: for the joining to pay for the gathering).
+#: run per backend: from four; with fewer, the joining does not pay for
+#: the gathering).
 GATHER_LUA = 2
 GATHER_JOINED = 4
 
@@ -493,7 +493,7 @@ class RouteEngine:
         self._native = table.native
         self._routed = table.routed
         self.plain_runs = table.direct.plain_runs
-        # lone plain requests of the direct path, gathered: one ReplyRun a backend
+        # lone plain requests of the direct path, gathered: one ReplyRun per backend
         self.gathers = GATHER_JOINED if self.batch_keys and self.plain_runs is not None else 0
         self._gather_sets = bool(self.gathers and self.plain_runs)
         self._lua_runs = self._lua_sets = False
@@ -614,6 +614,7 @@ class RouteEngine:
                 release()
 
     def _route_each(self, gathered: list[tuple]) -> None:
+        """Route every gathered request on its own."""
         for req, key, sent, is_set, done, _ in gathered:
             self._route_alone(req, key, sent, is_set, done)
 
