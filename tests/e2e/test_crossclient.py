@@ -7,7 +7,9 @@ plain gets of keys and values of its own, against a real memcached while one
 hostile connection on the same proxy sends the hostile corpus of
 test_differential (the known triggers first) over and over: every reply a
 well-behaved client gets must be exactly its own, byte for byte, with no
-error.
+error. It runs again with a dozen clients that each have one request in
+flight, whose lone requests the proxy joins (with the hostile client's) into
+one backend run when a poll brings enough of them, also through a failover.
 
 The second group scripts a backend (tests/fakebackend.py) that answers a
 request wrongly (an extra ``END``, the ``VALUE`` of another key, ``STORED``
@@ -116,11 +118,11 @@ def first_difference(expected: bytes, got: bytes) -> str:
 class Run:
     """What the threads of one hostile run share."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, clients: int = CLIENTS) -> None:
         self.proxy = proxy
         self.stop = threading.Event()
         self.failures: list[str] = []
-        self.rounds = [0] * CLIENTS
+        self.rounds = [0] * clients
         self.hostile_sent = 0
         self.hostile_passes = 0
         #: the hostile entries sent last (for the failure message)
@@ -148,6 +150,34 @@ def good_client(run: Run, client: int) -> None:
                 run.rounds[client] = seq
     except Exception as e:  # noqa: BLE001 - reported by the test
         run.fail(f"client {client}: {e!r}")
+
+
+def lone_client(run: Run, client: int) -> None:
+    """A client with one request in flight, each sent on its own (a run of
+    one, which the proxy joins with other connections' in one backend run
+    when a poll brings enough of them): a set, a get of it and a miss."""
+    try:
+        with run.proxy.connect() as sock:
+            sock.settimeout(5)
+            seq = 0
+            while not run.stop.is_set():
+                key = b"lone/%d/%d" % (client, seq)
+                data = value(client, seq, b"lone")
+                for request, expected in [
+                        (b"set %s 0 0 %d\r\n%s\r\n" % (key, len(data), data), b"STORED\r\n"),
+                        (b"get %s\r\n" % key,
+                         b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (key, len(data), data)),
+                        (b"get %s/miss\r\n" % key, b"END\r\n")]:
+                    sock.sendall(request)
+                    got = read_until(sock, expected[-5:])
+                    if got != expected:
+                        run.fail(f"lone client {client} round {seq}: "
+                                 f"{first_difference(expected, got)}")
+                        return
+                seq += 1
+                run.rounds[client] = seq
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        run.fail(f"lone client {client}: {e!r}")
 
 
 def drain(sock: socket.socket) -> None:
@@ -196,14 +226,25 @@ def memcached_server():
     server.stop()
 
 
+#: Routes of the lone clients' test: also a failover the engine runs
+#: natively (lone requests joined into its first child's backend runs).
+LONE_ROUTES = {**ROUTES, "failover": 'require("mcproxy.routes").failover{ pool, pool }'}
+#: Clients with one request in flight next to the hostile one.
+LONE_CLIENTS = 12
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("route", ROUTES)
-def test_clients_see_only_their_own_replies_next_to_a_hostile_one(memcached_server, route):
-    proxy = start_proxy(memcached_server.port, route)
+@pytest.mark.parametrize("route, kind", [*((route, "pipelined") for route in ROUTES),
+                                         *((route, "lone") for route in LONE_ROUTES)])
+def test_clients_see_only_their_own_replies_next_to_a_hostile_one(memcached_server, route,
+                                                                  kind):
+    proxy = Proxy(None, config_text=CONFIG % (memcached_server.port, LONE_ROUTES[route])).start()
     try:
-        run = Run(proxy)
-        threads = [threading.Thread(target=good_client, args=(run, c), daemon=True)
-                   for c in range(CLIENTS)]
+        clients, target = (CLIENTS, good_client) if kind == "pipelined" \
+            else (LONE_CLIENTS, lone_client)
+        run = Run(proxy, clients)
+        threads = [threading.Thread(target=target, args=(run, c), daemon=True)
+                   for c in range(clients)]
         threads.append(threading.Thread(target=hostile_client, args=(run,), daemon=True))
         start = time.monotonic()
         for thread in threads:
