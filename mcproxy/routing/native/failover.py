@@ -40,6 +40,13 @@ _MOVES_ON = {
 }
 
 
+def _final(moves_on: frozenset[int], unit: ReplyRun, index: int) -> bool:
+    """Whether the first child's reply to request ``index`` of ``unit``
+    (one it has) is the route's: a hit always, else by its code."""
+    return not moves_on or unit.replies[index].startswith(b"VALUE ") \
+        or unit.response(index).code not in moves_on
+
+
 class Failover(Runner):
     """``routes.failover`` over ``pools``, or routelib's ``route_failover``
     (``lib``): see the module docstring."""
@@ -143,7 +150,7 @@ class Failover(Runner):
                 return False
             stats.count_run(1, len(sets))
             sent = data[start:ends[0]]
-            backend.send_unit(ReplyRun(keys, partial(self._settle_one, sent, done, stats,
+            backend.send_unit(ReplyRun(keys, partial(self._settle_joined, (sent,), (done,), stats,
                                                      route_error), sink, sent, sets or None))
             return True
         orders = [self.order() for _ in keys] if self.shuffle else None
@@ -214,38 +221,20 @@ class Failover(Runner):
 
     def _settle_joined(self, sents: list[bytes], dones: list[Done], stats: ProxyStats,
                        route_error: RouteError, unit: ReplyRun) -> None:
-        """The first child's answers to joined lone requests (send_joined):
-        each as _settle_one settles its one."""
+        """The first child's answers to lone requests (send_joined; of one,
+        send_run's run of one): each reply the route's is final (the
+        backend's bytes are the client's), the others go on, each as an
+        _Attempt of its own (without one for those that do not)."""
         replies = unit.replies
         moves_on = self.moves_on
         for index, done in enumerate(dones):
-            if index < len(replies):
-                reply = replies[index]
-                if not moves_on or reply.startswith(b"VALUE ") \
-                        or unit.response(index).code not in moves_on:
-                    stats.req_active -= 1
-                    done(reply)
-                    continue
+            if index < len(replies) and _final(moves_on, unit, index):
+                stats.req_active -= 1
+                done(replies[index])
+                continue
             sent = sents[index]
             _RunAttempt(self, None, sent, 0, [len(sent)], done, stats, route_error)._go_on(
                 0, unit.response(index))
-
-    def _settle_one(self, sent: bytes, done: Done, stats: ProxyStats, route_error: RouteError,
-                    unit: ReplyRun) -> None:
-        """The first child's answer to a run of one request (``sent``):
-        what _RunAttempt.settle does, without a _RunAttempt unless the
-        request goes on."""
-        replies = unit.replies
-        if replies:
-            reply = replies[0]
-            moves_on = self.moves_on
-            if not moves_on or reply.startswith(b"VALUE ") \
-                    or unit.response(0).code not in moves_on:
-                stats.req_active -= 1
-                done(reply)
-                return
-        _RunAttempt(self, None, sent, 0, [len(sent)], done, stats, route_error)._go_on(
-            0, unit.response(0))
 
     def send_keys(self, req: Request, keys: list[bytes], done: Done, stats: ProxyStats,
                   route_error: RouteError, sink: ReplySink | None) -> bool:
@@ -355,13 +344,10 @@ class _RunAttempt:
         replies = unit.replies
         final = 0
         for j in range(len(unit.keys)):
-            if j < len(replies):
-                reply = replies[j]
-                if not moves_on or reply.startswith(b"VALUE ") \
-                        or unit.response(j).code not in moves_on:
-                    parts[first + j] = reply
-                    final += 1
-                    continue
+            if j < len(replies) and _final(moves_on, unit, j):
+                parts[first + j] = replies[j]
+                final += 1
+                continue
             self._go_on(first + j, unit.response(j))
         if final:
             self.stats.req_active -= final
