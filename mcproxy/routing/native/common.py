@@ -51,6 +51,15 @@ class Runner:
         self.prefix = prefix
         self.guard = b" " + prefix  # a space comes before every key
 
+    def keeps_any(self, keys: list[bytes]) -> bool:
+        """Whether any of ``keys`` is one left to Lua (keep_for_lua)."""
+        prefix = self.prefix
+        if prefix is not None:
+            for key in keys:
+                if key.startswith(prefix):
+                    return True
+        return False
+
 
 def key_groups(pool: Pool, keys: list[bytes], positions) -> tuple[dict, list]:
     """Where ``pool`` sends the keys at ``positions``: backend -> their

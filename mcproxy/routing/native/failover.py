@@ -136,13 +136,8 @@ class Failover(Runner):
         gets every reply in order. False, with nothing done, when they go
         one by one instead (a backend with a depth limit, a key kept for
         Lua, a key the first child cannot place)."""
-        if self.depth_limited:
+        if self.depth_limited or self.keeps_any(keys):
             return False
-        prefix = self.prefix
-        if prefix is not None:
-            for key in keys:
-                if key.startswith(prefix):
-                    return False
         if len(keys) == 1 and not self.shuffle:  # most often, with one request in flight
             try:
                 backend = self.pools[0].select(keys[0])
@@ -187,22 +182,10 @@ class Failover(Runner):
         to ``dones[i]``. False, with nothing done, when they go one by one
         instead (shuffled children, a backend with a depth limit, a key
         kept for Lua, a key the first child cannot place)."""
-        if self.depth_limited or self.shuffle:
+        if self.depth_limited or self.shuffle or self.keeps_any(keys):
             return False
-        prefix = self.prefix
-        select = self.pools[0].select
-        runs: dict = {}
-        try:
-            for index, key in enumerate(keys):
-                if prefix is not None and key.startswith(prefix):
-                    return False
-                backend = select(key)
-                run = runs.get(backend)
-                if run is None:
-                    runs[backend] = [index]
-                else:
-                    run.append(index)
-        except ValueError:
+        runs, unplaced = key_groups(self.pools[0], keys, range(len(keys)))
+        if unplaced:
             return False
         stats.count_run(len(keys), len(sets))
         for backend, mine in runs.items():
