@@ -744,14 +744,8 @@ class RouteEngine:
         """
         if self.tunables.active_req_limit:
             return False
-        backend = self._direct.run_target(data, start, keys, ends, widths)
-        if backend is None:
-            runner = self._run_runner
-            if runner is not None:
-                return runner.send_run(data, start, keys, ends, sets, done, self.stats,
-                                       self._route_error, sink)
-            if not self._lua_runs or widths or CMD_GET in self._direct.pools \
-                    or (sets and not self._lua_sets):
+        if self._lua_runs:  # no direct pool for gets, no runner (_take)
+            if widths or sets and not self._lua_sets:
                 return False
             if len(keys) == 1:  # not gathered (gather_plain): alone; a set as a line
                 if sets:
@@ -766,6 +760,13 @@ class RouteEngine:
                 requests = KeyRequests(CMD_GET, keys, False)
             _LuaKeys(self, requests, done, sink).start(self._hooks[CMD_GET])
             return True
+        backend = self._direct.run_target(data, start, keys, ends, widths)
+        if backend is None:
+            runner = self._run_runner
+            if runner is not None:
+                return runner.send_run(data, start, keys, ends, sets, done, self.stats,
+                                       self._route_error, sink)
+            return False
         if backend.__class__ is list:
             return self._route_stretches(data, start, keys, ends, sets, backend, done, sink)
         stop = ends[-1]
