@@ -653,14 +653,9 @@ class RouteEngine:
             sets -= sum(1 for entry in alone if entry[3])
         self.stats.count_run(len(gathered) - (len(alone) if alone else 0), sets)
         for backend, entries in runs.items():
-            if len(entries) == 1:
-                data = entries[0][2]
-                keys = [entries[0][1]]
-                mine = [0] if entries[0][3] else None
-            else:
-                data = _EMPTY.join([entry[2] for entry in entries])
-                keys = [entry[1] for entry in entries]
-                mine = [i for i, entry in enumerate(entries) if entry[3]] if sets else None
+            data = _EMPTY.join([entry[2] for entry in entries])
+            keys = [entry[1] for entry in entries]
+            mine = [i for i, entry in enumerate(entries) if entry[3]] if sets else None
             backend.send_unit(ReplyRun(keys, partial(_joined_answer, self.stats,
                                                      [entry[4] for entry in entries]),
                                        None, data, mine))
