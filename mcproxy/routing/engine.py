@@ -517,7 +517,8 @@ class RouteEngine:
             self.plain_runs = self._gather_sets = self._lua_sets
             self.gathers = GATHER_LUA
             self._lua_runs = True
-        self.plain_multigets = table.direct.plain_multigets
+        # a Lua route's multiget scanned too (route_run), not parsed as a line
+        self.plain_multigets = self._lua_runs or table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
 
     def hooked(self, command: int) -> bool:
@@ -727,8 +728,9 @@ class RouteEngine:
 
         A run whose routes run in Lua (``gathers``; of gets only unless the
         route of sets runs in Lua too) is routed as the keys of a multiget
-        are (see _LuaKeys), each request answered as alone; a run of one get
-        as the request alone, of one set on the line path (gathered).
+        are (see _LuaKeys), each request answered as alone, each multi-key
+        get as route_keys routes a client's; a run of one get as the request
+        alone, of one set on the line path (gathered).
         A run through ``routes.failover`` (or routelib's route_failover)
         goes to its first child as it came, only the requests whose answer
         there is not the route's on to the next (Failover.send_run).
@@ -740,20 +742,20 @@ class RouteEngine:
         if self.tunables.active_req_limit:
             return False
         if self._lua_runs:  # no direct pool for gets, no runner (_take)
-            if widths or sets and not self._lua_sets:
+            if sets and not self._lua_sets:
                 return False
+            if widths:
+                if len(keys) == 1:  # a multiget alone
+                    self._route_lua_multiget(keys[0], done, sink)
+                else:
+                    self._route_lua_pieces(data, start, keys, ends, sets, widths, done, sink)
+                return True
             if len(keys) == 1:  # not gathered (gather_plain): alone; a set as a line
                 if sets:
                     return False
                 self.route(key_request(CMD_GET, keys[0], False), done)
                 return True
-            if sets:
-                begins = [start, *ends[:-1]]
-                requests = KeyRequests(CMD_GET, keys, False, sets, [
-                    data[begin:end] for begin, end in zip(begins, ends, strict=True)])
-            else:
-                requests = KeyRequests(CMD_GET, keys, False)
-            _LuaKeys(self, requests, done, sink).start(self._hooks[CMD_GET])
+            self._route_lua_stretch(data, start, keys, ends, sets, done, sink)
             return True
         backend = self._direct.run_target(data, start, keys, ends, widths)
         if backend is None:
@@ -772,6 +774,54 @@ class RouteEngine:
         run.done = partial(_run_answered, requests, self.stats, done)
         backend.send_unit(run)
         return True
+
+    def _route_lua_stretch(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                           sets: list[int], done: Callable[[bytes], None],
+                           sink: ReplySink | None) -> None:
+        """route_run for single-key requests whose routes run in Lua: one
+        _LuaKeys, each request answered as alone."""
+        if sets:
+            begins = [start, *ends[:-1]]
+            requests = KeyRequests(CMD_GET, keys, False, sets, [
+                data[begin:end] for begin, end in zip(begins, ends, strict=True)])
+        else:
+            requests = KeyRequests(CMD_GET, keys, False)
+        _LuaKeys(self, requests, done, sink).start(self._hooks[CMD_GET])
+
+    def _route_lua_multiget(self, keys: bytes, done: Callable[[bytes], None],
+                            sink: ReplySink | None) -> None:
+        """route_run for a multi-key get (``keys`` as scanned: joined by
+        spaces) whose route runs in Lua: as route_keys routes a client's."""
+        _LuaKeys(self, KeyRequests(CMD_GET, keys.split(b" "), True), done,
+                 sink).start(self._hooks[CMD_GET])
+
+    def _route_lua_pieces(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                          sets: list[int], widths: dict[int, int],
+                          done: Callable[[bytes], None], sink: ReplySink | None) -> None:
+        """route_run for a run with multi-key gets whose routes run in Lua,
+        of more than one request: each multiget routed as
+        _route_lua_multiget does, each stretch of single-key requests between them as
+        _route_lua_stretch does; ``done`` gets their replies joined in
+        order, as the requests would have had them line by line."""
+        bounds = []
+        first = 0
+        for index in widths:
+            if index > first:
+                bounds.append((first, index))
+            bounds.append((index, index + 1))
+            first = index + 1
+        if first < len(keys):
+            bounds.append((first, len(keys)))
+        reply = _RunsReply(len(bounds), self.stats, done)
+        for piece, (first, stop) in enumerate(bounds):
+            answer = partial(reply.answer, piece, 0)  # (each _LuaKeys counts its own)
+            if first in widths:
+                self._route_lua_multiget(keys[first], answer, sink)
+            else:
+                self._route_lua_stretch(data, ends[first - 1] if first else start,
+                                        keys[first:stop], ends[first:stop],
+                                        [i - first for i in sets if first <= i < stop],
+                                        answer, sink)
 
     def _route_stretches(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
                          sets: list[int], chosen: list, done: Callable[[bytes], None],
@@ -1202,8 +1252,9 @@ def _run_answered(requests: int, stats: ProxyStats, done: Callable[[bytes], None
 
 
 class _RunsReply:
-    """Collects the answers of the PlainRuns of one client run that went
-    to several backends (RouteEngine.route_run) into its reply."""
+    """Collects the answers of the parts of one client run into its reply:
+    PlainRuns that went to several backends (RouteEngine._route_stretches),
+    the pieces of a run routed in Lua (_route_lua_pieces)."""
 
     __slots__ = ("parts", "pending", "stats", "done")
 

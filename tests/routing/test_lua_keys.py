@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from fuzz.checks import chunked
 from mcproxy.backends.backend import Backend
+from mcproxy.server import protocol
 from mcproxy.units import KeyFetch, PlainRun, ReplyRun, Single
 from tests.routing.luapaths import POOLS, LuaProxy
 
@@ -225,6 +226,22 @@ def test_keys_sent_unedited_travel_as_one_backend_get(tmp_path_factory, monkeypa
     assert {unit.__class__ for unit in fetches} == {KeyFetch}
     assert sorted(b"get %s\r\n" % b" ".join(unit.keys) for unit in fetches) == sorted(sent)
     assert len(units) == 6 and {unit.__class__ for unit in units} == {Single}
+
+
+def test_multigets_of_a_lua_route_are_scanned_not_parsed(tmp_path_factory, monkeypatch):
+    """A Lua route's multiget, alone or pipelined among plain gets and sets,
+    is taken from the scan of the read (route_run): no line of it is parsed
+    as a Request, and each is answered as one by one."""
+    batched = proxy(tmp_path_factory, "sets", True)
+    alone = proxy(tmp_path_factory, "sets", False)
+    streams = [[b"get a1 a2 f1\r\n"],
+               [b"get a1 a2\r\nget a1\r\nset a2 0 0 1\r\nx\r\nget a2 f1 a1\r\nget f1\r\n"]]
+    expected = [alone.exchange(stream) for stream in streams]
+    parsed = []
+    parse = protocol.parse_request
+    monkeypatch.setattr(protocol, "parse_request", lambda line: parsed.append(line) or parse(line))
+    assert [batched.exchange(stream) for stream in streams] == expected
+    assert parsed == []
 
 
 def test_a_failing_key_fails_alone(tmp_path_factory):
