@@ -669,6 +669,11 @@ class ResponseReader:
                     index = found + 1
                     pos = vend
                     continue
+            elif buf.startswith(END, pos):  # the reply's end, most often: not parsed
+                self._pos = pos + len(END)
+                if index < len(keys):
+                    parts += [None] * (len(keys) - index)
+                return Response.miss()
             self._pos = pos
             res = self.read(multi=True)
             if res is None:

@@ -415,8 +415,9 @@ def test_read_aligned_equals_reading_item_by_item(end):
         chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
         for fast in (True, False):
             reader = ResponseReader()
-            parts, res = [], None
+            parts, res, fed = [], None, 0
             for chunk in chunks:
+                fed += 1
                 if reader.feed(chunk):
                     if fast:
                         res = reader.read_aligned(MULTI_KEYS, parts)
@@ -439,6 +440,9 @@ def test_read_aligned_equals_reading_item_by_item(end):
                     hits.append(False)
                 assert [p is not None for p in parts] == hits, size
             assert res.line == end
+            for chunk in chunks[fed:]:  # and the reader is at the next reply
+                reader.feed(chunk)
+            assert reader.read().line == b"STORED\r\n", (size, fast)
 
 
 @pytest.mark.parametrize("wire", [b"VALUE x 0 1\r\na\r\nEND\r\n",
