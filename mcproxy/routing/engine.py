@@ -1184,7 +1184,10 @@ class _LuaKeys:
         try:
             routes = self.routes
             routes.handed(fetch.value_bytes())
-            steps = routes.resume_keys(self.id, fetch, fetch.flags(), *positions)
+            if positions.__class__ is range:  # every key (start sent them all as one)
+                steps = routes.resume_keys(self.id, fetch, fetch.flags())
+            else:
+                steps = routes.resume_keys(self.id, fetch, fetch.flags(), *positions)
             if len(steps) == 2:  # every key returned the response it was given
                 self.settle_own(positions, fetch)
             else:

@@ -921,70 +921,94 @@ return function(host, phase, v2)
     -- every key sent its own request to one pool, unedited, false and
     -- that pool (most routes: then `out` is never written).
     local function start_keys(handler, other, id, requests, cmd, other_cmd, multiget, kinds, ...)
-        -- `cos` starts as a copy of the keys: sized once, then overwritten
-        local cos, full, out = { ... }, false, {}
+        -- `cos` starts as the keys: each is read before its coroutine takes its slot
+        local cos, full, out = { ... }, false, nil
         local batch = { id = id, requests = requests, multiget = multiget, cos = cos,
                         pending = 0 }
-        local names = { ... }
-        local own, pool = true, nil
-        for i = 0, #names - 1 do
+        -- `out` stays nil while every key sent its own request to `pool`:
+        -- `sent` of them
+        local pool, sent = nil, 0
+        for i = 0, #cos - 1 do
             local route, command = handler, cmd
             if kinds and string_byte(kinds, i + 1) == 1 then
                 route, command = other, other_cmd
             end
-            local r = setmetatable({ names[i + 1], command, nil, batch, i }, REQUEST)
-            local co = route_coroutine()
+            local r = setmetatable({ cos[i + 1], command, nil, batch, i }, REQUEST)
+            local co, n = nil, idle_count  -- route_coroutine(), inlined
+            if n == 0 then
+                co = coroutine_create(body)
+            else
+                co = idle[n]
+                idle[n] = nil
+                idle_count = n - 1
+            end
             cos[i + 1] = co
             local ok, a, b, c, d, e, f = coroutine_resume(co, route, r)
-            if own and a == YIELD_POOL and c == nil and d == r and (b == pool or pool == nil) then
+            if out == nil and a == YIELD_POOL and c == nil and d == r
+                    and (b == pool or pool == nil) then
                 pool = b
-                batch.pending = batch.pending + 1
+                sent = sent + 1
             else
-                if own then
-                    own = false
+                if out == nil then
+                    out = {}
                     all_took(out, i, KEY_POOL, pool)
                 end
                 full = key_step(out, full, batch, i, co, ok, a, b, c, d, e, f)
             end
         end
+        batch.pending = batch.pending + sent
         keep(batch)
-        if own and pool ~= nil then
-            return false, pool
+        if out == nil then
+            if pool ~= nil then
+                return false, pool
+            end
+            return full  -- no keys
         end
         return full, table.unpack(out)
     end
 
     -- Resume the coroutines of batch `id` whose pool calls a KeyFetch (or ReplyRun)
     -- answered: `fetch` the unit, `flags` a byte per key (0 failed,
-    -- 1 missed, 2 hit), then the index of each key's coroutine. Returns
+    -- 1 missed, 2 hit), then the index of each key's coroutine (none:
+    -- every key of the batch, in order). Returns
     -- `full`, then `out`; or, when every key returned the response it was
     -- given (`out` never written), false and true.
     local function resume_keys(id, fetch, flags, ...)
         local batch = batches[id]
-        local cos, full, out = batch.cos, false, {}
-        local waiting = { ... }
-        local own = true
-        batch.pending = batch.pending - #waiting
-        for j = 1, #waiting do
-            local i = waiting[j]
+        local cos, full, out = batch.cos, false, nil
+        local count = select("#", ...)
+        local waiting = false
+        if count == 0 then  -- every key of the batch, in order
+            count = #cos
+        else
+            waiting = { ... }
+        end
+        batch.pending = batch.pending - count
+        for j = 1, count do
+            local i = waiting and waiting[j] or j - 1
             local co = cos[i + 1]
             local flag = string_byte(flags, j)
             local res = setmetatable({ flag > 0, flag == 2, nil, fetch, j - 1 },
                                      RESPONSE)
             local ok, a, b, c, d, e, f = coroutine_resume(co, res)
-            if own and ok and a == FINISHED and returned[1] == res and rawget(res, S_RES) == nil
-                    and rawget(res, S_UNIT) ~= nil then
-                finished(co)
+            -- (only a finished route yields FINISHED; S_UNIT is set, so no __index)
+            if out == nil and a == FINISHED and returned[1] == res
+                    and rawget(res, S_RES) == nil and res[S_UNIT] ~= nil then
+                returned[1] = nil  -- finished(co), inlined
+                if idle_count < IDLE_MAX then
+                    idle_count = idle_count + 1
+                    idle[idle_count] = co
+                end
             else
-                if own then
-                    own = false
+                if out == nil then
+                    out = {}
                     all_took(out, j - 1, DONE_RESPONSE, fetch)
                 end
                 full = key_step(out, full, batch, i, co, ok, a, b, c, d, e, f)
             end
         end
         keep(batch)
-        if own then
+        if out == nil then
             return false, true
         end
         return full, table.unpack(out)
