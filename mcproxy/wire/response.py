@@ -230,6 +230,11 @@ def _size(digits: bytes) -> int:
 #: long as memcached allows, flags and a cas of at most 20 digits, a size
 #: below 10 digits (groups: key, size); anything else is ``_parse``'s to
 #: judge. Possessive repeats never backtrack.
+#: What read_aligned returns for the ``END`` that ends a multi-key reply:
+#: one Response for every such reply, for its caller to recognise, not to
+#: keep or change.
+_ALIGNED_END = Response.miss()
+
 _VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,250}+) \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
 
 
@@ -639,7 +644,8 @@ class ResponseReader:
         ``parts``, for each key the reply has got past, its ``VALUE`` item
         (line and data, as a client receives them) or None (a miss); return
         the line that ends the reply (``END``, after which ``parts`` has one
-        entry per key; or an error line), or None until it has arrived.
+        entry per key: one shared Response, to recognise, not to keep or
+        change; or an error line), or None until it has arrived.
 
         memcached answers the keys in their order and skips misses; a value
         of a key not asked for, or out of that order, is another request's
@@ -673,7 +679,7 @@ class ResponseReader:
                 self._pos = pos + len(END)
                 if index < len(keys):
                     parts += [None] * (len(keys) - index)
-                return Response.miss()
+                return _ALIGNED_END
             self._pos = pos
             res = self.read(multi=True)
             if res is None:
