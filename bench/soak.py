@@ -42,9 +42,14 @@ function mcp_config_pools()
 end
 
 function mcp_config_routes(pool)
-    mcp.attach(mcp.CMD_ANY_STORAGE, function(r) return pool(r) end)
+    mcp.attach(mcp.CMD_ANY_STORAGE, %s)
 end
 """
+#: The route of CONFIG: the direct path, or with ``--lua`` one that runs in
+#: Lua for every request (and every key of a multiget), which a long soak
+#: is the way to see Lua's memory over time in.
+ROUTES = {False: "function(r) return pool(r) end",
+          True: "function(r) local res = pool(r) return res end"}
 
 MIN_VALUE, MAX_VALUE = 10, 500 * 1024
 
@@ -200,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, default=1024,
                         help="MB per memcached (enough that nothing is evicted)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lua", action="store_true",
+                        help="route every request through Lua (not the direct path)")
     args = parser.parse_args(argv)
 
     servers = [Memcached(memory_mb=args.memory) for _ in range(3)]
-    proxy = Proxy(None, config_text=CONFIG % tuple(s.port for s in servers))
+    proxy = Proxy(None, config_text=CONFIG % (*(s.port for s in servers), ROUTES[args.lua]))
     try:
         for s in servers:
             s.start()
