@@ -230,12 +230,12 @@ def _size(digits: bytes) -> int:
 #: long as memcached allows, flags and a cas of at most 20 digits, a size
 #: below 10 digits (groups: key, size); anything else is ``_parse``'s to
 #: judge. Possessive repeats never backtrack.
+_VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,250}+) \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
+
 #: What read_aligned returns for the ``END`` that ends a multi-key reply:
 #: one Response for every such reply, for its caller to recognise, not to
 #: keep or change.
 _ALIGNED_END = Response.miss()
-
-_VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,250}+) \d{1,20}+ (\d{1,9}+)(?: \d{1,20}+)?\r\n")
 
 
 def _plain_end(buf: bytes, pos: int, key: bytes, is_set: bool) -> int:

@@ -12,8 +12,8 @@ from mcproxy.routing.engine import ConfigError
 from tests.routing.luapaths import POOLS, LuaProxy
 
 #: Routes that hand Lua fresh Python objects for every request: a lone get's
-#: Request and Response, a multiget's batch and its KeyFetch, an await's
-#: list of responses (each handed to Lua again when indexed).
+#: Request and Response, a multiget's batch and its KeyFetch, a set's
+#: Request, the list of an await's responses and each of them.
 ROUTE = POOLS + """
 function mcp_config_routes(p)
     mcp.attach(mcp.CMD_GET, function(r)
@@ -21,9 +21,7 @@ function mcp_config_routes(p)
         return res
     end)
     mcp.attach(mcp.CMD_SET, function(r)
-        local rs = mcp.await(r, { p.a, p.b }, 2)
-        if rs[1] == rs[1] then return rs[1] end
-        return rs[2]
+        return mcp.await(r, { p.a, p.b }, 2)[1]
     end)
 end
 """
