@@ -343,12 +343,16 @@ def _parse(buf: bytes, pos: int, version: bool,
         raise BackendProtocolError(FAIL_PARSING)
 
     if line.startswith(b"VALUE "):
-        fields = line[6:-2].split(b" ")
-        nfields = len(fields)
-        if not ((nfields == 3 or (nfields == 4 and fields[3].isdigit()))
-                and fields[0] and fields[1].isdigit() and fields[2].isdigit()):
-            raise BackendProtocolError(FAIL_PARSING)
-        size = fields[2]
+        plain = _VALUE_LINE.match(line)
+        if plain is not None:  # most often: one match makes the checks below
+            size = plain[2]
+        else:
+            fields = line[6:-2].split(b" ")
+            nfields = len(fields)
+            if not ((nfields == 3 or (nfields == 4 and fields[3].isdigit()))
+                    and fields[0] and fields[1].isdigit() and fields[2].isdigit()):
+                raise BackendProtocolError(FAIL_PARSING)
+            size = fields[2]
         # Nine digits are always within MAX_VALUE_LENGTH.
         vend = end + (int(size) if len(size) <= 9 else _size(size)) + 2
         total = vend + 5
