@@ -525,26 +525,34 @@ class ProxyServerProtocol(LineReceiver):
         False if the router routes them one by one instead."""
         # Its requests, a multiget's keys each and END, less the slot itself.
         extra = len(keys) - 1 + (sum(widths.values()) if widths else 0)
-        slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
+        router = self.router
+        lone = not extra and router.gathers and batch.events >= router.gathers
+        if lone and not sets:
+            # a get to join with other connections' (their unit has no
+            # sink): a plain slot, nothing extra to count
+            slot = Slot(self)
+        else:
+            slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
         slots = self._slots
         slots.append(slot)
-        router = self.router
         routed = False
-        if not extra and router.gathers and batch.events >= router.gathers:  # join others'
+        if lone:
             self._held += 1  # before: a router may route and release at once
             routed = router.gather_plain(keys[0], data[start:ends[0]], bool(sets), slot.fill,
                                          self._release)
             if not routed:
                 self._held -= 1
+        grouped = slot.__class__ is GroupSlot
         if routed or router.route_run(data, start, keys, ends, sets, widths, slot.fill,
-                                      sink=slot):
+                                      sink=slot if grouped else None):
             if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
                     or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
                 self._pause_reading()
             return True
-        self._slots.pop()
-        self._extra_slots -= slot.extra
-        self._inflight_bytes -= slot.size
+        slots.pop()
+        if grouped:
+            self._extra_slots -= slot.extra
+            self._inflight_bytes -= slot.size
         return False
 
     def _multiget(self, req: Request, keys: list[bytes]) -> None:
