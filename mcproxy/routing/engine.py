@@ -678,12 +678,10 @@ class RouteEngine:
             sets -= sum(1 for entry in alone if entry[3])
         self.stats.count_run(len(gathered) - (len(alone) if alone else 0), sets)
         for backend, entries in runs.items():
-            data = _EMPTY.join([entry[2] for entry in entries])
-            keys = [entry[1] for entry in entries]
-            mine = [i for i, entry in enumerate(entries) if entry[3]] if sets else None
-            backend.send_unit(ReplyRun(keys, partial(_joined_answer, self.stats,
-                                                     [entry[4] for entry in entries]),
-                                       None, data, mine))
+            _, keys, sents, is_sets, dones, _ = zip(*entries, strict=True)
+            mine = [i for i, is_set in enumerate(is_sets) if is_set] if sets else None
+            backend.send_unit(ReplyRun(list(keys), partial(_joined_answer, self.stats, dones),
+                                       None, _EMPTY.join(sents), mine))
         if alone is not None:
             for req, key, sent, is_set, done, _ in alone:
                 self._route_alone(req, key, sent, is_set, done)
@@ -1258,7 +1256,7 @@ class _LuaKeys:
         self.done(_EMPTY.join(parts))
 
 
-def _joined_answer(stats: ProxyStats, dones: list[Callable[[bytes], None]],
+def _joined_answer(stats: ProxyStats, dones: tuple[Callable[[bytes], None], ...],
                    unit: ReplyRun) -> None:
     """Each connection of a joined ReplyRun (RouteEngine._route_joined) its reply."""
     stats.req_active -= len(dones)

@@ -516,7 +516,8 @@ class ProxyServerProtocol(LineReceiver):
         """The router routed a request it gathered: once it routed every
         one, read on."""
         self._held -= 1
-        if not self._held and not self._reading_paused:
+        # (with nothing buffered and no EOF, _read_buffered has nothing to do)
+        if not self._held and not self._reading_paused and (self._buffer or self._read_closed):
             self._read_buffered()
 
     def _route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
