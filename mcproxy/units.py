@@ -460,7 +460,11 @@ class ReplyRun:
     def flags(self) -> bytes:
         """As KeyFetch.flags: 2 for a hit (an error line is one, as for a
         Response), 1 for a miss, 0 for a request the failure answers."""
-        flags = bytes([_MISSED if reply == END else _HIT for reply in self.replies])
+        replies = self.replies
+        if END not in replies:  # every request read a hit, most often
+            flags = _ALL_HIT * len(replies)
+        else:
+            flags = bytes([_MISSED if reply == END else _HIT for reply in replies])
         return flags + bytes(len(self.keys) - len(flags))
 
     def reply(self, index: int) -> bytes:
