@@ -527,33 +527,34 @@ class ProxyServerProtocol(LineReceiver):
         # Its requests, a multiget's keys each and END, less the slot itself.
         extra = len(keys) - 1 + (sum(widths.values()) if widths else 0)
         router = self.router
-        lone = not extra and router.gathers and batch.events >= router.gathers
-        if lone and not sets:
-            # a get to join with other connections' (their unit has no
-            # sink): a plain slot, nothing extra to count
-            slot = Slot(self)
-        else:
-            slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
         slots = self._slots
-        slots.append(slot)
         routed = False
-        if lone:
+        if not extra and router.gathers and batch.events >= router.gathers:  # join others'
+            # A get's slot is a plain one: the joined unit has no sink, and
+            # the get counts nothing extra.
+            slot = GroupSlot(self, 0, ends[0] - start) if sets else Slot(self)
+            slots.append(slot)
             self._held += 1  # before: a router may route and release at once
             routed = router.gather_plain(keys[0], data[start:ends[0]], bool(sets), slot.fill,
                                          self._release)
             if not routed:
                 self._held -= 1
-        grouped = slot.__class__ is GroupSlot
+                if not sets:  # refused (an active-request limit): route_run's slot after all
+                    slots.pop()
+                    slot = GroupSlot(self, 0)
+                    slots.append(slot)
+        else:
+            slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
+            slots.append(slot)
         if routed or router.route_run(data, start, keys, ends, sets, widths, slot.fill,
-                                      sink=slot if grouped else None):
+                                      sink=slot):
             if self._inflight_bytes >= MAX_CLIENT_INFLIGHT_BYTES \
                     or len(slots) + self._extra_slots >= MAX_CLIENT_INFLIGHT:
                 self._pause_reading()
             return True
         slots.pop()
-        if grouped:
-            self._extra_slots -= slot.extra
-            self._inflight_bytes -= slot.size
+        self._extra_slots -= slot.extra
+        self._inflight_bytes -= slot.size
         return False
 
     def _multiget(self, req: Request, keys: list[bytes]) -> None:

@@ -143,3 +143,30 @@ def test_a_run_of_one_plain_get_is_gathered_without_its_line_parsed():
     assert lines(engine) == [b"get a\r\n", b"set b 0 0 1\r\n", b"get c\r\n"]
     answer(engine)
     assert transport.value() == b"<get a>\r\n<set b 0 0 1>\r\n<get c>\r\n"
+
+
+def test_a_run_of_one_get_refused_by_gather_plain_goes_to_route_run_with_a_sink():
+    """The router may refuse to gather (an active-request limit): the get
+    goes on as any run, to route_run with the group's slot as its sink; if
+    route_run refuses too, line by line, nothing left counted."""
+    proto, transport, engine = connect(plain_runs=False)
+    engine.gather_plain = lambda *args: False
+    runs = []
+
+    def route_run(data, start, keys, ends, sets, widths, done, sink=None):
+        runs.append((keys, sink))
+        done(b"<run %s>\r\n" % b" ".join(keys))
+        return True
+
+    engine.route_run = route_run
+    proto.dataReceived(b"get a\r\n")
+    [(keys, sink)] = runs
+    assert keys == [b"a"] and sink.wanted and not proto._held
+    assert transport.value() == b"<run a>\r\n"
+    engine.route_run = lambda *args, **kwargs: False
+    proto.dataReceived(b"get b\r\n")  # the line path (which gathers it)
+    engine.flush()
+    assert lines(engine) == [b"get b\r\n"] and not proto._held
+    answer(engine)
+    assert transport.value() == b"<run a>\r\n<get b>\r\n"
+    assert (proto._extra_slots, proto._inflight_bytes, len(proto._slots)) == (0, 0, 0)
