@@ -679,7 +679,7 @@ class RouteEngine:
         self.stats.count_run(len(gathered) - (len(alone) if alone else 0), sets)
         for backend, entries in runs.items():
             _, keys, sents, is_sets, dones, _ = zip(*entries, strict=True)
-            mine = [i for i, is_set in enumerate(is_sets) if is_set] if sets else None
+            mine = list(compress(range(len(is_sets)), is_sets)) if sets else None
             backend.send_unit(ReplyRun(list(keys), partial(_joined_answer, self.stats, dones),
                                        None, _EMPTY.join(sents), mine))
         if alone is not None:
