@@ -5,6 +5,15 @@ a reply slot the moment its line is parsed; the slot is filled by whoever
 answers it (a route through the engine, the embedded cache, or the protocol
 itself for local commands), and completed slots at the head of the queue are
 written out, so replies always leave in request order.
+
+Where a C compiler is, this module is also built as an extension by Cython
+(setup.py) from this very file, typed by ``protocol.pxd``: the slots and
+the protocol become extension types whose state is C fields and whose hot
+methods call each other in C. The Python here is what runs without a
+compiler, or with ``MCPROXY_PURE_PYTHON`` set (mcproxy.compiled); both
+pass the same tests. Hence the protocol is a plain class, not a Twisted
+``Protocol`` subclass (an extension type cannot derive from a Python
+class): it provides IProtocol itself.
 """
 
 from __future__ import annotations
@@ -13,12 +22,17 @@ import struct
 import sys
 from collections import deque
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    ILoggingContext,
+    IProtocol,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from mcproxy.server.interfaces import IProxyCore, IRouter
 from mcproxy.wire import errors
@@ -141,7 +155,7 @@ class PayloadSlot(Slot):
 
     def fill(self, data: bytes) -> None:
         self.proto._inflight_bytes -= self.size
-        super().fill(data)
+        Slot.fill(self, data)  # (compiled, a cpdef method has no super())
 
 
 class GroupSlot(Slot):
@@ -200,11 +214,10 @@ def _is_multiget_prefix(buffered: bytes) -> bool:
             and (stripped.startswith(b"get ") or stripped.startswith(b"gets ")))
 
 
-@implementer(IPushProducer, IHalfCloseableProtocol)
-class ProxyServerProtocol(LineReceiver):
+class ProxyServerProtocol:
     """One client connection.
 
-    A ``LineReceiver`` with ``\\n`` as delimiter. What a bad line gets is
+    Lines end in ``\\n``. What a bad line gets is
     the router's ``wire`` (mcproxy.wire.behaviour), read when a line is
     refused (see lineReceived): as
     memcached's proxy 1.6.15, a line must end in ``\\r\\n`` (a bare ``\\n``
@@ -213,17 +226,15 @@ class ProxyServerProtocol(LineReceiver):
     so that what is forwarded is what memcached reads as one request),
     refusals are worded ``CLIENT_ERROR``, and an unknown command or a routed
     line too long closes the connection at once (``_refused``).
-    ``dataReceived`` is our own: it scans each chunk once with ``bytes.find``
-    instead of LineReceiver's re-splitting of its whole buffer (quadratic
-    with many lines per chunk, twisted#6357), applies the proxy's 1024-byte
-    no-newline rule instead of ``MAX_LENGTH``, and hands ``rawDataReceived``
-    at most the bytes of the pending payload.
+    ``dataReceived`` scans each chunk once with ``bytes.find`` (not as
+    LineReceiver re-splits its whole buffer, quadratic with many lines per
+    chunk, twisted#6357), applies the proxy's 1024-byte no-newline rule, and
+    hands ``rawDataReceived`` at most the bytes of the pending payload.
 
     A client may shut down its write side (``shutdown(SHUT_WR)``, ``nc -N``)
     and still reads every reply: see ``readConnectionLost``.
     """
 
-    delimiter = b"\n"
     log = Logger()
     #: the ProxyServerFactory that built us (None in tests that build by hand)
     factory: ProxyServerFactory | None = None
@@ -234,6 +245,9 @@ class ProxyServerProtocol(LineReceiver):
 
     def __init__(self, core: IProxyCore,
                  output_limit: int = CLIENT_OUTPUT_LIMIT, router: IRouter | None = None) -> None:
+        #: IProtocol's: set by makeConnection
+        self.transport = None
+        self.connected = 0
         self.core = core
         #: the router of this connection's listener (default: the core's)
         self.router = core.router if router is None else router
@@ -272,6 +286,16 @@ class ProxyServerProtocol(LineReceiver):
         self._pause_at = self.output_limit // OUTPUT_PAUSE_SHARE
 
     # -- connection lifecycle -----------------------------------------------
+
+    def makeConnection(self, transport) -> None:
+        """IProtocol's: the connection is made on ``transport``."""
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def logPrefix(self) -> str:
+        """ILoggingContext's: what Twisted's log lines about us begin with."""
+        return self.__class__.__name__
 
     def connectionMade(self) -> None:
         #: when the client last sent anything (for --idle-timeout), on the core's clock
@@ -314,7 +338,7 @@ class ProxyServerProtocol(LineReceiver):
     def _refuse_binary(self) -> None:
         """Answer a binary client memcached's way (binary_refusal), close."""
         self._binary_wait = None
-        self.__dict__.pop("dataReceived", None)
+        vars(self).pop("dataReceived", None)  # (compiled: the instance dict)
         self._reply(binary_refusal(self._binary_head))
         self._close_after_replies()
 
@@ -776,6 +800,10 @@ class ProxyServerProtocol(LineReceiver):
 
     def stopProducing(self) -> None:
         pass
+
+
+classImplements(ProxyServerProtocol, IProtocol, ILoggingContext, IPushProducer,
+                IHalfCloseableProtocol)
 
 
 class _Rejected(Protocol):
