@@ -1,8 +1,10 @@
-"""Build mcproxy's optional compiled module (mcproxy/wire/_frames.pyx).
+"""Build mcproxy's optional compiled modules (mcproxy.compiled.MODULES):
+mcproxy/wire/_frames.pyx, and mcproxy/server/protocol.py itself, typed by
+its protocol.pxd.
 
-Everything else is declared in setup.cfg. The module is an acceleration
-only: where Cython or a C compiler is missing, or the build fails, mcproxy
-installs without it and runs its pure-Python framing (the same replies,
+Everything else is declared in setup.cfg. The modules are an acceleration
+only: where Cython or a C compiler is missing, or a build fails, mcproxy
+installs without them and runs their pure-Python code (the same replies,
 the same tests).
 """
 
@@ -17,7 +19,7 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as e:  # no compiler: distutils' errors, OSError, ...
-            self.warn(f"mcproxy's compiled framing not built ({e}); using pure Python")
+            self.warn(f"mcproxy's compiled modules not built ({e}); using pure Python")
 
     def build_extension(self, ext):
         try:
@@ -31,7 +33,9 @@ def extensions() -> list:
         from Cython.Build import cythonize
     except ImportError:
         return []
-    return cythonize(["mcproxy/wire/_frames.pyx"], quiet=True)
+    # Annotations are documentation here, never C types: protocol.pxd types.
+    return cythonize(["mcproxy/wire/_frames.pyx", "mcproxy/server/protocol.py"], quiet=True,
+                     compiler_directives={"language_level": 3, "annotation_typing": False})
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

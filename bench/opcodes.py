@@ -16,10 +16,14 @@ counts, with ``sys.settrace`` per opcode, what ``--rounds`` rounds run and
 prints opcodes per request, in total and for each function. It checks that
 every client got exactly its own reply, so the count is of a right path.
 
-The count covers mcproxy's code and the Python code it calls, less the
-fake transports'; Twisted's per-event code (doRead and the reactor loop)
-and system calls are not in it, as no real socket or reactor is. Nor is C
-code: lupa's crossings into Lua and the Lua a route runs cost no opcodes.
+The count covers mcproxy's Python code and the Python code it calls,
+less the fake transports'; where mcproxy's compiled modules are built
+(mcproxy.compiled), the tool runs itself again with the protocol in
+Python (``MCPROXY_PURE_PYTHON=mcproxy.server.protocol``), as compiled code
+runs no opcodes (the framing loops stay compiled, as in earlier counts).
+Twisted's per-event code (doRead and the reactor loop) and system calls
+are not in it, as no real socket or reactor is. Nor is C code: lupa's
+crossings into Lua and the Lua a route runs cost no opcodes.
 
 ``--time`` measures those too, as a development tool: it runs the same
 rounds (``--rounds``, best of ``--repeat``) untraced and prints the CPU
@@ -43,11 +47,13 @@ from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from mcproxy import writes
+from mcproxy import compiled, writes
 from mcproxy.app.process import raise_gc_threshold
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
 
+#: The compiled module built from its own Python (mcproxy.compiled.MODULES).
+PROTOCOL = "mcproxy.server.protocol"
 ROUTE = Path(__file__).resolve().parent / "route.lua"
 VALUE = b"x" * 100
 
@@ -213,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile's figures instead of opcodes (a development tool)")
     parser.add_argument("--repeat", type=int, default=5, help="tries of --time")
     args = parser.parse_args(argv)
+    if not (args.time or args.profile) and PROTOCOL in compiled.running():  # count its Python
+        os.environ[compiled.ENVIRON] = PROTOCOL
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
     proxy = Proxy(args.clients, args.multiget, args.route, args.pipeline)
     requests = args.clients * args.rounds * args.pipeline
     if args.time or args.profile:

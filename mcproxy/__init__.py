@@ -4,7 +4,10 @@ The public names are imported lazily, so that the pure modules
 (``mcproxy.wire.request``, ``mcproxy.backends.hashing`` ...) load without Twisted.
 """
 
+from mcproxy import compiled
 from mcproxy._version import __version__
+
+compiled.install()  # MCPROXY_PURE_PYTHON: no compiled modules (mcproxy.compiled)
 
 __all__ = ["ProxyService", "__version__", "makeService"]
 

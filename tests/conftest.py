@@ -10,11 +10,14 @@ refuses any of them that starts a process, so the mark stays true.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import pytest
 
+from mcproxy import compiled
 from mcproxy.writes import batch
 
 from .enginekit import engine, load  # noqa: F401  (fixtures)
@@ -24,6 +27,30 @@ E2E_DIR = Path(__file__).resolve().parent / "e2e"
 
 #: Fixtures that start real processes: a test using one is end-to-end.
 PROCESS_FIXTURES = frozenset(("memcached", "memcached_factory"))
+
+
+def _stale_builds() -> list[str]:
+    """Compiled modules built from their own Python that are older than
+    their sources: Python would import the old build (an editable install
+    builds in place), not the code under test."""
+    stale = []
+    for name, sourced in compiled.MODULES.items():
+        spec = importlib.util.find_spec(name) if sourced else None
+        if spec is None or not spec.origin.endswith(tuple(EXTENSION_SUFFIXES)):
+            continue
+        built = Path(spec.origin)
+        stem = built.parent / name.rpartition(".")[2]
+        sources = [stem.with_suffix(".py"), stem.with_suffix(".pxd")]
+        if any(path.stat().st_mtime > built.stat().st_mtime for path in sources if path.exists()):
+            stale.append(name)
+    return stale
+
+
+def pytest_sessionstart(session) -> None:
+    stale = _stale_builds()
+    if stale:
+        pytest.exit(f"{', '.join(stale)}: the build is older than the source; rebuild it "
+                    "(./scripts/test does) or set MCPROXY_PURE_PYTHON=1", returncode=4)
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -22,6 +22,7 @@ PACKAGE = Path(mcproxy.__file__).resolve().parent
 #: may import what is below it and what is in its own package.
 LAYERS = {
     "mcproxy._version": 0,
+    "mcproxy.compiled": 0,
     "mcproxy.wire": 1,
     "mcproxy.units": 2,
     "mcproxy.counters": 2,

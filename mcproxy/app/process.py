@@ -15,14 +15,14 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python.reflect import qual
 
+from mcproxy import compiled
 from mcproxy.app.reactor import adopt
-from mcproxy.wire import response
 
 #: The log event of the reactor's switch (twistd has logged its class by then).
 LOG_ADOPTED = "switched the reactor to {reactor}"
-#: Which framing of backend replies runs: the compiled loops of
-#: mcproxy/wire/_frames.pyx, or (where no compiler built them) pure Python.
-LOG_FRAMING = "backend replies framed by {framing}"
+#: Which of mcproxy's compiled modules run (mcproxy.compiled); none where
+#: no compiler built them, or with MCPROXY_PURE_PYTHON=1: pure Python.
+LOG_COMPILED = "compiled modules: {modules}"
 
 #: Python's cyclic garbage collector runs when this many more container
 #: objects have been created than freed (CPython's default is 700). Under
@@ -60,6 +60,5 @@ class ProxyProcess(MultiService):
             from twisted.internet import reactor
         if adopt(reactor):
             self.log.info(LOG_ADOPTED, reactor=qual(type(reactor)))
-        self.log.info(LOG_FRAMING, framing="compiled code (mcproxy.wire._frames)"
-                      if response.plain_run is not None else "pure Python")
+        self.log.info(LOG_COMPILED, modules=", ".join(compiled.running()) or "none (pure Python)")
         super().startService()

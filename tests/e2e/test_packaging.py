@@ -3,6 +3,8 @@ and ProxyService runs from a .tac file."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,6 +34,12 @@ def test_wheel_holds_plugin_and_lua_files(wheel):
     assert "twisted/plugins/mcproxy_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names
     assert "mcproxy/routing/mcp.lua" in names
+    # the compiled modules (gcc and Cython are here), and the protocol's
+    # Python beside its build; not what they are built from
+    built = {name.split(".")[0] for name in names if name.endswith(".so")}
+    assert built == {"mcproxy/wire/_frames", "mcproxy/server/protocol"}
+    assert "mcproxy/server/protocol.py" in names
+    assert not [name for name in names if name.endswith((".c", ".pxd", ".pyx"))]
 
 
 def test_metrics_needs_no_extra(wheel):
@@ -41,6 +49,31 @@ def test_metrics_needs_no_extra(wheel):
     requires = [line for line in lines if line.startswith("Requires-Dist: prometheus")]
     assert requires and all("extra ==" not in line for line in requires)
     assert "Provides-Extra: metrics" not in lines
+
+
+def test_without_a_compiler_the_install_is_pure_python(tmp_path):
+    """Where the C compiler fails, setup.py warns and builds the wheel
+    without the compiled modules; mcproxy then imports their Python."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "*.so", "*.c", "__pycache__"))
+    out, target = tmp_path / "wheel", tmp_path / "site"
+    env = {**os.environ, "CC": "false", "LDSHARED": "false"}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(out), str(source)], env=env, check=True, capture_output=True)
+    [built] = out.glob("mcproxy-*.whl")
+    names = zipfile.ZipFile(built).namelist()
+    assert "mcproxy/server/protocol.py" in names
+    assert not [name for name in names if name.endswith((".so", ".c", ".pxd", ".pyx"))]
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",
+                    "--target", str(target), str(built)], check=True, capture_output=True)
+    probe = (f"import sys; sys.path[1:1] = [{str(target)!r}, "
+             f"{sysconfig.get_paths()['purelib']!r}]; "
+             "from mcproxy import compiled; import mcproxy.server.protocol as p; "
+             "print(compiled.running(), p.__file__)")
+    found = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, check=True,
+                           capture_output=True, text=True).stdout
+    assert found == f"[] {target / 'mcproxy' / 'server' / 'protocol.py'}\n"
 
 
 def test_plain_install_is_found_by_twistd(wheel, tmp_path):

@@ -1,0 +1,79 @@
+"""The modules mcproxy also builds as C extensions, and the switch that
+runs it without them.
+
+Where a C compiler is, setup.py builds ``mcproxy.wire._frames`` (framing
+loops the wire layer also has in Python: ``_frames.pyx``) and
+``mcproxy.server.protocol`` (compiled by Cython from ``protocol.py``
+itself, typed by ``protocol.pxd``). Python imports an extension module
+before a source module of the same name; with ``MCPROXY_PURE_PYTHON=1``,
+mcproxy/__init__.py puts :class:`PurePython` first among the import
+finders, and each of these modules is imported from its source, or not at
+all where it has none: the code mcproxy runs where no compiler is, which
+the tests run too (scripts/test). The variable may also name some of them,
+comma-separated (bench/opcodes.py: ``mcproxy.server.protocol``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES, SOURCE_SUFFIXES, FileFinder, SourceFileLoader
+from importlib.util import find_spec
+
+#: The switch (an environment variable).
+ENVIRON = "MCPROXY_PURE_PYTHON"
+#: Each compiled module: True where it is built from its own ``.py``, False
+#: where the Python code has its own fallback (the module is then missing).
+MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True}
+
+
+class PurePython:
+    """An import finder that finds the sources of the modules the switch
+    names, never their builds."""
+
+    @staticmethod
+    def find_spec(name: str, path=None, target=None):
+        sourced = MODULES.get(name)
+        if sourced is None or name not in switched():
+            return None
+        if not sourced:
+            raise ModuleNotFoundError(f"{name} is not imported: {ENVIRON} is set", name=name)
+        for entry in path or ():
+            spec = FileFinder(entry, (SourceFileLoader, SOURCE_SUFFIXES)).find_spec(name)
+            if spec is not None:
+                return spec
+        return None
+
+
+def switched() -> frozenset[str]:
+    """The modules the switch names: none (unset, empty, ``0``), all
+    (``1``), or those listed."""
+    value = os.environ.get(ENVIRON, "").strip()
+    if value in ("", "0"):
+        return frozenset()
+    if value == "1":
+        return frozenset(MODULES)
+    names = frozenset(name.strip() for name in value.split(","))
+    unknown = names - MODULES.keys()
+    if unknown:
+        raise ValueError(f"{ENVIRON}: not a compiled module: {', '.join(sorted(unknown))}")
+    return names
+
+
+def install() -> None:
+    """With the switch on, import what it names from source (once per process)."""
+    if switched() and PurePython not in sys.meta_path:
+        sys.meta_path.insert(0, PurePython)
+
+
+def running() -> list[str]:
+    """Those of MODULES that this process imports compiled."""
+    found = []
+    for name in MODULES:
+        try:
+            spec = find_spec(name)
+        except ImportError:
+            continue
+        if spec is not None and spec.origin and spec.origin.endswith(tuple(EXTENSION_SUFFIXES)):
+            found.append(name)
+    return found

@@ -1,0 +1,75 @@
+"""mcproxy.compiled: which modules run compiled, and the switch that runs
+mcproxy without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.machinery import SourceFileLoader
+
+import pytest
+
+import mcproxy.server
+import mcproxy.wire
+from mcproxy import compiled
+
+
+@pytest.mark.parametrize(("value", "names"), [
+    (None, set()), ("", set()), ("0", set()), ("1", set(compiled.MODULES)),
+    ("mcproxy.server.protocol", {"mcproxy.server.protocol"}),
+    (" mcproxy.wire._frames , mcproxy.server.protocol", set(compiled.MODULES)),
+])
+def test_the_switch_names_none_all_or_some(monkeypatch, value, names):
+    if value is None:
+        monkeypatch.delenv(compiled.ENVIRON, raising=False)
+    else:
+        monkeypatch.setenv(compiled.ENVIRON, value)
+    assert compiled.switched() == names
+
+
+def test_the_switch_refuses_a_module_that_is_not_compiled(monkeypatch):
+    monkeypatch.setenv(compiled.ENVIRON, "mcproxy.server.protocl")
+    with pytest.raises(ValueError, match="not a compiled module: mcproxy.server.protocl"):
+        compiled.switched()
+
+
+def test_the_finder_finds_the_source_of_a_switched_module(monkeypatch):
+    monkeypatch.setenv(compiled.ENVIRON, "1")
+    spec = compiled.PurePython.find_spec("mcproxy.server.protocol", mcproxy.server.__path__)
+    assert isinstance(spec.loader, SourceFileLoader)
+    assert spec.origin.endswith(os.path.join("mcproxy", "server", "protocol.py"))
+    # a module without a source of its own is not imported at all
+    with pytest.raises(ModuleNotFoundError, match="MCPROXY_PURE_PYTHON is set"):
+        compiled.PurePython.find_spec("mcproxy.wire._frames", mcproxy.wire.__path__)
+
+
+def test_the_finder_leaves_every_other_module_alone(monkeypatch):
+    monkeypatch.setenv(compiled.ENVIRON, "mcproxy.server.protocol")
+    assert compiled.PurePython.find_spec("mcproxy.wire._frames", mcproxy.wire.__path__) is None
+    assert compiled.PurePython.find_spec("mcproxy.wire.request", mcproxy.wire.__path__) is None
+    assert compiled.PurePython.find_spec("json", None) is None
+    monkeypatch.delenv(compiled.ENVIRON)
+    assert compiled.PurePython.find_spec("mcproxy.server.protocol",
+                                         mcproxy.server.__path__) is None
+
+
+_REPORT = ("from mcproxy import compiled; import mcproxy.server.protocol as p; "
+           "from mcproxy.wire import response; "
+           "print(*compiled.running(), p.__file__.endswith('.py'), response.plain_run is None)")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("value", ["1", "mcproxy.server.protocol", "0"])
+def test_a_fresh_interpreter_runs_what_the_switch_says(value):
+    """The switch works from the first import of mcproxy on; this checkout's
+    install builds every compiled module (gcc, Cython from PyPI)."""
+    env = {**os.environ, compiled.ENVIRON: value}
+    out = subprocess.run([sys.executable, "-c", _REPORT], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    expected = {
+        "1": ["True", "True"],
+        "mcproxy.server.protocol": ["mcproxy.wire._frames", "True", "False"],
+        "0": ["mcproxy.wire._frames", "mcproxy.server.protocol", "False", "False"],
+    }
+    assert out == expected[value]
