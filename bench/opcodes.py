@@ -18,9 +18,10 @@ every client got exactly its own reply, so the count is of a right path.
 
 The count covers mcproxy's Python code and the Python code it calls,
 less the fake transports'; where mcproxy's compiled modules are built
-(mcproxy.compiled), the tool runs itself again with the protocol in
-Python (``MCPROXY_PURE_PYTHON=mcproxy.server.protocol``), as compiled code
-runs no opcodes (the framing loops stay compiled, as in earlier counts).
+(mcproxy.compiled), the tool runs itself again with ``MCPROXY_PURE_PYTHON``
+naming those built from their own Python (the protocol, writes), as
+compiled code runs no opcodes (the framing loops stay compiled, as in
+earlier counts).
 Twisted's per-event code (doRead and the reactor loop) and system calls
 are not in it, as no real socket or reactor is. Nor is C code: lupa's
 crossings into Lua and the Lua a route runs cost no opcodes.
@@ -52,8 +53,6 @@ from mcproxy.app.process import raise_gc_threshold
 from mcproxy.app.service import ProxyService
 from mcproxy.server.protocol import ProxyServerProtocol
 
-#: The compiled module built from its own Python (mcproxy.compiled.MODULES).
-PROTOCOL = "mcproxy.server.protocol"
 ROUTE = Path(__file__).resolve().parent / "route.lua"
 VALUE = b"x" * 100
 
@@ -219,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile's figures instead of opcodes (a development tool)")
     parser.add_argument("--repeat", type=int, default=5, help="tries of --time")
     args = parser.parse_args(argv)
-    if not (args.time or args.profile) and PROTOCOL in compiled.running():  # count its Python
-        os.environ[compiled.ENVIRON] = PROTOCOL
+    sourced = [name for name in compiled.running() if compiled.MODULES[name]]
+    if not (args.time or args.profile) and sourced:  # count their Python
+        os.environ[compiled.ENVIRON] = ",".join(sourced)
         os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
     proxy = Proxy(args.clients, args.multiget, args.route, args.pipeline)
     requests = args.clients * args.rounds * args.pipeline

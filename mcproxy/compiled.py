@@ -2,15 +2,16 @@
 runs it without them.
 
 Where a C compiler is, setup.py builds ``mcproxy.wire._frames`` (framing
-loops the wire layer also has in Python: ``_frames.pyx``) and
-``mcproxy.server.protocol`` (compiled by Cython from ``protocol.py``
-itself, typed by ``protocol.pxd``). Python imports an extension module
-before a source module of the same name; with ``MCPROXY_PURE_PYTHON=1``,
-mcproxy/__init__.py puts :class:`PurePython` first among the import
-finders, and each of these modules is imported from its source, or not at
-all where it has none: the code mcproxy runs where no compiler is, which
-the tests run too (scripts/test). The variable may also name some of them,
-comma-separated (bench/opcodes.py: ``mcproxy.server.protocol``).
+loops the wire layer also has in Python: ``_frames.pyx``),
+``mcproxy.server.protocol`` and ``mcproxy.writes`` (compiled by Cython from
+their ``.py`` itself, typed by the ``.pxd`` beside it). Python imports an
+extension module before a source module of the same name; with
+``MCPROXY_PURE_PYTHON=1``, mcproxy/__init__.py puts :class:`PurePython`
+first among the import finders, and each of these modules is imported from
+its source, or not at all where it has none: the code mcproxy runs where no
+compiler is, which the tests run too (scripts/test). The variable may also
+name some of them, comma-separated (bench/opcodes.py names those built from
+their own Python).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from importlib.util import find_spec
 ENVIRON = "MCPROXY_PURE_PYTHON"
 #: Each compiled module: True where it is built from its own ``.py``, False
 #: where the Python code has its own fallback (the module is then missing).
-MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True}
+MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True,
+           "mcproxy.writes": True}
 
 
 class PurePython:

@@ -13,6 +13,10 @@ protocol then writes everything it has in a single send.
 The send itself goes straight to the socket when Twisted holds nothing
 buffered for it: Twisted's ``write`` always buffers and waits for the next
 poll, which costs two ``epoll_ctl`` calls and a loop turn per write.
+
+Where a C compiler is, Cython also builds this module from this file,
+typed by ``writes.pxd`` (mcproxy.compiled): the batch's fields and methods
+are then C, for the compiled protocol's calls.
 """
 
 from __future__ import annotations
@@ -59,11 +63,7 @@ class WriteBatch:
     def add(self, proto) -> None:
         self.pending.append(proto)
         if not self.scheduled:
-            self.scheduled = True
-            schedule = self.schedule
-            if schedule is None:
-                schedule = self.schedule = _scheduler()
-            schedule(self.flush)
+            self._schedule()
 
     def call_first(self, call: Callable[[], object]) -> None:
         """Have ``call()`` run at the next flush, before the protocols

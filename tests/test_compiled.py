@@ -18,7 +18,7 @@ from mcproxy import compiled
 @pytest.mark.parametrize(("value", "names"), [
     (None, set()), ("", set()), ("0", set()), ("1", set(compiled.MODULES)),
     ("mcproxy.server.protocol", {"mcproxy.server.protocol"}),
-    (" mcproxy.wire._frames , mcproxy.server.protocol", set(compiled.MODULES)),
+    (" mcproxy.wire._frames , mcproxy.writes", {"mcproxy.wire._frames", "mcproxy.writes"}),
 ])
 def test_the_switch_names_none_all_or_some(monkeypatch, value, names):
     if value is None:
@@ -69,7 +69,7 @@ def test_a_fresh_interpreter_runs_what_the_switch_says(value):
                          text=True, check=True).stdout.split()
     expected = {
         "1": ["True", "True"],
-        "mcproxy.server.protocol": ["mcproxy.wire._frames", "True", "False"],
-        "0": ["mcproxy.wire._frames", "mcproxy.server.protocol", "False", "False"],
+        "mcproxy.server.protocol": ["mcproxy.wire._frames", "mcproxy.writes", "True", "False"],
+        "0": [*compiled.MODULES, "False", "False"],
     }
     assert out == expected[value]
