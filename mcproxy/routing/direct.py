@@ -21,7 +21,7 @@ run natively too, by the runners of ``native/``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
@@ -176,16 +176,15 @@ class DirectRoutes:
                 return None
         return groups
 
-    def run_target(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                   widths: dict[int, int] | None):
-        """Where a run of plain requests (RouteEngine.route_run) goes: the
-        backend that takes it all, a list of each request's backend when
-        they differ, or None when it is routed request by request instead
-        (no direct route for gets, a key kept for Lua, a multiget over
-        several backends, a key the pool cannot place, a backend with a
-        depth limit). For a key kept
-        for Lua it looks at all of ``data``: a match outside the run, or
-        in a value, only routes the run the slower way."""
+    def run_target(self, data: bytes, keys: Sequence[bytes], widths: dict[int, int] | None):
+        """Where a run of plain requests of ``keys`` (RouteEngine.route_run,
+        _route_joined) goes: the backend that takes it all, a list of each
+        request's backend when they differ (their depth limits unchecked),
+        or None when it is routed request by request instead (no direct
+        route for gets, a key kept for Lua, a multiget over several
+        backends, a key the pool cannot place, a backend with a depth
+        limit). For a key kept for Lua it looks at all of ``data``: a match
+        outside the run, or in a value, only routes the run the slower way."""
         guard = self._run_guard
         if guard is not None and guard in data:
             return None

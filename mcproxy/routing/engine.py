@@ -631,7 +631,7 @@ class RouteEngine:
                                                     self._route_error):
                     self._route_each(gathered)
             elif self.gathers:
-                self._route_joined(gathered, len(sets))
+                self._route_joined(gathered, keys, sents, dones, sets)
             else:
                 self._route_each(gathered)
         finally:
@@ -652,39 +652,46 @@ class RouteEngine:
             req = sent_request(sent)
         self.route(req, done)
 
-    def _route_joined(self, gathered: list[tuple], sets: int) -> None:
-        """Route gathered requests of the direct path (``sets`` of them
-        sets): those its pool sends to the same backend go to it as one
-        ReplyRun, each connection answered the reply to its own request
-        (the backend's bytes, as route_run answers them); one the direct
-        path would not take as a run goes alone."""
+    def _route_joined(self, gathered: list[tuple], keys: tuple[bytes, ...],
+                      sents: tuple[bytes, ...], dones: tuple, sets: list[int]) -> None:
+        """Route gathered requests of the direct path (their ``keys``,
+        bytes ``sents``, ``dones``; ``sets`` the indexes of the sets):
+        those its pool sends to the same backend go to it as one ReplyRun,
+        each connection answered the reply to its own request (the
+        backend's bytes, as route_run answers them); one the direct path
+        would not take as a run goes alone. Asked of them all at once, the
+        pool usually has one backend for the lot."""
+        stats = self.stats
         target = self._direct.run_target
+        sent = _EMPTY.join(sents)
+        chosen = target(sent, keys, None)
+        if chosen is not None and chosen.__class__ is not list:
+            stats.count_run(len(keys), len(sets))
+            chosen.send_unit(ReplyRun(list(keys), partial(_joined_answer, stats, dones), None,
+                                      sent, sets or None))
+            return
+        if chosen is None:  # some request it would not take: ask for each
+            chosen = [target(one, (key,), None) for key, one in zip(keys, sents, strict=True)]
         runs: dict = {}
-        alone = None
-        for entry in gathered:
-            sent = entry[2]
-            backend = target(sent, 0, [entry[1]], [len(sent)], None)
-            if backend is None:
-                if alone is None:
-                    alone = []
-                alone.append(entry)
-                continue
-            run = runs.get(backend)
-            if run is None:
-                runs[backend] = [entry]
+        alone = []
+        for index, backend in enumerate(chosen):
+            if backend is None or backend.options.depth_limit:
+                alone.append(index)
+            elif backend in runs:
+                runs[backend].append(index)
             else:
-                run.append(entry)
-        if alone is not None:
-            sets -= sum(1 for entry in alone if entry[3])
-        self.stats.count_run(len(gathered) - (len(alone) if alone else 0), sets)
-        for backend, entries in runs.items():
-            _, keys, sents, is_sets, dones, _ = zip(*entries, strict=True)
-            mine = list(compress(range(len(is_sets)), is_sets)) if sets else None
-            backend.send_unit(ReplyRun(list(keys), partial(_joined_answer, self.stats, dones),
-                                       None, _EMPTY.join(sents), mine))
-        if alone is not None:
-            for req, key, sent, is_set, done, _ in alone:
-                self._route_alone(req, key, sent, is_set, done)
+                runs[backend] = [index]
+        setting = frozenset(sets)
+        stats.count_run(len(keys) - len(alone), len(sets) - len(setting.intersection(alone)))
+        for backend, indexes in runs.items():
+            mine = [at for at, index in enumerate(indexes) if index in setting] if sets else None
+            backend.send_unit(ReplyRun([keys[i] for i in indexes],
+                                       partial(_joined_answer, stats,
+                                               tuple(dones[i] for i in indexes)),
+                                       None, _EMPTY.join([sents[i] for i in indexes]), mine))
+        for index in alone:
+            req, key, sent, is_set, done, _ = gathered[index]
+            self._route_alone(req, key, sent, is_set, done)
 
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
@@ -779,7 +786,7 @@ class RouteEngine:
                 return True
             self._route_lua_stretch(data, start, keys, ends, sets, done, sink)
             return True
-        backend = self._direct.run_target(data, start, keys, ends, widths)
+        backend = self._direct.run_target(data, keys, widths)
         if backend is None:
             runner = self._run_runner
             if runner is not None:
