@@ -12,6 +12,13 @@ thing lost is that prefix on Twisted's legacy messages; errors raised while
 handling an event are still logged and still close the connection
 (``_doReadOrWrite`` does both).
 
+An event that is a read and nothing else (by far the most common: a
+client's request, a backend's replies) goes straight to the selectable's
+``doRead``, without ``_doReadOrWrite``'s tests for the other kinds and its
+``fileno()`` check (a selectable is removed from the poll before its
+socket is closed); what doRead returns or raises disconnects it as
+``_doReadOrWrite`` would. Every other event goes through ``_doReadOrWrite``.
+
 It also offers :meth:`ProxyReactor.call_after_events`, with which the
 write batches (mcproxy.writes) run once the events of a poll are
 handled without a DelayedCall each, and tells the batch how many events
@@ -27,7 +34,9 @@ ProxyService keeps its reactor unless it calls :func:`install` or
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from select import EPOLLIN
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
@@ -39,8 +48,8 @@ log = Logger()
 
 
 class ProxyReactor(EPollReactor):
-    """The epoll reactor, minus the log context around each I/O event, plus
-    :meth:`call_after_events`."""
+    """The epoll reactor, minus the log context around each I/O event and
+    the generic handling of a read, plus :meth:`call_after_events`."""
 
     #: While the events of a poll are handled: what to call after them.
     _after_events: list | None = None
@@ -61,8 +70,18 @@ class ProxyReactor(EPollReactor):
             for fd, event in events:
                 # An earlier event of this poll may have removed it.
                 selectable = selectables.get(fd)
-                if selectable is not None:
+                if selectable is None:
+                    continue
+                if event != EPOLLIN:
                     handle(selectable, fd, event)
+                    continue
+                try:
+                    why = selectable.doRead()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.failure("reading from {selectable!r} failed", selectable=selectable)
+                if why:
+                    self._disconnectSelectable(selectable, why, True)
         finally:
             self._after_events = None
         for call in after:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+
 import pytest
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.testing import MemoryReactor
+from zope.interface import implementer
 
 from mcproxy import compiled, writes
 from mcproxy.app import reactor as mcreactor
@@ -63,6 +68,56 @@ def test_proxy_reactor_serves_connections_and_closes_on_errors():
         log.removeObserver(errors.append)
     assert client.results == [(b"ping", "ConnectionDone")]
     assert any("a bug in a protocol" in str(e.get("failure", "")) for e in errors)
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(Protocol):
+    """A connection's events, in the order they came."""
+
+    def connectionMade(self) -> None:
+        self.seen = []
+        self.factory.connections.append(self.seen)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen.append(data)
+
+    def readConnectionLost(self) -> None:
+        self.seen.append("read closed")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        self.seen.append(reason.type.__name__)
+        if sum(seen[-1].startswith("Connection") for seen in self.factory.connections) == 2:
+            self.factory.reactor.stop()
+
+
+def test_reads_end_in_a_half_close_or_a_reset_as_twisted_ends_them():
+    """A read event goes to doRead directly: a peer's shutdown of its
+    writes still reaches readConnectionLost, a reset connectionLost with
+    ConnectionLost."""
+    reactor = mcreactor.ProxyReactor()
+    server = Factory.forProtocol(Recorder)
+    server.connections, server.reactor = [], reactor
+    port = reactor.listenTCP(0, server, interface="127.0.0.1").getHost().port
+    closing, resetting = (socket.create_connection(("127.0.0.1", port)) for _ in range(2))
+
+    def end() -> None:
+        closing.sendall(b"a")
+        closing.shutdown(socket.SHUT_WR)
+        resetting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resetting.close()
+
+    reactor.callLater(0.2, end)
+    reactor.callLater(10, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        closing.close()
+    assert {tuple(seen) for seen in server.connections} == {
+        (b"a", "read closed", "ConnectionDone"), ("ConnectionLost",)}
 
 
 @pytest.mark.e2e
