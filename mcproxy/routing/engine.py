@@ -607,9 +607,9 @@ class RouteEngine:
         if is_set and not self._gather_sets or self.tunables.active_req_limit:
             return False
         gathered = self._gathered
-        gathered.append((req, key, sent, is_set, done, release))
-        if len(gathered) == 1:
+        if not gathered:
             batch.call_first(self._route_gathered)
+        gathered.append((req, key, sent, is_set, done, release))
         return True
 
     def _route_gathered(self) -> None:

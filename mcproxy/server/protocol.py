@@ -44,13 +44,14 @@ from mcproxy.wire.request import (
     LOCAL_ONLY_COMMANDS,
     MAX_KEY_LENGTH,
     MAX_REQUEST_LINE,
+    MAX_RUN,
     MAX_UNTERMINATED,
     ParseError,
     Request,
     multiget_key,
     multiget_prefix,
     parse_request,
-    scan_plain,
+    scan_bytes,
     split_multiget,
 )
 from mcproxy.writes import batch, send, tcp_socket
@@ -417,8 +418,8 @@ class ProxyServerProtocol:
                 self.rawDataReceived(take)
                 continue
             if plain is not None:
-                stop, keys, ends, sets, widths = scan_plain(data, pos, plain, MAX_PAYLOAD,
-                                                            multigets=multigets)
+                stop, keys, ends, sets, widths = scan_bytes(data, pos, plain, MAX_PAYLOAD,
+                                                            MAX_RUN, multigets)
                 if keys:
                     if self._route_run(data, pos, keys, ends, sets, widths):
                         pos = stop

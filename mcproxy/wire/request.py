@@ -424,6 +424,12 @@ def scan_plain(data: bytes, pos: int, sets: bool, max_payload: int,
     return pos, keys, ends, set_at, widths
 
 
+#: scan_plain for ``bytes`` (a client protocol's reads), every argument
+#: given in order: the compiled scan itself where it is built, without the
+#: call through scan_plain.
+scan_bytes = scan_plain if scan_compiled is None else scan_compiled
+
+
 def _parse_general(line: bytes) -> Request:
     """:func:`parse_request` for every line, without its fast paths."""
     if len(line) < 4 or line[-2:] != b"\r\n":
