@@ -607,9 +607,9 @@ class RouteEngine:
         if is_set and not self._gather_sets or self.tunables.active_req_limit:
             return False
         gathered = self._gathered
-        if not gathered:
-            batch.call_first(self._route_gathered)
         gathered.append((req, key, sent, is_set, done, release))
+        if len(gathered) == 1:  # (after: the schedule may route at once)
+            batch.call_first(self._route_gathered)
         return True
 
     def _route_gathered(self) -> None:
