@@ -520,6 +520,24 @@ def test_joined_requests_whose_first_child_fails_go_on(tmp_path, monkeypatch):
                      fail_first=True) == [[b"VALUE k2 0 1\r\nB\r\nEND\r\n"], [b"STORED\r\n"]]
 
 
+def test_joined_requests_of_a_failover_not_on_misses_end_at_the_first_child(tmp_path,
+                                                                           monkeypatch):
+    """Without ``miss``, every reply the first child gives is the route's
+    (a miss too); only those it fails go on."""
+    scripted = _engine(tmp_path, 'routes.failover{ "a", "b" }')
+    scripted.modes = {}
+    scripted.stores = {label: Store(clock=lambda: 1.0) for label in LABELS}
+    serve(scripted.stores[LABELS[0]], b"set k1 0 0 1\r\nA\r\n")
+    serve(scripted.stores[LABELS[1]], b"set k2 0 0 1\r\nB\r\n")
+    lines = _record_sends(scripted)
+    requests = [b"get k1\r\n", b"get k2\r\n", b"set k3 0 0 1\r\nC\r\n"]
+    assert _gathered(scripted, monkeypatch, requests) == [
+        [b"VALUE k1 0 1\r\nA\r\nEND\r\n"], [b"END\r\n"], [b"STORED\r\n"]]
+    assert lines == [(LABELS[0], "ReplyRun", b"".join(requests))]
+    assert _gathered(scripted, monkeypatch, requests[:2], fail_first=True) == [
+        [b"END\r\n"], [b"VALUE k2 0 1\r\nB\r\nEND\r\n"]]
+
+
 #: Configs of the direct path (RouteEngine._route_joined joins their lone
 #: requests): over pool a (one backend) or c (two), with introspection (a
 #: key kept for Lua), with a depth limit on every backend.

@@ -6,6 +6,7 @@ request no backend takes, and the answers picked from several children."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import repeat
 
 from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
@@ -54,11 +55,7 @@ class Runner:
     def keeps_any(self, keys: list[bytes]) -> bool:
         """Whether any of ``keys`` is one left to Lua (keep_for_lua)."""
         prefix = self.prefix
-        if prefix is not None:
-            for key in keys:
-                if key.startswith(prefix):
-                    return True
-        return False
+        return prefix is not None and any(map(bytes.startswith, keys, repeat(prefix)))
 
 
 def key_groups(pool: Pool, keys: list[bytes], positions) -> tuple[dict, list]:

@@ -210,6 +210,11 @@ class Failover(Runner):
         _Attempt of its own (without one for those that do not)."""
         replies = unit.replies
         moves_on = self.moves_on
+        if not moves_on and len(replies) == len(dones):  # every one read, every one final
+            stats.req_active -= len(dones)
+            for done, reply in zip(dones, replies, strict=True):
+                done(reply)
+            return
         for index, done in enumerate(dones):
             if index < len(replies) and _final(moves_on, unit, index):
                 stats.req_active -= 1
