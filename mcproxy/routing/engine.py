@@ -30,7 +30,7 @@ from mcproxy.routing import direct, native, rcontext
 from mcproxy.routing.crons import Crons
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
-from mcproxy.routing.native.common import KeysReply
+from mcproxy.routing.native.common import KeysReply, joined_answer
 from mcproxy.routing.poolnames import named_pools
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
@@ -667,7 +667,7 @@ class RouteEngine:
         chosen = target(sent, keys, None)
         if chosen is not None and chosen.__class__ is not list:
             stats.count_run(len(keys), len(sets))
-            chosen.send_unit(ReplyRun(list(keys), partial(_joined_answer, stats, dones), None,
+            chosen.send_unit(ReplyRun(list(keys), partial(joined_answer, stats, dones), None,
                                       sent, sets or None))
             return
         if chosen is None:  # some request it would not take: ask for each
@@ -686,7 +686,7 @@ class RouteEngine:
         for backend, indexes in runs.items():
             mine = [at for at, index in enumerate(indexes) if index in setting] if sets else None
             backend.send_unit(ReplyRun([keys[i] for i in indexes],
-                                       partial(_joined_answer, stats,
+                                       partial(joined_answer, stats,
                                                tuple(dones[i] for i in indexes)),
                                        None, _EMPTY.join([sents[i] for i in indexes]), mine))
         for index in alone:
@@ -1261,19 +1261,6 @@ class _LuaKeys:
         if self.keys.multiget:
             parts.append(errors.END)
         self.done(_EMPTY.join(parts))
-
-
-def _joined_answer(stats: ProxyStats, dones: tuple[Callable[[bytes], None], ...],
-                   unit: ReplyRun) -> None:
-    """Each connection of a joined ReplyRun (RouteEngine._route_joined) its reply."""
-    stats.req_active -= len(dones)
-    replies = unit.replies
-    if len(replies) == len(dones):
-        for done, reply in zip(dones, replies, strict=True):
-            done(reply)
-    else:
-        for index, done in enumerate(dones):
-            done(unit.reply(index))
 
 
 def _run_answered(requests: int, stats: ProxyStats, done: Callable[[bytes], None],

@@ -17,6 +17,7 @@ from mcproxy.routing.native.common import (
     FailBatch,
     RouteError,
     Runner,
+    joined_answer,
     key_groups,
 )
 from mcproxy.units import ReplyRun, ReplySink
@@ -211,9 +212,7 @@ class Failover(Runner):
         replies = unit.replies
         moves_on = self.moves_on
         if not moves_on and len(replies) == len(dones):  # every one read, every one final
-            stats.req_active -= len(dones)
-            for done, reply in zip(dones, replies, strict=True):
-                done(reply)
+            joined_answer(stats, dones, unit)
             return
         for index, done in enumerate(dones):
             if index < len(replies) and _final(moves_on, unit, index):
