@@ -15,8 +15,8 @@ buffered for it: Twisted's ``write`` always buffers and waits for the next
 poll, which costs two ``epoll_ctl`` calls and a loop turn per write.
 
 Where a C compiler is, Cython also builds this module from this file,
-typed by ``writes.pxd`` (mcproxy.compiled): the batch's fields and methods
-are then C, for the compiled protocol's calls.
+typed by ``writes.pxd`` (mcproxy.compiled): the batch's fields, its
+methods and ``send`` then run as C.
 """
 
 from __future__ import annotations
