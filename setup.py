@@ -1,6 +1,6 @@
 """Build mcproxy's optional compiled modules (mcproxy.compiled.MODULES):
-mcproxy/wire/_frames.pyx, and mcproxy/server/protocol.py and mcproxy/writes.py
-themselves, each typed by the .pxd beside it.
+mcproxy/wire/_frames.pyx, and mcproxy/server/protocol.py, mcproxy/writes.py and
+mcproxy/units.py themselves, each typed by the .pxd beside it.
 
 Everything else is declared in setup.cfg. The modules are an acceleration
 only: where Cython or a C compiler is missing, or a build fails, mcproxy
@@ -34,7 +34,8 @@ def extensions() -> list:
     except ImportError:
         return []
     # Annotations are documentation here, never C types: protocol.pxd types.
-    sources = ["mcproxy/wire/_frames.pyx", "mcproxy/server/protocol.py", "mcproxy/writes.py"]
+    sources = ["mcproxy/wire/_frames.pyx", "mcproxy/server/protocol.py", "mcproxy/writes.py",
+               "mcproxy/units.py"]
     return cythonize(sources, quiet=True,
                      compiler_directives={"language_level": 3, "annotation_typing": False})
 

@@ -19,7 +19,7 @@ every client got exactly its own reply, so the count is of a right path.
 The count covers mcproxy's Python code and the Python code it calls,
 less the fake transports'; where mcproxy's compiled modules are built
 (mcproxy.compiled), the tool runs itself again with ``MCPROXY_PURE_PYTHON``
-naming those built from their own Python (the protocol, writes), as
+naming those built from their own Python (the protocol, writes, units), as
 compiled code runs no opcodes (the framing loops stay compiled, as in
 earlier counts).
 Twisted's per-event code (doRead and the reactor loop) and system calls

@@ -3,7 +3,7 @@ runs it without them.
 
 Where a C compiler is, setup.py builds ``mcproxy.wire._frames`` (framing
 loops the wire layer also has in Python: ``_frames.pyx``),
-``mcproxy.server.protocol`` and ``mcproxy.writes`` (compiled by Cython from
+``mcproxy.server.protocol``, ``mcproxy.writes`` and ``mcproxy.units`` (compiled by Cython from
 their ``.py`` itself, typed by the ``.pxd`` beside it). Python imports an
 extension module before a source module of the same name; with
 ``MCPROXY_PURE_PYTHON=1``, mcproxy/__init__.py puts :class:`PurePython`
@@ -26,7 +26,7 @@ ENVIRON = "MCPROXY_PURE_PYTHON"
 #: Each compiled module: True where it is built from its own ``.py``, False
 #: where the Python code has its own fallback (the module is then missing).
 MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True,
-           "mcproxy.writes": True}
+           "mcproxy.writes": True, "mcproxy.units": True}
 
 
 class PurePython:

@@ -29,6 +29,11 @@ The kinds, and what ``done`` gets:
 
 What a client gets for a key that missed or failed is
 ``response.key_reply``/``response.every_key``'s rule, used by every kind.
+
+Where a C compiler is, Cython also builds this module from this file,
+typed by ``units.pxd`` (mcproxy.compiled): each kind is then an extension
+type whose state is C fields (so, as with ``__slots__``, a unit has no
+attribute but those).
 """
 
 from __future__ import annotations
