@@ -3,15 +3,19 @@ runs it without them.
 
 Where a C compiler is, setup.py builds ``mcproxy.wire._frames`` (framing
 loops the wire layer also has in Python: ``_frames.pyx``),
-``mcproxy.server.protocol``, ``mcproxy.writes`` and ``mcproxy.units`` (compiled by Cython from
-their ``.py`` itself, typed by the ``.pxd`` beside it). Python imports an
+``mcproxy.server.protocol``, ``mcproxy.writes``, ``mcproxy.units``,
+``mcproxy.backends.latency``, ``mcproxy.backends.connection`` and
+``mcproxy.routing.runs`` (compiled by Cython from their ``.py`` itself,
+typed by the ``.pxd`` beside it). Python imports an
 extension module before a source module of the same name; with
 ``MCPROXY_PURE_PYTHON=1``, mcproxy/__init__.py puts :class:`PurePython`
 first among the import finders, and each of these modules is imported from
 its source, or not at all where it has none: the code mcproxy runs where no
 compiler is, which the tests run too (scripts/test). The variable may also
 name some of them, comma-separated (bench/opcodes.py names those built from
-their own Python).
+their own Python); a compiled module that uses another's extension types
+(``cimport``, USES) is then imported from source too, as its C would read
+the fields of a class that is not the type it was built against.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ ENVIRON = "MCPROXY_PURE_PYTHON"
 #: Each compiled module: True where it is built from its own ``.py``, False
 #: where the Python code has its own fallback (the module is then missing).
 MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True,
-           "mcproxy.writes": True, "mcproxy.units": True}
+           "mcproxy.writes": True, "mcproxy.units": True, "mcproxy.backends.latency": True,
+           "mcproxy.backends.connection": True, "mcproxy.routing.runs": True}
+
+#: The compiled modules built against others' extension types (their .pxd
+#: cimports): each runs from source wherever one of those does.
+USES = {"mcproxy.backends.connection": ("mcproxy.backends.latency",),
+        "mcproxy.routing.runs": ("mcproxy.units",)}
 
 
 class PurePython:
@@ -49,7 +59,7 @@ class PurePython:
 
 def switched() -> frozenset[str]:
     """The modules the switch names: none (unset, empty, ``0``), all
-    (``1``), or those listed."""
+    (``1``), or those listed and those that use them (USES)."""
     value = os.environ.get(ENVIRON, "").strip()
     if value in ("", "0"):
         return frozenset()
@@ -59,7 +69,7 @@ def switched() -> frozenset[str]:
     unknown = names - MODULES.keys()
     if unknown:
         raise ValueError(f"{ENVIRON}: not a compiled module: {', '.join(sorted(unknown))}")
-    return names
+    return names | {user for user, used in USES.items() if names.intersection(used)}
 
 
 def install() -> None:

@@ -19,6 +19,9 @@ from mcproxy import compiled
     (None, set()), ("", set()), ("0", set()), ("1", set(compiled.MODULES)),
     ("mcproxy.server.protocol", {"mcproxy.server.protocol"}),
     (" mcproxy.wire._frames , mcproxy.writes", {"mcproxy.wire._frames", "mcproxy.writes"}),
+    # and what uses their extension types, built against them (USES)
+    ("mcproxy.units", {"mcproxy.units", "mcproxy.routing.runs"}),
+    ("mcproxy.backends.latency", {"mcproxy.backends.latency", "mcproxy.backends.connection"}),
 ])
 def test_the_switch_names_none_all_or_some(monkeypatch, value, names):
     if value is None:
@@ -74,3 +77,18 @@ def test_a_fresh_interpreter_runs_what_the_switch_says(value):
         "0": [*compiled.MODULES, "False", "False"],
     }
     assert out == expected[value]
+
+
+def test_uses_lists_every_cimport_of_another_compiled_module():
+    """A compiled module that cimports another's types is switched with it."""
+    root = os.path.dirname(os.path.dirname(compiled.__file__))
+    found = {}
+    for name, sourced in compiled.MODULES.items():
+        pxd = os.path.join(root, *name.split(".")) + ".pxd"
+        if sourced and os.path.exists(pxd):
+            with open(pxd) as f:
+                used = tuple(line.split()[1] for line in f
+                             if line.startswith("from mcproxy.") and " cimport " in line)
+            if used:
+                found[name] = used
+    assert found == compiled.USES

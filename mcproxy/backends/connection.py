@@ -27,8 +27,10 @@ from collections import deque
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import ILoggingContext, IProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
+from zope.interface import classImplements
 
 from mcproxy.units import Unit
 from mcproxy.wire.response import (
@@ -46,16 +48,24 @@ VALIDATE_REQUEST = b"version\r\n"
 LOG_CALLBACK = "backend {label} response callback failed"
 
 
-class BackendConnection(Protocol):
+class BackendConnection:
     """One pipelined connection to a backend.
 
     ``queue`` is the owner's queue of units: those written on this
     connection, oldest first (the first ``written`` of them), then those
     handed over and not written yet. ``owner`` is None once the connection
     has been abandoned (its late events are then ignored).
+
+    A plain class providing IProtocol itself (as Twisted's Protocol would),
+    so that it compiles to an extension type (connection.pxd).
     """
 
     def __init__(self, owner: Any, queue: deque[Unit], keepalive: bool = False) -> None:
+        #: IProtocol's: set by makeConnection
+        self.transport = None
+        self.connected = 0
+        #: the connection attempt that built it (Backend's factory sets it)
+        self.factory = None
         self.owner = owner
         self.queue = queue
         self.keepalive = keepalive
@@ -74,6 +84,16 @@ class BackendConnection(Protocol):
         self.receiving = False
         #: when the last complete reply was read (Backend._read_timer)
         self.answered_at = 0.0
+
+    def makeConnection(self, transport) -> None:
+        """IProtocol's: the connection is made on ``transport``."""
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def logPrefix(self) -> str:
+        """ILoggingContext's: what Twisted's log lines about us begin with."""
+        return self.__class__.__name__
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -136,7 +156,7 @@ class BackendConnection(Protocol):
             self._validation_reply(owner)
             return
         now = self._seconds()
-        record = owner.latency.record
+        latency = owner.latency
         while self.written:
             unit = queue[0]
             try:
@@ -149,7 +169,7 @@ class BackendConnection(Protocol):
             self.written -= 1
             self.answered_at = now
             elapsed = int((now - unit.sent) * 1e6)
-            record(elapsed, unit.size)
+            latency.record(elapsed, unit.size)
             try:
                 unit.deliver(elapsed)
             except Exception:
@@ -185,3 +205,6 @@ class BackendConnection(Protocol):
         if on_lost is not None:
             self.on_lost = None
             on_lost.callback(None)
+
+
+classImplements(BackendConnection, IProtocol, ILoggingContext)

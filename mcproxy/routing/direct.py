@@ -177,8 +177,8 @@ class DirectRoutes:
         return groups
 
     def run_target(self, data: bytes, keys: Sequence[bytes], widths: dict[int, int] | None):
-        """Where a run of plain requests of ``keys`` (RouteEngine.route_run,
-        _route_joined) goes: the backend that takes it all, a list of each
+        """Where a run of plain requests of ``keys`` (RunRouter.route_run,
+        RunRouter._route_joined) goes: the backend that takes it all, a list of each
         request's backend when they differ (their depth limits unchecked),
         or None when it is routed request by request instead (no direct
         route for gets, a key kept for Lua, a multiget over several

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from copy import copy
 from functools import cached_property, partial
 from importlib.resources import files
-from itertools import compress, count
+from itertools import count
 from time import monotonic
 
 from lupa import lua54
@@ -30,12 +30,13 @@ from mcproxy.routing import direct, native, rcontext
 from mcproxy.routing.crons import Crons
 from mcproxy.routing.direct import DirectRoutes, select_backend
 from mcproxy.routing.host import Host
-from mcproxy.routing.native.common import KeysReply, joined_answer
+from mcproxy.routing.native.common import KeysReply
 from mcproxy.routing.poolnames import named_pools
+from mcproxy.routing.runs import RunRouter, RunsReply
 from mcproxy.routing.shapes import ShapeReader
 from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
-from mcproxy.units import KeyBatch, KeyFetch, PlainRun, ReplyRun, ReplySink
+from mcproxy.units import KeyBatch, KeyFetch, ReplyRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.behaviour import AUTO, BEHAVIOURS, WIRE_1_6_15, WIRE_1_6_45
 from mcproxy.wire.request import (
@@ -47,10 +48,8 @@ from mcproxy.wire.request import (
     KeyRequests,
     Request,
     key_request,
-    sent_request,
 )
 from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, key_reply, string_reply
-from mcproxy.writes import batch
 
 # What a route step reports (mirrors mcp.lua).
 DONE_RESPONSE = 0
@@ -433,9 +432,6 @@ class RouteEngine:
         self._hooks: dict = {}
         self._direct = DirectRoutes({}, {})
         self._native: dict = {}
-        #: the native runner that takes runs of plain requests (route_run):
-        #: a Failover that runs gets and sets alike (Failover.runs_like)
-        self._run_runner = None
         self._routed: frozenset[int] = frozenset()
         #: None, or whether runs of plain requests (scan_plain) may hold
         #: sets as well as gets: see route_run and DirectRoutes.plain_runs
@@ -457,11 +453,7 @@ class RouteEngine:
         self._lua_runs = False
         #: whether plain sets are routed in Lua too (gathered, in runs)
         self._lua_sets = False
-        #: whether gather may take plain sets too
-        self._gather_sets = False
-        #: what gather and gather_plain took this poll: (request or None,
-        #: key, the bytes sent, whether a set, done, release) each
-        self._gathered: list[tuple] = []
+        self._use_runs(RunRouter(self, stats, tunables))
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -486,11 +478,20 @@ class RouteEngine:
         if view is None:
             view = copy(self)
             view.tag = tag
-            view._gathered = []
+            view._use_runs(RunRouter(view, self.stats, self.tunables))
             if self.routes is not None:
                 view._take(self.routes)
             self._views[tag] = view
         return view
+
+    def _use_runs(self, runs: RunRouter) -> None:
+        """Route runs, and gather lone requests, with ``runs``: its
+        ``route_run`` and ``gather_plain`` are this router's (IRouter's)."""
+        self.runs = runs
+        #: IRouter.route_run: RunRouter.route_run documents it
+        self.route_run = runs.route_run
+        #: IRouter.gather_plain
+        self.gather_plain = runs.gather_plain
 
     def _schedule_reload(self) -> None:
         if self.schedule_reload is not None:
@@ -519,18 +520,21 @@ class RouteEngine:
         self.plain_runs = table.direct.plain_runs
         # lone plain requests of the direct path, gathered: one ReplyRun per backend
         self.gathers = GATHER_JOINED if self.batch_keys and self.plain_runs is not None else 0
-        self._gather_sets = bool(self.gathers and self.plain_runs)
+        # whether gather may take plain sets too
+        gather_sets = bool(self.gathers and self.plain_runs)
         self._lua_runs = self._lua_sets = False
-        self._run_runner = None
+        # the native runner that takes runs of plain requests (route_run):
+        # a Failover that runs gets and sets alike (Failover.runs_like)
+        runner = None
         get = table.native.get(CMD_GET)
         if self.plain_runs is None and isinstance(get, native.Failover) \
                 and get.runs_like(table.native.get(CMD_SET)):
             # runs of gets and sets through the failover (Failover.send_run),
             # lone ones of many connections joined (Failover.send_joined)
             self.plain_runs = True
-            self._run_runner = get
+            runner = get
             self.gathers = GATHER_JOINED if self.batch_keys else 0
-            self._gather_sets = self.batch_keys
+            gather_sets = self.batch_keys
         elif (self.plain_runs is None and self.batch_keys and CMD_GET in table.hooks
                 and CMD_GET not in table.native):
             # runs of gets, routed in Lua (_LuaKeys), of plain sets too when
@@ -538,9 +542,10 @@ class RouteEngine:
             # connections' (gather_plain)
             self._lua_sets = (CMD_SET in table.hooks and CMD_SET not in table.native
                               and CMD_SET not in table.direct.pools)
-            self.plain_runs = self._gather_sets = self._lua_sets
+            self.plain_runs = gather_sets = self._lua_sets
             self.gathers = GATHER_LUA
             self._lua_runs = True
+        self.runs.configure(table.direct, runner, self._lua_runs, gather_sets, self.gathers)
         # a Lua route's multiget scanned too (route_run), not parsed as a line
         self.plain_multigets = self._lua_runs or table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
@@ -599,100 +604,6 @@ class RouteEngine:
             return False
         return self.gather_plain(req.key, req.line + req.value, True, done, release, req)
 
-    def gather_plain(self, key: bytes, sent: bytes, is_set: bool, done: Callable[[bytes], None],
-                     release: Callable[[], None], req: Request | None = None) -> bool:
-        """gather for the plain request (``scan_plain``'s) of a run of
-        one: the get of ``key``, or the set, ``sent``; ``req`` its Request
-        when the caller has one (gather)."""
-        if is_set and not self._gather_sets or self.tunables.active_req_limit:
-            return False
-        gathered = self._gathered
-        gathered.append((req, key, sent, is_set, done, release))
-        if len(gathered) == 1:  # (after: the schedule may route at once)
-            batch.call_first(self._route_gathered)
-        return True
-
-    def _route_gathered(self) -> None:
-        """Route what gather took this poll, then release its connections."""
-        gathered = self._gathered
-        self._gathered = []
-        _, keys, sents, is_sets, dones, releases = zip(*gathered, strict=True)
-        try:
-            sets = list(compress(range(len(is_sets)), is_sets)) if True in is_sets else []
-            if len(gathered) == 1 or sets and not self._gather_sets:
-                # alone; or the routes reloaded since (so also below)
-                self._route_each(gathered)
-            elif self._lua_runs:
-                requests = KeyRequests(CMD_GET, list(keys), False, sets, list(sents)) if sets \
-                    else KeyRequests(CMD_GET, list(keys), False)
-                _LuaKeys(self, requests, list(dones), None).start(self._hooks[CMD_GET])
-            elif self._run_runner is not None:
-                if not self._run_runner.send_joined(list(keys), sents, sets, dones, self.stats,
-                                                    self._route_error):
-                    self._route_each(gathered)
-            elif self.gathers:
-                self._route_joined(gathered, keys, sents, dones, sets)
-            else:
-                self._route_each(gathered)
-        finally:
-            for release in releases:
-                release()
-
-    def _route_each(self, gathered: list[tuple]) -> None:
-        """Route every gathered request on its own."""
-        for req, key, sent, is_set, done, _ in gathered:
-            self._route_alone(req, key, sent, is_set, done)
-
-    def _route_alone(self, req: Request | None, key: bytes, sent: bytes, is_set: bool,
-                     done: Callable[[bytes], None]) -> None:
-        """Route one gathered request as its connection would have."""
-        if req is None:
-            if self.route_run(sent, 0, [key], [len(sent)], [0] if is_set else [], None, done):
-                return
-            req = sent_request(sent)
-        self.route(req, done)
-
-    def _route_joined(self, gathered: list[tuple], keys: tuple[bytes, ...],
-                      sents: tuple[bytes, ...], dones: tuple, sets: list[int]) -> None:
-        """Route gathered requests of the direct path (their ``keys``,
-        bytes ``sents``, ``dones``; ``sets`` the indexes of the sets):
-        those its pool sends to the same backend go to it as one ReplyRun,
-        each connection answered the reply to its own request (the
-        backend's bytes, as route_run answers them); one the direct path
-        would not take as a run goes alone. Asked of them all at once, the
-        pool usually has one backend for the lot."""
-        stats = self.stats
-        target = self._direct.run_target
-        sent = _EMPTY.join(sents)
-        chosen = target(sent, keys, None)
-        if chosen is not None and chosen.__class__ is not list:
-            stats.count_run(len(keys), len(sets))
-            chosen.send_unit(ReplyRun(list(keys), partial(joined_answer, stats, dones), None,
-                                      sent, sets or None))
-            return
-        if chosen is None:  # some request it would not take: ask for each
-            chosen = [target(one, (key,), None) for key, one in zip(keys, sents, strict=True)]
-        runs: dict = {}
-        alone = []
-        for index, backend in enumerate(chosen):
-            if backend is None or backend.options.depth_limit:
-                alone.append(index)
-            elif backend in runs:
-                runs[backend].append(index)
-            else:
-                runs[backend] = [index]
-        setting = frozenset(sets)
-        stats.count_run(len(keys) - len(alone), len(sets) - len(setting.intersection(alone)))
-        for backend, indexes in runs.items():
-            mine = [at for at, index in enumerate(indexes) if index in setting] if sets else None
-            backend.send_unit(ReplyRun([keys[i] for i in indexes],
-                                       partial(joined_answer, stats,
-                                               tuple(dones[i] for i in indexes)),
-                                       None, _EMPTY.join([sents[i] for i in indexes]), mine))
-        for index in alone:
-            req, key, sent, is_set, done, _ = gathered[index]
-            self._route_alone(req, key, sent, is_set, done)
-
     def route_keys(self, req: Request, keys: list[bytes],
                    done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
         """Route the keys of a client ``get``/``gets`` multiget together,
@@ -738,71 +649,38 @@ class RouteEngine:
                                            partial(reply.answer, positions), sink))
         return True
 
-    def route_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                  sets: list[int], widths: dict[int, int] | None,
-                  done: Callable[[bytes], None], sink: ReplySink | None = None) -> bool:
-        """Route a run of plain requests (``request.scan_plain``: they are
-        ``data[start:ends[-1]]``, ``keys`` and ``ends`` their keys and end
-        offsets in ``data``, ``sets`` the indexes of the sets, the rest
-        gets, ``widths`` the key counts of multi-key gets) whose commands'
-        routes are the same direct pool call (``plain_runs``; multi-key
-        gets only with ``plain_multigets``).
-
-        The pool still picks each key's backend; each stretch of requests
-        bound for the same backend is sent to it as they came (a
-        PlainRun), and ``done(reply)`` runs once with every reply in order,
-        which is what the requests routed one by one (the keys of a
-        multiget together, see route_keys) would have answered. ``sink``
-        as for route_keys.
-
-        A run whose routes run in Lua (``gathers``; of gets only unless the
-        route of sets runs in Lua too) is routed as the keys of a multiget
-        are (see _LuaKeys), each request answered as alone, each multi-key
-        get as route_keys routes a client's; a run of one get as the request
-        alone, of one set on the line path (gathered).
-        A run through ``routes.failover`` (or routelib's route_failover)
-        goes to its first child as it came, only the requests whose answer
-        there is not the route's on to the next (Failover.send_run).
-
-        False, with nothing done, when this does not apply (no such route,
-        an active request limit, a backend with a depth limit, a key the
-        pool cannot place): the caller then routes request by request.
-        """
-        if self.tunables.active_req_limit:
+    def _route_lua_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                       sets: list[int], widths: dict[int, int] | None,
+                       done: Callable[[bytes], None], sink: ReplySink | None) -> bool:
+        """RunRouter.route_run for a run whose routes run in Lua
+        (``_lua_runs``): each request answered as alone, each multi-key get
+        as route_keys routes a client's; a run of one get as the request
+        alone, of one set on the line path (gathered). False, with nothing
+        done, for sets whose route does not run in Lua."""
+        if sets and not self._lua_sets:
             return False
-        if self._lua_runs:  # no direct pool for gets, no runner (_take)
-            if sets and not self._lua_sets:
-                return False
-            if widths:
-                if len(keys) == 1:  # a multiget alone
-                    self._route_lua_multiget(keys[0], done, sink)
-                else:
-                    self._route_lua_pieces(data, start, keys, ends, sets, widths, done, sink)
-                return True
-            if len(keys) == 1:  # not gathered (gather_plain): alone; a set as a line
-                if sets:
-                    return False
-                self.route(key_request(CMD_GET, keys[0], False), done)
-                return True
-            self._route_lua_stretch(data, start, keys, ends, sets, done, sink)
+        if widths:
+            if len(keys) == 1:  # a multiget alone
+                self._route_lua_multiget(keys[0], done, sink)
+            else:
+                self._route_lua_pieces(data, start, keys, ends, sets, widths, done, sink)
             return True
-        backend = self._direct.run_target(data, keys, widths)
-        if backend is None:
-            runner = self._run_runner
-            if runner is not None:
-                return runner.send_run(data, start, keys, ends, sets, done, self.stats,
-                                       self._route_error, sink)
-            return False
-        if backend.__class__ is list:
-            return self._route_stretches(data, start, keys, ends, sets, backend, done, sink)
-        stop = ends[-1]
-        run = PlainRun(data if start == 0 and stop == len(data) else data[start:stop],
-                       keys, sets, widths, sink)
-        requests = run.size
-        self.stats.count_run(requests, len(sets))
-        run.done = partial(_run_answered, requests, self.stats, done)
-        backend.send_unit(run)
+        if len(keys) == 1:  # not gathered (gather_plain): alone; a set as a line
+            if sets:
+                return False
+            self.route(key_request(CMD_GET, keys[0], False), done)
+            return True
+        self._route_lua_stretch(data, start, keys, ends, sets, done, sink)
         return True
+
+    def _route_lua_gathered(self, keys: tuple[bytes, ...], sents: tuple[bytes, ...],
+                            sets: list[int], dones: tuple) -> None:
+        """RunRouter.route_gathered for gets (and sets, ``sets`` their
+        indexes) whose routes run in Lua: one call into Lua starts all of
+        their routes (_LuaKeys), each answered as if routed alone."""
+        requests = KeyRequests(CMD_GET, list(keys), False, sets, list(sents)) if sets \
+            else KeyRequests(CMD_GET, list(keys), False)
+        _LuaKeys(self, requests, list(dones), None).start(self._hooks[CMD_GET])
 
     def _route_lua_stretch(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
                            sets: list[int], done: Callable[[bytes], None],
@@ -841,7 +719,7 @@ class RouteEngine:
             first = index + 1
         if first < len(keys):
             bounds.append((first, len(keys)))
-        reply = _RunsReply(len(bounds), self.stats, done)
+        reply = RunsReply(len(bounds), self.stats, done)
         for piece, (first, stop) in enumerate(bounds):
             answer = partial(reply.answer, piece, 0)  # (each _LuaKeys counts its own)
             if first in widths:
@@ -851,36 +729,6 @@ class RouteEngine:
                                         keys[first:stop], ends[first:stop],
                                         [i - first for i in sets if first <= i < stop],
                                         answer, sink)
-
-    def _route_stretches(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                         sets: list[int], chosen: list, done: Callable[[bytes], None],
-                         sink: ReplySink | None) -> bool:
-        """route_run for single-key requests bound for several backends
-        (``chosen``, by request): each stretch of consecutive requests for
-        the same backend goes to it as a PlainRun; ``done`` gets their
-        replies joined in order."""
-        starts = [0]
-        backends = [chosen[0]]
-        for index, backend in enumerate(chosen):
-            if backend is not backends[-1]:
-                starts.append(index)
-                backends.append(backend)
-        for backend in backends:
-            if backend.options.depth_limit:
-                return False
-        self.stats.count_run(len(chosen), len(sets))
-        reply = _RunsReply(len(backends), self.stats, done)
-        starts.append(len(chosen))
-        offset = start
-        for index, backend in enumerate(backends):
-            first, last = starts[index], starts[index + 1]
-            end = ends[last - 1]
-            run = PlainRun(data[offset:end], keys[first:last],
-                           [i - first for i in sets if first <= i < last], sink=sink)
-            run.done = partial(reply.answer, index, run.size)
-            backend.send_unit(run)
-            offset = end
-        return True
 
     def _internal_error(self, req: Request, done: Callable[[bytes], None]) -> None:
         """A bug of ours, not the config's: log it, answer, keep serving."""
@@ -1261,34 +1109,6 @@ class _LuaKeys:
         if self.keys.multiget:
             parts.append(errors.END)
         self.done(_EMPTY.join(parts))
-
-
-def _run_answered(requests: int, stats: ProxyStats, done: Callable[[bytes], None],
-                  reply: bytes) -> None:
-    """The answer of a run that holds every request of the client's run."""
-    stats.req_active -= requests
-    done(reply)
-
-
-class _RunsReply:
-    """Collects the answers of the parts of one client run into its reply:
-    PlainRuns that went to several backends (RouteEngine._route_stretches),
-    the pieces of a run routed in Lua (_route_lua_pieces)."""
-
-    __slots__ = ("parts", "pending", "stats", "done")
-
-    def __init__(self, runs: int, stats: ProxyStats, done: Callable[[bytes], None]) -> None:
-        self.parts: list[bytes] = [_EMPTY] * runs
-        self.pending = runs
-        self.stats = stats
-        self.done = done
-
-    def answer(self, index: int, requests: int, reply: bytes) -> None:
-        self.stats.req_active -= requests
-        self.parts[index] = reply
-        self.pending -= 1
-        if not self.pending:
-            self.done(_EMPTY.join(self.parts))
 
 
 def _ignore(response: Response) -> None:

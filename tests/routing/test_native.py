@@ -538,7 +538,7 @@ def test_joined_requests_of_a_failover_not_on_misses_end_at_the_first_child(tmp_
         [b"END\r\n"], [b"VALUE k2 0 1\r\nB\r\nEND\r\n"]]
 
 
-#: Configs of the direct path (RouteEngine._route_joined joins their lone
+#: Configs of the direct path (RunRouter._route_joined joins their lone
 #: requests): over pool a (one backend) or c (two), with introspection (a
 #: key kept for Lua), with a depth limit on every backend.
 JOINED = {

@@ -5,12 +5,12 @@ request no backend takes, and the answers picked from several children."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from itertools import repeat
 
 from mcproxy.backends.pool import Pool
 from mcproxy.counters import ProxyStats
-from mcproxy.units import KeyBatch, ReplyRun
+from mcproxy.units import KeyBatch
 from mcproxy.wire import errors
 from mcproxy.wire.request import KEYLESS_COMMANDS, Request
 from mcproxy.wire.response import (
@@ -178,18 +178,3 @@ def first_good(answers: list[tuple[bool, bytes]]) -> tuple[bool, bytes]:
             if first_ok is None:
                 first_ok = answer
     return first_ok or answers[0]
-
-
-def joined_answer(stats: ProxyStats, dones: Sequence[Callable[[bytes], None]],
-                  unit: ReplyRun) -> None:
-    """Each connection of a joined ReplyRun its reply, the backend's bytes
-    (RouteEngine._route_joined; Failover._settle_joined when every one is
-    final)."""
-    stats.req_active -= len(dones)
-    replies = unit.replies
-    if len(replies) == len(dones):
-        for done, reply in zip(dones, replies, strict=True):
-            done(reply)
-    else:
-        for index, done in enumerate(dones):
-            done(unit.reply(index))

@@ -17,9 +17,9 @@ from mcproxy.routing.native.common import (
     FailBatch,
     RouteError,
     Runner,
-    joined_answer,
     key_groups,
 )
+from mcproxy.routing.runs import joined_answer
 from mcproxy.units import ReplyRun, ReplySink
 from mcproxy.wire import errors
 from mcproxy.wire.request import Request, sent_request
