@@ -645,6 +645,15 @@ def test_a_client_that_never_reads_is_not_read_from(start_proxy, memcached):
         # and reads nothing more: the rest waits in the kernel.
         wait_for(lambda: unread() > 0 and state(proxy, "m")[2] == "0"
                  and stats(proxy)["proxy_req_active"] == "0")
+
+        def settled() -> bool:
+            # the kernel has moved what the client's side still held (a
+            # busy machine may take a while): the queue holds still
+            before = unread()
+            time.sleep(0.1)
+            return unread() == before
+
+        wait_for(settled)
         waiting = unread()
         held = proc_status(proxy.proc.pid)
         time.sleep(0.5)
