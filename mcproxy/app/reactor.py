@@ -19,6 +19,20 @@ client's request, a backend's replies) goes straight to the selectable's
 socket is closed); what doRead returns or raises disconnects it as
 ``_doReadOrWrite`` would. Every other event goes through ``_doReadOrWrite``.
 
+Of a read on a TCP connection (``tcp.Connection``, whose ``doRead`` is
+Twisted's and not overridden), doPoll does what that ``doRead`` does
+itself: ``recv``, an empty read is the end of the stream, EWOULDBLOCK
+nothing, any other error a lost connection, else the protocol's
+``dataReceived``; the two Python frames it saves are a fifth of what the
+reactor ran per request at one connection in flight.
+
+Its main loop (:meth:`ProxyReactor.mainLoop`) polls for as long as the next
+timed call allows, as Twisted's does, but asks ``runUntilCurrent`` only
+when there is something for it to do (a call due, from a thread, new or to
+clean up, a stop to finish), and enters its error handler once rather than
+per iteration: with a request in flight at a time, Twisted's loop ran about
+200 opcodes per poll doing nothing.
+
 It also offers :meth:`ProxyReactor.call_after_events`, with which the
 write batches (mcproxy.writes) run once the events of a poll are
 handled without a DelayedCall each, and tells the batch how many events
@@ -36,15 +50,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from errno import EWOULDBLOCK
 from select import EPOLLIN
 
+from twisted.internet import tcp
 from twisted.internet.epollreactor import EPollReactor
-from twisted.internet.main import installReactor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST, installReactor
 from twisted.logger import Logger
 
 from mcproxy import writes
 
 log = Logger()
+
+#: The longest poll: what Twisted's ReactorBase.timeout allows (epoll_wait's
+#: milliseconds in a C int).
+LONGEST_POLL = 2147483
+#: Twisted's runUntilCurrent cleans up cancelled calls beyond this many.
+_CANCELLATIONS = 50
+_TCP_READ = tcp.Connection.doRead
 
 
 class ProxyReactor(EPollReactor):
@@ -76,7 +99,19 @@ class ProxyReactor(EPollReactor):
                     handle(selectable, fd, event)
                     continue
                 try:
-                    why = selectable.doRead()
+                    if type(selectable).doRead is _TCP_READ:
+                        try:
+                            data = selectable.socket.recv(selectable.bufferSize)
+                        except OSError as e:
+                            why = None if e.args[0] == EWOULDBLOCK else CONNECTION_LOST
+                        else:
+                            if data:
+                                selectable.protocol.dataReceived(data)
+                                why = None
+                            else:
+                                why = CONNECTION_DONE
+                    else:
+                        why = selectable.doRead()
                 except BaseException:
                     why = sys.exc_info()[1]
                     log.failure("reading from {selectable!r} failed", selectable=selectable)
@@ -91,6 +126,38 @@ class ProxyReactor(EPollReactor):
                 log.failure("call after events {call!r} failed", call=call)
 
     doIteration = doPoll
+
+    def mainLoop(self) -> None:
+        """Run until stopped: each iteration runs what is due
+        (``runUntilCurrent``, only when something is) and polls until the
+        next timed call. An error out of an iteration is logged and the
+        loop goes on, as Twisted's does."""
+        while self._started:
+            try:
+                self._iterate()
+            except BaseException:
+                log.failure("Unexpected error in main loop")
+        log.info("Main loop terminated.")
+
+    def _iterate(self) -> None:
+        """Iterations until stopped or an error (mainLoop)."""
+        seconds = self.seconds
+        poll = self.doPoll
+        while self._started:
+            pending = self._pendingTimedCalls
+            if self.threadCallQueue or self._newTimedCalls or self._justStopped \
+                    or self._cancellations > _CANCELLATIONS \
+                    or pending and pending[0].time <= seconds():
+                self.runUntilCurrent()
+            if self._newTimedCalls:  # (what timeout() does first)
+                self._insertNewDelayedCalls()
+            pending = self._pendingTimedCalls  # (runUntilCurrent may make a new one)
+            if not self.running:
+                poll(0)
+            elif pending:
+                poll(max(0, min(LONGEST_POLL, pending[0].time - seconds())))
+            else:
+                poll(None)
 
     def call_after_events(self, call: Callable[[], object]) -> None:
         """Call ``call()`` once every I/O event of the current poll has been

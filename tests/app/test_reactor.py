@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
 import struct
+import threading
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -198,3 +202,99 @@ def test_the_write_batch_learns_whether_a_poll_brought_several_events():
     finally:
         writes.batch.events = writes.MANY_EVENTS
     assert seen == [(b"x", 2), (b"x", 2), (b"y", 1)]
+
+
+class _Socket:
+    """What a read gets: bytes, or the error to raise."""
+
+    def __init__(self, result) -> None:
+        self.result = result
+
+    def recv(self, size: int) -> bytes:
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+class _Connection(tcp.Connection):
+    """A TCP connection with Twisted's doRead, on a socket of our own."""
+
+    def __init__(self, result) -> None:
+        self.socket = _Socket(result)
+        self.protocol = self
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+class _Poller:
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def poll(self, timeout, count) -> list:
+        return self.events
+
+
+@pytest.mark.parametrize("result", [
+    b"get k\r\n",
+    b"",
+    BlockingIOError(errno.EWOULDBLOCK, "no data"),
+    ConnectionResetError(errno.ECONNRESET, "reset"),
+])
+def test_a_tcp_read_is_what_twisteds_doread_makes_of_it(result):
+    """doPoll reads a TCP connection itself: what recv gives ends as
+    Twisted's tcp.Connection.doRead ends it (data, the end of the stream,
+    nothing yet, a lost connection)."""
+    twisteds = _Connection(result)
+    expected = twisteds.doRead()
+    reactor = mcreactor.ProxyReactor()
+    connection = _Connection(result)
+    ended = []
+    reactor._selectables[7] = connection
+    reactor._poller = _Poller([(7, select.EPOLLIN)])
+    reactor._disconnectSelectable = lambda sel, why, lost: ended.append((sel, why))
+    reactor.doPoll(0)
+    assert connection.received == twisteds.received
+    assert ended == ([] if expected is None else [(connection, expected)])
+
+
+def test_the_main_loop_runs_timed_and_thread_calls_and_survives_an_error():
+    """Timed calls run when due, calls from threads run, cancelled calls
+    are cleaned up, and an error out of an iteration is logged and the loop
+    goes on (the reactor still stops)."""
+    reactor = mcreactor.ProxyReactor()
+    ran = []
+    reactor.callLater(0.05, ran.append, "timed")
+    cancelled = [reactor.callLater(60, ran.append, "never") for _ in range(80)]
+    poll = reactor.doPoll
+    failed = []
+
+    def poll_once_failing(timeout) -> None:
+        if not failed:
+            failed.append(timeout)
+            raise RuntimeError("a failing poll")
+        poll(timeout)
+
+    reactor.doPoll = poll_once_failing
+
+    def from_thread() -> None:
+        for call in cancelled:
+            call.cancel()
+        threading.Thread(target=reactor.callFromThread, args=(ran.append, "thread")).start()
+        reactor.callLater(0.2, ran.append, "later")
+        reactor.callLater(0.3, reactor.stop)
+
+    reactor.callLater(0.1, from_thread)
+    reactor.callLater(10, reactor.stop)
+    errors = []
+    from twisted.python import log
+
+    log.addObserver(errors.append)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        log.removeObserver(errors.append)
+    assert ran == ["timed", "thread", "later"]
+    assert failed and any("a failing poll" in str(e.get("failure", "")) for e in errors)
+    assert len(reactor._pendingTimedCalls) < 10  # the cancelled ones gone, at most the 10 s
