@@ -1,7 +1,8 @@
 """Build mcproxy's optional compiled modules (mcproxy.compiled.MODULES):
 mcproxy/wire/_frames.pyx, and mcproxy/server/protocol.py, mcproxy/writes.py,
-mcproxy/units.py, mcproxy/backends/latency.py, mcproxy/backends/connection.py and
-mcproxy/routing/runs.py themselves, each typed by the .pxd beside it.
+mcproxy/units.py, mcproxy/backends/latency.py, mcproxy/backends/connection.py,
+mcproxy/routing/runs.py and mcproxy/wire/reader.py themselves, each typed by the
+.pxd beside it.
 
 Everything else is declared in setup.cfg. The modules are an acceleration
 only: where Cython or a C compiler is missing, or a build fails, mcproxy
@@ -37,7 +38,7 @@ def extensions() -> list:
     # Annotations are documentation here, never C types: protocol.pxd types.
     sources = ["mcproxy/wire/_frames.pyx", "mcproxy/server/protocol.py", "mcproxy/writes.py",
                "mcproxy/units.py", "mcproxy/backends/latency.py", "mcproxy/backends/connection.py",
-               "mcproxy/routing/runs.py"]
+               "mcproxy/routing/runs.py", "mcproxy/wire/reader.py"]
     return cythonize(sources, quiet=True,
                      compiler_directives={"language_level": 3, "annotation_typing": False})
 

@@ -225,8 +225,8 @@ def describe_machine(python: str, memcached_proxy: Path) -> dict:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": first_line([python, "-c", "import sys; print(sys.executable, sys.version)"]),
-        "mcproxy_framing": first_line([python, "-c", "from mcproxy.wire import response; "
-                                       "print('compiled' if response.plain_run else 'pure')"]),
+        "mcproxy_framing": first_line([python, "-c", "from mcproxy.wire import reader; "
+                                       "print('compiled' if reader.plain_run else 'pure')"]),
         "memcached": first_line(["memcached", "-V"]),
         "nutcracker": first_line(["nutcracker", "-V"]),
         "memcached_proxy": first_line([str(memcached_proxy), "-V"]),

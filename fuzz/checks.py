@@ -30,6 +30,7 @@ from mcproxy.server.protocol import BINARY_HEADER, BINARY_MAGIC, ProxyServerProt
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
 from mcproxy.wire.behaviour import WIRE_1_6_15, WIRE_1_6_45, Wire
+from mcproxy.wire.reader import ResponseReader
 from mcproxy.wire.request import (
     MAX_UNTERMINATED,
     ParseError,
@@ -38,7 +39,7 @@ from mcproxy.wire.request import (
     parse_request,
     split_multiget,
 )
-from mcproxy.wire.response import BackendProtocolError, ResponseReader, parse_response
+from mcproxy.wire.response import BackendProtocolError, parse_response
 from mcproxy.writes import WriteBatch
 
 #: What ``version`` answers on a connection under test.

@@ -4,9 +4,9 @@ runs it without them.
 Where a C compiler is, setup.py builds ``mcproxy.wire._frames`` (framing
 loops the wire layer also has in Python: ``_frames.pyx``),
 ``mcproxy.server.protocol``, ``mcproxy.writes``, ``mcproxy.units``,
-``mcproxy.backends.latency``, ``mcproxy.backends.connection`` and
-``mcproxy.routing.runs`` (compiled by Cython from their ``.py`` itself,
-typed by the ``.pxd`` beside it). Python imports an
+``mcproxy.backends.latency``, ``mcproxy.backends.connection``,
+``mcproxy.routing.runs`` and ``mcproxy.wire.reader`` (compiled by Cython
+from their ``.py`` itself, typed by the ``.pxd`` beside it). Python imports an
 extension module before a source module of the same name; with
 ``MCPROXY_PURE_PYTHON=1``, mcproxy/__init__.py puts :class:`PurePython`
 first among the import finders, and each of these modules is imported from
@@ -31,11 +31,12 @@ ENVIRON = "MCPROXY_PURE_PYTHON"
 #: where the Python code has its own fallback (the module is then missing).
 MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True,
            "mcproxy.writes": True, "mcproxy.units": True, "mcproxy.backends.latency": True,
-           "mcproxy.backends.connection": True, "mcproxy.routing.runs": True}
+           "mcproxy.backends.connection": True, "mcproxy.routing.runs": True,
+           "mcproxy.wire.reader": True}
 
 #: The compiled modules built against others' extension types (their .pxd
 #: cimports): each runs from source wherever one of those does.
-USES = {"mcproxy.backends.connection": ("mcproxy.backends.latency",),
+USES = {"mcproxy.backends.connection": ("mcproxy.backends.latency", "mcproxy.wire.reader"),
         "mcproxy.routing.runs": ("mcproxy.units",)}
 
 
@@ -69,7 +70,11 @@ def switched() -> frozenset[str]:
     unknown = names - MODULES.keys()
     if unknown:
         raise ValueError(f"{ENVIRON}: not a compiled module: {', '.join(sorted(unknown))}")
-    return names | {user for user, used in USES.items() if names.intersection(used)}
+    while True:  # (until no module uses one switched)
+        users = {user for user, used in USES.items() if names.intersection(used)}
+        if users <= names:
+            return names
+        names |= users
 
 
 def install() -> None:

@@ -42,12 +42,12 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from mcproxy.wire.errors import END
+from mcproxy.wire.reader import ResponseReader
 from mcproxy.wire.request import CMD_GET, CMD_GETS, Request
 from mcproxy.wire.response import (
     MCMC_RESP_END,
     MCMC_RESP_ERRMSG,
     Response,
-    ResponseReader,
     check_reply,
     every_key,
     key_reply,

@@ -99,7 +99,7 @@ def immediate_writes(monkeypatch):
 
 #: The framing loops mcproxy/wire/_frames.pyx compiles, by their modules and
 #: their names there (None when the module is not built).
-COMPILED_FRAMING = (("response", "plain_run"), ("response", "aligned_values"),
+COMPILED_FRAMING = (("reader", "plain_run"), ("reader", "aligned_values"),
                     ("request", "scan_compiled"))
 
 
@@ -108,14 +108,14 @@ def framing(request):
     """Run a test with the compiled framing loops, then with the pure-Python
     code alone (what mcproxy runs where no compiler built them): both must
     frame every reply alike. Module-scoped, so hypothesis's tests take it."""
+    from mcproxy.wire import reader
     from mcproxy.wire import request as request_module
-    from mcproxy.wire import response
 
-    modules = {"request": request_module, "response": response}
+    modules = {"request": request_module, "reader": reader}
     saved = {(module, name): getattr(modules[module], name)
              for module, name in COMPILED_FRAMING}
     if request.param == "compiled":
-        if response.plain_run is None:
+        if reader.plain_run is None:
             pytest.skip("mcproxy.wire._frames is not built (no C compiler or Cython)")
     else:
         for module, name in COMPILED_FRAMING:

@@ -31,6 +31,13 @@ def test_the_switch_names_none_all_or_some(monkeypatch, value, names):
     assert compiled.switched() == names
 
 
+def test_the_switch_takes_users_of_users_too(monkeypatch):
+    monkeypatch.setattr(compiled, "USES", {"mcproxy.units": ("mcproxy.writes",),
+                                           "mcproxy.routing.runs": ("mcproxy.units",)})
+    monkeypatch.setenv(compiled.ENVIRON, "mcproxy.writes")
+    assert compiled.switched() == {"mcproxy.writes", "mcproxy.units", "mcproxy.routing.runs"}
+
+
 def test_the_switch_refuses_a_module_that_is_not_compiled(monkeypatch):
     monkeypatch.setenv(compiled.ENVIRON, "mcproxy.server.protocl")
     with pytest.raises(ValueError, match="not a compiled module: mcproxy.server.protocl"):
@@ -58,8 +65,8 @@ def test_the_finder_leaves_every_other_module_alone(monkeypatch):
 
 
 _REPORT = ("from mcproxy import compiled; import mcproxy.server.protocol as p; "
-           "from mcproxy.wire import response; "
-           "print(*compiled.running(), p.__file__.endswith('.py'), response.plain_run is None)")
+           "from mcproxy.wire import reader; "
+           "print(*compiled.running(), p.__file__.endswith('.py'), reader.plain_run is None)")
 
 
 @pytest.mark.e2e

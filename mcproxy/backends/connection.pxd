@@ -6,11 +6,13 @@
 cimport cython
 
 from mcproxy.backends.latency cimport LatencyWindow
+from mcproxy.wire.reader cimport ResponseReader
 
 
 @cython.final
 cdef class BackendConnection:
-    cdef public object owner, queue, _seconds, reader, on_lost, _socket, transport, factory
+    cdef public object owner, queue, _seconds, on_lost, _socket, transport, factory
+    cdef public ResponseReader reader
     cdef public list _pending
     cdef public bint keepalive, validating, _batched, receiving
     cdef public Py_ssize_t written

@@ -33,12 +33,12 @@ from twisted.python.failure import Failure
 from zope.interface import classImplements
 
 from mcproxy.units import Unit
+from mcproxy.wire.reader import ResponseReader
 from mcproxy.wire.response import (
     FAIL_BADVALIDATE,
     FAIL_TRAILINGDATA,
     MCMC_CODE_VERSION,
     BackendProtocolError,
-    ResponseReader,
 )
 from mcproxy.writes import batch, send, tcp_socket
 

@@ -242,10 +242,11 @@ class _Poller:
     BlockingIOError(errno.EWOULDBLOCK, "no data"),
     ConnectionResetError(errno.ECONNRESET, "reset"),
 ])
-def test_a_tcp_read_is_what_twisteds_doread_makes_of_it(result):
+def test_a_tcp_read_is_what_twisteds_doread_makes_of_it(monkeypatch, result):
     """doPoll reads a TCP connection itself: what recv gives ends as
     Twisted's tcp.Connection.doRead ends it (data, the end of the stream,
     nothing yet, a lost connection)."""
+    monkeypatch.setattr(writes.batch, "events", writes.batch.events)  # (the poll sets it)
     twisteds = _Connection(result)
     expected = twisteds.doRead()
     reactor = mcreactor.ProxyReactor()
@@ -259,10 +260,11 @@ def test_a_tcp_read_is_what_twisteds_doread_makes_of_it(result):
     assert ended == ([] if expected is None else [(connection, expected)])
 
 
-def test_the_main_loop_runs_timed_and_thread_calls_and_survives_an_error():
+def test_the_main_loop_runs_timed_and_thread_calls_and_survives_an_error(monkeypatch):
     """Timed calls run when due, calls from threads run, cancelled calls
     are cleaned up, and an error out of an iteration is logged and the loop
     goes on (the reactor still stops)."""
+    monkeypatch.setattr(writes.batch, "events", writes.batch.events)  # (each poll sets it)
     reactor = mcreactor.ProxyReactor()
     ran = []
     reactor.callLater(0.05, ran.append, "timed")

@@ -10,7 +10,7 @@ from mcproxy.routing.engine import ConfigError
 from mcproxy.units import KeyBatch
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
-from mcproxy.wire.response import ResponseReader
+from mcproxy.wire.reader import ResponseReader
 from tests.enginekit import FakeBackends, run, start
 
 POOLS = """

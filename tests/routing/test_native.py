@@ -35,8 +35,9 @@ from mcproxy.routing.tunables import Tunables
 from mcproxy.routing.userstats import UserStats
 from mcproxy.server.protocol import ProxyServerProtocol
 from mcproxy.wire import request as rq
+from mcproxy.wire.reader import ResponseReader
 from mcproxy.wire.request import parse_request
-from mcproxy.wire.response import FAIL_DISCONNECTED, FAIL_TIMEOUT, ResponseReader
+from mcproxy.wire.response import FAIL_DISCONNECTED, FAIL_TIMEOUT
 from mcproxy.writes import batch
 from tests.server.memorycore import MemoryCore
 

@@ -38,6 +38,7 @@ from mcproxy.routing.userstats import UserStats
 from mcproxy.server.protocol import ProxyServerProtocol
 from mcproxy.wire import errors
 from mcproxy.wire import request as rq
+from mcproxy.wire.reader import ResponseReader
 from mcproxy.wire.request import (
     MAX_UNTERMINATED,
     MAX_VALUE_LENGTH,
@@ -70,7 +71,6 @@ from mcproxy.wire.response import (
     MCMC_RESP_NUMERIC,
     BackendProtocolError,
     Response,
-    ResponseReader,
     client_bytes,
     parse_response,
 )

@@ -8,7 +8,8 @@ import pytest
 
 from mcproxy.units import KeyFetch, ReplyRun, Unit
 from mcproxy.wire.errors import BACKEND_FAILURE, END
-from mcproxy.wire.response import MCMC_CODE_END, BackendProtocolError, ResponseReader
+from mcproxy.wire.reader import ResponseReader
+from mcproxy.wire.response import MCMC_CODE_END, BackendProtocolError
 from tests.units.test_units import Got, Sink, answer, written
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from mcproxy.units import MAX_MERGED_KEYS, KeyBatch, PlainRun, Single, Unit
 from mcproxy.wire.errors import BACKEND_FAILURE, END
+from mcproxy.wire.reader import ResponseReader
 from mcproxy.wire.request import parse_request, scan_plain
-from mcproxy.wire.response import FAIL_MISMATCH, BackendProtocolError, ResponseReader
+from mcproxy.wire.response import FAIL_MISMATCH, BackendProtocolError
 
 #: every test with the compiled framing loops and with pure Python alone
 pytestmark = pytest.mark.usefixtures("framing")

@@ -12,15 +12,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mcproxy.wire import request, response
-from mcproxy.wire.response import (
-    _ANY,
-    _PLAIN_ANSWERS,
-    _VALUE_LINE,
-    BackendProtocolError,
-    _multi_end,
-    _plain_end,
-)
+from mcproxy.wire import reader, request
+from mcproxy.wire.reader import _ANY, _PLAIN_ANSWERS, _multi_end, _plain_end
+from mcproxy.wire.response import VALUE_LINE, BackendProtocolError
 
 frames = pytest.importorskip("mcproxy.wire._frames",
                              reason="mcproxy.wire._frames is not built (no C compiler)")
@@ -132,7 +126,7 @@ def reference_run(buf, pos, keys, first, count, sets, widths):
 def reference_aligned(buf, pos, keys, parts):
     """read_aligned's regex loop, stopping where it would read or raise."""
     index = len(parts)
-    while (line := _VALUE_LINE.match(buf, pos)) is not None:
+    while (line := VALUE_LINE.match(buf, pos)) is not None:
         vend = line.end() + int(line[2]) + 2
         if not buf.startswith(b"\r\n", vend - 2) or line[1] not in keys[index:]:
             break
@@ -190,8 +184,8 @@ def test_the_wire_layer_uses_them():
     """Built, they are what ResponseReader and scan_plain call (else the
     fallback runs)."""
     assert request.scan_compiled is frames.scan_plain
-    assert response.plain_run is frames.plain_run
-    assert response.aligned_values is frames.aligned_values
+    assert reader.plain_run is frames.plain_run
+    assert reader.aligned_values is frames.aligned_values
 
 
 #: keys of requests: plain, the longest, too long, and bytes the fast paths refuse

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mcproxy.wire.reader import ResponseReader
 from mcproxy.wire.request import parse_request
 from mcproxy.wire.response import (
     BACKEND_FAILURE,
@@ -35,7 +36,6 @@ from mcproxy.wire.response import (
     MCMC_RESP_NUMERIC,
     BackendProtocolError,
     Response,
-    ResponseReader,
     client_bytes,
     every_key,
     key_reply,
