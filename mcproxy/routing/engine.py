@@ -649,9 +649,9 @@ class RouteEngine:
                                            partial(reply.answer, positions), sink))
         return True
 
-    def _route_lua_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
-                       sets: list[int], widths: dict[int, int] | None,
-                       done: Callable[[bytes], None], sink: ReplySink | None) -> bool:
+    def route_lua_run(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
+                      sets: list[int], widths: dict[int, int] | None,
+                      done: Callable[[bytes], None], sink: ReplySink | None) -> bool:
         """RunRouter.route_run for a run whose routes run in Lua
         (``_lua_runs``): each request answered as alone, each multi-key get
         as route_keys routes a client's; a run of one get as the request
@@ -673,8 +673,8 @@ class RouteEngine:
         self._route_lua_stretch(data, start, keys, ends, sets, done, sink)
         return True
 
-    def _route_lua_gathered(self, keys: tuple[bytes, ...], sents: tuple[bytes, ...],
-                            sets: list[int], dones: tuple) -> None:
+    def route_lua_gathered(self, keys: tuple[bytes, ...], sents: tuple[bytes, ...],
+                           sets: list[int], dones: tuple) -> None:
         """RunRouter.route_gathered for gets (and sets, ``sets`` their
         indexes) whose routes run in Lua: one call into Lua starts all of
         their routes (_LuaKeys), each answered as if routed alone."""

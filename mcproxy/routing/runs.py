@@ -38,7 +38,7 @@ class RunRouter:
         self.direct = None
         #: the native failover that takes runs (Failover.runs_like), or None
         self.runner = None
-        #: whether runs of plain gets are routed in Lua (RouteEngine._route_lua_run)
+        #: whether runs of plain gets are routed in Lua (RouteEngine.route_lua_run)
         self.lua_runs = False
         #: whether plain sets are gathered too
         self.gather_sets = False
@@ -81,7 +81,7 @@ class RunRouter:
                 # alone; or the routes reloaded since (so also below)
                 self.route_each(gathered)
             elif self.lua_runs:
-                self.engine._route_lua_gathered(keys, sents, sets, dones)
+                self.engine.route_lua_gathered(keys, sents, sets, dones)
             elif self.runner is not None:
                 if not self.runner.send_joined(list(keys), sents, sets, dones, self.stats,
                                                self.engine._route_error):
@@ -163,7 +163,7 @@ class RunRouter:
         ``sink`` as for route_keys.
 
         A run whose routes run in Lua is routed as the keys of a multiget
-        are (RouteEngine._route_lua_run). A run through ``routes.failover``
+        are (RouteEngine.route_lua_run). A run through ``routes.failover``
         (or routelib's route_failover) goes to its first child as it came,
         only the requests whose answer there is not the route's on to the
         next (Failover.send_run).
@@ -175,7 +175,7 @@ class RunRouter:
         if self.tunables.active_req_limit:
             return False
         if self.lua_runs:  # no direct pool for gets, no runner (RouteEngine._take)
-            return self.engine._route_lua_run(data, start, keys, ends, sets, widths, done, sink)
+            return self.engine.route_lua_run(data, start, keys, ends, sets, widths, done, sink)
         backend = self.direct.run_target(data, keys, widths)
         if backend is None:
             runner = self.runner

@@ -65,11 +65,11 @@ def test_counts_the_lua_path(opcodes, multiget):
     # key's route returns the answer it got, so both settle as one
     assert ops["routing/engine.py:settle_own"] > 0
     assert "routing/engine.py:settle" not in ops
-    assert ("routing/engine.py:_route_lua_gathered" in ops) == (multiget == 1)
+    assert ("routing/engine.py:route_lua_gathered" in ops) == (multiget == 1)
     # a get alone and a multiget are scanned, not parsed; a multiget is
     # routed from the scan (route_run), a get alone from the gathering
     assert "wire/request.py:parse_request" not in ops
-    assert ("routing/engine.py:_route_lua_run" in ops) == (multiget > 1)
+    assert ("routing/engine.py:route_lua_run" in ops) == (multiget > 1)
 
 
 def test_keys_nobody_asked_for_stop_the_count(opcodes):
