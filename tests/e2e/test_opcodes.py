@@ -1,10 +1,13 @@
-"""bench/opcodes.py counts what the proxy runs for right replies."""
+"""bench/opcodes.py and bench/loop_opcodes.py count what the proxy runs for
+right replies."""
 
 from __future__ import annotations
 
 import gc
 import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,18 @@ def test_instructions_counts_only_the_measured_rounds():
     two, four, six = (tool.collected(3, 1, 1, route, rounds) for rounds in (2, 4, 6))
     assert 10_000 < four - two < 10_000_000
     assert abs((six - four) - (four - two)) < (four - two) / 10
+
+
+def test_the_loop_count_includes_the_reactor():
+    """bench/loop_opcodes.py: a real reactor against a real memcached, one
+    connection, every reply checked; the reactor's loop is in the count."""
+    out = subprocess.run([sys.executable, str(_PATH.parent / "loop_opcodes.py"),
+                          "--requests", "50", "--top", "40"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    first, *rows = out.splitlines()
+    assert first.endswith("(1 connections x 50 gets, one in flight each, route route.lua)")
+    per_request = int(first.split()[0])
+    ops = {row.split()[1]: float(row.split()[0]) for row in rows}
+    assert ops["reactor.py:doPoll"] > 0 and ops["reactor.py:_iterate"] > 0
+    assert not any(name.startswith("loop_opcodes.py:") for name in ops)
+    assert 100 < per_request < 5000
