@@ -99,7 +99,9 @@ class ProxyReactor(EPollReactor):
                     handle(selectable, fd, event)
                     continue
                 try:
-                    if type(selectable).doRead is _TCP_READ:
+                    if type(selectable).doRead is not _TCP_READ:
+                        why = selectable.doRead()
+                    else:
                         try:
                             data = selectable.socket.recv(selectable.bufferSize)
                         except OSError as e:
@@ -107,11 +109,8 @@ class ProxyReactor(EPollReactor):
                         else:
                             if data:
                                 selectable.protocol.dataReceived(data)
-                                why = None
-                            else:
-                                why = CONNECTION_DONE
-                    else:
-                        why = selectable.doRead()
+                                continue  # (most often: nothing more to do)
+                            why = CONNECTION_DONE
                 except BaseException:
                     why = sys.exc_info()[1]
                     log.failure("reading from {selectable!r} failed", selectable=selectable)
@@ -144,18 +143,21 @@ class ProxyReactor(EPollReactor):
         seconds = self.seconds
         poll = self.doPoll
         while self._started:
-            pending = self._pendingTimedCalls
-            if self.threadCallQueue or self._newTimedCalls or self._justStopped \
-                    or self._cancellations > _CANCELLATIONS \
-                    or pending and pending[0].time <= seconds():
-                self.runUntilCurrent()
-            if self._newTimedCalls:  # (what timeout() does first)
+            if self._newTimedCalls:  # (what runUntilCurrent and timeout() do first)
                 self._insertNewDelayedCalls()
-            pending = self._pendingTimedCalls  # (runUntilCurrent may make a new one)
+            pending = self._pendingTimedCalls
+            now = seconds()
+            if pending and pending[0].time <= now or self.threadCallQueue \
+                    or self._justStopped or self._cancellations > _CANCELLATIONS:
+                self.runUntilCurrent()
+                if self._newTimedCalls:
+                    self._insertNewDelayedCalls()
+                pending = self._pendingTimedCalls  # (runUntilCurrent may make a new one)
+                now = seconds()
             if not self.running:
                 poll(0)
             elif pending:
-                poll(max(0, min(LONGEST_POLL, pending[0].time - seconds())))
+                poll(max(0, min(LONGEST_POLL, pending[0].time - now)))
             else:
                 poll(None)
 
