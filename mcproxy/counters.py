@@ -40,10 +40,12 @@ class ProxyStats:
         """Count a run's requests (``sets`` of them sets, the rest gets) as
         routing them one by one would, active until answered."""
         self.conn_requests += requests
-        commands = self.commands
-        commands[CMD_GET] += requests - sets
-        commands[CMD_SET] += sets
         self.req_active += requests
+        commands = self.commands
+        if sets:  # (most runs have none)
+            commands[CMD_SET] += sets
+            requests -= sets
+        commands[CMD_GET] += requests
 
     def count_keys(self, command: int, count: int) -> None:
         """Count the ``count`` keys of a multiget routed together as the
