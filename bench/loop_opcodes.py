@@ -3,10 +3,10 @@ own included: the part of the path ``bench/opcodes.py`` leaves out (its
 harness has no reactor loop and no sockets).
 
 ``python bench/loop_opcodes.py [--requests N] [--conns C] [--route FILE]``
-starts a memcached on a free loopback port, mcproxy's ProxyService on its
-ProxyReactor in this process (``--route``: a config of one pool of one
-backend, as bench/route.lua, whose port it reads from
-``MCPROXY_BENCH_BACKEND_PORT``), and a client thread with ``--conns``
+starts a memcached on a free loopback port (systems.Cluster, as bench/run.py
+does), mcproxy's ProxyService on its ProxyReactor in this process
+(``--route``: a config of one pool of one backend, as bench/route.lua, whose
+port it reads from ``MCPROXY_BENCH_BACKEND_PORT``), and a client thread with ``--conns``
 connections that each send one ``get`` at a time, all of them, then read
 every reply (checked). After a warm-up it counts, with ``sys.settrace`` in
 the reactor's thread only, the opcodes run while ``--requests`` rounds are
@@ -23,34 +23,17 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
+import tempfile
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
+from systems import HOST, Cluster, free_port, mc_set
+
 ROUTE = Path(__file__).resolve().parent / "route.lua"
 VALUE = b"x" * 100
-KEY = b"bench:loop"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+KEY = "bench:loop"
 
 
 def read_reply(sock: socket.socket, expected: bytes) -> None:
@@ -105,24 +88,22 @@ def run(requests: int, conns: int, route: Path) -> Counter:
     from mcproxy.app.process import raise_gc_threshold
     from mcproxy.app.service import ProxyService
 
-    backend_port, port = free_port(), free_port()
-    argv = ["memcached", "-p", str(backend_port), "-U", "0", "-l", "127.0.0.1"]
-    if os.geteuid() == 0:
-        argv += ["-u", "root"]
-    memcached = subprocess.Popen(argv)
     counting = Counting()
     failures: list[BaseException] = []
-    try:
-        wait_for_port(backend_port)
+    with tempfile.TemporaryDirectory() as logs, Cluster(Path(logs), Path(logs)) as cluster:
+        backend_port = cluster.start_memcached().port
+        mc_set(backend_port, KEY, VALUE)
         os.environ["MCPROXY_BENCH_BACKEND_PORT"] = str(backend_port)
-        service = ProxyService(str(route), [f"tcp:{port}:interface=127.0.0.1"])
-        service.startService()
-        hit = b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (KEY, len(VALUE), VALUE)
+        port = free_port()
+        service = ProxyService(str(route), [f"tcp:{port}:interface={HOST}"])
+        service.startService()  # (listening now: the client's connects wait for the loop)
+        get = f"get {KEY}\r\n".encode()
+        hit = f"VALUE {KEY} 0 {len(VALUE)}\r\n".encode() + VALUE + b"\r\nEND\r\n"
 
         def rounds(socks: list[socket.socket], count: int) -> None:
             for _ in range(count):
                 for sock in socks:
-                    sock.sendall(b"get %s\r\n" % KEY)
+                    sock.sendall(get)
                 for sock in socks:
                     read_reply(sock, hit)
 
@@ -134,10 +115,7 @@ def run(requests: int, conns: int, route: Path) -> Counter:
 
         def client() -> None:
             try:
-                wait_for_port(port)
-                socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
-                socks[0].sendall(b"set %s 0 0 %d\r\n%s\r\n" % (KEY, len(VALUE), VALUE))
-                read_reply(socks[0], b"STORED\r\n")
+                socks = [socket.create_connection((HOST, port)) for _ in range(conns)]
                 rounds(socks, 200)  # warm-up
                 in_reactor(counting.start)
                 rounds(socks, requests)
@@ -153,9 +131,6 @@ def run(requests: int, conns: int, route: Path) -> Counter:
         reactor.callLater(120, reactor.stop)  # (stops by itself)
         raise_gc_threshold()
         reactor.run(installSignalHandlers=False)
-    finally:
-        memcached.kill()
-        memcached.wait()
     if failures:
         raise failures[0]
     # the calls that started and stopped the count are the harness's
