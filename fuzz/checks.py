@@ -197,7 +197,9 @@ class NumberingEngine:
     records and numbers their requests as if they had come one by one
     (a multiget key by key); with ``runs="gets"`` runs of gets only, a run
     of one get gathered (routed when ``batch``, the connection's write
-    batch, flushes), as the route engine takes gets routed in Lua."""
+    batch, flushes), as the route engine takes gets routed in Lua; with
+    ``runs="joined"`` runs of gets and sets, a run of one of them gathered,
+    a multi-key get's too, as the direct path joins them."""
 
     def __init__(self, hooked: frozenset[int], counter: list[int], later: bool,
                  runs: bool | str = False, multigets: bool = True,
@@ -211,10 +213,14 @@ class NumberingEngine:
         self.plain_runs = True if runs and {rq.CMD_GET, rq.CMD_SET} <= hooked else None
         self.plain_multigets = multigets
         self.gathers = 0
+        self.gather_multigets = 0
         if runs == "gets":
             self.plain_runs = False if rq.CMD_GET in hooked else None
             self.plain_multigets = False
             self.gathers = 2 if self.plain_runs is False else 0
+        elif runs == "joined" and self.plain_runs:
+            self.gathers = 2
+            self.gather_multigets = 16 if multigets else 0
         #: the write batch gathered requests are routed at (set by run_protocol)
         self.batch = None
         self._gathered: list = []
@@ -257,20 +263,22 @@ class NumberingEngine:
         return self.gather_plain(req.key, req.line, False, done, release, req)
 
     def gather_plain(self, key: bytes, sent: bytes, is_set: bool, done, release,
-                     req=None) -> bool:
+                     req=None, width: int = 0) -> bool:
         assert self.gathers and (not is_set or self.plain_runs)
-        if is_set:
+        if width > self.gather_multigets:
             return False
-        self._gathered.append((req or rq.key_request(rq.CMD_GET, key, False), done, release))
+        self._gathered.append((key, sent, is_set, width, done, release))
         if len(self._gathered) == 1:
             self.batch.call_first(self._route_gathered)
         return True
 
     def _route_gathered(self) -> None:
+        """Each as route_run takes a run of one."""
         gathered, self._gathered = self._gathered, []
-        for req, done, _ in gathered:
-            self.route(req, done)
-        for _, _, release in gathered:
+        for key, sent, is_set, width, done, _ in gathered:
+            self.route_run(sent, 0, [key], [len(sent)], [0] if is_set else [],
+                           {0: width} if width else None, done)
+        for *_, release in gathered:
             release()
 
     def route_keys(self, req: Request, keys: list[bytes], done, sink=None) -> bool:
@@ -415,6 +423,8 @@ def check_client_stream(stream: bytes, chunks: list[bytes], hooked: frozenset[in
     assert runs[:3] == split[:3], (runs[:3], split[:3])
     gets = run_protocol(chunks, hooked, later=True, runs="gets")
     assert gets[:3] == split[:3], (gets[:3], split[:3])
+    joined = run_protocol(chunks, hooked, later=True, runs="joined")
+    assert joined[:3] == split[:3], (joined[:3], split[:3])
     if all(len(line) <= MAX_UNTERMINATED for line in stream.split(b"\n")):
         # Longer lines close the connection only when they arrive in pieces
         # (memcached's rule is about buffered bytes), so they may differ.

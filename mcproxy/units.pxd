@@ -1,6 +1,8 @@
 # Cython's declarations for units.py, compiled as it stands (setup.py):
 # each kind of unit an extension type whose state is C fields. Keep in step
 # with the attributes units.py sets (each class's __slots__).
+cimport cython
+
 cdef class Single:
     cdef public object request, done, sent, response, merged
 
@@ -21,8 +23,11 @@ cdef class KeyFetch:
 
 
 cdef class ReplyRun:
-    cdef public object keys, data, sets, done, sink, sent, replies, failure, _responses
-    cdef public Py_ssize_t size, elapsed
+    cdef public object keys, data, sets, widths, done, sink, sent, replies, failure, _responses
+    cdef public Py_ssize_t requests, size, elapsed
+
+    @cython.locals(index=Py_ssize_t)
+    cpdef Py_ssize_t _left(self, Py_ssize_t read)
 
 
 cdef class PlainRun:

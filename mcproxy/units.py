@@ -399,24 +399,31 @@ class ReplyRun:
     sends to one backend (native/failover.py): ``done`` gets the unit, and
     each request its own answer: ``flags`` (KeyFetch's), ``reply(index)``
     (what the client of the request unedited gets: the backend's bytes),
-    ``response(index)`` (a Response, made only when asked). While it is
-    read, ``size`` counts the requests not yet answered (what a reset
-    fails); once read, all of them (each a latency sample). Values for a
-    ``sink`` that no longer wants them are dropped as they come (those gets
-    then read as misses: nobody gets the reply)."""
+    ``response(index)`` (a Response, made only when asked). ``widths``
+    maps the index of each multi-key get among them (``data`` then holds
+    it, its keys joined by spaces in ``keys``, as a PlainRun's) to its
+    number of keys; only the direct path joins those
+    (RunRouter._route_joined), and asks for ``reply`` alone. ``requests``
+    counts every key of those as a request, as routing them one by one
+    does. While it is read, ``size`` counts the requests not yet answered
+    (what a reset fails); once read, all of them (each a latency sample).
+    Values for a ``sink`` that no longer wants them are dropped as they
+    come (those gets then read as misses: nobody gets the reply)."""
 
-    __slots__ = ("keys", "data", "sets", "done", "sink", "sent", "size", "elapsed", "replies",
-                 "failure", "_responses")
+    __slots__ = ("keys", "data", "sets", "widths", "done", "sink", "sent", "requests", "size",
+                 "elapsed", "replies", "failure", "_responses")
 
     def __init__(self, keys: list[bytes], done: Callable[[ReplyRun], object],
                  sink: ReplySink | None = None, data: bytes | None = None,
-                 sets: list[int] | None = None) -> None:
+                 sets: list[int] | None = None, widths: dict[int, int] | None = None) -> None:
         self.keys = keys
         self.data = data
         self.sets = frozenset(sets) if sets else None
+        self.widths = widths
         self.done = done
         self.sink = sink
-        self.size = len(keys)
+        self.requests = self.size = len(keys) if widths is None \
+            else len(keys) + sum(widths.values()) - len(widths)
         self.elapsed = 0
         #: each request's reply as it came, for those read
         self.replies: list[bytes] = []
@@ -441,7 +448,7 @@ class ReplyRun:
         try:
             while len(replies) < count:
                 had = len(replies)
-                read = reader.read_each(count - had, replies, keys, sets)
+                read = reader.read_each(count - had, replies, keys, sets, self.widths)
                 if not read:
                     return False
                 if sink is not None and not sink.wanted:  # nobody gets the values
@@ -449,9 +456,18 @@ class ReplyRun:
                         if replies[i].startswith(b"VALUE "):
                             replies[i] = END
         finally:  # the requests still waiting (all of them once answered)
-            left = count - len(replies)
-            self.size = left if left else count
+            self.size = self._left(len(replies))
         return True
+
+    def _left(self, read: int) -> int:
+        """The requests of those after the first ``read`` (all once every
+        one is read)."""
+        widths = self.widths
+        if read == len(self.keys):
+            return self.requests
+        if widths is None:
+            return len(self.keys) - read
+        return sum([widths.get(index, 1) for index in range(read, len(self.keys))])
 
     def deliver(self, elapsed: int) -> None:
         self.elapsed = elapsed
@@ -475,7 +491,10 @@ class ReplyRun:
     def reply(self, index: int) -> bytes:
         """What the client of request ``index``, unedited, gets."""
         replies = self.replies
-        return replies[index] if index < len(replies) else self.failure.line
+        if index < len(replies):
+            return replies[index]
+        width = None if self.widths is None else self.widths.get(index)
+        return self.failure.line if width is None else every_key(self.failure.line, width)
 
     def response(self, index: int) -> Response:
         """The Response of request ``index`` (one object per request)."""

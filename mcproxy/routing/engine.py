@@ -80,6 +80,8 @@ _EMPTY = b""
 #: the gathering).
 GATHER_LUA = 2
 GATHER_JOINED = 4
+#: the most keys of a multi-key get gathered (RunRouter.gather_multigets)
+GATHER_MULTIGET_KEYS = 16
 
 #: Numbers for the batches of _LuaKeys.
 _batch_ids = count()
@@ -545,7 +547,13 @@ class RouteEngine:
             self.plain_runs = gather_sets = self._lua_sets
             self.gathers = GATHER_LUA
             self._lua_runs = True
-        self.runs.configure(table.direct, runner, self._lua_runs, gather_sets, self.gathers)
+        # multi-key gets to the direct path's one backend are joined too, of
+        # up to GATHER_MULTIGET_KEYS keys (a joined unit has no sink to count
+        # a reply towards the client's output limit while it arrives)
+        self.runs.configure(table.direct, runner, self._lua_runs, gather_sets, self.gathers,
+                            GATHER_MULTIGET_KEYS if (self.gathers and runner is None
+                                                     and not self._lua_runs
+                                                     and table.direct.plain_multigets) else 0)
         # a Lua route's multiget scanned too (route_run), not parsed as a line
         self.plain_multigets = self._lua_runs or table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)

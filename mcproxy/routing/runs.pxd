@@ -11,15 +11,20 @@ from mcproxy.units cimport PlainRun, ReplyRun
 cdef class RunRouter:
     cdef public object engine, stats, tunables, direct, runner
     cdef public list gathered
-    cdef public bint lua_runs, gather_sets
-    cdef public Py_ssize_t gathers
+    cdef public bint lua_runs, gather_sets, gathered_multigets
+    cdef public Py_ssize_t gathers, gather_multigets
 
-    cpdef configure(self, direct, runner, bint lua_runs, bint gather_sets, Py_ssize_t gathers)
-    cpdef bint gather_plain(self, key, sent, bint is_set, done, release, req=*)
+    cpdef configure(self, direct, runner, bint lua_runs, bint gather_sets, Py_ssize_t gathers,
+                    Py_ssize_t gather_multigets=*)
+    cpdef bint gather_plain(self, key, sent, bint is_set, done, release, req=*,
+                            Py_ssize_t width=*)
     cpdef route_gathered(self)
     cpdef route_each(self, list gathered)
     @cython.locals(index=Py_ssize_t)
-    cpdef _route_joined(self, list gathered, tuple keys, tuple sents, tuple dones, list sets)
+    cpdef _route_multiget(self, req, list keys, done)
+    @cython.locals(index=Py_ssize_t, unit=ReplyRun)
+    cpdef _route_joined(self, list gathered, tuple keys, tuple sents, tuple dones, list sets,
+                        widths)
     @cython.locals(stop=Py_ssize_t, requests=Py_ssize_t, run=PlainRun)
     cpdef bint route_run(self, data, Py_ssize_t start, list keys, list ends, list sets, widths,
                          done, sink=*)

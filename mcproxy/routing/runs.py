@@ -21,7 +21,8 @@ from functools import partial
 from itertools import compress
 
 from mcproxy.units import PlainRun, ReplyRun, ReplySink
-from mcproxy.wire.request import Request, sent_request
+from mcproxy.wire.errors import END
+from mcproxy.wire.request import Request, multiget_key, sent_request
 from mcproxy.writes import batch
 
 _EMPTY = b""
@@ -44,28 +45,41 @@ class RunRouter:
         self.gather_sets = False
         #: RouteEngine.gathers: 0 when nothing is gathered
         self.gathers = 0
+        #: the most keys of a multi-key get gather_plain takes, 0: none
+        self.gather_multigets = 0
         #: what gather_plain took this poll: (request or None, key, the
-        #: bytes sent, whether a set, done, release) each
+        #: bytes sent, whether a set, done, release, a multi-key get's
+        #: number of keys or 0) each
         self.gathered: list[tuple] = []
+        #: whether a multi-key get is among them
+        self.gathered_multigets = False
 
     def configure(self, direct, runner, lua_runs: bool, gather_sets: bool,
-                  gathers: int) -> None:
+                  gathers: int, gather_multigets: int = 0) -> None:
         """Route with a config's (RouteEngine._take)."""
         self.direct = direct
         self.runner = runner
         self.lua_runs = lua_runs
         self.gather_sets = gather_sets
         self.gathers = gathers
+        self.gather_multigets = gather_multigets
 
     def gather_plain(self, key: bytes, sent: bytes, is_set: bool, done: Callable[[bytes], None],
-                     release: Callable[[], None], req: Request | None = None) -> bool:
+                     release: Callable[[], None], req: Request | None = None,
+                     width: int = 0) -> bool:
         """RouteEngine.gather for the plain request (``scan_plain``'s) of
         a run of one: the get of ``key``, or the set, ``sent``; ``req`` its
-        Request when the caller has one (gather)."""
-        if is_set and not self.gather_sets or self.tunables.active_req_limit:
+        Request when the caller has one (gather). ``width``: the number of
+        keys of a multi-key get (``key`` its keys as scanned, joined by
+        spaces), taken up to ``gather_multigets`` keys (on the direct path
+        to one backend)."""
+        if is_set and not self.gather_sets or width > self.gather_multigets \
+                or self.tunables.active_req_limit:
             return False
         gathered = self.gathered
-        gathered.append((req, key, sent, is_set, done, release))
+        gathered.append((req, key, sent, is_set, done, release, width))
+        if width:
+            self.gathered_multigets = True
         if len(gathered) == 1:  # (after: the schedule may route at once)
             batch.call_first(self.route_gathered)
         return True
@@ -74,10 +88,13 @@ class RunRouter:
         """Route what gather took this poll, then release its connections."""
         gathered = self.gathered
         self.gathered = []
-        _, keys, sents, is_sets, dones, releases = zip(*gathered, strict=True)
+        multigets = self.gathered_multigets
+        self.gathered_multigets = False
+        _, keys, sents, is_sets, dones, releases, widths = zip(*gathered, strict=True)
         try:
             sets = list(compress(range(len(is_sets)), is_sets)) if True in is_sets else []
-            if len(gathered) == 1 or sets and not self.gather_sets:
+            if len(gathered) == 1 or sets and not self.gather_sets \
+                    or multigets and (self.lua_runs or self.runner is not None):
                 # alone; or the routes reloaded since (so also below)
                 self.route_each(gathered)
             elif self.lua_runs:
@@ -87,7 +104,9 @@ class RunRouter:
                                                self.engine._route_error):
                     self.route_each(gathered)
             elif self.gathers:
-                self._route_joined(gathered, keys, sents, dones, sets)
+                self._route_joined(gathered, keys, sents, dones, sets,
+                                   {index: width for index, width in enumerate(widths) if width}
+                                   if multigets else None)
             else:
                 self.route_each(gathered)
         finally:
@@ -96,34 +115,56 @@ class RunRouter:
 
     def route_each(self, gathered: list[tuple]) -> None:
         """Route every gathered request on its own, as its connection would have."""
-        for req, key, sent, is_set, done, _ in gathered:
+        for req, key, sent, is_set, done, _, width in gathered:
             if req is None:
-                if self.route_run(sent, 0, [key], [len(sent)], [0] if is_set else [], None,
-                                  done):
+                if self.route_run(sent, 0, [key], [len(sent)], [0] if is_set else [],
+                                  {0: width} if width else None, done):
                     continue
                 req = sent_request(sent)
+                if width:
+                    self._route_multiget(req, key.split(b" "), done)
+                    continue
             self.engine.route(req, done)
 
+    def _route_multiget(self, req: Request, keys: list[bytes],
+                        done: Callable[[bytes], None]) -> None:
+        """route_each for a multi-key get route_run did not take (the
+        routes reloaded since it was gathered): its keys together where the
+        engine can (route_keys), else each routed on its own, then the
+        ``END``, as the protocol routes a hooked multiget."""
+        engine = self.engine
+        if engine.route_keys(req, keys, done):
+            return
+        reply = RunsReply(len(keys) + 1, self.stats, done)
+        for index, key in enumerate(keys):
+            engine.route(multiget_key(req, b"get ", key), partial(reply.answer, index, 0))
+        reply.answer(len(keys), 0, END)
+
     def _route_joined(self, gathered: list[tuple], keys: tuple[bytes, ...],
-                      sents: tuple[bytes, ...], dones: tuple, sets: list[int]) -> None:
+                      sents: tuple[bytes, ...], dones: tuple, sets: list[int],
+                      widths: dict[int, int] | None) -> None:
         """Route gathered requests of the direct path (their ``keys``,
-        bytes ``sents``, ``dones``; ``sets`` the indexes of the sets):
-        those its pool sends to the same backend go to it as one ReplyRun,
-        each connection answered the reply to its own request (the
-        backend's bytes, as route_run answers them); one the direct path
-        would not take as a run goes alone. Asked of them all at once, the
-        pool usually has one backend for the lot."""
+        bytes ``sents``, ``dones``; ``sets`` the indexes of the sets,
+        ``widths`` the key counts of the multi-key gets): those its pool
+        sends to the same backend go to it as one ReplyRun, each connection
+        answered the reply to its own request (the backend's bytes, as
+        route_run answers them); one the direct path would not take as a
+        run goes alone. Asked of them all at once, the pool usually has one
+        backend for the lot."""
         stats = self.stats
         target = self.direct.run_target
         sent = _EMPTY.join(sents)
-        chosen = target(sent, keys, None)
+        chosen = target(sent, keys, widths)
         if chosen is not None and chosen.__class__ is not list:
-            stats.count_run(len(keys), len(sets))
-            chosen.send_unit(ReplyRun(list(keys), partial(joined_answer, stats, dones), None,
-                                      sent, sets or None))
+            unit = ReplyRun(list(keys), partial(joined_answer, stats, dones), None, sent,
+                            sets or None, widths)
+            stats.count_run(unit.requests, len(sets))
+            chosen.send_unit(unit)
             return
         if chosen is None:  # some request it would not take: ask for each
-            chosen = [target(one, (key,), None) for key, one in zip(keys, sents, strict=True)]
+            chosen = [target(one, (key,), {0: widths[index]} if widths and index in widths
+                             else None)
+                      for index, (key, one) in enumerate(zip(keys, sents, strict=True))]
         runs: dict = {}
         alone = []
         for index, backend in enumerate(chosen):
@@ -134,13 +175,15 @@ class RunRouter:
             else:
                 runs[backend] = [index]
         setting = frozenset(sets)
-        stats.count_run(len(keys) - len(alone), len(sets) - len(setting.intersection(alone)))
         for backend, indexes in runs.items():
             mine = [at for at, index in enumerate(indexes) if index in setting] if sets else None
-            backend.send_unit(ReplyRun([keys[i] for i in indexes],
-                                       partial(joined_answer, stats,
-                                               tuple([dones[i] for i in indexes])),
-                                       None, _EMPTY.join([sents[i] for i in indexes]), mine))
+            theirs = {at: widths[index] for at, index in enumerate(indexes)
+                      if index in widths} if widths else None
+            unit = ReplyRun([keys[i] for i in indexes],
+                            partial(joined_answer, stats, tuple([dones[i] for i in indexes])),
+                            None, _EMPTY.join([sents[i] for i in indexes]), mine, theirs or None)
+            stats.count_run(unit.requests, len(mine) if mine else 0)
+            backend.send_unit(unit)
         if alone:
             self.route_each([gathered[index] for index in alone])
 
@@ -235,7 +278,7 @@ def joined_answer(stats, dones: Sequence[Callable[[bytes], None]], unit: ReplyRu
     """Each connection of a joined ReplyRun its reply, the backend's bytes
     (RunRouter._route_joined; Failover._settle_joined when every one is
     final)."""
-    stats.req_active -= len(dones)
+    stats.req_active -= unit.requests
     replies = unit.replies
     if len(replies) == len(dones):
         for done, reply in zip(dones, replies, strict=True):

@@ -41,10 +41,12 @@ class IRouter(Interface):
         once routed (the connection reads nothing on until then). False
         (nothing done) if the caller must route it."""
 
-    def gather_plain(key, sent, is_set, done, release):
+    def gather_plain(key, sent, is_set, done, release, req=None, width=0):
         """``gather`` for a run of one plain request (wire.request.scan_plain):
         the ``get`` of ``key``, or the set, ``sent`` (its line, a set's
-        payload too)."""
+        payload too); ``req`` its Request if the caller has one; ``width``
+        the number of keys of a multi-key get (``key`` its keys joined by
+        spaces, as scanned), which it may refuse."""
 
     def route_keys(req, keys, done, sink=None):
         """Route a ``get``/``gets`` of several ``keys`` with one reply;

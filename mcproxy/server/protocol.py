@@ -568,6 +568,17 @@ class ProxyServerProtocol:
                     slots.pop()
                     slot = GroupSlot(self, 0)
                     slots.append(slot)
+        elif widths is not None and router.gathers and len(keys) == 1 \
+                and batch.events >= router.gathers:
+            # a multi-key get alone: join others' too, where the router
+            # does (refused, route_run takes the slot as its sink)
+            slot = GroupSlot(self, extra)
+            slots.append(slot)
+            self._held += 1
+            routed = router.gather_plain(keys[0], data[start:ends[0]], False, slot.fill,
+                                         self._release, None, extra)
+            if not routed:
+                self._held -= 1
         else:
             slot = GroupSlot(self, extra, ends[-1] - start if sets else 0)
             slots.append(slot)

@@ -18,6 +18,6 @@ cdef class ResponseReader:
                    index=Py_ssize_t, end=Py_ssize_t)
     cpdef Py_ssize_t read_raw(self, Py_ssize_t count, list parts, list keys, sets=*, widths=*,
                               Py_ssize_t first=*) except -1
-    @cython.locals(read=Py_ssize_t)
+    @cython.locals(read=Py_ssize_t, parts=list)
     cpdef Py_ssize_t read_each(self, Py_ssize_t count, list replies, list keys,
-                               sets) except -1
+                               sets, widths=*) except -1

@@ -289,15 +289,23 @@ class ResponseReader:
         return framed
 
     def read_each(self, count: int, replies: list[bytes], keys: list[bytes],
-                  sets: frozenset[int] | None) -> int:
-        """:meth:`read_raw` of plain single-key requests, each reply
-        appended to ``replies`` as its own bytes (the next is that of
-        request ``len(replies)``); return how many were read."""
+                  sets: frozenset[int] | None, widths: dict[int, int] | None = None) -> int:
+        """:meth:`read_raw` of plain requests, each reply appended to
+        ``replies`` as its own bytes (the next is that of request
+        ``len(replies)``; a multi-key get's, by ``widths``, what its client
+        gets); return how many were read."""
         read = 0
-        if plain_run is not None:
+        if plain_run is not None and not (widths and self._held):
             self._pos, read = plain_run(self._buf, self._pos, keys, len(replies), count, sets,
-                                        None, replies)
-        while read < count and self.read_raw(1, replies, keys, sets, None, len(replies)):
+                                        widths, replies)
+        if widths is None:
+            while read < count and self.read_raw(1, replies, keys, sets, None, len(replies)):
+                read += 1
+            return read
+        parts: list[bytes] = []
+        while read < count and self.read_raw(1, parts, keys, sets, widths, len(replies)):
+            replies.append(parts[0] if len(parts) == 1 else _EMPTY.join(parts))
+            parts.clear()
             read += 1
         return read
 

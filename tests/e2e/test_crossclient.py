@@ -155,7 +155,8 @@ def good_client(run: Run, client: int) -> None:
 def lone_client(run: Run, client: int) -> None:
     """A client with one request in flight, each sent on its own (a run of
     one, which the proxy joins with other connections' in one backend run
-    when a poll brings enough of them): a set, a get of it and a miss."""
+    when a poll brings enough of them): a set, a get of it, a miss, and a
+    multiget of the key, a miss and the key again."""
     try:
         with run.proxy.connect() as sock:
             sock.settimeout(5)
@@ -167,7 +168,10 @@ def lone_client(run: Run, client: int) -> None:
                         (b"set %s 0 0 %d\r\n%s\r\n" % (key, len(data), data), b"STORED\r\n"),
                         (b"get %s\r\n" % key,
                          b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (key, len(data), data)),
-                        (b"get %s/miss\r\n" % key, b"END\r\n")]:
+                        (b"get %s/miss\r\n" % key, b"END\r\n"),
+                        (b"get %s %s/miss %s\r\n" % (key, key, key),
+                         b"VALUE %s 0 %d\r\n%s\r\n" % (key, len(data), data) * 2
+                         + b"END\r\n")]:
                     sock.sendall(request)
                     got = read_until(sock, expected[-5:])
                     if got != expected:

@@ -127,3 +127,35 @@ def test_get_run_for_a_client_gone_drops_values():
     run = ReplyRun([b"a"], Got(), sink)
     answer([run], value(b"a", b"1") + END)
     assert run.flags() == bytes([1]) and run.reply(0) == END
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_joined_run_reads_a_multigets_reply_as_one(chunk):
+    """A ReplyRun with multi-key gets (the direct path's joined
+    requests): each one's reply as its client gets it, whatever the reads'
+    boundaries; an error line answers each of its keys."""
+    data = b"get a b a\r\nget b\r\nget c d\r\nget a b\r\n"
+    run = ReplyRun([b"a b a", b"b", b"c d", b"a b"], Got(), None, data, None, {0: 3, 2: 2, 3: 2})
+    assert run.requests == run.size == 8
+    assert written([run]) == [data]
+    first = value(b"a", b"1") + value(b"a", b"1") + END
+    assert answer([run], first + END + b"SERVER_ERROR busy\r\n" + value(b"b", b"2") + END,
+                  chunk) == []
+    assert run.done == [run] and run.size == 8
+    assert [run.reply(i) for i in range(4)] == [
+        first, END, b"SERVER_ERROR busy\r\n" * 2 + END, value(b"b", b"2") + END]
+
+
+def test_joined_run_fails_each_multiget_left_for_every_key():
+    run = ReplyRun([b"a", b"b c", b"d e f"], Got(), None,
+                   b"get a\r\nget b c\r\nget d e f\r\n", None, {1: 2, 2: 3})
+    reader = ResponseReader()
+    reader.feed(END + value(b"b", b"2"))
+    assert not run.read(reader)
+    assert run.size == 5  # b c's reply is not whole: it and d e f's keys
+    run.fail("disconnected", 3)
+    assert [run.reply(i) for i in range(3)] == [
+        END, BACKEND_FAILURE * 2 + END, BACKEND_FAILURE * 3 + END]
+    with pytest.raises(BackendProtocolError):  # another request's reply
+        answer([ReplyRun([b"a b"], Got(), None, b"get a b\r\n", None, {0: 2})],
+               value(b"z", b"1") + END)
