@@ -128,10 +128,12 @@ class RunRouter:
 
     def _route_multiget(self, req: Request, keys: list[bytes],
                         done: Callable[[bytes], None]) -> None:
-        """route_each for a multi-key get route_run did not take (the
-        routes reloaded since it was gathered): its keys together where the
-        engine can (route_keys), else each routed on its own, then the
-        ``END``, as the protocol routes a hooked multiget."""
+        """route_each for a multi-key get route_run did not take (a key
+        kept for Lua; the routes reloaded since it was gathered): its keys
+        together where the engine can (route_keys), else each routed on its
+        own, then the ``END``, as the protocol routes a hooked multiget
+        (ProxyServerProtocol._multiget, which a gathered request can no
+        longer go back to)."""
         engine = self.engine
         if engine.route_keys(req, keys, done):
             return
