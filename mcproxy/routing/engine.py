@@ -18,7 +18,7 @@ from collections.abc import Callable
 from copy import copy
 from functools import cached_property, partial
 from importlib.resources import files
-from itertools import count
+from itertools import accumulate, count
 from time import monotonic
 
 from lupa import lua54
@@ -547,13 +547,14 @@ class RouteEngine:
             self.plain_runs = gather_sets = self._lua_sets
             self.gathers = GATHER_LUA
             self._lua_runs = True
-        # multi-key gets to the direct path's one backend are joined too, of
-        # up to GATHER_MULTIGET_KEYS keys (a joined unit has no sink to count
-        # a reply towards the client's output limit while it arrives)
+        # multi-key gets are joined too, of up to GATHER_MULTIGET_KEYS keys (a
+        # joined unit has no sink to count a reply towards the client's
+        # output limit while it arrives): to the direct path's one backend,
+        # and those whose routes run in Lua (route_lua_gathered)
         self.runs.configure(table.direct, runner, self._lua_runs, gather_sets, self.gathers,
-                            GATHER_MULTIGET_KEYS if (self.gathers and runner is None
-                                                     and not self._lua_runs
-                                                     and table.direct.plain_multigets) else 0)
+                            GATHER_MULTIGET_KEYS if self.gathers and (
+                                self._lua_runs or runner is None
+                                and table.direct.plain_multigets) else 0)
         # a Lua route's multiget scanned too (route_run), not parsed as a line
         self.plain_multigets = self._lua_runs or table.direct.plain_multigets
         self.wire = self._wire_choice or (WIRE_1_6_45 if routes.v2 else WIRE_1_6_15)
@@ -682,13 +683,34 @@ class RouteEngine:
         return True
 
     def route_lua_gathered(self, keys: tuple[bytes, ...], sents: tuple[bytes, ...],
-                           sets: list[int], dones: tuple) -> None:
+                           sets: list[int], dones: tuple,
+                           widths: tuple[int, ...] | None = None) -> None:
         """RunRouter.route_gathered for gets (and sets, ``sets`` their
         indexes) whose routes run in Lua: one call into Lua starts all of
-        their routes (_LuaKeys), each answered as if routed alone."""
+        their routes (_LuaKeys), each answered as if routed alone. With
+        ``widths`` (each request's number of keys, 0 for a plain one), the
+        multi-key gets among them are routed as one more _LuaKeys, the keys
+        of them all as the keys of one client's multiget, each answered its
+        own keys' replies and END."""
+        hook = self._hooks[CMD_GET]
+        if widths is not None:
+            multigets = [index for index, width in enumerate(widths) if width]
+            names = []
+            for index in multigets:
+                names += keys[index].split(b" ")
+            _LuaKeys(self, KeyRequests(CMD_GET, names, True), [dones[i] for i in multigets],
+                     None, [widths[i] for i in multigets]).start(hook)
+            plain = [index for index, width in enumerate(widths) if not width]
+            if not plain:
+                return
+            setting = frozenset(sets)
+            sets = [at for at, index in enumerate(plain) if index in setting]
+            keys = [keys[i] for i in plain]
+            sents = [sents[i] for i in plain]
+            dones = [dones[i] for i in plain]
         requests = KeyRequests(CMD_GET, list(keys), False, sets, list(sents)) if sets \
             else KeyRequests(CMD_GET, list(keys), False)
-        _LuaKeys(self, requests, list(dones), None).start(self._hooks[CMD_GET])
+        _LuaKeys(self, requests, list(dones), None).start(hook)
 
     def _route_lua_stretch(self, data: bytes, start: int, keys: list[bytes], ends: list[int],
                            sets: list[int], done: Callable[[bytes], None],
@@ -855,14 +877,17 @@ class _LuaKeys:
     request, awaits, waits, fails) goes on alone, driven by _advance as any
     route is. ``done`` gets every key's reply in order (and a multiget's
     END); or, a list of one per key (the requests RouteEngine.gather took
-    from many connections), each gets its key's reply once it has it."""
+    from many connections), each gets its key's reply once it has it; or,
+    with ``widths`` (the multigets of many connections, joined: each's
+    number of keys, in order), a list of one per multiget, each gets its
+    keys' replies and the END once it has them."""
 
     __slots__ = ("engine", "routes", "keys", "names", "name", "sink", "done", "dones",
-                 "parts", "pending", "id")
+                 "parts", "pending", "id", "widths", "owners", "firsts", "left")
 
     def __init__(self, engine: RouteEngine, keys: KeyRequests,
                  done: Callable[[bytes], None] | list[Callable[[bytes], None]],
-                 sink: ReplySink | None) -> None:
+                 sink: ReplySink | None, widths: list[int] | None = None) -> None:
         self.engine = engine
         self.routes = engine.routes
         self.keys = keys
@@ -876,6 +901,10 @@ class _LuaKeys:
         count = len(names)
         self.parts: list[bytes | None] = [None] * count
         self.pending = count
+        self.widths = widths
+        #: with ``widths``, once a key is answered on its own: the multiget
+        #: of each key, each's first key, and how many it waits for
+        self.owners = self.firsts = self.left = None
         if keys.sets:
             engine.stats.count_run(count, len(keys.sets))
         else:
@@ -982,9 +1011,12 @@ class _LuaKeys:
         else:
             datas = map(fetch.reply, range(len(positions)))
         count = len(self.parts)
-        if positions.__class__ is range and self.dones is None and self.pending == count:
+        if positions.__class__ is range and self.pending == count and \
+                (self.dones is None or self.widths is not None):
             # every key, in order (start sent them all as one): all at once
             self.parts = list(datas)
+            if self.widths is not None:
+                self._answer_multigets()
             self._answered(count)
             return
         answered = 0
@@ -1002,8 +1034,35 @@ class _LuaKeys:
             return 0
         parts[index] = data
         if self.dones is not None:
-            self.dones[index](data)
+            if self.widths is None:
+                self.dones[index](data)
+            else:
+                self._key_answered(index)
         return 1
+
+    def _key_answered(self, index: int) -> None:
+        """Key ``index`` has its reply: answer its multiget if that was
+        the last it waited for (``widths``)."""
+        if self.owners is None:
+            widths = self.widths
+            self.owners = [owner for owner, width in enumerate(widths) for _ in range(width)]
+            self.firsts = list(accumulate(widths, initial=0))
+            self.left = list(widths)
+        owner = self.owners[index]
+        left = self.left
+        left[owner] -= 1
+        if not left[owner]:
+            first = self.firsts[owner]
+            self.dones[owner](_EMPTY.join(self.parts[first:first + self.widths[owner]])
+                              + errors.END)
+
+    def _answer_multigets(self) -> None:
+        """Every key has its reply: answer each multiget (``widths``)."""
+        parts = self.parts
+        first = 0
+        for done, width in zip(self.dones, self.widths, strict=True):
+            done(_EMPTY.join(parts[first:first + width]) + errors.END)
+            first += width
 
     def send(self, pool, routes, indexes) -> None:
         """Send what the pool calls of some keys' routes sent to ``pool``
@@ -1106,7 +1165,10 @@ class _LuaKeys:
         parts[index] = data
         self.pending -= 1
         if self.dones is not None:
-            self.dones[index](data)
+            if self.widths is None:
+                self.dones[index](data)
+            else:
+                self._key_answered(index)
         if not self.pending:
             self.finish()
 

@@ -94,11 +94,12 @@ class RunRouter:
         try:
             sets = list(compress(range(len(is_sets)), is_sets)) if True in is_sets else []
             if len(gathered) == 1 or sets and not self.gather_sets \
-                    or multigets and (self.lua_runs or self.runner is not None):
+                    or multigets and self.runner is not None:
                 # alone; or the routes reloaded since (so also below)
                 self.route_each(gathered)
             elif self.lua_runs:
-                self.engine.route_lua_gathered(keys, sents, sets, dones)
+                self.engine.route_lua_gathered(keys, sents, sets, dones,
+                                               widths if multigets else None)
             elif self.runner is not None:
                 if not self.runner.send_joined(list(keys), sents, sets, dones, self.stats,
                                                self.engine._route_error):

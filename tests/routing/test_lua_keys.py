@@ -285,12 +285,13 @@ _own_keys = st.builds(lambda c, n: (c + n).encode(), st.sampled_from(_letters.re
 @st.composite
 def poll_streams(draw) -> list[list[bytes]]:
     """Clients of one poll: one sets keys first (a turn of its own), then
-    each sends a get alone, or a get followed by more in the same read (on
-    a key of its own: between connections no order holds)."""
+    each sends a get alone (maybe of up to 16 keys, some twice), or a get
+    followed by more in the same read (on a key of its own: between
+    connections no order holds)."""
     sets = [b"set %s 3 0 1\r\nv\r\n" % key for key in draw(st.lists(_keys, max_size=4))]
     clients = [[b"".join(sets)]]
     for i in range(draw(st.integers(1, 8))):
-        read = b"get %s\r\n" % draw(_own_keys)
+        read = b"get %s\r\n" % b" ".join(draw(st.lists(_own_keys, min_size=1, max_size=16)))
         if draw(st.booleans()):
             read = draw(st.sampled_from([b"set %s 0 0 1\r\nw\r\n", b"set %s 0 0 1 noreply\r\nw\r\n",
                                          b"set %s 5 0 2\r\nxy\r\nget %s\r\n"]))
@@ -353,6 +354,38 @@ def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_fa
     assert {unit.__class__ for unit in units} == {ReplyRun} and len(units) == len(batched.sent)
     assert sorted(b"".join(batched.sent).splitlines(keepends=True)) == [
         b"get a%d\r\n" % i for i in range(5)]
+
+
+def test_multigets_of_many_connections_go_in_one_call_and_one_backend_get(tmp_path_factory,
+                                                                           monkeypatch):
+    """The multi-key gets that connections send alone in one poll are
+    routed as the keys of one multiget: one call into Lua starts their
+    routes, the keys bound for one backend go as one KeyFetch, and each
+    connection gets its own keys' replies; their lone gets go as before."""
+    batched = proxy(tmp_path_factory, "v1", True)
+    units = []
+    send_unit = Backend.send_unit
+    monkeypatch.setattr(Backend, "send_unit",
+                        lambda self, unit: units.append(unit) or send_unit(self, unit))
+    starts = []
+    routes = batched.engine.routes
+    start_keys = routes.start_keys
+
+    def recorded(*args):  # the batch's multiget flag and keys
+        starts.append(args[6:7] + args[8:])
+        return start_keys(*args)
+    monkeypatch.setattr(routes, "start_keys", recorded)
+    clients = [[b"set a1 0 0 1\r\nA\r\nset a2 0 0 1\r\nB\r\n"]] + [
+        [b"", read] for read in (b"get a1 a2\r\n", b"get a3\r\n", b"get a2 a3 a2\r\n")]
+    got = batched.exchange_many(clients)
+    assert got[1:] == [b"VALUE a1 0 1\r\nA\r\nVALUE a2 0 1\r\nB\r\nEND\r\n", b"END\r\n",
+                       b"VALUE a2 0 1\r\nB\r\nVALUE a2 0 1\r\nB\r\nEND\r\n"]
+    assert got == proxy(tmp_path_factory, "v1", False).exchange_many(clients)
+    assert starts[-2:] == [(True, b"a1", b"a2", b"a2", b"a3", b"a2"), (False, b"a3")]
+    gets = [unit for unit in units if unit.__class__ is KeyFetch]
+    assert len(gets) <= 2  # pool a: two backends
+    assert sorted(key for unit in gets for key in unit.keys) == [b"a1", b"a2", b"a2", b"a2",
+                                                                 b"a3"]
 
 
 def test_lone_requests_of_the_direct_path_join_one_backend_run(tmp_path_factory,
