@@ -1011,13 +1011,17 @@ class _LuaKeys:
         else:
             datas = map(fetch.reply, range(len(positions)))
         count = len(self.parts)
-        if positions.__class__ is range and self.pending == count and \
-                (self.dones is None or self.widths is not None):
+        if positions.__class__ is range and self.pending == count:
             # every key, in order (start sent them all as one): all at once
-            self.parts = list(datas)
-            if self.widths is not None:
-                self._answer_multigets()
-            self._answered(count)
+            self.parts = parts = list(datas)
+            try:
+                if self.widths is not None:
+                    self._answer_multigets()
+                elif self.dones is not None:  # each request its own reply
+                    for done, data in zip(self.dones, parts, strict=True):
+                        done(data)
+            finally:
+                self._answered(count)
             return
         answered = 0
         try:
