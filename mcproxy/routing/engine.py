@@ -14,6 +14,7 @@ coroutine from the backend's reply callback.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from copy import copy
 from functools import cached_property, partial
@@ -883,7 +884,7 @@ class _LuaKeys:
     keys' replies and the END once it has them."""
 
     __slots__ = ("engine", "routes", "keys", "names", "name", "sink", "done", "dones",
-                 "parts", "pending", "id", "widths", "owners", "firsts", "left")
+                 "parts", "pending", "id", "widths", "firsts", "left")
 
     def __init__(self, engine: RouteEngine, keys: KeyRequests,
                  done: Callable[[bytes], None] | list[Callable[[bytes], None]],
@@ -902,9 +903,9 @@ class _LuaKeys:
         self.parts: list[bytes | None] = [None] * count
         self.pending = count
         self.widths = widths
-        #: with ``widths``, once a key is answered on its own: the multiget
-        #: of each key, each's first key, and how many it waits for
-        self.owners = self.firsts = self.left = None
+        #: with ``widths``, once a key is answered on its own: each
+        #: multiget's first key, and how many keys each waits for
+        self.firsts = self.left = None
         if keys.sets:
             engine.stats.count_run(count, len(keys.sets))
         else:
@@ -1038,35 +1039,35 @@ class _LuaKeys:
             return 0
         parts[index] = data
         if self.dones is not None:
-            if self.widths is None:
-                self.dones[index](data)
-            else:
-                self._key_answered(index)
+            self._tell(index, data)
         return 1
 
-    def _key_answered(self, index: int) -> None:
-        """Key ``index`` has its reply: answer its multiget if that was
-        the last it waited for (``widths``)."""
-        if self.owners is None:
-            widths = self.widths
-            self.owners = [owner for owner, width in enumerate(widths) for _ in range(width)]
-            self.firsts = list(accumulate(widths, initial=0))
-            self.left = list(widths)
-        owner = self.owners[index]
+    def _tell(self, index: int, data: bytes) -> None:
+        """Key ``index`` has its reply, ``data``: tell its connection (one
+        done per key), or with ``widths`` its multiget's, if that was the
+        last key it waited for."""
+        if self.widths is None:
+            self.dones[index](data)
+            return
+        if self.firsts is None:
+            self.firsts = list(accumulate(self.widths, initial=0))
+            self.left = list(self.widths)
+        owner = bisect_right(self.firsts, index) - 1
         left = self.left
         left[owner] -= 1
         if not left[owner]:
-            first = self.firsts[owner]
-            self.dones[owner](_EMPTY.join(self.parts[first:first + self.widths[owner]])
-                              + errors.END)
+            self.dones[owner](self._multiget_reply(self.firsts[owner], self.widths[owner]))
 
     def _answer_multigets(self) -> None:
         """Every key has its reply: answer each multiget (``widths``)."""
-        parts = self.parts
         first = 0
         for done, width in zip(self.dones, self.widths, strict=True):
-            done(_EMPTY.join(parts[first:first + width]) + errors.END)
+            done(self._multiget_reply(first, width))
             first += width
+
+    def _multiget_reply(self, first: int, width: int) -> bytes:
+        """The reply to the multiget of the ``width`` keys from ``first``."""
+        return _EMPTY.join(self.parts[first:first + width]) + errors.END
 
     def send(self, pool, routes, indexes) -> None:
         """Send what the pool calls of some keys' routes sent to ``pool``
@@ -1169,10 +1170,7 @@ class _LuaKeys:
         parts[index] = data
         self.pending -= 1
         if self.dones is not None:
-            if self.widths is None:
-                self.dones[index](data)
-            else:
-                self._key_answered(index)
+            self._tell(index, data)
         if not self.pending:
             self.finish()
 

@@ -306,6 +306,9 @@ def poll_streams(draw) -> list[list[bytes]]:
 @given(st.sampled_from(sorted(CONFIGS)), poll_streams())
 @example("sets", [[b""], [b"", b"set a-1 0 0 1\r\nw\r\n"],
                   [b"", b"set a-4 0 0 1 noreply\r\nw\r\ngets a-4 f2\r\n"]])
+# joined multigets whose keys' routes go on alone (await, fail, make a request)
+@example("v1", [[b"set a1 0 0 1\r\nv\r\n"], [b"", b"get a1 w1 z1 n1 a1\r\n"],
+                [b"", b"get s1 a1\r\n"], [b"", b"get a2\r\n"]])
 # runs of one (gather_plain) and a set scan_plain leaves to the line parser
 # (gather), in one poll
 @example("sets", [[b"", b"get a-1\r\n"], [b"", b"set a-2 0 -1 1\r\nw\r\n"],
@@ -330,11 +333,9 @@ def without_cas(replies: list[bytes]) -> list[bytes]:
 _CAS = re.compile(rb"^(VALUE \S+ \d+ \d+) \d+(?=\r$)", re.MULTILINE)
 
 
-def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_factory,
-                                                                      monkeypatch):
-    """One call into Lua starts the routes of every connection's get, and the
-    gets bound for one backend travel as one ReplyRun."""
-    batched = proxy(tmp_path_factory, "v1", True)
+def recorded_units_and_starts(batched: LuaProxy, monkeypatch) -> tuple[list, list]:
+    """The units every backend is given, and what each call into Lua's
+    start_keys starts (the batch's multiget flag, then its keys)."""
     units = []
     send_unit = Backend.send_unit
     monkeypatch.setattr(Backend, "send_unit",
@@ -343,10 +344,19 @@ def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_fa
     routes = batched.engine.routes
     start_keys = routes.start_keys
 
-    def recorded(*args):  # the batch's multiget flag and keys
+    def recorded(*args):
         starts.append(args[6:7] + args[8:])
         return start_keys(*args)
     monkeypatch.setattr(routes, "start_keys", recorded)
+    return units, starts
+
+
+def test_gets_of_many_connections_go_in_one_call_and_one_backend_run(tmp_path_factory,
+                                                                      monkeypatch):
+    """One call into Lua starts the routes of every connection's get, and the
+    gets bound for one backend travel as one ReplyRun."""
+    batched = proxy(tmp_path_factory, "v1", True)
+    units, starts = recorded_units_and_starts(batched, monkeypatch)
     got = batched.exchange_many([[b"get a%d\r\n" % i] for i in range(5)])
     assert got == [b"END\r\n"] * 5
     assert starts == [(False, b"a0", b"a1", b"a2", b"a3", b"a4")]
@@ -363,18 +373,7 @@ def test_multigets_of_many_connections_go_in_one_call_and_one_backend_get(tmp_pa
     routes, the keys bound for one backend go as one KeyFetch, and each
     connection gets its own keys' replies; their lone gets go as before."""
     batched = proxy(tmp_path_factory, "v1", True)
-    units = []
-    send_unit = Backend.send_unit
-    monkeypatch.setattr(Backend, "send_unit",
-                        lambda self, unit: units.append(unit) or send_unit(self, unit))
-    starts = []
-    routes = batched.engine.routes
-    start_keys = routes.start_keys
-
-    def recorded(*args):  # the batch's multiget flag and keys
-        starts.append(args[6:7] + args[8:])
-        return start_keys(*args)
-    monkeypatch.setattr(routes, "start_keys", recorded)
+    units, starts = recorded_units_and_starts(batched, monkeypatch)
     clients = [[b"set a1 0 0 1\r\nA\r\nset a2 0 0 1\r\nB\r\n"]] + [
         [b"", read] for read in (b"get a1 a2\r\n", b"get a3\r\n", b"get a2 a3 a2\r\n")]
     got = batched.exchange_many(clients)
