@@ -72,7 +72,7 @@ class RunRouter:
         Request when the caller has one (gather). ``width``: the number of
         keys of a multi-key get (``key`` its keys as scanned, joined by
         spaces), taken up to ``gather_multigets`` keys (on the direct path
-        to one backend)."""
+        to one backend, and where gets are routed in Lua)."""
         if is_set and not self.gather_sets or width > self.gather_multigets \
                 or self.tunables.active_req_limit:
             return False
