@@ -136,6 +136,12 @@ _LIBRARIES = {
 #: routes from the declarative file given as its argument (mcp.start_arg).
 ROUTELIB = "routelib"
 ROUTELIB_PATH = str(_LUA_DIR.joinpath("routelib.lua"))
+#: The bundled chunks as Lua bytecode, compiled once per process (chunk name
+#: -> string.dump of it, debug information kept, so errors and tracebacks
+#: name the same files and lines). Compiling mcp.lua and v2.lua was most of
+#: what setting up a Lua state cost (about 1.3 ms of 1.5): twice a load, on
+#: every reload and in each test that loads a config.
+_BYTECODE: dict[bytes, bytes] = {}
 
 #: Constants every config sees in ``mcp``, beyond the CMD_* ids.
 _CONSTANTS = {
@@ -172,8 +178,10 @@ class _State:
                                         unpack_returned_tuples=True)
         self.globals = self.runtime.globals()
         self.runtime.execute(_COLLECTOR_LUA, name=b"=collector", mode=b"t")
-        build = self.runtime.execute(_MCP_LUA, name=b"=mcp.lua", mode=b"t")
-        v2 = self.runtime.execute(_V2_LUA, name=b"=v2.lua", mode=b"t")
+        self._compile = self.runtime.eval(
+            "function(source, name) return string.dump(assert(load(source, name, 't'))) end")
+        build = self._bundled(_MCP_LUA, b"=mcp.lua")()
+        v2 = self._bundled(_V2_LUA, b"=v2.lua")()
         self.mcp, self.engine = build(host, phase.encode(), v2)
         for name, value in _CONSTANTS.items():
             self.mcp[name.encode()] = value
@@ -188,11 +196,23 @@ class _State:
         see, to declare the shapes of the routes it builds."""
         preload = self.globals.package.preload
         loader = self.runtime.eval(
-            "function(source, name, declare) return function() "
-            "return assert(load(source, '=' .. name, 't'))(declare) end end")
+            "function(code, declare) return function() "
+            "return assert(load(code, nil, 'b'))(declare) end end")
         for name, source in _LIBRARIES.items():
-            preload[name] = loader(source, name.replace(b".", b"/") + b".lua",
-                                   self.engine.declare)
+            chunk = b"=" + name.replace(b".", b"/") + b".lua"
+            preload[name] = loader(self._bytecode(source, chunk), self.engine.declare)
+
+    def _bytecode(self, source: bytes, name: bytes) -> bytes:
+        """The bytecode of the bundled chunk ``source`` called ``name``."""
+        code = _BYTECODE.get(name)
+        if code is None:
+            code = _BYTECODE[name] = self._compile(source, name)
+        return code
+
+    def _bundled(self, source: bytes, name: bytes):
+        """The bundled chunk ``source``, loaded into this state from its
+        bytecode (binary chunks only ever come from _bytecode)."""
+        return self.globals.load(self._bytecode(source, name), name, b"b")
 
     def _install_hashing(self) -> None:
         """Distribution and hasher markers the pool options refer to."""
