@@ -16,6 +16,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import pytest
+from _pytest import unittest as pytest_unittest
 
 from mcproxy import compiled
 from mcproxy.writes import batch
@@ -46,7 +47,34 @@ def _stale_builds() -> list[str]:
     return stale
 
 
+def _remember_twisted_version() -> None:
+    """Ask for Twisted's version once, not before every test.
+
+    Once ``twisted.trial.unittest`` is imported (``twisted.internet.testing``
+    imports it), pytest's unittest plugin reads Twisted's version from the
+    installed distributions' metadata around every test: a scan of
+    ``sys.path`` that cost about 2 ms a test, a twentieth of the suite. The
+    answer cannot change during a run once Twisted is imported, so the first
+    one that finds it is kept (pytest without that function: nothing to do).
+    """
+    probe = getattr(pytest_unittest, "_get_twisted_version", None)
+    if probe is None:
+        return
+    known = []
+
+    def remembered():
+        if not known:
+            version = probe()
+            if version is pytest_unittest.TwistedVersion.NotInstalled:
+                return version
+            known.append(version)
+        return known[0]
+
+    pytest_unittest._get_twisted_version = remembered
+
+
 def pytest_sessionstart(session) -> None:
+    _remember_twisted_version()
     stale = _stale_builds()
     if stale:
         pytest.exit(f"{', '.join(stale)}: the build is older than the source; rebuild it "
