@@ -24,7 +24,6 @@ from zope.interface import implementer
 
 from mcproxy.cache.store import Store
 from mcproxy.counters import ProxyStats
-from mcproxy.server import protocol as server_module
 from mcproxy.server.interfaces import IProxyCore
 from mcproxy.server.protocol import BINARY_HEADER, BINARY_MAGIC, ProxyServerProtocol, binary_refusal
 from mcproxy.wire import errors
@@ -40,7 +39,7 @@ from mcproxy.wire.request import (
     split_multiget,
 )
 from mcproxy.wire.response import BackendProtocolError, parse_response
-from mcproxy.writes import WriteBatch
+from mcproxy.writes import WriteBatch, batch
 
 #: What ``version`` answers on a connection under test.
 VERSION_LINE = b"VERSION test\r\n"
@@ -352,17 +351,17 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
     pytest's ``immediate_writes`` fixture, as under the fuzzer, too).
     """
     flushes: list = []
-    writes = WriteBatch()
-    writes.schedule = flushes.append
+    own = WriteBatch()
+    own.schedule = flushes.append
 
     def end_of_iteration() -> None:
         while flushes:
             flushes.pop(0)()
 
-    saved, server_module.batch = server_module.batch, writes
+    saved = _take_batch_state(own)
     try:
         service = NumberingService(hooked, later, runs, multigets, wire)
-        service.engine.batch = writes
+        service.engine.batch = batch
         proto = ProxyServerProtocol(service)
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -373,8 +372,19 @@ def run_protocol(chunks: list[bytes], hooked: frozenset[int], later: bool = Fals
         end_of_iteration()
         service.engine.answer_backwards(end_of_iteration)
     finally:
-        server_module.batch = saved
+        _take_batch_state(saved)
     return service.engine.routed, transport.value(), transport.disconnecting, service
+
+
+def _take_batch_state(state: WriteBatch) -> WriteBatch:
+    """Give the process-wide write batch the fields of ``state`` and return
+    its own as a WriteBatch: the compiled protocol holds that batch in C, so
+    a run swaps what the batch holds, never the batch."""
+    former = WriteBatch()
+    for name in ("pending", "first", "scheduled", "schedule", "events"):
+        setattr(former, name, getattr(batch, name))
+        setattr(batch, name, getattr(state, name))
+    return former
 
 
 #: Everything the proxy writes of its own accord.

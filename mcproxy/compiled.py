@@ -36,7 +36,9 @@ MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True,
 
 #: The compiled modules built against others' extension types (their .pxd
 #: cimports): each runs from source wherever one of those does.
-USES = {"mcproxy.backends.connection": ("mcproxy.backends.latency", "mcproxy.wire.reader"),
+USES = {"mcproxy.server.protocol": ("mcproxy.writes",),
+        "mcproxy.backends.connection": ("mcproxy.backends.latency", "mcproxy.wire.reader",
+                                        "mcproxy.writes"),
         "mcproxy.routing.runs": ("mcproxy.units",)}
 
 

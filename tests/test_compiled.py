@@ -18,8 +18,10 @@ from mcproxy import compiled
 @pytest.mark.parametrize(("value", "names"), [
     (None, set()), ("", set()), ("0", set()), ("1", set(compiled.MODULES)),
     ("mcproxy.server.protocol", {"mcproxy.server.protocol"}),
-    (" mcproxy.wire._frames , mcproxy.writes", {"mcproxy.wire._frames", "mcproxy.writes"}),
     # and what uses their extension types, built against them (USES)
+    (" mcproxy.wire._frames , mcproxy.writes", {"mcproxy.wire._frames", "mcproxy.writes",
+                                                "mcproxy.server.protocol",
+                                                "mcproxy.backends.connection"}),
     ("mcproxy.units", {"mcproxy.units", "mcproxy.routing.runs"}),
     ("mcproxy.backends.latency", {"mcproxy.backends.latency", "mcproxy.backends.connection"}),
 ])

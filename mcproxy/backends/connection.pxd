@@ -7,6 +7,10 @@ cimport cython
 
 from mcproxy.backends.latency cimport LatencyWindow
 from mcproxy.wire.reader cimport ResponseReader
+from mcproxy.writes cimport WriteBatch, send
+
+# the process-wide batch (writes.batch), its fields and methods read in C
+cdef WriteBatch batch
 
 
 @cython.final

@@ -5,6 +5,11 @@
 # (factory, last_active, a dataReceived of its own) lives in its __dict__.
 cimport cython
 
+from mcproxy.writes cimport WriteBatch, send
+
+# the process-wide batch (writes.batch), its fields and methods read in C
+cdef WriteBatch batch
+
 
 cdef class Slot:
     cdef public object data
@@ -35,10 +40,12 @@ cdef class ProxyServerProtocol:
 
     @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, multigets=Py_ssize_t)
     cpdef _process(self, data)
+    @cython.locals(gathers=Py_ssize_t)
     cpdef _route(self, req)
     cpdef _release(self)
-    @cython.locals(extra=Py_ssize_t, routed=bint)
+    @cython.locals(extra=Py_ssize_t, routed=bint, gathers=Py_ssize_t)
     cpdef bint _route_run(self, data, Py_ssize_t start, list keys, list ends, sets, widths)
+    @cython.locals(slot=Slot, group=GroupSlot)
     cpdef flush(self)
     @cython.locals(size=Py_ssize_t)
     cpdef write_pending(self)

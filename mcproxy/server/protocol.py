@@ -530,7 +530,8 @@ class ProxyServerProtocol:
         self._slots.append(slot)
         self._check_inflight()
         router = self.router
-        if router.gathers and batch.events >= router.gathers:  # else too few to join
+        gathers = router.gathers
+        if gathers and batch.events >= gathers:  # else too few to join
             self._held += 1  # before: a router may route and release at once
             if router.gather(req, slot.fill, self._release):
                 return
@@ -552,9 +553,10 @@ class ProxyServerProtocol:
         # Its requests, a multiget's keys each and END, less the slot itself.
         extra = len(keys) - 1 + (sum(widths.values()) if widths else 0)
         router = self.router
+        gathers = router.gathers
         slots = self._slots
         routed = False
-        if not extra and router.gathers and batch.events >= router.gathers:  # join others'
+        if not extra and gathers and batch.events >= gathers:  # join others'
             # A get's slot is a plain one: the joined unit has no sink, and
             # the get counts nothing extra.
             slot = GroupSlot(self, 0, ends[0] - start) if sets else Slot(self)
@@ -568,8 +570,7 @@ class ProxyServerProtocol:
                     slots.pop()
                     slot = GroupSlot(self, 0)
                     slots.append(slot)
-        elif widths is not None and router.gathers and len(keys) == 1 \
-                and batch.events >= router.gathers:
+        elif widths is not None and gathers and len(keys) == 1 and batch.events >= gathers:
             # a multi-key get alone: join others' too, where the router
             # does (refused, route_run takes the slot as its sink)
             slot = GroupSlot(self, extra)
@@ -668,11 +669,15 @@ class ProxyServerProtocol:
             return
         slots = self._slots
         out = self._out
-        while slots and slots[0].data is not None:
-            slot = slots.popleft()
-            if slot.__class__ is GroupSlot:
-                self._extra_slots -= slot.extra
+        while slots:
+            slot = slots[0]
             data = slot.data
+            if data is None:
+                break
+            slots.popleft()
+            if type(slot) is GroupSlot:
+                group = slot  # (compiled, typed: protocol.pxd)
+                self._extra_slots -= group.extra
             if data:
                 out.append(data)
         if not self._batched:
@@ -689,7 +694,9 @@ class ProxyServerProtocol:
         if out:
             self._out = []
             send(self.transport, self._socket, out)
-            size = sum(map(len, out))
+            size = 0
+            for data in out:
+                size += len(data)
             if self._writing_paused:
                 self._unsent += size
             else:
