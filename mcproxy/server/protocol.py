@@ -128,10 +128,12 @@ class Slot:
     __slots__ = ("data", "proto")
 
     def __init__(self, proto: ProxyServerProtocol, data: bytes | None = None) -> None:
+        # (the protocol reached through the typed field, not the argument:
+        # compiled, a C call)
         self.proto = proto
         self.data = data
         if data is not None:
-            proto._add_waiting(len(data))
+            self.proto._add_waiting(len(data))
 
     def fill(self, data: bytes) -> None:
         self.data = data
@@ -152,7 +154,7 @@ class PayloadSlot(Slot):
     def __init__(self, proto: ProxyServerProtocol, size: int) -> None:
         super().__init__(proto)
         self.size = size
-        proto._inflight_bytes += size
+        self.proto._inflight_bytes += size
 
     def fill(self, data: bytes) -> None:
         self.proto._inflight_bytes -= self.size
@@ -175,13 +177,13 @@ class GroupSlot(Slot):
     __slots__ = ("extra", "size", "credited")
 
     def __init__(self, proto: ProxyServerProtocol, extra: int, size: int = 0) -> None:
-        self.proto = proto
+        self.proto = proto  # (its fields then reached through it: see Slot)
         self.data = None
         self.extra = extra
         self.size = size
         self.credited = 0
-        proto._extra_slots += extra
-        proto._inflight_bytes += size
+        self.proto._extra_slots += extra
+        self.proto._inflight_bytes += size
 
     def fill(self, data: bytes) -> None:
         proto = self.proto
