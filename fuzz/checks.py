@@ -381,7 +381,7 @@ def _take_batch_state(state: WriteBatch) -> WriteBatch:
     its own as a WriteBatch: the compiled protocol holds that batch in C, so
     a run swaps what the batch holds, never the batch."""
     former = WriteBatch()
-    for name in ("pending", "first", "scheduled", "schedule", "events"):
+    for name in WriteBatch.__slots__:
         setattr(former, name, getattr(batch, name))
         setattr(batch, name, getattr(state, name))
     return former
