@@ -72,7 +72,9 @@ return function(host, phase, v2)
     -- the missing slot makes the Python object once, from the batch's
     -- Python requests (`requests`, held as long as a request of the batch
     -- is: the same object Python uses for the key while its batch is
-    -- routed).
+    -- routed), and sets the batch's (or unit's) slot to false: the
+    -- drivers read that slot, not the missing one, to know a request or
+    -- response is still lazy (unedited), without a call to rawget.
     local rawget = rawget
     local rawset = rawset
 
@@ -82,11 +84,12 @@ return function(host, phase, v2)
             return method
         end
         local batch = rawget(r, R_BATCH)
-        if batch == nil then
+        if not batch then
             return nil
         end
         local preq = host.key_request(batch.requests, rawget(r, R_INDEX))
         rawset(r, R_REQ, preq)
+        rawset(r, R_BATCH, false)
         return preq
     end
 
@@ -96,11 +99,12 @@ return function(host, phase, v2)
             return method
         end
         local fetch = rawget(res, S_UNIT)
-        if fetch == nil then
+        if not fetch then
             return nil
         end
         local pres = host.key_response(fetch, rawget(res, S_POS))
         rawset(res, S_RES, pres)
+        rawset(res, S_UNIT, false)
         return pres
     end
     local BACKEND = { __name = "mcp.backend" }
@@ -449,16 +453,12 @@ return function(host, phase, v2)
     -- Routes phase ------------------------------------------------------
 
     -- A pool as a route sees it: calling it sends the request to the
-    -- backend the pool's distribution picks for the request's key.
+    -- backend the pool's distribution picks for the request's key. Every
+    -- route calls this, so it only yields: the driver checks `r` (step,
+    -- start_keys) and resumes with an error for what is not a request.
+    -- Outside a route coroutine the yield fails, as in memcached's proxy.
     function POOL_PROXY.__call(pool, r)
-        if getmetatable(r) ~= REQUEST then  -- check_request, inlined: every route calls this
-            error("pool must be passed a request object", 2)
-        end
-        if not coroutine_isyieldable() then
-            error("pools can only be called from inside a route", 2)
-        end
-        -- a lazy request goes as itself (see start_keys)
-        local res, err = coroutine_yield(YIELD_POOL, pool._p, rawget(r, R_REQ), r)
+        local res, err = coroutine_yield(YIELD_POOL, pool._p, r)
         if err then
             error(err, 2)
         end
@@ -823,7 +823,10 @@ return function(host, phase, v2)
         end
         -- suspended: a pool call, an await, or a bare yield
         if a == YIELD_POOL then
-            return YIELD_POOL, co, b, c or d[R_REQ]
+            if getmetatable(c) ~= REQUEST then
+                return step(co, coroutine_resume(co, nil, "pool must be passed a request object"))
+            end
+            return YIELD_POOL, co, b, c[R_REQ]
         elseif a == YIELD_AWAIT then
             return YIELD_AWAIT, co, b, c, d, e
         elseif a == YIELD_WAIT then
@@ -878,9 +881,9 @@ return function(host, phase, v2)
                 return full
             end
             packed = table.pack(done(a))
-        elseif a == YIELD_POOL and c == nil and rawget(d, R_BATCH) == batch then
-            -- (a request without a Python Request is a lazy one: its slots are its own)
-            out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, d[R_INDEX]
+        elseif a == YIELD_POOL and getmetatable(c) == REQUEST and rawget(c, R_BATCH) == batch then
+            -- (a lazy request, still without a Python Request: its slots are its own)
+            out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, c[R_INDEX]
             batch.pending = batch.pending + 1
             return full
         else
@@ -944,7 +947,7 @@ return function(host, phase, v2)
             end
             cos[i + 1] = co
             local ok, a, b, c, d, e, f = coroutine_resume(co, route, r)
-            if out == nil and a == YIELD_POOL and c == nil and d == r
+            if out == nil and a == YIELD_POOL and c == r and r[R_BATCH] == batch
                     and (b == pool or pool == nil) then
                 pool = b
                 sent = sent + 1
@@ -973,6 +976,8 @@ return function(host, phase, v2)
     -- every key of the batch, in order). Returns
     -- `full`, then `out`; or, when every key returned the response it was
     -- given (`out` never written), false and true.
+    local FLAG_OK <const> = { [0] = false, true, true }
+    local FLAG_HIT <const> = { [0] = false, false, true }
     local function resume_keys(id, fetch, flags, ...)
         local batch = batches[id]
         local cos, full, out = batch.cos, false, nil
@@ -984,16 +989,17 @@ return function(host, phase, v2)
             waiting = { ... }
         end
         batch.pending = batch.pending - count
+        flags = { string_byte(flags, 1, count) }
         for j = 1, count do
             local i = waiting and waiting[j] or j - 1
             local co = cos[i + 1]
-            local flag = string_byte(flags, j)
-            local res = setmetatable({ flag > 0, flag == 2, nil, fetch, j - 1 },
+            local flag = flags[j]
+            local res = setmetatable({ FLAG_OK[flag], FLAG_HIT[flag], nil, fetch, j - 1 },
                                      RESPONSE)
             local ok, a, b, c, d, e, f = coroutine_resume(co, res)
-            -- (only a finished route yields FINISHED; S_UNIT is set, so no __index)
-            if out == nil and a == FINISHED and returned[1] == res
-                    and rawget(res, S_RES) == nil and res[S_UNIT] ~= nil then
+            -- (only a finished route yields FINISHED; S_UNIT is the unit
+            -- while the response is lazy, so no __index)
+            if out == nil and a == FINISHED and returned[1] == res and res[S_UNIT] == fetch then
                 returned[1] = nil  -- finished(co), inlined
                 if idle_count < IDLE_MAX then
                     idle_count = idle_count + 1

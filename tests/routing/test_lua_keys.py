@@ -3,7 +3,8 @@ route runs in Lua, routed together (RouteEngine.route_keys and route_run,
 engine._LuaKeys) answer every client exactly as the keys routed one by
 one (``batch_keys=False``): hits, misses and
 failures, routes that look at the result, edit or make requests, await
-several pools, raise errors, return strings or closed responses, a V2
+several pools, raise errors, return strings or closed responses, pass a
+pool what is not a request or a request kept from an earlier key, a V2
 request context's route; and the keys that go unedited to one backend
 travel as one backend get."""
 
@@ -24,7 +25,7 @@ from tests.routing.luapaths import POOLS, LuaProxy
 
 #: A route per first letter of the key (the rest: the result of pools.a).
 V1_ROUTE = POOLS + """
-local last
+local last, last_request
 function mcp_config_routes(p)
     local function route(r)
         local key = r:key()
@@ -68,9 +69,20 @@ function mcp_config_routes(p)
             return "SERVER_ERROR " .. r:token(1) .. " " .. r:command() .. "\\r\\n"
         elseif c == "y" then
             return 5
+        elseif c == "x" then
+            return p.a(key)
+        elseif c == "r" then
+            local _ = r:token(2)
+            return p.a(r)
+        elseif c == "g" then
+            local res = p.a(r)
+            local _ = res:vlen()
+            return res
+        elseif c == "q" and last_request ~= nil then
+            return p.b(last_request)
         end
         local res = p.a(r)
-        last = res
+        last, last_request = res, r
         return res
     end
     mcp.attach(mcp.CMD_GET, route)
@@ -176,7 +188,7 @@ def proxy(tmp_path_factory, name: str, batch_keys: bool) -> LuaProxy:
     return _proxies[key]
 
 
-_letters = "aefnzwsmvdDclotyk"
+_letters = "aefnzwsmvdDclotykxrgq"
 _keys = st.builds(lambda c, n: (c + n).encode(), st.sampled_from(_letters),
                   st.sampled_from(["", "1", "2", "33", "key:000123"]))
 
@@ -277,8 +289,9 @@ def test_routes_done_with_are_not_held_by_lua(tmp_path):
         gc.enable()
 
 
-#: Keys of routes that keep nothing from one request to the next (not "o").
-_own_keys = st.builds(lambda c, n: (c + n).encode(), st.sampled_from(_letters.replace("o", "")),
+#: Keys of routes that keep nothing from one request to the next (not "o", "q").
+_own_keys = st.builds(lambda c, n: (c + n).encode(),
+                      st.sampled_from(_letters.replace("o", "").replace("q", "")),
                       st.sampled_from(["", "1", "2", "33", "key:000123"]))
 
 
