@@ -1,5 +1,5 @@
 """Build mcproxy's optional compiled modules (mcproxy.compiled.MODULES):
-mcproxy/wire/_frames.pyx, and mcproxy/server/protocol.py, mcproxy/writes.py,
+mcproxy/wire/_frames.pyx, mcproxy/routing/_keyloops.pyx, and mcproxy/server/protocol.py, mcproxy/writes.py,
 mcproxy/units.py, mcproxy/backends/latency.py, mcproxy/backends/connection.py,
 mcproxy/routing/runs.py and mcproxy/wire/reader.py themselves, each typed by the
 .pxd beside it.
@@ -45,7 +45,8 @@ def extensions() -> list:
     except ImportError:
         return []
     # Annotations are documentation here, never C types: protocol.pxd types.
-    sources = ["mcproxy/wire/_frames.pyx", "mcproxy/server/protocol.py", "mcproxy/writes.py",
+    sources = ["mcproxy/wire/_frames.pyx", "mcproxy/routing/_keyloops.pyx",
+               "mcproxy/server/protocol.py", "mcproxy/writes.py",
                "mcproxy/units.py", "mcproxy/backends/latency.py", "mcproxy/backends/connection.py",
                "mcproxy/routing/runs.py", "mcproxy/wire/reader.py"]
     modules = cythonize(sources, quiet=True,

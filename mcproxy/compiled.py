@@ -3,6 +3,8 @@ runs it without them.
 
 Where a C compiler is, setup.py builds ``mcproxy.wire._frames`` (framing
 loops the wire layer also has in Python: ``_frames.pyx``),
+``mcproxy.routing._keyloops`` (loops mcp.lua also has in Lua:
+``_keyloops.pyx``),
 ``mcproxy.server.protocol``, ``mcproxy.writes``, ``mcproxy.units``,
 ``mcproxy.backends.latency``, ``mcproxy.backends.connection``,
 ``mcproxy.routing.runs`` and ``mcproxy.wire.reader`` (compiled by Cython
@@ -29,7 +31,8 @@ from importlib.util import find_spec
 ENVIRON = "MCPROXY_PURE_PYTHON"
 #: Each compiled module: True where it is built from its own ``.py``, False
 #: where the Python code has its own fallback (the module is then missing).
-MODULES = {"mcproxy.wire._frames": False, "mcproxy.server.protocol": True,
+MODULES = {"mcproxy.wire._frames": False, "mcproxy.routing._keyloops": False,
+           "mcproxy.server.protocol": True,
            "mcproxy.writes": True, "mcproxy.units": True, "mcproxy.backends.latency": True,
            "mcproxy.backends.connection": True, "mcproxy.routing.runs": True,
            "mcproxy.wire.reader": True}

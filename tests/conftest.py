@@ -31,17 +31,20 @@ PROCESS_FIXTURES = frozenset(("memcached", "memcached_factory"))
 
 
 def _stale_builds() -> list[str]:
-    """Compiled modules built from their own Python that are older than
-    their sources: Python would import the old build (an editable install
-    builds in place), not the code under test."""
+    """Compiled modules that are older than their sources (their own
+    Python, its .pxd, or their .pyx): Python would import the old build (an
+    editable install builds in place), not the code under test."""
     stale = []
-    for name, sourced in compiled.MODULES.items():
-        spec = importlib.util.find_spec(name) if sourced else None
+    for name in compiled.MODULES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError:  # switched off (compiled.PurePython)
+            continue
         if spec is None or not spec.origin.endswith(tuple(EXTENSION_SUFFIXES)):
             continue
         built = Path(spec.origin)
         stem = built.parent / name.rpartition(".")[2]
-        sources = [stem.with_suffix(".py"), stem.with_suffix(".pxd")]
+        sources = [stem.with_suffix(suffix) for suffix in (".py", ".pxd", ".pyx")]
         if any(path.stat().st_mtime > built.stat().st_mtime for path in sources if path.exists()):
             stale.append(name)
     return stale

@@ -52,6 +52,11 @@ from mcproxy.wire.request import (
 )
 from mcproxy.wire.response import MCMC_CODES, Response, client_bytes, key_reply, string_reply
 
+try:
+    from mcproxy.routing import _keyloops
+except ImportError:  # not built (mcproxy.compiled): mcp.lua's own loops
+    _keyloops = None
+
 # What a route step reports (mirrors mcp.lua).
 DONE_RESPONSE = 0
 DONE_STRING = 1
@@ -182,13 +187,26 @@ class _State:
             "function(source, name) return string.dump(assert(load(source, name, 't'))) end")
         build = self._bundled(_MCP_LUA, b"=mcp.lua")()
         v2 = self._bundled(_V2_LUA, b"=v2.lua")()
-        self.mcp, self.engine = build(host, phase.encode(), v2)
+        #: the compiled loops this state's mcp.lua runs (None: its own)
+        self.loops = self._loops()
+        self.mcp, self.engine = build(host, phase.encode(), v2, self.loops)
         for name, value in _CONSTANTS.items():
             self.mcp[name.encode()] = value
         self._install_hashing()
         self.globals.mcp = self.mcp
         self.globals.python = None
         self._install_libraries()
+
+    def _loops(self):
+        """The compiled loops of mcp.lua's start_keys and resume_keys for
+        this state (mcproxy.routing._keyloops), or None: mcp.lua's own."""
+        if _keyloops is None:
+            return None
+        where = self.runtime.eval('string.format("%p", (coroutine.running()))')
+        if not _keyloops.install(lua54.__file__, int(where, 16), b"_keyloops"):
+            return None
+        loops, self.globals._keyloops = self.globals._keyloops, None
+        return loops
 
     def _install_libraries(self) -> None:
         """Make the bundled Lua libraries loadable with ``require``; each

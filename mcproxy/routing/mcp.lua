@@ -57,7 +57,7 @@ local S_POS <const> = 5
 local AWAIT_GOOD <const> = 0
 local AWAIT_BACKGROUND <const> = 5
 
-return function(host, phase, v2)
+return function(host, phase, v2, loops)
     local mcp = {}
     local in_config = phase == "config"
 
@@ -858,6 +858,11 @@ return function(host, phase, v2)
     local KEY_POOL <const> = 7
     local KEY_STEP <const> = 8
     local batches = {}
+    -- The compiled loops (mcproxy.routing._keyloops), where built: they
+    -- take the keys as far as the loops below would take them on the
+    -- common step, and leave the rest to those.
+    local start_loop = loops and loops.start
+    local resume_loop = loops and loops.resume
     local string_byte = string.byte
 
     local function key_step(out, full, batch, i, co, ok, a, b, c, d, e, f)
@@ -931,7 +936,21 @@ return function(host, phase, v2)
         -- `out` stays nil while every key sent its own request to `pool`:
         -- `sent` of them
         local pool, sent = nil, 0
-        for i = 0, #cos - 1 do
+        local count, first = #cos, 0
+        if start_loop then  -- as far as every key takes that step; then as below
+            local ok, a, b, c, d, e, f
+            first, pool, idle_count, ok, a, b, c, d, e, f = start_loop(
+                cos, batch, handler, cmd, REQUEST, idle, idle_count, body, kinds, other,
+                other_cmd, count)
+            sent = first
+            if first < count then
+                out = {}
+                all_took(out, first, KEY_POOL, pool)
+                full = key_step(out, full, batch, first, cos[first + 1], ok, a, b, c, d, e, f)
+                first = first + 1
+            end
+        end
+        for i = first, count - 1 do
             local route, command = handler, cmd
             if kinds and string_byte(kinds, i + 1) == 1 then
                 route, command = other, other_cmd
@@ -989,8 +1008,23 @@ return function(host, phase, v2)
             waiting = { ... }
         end
         batch.pending = batch.pending - count
-        flags = { string_byte(flags, 1, count) }
-        for j = 1, count do
+        local first = 1
+        if resume_loop then  -- as far as every key returns its response; then as below
+            local i, co, ok, a, b, c, d, e, f
+            first, idle_count, i, co, ok, a, b, c, d, e, f = resume_loop(
+                cos, waiting, count, fetch, flags, RESPONSE, FINISHED, returned, idle,
+                idle_count, IDLE_MAX)
+            if first < count then
+                out = {}
+                all_took(out, first, DONE_RESPONSE, fetch)
+                full = key_step(out, full, batch, i, co, ok, a, b, c, d, e, f)
+            end
+            first = first + 2
+        end
+        if first <= count then
+            flags = { string_byte(flags, 1, count) }
+        end
+        for j = first, count do
             local i = waiting and waiting[j] or j - 1
             local co = cos[i + 1]
             local flag = flags[j]

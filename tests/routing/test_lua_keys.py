@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import gc
 import re
+import subprocess
+import sys
 import weakref
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from lupa.lua54 import lua_type as lupa_type
 
 from fuzz.checks import chunked
 from mcproxy.backends.backend import Backend
+from mcproxy.routing import engine as routing_engine
 from mcproxy.server import protocol
 from mcproxy.units import KeyFetch, PlainRun, ReplyRun, Single
 from tests.routing.luapaths import POOLS, LuaProxy
@@ -461,3 +466,40 @@ def test_a_request_kept_past_its_batch_reads_as_alone(tmp_path_factory):
     batched = LuaProxy(str(path), True).exchange(stream)
     assert batched == LuaProxy(str(path), False).exchange(stream)
     assert batched.endswith(b"SERVER_ERROR set:a1:5,get:a2:2,set:a3:5\r\n")
+
+
+def test_a_multiget_of_more_keys_than_idle_coroutines_answers_as_alone(tmp_path_factory):
+    """More keys in one batch than mcp.lua keeps idle coroutines (IDLE_MAX,
+    1024): each key still gets its own, new or idle, and the next batch
+    reuses those kept; among them keys whose routes fail, answer
+    themselves, edit their request."""
+    keys = [b"a%d" % i for i in range(1200)]
+    for at, letter in ((5, b"z"), (700, b"s"), (1100, b"e"), (1199, b"l")):
+        keys[at] = letter + keys[at]
+    stream = [b"set a7 0 0 1\r\nx\r\n"] + [b"get " + b" ".join(keys) + b"\r\n"] * 2
+    batched = proxy(tmp_path_factory, "v1", True).exchange(stream)
+    assert batched == proxy(tmp_path_factory, "v1", False).exchange(stream)
+    assert batched.count(b"VALUE a7 0 1\r\n") == 2
+
+
+@pytest.mark.skipif(routing_engine._keyloops is None, reason="mcproxy.routing._keyloops not built")
+def test_states_route_keys_through_the_compiled_loops_where_built(tmp_path_factory):
+    """Where _keyloops is built every routes state runs its loops (they are
+    what the tests above compare with routing one by one)."""
+    loops = proxy(tmp_path_factory, "v1", True).engine.routes.state.loops
+    assert loops is not None
+    assert {lupa_type(loops.start), lupa_type(loops.resume)} == {"function"}
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(routing_engine._keyloops is None, reason="mcproxy.routing._keyloops not built")
+def test_the_compiled_loops_need_lupas_lua():
+    """Where the Lua API is not found in the library named (a library
+    without it, one not loaded), nothing is installed: mcp.lua keeps its
+    own loops. (In a process of its own: the API, once found, is kept.)"""
+    script = ("from mcproxy.routing import _keyloops; "
+              "print(_keyloops.install(_keyloops.__file__, 0, b'x'), "
+              "_keyloops.install('/nonexistent/lua54.so', 0, b'x'))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "False"]
