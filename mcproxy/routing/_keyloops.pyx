@@ -218,6 +218,24 @@ cdef int fail(lua_State *L, const char *message) noexcept nogil:
     return lua.error(L)
 
 
+cdef int resume(lua_State *L, lua_State *co, int narg, int *nres) noexcept nogil:
+    """Resume ``co`` with the ``narg`` values on top of ``L``, as
+    ``coroutine.resume`` does, and move to ``L``'s top what it yielded or
+    returned (``nres`` values), or its error object (one). The status, or
+    -1 where a stack could not grow."""
+    cdef int status
+    if co == NULL or not lua.checkstack(co, narg):
+        return -1
+    lua.xmove(L, co, narg)
+    status = lua.resume(co, L, narg, nres)
+    if status != LUA_OK and status != LUA_YIELD:
+        nres[0] = 1
+    if not lua.checkstack(L, nres[0] + 12):
+        return -1
+    lua.xmove(co, L, nres[0])
+    return status
+
+
 cdef int stopped(lua_State *L, bint ok, int results, int nres) noexcept nogil:
     """Push a stopped key's resume as ``coroutine.resume`` returns it, six
     values after ``ok`` (as mcp.lua's loops keep them): the ``nres``
@@ -273,7 +291,7 @@ cdef int start_keys(lua_State *L) noexcept nogil:
         if kinds != NULL and <size_t>i < kinds_length and kinds[i] == 1:
             route, command = A_OTHER, A_OTHER_CMD
         if not lua.checkstack(L, 12):
-            return fail(L, "start_keys: stack overflow")
+            return fail(L, "start_keys: a stack could not grow")
         lua.createtable(L, SLOTS, 0)  # S_REQ: { key, command, nil, batch, i }
         lua.rawgeti(L, A_COS, i + 1)
         lua.rawseti(L, S_REQ, R_KEY)
@@ -296,31 +314,23 @@ cdef int start_keys(lua_State *L) noexcept nogil:
             lua.rawseti(L, A_IDLE, idle_count)
             idle_count -= 1
         lua.rawseti(L, A_COS, i + 1)  # the key's coroutine takes its slot
-        if co == NULL or not lua.checkstack(co, 2):
-            return fail(L, "start_keys: no coroutine to resume")
         lua.pushvalue(L, route)
         lua.pushvalue(L, S_REQ)
-        lua.xmove(L, co, 2)
-        status = lua.resume(co, L, 2, &nres)
-        if status == LUA_OK or status == LUA_YIELD:
-            if not lua.checkstack(L, nres + 12):
-                return fail(L, "start_keys: too many results to resume")
-            lua.xmove(co, L, nres)
-            if (status == LUA_YIELD and nres == 3 and lua.isinteger(L, S_RESULTS)
-                    and lua.tointegerx(L, S_RESULTS, NULL) == YIELD_POOL
-                    and lua.type(L, S_RESULTS + 1) == LUA_TUSERDATA
-                    and lua.rawequal(L, S_RESULTS + 2, S_REQ)
-                    and lua.rawgeti(L, S_REQ, R_BATCH) != LUA_TNIL
-                    and lua.rawequal(L, -1, A_BATCH)
-                    and (lua.type(L, S_POOL) == LUA_TNIL
-                         or lua.rawequal(L, S_POOL, S_RESULTS + 1))):
-                lua.copy(L, S_RESULTS + 1, S_POOL)
-                lua.settop(L, S_POOL)
-                continue
-            lua.settop(L, S_REQ + nres)
-        else:  # the route failed: its error object
-            lua.xmove(co, L, 1)
-            nres = 1
+        status = resume(L, co, 2, &nres)
+        if status < 0:
+            return fail(L, "start_keys: a stack could not grow")
+        if (status == LUA_YIELD and nres == 3 and lua.isinteger(L, S_RESULTS)
+                and lua.tointegerx(L, S_RESULTS, NULL) == YIELD_POOL
+                and lua.type(L, S_RESULTS + 1) == LUA_TUSERDATA
+                and lua.rawequal(L, S_RESULTS + 2, S_REQ)
+                and lua.rawgeti(L, S_REQ, R_BATCH) != LUA_TNIL
+                and lua.rawequal(L, -1, A_BATCH)
+                and (lua.type(L, S_POOL) == LUA_TNIL
+                     or lua.rawequal(L, S_POOL, S_RESULTS + 1))):
+            lua.copy(L, S_RESULTS + 1, S_POOL)
+            lua.settop(L, S_POOL)
+            continue
+        lua.settop(L, S_REQ + nres)
         lua.pushinteger(L, i)
         lua.pushvalue(L, S_POOL)
         lua.pushinteger(L, idle_count)
@@ -370,7 +380,7 @@ cdef int resume_keys(lua_State *L) noexcept nogil:
     lua.settop(L, B_IDLE_MAX)
     for j in range(count):
         if not lua.checkstack(L, 12):
-            return fail(L, "resume_keys: stack overflow")
+            return fail(L, "resume_keys: a stack could not grow")
         if waiting:
             lua.rawgeti(L, B_WAITING, j + 1)
             i = lua.tointegerx(L, -1, NULL)
@@ -391,34 +401,26 @@ cdef int resume_keys(lua_State *L) noexcept nogil:
         lua.rawseti(L, T_RES, S_POS)
         lua.pushvalue(L, B_RESPONSE)
         lua.setmetatable(L, T_RES)
-        if co == NULL or not lua.checkstack(co, 1):
-            return fail(L, "resume_keys: no coroutine to resume")
         lua.pushvalue(L, T_RES)
-        lua.xmove(L, co, 1)
-        status = lua.resume(co, L, 1, &nres)
-        if status == LUA_OK or status == LUA_YIELD:
-            if not lua.checkstack(L, nres + 12):
-                return fail(L, "resume_keys: too many results to resume")
-            lua.xmove(co, L, nres)
-            # a finished route (only those yield FINISHED) that returned
-            # its response, still lazy (S_UNIT is the unit until then)
-            if (status == LUA_YIELD and nres == 1 and lua.rawequal(L, T_RESULTS, B_FINISHED)
-                    and lua.rawgeti(L, B_RETURNED, 1) != LUA_TNIL
-                    and lua.rawequal(L, -1, T_RES)
-                    and lua.rawgeti(L, T_RES, S_UNIT) != LUA_TNIL
-                    and lua.rawequal(L, -1, B_FETCH)):
-                lua.pushnil(L)
-                lua.rawseti(L, B_RETURNED, 1)  # what mcp.lua's finished(co) does
-                if idle_count < idle_max:
-                    idle_count += 1
-                    lua.pushvalue(L, T_CO)
-                    lua.rawseti(L, B_IDLE, idle_count)
-                lua.settop(L, B_IDLE_MAX)
-                continue
-            lua.settop(L, T_RES + nres)
-        else:  # the route failed: its error object
-            lua.xmove(co, L, 1)
-            nres = 1
+        status = resume(L, co, 1, &nres)
+        if status < 0:
+            return fail(L, "resume_keys: a stack could not grow")
+        # a finished route (only those yield FINISHED) that returned its
+        # response, still lazy (S_UNIT is the unit until then)
+        if (status == LUA_YIELD and nres == 1 and lua.rawequal(L, T_RESULTS, B_FINISHED)
+                and lua.rawgeti(L, B_RETURNED, 1) != LUA_TNIL
+                and lua.rawequal(L, -1, T_RES)
+                and lua.rawgeti(L, T_RES, S_UNIT) != LUA_TNIL
+                and lua.rawequal(L, -1, B_FETCH)):
+            lua.pushnil(L)
+            lua.rawseti(L, B_RETURNED, 1)  # what mcp.lua's finished(co) does
+            if idle_count < idle_max:
+                idle_count += 1
+                lua.pushvalue(L, T_CO)
+                lua.rawseti(L, B_IDLE, idle_count)
+            lua.settop(L, B_IDLE_MAX)
+            continue
+        lua.settop(L, T_RES + nres)
         lua.pushinteger(L, j)
         lua.pushinteger(L, idle_count)
         lua.pushinteger(L, i)
