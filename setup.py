@@ -1,6 +1,7 @@
 """Build mcproxy's optional compiled modules (mcproxy.compiled.MODULES):
-mcproxy/wire/_frames.pyx, mcproxy/routing/_keyloops.pyx, and mcproxy/server/protocol.py, mcproxy/writes.py,
-mcproxy/units.py, mcproxy/backends/latency.py, mcproxy/backends/connection.py,
+mcproxy/wire/_frames.pyx and mcproxy/routing/_keyloops.pyx, and
+mcproxy/server/protocol.py, mcproxy/writes.py, mcproxy/units.py,
+mcproxy/backends/latency.py, mcproxy/backends/connection.py,
 mcproxy/routing/runs.py and mcproxy/wire/reader.py themselves, each typed by the
 .pxd beside it.
 
