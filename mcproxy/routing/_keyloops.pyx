@@ -55,9 +55,8 @@ cdef enum:
     LUA_TUSERDATA = 7
     LUA_VERSION_NUM = 504
 
-# mcp.lua's: the pool call's yield, the slots of a lazy request and response.
+# mcp.lua's: the slots of a lazy request and response.
 cdef enum:
-    YIELD_POOL = 4
     R_KEY = 1
     R_CMD = 2
     R_BATCH = 4
@@ -76,7 +75,6 @@ ctypedef void (*copy_f)(lua_State *L, int fromidx, int toidx) noexcept nogil
 ctypedef int (*checkstack_f)(lua_State *L, int n) noexcept nogil
 ctypedef void (*xmove_f)(lua_State *src, lua_State *dst, int n) noexcept nogil
 ctypedef int (*type_f)(lua_State *L, int idx) noexcept nogil
-ctypedef int (*isinteger_f)(lua_State *L, int idx) noexcept nogil
 ctypedef lua_Integer (*tointegerx_f)(lua_State *L, int idx, int *isnum) noexcept nogil
 ctypedef const char *(*tolstring_f)(lua_State *L, int idx, size_t *length) noexcept nogil
 ctypedef lua_State *(*tothread_f)(lua_State *L, int idx) noexcept nogil
@@ -106,7 +104,6 @@ cdef struct Api:
     checkstack_f checkstack
     xmove_f xmove
     type_f type
-    isinteger_f isinteger
     tointegerx_f tointegerx
     tolstring_f tolstring
     tothread_f tothread
@@ -131,7 +128,7 @@ cdef Api lua
 cdef bint found = False
 
 _NAMES = ("lua_version", "lua_gettop", "lua_settop", "lua_pushvalue", "lua_copy",
-          "lua_checkstack", "lua_xmove", "lua_type", "lua_isinteger", "lua_tointegerx",
+          "lua_checkstack", "lua_xmove", "lua_type", "lua_tointegerx",
           "lua_tolstring", "lua_tothread", "lua_rawequal", "lua_pushnil", "lua_pushinteger",
           "lua_pushboolean", "lua_pushstring", "lua_pushcclosure", "lua_rawgeti", "lua_rawseti",
           "lua_createtable", "lua_setfield", "lua_setglobal", "lua_setmetatable",
@@ -141,12 +138,12 @@ _NAMES = ("lua_version", "lua_gettop", "lua_settop", "lua_pushvalue", "lua_copy"
 cdef bint find(bytes library):
     """Fill ``lua`` from the already loaded ``library`` (lupa's module)."""
     cdef void *handle = dlopen(library, RTLD_NOW | RTLD_NOLOAD)
-    cdef void *pointers[27]
+    cdef void *pointers[26]
     cdef int i
     cdef bytes symbol
     if handle == NULL:
         return False
-    for i in range(27):
+    for i in range(26):
         symbol = _NAMES[i].encode()
         pointers[i] = dlsym(handle, symbol)
         if pointers[i] == NULL:
@@ -159,25 +156,24 @@ cdef bint find(bytes library):
     lua.checkstack = <checkstack_f>pointers[5]
     lua.xmove = <xmove_f>pointers[6]
     lua.type = <type_f>pointers[7]
-    lua.isinteger = <isinteger_f>pointers[8]
-    lua.tointegerx = <tointegerx_f>pointers[9]
-    lua.tolstring = <tolstring_f>pointers[10]
-    lua.tothread = <tothread_f>pointers[11]
-    lua.rawequal = <rawequal_f>pointers[12]
-    lua.pushnil = <pushnil_f>pointers[13]
-    lua.pushinteger = <pushinteger_f>pointers[14]
-    lua.pushboolean = <pushboolean_f>pointers[15]
-    lua.pushstring = <pushstring_f>pointers[16]
-    lua.pushcclosure = <pushcclosure_f>pointers[17]
-    lua.rawgeti = <rawgeti_f>pointers[18]
-    lua.rawseti = <rawseti_f>pointers[19]
-    lua.createtable = <createtable_f>pointers[20]
-    lua.setfield = <setfield_f>pointers[21]
-    lua.setglobal = <setglobal_f>pointers[22]
-    lua.setmetatable = <setmetatable_f>pointers[23]
-    lua.newthread = <newthread_f>pointers[24]
-    lua.resume = <resume_f>pointers[25]
-    lua.error = <error_f>pointers[26]
+    lua.tointegerx = <tointegerx_f>pointers[8]
+    lua.tolstring = <tolstring_f>pointers[9]
+    lua.tothread = <tothread_f>pointers[10]
+    lua.rawequal = <rawequal_f>pointers[11]
+    lua.pushnil = <pushnil_f>pointers[12]
+    lua.pushinteger = <pushinteger_f>pointers[13]
+    lua.pushboolean = <pushboolean_f>pointers[14]
+    lua.pushstring = <pushstring_f>pointers[15]
+    lua.pushcclosure = <pushcclosure_f>pointers[16]
+    lua.rawgeti = <rawgeti_f>pointers[17]
+    lua.rawseti = <rawseti_f>pointers[18]
+    lua.createtable = <createtable_f>pointers[19]
+    lua.setfield = <setfield_f>pointers[20]
+    lua.setglobal = <setglobal_f>pointers[21]
+    lua.setmetatable = <setmetatable_f>pointers[22]
+    lua.newthread = <newthread_f>pointers[23]
+    lua.resume = <resume_f>pointers[24]
+    lua.error = <error_f>pointers[25]
     return True
 
 
@@ -251,7 +247,7 @@ cdef int stopped(lua_State *L, bint ok, int results, int nres) noexcept nogil:
 
 
 # start(cos, batch, handler, cmd, REQUEST, idle, idle_count, body, kinds,
-#       other, other_cmd, count): mcp.lua's start_keys loop over the
+#       other, other_cmd, count, POOL_CALL): mcp.lua's start_keys loop over the
 # `count` keys in `cos` (replaced, as it goes, by their coroutines).
 # Returns how many keys sent their own lazy request to one pool, that pool
 # (or nil), the idle count; and, if that was not every key, the next key's
@@ -269,9 +265,10 @@ cdef enum:
     A_OTHER = 10
     A_OTHER_CMD = 11
     A_COUNT = 12
-    S_POOL = 13  # the pool every key so far sent to (nil: none yet)
-    S_REQ = 14  # the key's request table
-    S_RESULTS = 15  # the key's resumed values
+    A_POOL_CALL = 13
+    S_POOL = 14  # the pool every key so far sent to (nil: none yet)
+    S_REQ = 15  # the key's request table
+    S_RESULTS = 16  # the key's resumed values
 
 
 cdef int start_keys(lua_State *L) noexcept nogil:
@@ -284,7 +281,7 @@ cdef int start_keys(lua_State *L) noexcept nogil:
     cdef lua_State *co
     if lua.type(L, A_KINDS) == LUA_TSTRING:
         kinds = lua.tolstring(L, A_KINDS, &kinds_length)
-    lua.settop(L, A_COUNT)
+    lua.settop(L, A_POOL_CALL)
     lua.pushnil(L)  # S_POOL
     for i in range(count):
         route, command = A_HANDLER, A_CMD
@@ -319,8 +316,7 @@ cdef int start_keys(lua_State *L) noexcept nogil:
         status = resume(L, co, 2, &nres)
         if status < 0:
             return fail(L, "start_keys: a stack could not grow")
-        if (status == LUA_YIELD and nres == 3 and lua.isinteger(L, S_RESULTS)
-                and lua.tointegerx(L, S_RESULTS, NULL) == YIELD_POOL
+        if (status == LUA_YIELD and nres == 3 and lua.rawequal(L, S_RESULTS, A_POOL_CALL)
                 and lua.type(L, S_RESULTS + 1) == LUA_TUSERDATA
                 and lua.rawequal(L, S_RESULTS + 2, S_REQ)
                 and lua.rawgeti(L, S_REQ, R_BATCH) != LUA_TNIL

@@ -10,9 +10,9 @@
 -- object plus the plain values Lua asks for most (key, command, ok, hit), so
 -- the common methods never call back into Python.
 --
--- A route runs as a Lua coroutine. Calling a pool yields (POOL, pool, req) to
--- the Python driver, which queues the request on a backend and resumes the
--- coroutine with the response. Python callables cannot yield, which is why
+-- A route runs as a Lua coroutine. Calling a pool yields (POOL_CALL, pool,
+-- req) to the driver, and the Python driver queues the request on a backend
+-- and resumes the coroutine with the response. Python callables cannot yield, which is why
 -- the yield happens here.
 
 local coroutine_create = coroutine.create
@@ -36,6 +36,14 @@ local DONE_ERROR <const> = 3
 local YIELD_POOL <const> = 4
 local YIELD_AWAIT <const> = 5
 local YIELD_WAIT <const> = 6
+
+-- What a route's coroutine yields first for a pool call, an await and a
+-- request context's wait (v2.lua): tables only this chunk holds, so that
+-- no value a route yields itself passes for one of them (the drivers take
+-- any other yield for a route that "yielded outside of a pool call").
+local POOL_CALL <const> = {}
+local AWAIT_CALL <const> = {}
+local WAIT_CALL <const> = {}
 
 -- The slots of a request table: its key and command (as Lua reads them
 -- most), its Python Request, and for a lazy one (see start_keys) its batch
@@ -458,7 +466,7 @@ return function(host, phase, v2, loops)
     -- start_keys) and resumes with an error for what is not a request.
     -- Outside a route coroutine the yield fails, as in memcached's proxy.
     function POOL_PROXY.__call(pool, r)
-        local res, err = coroutine_yield(YIELD_POOL, pool._p, r)
+        local res, err = coroutine_yield(POOL_CALL, pool._p, r)
         if err then
             error(err, 2)
         end
@@ -533,7 +541,7 @@ return function(host, phase, v2, loops)
         if not coroutine_isyieldable() then
             error("mcp.await can only be called from inside a route", 2)
         end
-        local raw, err = coroutine_yield(YIELD_AWAIT, r[R_REQ], list,
+        local raw, err = coroutine_yield(AWAIT_CALL, r[R_REQ], list,
                                          math.tointeger(wait_for) or 0, mode)
         if err then
             error(err, 2)
@@ -822,14 +830,14 @@ return function(host, phase, v2, loops)
             return done(finished(co))
         end
         -- suspended: a pool call, an await, or a bare yield
-        if a == YIELD_POOL then
+        if a == POOL_CALL then
             if getmetatable(c) ~= REQUEST then
                 return step(co, coroutine_resume(co, nil, "pool must be passed a request object"))
             end
             return YIELD_POOL, co, b, c[R_REQ]
-        elseif a == YIELD_AWAIT then
+        elseif a == AWAIT_CALL then
             return YIELD_AWAIT, co, b, c, d, e
-        elseif a == YIELD_WAIT then
+        elseif a == WAIT_CALL then
             return YIELD_WAIT, co, b, c, d, e, f
         end
         return DONE_ERROR, "route yielded outside of a pool call"
@@ -886,7 +894,7 @@ return function(host, phase, v2, loops)
                 return full
             end
             packed = table.pack(done(a))
-        elseif a == YIELD_POOL and getmetatable(c) == REQUEST and rawget(c, R_BATCH) == batch then
+        elseif a == POOL_CALL and getmetatable(c) == REQUEST and rawget(c, R_BATCH) == batch then
             -- (a lazy request, still without a Python Request: its slots are its own)
             out[n + 1], out[n + 2], out[n + 3] = KEY_POOL, b, c[R_INDEX]
             batch.pending = batch.pending + 1
@@ -941,7 +949,7 @@ return function(host, phase, v2, loops)
             local ok, a, b, c, d, e, f
             first, pool, idle_count, ok, a, b, c, d, e, f = start_loop(
                 cos, batch, handler, cmd, REQUEST, idle, idle_count, body, kinds, other,
-                other_cmd, count)
+                other_cmd, count, POOL_CALL)
             sent = first
             if first < count then
                 out = {}
@@ -966,7 +974,7 @@ return function(host, phase, v2, loops)
             end
             cos[i + 1] = co
             local ok, a, b, c, d, e, f = coroutine_resume(co, route, r)
-            if out == nil and a == YIELD_POOL and c == r and r[R_BATCH] == batch
+            if out == nil and a == POOL_CALL and c == r and r[R_BATCH] == batch
                     and (b == pool or pool == nil) then
                 pool = b
                 sent = sent + 1
@@ -1256,7 +1264,7 @@ return function(host, phase, v2, loops)
             declare = declare,
             declared = function(f) return shapes[f] end,
             source_lines = source_lines,
-            YIELD_WAIT = YIELD_WAIT,
+            WAIT_CALL = WAIT_CALL,
             DONE_RESPONSE = DONE_RESPONSE,
             DONE_STRING = DONE_STRING,
             DONE_BAD = DONE_BAD,

@@ -17,8 +17,8 @@
 --
 -- A funcgen's generated function runs inside the route coroutine the engine
 -- already made for the request. Waiting (rctx:wait_cond, enqueue_and_wait,
--- wait_handle) yields (YIELD_WAIT, rctx, ready, handle, target, request) to
--- the engine for one handle queued since the last wait, or (YIELD_WAIT,
+-- wait_handle) yields (WAIT_CALL, rctx, ready, handle, target, request) to
+-- the engine for one handle queued since the last wait, or (WAIT_CALL,
 -- rctx, ready, -1, sends, count) for `count` of them, `sends` holding their
 -- (handle, target, request) flat; a target is a pool, or the route of a
 -- funcgen handle; `ready` says whether the wait is satisfied already, or is
@@ -85,7 +85,7 @@ return function(mcp, internal)
     local declare = internal.declare
     local declared = internal.declared
     local source_lines = internal.source_lines
-    local YIELD_WAIT = internal.YIELD_WAIT
+    local WAIT_CALL = internal.WAIT_CALL
     local DONE_RESPONSE = internal.DONE_RESPONSE
     local DONE_STRING = internal.DONE_STRING
     local DONE_BAD = internal.DONE_BAD
@@ -358,7 +358,7 @@ return function(mcp, internal)
         rctx.wait_seq = rctx.wait_seq + 1
         rctx.waiting = true
         rctx.timed_out = false
-        coroutine_yield(YIELD_WAIT, rctx, ready, a, b, c)
+        coroutine_yield(WAIT_CALL, rctx, ready, a, b, c)
         rctx.waiting = false
         return rctx.timed_out
     end

@@ -503,3 +503,59 @@ def test_the_compiled_loops_need_lupas_lua():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+#: Routes that drive their coroutine by hand: yields that look like what a
+#: pool call, an await or a request context's wait yields (mcp.lua's
+#: numbers for them), or do not, many values, errors that are not strings,
+#: nothing returned; and a route that sends its request to two pools in turn.
+ODD_ROUTE = POOLS + """
+function mcp_config_routes(p)
+    local function route(r)
+        local c = r:key():sub(1, 1)
+        if c == "y" then
+            return coroutine.yield(4, nil, r)
+        elseif c == "m" then
+            coroutine.yield(1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+        elseif c == "t" then
+            error({ "a table" })
+        elseif c == "n" then
+            error()
+        elseif c == "r" then
+            return
+        elseif c == "u" then
+            return coroutine.yield(4, "not a pool", r)
+        elseif c == "k" then
+            return coroutine.yield(5, r, {}, 1, 0)
+        elseif c == "j" then
+            return coroutine.yield(6, {}, true, 1, 2, 3)
+        elseif c == "w" then
+            local first = p.b(r)
+            if first:hit() then return first end
+            return p.a(r)
+        end
+        return p.a(r)
+    end
+    mcp.attach(mcp.CMD_GET, route)
+    mcp.attach(mcp.CMD_SET, route)
+end
+"""
+
+
+@pytest.mark.parametrize("keys", [b"a1 y1 a2", b"y1 a1", b"a1 m1 a2 t1 n1 r1 u1 w1 a3",
+                                  b"m1 m2", b"t1 a1 w1", b"w1 w2 a1", b"k1 a1 j1", b"j1"])
+def test_routes_that_drive_their_coroutine_by_hand_answer_as_alone(tmp_path_factory, keys):
+    """Whatever a route yields or raises, its key's batch answers as its
+    keys routed one by one, the other keys too (the compiled loops hand
+    such a key back to mcp.lua's, which step it as any route): a yield of
+    the route's own is never taken for a pool call, an await or a wait,
+    which yield values no route can reach."""
+    path = tmp_path_factory.mktemp("odd") / "route.lua"
+    path.write_text(ODD_ROUTE)
+    stream = [b"set a1 0 0 1\r\nx\r\nset w2 0 0 1\r\ny\r\n", b"get " + keys + b"\r\n",
+              b"".join(b"get %s\r\n" % key for key in keys.split())]
+    batched = LuaProxy(str(path), True).exchange(stream)
+    assert batched == LuaProxy(str(path), False).exchange(stream)
+    assert batched.startswith(b"STORED\r\nSTORED\r\n")
+    if b"a1" in keys.split():  # its neighbours' failures are theirs only
+        assert b"VALUE a1 0 1\r\nx\r\n" in batched
