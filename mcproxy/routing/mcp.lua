@@ -12,8 +12,8 @@
 --
 -- A route runs as a Lua coroutine. Calling a pool yields (POOL_CALL, pool,
 -- req) to the driver, and the Python driver queues the request on a backend
--- and resumes the coroutine with the response. Python callables cannot yield, which is why
--- the yield happens here.
+-- and resumes the coroutine with the response. Python callables cannot
+-- yield, which is why the yield happens here.
 
 local coroutine_create = coroutine.create
 local coroutine_resume = coroutine.resume
